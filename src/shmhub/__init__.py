@@ -1,0 +1,10 @@
+"""shmhub: inter-process communication through shared memory (roam v7 layout)."""
+from . import errors
+from .errors import *  # noqa: F401,F403
+from .layout import Layout, SegmentConfig
+from .segment import Segment
+from .slots import SlotRef
+
+__version__ = "0.1.0"
+__all__ = ["Layout", "Segment", "SegmentConfig", "SlotRef", "errors", *errors.__dict__.get("__all__", [])]
+__all__ += [n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, Exception) and v.__module__ == errors.__name__]

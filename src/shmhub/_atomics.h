@@ -1,0 +1,86 @@
+/* Cross-process atomics on shared memory with explicit memory orderings (GCC/Clang builtins).
+ * Every function takes the order as an argument; with a constant order and inlining the switch
+ * folds away. Lock-free 4- and 8-byte atomics are address-free, so they work across processes. */
+#pragma once
+#include <stdint.h>
+
+#define SHM_RELAXED __ATOMIC_RELAXED
+#define SHM_ACQUIRE __ATOMIC_ACQUIRE
+#define SHM_RELEASE __ATOMIC_RELEASE
+#define SHM_ACQ_REL __ATOMIC_ACQ_REL
+#define SHM_SEQ_CST __ATOMIC_SEQ_CST
+
+_Static_assert(__atomic_always_lock_free(4, 0), "u32 atomics must be lock-free");
+_Static_assert(__atomic_always_lock_free(8, 0), "u64 atomics must be lock-free");
+
+static inline int shm_load_order(int mo) {
+    return (mo == SHM_RELAXED || mo == SHM_ACQUIRE) ? mo : SHM_SEQ_CST;
+}
+static inline int shm_store_order(int mo) {
+    return (mo == SHM_RELAXED || mo == SHM_RELEASE) ? mo : SHM_SEQ_CST;
+}
+
+#define SHM_DEFINE(bits)                                                                       \
+static inline uint##bits##_t shm_load##bits(const void *p, int mo) {                           \
+    switch (shm_load_order(mo)) {                                                              \
+    case SHM_RELAXED: return __atomic_load_n((const uint##bits##_t *)p, SHM_RELAXED);          \
+    case SHM_ACQUIRE: return __atomic_load_n((const uint##bits##_t *)p, SHM_ACQUIRE);          \
+    default: return __atomic_load_n((const uint##bits##_t *)p, SHM_SEQ_CST);                   \
+    }                                                                                          \
+}                                                                                              \
+static inline void shm_store##bits(void *p, uint##bits##_t v, int mo) {                        \
+    switch (shm_store_order(mo)) {                                                             \
+    case SHM_RELAXED: __atomic_store_n((uint##bits##_t *)p, v, SHM_RELAXED); break;            \
+    case SHM_RELEASE: __atomic_store_n((uint##bits##_t *)p, v, SHM_RELEASE); break;            \
+    default: __atomic_store_n((uint##bits##_t *)p, v, SHM_SEQ_CST); break;                     \
+    }                                                                                          \
+}                                                                                              \
+/* Compare-exchange, AcqRel on success / Acquire on failure (algorithms.md 2.3, 2.4).        \
+ * Returns the value seen: success iff it equals `expected`. */                               \
+static inline uint##bits##_t shm_cas##bits(void *p, uint##bits##_t expected, uint##bits##_t desired) { \
+    __atomic_compare_exchange_n((uint##bits##_t *)p, &expected, desired, 0,                    \
+                                SHM_ACQ_REL, SHM_ACQUIRE);                                      \
+    return expected;                                                                           \
+}                                                                                              \
+static inline uint##bits##_t shm_fetch_add##bits(void *p, uint##bits##_t v, int mo) {         \
+    switch (mo) {                                                                              \
+    case SHM_RELAXED: return __atomic_fetch_add((uint##bits##_t *)p, v, SHM_RELAXED);          \
+    case SHM_ACQUIRE: return __atomic_fetch_add((uint##bits##_t *)p, v, SHM_ACQUIRE);          \
+    case SHM_RELEASE: return __atomic_fetch_add((uint##bits##_t *)p, v, SHM_RELEASE);          \
+    case SHM_ACQ_REL: return __atomic_fetch_add((uint##bits##_t *)p, v, SHM_ACQ_REL);          \
+    default: return __atomic_fetch_add((uint##bits##_t *)p, v, SHM_SEQ_CST);                   \
+    }                                                                                          \
+}
+
+SHM_DEFINE(32)
+SHM_DEFINE(64)
+
+static inline void shm_fence(int mo) {
+    switch (mo) {
+    case SHM_ACQUIRE: __atomic_thread_fence(SHM_ACQUIRE); break;
+    case SHM_RELEASE: __atomic_thread_fence(SHM_RELEASE); break;
+    case SHM_ACQ_REL: __atomic_thread_fence(SHM_ACQ_REL); break;
+    default: __atomic_thread_fence(SHM_SEQ_CST); break;
+    }
+}
+
+static inline void shm_cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Unaligned little-endian field access for frame bytes (ring entries are only 4-aligned). */
+#include <string.h>
+static inline uint32_t shm_get_u32(const char *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint16_t shm_get_u16(const char *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint64_t shm_get_u64(const char *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void shm_put_u32(char *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void shm_put_u16(char *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void shm_put_u64(char *p, uint64_t v) { memcpy(p, &v, 8); }
+
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "shmhub's format is little-endian; big-endian hosts are not supported"
+#endif

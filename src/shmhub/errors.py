@@ -1,0 +1,85 @@
+"""The exception hierarchy of shmhub. Every error raised by the library derives from ShmhubError."""
+
+
+class ShmhubError(Exception):
+    """Base class of every shmhub error."""
+
+
+class ConfigError(ShmhubError, ValueError):
+    """A SegmentConfig (or another setting) is invalid; the message says how to fix it."""
+
+
+class SegmentError(ShmhubError):
+    """A segment cannot be created or attached."""
+
+
+class InsufficientSharedMemory(SegmentError):
+    """The shared-memory filesystem lacks room for the segment."""
+
+
+class SegmentCorrupted(SegmentError):
+    """The segment's bytes violate the v7 format (truncated, bad offsets, bad counts)."""
+
+
+class BadMagic(SegmentCorrupted):
+    """The file does not start with ROAMHUB\\x07 or TELXHUB\\x07."""
+
+
+class UnsupportedVersion(SegmentCorrupted):
+    """The segment has a version, header size or feature bit this library does not speak."""
+
+
+class PeerError(ShmhubError):
+    """A peer-table operation failed."""
+
+
+class PeerTableFull(PeerError):
+    """No Empty peer entry is left (max_guests reached)."""
+
+
+class PeerStateError(PeerError):
+    """A peer entry is not in the state the operation requires."""
+
+
+class SlotError(ShmhubError):
+    """A slot-pool operation failed."""
+
+
+class DoubleFree(SlotError):
+    """A slot was freed that is not allocated (DECISIONS 8)."""
+
+
+class StaleSlotRef(SlotError):
+    """A slot reference carries a generation that no longer matches the slot (DECISIONS 8)."""
+
+
+class InvalidSlotRef(SlotError):
+    """A slot reference points outside the pool (class, extent or slot index out of range)."""
+
+
+class LinkError(ShmhubError):
+    """A link between host and guest failed."""
+
+
+class LinkCorrupted(LinkError):
+    """A frame in a ring is malformed; the link is terminal (DECISIONS 6)."""
+
+
+class LinkClosed(LinkError):
+    """The link was closed by this process."""
+
+
+class PeerDead(LinkError):
+    """The other end of the link died."""
+
+
+class HostGone(LinkError):
+    """The host said goodbye or died; no more messages will come."""
+
+
+class PayloadTooLarge(ShmhubError, ValueError):
+    """A payload exceeds max_payload_size (or the largest tier available)."""
+
+
+class ShmTimeout(ShmhubError, TimeoutError):
+    """A blocking call did not complete within its timeout."""

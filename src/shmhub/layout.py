@@ -1,0 +1,259 @@
+"""The roam v7 binary layout: every constant, offset and size, and SegmentConfig -> Layout.
+
+This module is the single source of truth for the format (format-v7.md). setup.py turns every
+upper-case integer constant below into a SHMHUB_<NAME> macro in _layout.h for the compiled core,
+so the C code and the Python code can never disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence, Tuple
+
+from .errors import ConfigError
+
+# --- Segment header (128 bytes at offset 0), format-v7 1.1 -----------------------------------
+MAGIC = b"ROAMHUB\x07"  # DECISIONS 1: what we write
+MAGIC_TELEX = b"TELXHUB\x07"  # upstream's later name for the same layout; accepted on attach
+ACCEPTED_MAGICS = (MAGIC, MAGIC_TELEX)
+VERSION = 7
+HEADER_SIZE = 128
+
+HDR_MAGIC = 0
+HDR_VERSION = 8
+HDR_HEADER_SIZE = 12
+HDR_TOTAL_SIZE = 16
+HDR_MAX_PAYLOAD_SIZE = 24
+HDR_INLINE_THRESHOLD = 28
+HDR_MAX_GUESTS = 32
+HDR_BIPBUF_CAPACITY = 36
+HDR_PEER_TABLE_OFFSET = 40
+HDR_VAR_POOL_OFFSET = 48
+HDR_HEARTBEAT_INTERVAL = 56
+HDR_HOST_GOODBYE = 64  # AtomicU32
+HDR_NUM_CLASSES = 68  # spec's `_pad`; upstream code stores the class count (DECISIONS 2)
+HDR_CURRENT_SIZE = 72  # AtomicU64
+HDR_FEATURES = 80  # first reserved u32: extension bitmask (DECISIONS 4)
+HDR_RESERVED_END = 128
+
+# Feature bits (DECISIONS 4). Each is documented with its bytes in docs/format-extensions.md.
+KNOWN_FEATURES = 0
+
+DEFAULT_INLINE_THRESHOLD = 256  # header value 0 means this
+MAX_INLINE_LEN = 0xFFFF  # inline_payload_len is a u16
+
+# --- Peer table (64 bytes per entry, index = peer_id - 1), format-v7 1.3 -----------------------
+PEER_TABLE_OFFSET = 128
+PEER_ENTRY_SIZE = 64
+PEER_STATE = 0  # AtomicU32
+PEER_EPOCH = 4  # AtomicU32
+PEER_LAST_HEARTBEAT = 8  # AtomicU64
+PEER_RING_OFFSET = 16  # u64, written once by the host
+
+PEER_EMPTY = 0
+PEER_ATTACHED = 1
+PEER_GOODBYE = 2
+PEER_RESERVED = 3
+
+MAX_GUESTS_LIMIT = 255
+
+# --- BipBuffer header (128 bytes, 64-aligned) + capacity data bytes, format-v7 1.4 -------------
+RING_HEADER_SIZE = 128
+RING_WRITE = 0  # AtomicU32, producer
+RING_WATERMARK = 4  # AtomicU32, producer sets, consumer clears
+RING_CAPACITY = 8  # u32, immutable
+RING_READ = 64  # AtomicU32, consumer
+RING_ALIGN = 64
+
+# --- Frames (8-byte header; entries 4-aligned), format-v7 1.5 ----------------------------------
+FRAME_HEADER_SIZE = 8
+FRAME_TOTAL_LEN = 0
+FRAME_FLAGS = 4
+FRAME_RESERVED0 = 5
+FRAME_INLINE_LEN = 6  # u16; 0 = legacy writer, payload is total_len - 8 bytes
+FRAME_ALIGN = 4
+FLAG_SLOT_REF = 0x01
+FLAG_MMAP_REF = 0x02
+
+SLOT_REF_FRAME_SIZE = 20
+SLOT_REF_BODY_SIZE = 12
+SR_CLASS = 0  # u8
+SR_EXTENT = 1  # u8
+SR_SLOT = 4  # u32
+SR_GENERATION = 8  # u32
+
+MMAP_REF_FRAME_SIZE = 32
+MMAP_REF_BODY_SIZE = 24
+MR_MAP_ID = 0  # u32
+MR_MAP_GENERATION = 4  # u32
+MR_MAP_OFFSET = 8  # u64, only 4-aligned inside a ring
+MR_PAYLOAD_LEN = 16  # u32
+
+# Kinds returned by the frame reader.
+KIND_INLINE = 0
+KIND_SLOT_REF = 1
+KIND_MMAP_REF = 2
+
+# --- VarSlotPool, format-v7 1.6-1.7 -----------------------------------------------------------
+CLASS_HEADER_SIZE = 64
+CLS_SLOT_SIZE = 0  # u32
+CLS_SLOT_COUNT = 4  # u32
+CLS_FREE_HEAD = 8  # AtomicU64 = (aba_tag << 32) | slot_index
+
+SLOT_META_SIZE = 16
+META_GENERATION = 0  # AtomicU32 (with META_STATE, one u64 word for the CAS of DECISIONS 8)
+META_STATE = 4  # u32
+META_OWNER = 8  # u32: 0 = host, 1..255 guest
+META_NEXT_FREE = 12  # u32
+
+SLOT_FREE = 0
+SLOT_ALLOCATED = 1
+EMPTY_INDEX = 0xFFFFFFFF
+SLOT_LEN_PREFIX = 4  # a slot holds [u32 payload_len][payload]
+HOST_OWNER = 0
+MAX_CLASSES = 256  # class_idx is a u8
+
+ALIGN = 64
+U32_MAX = 0xFFFFFFFF
+U64_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+def align(x: int, a: int) -> int:
+    """Round x up to a multiple of a."""
+    return (x + a - 1) // a * a
+
+
+def _u32(name: str, value: int, fix: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name} must be an int, got {type(value).__name__}")
+    if not 0 <= value <= U32_MAX:
+        raise ConfigError(f"{name}={value} does not fit in a u32; {fix}")
+    return value
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """The parameters a host chooses for a segment. Guests read them back from the segment."""
+
+    max_guests: int = 8
+    bipbuf_capacity: int = 256 * 1024
+    max_payload_size: int = 1 << 30
+    inline_threshold: int = DEFAULT_INLINE_THRESHOLD
+    heartbeat_interval_ns: int = 0
+    size_classes: Tuple[Tuple[int, int], ...] = ((1024, 256), (16 * 1024, 128), (256 * 1024, 16), (1 << 20, 8))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "size_classes", tuple(tuple(c) for c in self.size_classes))
+        self.validate()
+
+    def validate(self) -> None:
+        if not isinstance(self.max_guests, int) or not 1 <= self.max_guests <= MAX_GUESTS_LIMIT:
+            raise ConfigError(f"max_guests={self.max_guests!r} must be between 1 and {MAX_GUESTS_LIMIT}")
+        cap = _u32("bipbuf_capacity", self.bipbuf_capacity, "use at most 4 GiB - 64")
+        if cap < RING_ALIGN or cap % RING_ALIGN:
+            raise ConfigError(
+                f"bipbuf_capacity={cap} must be a multiple of {RING_ALIGN} and at least {RING_ALIGN} "
+                f"(DECISIONS 5); try {max(RING_ALIGN, align(cap, RING_ALIGN))}"
+            )
+        mp = _u32("max_payload_size", self.max_payload_size, "use at most 4 GiB - 1")
+        if mp < 1:
+            raise ConfigError("max_payload_size must be at least 1")
+        it = _u32("inline_threshold", self.inline_threshold, f"use at most {MAX_INLINE_LEN}")
+        if it > MAX_INLINE_LEN:
+            raise ConfigError(f"inline_threshold={it} exceeds {MAX_INLINE_LEN} (inline_payload_len is a u16)")
+        hb = self.heartbeat_interval_ns
+        if not isinstance(hb, int) or not 0 <= hb <= U64_MAX:
+            raise ConfigError(f"heartbeat_interval_ns={hb!r} must be a non-negative u64 (0 disables heartbeats)")
+        classes = self.size_classes
+        if not 1 <= len(classes) <= MAX_CLASSES:
+            raise ConfigError(f"size_classes must hold 1 to {MAX_CLASSES} (slot_size, slot_count) pairs, got {len(classes)}")
+        prev = 0
+        for i, c in enumerate(classes):
+            if len(c) != 2:
+                raise ConfigError(f"size_classes[{i}]={c!r} must be a (slot_size, slot_count) pair")
+            size, count = c
+            _u32(f"size_classes[{i}] slot_size", size, "use smaller slots (large payloads go through the mmap tier)")
+            _u32(f"size_classes[{i}] slot_count", count, "use fewer slots")
+            if size < ALIGN or size % ALIGN:
+                raise ConfigError(f"size_classes[{i}] slot_size={size} must be a positive multiple of {ALIGN}")
+            if not 1 <= count < EMPTY_INDEX:
+                raise ConfigError(f"size_classes[{i}] slot_count={count} must be between 1 and {EMPTY_INDEX - 1}")
+            if size <= prev:
+                raise ConfigError(f"size_classes must be in strictly ascending slot_size order; class {i} has {size} after {prev}")
+            prev = size
+        Layout.compute(self.max_guests, cap, classes)
+
+    @property
+    def effective_inline_threshold(self) -> int:
+        return effective_inline_threshold(self.inline_threshold, self.bipbuf_capacity)
+
+    @property
+    def max_slot_payload(self) -> int:
+        """The largest payload that fits in a slot (the largest slot minus its u32 length prefix)."""
+        return max(s for s, _ in self.size_classes) - SLOT_LEN_PREFIX
+
+
+def effective_inline_threshold(header_value: int, capacity: int) -> int:
+    """Inline routing limit: header 0 means 256; clamped so no entry exceeds half the ring (DECISIONS 5, trap 10)."""
+    t = header_value or DEFAULT_INLINE_THRESHOLD
+    return max(0, min(t, MAX_INLINE_LEN, capacity // 2 - FRAME_HEADER_SIZE))
+
+
+@dataclass(frozen=True)
+class ClassLayout:
+    slot_size: int
+    slot_count: int
+    header_offset: int  # absolute offsets in the segment
+    meta_offset: int
+    data_offset: int
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Offsets of every region of a segment, computed from the config (format-v7 1.2 and 1.7)."""
+
+    max_guests: int
+    bipbuf_capacity: int
+    ring_base: int
+    ring_stride: int
+    var_pool_offset: int
+    pool_size: int
+    total_size: int
+    classes: Tuple[ClassLayout, ...] = field(default_factory=tuple)
+    peer_table_offset: int = PEER_TABLE_OFFSET
+
+    @classmethod
+    def compute(cls, max_guests: int, bipbuf_capacity: int, size_classes: Sequence[Tuple[int, int]]) -> "Layout":
+        # Python ints do not overflow; "checked arithmetic" (trap 13) means every result is
+        # range-checked against what the format can store.
+        ring_base = PEER_TABLE_OFFSET + PEER_ENTRY_SIZE * max_guests
+        ring_stride = align(RING_HEADER_SIZE + bipbuf_capacity, RING_ALIGN)
+        pool = align(ring_base + max_guests * 2 * ring_stride, ALIGN)
+        off = pool + align(CLASS_HEADER_SIZE * len(size_classes), ALIGN)
+        classes = []
+        for i, (size, count) in enumerate(size_classes):
+            meta = off
+            data = meta + align(SLOT_META_SIZE * count, ALIGN)
+            off = data + align(size * count, ALIGN)
+            classes.append(ClassLayout(size, count, pool + i * CLASS_HEADER_SIZE, meta, data))
+        if off > U64_MAX >> 1:
+            raise ConfigError(f"segment size {off} is beyond what can be mapped; use fewer or smaller slots")
+        return cls(max_guests, bipbuf_capacity, ring_base, ring_stride, pool, off - pool, off, tuple(classes))
+
+    def peer_entry_offset(self, peer_id: int) -> int:
+        self._check_peer(peer_id)
+        return self.peer_table_offset + (peer_id - 1) * PEER_ENTRY_SIZE
+
+    def ring_offset(self, peer_id: int) -> int:
+        """Offset of the peer's G2H ring header; its H2G ring follows at + ring_stride."""
+        self._check_peer(peer_id)
+        return self.ring_base + (peer_id - 1) * 2 * self.ring_stride
+
+    def g2h_offset(self, peer_id: int) -> int:
+        return self.ring_offset(peer_id)
+
+    def h2g_offset(self, peer_id: int) -> int:
+        return self.ring_offset(peer_id) + self.ring_stride
+
+    def _check_peer(self, peer_id: int) -> None:
+        if not 1 <= peer_id <= self.max_guests:  # trap 16
+            raise ValueError(f"peer_id {peer_id} out of range 1..{self.max_guests}")

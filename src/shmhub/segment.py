@@ -1,0 +1,310 @@
+"""Creating, attaching and validating a v7 segment (format-v7 1.1-1.7, DECISIONS 1-3, 16)."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from typing import Dict, Optional, Union
+
+from . import layout as L
+from ._native import RELAXED, Region, Ring, SlotPool, fence
+from .errors import (
+    BadMagic,
+    ConfigError,
+    InsufficientSharedMemory,
+    SegmentCorrupted,
+    SegmentError,
+    UnsupportedVersion,
+)
+from .layout import Layout, SegmentConfig
+from .peers import PeerTable
+from .slots import open_pool
+
+def _space_check(fd: int, size: int, where: Optional[str]) -> None:
+    """Reserve the segment's pages now so a full tmpfs fails here, not as SIGBUS later (DECISIONS 16).
+    `where` is the directory of a named segment; a memfd has no filesystem limit but memory."""
+    avail = None
+    if where is not None:
+        st = os.statvfs(where)
+        avail = st.f_bavail * st.f_frsize
+    where = where or "shared memory (memfd)"
+    hint = f"free space in {where} (remove stale segments with `python -m shmhub clean`, or enlarge it: mount -o remount,size=... {where}) or reduce the segment (fewer/smaller size_classes, smaller bipbuf_capacity, fewer max_guests)"
+    if avail is not None and avail < size:
+        raise InsufficientSharedMemory(f"the segment needs {size} bytes but {where} has only {avail} free; {hint}")
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+            raise InsufficientSharedMemory(f"cannot reserve {size} bytes in {where}: {e.strerror}; {hint}") from None
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
+
+
+class Segment:
+    """One mapped v7 segment: header, peer table, rings and slot pool."""
+
+    fd: int
+    path: Optional[str]
+    config: SegmentConfig
+    layout: Layout
+    region: Region
+    pool: SlotPool
+    peers: PeerTable
+
+    def __init__(self, fd: int, path: Optional[str], writable: bool, owner: bool) -> None:
+        """Use Segment.create or Segment.attach."""
+        self.fd = fd
+        self.path = path
+        self._owner = owner
+        self._rings: Dict[int, Ring] = {}
+        self._closed = False
+        try:
+            size = os.fstat(fd).st_size
+            if size < L.HEADER_SIZE:
+                raise SegmentCorrupted(f"segment is truncated: {size} bytes, the header alone needs {L.HEADER_SIZE}")
+            self.region = Region(fd, size, writable)
+            self._validate(size)
+        except BaseException:
+            if getattr(self, "region", None) is not None:
+                self.region.close()
+            os.close(fd)
+            raise
+
+    # -- creation and attach ----------------------------------------------------------------
+
+    @classmethod
+    def create(cls, config: Optional[SegmentConfig] = None, path: Optional[str] = None) -> "Segment":
+        """Create a segment. With `path`, a 0600 file kept until unlink(); without it, anonymous (memfd)."""
+        config = config or SegmentConfig()
+        if not isinstance(config, SegmentConfig):
+            raise ConfigError(f"config must be a SegmentConfig, got {type(config).__name__}")
+        layout = Layout.compute(config.max_guests, config.bipbuf_capacity, config.size_classes)
+        if path is None:
+            fd = os.memfd_create("shmhub", os.MFD_CLOEXEC)
+            where = None
+        else:
+            path = os.fspath(path)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                raise SegmentError(f"{path} already exists; pick another path or remove a stale one with `python -m shmhub clean {path}`") from None
+            where = os.path.dirname(os.path.abspath(path))
+        try:
+            os.fchmod(fd, 0o600)
+            if path is not None:
+                # A live host holds this lock; `clean` treats an unlocked file as stale (DECISIONS 16).
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _space_check(fd, layout.total_size, where)
+            region = Region(fd, layout.total_size, True)
+            try:
+                _format(region, config, layout)
+            finally:
+                region.close()
+        except BaseException:
+            os.close(fd)
+            if path is not None:
+                os.unlink(path)
+            raise
+        return cls(fd, path, True, owner=True)
+
+    @classmethod
+    def attach(cls, path_or_fd: Union[str, os.PathLike, int], *, writable: bool = True) -> "Segment":
+        """Map an existing segment from a path or an fd (the fd is duplicated) and validate it."""
+        if isinstance(path_or_fd, int):
+            try:
+                fd = os.dup(path_or_fd)
+            except OSError as e:
+                raise SegmentError(f"fd {path_or_fd} is not an open file: {e.strerror}") from None
+            path = None
+        else:
+            path = os.fspath(path_or_fd)
+            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise SegmentError(f"{path_or_fd!r} is not a regular file or memfd")
+        return cls(fd, path, writable, owner=False)
+
+    # -- validation (DECISIONS 1-3, trap 12: everything is read from the segment) -------------
+
+    def _validate(self, size: int) -> None:
+        r = self.region
+        magic = r.read(L.HDR_MAGIC, 8)
+        if magic not in L.ACCEPTED_MAGICS:
+            raise BadMagic(f"segment magic is {magic!r}; expected {L.MAGIC!r} or {L.MAGIC_TELEX!r}")
+        u32 = lambda off: r.load_u32(off, RELAXED)  # noqa: E731
+        u64 = lambda off: r.load_u64(off, RELAXED)  # noqa: E731
+        version, header_size = u32(L.HDR_VERSION), u32(L.HDR_HEADER_SIZE)
+        if version != L.VERSION:
+            raise UnsupportedVersion(f"segment version is {version}; this library speaks version {L.VERSION}")
+        if header_size != L.HEADER_SIZE:
+            raise UnsupportedVersion(f"segment header_size is {header_size}; version 7 requires {L.HEADER_SIZE}")
+        self.features = u32(L.HDR_FEATURES)
+        if self.features & ~L.KNOWN_FEATURES:
+            raise UnsupportedVersion(f"segment uses feature bits {self.features & ~L.KNOWN_FEATURES:#x} this library does not know")
+        total, current = u64(L.HDR_TOTAL_SIZE), u64(L.HDR_CURRENT_SIZE)
+        if total > size:
+            raise SegmentCorrupted(f"header total_size {total} exceeds the file's {size} bytes (truncated segment)")
+        if not total <= current <= size:
+            raise SegmentCorrupted(f"current_size {current} must lie between total_size {total} and the file size {size}")
+        max_guests, cap = u32(L.HDR_MAX_GUESTS), u32(L.HDR_BIPBUF_CAPACITY)
+        if not 1 <= max_guests <= L.MAX_GUESTS_LIMIT:
+            raise SegmentCorrupted(f"max_guests {max_guests} is outside 1..{L.MAX_GUESTS_LIMIT}")
+        if cap < L.RING_ALIGN or cap % L.RING_ALIGN:
+            raise SegmentCorrupted(f"bipbuf_capacity {cap} is not a positive multiple of {L.RING_ALIGN}")
+        nclasses = u32(L.HDR_NUM_CLASSES)
+        if not 1 <= nclasses <= L.MAX_CLASSES:
+            raise SegmentCorrupted(f"num_var_slot_classes is {nclasses}; it must be 1..{L.MAX_CLASSES}")
+        peer_table, pool = u64(L.HDR_PEER_TABLE_OFFSET), u64(L.HDR_VAR_POOL_OFFSET)
+        if peer_table != L.PEER_TABLE_OFFSET:
+            raise SegmentCorrupted(f"peer_table_offset is {peer_table}; v7 places it at {L.PEER_TABLE_OFFSET}")
+        if pool % L.ALIGN or pool + nclasses * L.CLASS_HEADER_SIZE > total:
+            raise SegmentCorrupted(f"var_pool_offset {pool} with {nclasses} class headers is misaligned or past total_size {total}")
+        classes = []
+        for c in range(nclasses):
+            h = pool + c * L.CLASS_HEADER_SIZE
+            slot_size, slot_count = u32(h + L.CLS_SLOT_SIZE), u32(h + L.CLS_SLOT_COUNT)
+            if slot_size < L.SLOT_LEN_PREFIX or not 1 <= slot_count < L.EMPTY_INDEX:
+                raise SegmentCorrupted(f"slot class {c}: slot_size {slot_size}, slot_count {slot_count} out of range")
+            classes.append((slot_size, slot_count))
+        lay = Layout.compute(max_guests, cap, classes)
+        if lay.var_pool_offset != pool or lay.total_size != total:
+            raise SegmentCorrupted(
+                f"header offsets disagree with the v7 layout: var_pool_offset {pool} (expected {lay.var_pool_offset}), "
+                f"total_size {total} (expected {lay.total_size})"
+            )
+        for peer_id in range(1, max_guests + 1):
+            ro = u64(lay.peer_entry_offset(peer_id) + L.PEER_RING_OFFSET)
+            if ro != lay.ring_offset(peer_id):
+                raise SegmentCorrupted(f"peer {peer_id} ring_offset {ro} != {lay.ring_offset(peer_id)}")
+            for off in (lay.g2h_offset(peer_id), lay.h2g_offset(peer_id)):
+                if u32(off + L.RING_CAPACITY) != cap:
+                    raise SegmentCorrupted(f"ring at {off} has capacity {u32(off + L.RING_CAPACITY)}, header says {cap}")
+        self.layout = lay
+        self.magic = magic
+        self.config = _config_unchecked(
+            max_guests=max_guests,
+            bipbuf_capacity=cap,
+            max_payload_size=u32(L.HDR_MAX_PAYLOAD_SIZE),
+            inline_threshold=u32(L.HDR_INLINE_THRESHOLD),
+            heartbeat_interval_ns=u64(L.HDR_HEARTBEAT_INTERVAL),
+            size_classes=tuple(classes),
+        )
+        self.pool = open_pool(r, lay)
+        self.peers = PeerTable(r, lay)
+
+    # -- accessors ------------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.region.size
+
+    @property
+    def total_size(self) -> int:
+        return self.layout.total_size
+
+    @property
+    def current_size(self) -> int:
+        return self.region.load_u64(L.HDR_CURRENT_SIZE)
+
+    @property
+    def inline_threshold(self) -> int:
+        """The effective inline limit (DECISIONS 5)."""
+        return L.effective_inline_threshold(self.config.inline_threshold, self.config.bipbuf_capacity)
+
+    @property
+    def host_goodbye(self) -> bool:
+        return self.region.load_u32(L.HDR_HOST_GOODBYE) != 0
+
+    def say_goodbye(self) -> None:
+        """Host: store host_goodbye = 1 (Release)."""
+        self.region.store_u32(L.HDR_HOST_GOODBYE, 1)
+
+    def g2h(self, peer_id: int) -> Ring:
+        """The guest-to-host ring of a peer."""
+        return self._ring(self.layout.g2h_offset(peer_id))
+
+    def h2g(self, peer_id: int) -> Ring:
+        """The host-to-guest ring of a peer."""
+        return self._ring(self.layout.h2g_offset(peer_id))
+
+    def _ring(self, off: int) -> Ring:
+        ring = self._rings.get(off)
+        if ring is None:
+            ring = self._rings[off] = Ring(self.region, off)
+        return ring
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Unmap (once no view is exported) and close the fd. A named file stays until unlink()."""
+        if self._closed:
+            return
+        self._closed = True
+        self._rings.clear()
+        self.region.close()
+        os.close(self.fd)
+
+    def unlink(self) -> None:
+        """Remove the segment's file (named segments created by this process)."""
+        if self.path is not None and self._owner:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Segment":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._owner:
+            self.unlink()
+        self.close()
+
+    def __repr__(self) -> str:
+        where = self.path or f"fd {self.fd}"
+        return f"<Segment {where} size={self.region.size} guests={self.config.max_guests}{' closed' if self._closed else ''}>"
+
+
+def _config_unchecked(**fields) -> SegmentConfig:
+    """A SegmentConfig read back from a segment: validated by _validate, not by our stricter creation rules."""
+    cfg = object.__new__(SegmentConfig)
+    for k, v in fields.items():
+        object.__setattr__(cfg, k, v)
+    return cfg
+
+
+def _format(r: Region, config: SegmentConfig, layout: Layout) -> None:
+    """Write a fresh segment. The magic goes last, after a Release fence, so an attacher by path
+    never sees a valid magic over half-written contents."""
+    r.store_u32(L.HDR_VERSION, L.VERSION, RELAXED)
+    r.store_u32(L.HDR_HEADER_SIZE, L.HEADER_SIZE, RELAXED)
+    r.store_u64(L.HDR_TOTAL_SIZE, layout.total_size, RELAXED)
+    r.store_u32(L.HDR_MAX_PAYLOAD_SIZE, config.max_payload_size, RELAXED)
+    r.store_u32(L.HDR_INLINE_THRESHOLD, config.inline_threshold, RELAXED)
+    r.store_u32(L.HDR_MAX_GUESTS, config.max_guests, RELAXED)
+    r.store_u32(L.HDR_BIPBUF_CAPACITY, config.bipbuf_capacity, RELAXED)
+    r.store_u64(L.HDR_PEER_TABLE_OFFSET, layout.peer_table_offset, RELAXED)
+    r.store_u64(L.HDR_VAR_POOL_OFFSET, layout.var_pool_offset, RELAXED)
+    r.store_u64(L.HDR_HEARTBEAT_INTERVAL, config.heartbeat_interval_ns, RELAXED)
+    r.store_u32(L.HDR_HOST_GOODBYE, 0, RELAXED)
+    r.store_u32(L.HDR_NUM_CLASSES, len(config.size_classes), RELAXED)
+    r.store_u64(L.HDR_CURRENT_SIZE, layout.total_size, RELAXED)
+    r.store_u32(L.HDR_FEATURES, 0, RELAXED)
+    for peer_id in range(1, config.max_guests + 1):
+        r.store_u64(layout.peer_entry_offset(peer_id) + L.PEER_RING_OFFSET, layout.ring_offset(peer_id), RELAXED)
+        for off in (layout.g2h_offset(peer_id), layout.h2g_offset(peer_id)):
+            r.store_u32(off + L.RING_CAPACITY, config.bipbuf_capacity, RELAXED)
+    open_pool(r, layout).format()
+    fence()
+    r.write(L.HDR_MAGIC, L.MAGIC)

@@ -1,0 +1,29 @@
+"""The VarSlotPool's Python face: slot references and opening the pool of a segment."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from . import layout as L
+from ._native import Region, SlotPool
+
+
+class SlotRef(NamedTuple):
+    class_idx: int
+    extent_idx: int
+    slot_idx: int
+    generation: int
+
+
+def open_pool(region: Region, layout: L.Layout) -> SlotPool:
+    """The native pool over the classes of `layout` (ranges checked against the mapping)."""
+    return SlotPool(region, [(c.slot_size, c.slot_count, c.header_offset, c.meta_offset, c.data_offset) for c in layout.classes])
+
+
+def pool_stats(pool: SlotPool) -> list[dict]:
+    """Per-class slot_size, slot_count, free and allocated counts."""
+    out = []
+    for c in range(pool.num_classes):
+        size, count = pool.class_info(c)
+        free, allocated = pool.counts(c)
+        out.append({"class": c, "slot_size": size, "slot_count": count, "free": free, "allocated": allocated})
+    return out

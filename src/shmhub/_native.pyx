@@ -6,8 +6,10 @@ lifecycle and waiting are in the Python modules."""
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.string cimport memcpy, memset
 from libc.errno cimport errno
+from libc.time cimport timespec
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.mem cimport PyMem_Malloc, PyMem_Free
 
 import os
 
@@ -24,6 +26,15 @@ cdef extern from "<sys/mman.h>":
     int munmap(void* addr, size_t length) nogil
     int PROT_READ, PROT_WRITE, MAP_SHARED
     void* MAP_FAILED
+
+cdef extern from "<time.h>" nogil:
+    int clock_gettime(int clk, timespec* ts)
+    int CLOCK_MONOTONIC
+
+cdef inline int64_t now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 cdef extern from "_atomics.h":
     int SHM_RELAXED, SHM_ACQUIRE, SHM_RELEASE, SHM_ACQ_REL, SHM_SEQ_CST
@@ -48,6 +59,7 @@ cdef extern from "_layout.h":
     # Generated from layout.py (the single source of truth) by setup.py.
     const unsigned long long SHMHUB_RING_HEADER_SIZE, SHMHUB_RING_WRITE, SHMHUB_RING_WATERMARK
     const unsigned long long SHMHUB_RING_CAPACITY, SHMHUB_RING_READ, SHMHUB_RING_ALIGN
+    const unsigned long long SHMHUB_RING_PRODUCER_WAITING, SHMHUB_RING_CONSUMER_WAITING
     const unsigned long long SHMHUB_FRAME_HEADER_SIZE, SHMHUB_FRAME_TOTAL_LEN, SHMHUB_FRAME_FLAGS
     const unsigned long long SHMHUB_FRAME_INLINE_LEN, SHMHUB_FRAME_ALIGN
     const unsigned long long SHMHUB_FLAG_SLOT_REF, SHMHUB_FLAG_MMAP_REF
@@ -133,6 +145,16 @@ cdef class Region:
         self.exports += 1
 
     def __releasebuffer__(self, Py_buffer* buf):
+        self.unpin()
+
+    cdef int pin(self) except -1:
+        """Keep the mapping alive (e.g. across a GIL-free wait or under a Message)."""
+        if self.closed:
+            raise ValueError("region is closed")
+        self.exports += 1
+        return 0
+
+    cdef void unpin(self) noexcept:
         self.exports -= 1
         if self.closed and self.exports == 0 and self.base != NULL:
             munmap(self.base, <size_t>self.size)
@@ -334,6 +356,13 @@ def encode_mmap_ref(uint32_t map_id, uint32_t map_generation, uint64_t map_offse
 # ---------------------------------------------------------------------------------------------
 # Ring: one SPSC BipBuffer (algorithms.md 2.1)
 # ---------------------------------------------------------------------------------------------
+
+cdef inline bint hdr_has_data(const char* hdr) noexcept nogil:
+    cdef uint32_t r = shm_load32(hdr + SHMHUB_RING_READ, SHM_RELAXED)
+    cdef uint32_t w = shm_load32(hdr + SHMHUB_RING_WRITE, SHM_ACQUIRE)
+    cdef uint32_t wm = shm_load32(hdr + SHMHUB_RING_WATERMARK, SHM_ACQUIRE)
+    return w != r or wm != 0
+
 
 cdef class Ring:
     """One BipBuffer at `offset` of a region. The producer side uses grant/commit and the
@@ -551,12 +580,83 @@ cdef class Ring:
             return frame[2]
         return frame
 
+    # -- sleeping and waking (FEATURE_WAITER_FLAGS) -----------------------------------------
+    # Dekker pattern: the sleeper stores its flag, fences, re-checks the ring; the other side
+    # publishes (commit/release), fences, loads the flag. One of the two always sees the other,
+    # so a wakeup is never lost, and no doorbell is rung while nobody sleeps.
+
+    def set_waiting(self, bint producer, uint32_t value):
+        """Announce (1) or withdraw (0) that this ring's producer / consumer is about to sleep."""
+        self.live()
+        shm_store32(self.hdr + (SHMHUB_RING_PRODUCER_WAITING if producer else SHMHUB_RING_CONSUMER_WAITING), value, SHM_SEQ_CST)
+        shm_fence(SHM_SEQ_CST)
+
+    def peer_waiting(self, bint producer):
+        """After publishing: does the ring's producer / consumer sleep (so it must be rung)?"""
+        self.live()
+        shm_fence(SHM_SEQ_CST)
+        return shm_load32(self.hdr + (SHMHUB_RING_PRODUCER_WAITING if producer else SHMHUB_RING_CONSUMER_WAITING), SHM_ACQUIRE) != 0
+
+    cdef inline bint c_has_data(self) noexcept nogil:
+        return hdr_has_data(self.hdr)
+
+    cdef inline bint c_room(self, uint32_t n) noexcept nogil:
+        cdef uint32_t w = shm_load32(self.hdr + SHMHUB_RING_WRITE, SHM_RELAXED)
+        cdef uint32_t r = shm_load32(self.hdr + SHMHUB_RING_READ, SHM_ACQUIRE)
+        if w > self.capacity or r > self.capacity:
+            return True  # let the caller's real grant report the corruption
+        if w >= r:
+            return self.capacity - w >= n or (r != 0 and n < r)
+        return w + n < r
+
+    def has_data(self):
+        """Whether a read may find a frame (a cheap check; read_frame decides)."""
+        self.live()
+        return self.c_has_data()
+
+    def spin_readable(self, int64_t spin_ns):
+        """Poll for data for up to spin_ns with a CPU pause, without the GIL. True if data came."""
+        return self._spin(0, spin_ns)
+
+    def spin_room(self, uint32_t n, int64_t spin_ns):
+        """Poll for room for an n-byte entry for up to spin_ns, without the GIL."""
+        return self._spin(n, spin_ns)
+
+    cdef bint _spin(self, uint32_t n, int64_t spin_ns) except -1:
+        cdef bint ok = False
+        cdef int64_t deadline
+        cdef unsigned int i = 0
+        self.region.pin()  # the mapping must outlive the GIL-free loop even if closed meanwhile
+        try:
+            with nogil:
+                deadline = now_ns() + spin_ns
+                while True:
+                    ok = self.c_room(n) if n else self.c_has_data()
+                    if ok:
+                        break
+                    shm_cpu_relax()
+                    i += 1
+                    if (i & 63) == 0 and now_ns() >= deadline:
+                        break
+        finally:
+            self.region.unpin()
+        return ok
+
     def reset(self):
         """Zero all indices. Crash recovery only: the other side must be dead."""
         self.live()
         shm_store32(self.hdr + SHMHUB_RING_WRITE, 0, SHM_RELEASE)
         shm_store32(self.hdr + SHMHUB_RING_WATERMARK, 0, SHM_RELEASE)
         shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
+        shm_store32(self.hdr + SHMHUB_RING_PRODUCER_WAITING, 0, SHM_RELEASE)
+        shm_store32(self.hdr + SHMHUB_RING_CONSUMER_WAITING, 0, SHM_RELEASE)
+
+    @property
+    def waiting(self):
+        """(producer_waiting, consumer_waiting) flags, for inspection."""
+        self.live()
+        return (shm_load32(self.hdr + SHMHUB_RING_PRODUCER_WAITING, SHM_ACQUIRE),
+                shm_load32(self.hdr + SHMHUB_RING_CONSUMER_WAITING, SHM_ACQUIRE))
 
     @property
     def indices(self):
@@ -830,3 +930,146 @@ cdef class SlotPool:
         cdef char* m = self.meta(class_idx, slot_idx)
         return (shm_load32(m + SHMHUB_META_GENERATION, SHM_ACQUIRE), shm_load32(m + SHMHUB_META_STATE, SHM_ACQUIRE),
                 shm_load32(m + SHMHUB_META_OWNER, SHM_ACQUIRE), shm_load32(m + SHMHUB_META_NEXT_FREE, SHM_ACQUIRE))
+
+
+def spin_any_readable(rings, int64_t spin_ns):
+    """Poll several rings for data for up to spin_ns without the GIL; index of one with data or -1."""
+    cdef list rs = list(rings)
+    cdef Py_ssize_t n = len(rs), k, found = -1
+    cdef Ring r
+    cdef char** hdrs
+    cdef int64_t deadline
+    cdef unsigned int i = 0
+    if n == 0:
+        return -1
+    hdrs = <char**>PyMem_Malloc(n * sizeof(char*))
+    if hdrs == NULL:
+        raise MemoryError()
+    pinned = []
+    try:
+        for k in range(n):
+            r = <Ring?>rs[k]
+            r.live()
+            r.region.pin()
+            pinned.append(r.region)
+            hdrs[k] = r.hdr
+        with nogil:
+            deadline = now_ns() + spin_ns
+            while found < 0:
+                for k in range(n):
+                    if hdr_has_data(hdrs[k]):
+                        found = k
+                        break
+                if found >= 0:
+                    break
+                shm_cpu_relax()
+                i += 1
+                if (i & 63) == 0 and now_ns() >= deadline:
+                    break
+    finally:
+        for reg in pinned:
+            (<Region>reg).unpin()
+        PyMem_Free(hdrs)
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# Message: a received payload exposing the buffer protocol (zero-copy for slot/mmap payloads)
+# ---------------------------------------------------------------------------------------------
+
+cdef class Message:
+    """A received payload. Supports the buffer protocol (read-only); slot and mapping payloads
+    are views into shared memory, freed by release(), a with block, or garbage collection.
+    release() refuses while memoryviews of the message are still alive."""
+    cdef object owner
+    cdef const char* ptr
+    cdef Py_ssize_t length
+    cdef Py_ssize_t exports
+    cdef object on_release
+    cdef readonly str tier
+    cdef bint released
+
+    def __init__(self, owner, Py_ssize_t offset, Py_ssize_t length, str tier, on_release=None):
+        """owner: a Region (the span is pinned) or a bytes object holding the payload."""
+        if isinstance(owner, Region):
+            (<Region>owner).ptr(offset, length, 1)
+            (<Region>owner).pin()
+            self.ptr = (<Region>owner).base + offset
+        elif isinstance(owner, bytes):
+            if offset < 0 or length < 0 or offset > len(owner) - length:
+                raise IndexError("message span outside its bytes")
+            self.ptr = PyBytes_AS_STRING(owner) + offset
+        else:
+            raise TypeError("owner must be a Region or bytes")
+        self.owner = owner
+        self.length = length
+        self.tier = tier
+        self.on_release = on_release
+        self.exports = 0
+        self.released = False
+
+    def __getbuffer__(self, Py_buffer* buf, int flags):
+        if self.released:
+            raise ValueError("message was released")
+        PyBuffer_FillInfo(buf, self, <void*>self.ptr, self.length, 1, flags)
+        self.exports += 1
+
+    def __releasebuffer__(self, Py_buffer* buf):
+        self.exports -= 1
+
+    def __len__(self):
+        return self.length
+
+    @property
+    def nbytes(self):
+        return self.length
+
+    @property
+    def released(self):
+        return self.released
+
+    def tobytes(self):
+        """A copy of the payload."""
+        if self.released:
+            raise ValueError("message was released")
+        return PyBytes_FromStringAndSize(self.ptr, self.length)
+
+    def __bytes__(self):
+        return self.tobytes()
+
+    def release(self):
+        """Give the payload's shared memory back (idempotent). BufferError while views exist."""
+        if self.released:
+            return
+        if self.exports:
+            raise BufferError(f"{self.exports} memoryview(s) of this message are still alive; release them first")
+        self._finish()
+
+    cdef _finish(self):
+        self.released = True
+        cb, self.on_release = self.on_release, None
+        owner = self.owner
+        self.owner = None
+        try:
+            if cb is not None:
+                cb()
+        finally:
+            if isinstance(owner, Region):
+                (<Region>owner).unpin()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        if not self.released:
+            try:
+                self._finish()
+            except Exception:
+                pass  # the segment may be gone already; nothing left to free then
+
+    def __repr__(self):
+        state = "released" if self.released else f"{self.length} bytes"
+        return f"<shmhub.Message {self.tier} {state}>"

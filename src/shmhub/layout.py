@@ -35,8 +35,9 @@ HDR_CURRENT_SIZE = 72  # AtomicU64
 HDR_FEATURES = 80  # first reserved u32: extension bitmask (DECISIONS 4)
 HDR_RESERVED_END = 128
 
-# Feature bits (DECISIONS 4). Each is documented with its bytes in docs/format-extensions.md.
-KNOWN_FEATURES = 0
+# Feature bits (DECISIONS 4). Each is documented with its bytes in docs/format.md.
+FEATURE_WAITER_FLAGS = 1 << 0  # RING_CONSUMER_WAITING / RING_PRODUCER_WAITING: doorbell elision
+KNOWN_FEATURES = FEATURE_WAITER_FLAGS
 
 DEFAULT_INLINE_THRESHOLD = 256  # header value 0 means this
 MAX_INLINE_LEN = 0xFFFF  # inline_payload_len is a u16
@@ -62,6 +63,10 @@ RING_WRITE = 0  # AtomicU32, producer
 RING_WATERMARK = 4  # AtomicU32, producer sets, consumer clears
 RING_CAPACITY = 8  # u32, immutable
 RING_READ = 64  # AtomicU32, consumer
+# FEATURE_WAITER_FLAGS: a side about to sleep stores 1 here (in v7 padding, each on its own
+# cache line) and the other side rings the doorbell only when it reads 1.
+RING_PRODUCER_WAITING = 12  # AtomicU32 in the producer's pad: producer sleeps for space or a slot
+RING_CONSUMER_WAITING = 68  # AtomicU32 in the consumer's pad: consumer sleeps for data
 RING_ALIGN = 64
 
 # --- Frames (8-byte header; entries 4-aligned), format-v7 1.5 ----------------------------------

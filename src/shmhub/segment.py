@@ -75,9 +75,12 @@ class Segment:
     # -- creation and attach ----------------------------------------------------------------
 
     @classmethod
-    def create(cls, config: Optional[SegmentConfig] = None, path: Optional[str] = None) -> "Segment":
-        """Create a segment. With `path`, a 0600 file kept until unlink(); without it, anonymous (memfd)."""
+    def create(cls, config: Optional[SegmentConfig] = None, path: Optional[str] = None, *, features: int = L.KNOWN_FEATURES) -> "Segment":
+        """Create a segment. With `path`, a 0600 file kept until unlink(); without it, anonymous (memfd).
+        `features` selects our extensions (DECISIONS 4); 0 gives a plain upstream v7 segment."""
         config = config or SegmentConfig()
+        if features & ~L.KNOWN_FEATURES:
+            raise ConfigError(f"unknown feature bits {features & ~L.KNOWN_FEATURES:#x}")
         if not isinstance(config, SegmentConfig):
             raise ConfigError(f"config must be a SegmentConfig, got {type(config).__name__}")
         layout = Layout.compute(config.max_guests, config.bipbuf_capacity, config.size_classes)
@@ -99,7 +102,7 @@ class Segment:
             _space_check(fd, layout.total_size, where)
             region = Region(fd, layout.total_size, True)
             try:
-                _format(region, config, layout)
+                _format(region, config, layout, features)
             finally:
                 region.close()
         except BaseException:
@@ -284,7 +287,7 @@ def _config_unchecked(**fields) -> SegmentConfig:
     return cfg
 
 
-def _format(r: Region, config: SegmentConfig, layout: Layout) -> None:
+def _format(r: Region, config: SegmentConfig, layout: Layout, features: int) -> None:
     """Write a fresh segment. The magic goes last, after a Release fence, so an attacher by path
     never sees a valid magic over half-written contents."""
     r.store_u32(L.HDR_VERSION, L.VERSION, RELAXED)
@@ -300,7 +303,7 @@ def _format(r: Region, config: SegmentConfig, layout: Layout) -> None:
     r.store_u32(L.HDR_HOST_GOODBYE, 0, RELAXED)
     r.store_u32(L.HDR_NUM_CLASSES, len(config.size_classes), RELAXED)
     r.store_u64(L.HDR_CURRENT_SIZE, layout.total_size, RELAXED)
-    r.store_u32(L.HDR_FEATURES, 0, RELAXED)
+    r.store_u32(L.HDR_FEATURES, features, RELAXED)
     for peer_id in range(1, config.max_guests + 1):
         r.store_u64(layout.peer_entry_offset(peer_id) + L.PEER_RING_OFFSET, layout.ring_offset(peer_id), RELAXED)
         for off in (layout.g2h_offset(peer_id), layout.h2g_offset(peer_id)):

@@ -1,0 +1,404 @@
+"""The host: creates the segment, spawns guests, watches them, recovers what a dead guest held."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import select
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+from . import layout as L
+from ._native import Message, spin_any_readable
+from .doorbell import Doorbell
+from .errors import LinkCorrupted, PeerDead, ShmTimeout, ShmhubError
+from .guest import ENV, ENV_VERSION
+from .layout import SegmentConfig
+from .link import DEFAULT_SPIN_NS, HOST, POLL_SLICE, Link, _deadline, _remaining
+from .segment import Segment
+
+MONITOR_TICK = 0.05  # walk-in discovery and heartbeat checks
+
+
+@dataclass
+class HostEvent:
+    """Something that happened to a guest: spawned, attached, exited (said goodbye), died, recovery_failed."""
+
+    kind: str
+    peer_id: int
+    pid: Optional[int]
+    reason: str = ""
+    detail: Dict[str, int] = field(default_factory=dict)
+    time_ns: int = field(default_factory=time.monotonic_ns)
+
+
+class GuestHandle:
+    """The host's view of one guest."""
+
+    def __init__(self, host: "Host", peer_id: int, link: Link, process: Optional[subprocess.Popen]) -> None:
+        self.host = host
+        self.peer_id = peer_id
+        self.link = link
+        self.process = process
+        self.pidfd: Optional[int] = None
+        self.recovered = False
+        self._recover_lock = threading.Lock()
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid if self.process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        if self.recovered or not self.link.alive:
+            return False
+        return self.process is None or self.process.poll() is None
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.process.poll() if self.process is not None else None
+
+    def wait(self, timeout: Optional[float] = None) -> Optional[int]:
+        """Wait for the guest process to exit; its exit code."""
+        if self.process is None:
+            raise ValueError("a walk-in guest has no process handle")
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise ShmTimeout(f"guest {self.peer_id} (pid {self.pid}) did not exit within {timeout} s") from None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+
+    def __repr__(self) -> str:
+        return f"<GuestHandle peer={self.peer_id} pid={self.pid} {'alive' if self.alive else 'gone'}>"
+
+
+class Host:
+    """Creates a segment and serves guests over it. Use as a context manager, or call close()."""
+
+    def __init__(self, config: Optional[SegmentConfig] = None, path: Optional[str] = None, *,
+                 spin_ns: int = DEFAULT_SPIN_NS, on_event: Optional[Callable[[HostEvent], None]] = None) -> None:
+        self.segment = Segment.create(config, path)
+        self.spin_ns = spin_ns
+        self.events: "queue.Queue[HostEvent]" = queue.Queue()
+        self._on_event = on_event
+        self._lock = threading.RLock()
+        self._handles: Dict[int, GuestHandle] = {}
+        self._by_fd: Dict[int, GuestHandle] = {}
+        self._rr = 0
+        self._spawning: set = set()  # reserved peers not yet registered: not walk-ins
+        self._closed = False
+        self._epoll = select.epoll()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        self._stopping = False
+        self._monitor = threading.Thread(target=self._monitor_loop, name="shmhub-host-monitor", daemon=True)
+        self._monitor.start()
+
+    # -- guests -----------------------------------------------------------------------------
+
+    @property
+    def guests(self) -> List[GuestHandle]:
+        """Live guests, by peer id."""
+        with self._lock:
+            return [h for _, h in sorted(self._handles.items()) if h.alive]
+
+    def spawn(self, argv: Sequence[str], **popen_kwargs) -> GuestHandle:
+        """Start a guest process: reserve a peer, hand it the segment and its doorbell, return its handle.
+        Inside the child, shmhub.connect() returns its Link."""
+        self._check_open()
+        if popen_kwargs.get("close_fds") is False:
+            raise ValueError("close_fds=False would leak other guests' doorbells into the child (trap 33)")
+        pass_fds = tuple(popen_kwargs.pop("pass_fds", ()))
+        env = dict(popen_kwargs.pop("env", None) or os.environ)
+        with self._lock:
+            peer_id = self.segment.peers.reserve()
+            self._spawning.add(peer_id)
+        host_bell = guest_sock = None
+        try:
+            host_bell, guest_sock = Doorbell.pair()
+            env[ENV] = json.dumps({"v": ENV_VERSION, "peer_id": peer_id, "segment_fd": self.segment.fd,
+                                   "doorbell_fd": guest_sock.fileno()})
+            # pass_fds makes exactly these fds inheritable, in this child only (trap 33).
+            proc = subprocess.Popen(list(argv), pass_fds=pass_fds + (self.segment.fd, guest_sock.fileno()),
+                                    env=env, close_fds=True, **popen_kwargs)
+        except BaseException:
+            if host_bell is not None:
+                host_bell.close()
+            with self._lock:
+                self._spawning.discard(peer_id)
+                self.segment.peers.release_reserved(peer_id)
+            raise
+        finally:
+            if guest_sock is not None:
+                guest_sock.close()  # the child has its copy now (Popen returns after exec)
+        link = Link(self.segment, peer_id, host_bell, HOST, spin_ns=self.spin_ns)
+        handle = GuestHandle(self, peer_id, link, proc)
+        try:
+            handle.pidfd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):
+            handle.pidfd = None  # no pidfd: doorbell EOF and the monitor's poll() still notice exit
+        with self._lock:
+            self._spawning.discard(peer_id)
+            self._handles[peer_id] = handle
+            self._by_fd[host_bell.fileno()] = handle
+            self._epoll.register(host_bell.fileno(), select.EPOLLRDHUP)  # hang-up only: never eats a wake byte
+            if handle.pidfd is not None:
+                self._by_fd[handle.pidfd] = handle
+                self._epoll.register(handle.pidfd, select.EPOLLIN)
+        self._emit(HostEvent("spawned", peer_id, proc.pid))
+        return handle
+
+    # -- receiving from any guest -----------------------------------------------------------
+
+    def recv_any(self, timeout: Optional[float] = None) -> Tuple[GuestHandle, Message]:
+        """The next message from any guest, round-robin across guests so none starves."""
+        deadline = _deadline(timeout)
+        spun = False
+        while True:
+            self._check_open()
+            with self._lock:
+                handles = [h for _, h in sorted(self._handles.items())]
+            n = len(handles)
+            for i in range(n):
+                h = handles[(self._rr + i) % n]
+                link = h.link
+                if not link._rx_lock.acquire(blocking=False):
+                    continue  # another thread receives from this guest right now
+                try:
+                    msg = link._poll_locked() if (link.alive or link._backlog) else None
+                except (PeerDead, LinkCorrupted):
+                    msg = None
+                finally:
+                    link._rx_lock.release()
+                if msg is not None:
+                    self._rr = (self._rr + i + 1) % max(1, n)
+                    return h, msg
+            rem = _remaining(deadline)
+            if rem is not None and rem <= 0:
+                raise ShmTimeout("no message from any guest")
+            live = [h for h in handles if h.link.alive]
+            if not spun and live and self.spin_ns:
+                spun = True
+                budget = self.spin_ns if rem is None else min(self.spin_ns, int(rem * 1e9))
+                if spin_any_readable([h.link._rx for h in live], budget) >= 0:
+                    continue
+            self._sleep_any(live, rem)
+
+    def _sleep_any(self, live: List[GuestHandle], rem: Optional[float]) -> None:
+        """Announce sleep on every rx ring we can own, re-check, then poll all their doorbells."""
+        cap = 0.1  # bounded so guests spawned meanwhile are picked up
+        owned: List[GuestHandle] = []
+        poller = select.poll()
+        try:
+            for h in live:
+                link = h.link
+                if link.doorbell is None or not link._rx_lock.acquire(blocking=False):
+                    cap = POLL_SLICE
+                    continue
+                if not link._waiter.try_begin():  # another thread polls this doorbell (trap 32)
+                    link._rx_lock.release()
+                    cap = min(cap, 0.001)
+                    continue
+                owned.append(h)
+                link._rx.set_waiting(False, 1)
+                poller.register(link.doorbell.fileno(), select.POLLIN | select.POLLRDHUP)
+            if any(h.link._rx.has_data() for h in owned):
+                return
+            timeout = cap if rem is None else max(0.0, min(rem, cap))
+            for fd, _ in poller.poll(int(timeout * 1000 + 0.999)):
+                h = self._by_fd.get(fd)
+                if h is not None:
+                    try:
+                        h.link.doorbell.drain()
+                    except PeerDead as e:
+                        h.link._mark_dead(str(e))
+        finally:
+            for h in owned:
+                h.link._rx.set_waiting(False, 0)
+                h.link._waiter.end()
+                h.link._rx_lock.release()
+        if not owned and not live:
+            time.sleep(min(0.01, cap) if rem is None else max(0.0, min(rem, 0.01)))
+
+    # -- death detection and recovery -------------------------------------------------------
+
+    def _monitor_loop(self) -> None:
+        while not self._stopping:
+            try:
+                events = self._epoll.poll(MONITOR_TICK)
+            except InterruptedError:
+                continue
+            except (OSError, ValueError):
+                return
+            for fd, _ in events:
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                h = self._by_fd.get(fd)
+                if h is not None:
+                    self._recover(h, "process exited" if fd == h.pidfd else "doorbell hang-up")
+            if not self._stopping:
+                self._scan_peers()
+
+    def _scan_peers(self) -> None:
+        """Walk-in guests (named segments), walk-ins that left, and stale heartbeats."""
+        peers, seg = self.segment.peers, self.segment
+        interval = seg.config.heartbeat_interval_ns
+        for peer_id in range(1, seg.config.max_guests + 1):
+            try:
+                state = peers.state(peer_id)
+            except (ShmhubError, ValueError):
+                continue
+            with self._lock:
+                h = self._handles.get(peer_id)
+                walk_in = (seg.path is not None and state == L.PEER_ATTACHED and peer_id not in self._spawning
+                           and (h is None or h.recovered) and not self._stopping)
+                if walk_in:
+                    h = self._handles[peer_id] = GuestHandle(self, peer_id, Link(seg, peer_id, None, HOST, spin_ns=self.spin_ns), None)
+            if walk_in:
+                self._emit(HostEvent("attached", peer_id, None))
+                continue
+            if h is None or h.recovered:
+                continue
+            if h.process is None and state == L.PEER_GOODBYE:
+                self._recover(h, "walk-in guest said goodbye")
+            elif interval and state == L.PEER_ATTACHED and peers.is_stale(peer_id, interval):
+                # DECISIONS 14: a stale heartbeat is a hung guest; stop it before touching its state.
+                if h.process is not None:
+                    h.kill()
+                    try:
+                        h.process.wait(1.0)
+                    except subprocess.TimeoutExpired:
+                        continue
+                self._recover(h, "heartbeat stale")
+            elif h.process is not None and h.pidfd is None and h.process.poll() is not None:
+                self._recover(h, "process exited")
+
+    def _recover(self, h: GuestHandle, reason: str) -> None:
+        """DECISIONS 15, idempotent, never raises: Goodbye -> free slot refs in H2G -> reset rings ->
+        reclaim the guest's slots -> Empty. Frames the guest committed before dying stay receivable."""
+        with h._recover_lock:
+            if h.recovered:
+                return
+            link, seg, pid = h.link, self.segment, h.peer_id
+            said_goodbye = False
+            detail: Dict[str, int] = {}
+            try:
+                said_goodbye = seg.peers.state(pid) == L.PEER_GOODBYE
+                link._mark_dead(reason)
+                with link._rx_lock, link._tx_lock:  # callers release them at once: the link is dead
+                    seg.peers.detach(pid)
+                    detail["delivered_after_death"] = link.drain_into_backlog()
+                    detail["h2g_slots_freed"] = self._free_inflight(pid)
+                    seg.h2g(pid).reset()  # after the scan (trap 20)
+                    seg.g2h(pid).reset()
+                    detail["owned_slots_freed"] = seg.pool.reclaim(pid)
+                    seg.peers.reset(pid)
+                    link._recovered = True
+            except Exception as e:  # never out of the host's loop
+                self._emit(HostEvent("recovery_failed", pid, h.pid, f"{reason}: {type(e).__name__}: {e}"))
+            finally:
+                h.recovered = True
+                self._forget(h)
+            if h.process is not None:
+                h.process.poll()  # reap
+            kind = "exited" if said_goodbye else "died"
+            self._emit(HostEvent(kind, pid, h.pid, reason, detail))
+
+    def _free_inflight(self, peer_id: int) -> int:
+        """Consume the dead guest's H2G ring and free the host-owned slots in flight to it (trap 20)."""
+        ring, pool, freed = self.segment.h2g(peer_id), self.segment.pool, 0
+        for _ in range(ring.capacity // L.FRAME_HEADER_SIZE + 1):
+            try:
+                frame = ring.read_frame()
+            except LinkCorrupted:
+                break
+            if frame is None:
+                break
+            if frame[0] == L.KIND_SLOT_REF:
+                try:
+                    freed += pool.free_if_current(frame[2], frame[3], frame[4], frame[5])
+                except ShmhubError:
+                    pass  # an out-of-range ref frees nothing
+            ring.release(frame[1])
+        return freed
+
+    def _forget(self, h: GuestHandle) -> None:
+        with self._lock:
+            for fd in [fd for fd, x in self._by_fd.items() if x is h]:
+                del self._by_fd[fd]
+                try:
+                    self._epoll.unregister(fd)
+                except (OSError, ValueError):
+                    pass
+            if h.pidfd is not None:
+                os.close(h.pidfd)
+                h.pidfd = None
+            if h.link.doorbell is not None:
+                h.link.doorbell.close()
+            if not h.link._backlog and self._handles.get(h.peer_id) is h:
+                del self._handles[h.peer_id]
+
+    def _emit(self, ev: HostEvent) -> None:
+        self.events.put(ev)
+        if self._on_event is not None:
+            try:
+                self._on_event(ev)
+            except Exception:
+                pass
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShmhubError("host is closed")
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Say goodbye, wake every guest, wait for them (then kill stragglers), free everything."""
+        if self._closed:
+            return
+        self._closed = True
+        self.segment.say_goodbye()  # DECISIONS 13
+        with self._lock:
+            handles = list(self._handles.values())
+        for h in handles:
+            if h.link.doorbell is not None and not h.recovered:
+                h.link.doorbell.ring()
+        deadline = time.monotonic() + timeout
+        for h in handles:
+            if h.process is not None:
+                try:
+                    h.process.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    h.process.send_signal(signal.SIGKILL)
+                    h.process.wait()
+            else:
+                while time.monotonic() < deadline and self.segment.peers.state(h.peer_id) == L.PEER_ATTACHED:
+                    time.sleep(0.005)
+        self._stopping = True
+        os.write(self._wake_w, b"x")
+        self._monitor.join()
+        for h in handles:
+            self._recover(h, "host closing")
+            h.link._release_backlog()
+        self._epoll.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+        self.segment.unlink()
+        self.segment.close()
+
+    def __enter__(self) -> "Host":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

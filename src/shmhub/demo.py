@@ -1,75 +1,98 @@
-"""`make demo`: a segment shared by two processes, a ring and the slot pool exercised across them."""
+"""`make demo`: a host spawns guests, runs a ping-pong and a streaming phase with each, prints a table."""
 from __future__ import annotations
 
-import os
-import subprocess
+import statistics
 import sys
 import time
-import zlib
 
-from ._native import cpu_relax
-from .cli import _print_text, inspect_segment
+from . import connect
+from .errors import HostGone
+from .host import Host
 from .layout import SegmentConfig
-from .segment import Segment
 
-COUNT = 200_000
+GUESTS = 2
+PINGS = 5000
+STREAM = {64: 200_000, 4096: 50_000, 65536: 5_000}  # payload size -> message count
+PING, DATA, END = b"P", b"D", b"E"
 
-CHILD = r"""
-import os, sys, zlib
-from shmhub import Segment
-from shmhub._native import cpu_relax
-seg = Segment.attach(int(sys.argv[1]))
-pid = seg.peers.attach()
-ring, pool = seg.g2h(pid), seg.pool
-for i in range(int(sys.argv[2])):
-    n = i % 200
-    if i % 10 == 0:   # every tenth message by reference to a slot (owner = this guest)
-        while (ref := pool.alloc(n + 4, pid)) is None:
-            cpu_relax()
-        pool.write_payload(ref[0], ref[1], bytes([i & 0xFF]) * n)
-        while not ring.write_slot_ref(ref[0], 0, ref[1], ref[2]):
-            cpu_relax()
-    else:
-        payload = i.to_bytes(4, "little") + bytes(n)
-        while not ring.write_inline(payload):
-            cpu_relax()
-while ring.indices[0] != ring.indices[2]:
-    cpu_relax()
-seg.peers.detach(pid)
-seg.close()
-"""
+
+def guest_main() -> int:
+    """The guest: echo pings, count streamed bytes, report the count at the end of a stream."""
+    link = connect()
+    count = nbytes = 0
+    try:
+        while True:
+            with link.recv() as msg:
+                tag = bytes(memoryview(msg)[:1])
+                if tag == PING:
+                    link.send(msg)
+                elif tag == DATA:
+                    count += 1
+                    nbytes += len(msg)
+                elif tag == END:
+                    link.send(f"{count} {nbytes}".encode())
+                    count = nbytes = 0
+    except HostGone:
+        return 0
+    finally:
+        link.close()
+
+
+def _pct(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def main() -> int:
-    cfg = SegmentConfig(max_guests=2, bipbuf_capacity=4096, size_classes=((256, 64), (4096, 8)))
-    with Segment.create(cfg) as seg:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, str(seg.fd), str(COUNT)], pass_fds=(seg.fd,))
-        t0 = time.perf_counter()
-        ring, pool = seg.g2h(1), seg.pool
-        got = inline = slots = 0
-        while got < COUNT:
-            frame = ring.read_frame()
-            if frame is None:
-                if child.poll() is not None:
-                    raise SystemExit(f"producer exited with {child.returncode} after {got} messages")
-                cpu_relax()
-                continue
-            n = got % 200
-            if frame[0] == 1:  # slot ref: take ownership, check, free
-                _, total, c, e, s, gen = frame
-                length = pool.take(c, e, s, gen, 0)
-                assert length == n and pool.read_payload(c, s) == bytes([got & 0xFF]) * n
-                pool.free(c, e, s, gen)
-                slots += 1
-            else:
-                _, total, payload = frame
-                assert int.from_bytes(payload[:4], "little") == got and len(payload) == n + 4
-                inline += 1
-            ring.release(total)
-            got += 1
-        elapsed = time.perf_counter() - t0
-        child.wait(timeout=30)
-        print(f"{COUNT} messages from pid {child.pid} in {elapsed:.3f} s ({COUNT / elapsed / 1e6:.2f} M msg/s): "
-              f"{inline} inline, {slots} by slot reference, all verified\n")
-        _print_text(inspect_segment(seg), sys.stdout)
+    cfg = SegmentConfig(max_guests=4, bipbuf_capacity=256 * 1024,
+                        size_classes=((1024, 256), (16 * 1024, 128), (64 * 1024, 64), (1 << 20, 8)))
+    rows = []
+    with Host(cfg) as host:
+        guests = [host.spawn([sys.executable, "-m", "shmhub.demo", "--guest"]) for _ in range(GUESTS)]
+        for g in guests:
+            link = g.link
+            ping = PING + bytes(63)
+            rtts = []
+            for _ in range(PINGS):
+                t0 = time.perf_counter_ns()
+                link.send(ping, timeout=10)
+                link.recv(timeout=10).release()
+                rtts.append(time.perf_counter_ns() - t0)
+            row = {"guest": g.peer_id, "pid": g.pid, "rtt_median_us": statistics.median(rtts) / 1e3,
+                   "rtt_p99_us": _pct(rtts, 0.99) / 1e3}
+            for size, count in STREAM.items():
+                payload = DATA + bytes(size - 1)
+                t0 = time.perf_counter()
+                for _ in range(count):
+                    link.send(payload, timeout=10)
+                link.send(END, timeout=10)
+                got, nbytes = map(int, link.recv_bytes(timeout=30).split())
+                dt = time.perf_counter() - t0
+                if (got, nbytes) != (count, count * size):
+                    raise SystemExit(f"guest {g.peer_id} counted {got} messages / {nbytes} bytes, expected {count} / {count * size}")
+                row[size] = (count / dt, count * size / dt)
+            row["stats"] = link.stats
+            rows.append(row)
+    print(f"{GUESTS} guests, {PINGS} ping-pongs of 64 B each (blocking API), then one-way streams (verified by the guest)\n")
+    sizes = list(STREAM)
+    head = f"{'guest':>5} {'pid':>7} {'rtt median':>11} {'rtt p99':>9}" + "".join(f" {f'{s} B stream':>22}" for s in sizes)
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        line = f"{r['guest']:>5} {r['pid']:>7} {r['rtt_median_us']:>8.1f} us {r['rtt_p99_us']:>6.1f} us"
+        for s in sizes:
+            rate, bw = r[s]
+            line += f" {rate / 1e6:>6.2f} M/s {bw / 1e9:>6.2f} GB/s"
+        print(line)
+    print("\nhost-side link stats:")
+    for r in rows:
+        st = r["stats"]
+        sent = st.sent_inline + st.sent_slot
+        print(f"  guest {r['guest']}: sent {st.sent_inline} inline + {st.sent_slot} by slot, received {st.recv_inline + st.recv_slot}; "
+              f"ring-full waits {st.ring_full_waits}, slot waits {st.slot_exhaustion_waits}; "
+              f"doorbells rung {st.doorbells_rung}, elided {st.doorbells_elided} ({st.doorbells_rung / max(1, sent):.4f} per message)")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(guest_main() if "--guest" in sys.argv else main())

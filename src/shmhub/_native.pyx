@@ -76,6 +76,8 @@ cdef extern from "_layout.h":
     const unsigned long long SHMHUB_SLOT_FREE, SHMHUB_SLOT_ALLOCATED, SHMHUB_EMPTY_INDEX
     const unsigned long long SHMHUB_SLOT_LEN_PREFIX, SHMHUB_MAX_CLASSES
 
+DEF GIL_FREE_COPY = 1 << 20  # copies at least this large run without the GIL
+
 RELAXED = SHM_RELAXED
 ACQUIRE = SHM_ACQUIRE
 RELEASE = SHM_RELEASE
@@ -206,11 +208,21 @@ cdef class Region:
         return PyBytes_FromStringAndSize(p, n)
 
     def write(self, Py_ssize_t off, data):
-        """Copy a bytes-like object into the mapping at off (non-atomic)."""
+        """Copy a bytes-like object into the mapping at off (non-atomic; large copies drop the GIL)."""
         cdef Py_buffer b
+        cdef char* dst
         PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
         try:
-            memcpy(self.wptr(off, b.len, 1), b.buf, b.len)
+            dst = self.wptr(off, b.len, 1)
+            if b.len < GIL_FREE_COPY:
+                memcpy(dst, b.buf, b.len)
+            else:
+                self.pin()
+                try:
+                    with nogil:
+                        memcpy(dst, b.buf, b.len)
+                finally:
+                    self.unpin()
         finally:
             PyBuffer_Release(&b)
 

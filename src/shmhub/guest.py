@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 from typing import Optional
@@ -12,7 +13,7 @@ from .errors import SegmentError, ShmhubError
 from .link import DEFAULT_SPIN_NS, GUEST, Link
 from .segment import Segment
 
-ENV = "SHMHUB_GUEST"  # set by Host.spawn: {"v": 1, "peer_id": N, "segment_fd": N, "doorbell_fd": N}
+ENV = "SHMHUB_GUEST"  # set by Host.spawn: {"v": 1, "peer_id": N, "segment_fd": N, "doorbell_fd": N, "control_fd": N}
 ENV_VERSION = 1
 
 
@@ -39,6 +40,7 @@ def connect(*, spin_ns: int = DEFAULT_SPIN_NS) -> Link:
         if info.get("v") != ENV_VERSION:
             raise ValueError(f"version {info.get('v')!r}")
         peer_id, seg_fd, bell_fd = int(info["peer_id"]), int(info["segment_fd"]), int(info["doorbell_fd"])
+        ctrl_fd = int(info["control_fd"])
     except (ValueError, KeyError, TypeError) as e:
         raise SegmentError(f"malformed {ENV}={spec!r}: {e}") from None
     del os.environ[ENV]  # our own children are not guests of this host
@@ -54,12 +56,15 @@ def connect(*, spin_ns: int = DEFAULT_SPIN_NS) -> Link:
         seg.close()
         raise
     try:
+        control = socket.socket(fileno=ctrl_fd)
+        control.setblocking(False)
+        os.set_inheritable(ctrl_fd, False)
         seg.peers.claim(peer_id)
     except BaseException:
         doorbell.close()
         seg.close()
         raise
-    link = Link(seg, peer_id, doorbell, GUEST, spin_ns=spin_ns, owns_segment=True)
+    link = Link(seg, peer_id, doorbell, GUEST, control=control, spin_ns=spin_ns, owns_segment=True)
     if seg.config.heartbeat_interval_ns:
         _heartbeat_thread(link, seg.config.heartbeat_interval_ns)
     return link

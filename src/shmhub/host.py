@@ -14,6 +14,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import layout as L
 from ._native import Message, spin_any_readable
+from . import bigmap
 from .doorbell import Doorbell
 from .errors import LinkCorrupted, PeerDead, ShmTimeout, ShmhubError
 from .guest import ENV, ENV_VERSION
@@ -120,25 +121,28 @@ class Host:
         with self._lock:
             peer_id = self.segment.peers.reserve()
             self._spawning.add(peer_id)
-        host_bell = guest_sock = None
+        host_bell = guest_sock = host_ctrl = guest_ctrl = None
         try:
             host_bell, guest_sock = Doorbell.pair()
+            host_ctrl, guest_ctrl = bigmap.socketpair()
             env[ENV] = json.dumps({"v": ENV_VERSION, "peer_id": peer_id, "segment_fd": self.segment.fd,
-                                   "doorbell_fd": guest_sock.fileno()})
+                                   "doorbell_fd": guest_sock.fileno(), "control_fd": guest_ctrl.fileno()})
             # pass_fds makes exactly these fds inheritable, in this child only (trap 33).
-            proc = subprocess.Popen(list(argv), pass_fds=pass_fds + (self.segment.fd, guest_sock.fileno()),
+            proc = subprocess.Popen(list(argv), pass_fds=pass_fds + (self.segment.fd, guest_sock.fileno(), guest_ctrl.fileno()),
                                     env=env, close_fds=True, **popen_kwargs)
         except BaseException:
-            if host_bell is not None:
-                host_bell.close()
+            for x in (host_bell, host_ctrl):
+                if x is not None:
+                    x.close()
             with self._lock:
                 self._spawning.discard(peer_id)
                 self.segment.peers.release_reserved(peer_id)
             raise
         finally:
-            if guest_sock is not None:
-                guest_sock.close()  # the child has its copy now (Popen returns after exec)
-        link = Link(self.segment, peer_id, host_bell, HOST, spin_ns=self.spin_ns)
+            for x in (guest_sock, guest_ctrl):
+                if x is not None:
+                    x.close()  # the child has its copy now (Popen returns after exec)
+        link = Link(self.segment, peer_id, host_bell, HOST, control=host_ctrl, spin_ns=self.spin_ns)
         handle = GuestHandle(self, peer_id, link, proc)
         try:
             handle.pidfd = os.pidfd_open(proc.pid)
@@ -303,6 +307,7 @@ class Host:
                     seg.h2g(pid).reset()  # after the scan (trap 20)
                     seg.g2h(pid).reset()
                     detail["owned_slots_freed"] = seg.pool.reclaim(pid)
+                    link._close_maps()  # the dead guest's leases go with its mappings (DECISIONS 11)
                     seg.peers.reset(pid)
                     link._recovered = True
             except Exception as e:  # never out of the host's loop

@@ -37,7 +37,8 @@ HDR_RESERVED_END = 128
 
 # Feature bits (DECISIONS 4). Each is documented with its bytes in docs/format.md.
 FEATURE_WAITER_FLAGS = 1 << 0  # RING_CONSUMER_WAITING / RING_PRODUCER_WAITING: doorbell elision
-KNOWN_FEATURES = FEATURE_WAITER_FLAGS
+FEATURE_MMAP_LEASES = 1 << 1  # mmap-tier mappings start with a MAP_HEADER carrying a lease count
+KNOWN_FEATURES = FEATURE_WAITER_FLAGS | FEATURE_MMAP_LEASES
 
 DEFAULT_INLINE_THRESHOLD = 256  # header value 0 means this
 MAX_INLINE_LEN = 0xFFFF  # inline_payload_len is a u16
@@ -97,6 +98,21 @@ MR_PAYLOAD_LEN = 16  # u32
 KIND_INLINE = 0
 KIND_SLOT_REF = 1
 KIND_MMAP_REF = 2
+
+# --- mmap tier (format-v7 1.10, DECISIONS 11) ------------------------------------------------
+MMAP_ATTACH_SIZE = 16  # control datagram body: u32 map_id, u32 map_generation, u64 mapping_length
+MA_MAP_ID = 0
+MA_MAP_GENERATION = 4
+MA_MAPPING_LENGTH = 8
+# FEATURE_MMAP_LEASES: every mapping begins with this header; payloads start at MAP_HEADER_SIZE
+# (page-aligned, so arrays in a mapping are aligned too).
+MAP_MAGIC = b"SHMHMAP1"
+MAP_HDR_MAGIC = 0
+MAP_HDR_MAP_ID = 8  # u32
+MAP_HDR_GENERATION = 12  # u32
+MAP_HDR_LEASES = 16  # AtomicU32: +1 by the sender per payload sent, -1 by the receiver on release
+MAP_HDR_RETIRED = 20  # AtomicU32: 1 = the sender will never reference this mapping again
+MAP_HEADER_SIZE = 4096
 
 # --- VarSlotPool, format-v7 1.6-1.7 -----------------------------------------------------------
 CLASS_HEADER_SIZE = 64

@@ -2,6 +2,7 @@
 inline or by slot reference, spin-then-sleep waits on the pair's doorbell."""
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import deque
@@ -10,6 +11,7 @@ from typing import Deque, Optional
 
 from . import layout as L
 from ._native import Message, Ring
+from .bigmap import MapReceiver, MapSender, Mapping
 from .doorbell import Doorbell
 from .errors import (
     HostGone,
@@ -41,14 +43,19 @@ class LinkStats:
 
     sent_inline: int = 0
     sent_slot: int = 0
+    sent_mmap: int = 0
     sent_bytes_inline: int = 0
     sent_bytes_slot: int = 0
+    sent_bytes_mmap: int = 0
     recv_inline: int = 0
     recv_slot: int = 0
+    recv_mmap: int = 0
     recv_bytes_inline: int = 0
     recv_bytes_slot: int = 0
+    recv_bytes_mmap: int = 0
     ring_full_waits: int = 0
     slot_exhaustion_waits: int = 0
+    mapping_waits: int = 0
     recv_waits: int = 0
     doorbells_rung: int = 0
     doorbells_elided: int = 0
@@ -122,7 +129,8 @@ class Link:
     """
 
     def __init__(self, segment: Segment, peer_id: int, doorbell: Optional[Doorbell], side: str,
-                 *, spin_ns: int = DEFAULT_SPIN_NS, owns_segment: bool = False) -> None:
+                 *, control: Optional[socket.socket] = None, spin_ns: int = DEFAULT_SPIN_NS,
+                 owns_segment: bool = False) -> None:
         if side not in (HOST, GUEST):
             raise ValueError(f"side must be {HOST!r} or {GUEST!r}")
         self.segment = segment
@@ -142,6 +150,11 @@ class Link:
         self._inline_max = segment.inline_threshold
         self._slot_max = max(s for s, _ in cfg.size_classes) - L.SLOT_LEN_PREFIX
         self._elide = bool(segment.features & L.FEATURE_WAITER_FLAGS) and doorbell is not None
+        self._control = control
+        self._maps_tx: Optional[MapSender] = None
+        self._maps_rx: Optional[MapReceiver] = None
+        if control is not None and segment.features & L.FEATURE_MMAP_LEASES:
+            self._maps_tx, self._maps_rx = MapSender(control), MapReceiver(control)
         self._tx_lock = threading.Lock()
         self._rx_lock = threading.Lock()
         self._waiter = _Waiter(doorbell)
@@ -262,9 +275,9 @@ class Link:
         n = mv.nbytes
         if n > self._max_payload:
             raise PayloadTooLarge(f"payload of {n} bytes exceeds max_payload_size {self._max_payload}")
-        if n > self._inline_max and n > self._slot_max:
-            raise PayloadTooLarge(f"payload of {n} bytes exceeds the largest slot payload ({self._slot_max} bytes); "
-                                  "payloads above it need the mmap tier, which this version does not provide")
+        if n > self._inline_max and n > self._slot_max and self._maps_tx is None:
+            raise PayloadTooLarge(f"payload of {n} bytes exceeds the largest slot payload ({self._slot_max} bytes) "
+                                  "and this link has no mmap tier (no control socket, or a segment without FEATURE_MMAP_LEASES)")
         deadline = _deadline(timeout)
         self._lock(self._tx_lock, deadline)
         try:
@@ -277,8 +290,10 @@ class Link:
                     self._wait(lambda: tx.write_inline(mv), tx, True, deadline, lambda b: tx.spin_room(size, b))
                 self.stats.sent_inline += 1
                 self.stats.sent_bytes_inline += n
-            else:
+            elif n <= self._slot_max:
                 self._send_slot(mv, n, deadline)
+            else:
+                self._send_mmap(mv, n, deadline)
             self._notify(False, tx)
         finally:
             self._tx_lock.release()
@@ -302,7 +317,46 @@ class Link:
         self.stats.sent_slot += 1
         self.stats.sent_bytes_slot += n
 
+    def _send_mmap(self, mv, n: int, deadline: Optional[float]) -> None:
+        maps, tx = self._maps_tx, self._tx
+        m = maps.acquire(n)
+        if m is None:  # every mapping is leased: wait for the receiver to release one
+            self.stats.mapping_waits += 1
+            m = self._wait(lambda: maps.acquire(n), tx, True, deadline, None, SLOT_WAIT_SLICE)
+        m.add_lease()  # before the ref is visible: the receiver may release at once
+        try:
+            m.region.write(L.MAP_HEADER_SIZE, mv)  # payload, then (Release) the ref: format-v7 2.9 order
+            if not tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n):
+                self.stats.ring_full_waits += 1
+                self._wait(lambda: tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n), tx, True,
+                           deadline, lambda b: tx.spin_room(L.MMAP_REF_FRAME_SIZE, b))
+        except BaseException:
+            m.drop_lease()
+            raise
+        m.last_used = time.monotonic()
+        self.stats.sent_mmap += 1
+        self.stats.sent_bytes_mmap += n
+
+    @property
+    def mappings(self) -> dict:
+        """mmap-tier bookkeeping: mappings we send through and mappings we received."""
+        tx, rx = self._maps_tx, self._maps_rx
+        if tx is None:
+            return {}
+        return {"tx_mappings": len(tx.maps), "tx_created": tx.created, "tx_reused": tx.reused,
+                "tx_retired": tx.retired, "tx_leases": sum(m.leases for m in tx.maps if not m.region.closed),
+                "rx_mappings": len(rx.maps)}
+
     # -- receive ----------------------------------------------------------------------------
+
+    def _drop_lease(self, m: Mapping) -> None:
+        try:
+            m.drop_lease()
+        except ValueError:
+            return  # mapping already closed (link torn down)
+        if not self._closed and not self._dead and self.doorbell is not None:
+            if not self._elide or self._rx.peer_waiting(True):
+                self.doorbell.ring()
 
     def _free_slot(self, c: int, e: int, s: int, gen: int) -> None:
         self._pool.free_if_current(c, e, s, gen)
@@ -333,7 +387,17 @@ class Link:
             self.stats.recv_slot += 1
             self.stats.recv_bytes_slot += n
             return Message(self._region, off, n, "slot", lambda: self._free_slot(c, e, s, gen))
-        raise self._corrupted(LinkCorrupted("mmap-ref frame received, but this link has no mmap tier"))
+        _, total, map_id, gen, off, n = frame
+        if self._maps_rx is None:
+            raise self._corrupted(LinkCorrupted("mmap-ref frame received, but this link has no mmap tier"))
+        try:
+            m = self._maps_rx.resolve(map_id, gen, off, n)
+        except LinkCorrupted as err:
+            raise self._corrupted(err) from None
+        rx.release(total)
+        self.stats.recv_mmap += 1
+        self.stats.recv_bytes_mmap += n
+        return Message(m.region, off, n, "mmap", lambda: self._drop_lease(m))
 
     def _poll_locked(self) -> Optional[Message]:
         if self._backlog:
@@ -416,10 +480,19 @@ class Link:
                 except (ValueError, OSError):
                     pass
                 self._release_backlog()
+                self._close_maps()
                 if self.doorbell is not None:
                     self.doorbell.close()
                 if self._owns_segment:
                     self.segment.close()
+
+    def _close_maps(self) -> None:
+        """Drop every mapping of this link (views users still hold stay valid until released)."""
+        for maps in (self._maps_tx, self._maps_rx):
+            if maps is not None:
+                maps.close()
+        if self._control is not None:
+            self._control.close()
 
     def _release_backlog(self) -> None:
         while self._backlog:

@@ -1,0 +1,218 @@
+"""The mmap tier (DECISIONS 11): payloads above the largest slot travel in memfd mappings passed
+once per mapping over a per-peer SOCK_DGRAM control socket (16-byte body + one fd, SCM_RIGHTS).
+
+Unlike upstream (trap 41) every mapping carries a lease count in its header (FEATURE_MMAP_LEASES):
+the sender adds one per payload, the receiver subtracts one when it releases the payload. A mapping
+whose leases are back to zero is reused; idle mappings are retired (flag in the header) and both
+sides unmap them."""
+from __future__ import annotations
+
+import array
+import os
+import socket
+import struct
+import time
+from typing import Dict, List, Optional, Tuple
+
+from . import layout as L
+from ._native import Region
+from .errors import LinkCorrupted
+
+_ATTACH = struct.Struct("<IIQ")  # map_id, map_generation, mapping_length (format-v7 1.10)
+assert _ATTACH.size == L.MMAP_ATTACH_SIZE
+MIN_MAPPING = 1 << 20
+MAX_MAPPING = 1 << 40
+SEND_RETRIES = 2000  # trap 39: the control datagram may meet a full queue; retry, bounded
+GRACE_S = 2.0  # trap 38: a ref may overtake its attach message; wait this long before LinkCorrupted
+
+
+class Mapping:
+    """One memfd mapping of the sender or the receiver."""
+
+    __slots__ = ("map_id", "generation", "size", "region", "last_used")
+
+    def __init__(self, map_id: int, generation: int, size: int, region: Region) -> None:
+        self.map_id, self.generation, self.size, self.region = map_id, generation, size, region
+        self.last_used = time.monotonic()
+
+    @property
+    def leases(self) -> int:
+        return self.region.load_u32(L.MAP_HDR_LEASES)
+
+    @property
+    def retired(self) -> bool:
+        return self.region.load_u32(L.MAP_HDR_RETIRED) != 0
+
+    def add_lease(self) -> None:
+        self.region.fetch_add_u32(L.MAP_HDR_LEASES, 1)
+
+    def drop_lease(self) -> None:
+        self.region.fetch_add_u32(L.MAP_HDR_LEASES, 0xFFFFFFFF)  # -1, AcqRel
+
+
+class MapSender:
+    """Our outgoing mappings on one link."""
+
+    def __init__(self, ctrl: socket.socket, *, max_mappings: int = 16, max_idle: int = 4, idle_s: float = 2.0) -> None:
+        self.ctrl = ctrl
+        self.max_mappings = max_mappings
+        self.max_idle = max_idle
+        self.idle_s = idle_s
+        self.maps: List[Mapping] = []
+        self.next_id = 1
+        self.created = self.reused = self.retired = 0
+
+    def acquire(self, n: int) -> Optional[Mapping]:
+        """A mapping with room for n payload bytes and no outstanding lease, or None at the cap."""
+        need = L.MAP_HEADER_SIZE + n
+        best = None
+        for m in self.maps:
+            if m.size >= need and m.leases == 0 and (best is None or m.size < best.size):
+                best = m
+        if best is not None:
+            self.reused += 1
+            return best
+        self.sweep(force=len(self.maps) >= self.max_mappings)
+        if len(self.maps) >= self.max_mappings:
+            return None
+        size = max(MIN_MAPPING, 1 << (need - 1).bit_length())  # memfd pages are only allocated when touched
+        return self._create(size)
+
+    def _create(self, size: int) -> Mapping:
+        fd = os.memfd_create("shmhub-map", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            region = Region(fd, size, True)
+            m = Mapping(self.next_id, 1, size, region)
+            region.write(L.MAP_HDR_MAGIC, L.MAP_MAGIC)
+            region.store_u32(L.MAP_HDR_MAP_ID, m.map_id)
+            region.store_u32(L.MAP_HDR_GENERATION, m.generation)
+            self._send_attach(m, fd)
+        finally:
+            os.close(fd)  # the mapping stays; the receiver has its own fd
+        self.next_id = (self.next_id + 1) & 0xFFFFFFFF or 1
+        self.maps.append(m)
+        self.created += 1
+        return m
+
+    def _send_attach(self, m: Mapping, fd: int) -> None:
+        body = _ATTACH.pack(m.map_id, m.generation, m.size)
+        fds = array.array("i", [fd])
+        for _ in range(SEND_RETRIES):
+            try:
+                self.ctrl.sendmsg([body], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)], socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+                return
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                time.sleep(0.001)
+            except OSError as e:
+                raise LinkCorrupted(f"mmap control socket failed: {e.strerror}") from None
+        raise LinkCorrupted("mmap control socket stayed full for 2 s")
+
+    def sweep(self, force: bool = False) -> None:
+        """Retire idle mappings beyond max_idle or idle longer than idle_s (all idle ones if force)."""
+        now = time.monotonic()
+        idle = [m for m in self.maps if m.leases == 0]
+        idle.sort(key=lambda m: m.last_used)
+        excess = len(idle) - self.max_idle
+        for i, m in enumerate(idle):
+            if force or i < excess or now - m.last_used > self.idle_s:
+                self._retire(m)
+
+    def _retire(self, m: Mapping) -> None:
+        m.region.store_u32(L.MAP_HDR_RETIRED, 1)
+        self.maps.remove(m)
+        m.region.close()
+        self.retired += 1
+
+    def close(self) -> None:
+        for m in list(self.maps):
+            self._retire(m)
+
+
+class MapReceiver:
+    """The peer's mappings we have been given, keyed by (map_id, generation)."""
+
+    def __init__(self, ctrl: socket.socket) -> None:
+        self.ctrl = ctrl
+        self.maps: Dict[Tuple[int, int], Mapping] = {}
+
+    def _drain(self) -> None:
+        """Take every pending attach datagram. Any malformed one is terminal (trap 37)."""
+        while True:
+            try:
+                data, anc, flags, _ = self.ctrl.recvmsg(256, socket.CMSG_SPACE(4 * 4), socket.MSG_DONTWAIT)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                return
+            except OSError as e:
+                raise LinkCorrupted(f"mmap control socket failed: {e.strerror}") from None
+            fds = []
+            for level, kind, payload in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    usable = len(payload) - len(payload) % 4
+                    fds.extend(array.array("i", payload[:usable]))
+            try:
+                if not data and not fds:
+                    raise LinkCorrupted("mmap control peer closed")
+                if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(data) != L.MMAP_ATTACH_SIZE or len(fds) != 1:
+                    raise LinkCorrupted(f"malformed mmap attach message: {len(data)} bytes, {len(fds)} fds, flags {flags:#x}")
+                map_id, gen, length = _ATTACH.unpack(data)
+                if not L.MAP_HEADER_SIZE < length <= MAX_MAPPING or (map_id, gen) in self.maps:
+                    raise LinkCorrupted(f"bad mmap attach: map {map_id}/{gen} length {length}")
+                try:
+                    if os.fstat(fds[0]).st_size < length:
+                        raise LinkCorrupted(f"mmap attach: map {map_id} fd is smaller than its {length} bytes")
+                    region = Region(fds[0], length, True)  # writable: the receiver drops leases
+                except OSError as e:
+                    raise LinkCorrupted(f"mmap attach: cannot map map {map_id}: {e.strerror}") from None
+                if region.read(L.MAP_HDR_MAGIC, 8) != L.MAP_MAGIC or region.load_u32(L.MAP_HDR_MAP_ID) != map_id \
+                        or region.load_u32(L.MAP_HDR_GENERATION) != gen:
+                    region.close()
+                    raise LinkCorrupted(f"mmap attach: map {map_id}/{gen} header does not match")
+            finally:
+                for fd in fds:
+                    os.close(fd)  # mapped (or refused): the fd is no longer needed
+            self.maps[(map_id, gen)] = Mapping(map_id, gen, length, region)
+            self._sweep()
+
+    def resolve(self, map_id: int, gen: int, offset: int, length: int, grace_s: float = GRACE_S) -> Mapping:
+        """The mapping a ref names, bounds-checked; waits up to grace_s for its attach message."""
+        m = self.maps.get((map_id, gen))
+        deadline = None
+        while m is None:
+            self._drain()
+            m = self.maps.get((map_id, gen))
+            if m is not None:
+                break
+            deadline = deadline or time.monotonic() + grace_s
+            if time.monotonic() > deadline:
+                raise LinkCorrupted(f"mmap ref names unknown mapping {map_id}/{gen} (no attach within {grace_s} s)")
+            time.sleep(0.001)
+        if offset < L.MAP_HEADER_SIZE or offset + length > m.size:
+            raise LinkCorrupted(f"mmap ref [{offset}, +{length}) outside mapping {map_id} of {m.size} bytes")
+        return m
+
+    def _sweep(self) -> None:
+        for key, m in list(self.maps.items()):
+            if m.retired and m.leases == 0:
+                del self.maps[key]
+                m.region.close()
+
+    def close(self) -> None:
+        for m in self.maps.values():
+            m.region.close()
+        self.maps.clear()
+
+
+def socketpair() -> Tuple[socket.socket, socket.socket]:
+    """A control socketpair (SOCK_DGRAM, close-on-exec): (host end, guest end)."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    for s in (a, b):
+        s.setblocking(False)
+    return a, b
+
+
+__all__ = ["MapSender", "MapReceiver", "Mapping", "socketpair"]

@@ -75,6 +75,7 @@ cdef extern from "_layout.h":
     const unsigned long long SHMHUB_META_OWNER, SHMHUB_META_NEXT_FREE
     const unsigned long long SHMHUB_SLOT_FREE, SHMHUB_SLOT_ALLOCATED, SHMHUB_EMPTY_INDEX
     const unsigned long long SHMHUB_SLOT_LEN_PREFIX, SHMHUB_MAX_CLASSES
+    enum: SHMHUB_MAX_EXTENTS
 
 DEF GIL_FREE_COPY = 1 << 20  # copies at least this large run without the GIL
 
@@ -110,11 +111,13 @@ cdef class Region:
     cdef readonly bint closed
     cdef Py_ssize_t exports
 
-    def __cinit__(self, int fd, Py_ssize_t size, bint writable=True):
+    def __cinit__(self, int fd, Py_ssize_t size, bint writable=True, Py_ssize_t offset=0):
         if size <= 0:
             raise ValueError(f"cannot map {size} bytes")
+        if offset < 0 or offset % 4096:
+            raise ValueError(f"mapping offset {offset} must be a non-negative multiple of 4096")
         cdef int prot = PROT_READ | (PROT_WRITE if writable else 0)
-        cdef void* p = mmap(NULL, <size_t>size, prot, MAP_SHARED, fd, 0)
+        cdef void* p = mmap(NULL, <size_t>size, prot, MAP_SHARED, fd, offset)
         if p == MAP_FAILED:
             e = errno
             raise OSError(e, f"mmap of {size} bytes failed: {os.strerror(e)}")
@@ -687,8 +690,13 @@ cdef struct ClassInfo:
     uint32_t slot_size
     uint32_t slot_count
     Py_ssize_t header
-    Py_ssize_t meta
-    Py_ssize_t data
+    int nmapped  # extents this process maps
+    char* meta[SHMHUB_MAX_EXTENTS]
+    char* data[SHMHUB_MAX_EXTENTS]
+
+
+class NeedExtent(Exception):
+    """Internal: a slot lives in an extent this process has not mapped yet (args: class, extent)."""
 
 
 cdef inline uint64_t meta_word(uint32_t gen, uint32_t state) noexcept nogil:
@@ -699,10 +707,15 @@ cdef inline uint64_t meta_word(uint32_t gen, uint32_t state) noexcept nogil:
 cdef class SlotPool:
     """The slot classes of a segment. `classes` is a sequence of (slot_size, slot_count,
     header_offset, meta_offset, data_offset) as computed by layout.Layout; every range is
-    checked against the region here, so slot indices below slot_count are always in bounds."""
+    checked against the region here, so slot indices below slot_count are always in bounds.
+
+    Growable classes (FEATURE_EXTENTS) have further extents, each its own Region, added with
+    add_extent(). Free-list indices are global (extent * slot_count + slot); meeting an extent
+    not mapped yet raises NeedExtent before anything is changed, so the caller maps it and retries."""
     cdef readonly Region region
     cdef ClassInfo cls[256]
     cdef readonly int num_classes
+    cdef list extent_regions  # per class: [Region or None for extent 0, ...]
 
     def __init__(self, Region region, classes):
         classes = list(classes)
@@ -710,98 +723,130 @@ cdef class SlotPool:
             raise SegmentCorrupted(f"{len(classes)} slot classes; the format allows 1 to {SHMHUB_MAX_CLASSES}")
         self.region = region
         self.num_classes = len(classes)
+        self.extent_regions = []
         for i, (size, count, header, meta, data) in enumerate(classes):
-            if size < SHMHUB_SLOT_LEN_PREFIX or count < 1 or count >= SHMHUB_EMPTY_INDEX:
+            if size < SHMHUB_SLOT_LEN_PREFIX or count < 1 or <uint64_t>count * SHMHUB_MAX_EXTENTS >= SHMHUB_EMPTY_INDEX:
                 raise SegmentCorrupted(f"slot class {i}: slot_size {size} / slot_count {count} out of range")
             region.ptr(header, SHMHUB_CLASS_HEADER_SIZE, 64)
-            region.ptr(meta, <Py_ssize_t>SHMHUB_SLOT_META_SIZE * count, 16)
-            region.ptr(data, <Py_ssize_t>size * count, 1)
             self.cls[i].slot_size = size
             self.cls[i].slot_count = count
             self.cls[i].header = header
-            self.cls[i].meta = meta
-            self.cls[i].data = data
+            self.cls[i].meta[0] = region.ptr(meta, <Py_ssize_t>SHMHUB_SLOT_META_SIZE * count, 16)
+            self.cls[i].data[0] = region.ptr(data, <Py_ssize_t>size * count, 1)
+            self.cls[i].nmapped = 1
+            self.extent_regions.append([region])
+
+    def add_extent(self, int class_idx, Region region, Py_ssize_t data_offset):
+        """Use `region` as the next extent: the meta array at 0, slot data at data_offset
+        (layout.extent_layout); both ranges are checked against the region."""
+        self.check_class(class_idx)
+        cdef ClassInfo* ci = &self.cls[class_idx]
+        if ci.nmapped >= <int>SHMHUB_MAX_EXTENTS:
+            raise SegmentCorrupted(f"class {class_idx} already has {ci.nmapped} extents")
+        cdef Py_ssize_t meta_size = data_offset
+        if meta_size < <Py_ssize_t>SHMHUB_SLOT_META_SIZE * ci.slot_count:
+            raise SegmentCorrupted(f"extent data offset {data_offset} overlaps its slot metadata")
+        ci.meta[ci.nmapped] = region.ptr(0, <Py_ssize_t>SHMHUB_SLOT_META_SIZE * ci.slot_count, 16)
+        ci.data[ci.nmapped] = region.ptr(meta_size, <Py_ssize_t>ci.slot_size * ci.slot_count, 1)
+        self.extent_regions[class_idx].append(region)
+        ci.nmapped += 1
+
+    def mapped_extents(self, int class_idx):
+        self.check_class(class_idx)
+        return self.cls[class_idx].nmapped
 
     cdef inline char* base(self) except NULL:
         if self.region.closed:
             raise ValueError("slot pool's region is closed")
         return self.region.base
 
-    cdef inline int check_ref(self, int c, int extent, uint32_t s) except -1:
-        # trap 23: class, extent and slot index all bounds-checked before any use.
+    cdef inline int check_class(self, int c) except -1:
         if c < 0 or c >= self.num_classes:
             raise InvalidSlotRef(f"class_idx {c} out of range (pool has {self.num_classes} classes)")
-        if extent != 0:
-            raise InvalidSlotRef(f"extent_idx {extent} does not exist (class {c} has 1 extent)")
-        if s >= self.cls[c].slot_count:
-            raise InvalidSlotRef(f"slot_idx {s} out of range (class {c} has {self.cls[c].slot_count} slots)")
         return 0
 
-    cdef inline char* meta(self, int c, uint32_t s) except NULL:
-        return self.base() + self.cls[c].meta + <Py_ssize_t>s * SHMHUB_SLOT_META_SIZE
+    cdef inline int check_ref(self, int c, int extent, uint32_t s) except -1:
+        # trap 23: class, extent and slot index all bounds-checked before any use.
+        self.check_class(c)
+        if extent < 0 or extent >= <int>SHMHUB_MAX_EXTENTS:
+            raise InvalidSlotRef(f"extent_idx {extent} out of range (at most {SHMHUB_MAX_EXTENTS} extents)")
+        if s >= self.cls[c].slot_count:
+            raise InvalidSlotRef(f"slot_idx {s} out of range (class {c} has {self.cls[c].slot_count} slots per extent)")
+        if extent >= self.cls[c].nmapped:
+            raise NeedExtent(c, extent)
+        self.base()
+        return 0
 
-    cdef inline char* slot_data(self, int c, uint32_t s) except NULL:
-        return self.base() + self.cls[c].data + <Py_ssize_t>s * self.cls[c].slot_size
+    cdef inline char* meta(self, int c, int e, uint32_t s) noexcept:
+        return self.cls[c].meta[e] + <Py_ssize_t>s * SHMHUB_SLOT_META_SIZE
+
+    cdef inline char* slot_data(self, int c, int e, uint32_t s) noexcept:
+        return self.cls[c].data[e] + <Py_ssize_t>s * self.cls[c].slot_size
 
     def format(self):
         """Write empty class headers and free lists (host, before the segment is shared)."""
         cdef char* b = self.base()
-        cdef char* m
-        cdef uint32_t s, n
         cdef int c
         if not self.region.writable:
             raise PermissionError("region is mapped read-only")
         for c in range(self.num_classes):
-            n = self.cls[c].slot_count
             shm_put_u32(b + self.cls[c].header + SHMHUB_CLS_SLOT_SIZE, self.cls[c].slot_size)
-            shm_put_u32(b + self.cls[c].header + SHMHUB_CLS_SLOT_COUNT, n)
+            shm_put_u32(b + self.cls[c].header + SHMHUB_CLS_SLOT_COUNT, self.cls[c].slot_count)
             shm_store64(b + self.cls[c].header + SHMHUB_CLS_FREE_HEAD, 0, SHM_RELAXED)
-            for s in range(n):
-                m = self.meta(c, s)
-                memset(m, 0, SHMHUB_SLOT_META_SIZE)
-                shm_put_u32(m + SHMHUB_META_NEXT_FREE, s + 1 if s + 1 < n else <uint32_t>SHMHUB_EMPTY_INDEX)
+            chain_meta(self.cls[c].meta[0], self.cls[c].slot_count, 0)
         shm_fence(SHM_RELEASE)
 
     cdef long long pop(self, int c, uint32_t owner) except -2:
-        cdef char* headp = self.base() + self.cls[c].header + SHMHUB_CLS_FREE_HEAD
+        cdef ClassInfo* ci = &self.cls[c]
+        cdef char* headp = self.base() + ci.header + SHMHUB_CLS_FREE_HEAD
         cdef uint64_t head, seen, new
-        cdef uint32_t idx, nxt, gen
+        cdef uint32_t idx, nxt, gen, s
+        cdef int e
         cdef char* m
         head = shm_load64(headp, SHM_ACQUIRE)
         while True:
             idx = <uint32_t>(head & 0xFFFFFFFF)
             if idx == SHMHUB_EMPTY_INDEX:
                 return -1
-            if idx >= self.cls[c].slot_count:
+            e = idx / ci.slot_count
+            s = idx % ci.slot_count
+            if e >= <int>SHMHUB_MAX_EXTENTS:
                 raise SegmentCorrupted(f"class {c} free list head {idx} is out of range")
-            nxt = shm_load32(self.meta(c, idx) + SHMHUB_META_NEXT_FREE, SHM_ACQUIRE)
+            if e >= ci.nmapped:
+                raise NeedExtent(c, e)  # nothing changed yet: map it and call again
+            nxt = shm_load32(self.meta(c, e, s) + SHMHUB_META_NEXT_FREE, SHM_ACQUIRE)
             # The ABA tag rides along through EMPTY and is never reset (trap 24).
             new = (((head >> 32) + 1) << 32) | nxt
             seen = shm_cas64(headp, head, new)
             if seen == head:
                 break
             head = seen
-        m = self.meta(c, idx)
+        m = self.meta(c, e, s)
         gen = shm_load32(m + SHMHUB_META_GENERATION, SHM_RELAXED) + 1
         shm_store32(m + SHMHUB_META_OWNER, owner, SHM_RELAXED)
         shm_store64(m + SHMHUB_META_GENERATION, meta_word(gen, <uint32_t>SHMHUB_SLOT_ALLOCATED), SHM_RELEASE)
         return (<long long>gen << 32) | idx
 
-    cdef int push(self, int c, uint32_t s) except -1:
+    cdef int push_chain(self, int c, uint32_t first, char* last_meta) except -1:
+        """Push the chain first..(last_meta) whose links are already written (one slot: first)."""
         cdef char* headp = self.base() + self.cls[c].header + SHMHUB_CLS_FREE_HEAD
-        cdef char* m = self.meta(c, s)
         cdef uint64_t head = shm_load64(headp, SHM_ACQUIRE)
         cdef uint64_t seen
         while True:
-            shm_store32(m + SHMHUB_META_NEXT_FREE, <uint32_t>(head & 0xFFFFFFFF), SHM_RELEASE)
-            seen = shm_cas64(headp, head, (((head >> 32) + 1) << 32) | s)
+            shm_store32(last_meta + SHMHUB_META_NEXT_FREE, <uint32_t>(head & 0xFFFFFFFF), SHM_RELEASE)
+            seen = shm_cas64(headp, head, (((head >> 32) + 1) << 32) | first)
             if seen == head:
                 return 0
             head = seen
 
+    cdef tuple split(self, int c, long long r):
+        cdef uint32_t idx = <uint32_t>(r & 0xFFFFFFFF)
+        return (c, <int>(idx / self.cls[c].slot_count), <uint32_t>(idx % self.cls[c].slot_count), <uint32_t>(r >> 32))
+
     def alloc(self, Py_ssize_t size, uint32_t owner):
         """Allocate a slot holding at least `size` bytes from the smallest fitting class, then
-        larger ones. Returns (class_idx, slot_idx, generation), or None when all are exhausted."""
+        larger ones. Returns (class_idx, extent_idx, slot_idx, generation) -- the order free() and
+        take() take -- or None when all are exhausted. NeedExtent if the next free slot is in an extent not mapped here yet."""
         cdef long long r
         cdef int c
         for c in range(self.num_classes):
@@ -809,20 +854,20 @@ cdef class SlotPool:
                 continue
             r = self.pop(c, owner)
             if r >= 0:
-                return (c, <uint32_t>(r & 0xFFFFFFFF), <uint32_t>(r >> 32))
+                return self.split(c, r)
         return None
 
     def alloc_in_class(self, int class_idx, uint32_t owner):
-        """Allocate from one class only; (class_idx, slot_idx, generation) or None."""
-        self.check_ref(class_idx, 0, 0)
+        """Allocate from one class only; (class_idx, extent_idx, slot_idx, generation) or None."""
+        self.check_class(class_idx)
         cdef long long r = self.pop(class_idx, owner)
         if r < 0:
             return None
-        return (class_idx, <uint32_t>(r & 0xFFFFFFFF), <uint32_t>(r >> 32))
+        return self.split(class_idx, r)
 
     cdef int c_free(self, int c, int extent, uint32_t s, uint32_t gen, bint strict) except -1:
         self.check_ref(c, extent, s)
-        cdef char* m = self.meta(c, s)
+        cdef char* m = self.meta(c, extent, s)
         cdef uint64_t expected = meta_word(gen, <uint32_t>SHMHUB_SLOT_ALLOCATED)
         cdef uint64_t seen = shm_load64(m, SHM_ACQUIRE)
         if seen == expected:
@@ -830,13 +875,13 @@ cdef class SlotPool:
             # DECISIONS 8 / trap 21: only the winner of Allocated->Free pushes the slot.
             seen = shm_cas64(m, expected, meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE))
             if seen == expected:
-                self.push(c, s)
+                self.push_chain(c, <uint32_t>extent * self.cls[c].slot_count + s, m)
                 return 1
         if not strict:
             return 0
         if (seen >> 32) != SHMHUB_SLOT_ALLOCATED:
-            raise DoubleFree(f"slot class {c} idx {s} generation {gen} is not allocated (double free)")
-        raise StaleSlotRef(f"slot class {c} idx {s}: reference generation {gen}, slot is at {<uint32_t>seen}")
+            raise DoubleFree(f"slot class {c} extent {extent} idx {s} generation {gen} is not allocated (double free)")
+        raise StaleSlotRef(f"slot class {c} extent {extent} idx {s}: reference generation {gen}, slot is at {<uint32_t>seen}")
 
     def free(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation):
         """Free an allocated slot. DoubleFree / StaleSlotRef / InvalidSlotRef on a bad reference."""
@@ -851,97 +896,133 @@ cdef class SlotPool:
         """Become the owner of a received slot (DECISIONS 9); returns its payload length.
         The generation is re-checked after the owner store, before any data is exposed."""
         self.check_ref(class_idx, extent_idx, slot_idx)
-        cdef char* m = self.meta(class_idx, slot_idx)
+        cdef char* m = self.meta(class_idx, extent_idx, slot_idx)
         cdef uint64_t expected = meta_word(generation, <uint32_t>SHMHUB_SLOT_ALLOCATED)
         if shm_load64(m, SHM_ACQUIRE) != expected:
             self.c_free(class_idx, extent_idx, slot_idx, generation, True)  # raises the precise error
         shm_store32(m + SHMHUB_META_OWNER, new_owner, SHM_RELEASE)
         if shm_load64(m, SHM_ACQUIRE) != expected:
             raise StaleSlotRef(f"slot class {class_idx} idx {slot_idx} changed while being received")
-        return self.payload_len(class_idx, slot_idx)
+        return self.payload_len(class_idx, slot_idx, extent_idx)
 
-    def payload_len(self, int class_idx, uint32_t slot_idx):
+    def payload_len(self, int class_idx, uint32_t slot_idx, int extent_idx=0):
         """The u32 length prefix of a slot, checked against the slot size (format-v7 1.6)."""
-        self.check_ref(class_idx, 0, slot_idx)
-        cdef uint32_t n = shm_get_u32(self.slot_data(class_idx, slot_idx))
+        self.check_ref(class_idx, extent_idx, slot_idx)
+        cdef uint32_t n = shm_get_u32(self.slot_data(class_idx, extent_idx, slot_idx))
         if n > self.cls[class_idx].slot_size - SHMHUB_SLOT_LEN_PREFIX:
             raise InvalidSlotRef(f"slot class {class_idx} idx {slot_idx}: length prefix {n} exceeds "
                                  f"slot_size {self.cls[class_idx].slot_size} - 4")
         return n
 
-    def write_payload(self, int class_idx, uint32_t slot_idx, data):
+    def write_payload(self, int class_idx, uint32_t slot_idx, data, int extent_idx=0):
         """Write [u32 len][data] into a slot."""
-        self.check_ref(class_idx, 0, slot_idx)
+        self.check_ref(class_idx, extent_idx, slot_idx)
         cdef Py_buffer b
         cdef char* p
         PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
         try:
             if b.len > <Py_ssize_t>(self.cls[class_idx].slot_size - SHMHUB_SLOT_LEN_PREFIX):
                 raise ValueError(f"{b.len} bytes do not fit in a {self.cls[class_idx].slot_size}-byte slot")
-            p = self.slot_data(class_idx, slot_idx)
+            p = self.slot_data(class_idx, extent_idx, slot_idx)
             shm_put_u32(p, <uint32_t>b.len)
             memcpy(p + SHMHUB_SLOT_LEN_PREFIX, b.buf, b.len)
         finally:
             PyBuffer_Release(&b)
 
-    def set_payload_len(self, int class_idx, uint32_t slot_idx, uint32_t n):
+    def set_payload_len(self, int class_idx, uint32_t slot_idx, uint32_t n, int extent_idx=0):
         """Store the length prefix after writing the payload in place (zero-copy send)."""
-        self.check_ref(class_idx, 0, slot_idx)
+        self.check_ref(class_idx, extent_idx, slot_idx)
         if n > self.cls[class_idx].slot_size - SHMHUB_SLOT_LEN_PREFIX:
             raise ValueError(f"{n} bytes do not fit in a {self.cls[class_idx].slot_size}-byte slot")
-        shm_put_u32(self.slot_data(class_idx, slot_idx), n)
+        shm_put_u32(self.slot_data(class_idx, extent_idx, slot_idx), n)
+
+    def payload_span(self, int class_idx, uint32_t slot_idx, int extent_idx=0):
+        """(region, offset) of a slot's payload (after the length prefix)."""
+        self.check_ref(class_idx, extent_idx, slot_idx)
+        region = <Region>self.extent_regions[class_idx][extent_idx]
+        return region, <Py_ssize_t>(self.slot_data(class_idx, extent_idx, slot_idx) - region.base) + SHMHUB_SLOT_LEN_PREFIX
 
     def payload_offset(self, int class_idx, uint32_t slot_idx):
-        """Region offset of a slot's payload (after the length prefix)."""
-        self.check_ref(class_idx, 0, slot_idx)
-        return self.cls[class_idx].data + <Py_ssize_t>slot_idx * self.cls[class_idx].slot_size + SHMHUB_SLOT_LEN_PREFIX
+        """Offset in the segment region of a payload in extent 0."""
+        return self.payload_span(class_idx, slot_idx, 0)[1]
 
-    def read_payload(self, int class_idx, uint32_t slot_idx):
+    def read_payload(self, int class_idx, uint32_t slot_idx, int extent_idx=0):
         """Copy a slot's payload out (bytes)."""
-        n = self.payload_len(class_idx, slot_idx)
-        return PyBytes_FromStringAndSize(self.slot_data(class_idx, slot_idx) + SHMHUB_SLOT_LEN_PREFIX, n)
+        n = self.payload_len(class_idx, slot_idx, extent_idx)
+        return PyBytes_FromStringAndSize(self.slot_data(class_idx, extent_idx, slot_idx) + SHMHUB_SLOT_LEN_PREFIX, n)
 
     def reclaim(self, uint32_t owner):
-        """Free every allocated slot owned by `owner` (crash recovery); returns how many."""
+        """Free every allocated slot owned by `owner` in the mapped extents (crash recovery); returns how many."""
         cdef int freed = 0
-        cdef int c
+        cdef int c, e
         cdef uint32_t s
         cdef uint64_t w
         cdef char* m
+        self.base()
         for c in range(self.num_classes):
-            for s in range(self.cls[c].slot_count):
-                m = self.meta(c, s)
-                w = shm_load64(m, SHM_ACQUIRE)
-                if (w >> 32) == SHMHUB_SLOT_ALLOCATED and shm_load32(m + SHMHUB_META_OWNER, SHM_ACQUIRE) == owner:
-                    freed += self.c_free(c, 0, s, <uint32_t>w, False)
+            for e in range(self.cls[c].nmapped):
+                for s in range(self.cls[c].slot_count):
+                    m = self.meta(c, e, s)
+                    w = shm_load64(m, SHM_ACQUIRE)
+                    if (w >> 32) == SHMHUB_SLOT_ALLOCATED and shm_load32(m + SHMHUB_META_OWNER, SHM_ACQUIRE) == owner:
+                        freed += self.c_free(c, e, s, <uint32_t>w, False)
         return freed
 
     def counts(self, int class_idx):
-        """(free, allocated) slot counts of a class, from the slot states."""
-        self.check_ref(class_idx, 0, 0)
+        """(free, allocated) slot counts of a class over its mapped extents, from the slot states."""
+        self.check_class(class_idx)
+        self.base()
         cdef uint32_t s, free = 0
-        for s in range(self.cls[class_idx].slot_count):
-            if shm_load32(self.meta(class_idx, s) + SHMHUB_META_STATE, SHM_ACQUIRE) == SHMHUB_SLOT_FREE:
-                free += 1
-        return (free, self.cls[class_idx].slot_count - free)
+        cdef int e
+        for e in range(self.cls[class_idx].nmapped):
+            for s in range(self.cls[class_idx].slot_count):
+                if shm_load32(self.meta(class_idx, e, s) + SHMHUB_META_STATE, SHM_ACQUIRE) == SHMHUB_SLOT_FREE:
+                    free += 1
+        return (free, self.cls[class_idx].slot_count * self.cls[class_idx].nmapped - free)
 
     def class_info(self, int class_idx):
-        """(slot_size, slot_count) of a class."""
-        self.check_ref(class_idx, 0, 0)
+        """(slot_size, slot_count per extent) of a class."""
+        self.check_class(class_idx)
         return (self.cls[class_idx].slot_size, self.cls[class_idx].slot_count)
 
     def free_head(self, int class_idx):
-        """(aba_tag, index) of a class's free list head."""
-        self.check_ref(class_idx, 0, 0)
+        """(aba_tag, global index) of a class's free list head."""
+        self.check_class(class_idx)
         cdef uint64_t h = shm_load64(self.base() + self.cls[class_idx].header + SHMHUB_CLS_FREE_HEAD, SHM_ACQUIRE)
         return (<uint32_t>(h >> 32), <uint32_t>(h & 0xFFFFFFFF))
 
-    def slot_meta(self, int class_idx, uint32_t slot_idx):
+    def slot_meta(self, int class_idx, uint32_t slot_idx, int extent_idx=0):
         """(generation, state, owner, next_free) of one slot."""
-        self.check_ref(class_idx, 0, slot_idx)
-        cdef char* m = self.meta(class_idx, slot_idx)
+        self.check_ref(class_idx, extent_idx, slot_idx)
+        cdef char* m = self.meta(class_idx, extent_idx, slot_idx)
         return (shm_load32(m + SHMHUB_META_GENERATION, SHM_ACQUIRE), shm_load32(m + SHMHUB_META_STATE, SHM_ACQUIRE),
                 shm_load32(m + SHMHUB_META_OWNER, SHM_ACQUIRE), shm_load32(m + SHMHUB_META_NEXT_FREE, SHM_ACQUIRE))
+
+    def publish_extent(self, int class_idx):
+        """Host, after add_extent of a freshly formatted extent whose offset and count are
+        published in the class header: push all its slots onto the class free list at once."""
+        self.check_class(class_idx)
+        cdef ClassInfo* ci = &self.cls[class_idx]
+        cdef int e = ci.nmapped - 1
+        if e < 1:
+            raise ValueError("no appended extent to publish")
+        self.push_chain(class_idx, <uint32_t>e * ci.slot_count, self.meta(class_idx, e, ci.slot_count - 1))
+
+
+cdef void chain_meta(char* meta, uint32_t count, uint32_t first_global) noexcept:
+    """All slots Free, generation 0, linked first_global.. in order, the last to EMPTY."""
+    cdef uint32_t s
+    cdef char* m
+    for s in range(count):
+        m = meta + <Py_ssize_t>s * SHMHUB_SLOT_META_SIZE
+        memset(m, 0, SHMHUB_SLOT_META_SIZE)
+        shm_put_u32(m + SHMHUB_META_NEXT_FREE, first_global + s + 1 if s + 1 < count else <uint32_t>SHMHUB_EMPTY_INDEX)
+
+
+def format_extent(Region region, uint32_t slot_count, uint32_t first_global):
+    """Host: write a new extent's slot metadata: all Free, chained first_global.. to EMPTY."""
+    chain_meta(region.wptr(0, <Py_ssize_t>SHMHUB_SLOT_META_SIZE * slot_count, 16), slot_count, first_global)
+    shm_fence(SHM_RELEASE)
 
 
 def spin_any_readable(rings, int64_t spin_ns):

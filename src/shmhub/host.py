@@ -22,7 +22,7 @@ from .layout import SegmentConfig
 from .link import DEFAULT_SPIN_NS, HOST, POLL_SLICE, Link, _deadline, _remaining
 from .segment import Segment
 
-MONITOR_TICK = 0.05  # walk-in discovery and heartbeat checks
+MONITOR_TICK = 0.01  # walk-in discovery, growth requests and heartbeat checks
 
 
 @dataclass
@@ -99,6 +99,7 @@ class Host:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._stopping = False
+        self.segment.on_grow = self.ring_all
         self._monitor = threading.Thread(target=self._monitor_loop, name="shmhub-host-monitor", daemon=True)
         self._monitor.start()
 
@@ -253,6 +254,24 @@ class Host:
                     self._recover(h, "process exited" if fd == h.pidfd else "doorbell hang-up")
             if not self._stopping:
                 self._scan_peers()
+                try:
+                    self._serve_growth()
+                except ShmhubError as e:
+                    self._emit(HostEvent("growth_failed", 0, None, str(e)))
+
+    def _serve_growth(self) -> None:
+        """Grow classes guests asked for, then ring every guest so waiters retry (FEATURE_EXTENTS)."""
+        for c in self.segment.growth_requests():
+            if self.segment.grow_class(c):
+                self._emit(HostEvent("grown", 0, None, f"class {c}: segment is {self.segment.current_size} bytes"))
+
+    def ring_all(self) -> None:
+        """Ring every live guest's doorbell (after goodbye or growth)."""
+        with self._lock:
+            handles = list(self._handles.values())
+        for h in handles:
+            if h.link.doorbell is not None and not h.recovered:
+                h.link.doorbell.ring()
 
     def _scan_peers(self) -> None:
         """Walk-in guests (named segments), walk-ins that left, and stale heartbeats."""
@@ -376,9 +395,7 @@ class Host:
         self.segment.say_goodbye()  # DECISIONS 13
         with self._lock:
             handles = list(self._handles.values())
-        for h in handles:
-            if h.link.doorbell is not None and not h.recovered:
-                h.link.doorbell.ring()
+        self.ring_all()
         deadline = time.monotonic() + timeout
         for h in handles:
             if h.process is not None:

@@ -38,7 +38,8 @@ HDR_RESERVED_END = 128
 # Feature bits (DECISIONS 4). Each is documented with its bytes in docs/format.md.
 FEATURE_WAITER_FLAGS = 1 << 0  # RING_CONSUMER_WAITING / RING_PRODUCER_WAITING: doorbell elision
 FEATURE_MMAP_LEASES = 1 << 1  # mmap-tier mappings start with a MAP_HEADER carrying a lease count
-KNOWN_FEATURES = FEATURE_WAITER_FLAGS | FEATURE_MMAP_LEASES
+FEATURE_EXTENTS = 1 << 2  # growable slot classes: CLS_EXTENT_* fields, extents appended to the file
+KNOWN_FEATURES = FEATURE_WAITER_FLAGS | FEATURE_MMAP_LEASES | FEATURE_EXTENTS
 
 DEFAULT_INLINE_THRESHOLD = 256  # header value 0 means this
 MAX_INLINE_LEN = 0xFFFF  # inline_payload_len is a u16
@@ -119,6 +120,14 @@ CLASS_HEADER_SIZE = 64
 CLS_SLOT_SIZE = 0  # u32
 CLS_SLOT_COUNT = 4  # u32
 CLS_FREE_HEAD = 8  # AtomicU64 = (aba_tag << 32) | slot_index
+# FEATURE_EXTENTS, in the class header's v7 padding (0 in both count fields means 1: no growth).
+# One free list spans all extents: its indices are global, extent_idx * slot_count + slot_idx.
+CLS_EXTENT_COUNT = 16  # AtomicU32: extents published (extent 0 is the v7 pool itself)
+CLS_MAX_EXTENTS = 20  # u32: how many this class may have
+CLS_EXTENT_OFFSETS = 24  # u64 x (MAX_EXTENTS - 1): file offsets of extents 1.., page-aligned
+CLS_GROW_REQUEST = 56  # AtomicU32: a guest found the class exhausted and asks the host to grow it
+MAX_EXTENTS = 5
+EXTENT_ALIGN = 4096  # extents are mapped on their own, at page-aligned offsets
 
 SLOT_META_SIZE = 16
 META_GENERATION = 0  # AtomicU32 (with META_STATE, one u64 word for the CAS of DECISIONS 8)
@@ -160,7 +169,9 @@ class SegmentConfig:
     max_payload_size: int = 1 << 30
     inline_threshold: int = DEFAULT_INLINE_THRESHOLD
     heartbeat_interval_ns: int = 0
-    size_classes: Tuple[Tuple[int, int], ...] = ((1024, 256), (16 * 1024, 128), (256 * 1024, 16), (1 << 20, 8))
+    # (slot_size, slot_count) or (slot_size, slot_count, max_extents): a class with max_extents > 1
+    # grows by appending extents of slot_count slots when it runs out (FEATURE_EXTENTS).
+    size_classes: Tuple[Tuple[int, ...], ...] = ((1024, 256), (16 * 1024, 128), (256 * 1024, 16), (1 << 20, 8))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "size_classes", tuple(tuple(c) for c in self.size_classes))
@@ -189,15 +200,18 @@ class SegmentConfig:
             raise ConfigError(f"size_classes must hold 1 to {MAX_CLASSES} (slot_size, slot_count) pairs, got {len(classes)}")
         prev = 0
         for i, c in enumerate(classes):
-            if len(c) != 2:
-                raise ConfigError(f"size_classes[{i}]={c!r} must be a (slot_size, slot_count) pair")
-            size, count = c
+            if len(c) not in (2, 3):
+                raise ConfigError(f"size_classes[{i}]={c!r} must be (slot_size, slot_count) or (slot_size, slot_count, max_extents)")
+            size, count = c[0], c[1]
+            extents = c[2] if len(c) == 3 else 1
+            if not isinstance(extents, int) or not 1 <= extents <= MAX_EXTENTS:
+                raise ConfigError(f"size_classes[{i}] max_extents={extents!r} must be between 1 and {MAX_EXTENTS}")
             _u32(f"size_classes[{i}] slot_size", size, "use smaller slots (large payloads go through the mmap tier)")
             _u32(f"size_classes[{i}] slot_count", count, "use fewer slots")
             if size < ALIGN or size % ALIGN:
                 raise ConfigError(f"size_classes[{i}] slot_size={size} must be a positive multiple of {ALIGN}")
-            if not 1 <= count < EMPTY_INDEX:
-                raise ConfigError(f"size_classes[{i}] slot_count={count} must be between 1 and {EMPTY_INDEX - 1}")
+            if not 1 <= count or count * MAX_EXTENTS >= EMPTY_INDEX:
+                raise ConfigError(f"size_classes[{i}] slot_count={count} must be between 1 and {(EMPTY_INDEX - 1) // MAX_EXTENTS}")
             if size <= prev:
                 raise ConfigError(f"size_classes must be in strictly ascending slot_size order; class {i} has {size} after {prev}")
             prev = size
@@ -210,13 +224,19 @@ class SegmentConfig:
     @property
     def max_slot_payload(self) -> int:
         """The largest payload that fits in a slot (the largest slot minus its u32 length prefix)."""
-        return max(s for s, _ in self.size_classes) - SLOT_LEN_PREFIX
+        return max(c[0] for c in self.size_classes) - SLOT_LEN_PREFIX
 
 
 def effective_inline_threshold(header_value: int, capacity: int) -> int:
     """Inline routing limit: header 0 means 256; clamped so no entry exceeds half the ring (DECISIONS 5, trap 10)."""
     t = header_value or DEFAULT_INLINE_THRESHOLD
     return max(0, min(t, MAX_INLINE_LEN, capacity // 2 - FRAME_HEADER_SIZE))
+
+
+def extent_layout(slot_size: int, slot_count: int) -> Tuple[int, int]:
+    """(data offset, size) of one appended extent: slot metadata at 0, then the slot data."""
+    data = align(SLOT_META_SIZE * slot_count, ALIGN)
+    return data, data + align(slot_size * slot_count, ALIGN)
 
 
 @dataclass(frozen=True)
@@ -251,7 +271,8 @@ class Layout:
         pool = align(ring_base + max_guests * 2 * ring_stride, ALIGN)
         off = pool + align(CLASS_HEADER_SIZE * len(size_classes), ALIGN)
         classes = []
-        for i, (size, count) in enumerate(size_classes):
+        for i, c in enumerate(size_classes):
+            size, count = c[0], c[1]
             meta = off
             data = meta + align(SLOT_META_SIZE * count, ALIGN)
             off = data + align(size * count, ALIGN)

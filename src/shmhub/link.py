@@ -19,6 +19,7 @@ from .errors import (
     LinkCorrupted,
     PayloadTooLarge,
     PeerDead,
+    SegmentCorrupted,
     ShmTimeout,
     SlotError,
 )
@@ -144,11 +145,10 @@ class Link:
         self._tx: Ring = segment.h2g(peer_id) if side == HOST else segment.g2h(peer_id)
         self._rx: Ring = segment.g2h(peer_id) if side == HOST else segment.h2g(peer_id)
         self._pool = segment.pool
-        self._region = segment.region
         cfg = segment.config
         self._max_payload = cfg.max_payload_size
         self._inline_max = segment.inline_threshold
-        self._slot_max = max(s for s, _ in cfg.size_classes) - L.SLOT_LEN_PREFIX
+        self._slot_max = cfg.max_slot_payload
         self._elide = bool(segment.features & L.FEATURE_WAITER_FLAGS) and doorbell is not None
         self._control = control
         self._maps_tx: Optional[MapSender] = None
@@ -299,23 +299,35 @@ class Link:
             self._tx_lock.release()
 
     def _send_slot(self, mv, n: int, deadline: Optional[float]) -> None:
-        pool, tx = self._pool, self._tx
-        ref = pool.alloc(n + L.SLOT_LEN_PREFIX, self._owner)
+        seg, tx, need = self.segment, self._tx, n + L.SLOT_LEN_PREFIX
+        ref = seg.alloc(need, self._owner)
         if ref is None:
             self.stats.slot_exhaustion_waits += 1
-            ref = self._wait(lambda: pool.alloc(n + L.SLOT_LEN_PREFIX, self._owner), tx, True, deadline, None, SLOT_WAIT_SLICE)
-        c, s, gen = ref
+            ref = self._wait(lambda: self._alloc_or_grow(need), tx, True, deadline, None, SLOT_WAIT_SLICE)
+        c, e, s, gen = ref
         try:
-            pool.write_payload(c, s, mv)
-            if not tx.write_slot_ref(c, 0, s, gen):
+            self._pool.write_payload(c, s, mv, e)
+            if not tx.write_slot_ref(c, e, s, gen):
                 self.stats.ring_full_waits += 1
-                self._wait(lambda: tx.write_slot_ref(c, 0, s, gen), tx, True, deadline,
+                self._wait(lambda: tx.write_slot_ref(c, e, s, gen), tx, True, deadline,
                            lambda b: tx.spin_room(L.SLOT_REF_FRAME_SIZE, b))
         except BaseException:
-            pool.free_if_current(c, 0, s, gen)  # never committed: still ours to free
+            self._pool.free_if_current(c, e, s, gen)  # never committed: still ours to free
             raise
         self.stats.sent_slot += 1
         self.stats.sent_bytes_slot += n
+
+    def _alloc_or_grow(self, need: int):
+        """Exhausted pool: the host grows a growable class itself; a guest asks the host to."""
+        seg = self.segment
+        ref = seg.alloc(need, self._owner)
+        if ref is None:
+            if self.side == HOST:
+                if seg.grow_for(need):
+                    ref = seg.alloc(need, self._owner)
+            else:
+                seg.request_growth(need)
+        return ref
 
     def _send_mmap(self, mv, n: int, deadline: Optional[float]) -> None:
         maps, tx = self._maps_tx, self._tx
@@ -379,14 +391,14 @@ class Link:
             _, total, c, e, s, gen = frame
             try:
                 # DECISIONS 9: become the owner before exposing the data (and before releasing the ring bytes).
-                n = self._pool.take(c, e, s, gen, self._owner)
-                off = self._pool.payload_offset(c, s)
-            except SlotError as err:
+                n = self.segment.take(c, e, s, gen, self._owner)
+                region, off = self._pool.payload_span(c, s, e)
+            except (SlotError, SegmentCorrupted) as err:
                 raise self._corrupted(err) from None
             rx.release(total)
             self.stats.recv_slot += 1
             self.stats.recv_bytes_slot += n
-            return Message(self._region, off, n, "slot", lambda: self._free_slot(c, e, s, gen))
+            return Message(region, off, n, "slot", lambda: self._free_slot(c, e, s, gen))
         _, total, map_id, gen, off, n = frame
         if self._maps_rx is None:
             raise self._corrupted(LinkCorrupted("mmap-ref frame received, but this link has no mmap tier"))

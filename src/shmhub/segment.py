@@ -8,7 +8,9 @@ import stat
 from typing import Dict, Optional, Union
 
 from . import layout as L
-from ._native import RELAXED, Region, Ring, SlotPool, fence
+import threading
+
+from ._native import RELAXED, NeedExtent, Region, Ring, SlotPool, fence, format_extent
 from .errors import (
     BadMagic,
     ConfigError,
@@ -21,7 +23,7 @@ from .layout import Layout, SegmentConfig
 from .peers import PeerTable
 from .slots import open_pool
 
-def _space_check(fd: int, size: int, where: Optional[str]) -> None:
+def _space_check(fd: int, size: int, where: Optional[str], start: int = 0) -> None:
     """Reserve the segment's pages now so a full tmpfs fails here, not as SIGBUS later (DECISIONS 16).
     `where` is the directory of a named segment; a memfd has no filesystem limit but memory."""
     avail = None
@@ -30,10 +32,10 @@ def _space_check(fd: int, size: int, where: Optional[str]) -> None:
         avail = st.f_bavail * st.f_frsize
     where = where or "shared memory (memfd)"
     hint = f"free space in {where} (remove stale segments with `python -m shmhub clean`, or enlarge it: mount -o remount,size=... {where}) or reduce the segment (fewer/smaller size_classes, smaller bipbuf_capacity, fewer max_guests)"
-    if avail is not None and avail < size:
+    if avail is not None and avail < size - start:
         raise InsufficientSharedMemory(f"the segment needs {size} bytes but {where} has only {avail} free; {hint}")
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.posix_fallocate(fd, start, size - start)
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
             raise InsufficientSharedMemory(f"cannot reserve {size} bytes in {where}: {e.strerror}; {hint}") from None
@@ -60,6 +62,9 @@ class Segment:
         self._owner = owner
         self._rings: Dict[int, Ring] = {}
         self._closed = False
+        self._grow_lock = threading.Lock()
+        self.growths = 0
+        self.on_grow = None  # the host sets this to ring every guest after a growth
         try:
             size = os.fstat(fd).st_size
             if size < L.HEADER_SIZE:
@@ -173,9 +178,12 @@ class Segment:
         for c in range(nclasses):
             h = pool + c * L.CLASS_HEADER_SIZE
             slot_size, slot_count = u32(h + L.CLS_SLOT_SIZE), u32(h + L.CLS_SLOT_COUNT)
-            if slot_size < L.SLOT_LEN_PREFIX or not 1 <= slot_count < L.EMPTY_INDEX:
+            if slot_size < L.SLOT_LEN_PREFIX or not 1 <= slot_count or slot_count * L.MAX_EXTENTS >= L.EMPTY_INDEX:
                 raise SegmentCorrupted(f"slot class {c}: slot_size {slot_size}, slot_count {slot_count} out of range")
-            classes.append((slot_size, slot_count))
+            max_ext = u32(h + L.CLS_MAX_EXTENTS) or 1 if self.features & L.FEATURE_EXTENTS else 1
+            if not 1 <= max_ext <= L.MAX_EXTENTS:
+                raise SegmentCorrupted(f"slot class {c}: max_extents {max_ext} is outside 1..{L.MAX_EXTENTS}")
+            classes.append((slot_size, slot_count) if max_ext == 1 else (slot_size, slot_count, max_ext))
         lay = Layout.compute(max_guests, cap, classes)
         if lay.var_pool_offset != pool or lay.total_size != total:
             raise SegmentCorrupted(
@@ -201,6 +209,117 @@ class Segment:
         )
         self.pool = open_pool(r, lay)
         self.peers = PeerTable(r, lay)
+        self.refresh_extents()
+
+    # -- growable classes (FEATURE_EXTENTS) ----------------------------------------------------
+    # Each appended extent is mapped on its own at a page-aligned file offset, so the segment is
+    # never remapped and no pointer or view handed out before a growth is invalidated (trap 14, 15).
+
+    def _class_u32(self, c: int, field: int) -> int:
+        return self.region.load_u32(self.layout.classes[c].header_offset + field)
+
+    def extent_count(self, c: int) -> int:
+        """Extents published for class c (1 = the v7 pool only)."""
+        if not self.features & L.FEATURE_EXTENTS:
+            return 1
+        return self._class_u32(c, L.CLS_EXTENT_COUNT) or 1
+
+    def max_extents(self, c: int) -> int:
+        cls = self.config.size_classes[c]
+        return cls[2] if len(cls) == 3 else 1
+
+    def extent_offsets(self, c: int) -> list:
+        h = self.layout.classes[c].header_offset + L.CLS_EXTENT_OFFSETS
+        return [self.region.load_u64(h + 8 * (e - 1)) for e in range(1, self.extent_count(c))]
+
+    def refresh_extents(self) -> int:
+        """Map every extent published since we last looked; returns how many were mapped."""
+        if not self.features & L.FEATURE_EXTENTS:
+            return 0
+        mapped = 0
+        with self._grow_lock:
+            for c, cl in enumerate(self.layout.classes):
+                count = self.extent_count(c)
+                if count > self.max_extents(c):
+                    raise SegmentCorrupted(f"class {c} publishes {count} extents, more than its maximum {self.max_extents(c)}")
+                for e in range(self.pool.mapped_extents(c), count):
+                    off = self.region.load_u64(cl.header_offset + L.CLS_EXTENT_OFFSETS + 8 * (e - 1))
+                    data_off, size = L.extent_layout(cl.slot_size, cl.slot_count)
+                    # trap 18: the size is published before the extent, and checked before use.
+                    limit = min(self.current_size, os.fstat(self.fd).st_size)
+                    if off % L.EXTENT_ALIGN or off < self.layout.total_size or off + size > limit:
+                        raise SegmentCorrupted(f"class {c} extent {e} at {off} (+{size}) lies outside the segment ({limit} bytes)")
+                    self.pool.add_extent(c, Region(self.fd, size, self.region.writable, off), data_off)
+                    mapped += 1
+        return mapped
+
+    def grow_class(self, c: int) -> bool:
+        """Host: append one extent to class c. False when the class is at its maximum.
+        Order: resize the file, store current_size, store the extent's offset and count, push its
+        slots on the free list; the caller then rings every guest."""
+        with self._grow_lock:
+            e = self.extent_count(c)
+            if e >= self.max_extents(c):
+                return False
+            cl = self.layout.classes[c]
+            data_off, size = L.extent_layout(cl.slot_size, cl.slot_count)
+            off = L.align(self.current_size, L.EXTENT_ALIGN)
+            _space_check(self.fd, off + size, os.path.dirname(os.path.abspath(self.path)) if self.path else None, start=off)
+            region = Region(self.fd, size, True, off)
+            format_extent(region, cl.slot_count, e * cl.slot_count)
+            r = self.region
+            r.store_u64(L.HDR_CURRENT_SIZE, off + size)
+            r.store_u64(cl.header_offset + L.CLS_EXTENT_OFFSETS + 8 * (e - 1), off)
+            r.store_u32(cl.header_offset + L.CLS_EXTENT_COUNT, e + 1)
+            self.pool.add_extent(c, region, data_off)
+            self.pool.publish_extent(c)
+            r.store_u32(cl.header_offset + L.CLS_GROW_REQUEST, 0)
+            self.growths += 1
+        if self.on_grow is not None:
+            self.on_grow()
+        return True
+
+    def request_growth(self, size: int) -> bool:
+        """Guest: ask the host to grow the smallest growable class that fits `size`; False if none can."""
+        for c, cls in enumerate(self.config.size_classes):
+            if cls[0] >= size and self.extent_count(c) < self.max_extents(c):
+                self.region.store_u32(self.layout.classes[c].header_offset + L.CLS_GROW_REQUEST, 1)
+                return True
+        return False
+
+    def grow_for(self, size: int) -> bool:
+        """Host: grow the smallest growable class that fits `size`; False if none can."""
+        for c, cls in enumerate(self.config.size_classes):
+            if cls[0] >= size and self.grow_class(c):
+                return True
+        return False
+
+    def growth_requests(self) -> list:
+        """Classes a guest asked to grow."""
+        if not self.features & L.FEATURE_EXTENTS:
+            return []
+        return [c for c in range(len(self.layout.classes)) if self._class_u32(c, L.CLS_GROW_REQUEST)]
+
+    def alloc(self, size: int, owner: int):
+        """pool.alloc, mapping extents published by the host when a free slot lives in one."""
+        while True:
+            try:
+                return self.pool.alloc(size, owner)
+            except NeedExtent as e:
+                self._need(e)
+
+    def take(self, c: int, e: int, s: int, gen: int, owner: int) -> int:
+        """pool.take, mapping the slot's extent first if it is new to this process."""
+        try:
+            return self.pool.take(c, e, s, gen, owner)
+        except NeedExtent as err:
+            self._need(err)
+            return self.pool.take(c, e, s, gen, owner)
+
+    def _need(self, err: NeedExtent) -> None:
+        c, e = err.args
+        if self.refresh_extents() == 0 or self.pool.mapped_extents(c) <= e:
+            raise SegmentCorrupted(f"slot class {c} extent {e} is referenced but was never published")
 
     # -- accessors ------------------------------------------------------------------------
 
@@ -309,5 +428,9 @@ def _format(r: Region, config: SegmentConfig, layout: Layout, features: int) -> 
         for off in (layout.g2h_offset(peer_id), layout.h2g_offset(peer_id)):
             r.store_u32(off + L.RING_CAPACITY, config.bipbuf_capacity, RELAXED)
     open_pool(r, layout).format()
+    for c, cls in zip(layout.classes, config.size_classes):
+        if len(cls) == 3 and cls[2] > 1 and features & L.FEATURE_EXTENTS:
+            r.store_u32(c.header_offset + L.CLS_EXTENT_COUNT, 1, RELAXED)
+            r.store_u32(c.header_offset + L.CLS_MAX_EXTENTS, cls[2], RELAXED)
     fence()
     r.write(L.HDR_MAGIC, L.MAGIC)

@@ -29,7 +29,11 @@ def inspect_segment(seg: Segment) -> Dict[str, Any]:
                 used = max(0, write - read)
             rings[name] = {"offset": ring.offset, "capacity": ring.capacity, "write": write, "watermark": watermark, "read": read, "used": used}
         state = seg.region.load_u32(lay.peer_entry_offset(pid) + L.PEER_STATE)
+        entry = {}
+        if seg.features & L.FEATURE_MMAP_LEASES:
+            entry["mmap"] = seg.peers.mmap_counters(pid)
         peers.append({
+            **entry,
             "peer_id": pid,
             "state": STATE_NAMES.get(state, f"Unknown({state})"),
             "epoch": seg.peers.epoch(pid),
@@ -40,7 +44,9 @@ def inspect_segment(seg: Segment) -> Dict[str, Any]:
     classes = pool_stats(seg.pool)
     for c, info in zip(lay.classes, classes):
         tag, head = seg.pool.free_head(info["class"])
-        info.update(header_offset=c.header_offset, meta_offset=c.meta_offset, data_offset=c.data_offset, free_head_index=head, free_head_tag=tag)
+        info.update(header_offset=c.header_offset, meta_offset=c.meta_offset, data_offset=c.data_offset, free_head_index=head, free_head_tag=tag,
+                    extents=seg.extent_count(info["class"]), max_extents=seg.max_extents(info["class"]),
+                    extent_offsets=seg.extent_offsets(info["class"]))
     return {
         "schema": INSPECT_SCHEMA,
         "header": {
@@ -60,6 +66,7 @@ def inspect_segment(seg: Segment) -> Dict[str, Any]:
             "host_goodbye": int(seg.host_goodbye),
             "num_var_slot_classes": len(cfg.size_classes),
             "features": seg.features,
+            "file_size": seg.file_size,
         },
         "peers": peers,
         "slot_classes": classes,
@@ -76,9 +83,12 @@ def _print_text(info: Dict[str, Any], out) -> None:
     for p in info["peers"]:
         rings = "  ".join(f"{n} w={p[n]['write']} wm={p[n]['watermark']} r={p[n]['read']} used={p[n]['used']}/{p[n]['capacity']}" for n in ("g2h", "h2g"))
         print(f"  {p['peer_id']:3d} {p['state']:<9} epoch {p['epoch']:<5} hb {p['last_heartbeat']:<12} {rings}", file=out)
+        if "mmap" in p and any(v for d in p["mmap"].values() for v in d.values()):
+            print("      mmap " + "  ".join(f"{n}: {d['mappings']} mappings, {d['mapped_bytes']} bytes, {d['leases']} leases" for n, d in p["mmap"].items()), file=out)
     print("slot classes:", file=out)
     for c in info["slot_classes"]:
-        print(f"  {c['class']:3d} slot_size {c['slot_size']:>9}  count {c['slot_count']:>6}  free {c['free']:>6}  allocated {c['allocated']:>6}", file=out)
+        print(f"  {c['class']:3d} slot_size {c['slot_size']:>9}  count {c['slot_count']:>6}  free {c['free']:>6}  allocated {c['allocated']:>6}"
+              f"  extents {c['extents']}/{c['max_extents']}", file=out)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

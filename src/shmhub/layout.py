@@ -51,6 +51,16 @@ PEER_STATE = 0  # AtomicU32
 PEER_EPOCH = 4  # AtomicU32
 PEER_LAST_HEARTBEAT = 8  # AtomicU64
 PEER_RING_OFFSET = 16  # u64, written once by the host
+# FEATURE_MMAP_LEASES, in the entry's reserved bytes: the mmap tier of this peer's link, per
+# direction, for inspection. The sender of a direction stores its mapping count and bytes; leases
+# are +1 per payload sent and -1 when the receiver releases it.
+PEER_G2H_MAPPINGS = 24  # u32, written by the guest
+PEER_H2G_MAPPINGS = 28  # u32, written by the host
+PEER_G2H_LEASES = 32  # AtomicU32
+PEER_H2G_LEASES = 36  # AtomicU32
+PEER_G2H_MAPPED_BYTES = 40  # u64, written by the guest
+PEER_H2G_MAPPED_BYTES = 48  # u64, written by the host
+PEER_EXT_END = 56
 
 PEER_EMPTY = 0
 PEER_ATTACHED = 1

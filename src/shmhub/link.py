@@ -155,6 +155,13 @@ class Link:
         self._maps_rx: Optional[MapReceiver] = None
         if control is not None and segment.features & L.FEATURE_MMAP_LEASES:
             self._maps_tx, self._maps_rx = MapSender(control), MapReceiver(control)
+        entry = segment.layout.peer_entry_offset(peer_id)
+        tx_fields = (L.PEER_H2G_MAPPINGS, L.PEER_H2G_MAPPED_BYTES, L.PEER_H2G_LEASES)
+        rx_fields = (L.PEER_G2H_MAPPINGS, L.PEER_G2H_MAPPED_BYTES, L.PEER_G2H_LEASES)
+        if side == GUEST:
+            tx_fields, rx_fields = rx_fields, tx_fields
+        self._tx_counters = tuple(entry + f for f in tx_fields)  # for inspect (FEATURE_MMAP_LEASES)
+        self._rx_leases = entry + rx_fields[2]
         self._tx_lock = threading.Lock()
         self._rx_lock = threading.Lock()
         self._waiter = _Waiter(doorbell)
@@ -335,6 +342,10 @@ class Link:
         if m is None:  # every mapping is leased: wait for the receiver to release one
             self.stats.mapping_waits += 1
             m = self._wait(lambda: maps.acquire(n), tx, True, deadline, None, SLOT_WAIT_SLICE)
+        region, (maps_off, bytes_off, leases_off) = self.segment.region, self._tx_counters
+        region.store_u32(maps_off, len(maps.maps))
+        region.store_u64(bytes_off, sum(x.size for x in maps.maps))
+        region.fetch_add_u32(leases_off, 1)
         m.add_lease()  # before the ref is visible: the receiver may release at once
         try:
             m.region.write(L.MAP_HEADER_SIZE, mv)  # payload, then (Release) the ref: format-v7 2.9 order
@@ -344,6 +355,7 @@ class Link:
                            deadline, lambda b: tx.spin_room(L.MMAP_REF_FRAME_SIZE, b))
         except BaseException:
             m.drop_lease()
+            region.fetch_add_u32(leases_off, 0xFFFFFFFF)
             raise
         m.last_used = time.monotonic()
         self.stats.sent_mmap += 1
@@ -364,8 +376,10 @@ class Link:
     def _drop_lease(self, m: Mapping) -> None:
         try:
             m.drop_lease()
+            if not self._recovered:
+                self.segment.region.fetch_add_u32(self._rx_leases, 0xFFFFFFFF)
         except ValueError:
-            return  # mapping already closed (link torn down)
+            return  # mapping or segment already closed (link torn down)
         if not self._closed and not self._dead and self.doorbell is not None:
             if not self._elide or self._rx.peer_waiting(True):
                 self.doorbell.ring()

@@ -73,8 +73,10 @@ class PeerTable:
         self._region.store_u32(self._off(peer_id, L.PEER_STATE), L.PEER_GOODBYE)
 
     def reset(self, peer_id: int) -> None:
-        """Host, after recovery: heartbeat 0, state Empty. The epoch is never reset."""
+        """Host, after recovery: heartbeat 0, extension counters 0, state Empty. The epoch is never reset."""
         self._region.store_u64(self._off(peer_id, L.PEER_LAST_HEARTBEAT), 0)
+        for off in range(L.PEER_G2H_MAPPINGS, L.PEER_EXT_END, 8):
+            self._region.store_u64(self._off(peer_id, off), 0)
         self._region.store_u32(self._off(peer_id, L.PEER_STATE), L.PEER_EMPTY)
 
     def heartbeat(self, peer_id: int, now_ns: int | None = None) -> None:
@@ -87,6 +89,13 @@ class PeerTable:
             return False
         now = time.monotonic_ns() if now_ns is None else now_ns
         return max(0, now - last) > 2 * interval_ns
+
+    def mmap_counters(self, peer_id: int) -> dict:
+        """The FEATURE_MMAP_LEASES counters of a peer's link, per direction."""
+        u32 = lambda f: self._region.load_u32(self._off(peer_id, f))  # noqa: E731
+        u64 = lambda f: self._region.load_u64(self._off(peer_id, f))  # noqa: E731
+        return {"g2h": {"mappings": u32(L.PEER_G2H_MAPPINGS), "mapped_bytes": u64(L.PEER_G2H_MAPPED_BYTES), "leases": u32(L.PEER_G2H_LEASES)},
+                "h2g": {"mappings": u32(L.PEER_H2G_MAPPINGS), "mapped_bytes": u64(L.PEER_H2G_MAPPED_BYTES), "leases": u32(L.PEER_H2G_LEASES)}}
 
     def state_name(self, peer_id: int) -> str:
         return STATE_NAMES.get(self._region.load_u32(self._off(peer_id, L.PEER_STATE)), "Unknown")

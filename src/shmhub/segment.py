@@ -328,6 +328,10 @@ class Segment:
         return self.region.size
 
     @property
+    def file_size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    @property
     def total_size(self) -> int:
         return self.layout.total_size
 

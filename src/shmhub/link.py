@@ -385,6 +385,8 @@ class Link:
                 self.doorbell.ring()
 
     def _free_slot(self, c: int, e: int, s: int, gen: int) -> None:
+        if self.segment.closed:
+            return  # the pool went with the segment; nothing left to free
         self._pool.free_if_current(c, e, s, gen)
         if not self._closed and not self._dead and self.doorbell is not None:
             # The producer may sleep waiting for a slot (trap 27).

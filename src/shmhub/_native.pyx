@@ -386,6 +386,8 @@ cdef class Ring:
     cdef readonly Region region
     cdef readonly Py_ssize_t offset
     cdef readonly uint32_t capacity
+    cdef public bint producer_waiting  # set by recv_inline / recv_inline_many
+    cdef public Py_ssize_t batch_bytes  # payload bytes of the last send_inline_many / recv_inline_many
     cdef char* hdr
     cdef char* data
 
@@ -500,6 +502,79 @@ cdef class Ring:
         finally:
             PyBuffer_Release(&b)
 
+    cdef int c_put_inline(self, const char* buf, Py_ssize_t n) except -2:
+        """Grant, write and commit one inline frame; -1 when full. (Single-writer: caller serialises.)"""
+        if n > <Py_ssize_t>SHMHUB_MAX_INLINE_LEN:
+            raise ValueError(f"inline payload of {n} bytes exceeds {SHMHUB_MAX_INLINE_LEN}")
+        cdef uint32_t total = align4(SHMHUB_FRAME_HEADER_SIZE + n)
+        cdef Py_ssize_t off = self.c_grant(total)
+        if off < 0:
+            return -1
+        cdef char* p = self.data + off
+        put_header(p, total, 0, <uint16_t>n)
+        memcpy(p + SHMHUB_FRAME_HEADER_SIZE, buf, n)
+        memset(p + SHMHUB_FRAME_HEADER_SIZE + n, 0, total - SHMHUB_FRAME_HEADER_SIZE - n)
+        self.c_commit(total)
+        return 0
+
+    cdef inline bint c_waiting(self, bint producer) noexcept:
+        shm_fence(SHM_SEQ_CST)
+        return shm_load32(self.hdr + (SHMHUB_RING_PRODUCER_WAITING if producer else SHMHUB_RING_CONSUMER_WAITING), SHM_ACQUIRE) != 0
+
+    def send_inline(self, payload, bint check_waiter):
+        """Hot path: one inline frame. Returns -1 if the ring is full, else 1 when the consumer
+        announced it sleeps (ring its doorbell) and 0 when it is awake (or check_waiter is false)."""
+        cdef Py_buffer b
+        cdef int r
+        if type(payload) is bytes:
+            self.live()
+            r = self.c_put_inline(PyBytes_AS_STRING(payload), len(<bytes>payload))
+        else:
+            PyObject_GetBuffer(payload, &b, PyBUF_SIMPLE)
+            try:
+                self.live()
+                r = self.c_put_inline(<char*>b.buf, b.len)
+            finally:
+                PyBuffer_Release(&b)
+        if r < 0:
+            return -1
+        return 1 if check_waiter and self.c_waiting(False) else 0
+
+    def send_inline_many(self, list payloads, Py_ssize_t start, Py_ssize_t max_len):
+        """Batch: write inline frames from payloads[start:] while they fit and are at most max_len
+        bytes. Returns how many were written; each frame is committed as it is written."""
+        cdef Py_ssize_t i, n = len(payloads)
+        cdef Py_buffer b
+        cdef int r = 0
+        self.live()
+        self.batch_bytes = 0
+        for i in range(start, n):
+            item = payloads[i]
+            if type(item) is bytes:
+                if len(<bytes>item) > max_len:
+                    return i - start
+                r = self.c_put_inline(PyBytes_AS_STRING(item), len(<bytes>item))
+                if r == 0:
+                    self.batch_bytes += len(<bytes>item)
+            else:
+                PyObject_GetBuffer(item, &b, PyBUF_SIMPLE)
+                try:
+                    if b.len > max_len:
+                        return i - start
+                    r = self.c_put_inline(<char*>b.buf, b.len)
+                    if r == 0:
+                        self.batch_bytes += b.len
+                finally:
+                    PyBuffer_Release(&b)
+            if r < 0:
+                return i - start
+        return n - start
+
+    def consumer_waiting(self):
+        """After a commit: does the consumer sleep (full fence, then load)?"""
+        self.live()
+        return self.c_waiting(False)
+
     def write_slot_ref(self, uint8_t class_idx, uint8_t extent_idx, uint32_t slot_idx, uint32_t generation):
         """Append a slot-ref frame; False if the ring has no room now."""
         cdef Py_ssize_t off = self.c_grant(SHMHUB_SLOT_REF_FRAME_SIZE)
@@ -581,19 +656,53 @@ cdef class Ring:
         cdef uint32_t total = check_frame(self.data + start, n)
         return decode_checked(self.data + start, total)
 
-    def recv_inline(self):
-        """Fast path: if the next frame is inline, copy its payload out, release it and return
-        the bytes; otherwise return None (empty) or the frame tuple without releasing."""
+    cdef object c_take_inline(self):
+        """If the next frame is inline: copy its payload out, release it, return the bytes.
+        None when empty; the frame tuple (not released) when it is a reference frame."""
         cdef Py_ssize_t start = 0
         cdef Py_ssize_t n = self.c_readable(&start)
         if n == 0:
             return None
-        cdef uint32_t total = check_frame(self.data + start, n)
-        frame = decode_checked(self.data + start, total)
-        if frame[0] == SHMHUB_KIND_INLINE:
-            self.c_release(total)
-            return frame[2]
-        return frame
+        cdef const char* p = self.data + start
+        cdef uint32_t total = check_frame(p, n)
+        cdef uint32_t ilen
+        if (<uint8_t>p[SHMHUB_FRAME_FLAGS]) & (SHMHUB_FLAG_SLOT_REF | SHMHUB_FLAG_MMAP_REF):
+            return decode_checked(p, total)
+        ilen = shm_get_u16(p + SHMHUB_FRAME_INLINE_LEN)
+        if ilen == 0:  # legacy writer (format-v7 1.5)
+            ilen = total - SHMHUB_FRAME_HEADER_SIZE
+        out = PyBytes_FromStringAndSize(p + SHMHUB_FRAME_HEADER_SIZE, ilen)
+        self.c_release(total)
+        return out
+
+    def recv_inline(self, bint check_waiter=False):
+        """Hot path: the next inline payload as bytes (released), None when empty, or the next
+        reference frame as a tuple (not released). With check_waiter, `producer_waiting` tells
+        afterwards whether the producer announced it sleeps (ring its doorbell)."""
+        out = self.c_take_inline()
+        self.producer_waiting = check_waiter and type(out) is bytes and self.c_waiting(True)
+        return out
+
+    def recv_inline_many(self, Py_ssize_t max_count, bint check_waiter=False):
+        """Batch: up to max_count consecutive inline payloads (bytes), released. Stops early at an
+        empty ring or a reference frame (left in the ring for the caller's slower path)."""
+        cdef list out = []
+        cdef Py_ssize_t start = 0, n
+        cdef const char* p
+        self.batch_bytes = 0
+        while len(out) < max_count:
+            n = self.c_readable(&start)
+            if n == 0:
+                break
+            p = self.data + start
+            check_frame(p, n)
+            if (<uint8_t>p[SHMHUB_FRAME_FLAGS]) & (SHMHUB_FLAG_SLOT_REF | SHMHUB_FLAG_MMAP_REF):
+                break
+            item = self.c_take_inline()
+            self.batch_bytes += len(<bytes>item)
+            out.append(item)
+        self.producer_waiting = check_waiter and len(out) > 0 and self.c_waiting(True)
+        return out
 
     # -- sleeping and waking (FEATURE_WAITER_FLAGS) -----------------------------------------
     # Dekker pattern: the sleeper stores its flag, fences, re-checks the ring; the other side

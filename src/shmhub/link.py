@@ -65,6 +65,11 @@ class LinkStats:
         return asdict(self)
 
 
+def _as_bytes(msg: Message) -> bytes:
+    with msg:
+        return msg.tobytes()
+
+
 def _deadline(timeout: Optional[float]) -> Optional[float]:
     if timeout is None:
         return None
@@ -170,6 +175,7 @@ class Link:
         self._recovered = False  # host side: the peer entry may be reused, never touch its rings again
         self._corrupt: Optional[str] = None
         self._closed = False
+        self._ok = True  # not closed, dead or corrupted: the hot paths check only this
 
     # -- state ------------------------------------------------------------------------------
 
@@ -188,6 +194,7 @@ class Link:
         return self.doorbell.fileno()
 
     def _mark_dead(self, reason: str) -> None:
+        self._ok = False
         if self._dead is None:
             self._dead = reason
         self._waiter.wake_all()
@@ -204,11 +211,12 @@ class Link:
         if self._corrupt:
             raise LinkCorrupted(self._corrupt)
         if self.doorbell is not None and self.doorbell.dead and not self._dead:
-            self._dead = "doorbell EOF"
+            self._mark_dead("doorbell EOF")
         if self._dead or (self.side == GUEST and self.segment.host_goodbye):  # DECISIONS 13
             raise self._gone_error()
 
     def _corrupted(self, e: Exception) -> LinkCorrupted:
+        self._ok = False
         self._corrupt = f"link to peer {self.peer_id} is corrupted: {e}"  # DECISIONS 6: terminal
         self._waiter.wake_all()
         return e if isinstance(e, LinkCorrupted) else LinkCorrupted(self._corrupt)
@@ -217,10 +225,13 @@ class Link:
 
     def _notify(self, producer_side: bool, ring: Ring) -> None:
         """After publishing: ring the doorbell unless the peer announced it is awake."""
-        if self.doorbell is None:
-            return
         if self._elide and not ring.peer_waiting(producer_side):
             self.stats.doorbells_elided += 1
+            return
+        self._ring()
+
+    def _ring(self) -> None:
+        if self.doorbell is None:
             return
         self.stats.doorbells_rung += 1
         if not self.doorbell.ring():
@@ -276,32 +287,83 @@ class Link:
 
     def send(self, data, timeout: Optional[float] = None) -> None:
         """Send a bytes-like object. Blocks (spin, then sleep) while the ring or pool is full."""
+        if type(data) is bytes and len(data) <= self._inline_max and self._tx_lock.acquire(False):
+            try:  # hot path: a small bytes payload and room in the ring
+                if self._ok:
+                    r = self._tx.send_inline(data, self._elide)
+                    if r >= 0:
+                        st = self.stats
+                        st.sent_inline += 1
+                        st.sent_bytes_inline += len(data)
+                        if r or not self._elide:
+                            self._ring()
+                        else:
+                            st.doorbells_elided += 1
+                        return
+            finally:
+                self._tx_lock.release()
         mv = memoryview(data)
         if not mv.c_contiguous:
             mv = memoryview(mv.tobytes())
         n = mv.nbytes
+        self._check_size(n)
+        deadline = _deadline(timeout)
+        self._lock(self._tx_lock, deadline)
+        try:
+            self._check()
+            self._send_locked(mv, n, deadline)
+            self._notify(False, self._tx)
+        finally:
+            self._tx_lock.release()
+
+    def _check_size(self, n: int) -> None:
         if n > self._max_payload:
             raise PayloadTooLarge(f"payload of {n} bytes exceeds max_payload_size {self._max_payload}")
         if n > self._inline_max and n > self._slot_max and self._maps_tx is None:
             raise PayloadTooLarge(f"payload of {n} bytes exceeds the largest slot payload ({self._slot_max} bytes) "
                                   "and this link has no mmap tier (no control socket, or a segment without FEATURE_MMAP_LEASES)")
+
+    def _send_locked(self, mv, n: int, deadline: Optional[float]) -> None:
+        """One payload by its tier (tx lock held); the caller notifies the consumer."""
+        tx = self._tx
+        if n <= self._inline_max:
+            if not tx.write_inline(mv):
+                self.stats.ring_full_waits += 1
+                size = (L.FRAME_HEADER_SIZE + n + 3) & ~3
+                self._notify(False, tx)  # what is already in the ring must be consumed
+                self._wait(lambda: tx.write_inline(mv), tx, True, deadline, lambda b: tx.spin_room(size, b))
+            self.stats.sent_inline += 1
+            self.stats.sent_bytes_inline += n
+        elif n <= self._slot_max:
+            self._send_slot(mv, n, deadline)
+        else:
+            self._send_mmap(mv, n, deadline)
+
+    def send_many(self, payloads, timeout: Optional[float] = None) -> int:
+        """Send every payload of an iterable in order (small ones are written in batches by the
+        compiled core, with one wake-up check per batch). Returns how many were sent."""
+        items = payloads if isinstance(payloads, list) else list(payloads)
         deadline = _deadline(timeout)
         self._lock(self._tx_lock, deadline)
         try:
             self._check()
-            tx = self._tx
-            if n <= self._inline_max:
-                size = (L.FRAME_HEADER_SIZE + n + 3) & ~3
-                if not tx.write_inline(mv):
-                    self.stats.ring_full_waits += 1
-                    self._wait(lambda: tx.write_inline(mv), tx, True, deadline, lambda b: tx.spin_room(size, b))
-                self.stats.sent_inline += 1
-                self.stats.sent_bytes_inline += n
-            elif n <= self._slot_max:
-                self._send_slot(mv, n, deadline)
-            else:
-                self._send_mmap(mv, n, deadline)
-            self._notify(False, tx)
+            tx, i, n = self._tx, 0, len(items)
+            while i < n:
+                k = tx.send_inline_many(items, i, self._inline_max)
+                if k:
+                    self.stats.sent_inline += k
+                    self.stats.sent_bytes_inline += tx.batch_bytes
+                    i += k
+                    self._notify(False, tx)
+                    continue
+                mv = memoryview(items[i])
+                if not mv.c_contiguous:
+                    mv = memoryview(mv.tobytes())
+                self._check_size(mv.nbytes)
+                self._send_locked(mv, mv.nbytes, deadline)  # a large one, or waits for room
+                self._notify(False, tx)
+                i += 1
+            return n
         finally:
             self._tx_lock.release()
 
@@ -427,49 +489,98 @@ class Link:
         self.stats.recv_bytes_mmap += n
         return Message(m.region, off, n, "mmap", lambda: self._drop_lease(m))
 
-    def _poll_locked(self) -> Optional[Message]:
+    def _poll_locked(self, as_bytes: bool = False):
+        """One message if there is one (rx lock held): a Message, or bytes when as_bytes."""
         if self._backlog:
-            return self._backlog.popleft()
+            msg = self._backlog.popleft()
+            return _as_bytes(msg) if as_bytes else msg
         if self._closed or self._corrupt or self._recovered:
             self._check()
+        rx = self._rx
         try:
-            frame = self._rx.read_frame()
+            r = rx.recv_inline(self._elide)
         except LinkCorrupted as e:
             raise self._corrupted(e) from None
-        if frame is None:
+        if r is None:
             return None
-        msg = self._take_frame(frame)
-        self._notify(True, self._rx)  # a producer may wait for space (trap 27)
-        return msg
+        if type(r) is bytes:
+            st = self.stats
+            st.recv_inline += 1
+            st.recv_bytes_inline += len(r)
+            if rx.producer_waiting or not self._elide:  # a producer may wait for space (trap 27)
+                self._ring()
+            else:
+                st.doorbells_elided += 1
+            return r if as_bytes else Message(r, 0, len(r), "inline")
+        msg = self._take_frame(r)
+        self._notify(True, rx)
+        return _as_bytes(msg) if as_bytes else msg
 
     def try_recv(self) -> Optional[Message]:
         """The next message if one is there now, else None (raises if the link is gone and empty)."""
         with self._rx_lock:
             msg = self._poll_locked()
-            if msg is None and not self.alive:
-                self._check()
-            if msg is None and self.side == GUEST and self.segment.host_goodbye:
+            if msg is None and (not self._ok or (self.side == GUEST and self.segment.host_goodbye)):
                 self._check()
             return msg
 
     def recv(self, timeout: Optional[float] = None) -> Message:
         """The next message; blocks (spin, then sleep) up to timeout. Messages already in the ring
         are delivered before PeerDead / HostGone is raised."""
-        deadline = _deadline(timeout)
-        self._lock(self._rx_lock, deadline)
-        try:
-            msg = self._poll_locked()
-            if msg is None:
-                self.stats.recv_waits += 1
-                msg = self._wait(self._poll_locked, self._rx, False, deadline, self._rx.spin_readable)
-            return msg
-        finally:
-            self._rx_lock.release()
+        return self._recv(timeout, False)
 
     def recv_bytes(self, timeout: Optional[float] = None) -> bytes:
         """The next message copied into bytes (its shared memory is released at once)."""
-        with self.recv(timeout) as msg:
-            return msg.tobytes()
+        return self._recv(timeout, True)
+
+    def _recv(self, timeout: Optional[float], as_bytes: bool):
+        lock = self._rx_lock
+        deadline = None
+        if not lock.acquire(False):
+            deadline = _deadline(timeout)
+            self._lock(lock, deadline)
+        try:
+            msg = self._poll_locked(as_bytes)
+            if msg is None:
+                if deadline is None:
+                    deadline = _deadline(timeout)
+                self.stats.recv_waits += 1
+                msg = self._wait(lambda: self._poll_locked(as_bytes), self._rx, False, deadline, self._rx.spin_readable)
+            return msg
+        finally:
+            lock.release()
+
+    def recv_many(self, max_count: int, timeout: Optional[float] = None) -> list:
+        """Wait (up to timeout) for at least one message, then return up to max_count without
+        waiting more. Inline payloads come as bytes, slot and mmap payloads as Messages (both
+        expose the buffer protocol and len())."""
+        if max_count < 1:
+            raise ValueError("max_count must be at least 1")
+        deadline = _deadline(timeout)
+        self._lock(self._rx_lock, deadline)
+        try:
+            out = []
+            rx = self._rx
+            while len(out) < max_count:
+                if not self._backlog and self._ok:
+                    try:
+                        batch = rx.recv_inline_many(max_count - len(out), self._elide)
+                    except LinkCorrupted as e:
+                        raise self._corrupted(e) from None
+                    if batch:
+                        self.stats.recv_inline += len(batch)
+                        self.stats.recv_bytes_inline += rx.batch_bytes
+                        out.extend(batch)
+                        if rx.producer_waiting or not self._elide:
+                            self._ring()
+                        continue
+                msg = self._poll_locked() if out else self._wait(self._poll_locked, rx, False, deadline, rx.spin_readable)
+                if msg is None:
+                    break
+                out.append(msg)
+            return out
+        finally:
+            self._rx_lock.release()
 
     def __iter__(self):
         """Messages until the peer is gone."""
@@ -500,6 +611,7 @@ class Link:
         if self._closed:
             return
         self._closed = True
+        self._ok = False
         self._waiter.wake_all()
         if self.side == GUEST:
             with self._tx_lock, self._rx_lock:

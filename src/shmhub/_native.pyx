@@ -1182,7 +1182,8 @@ def spin_any_readable(rings, int64_t spin_ns):
 cdef class Message:
     """A received payload. Supports the buffer protocol (read-only); slot and mapping payloads
     are views into shared memory, freed by release(), a with block, or garbage collection.
-    release() refuses while memoryviews of the message are still alive."""
+    release() refuses while memoryviews of the message are still alive; a with block that ends
+    while some are alive releases the message when the last of them goes."""
     cdef object owner
     cdef const char* ptr
     cdef Py_ssize_t length
@@ -1190,6 +1191,7 @@ cdef class Message:
     cdef object on_release
     cdef readonly str tier
     cdef bint released
+    cdef bint release_pending  # a with block ended while views were alive: release with the last one
 
     def __init__(self, owner, Py_ssize_t offset, Py_ssize_t length, str tier, on_release=None):
         """owner: a Region (the span is pinned) or a bytes object holding the payload."""
@@ -1209,6 +1211,7 @@ cdef class Message:
         self.on_release = on_release
         self.exports = 0
         self.released = False
+        self.release_pending = False
 
     def __getbuffer__(self, Py_buffer* buf, int flags):
         if self.released:
@@ -1218,6 +1221,11 @@ cdef class Message:
 
     def __releasebuffer__(self, Py_buffer* buf):
         self.exports -= 1
+        if self.exports == 0 and self.release_pending and not self.released:
+            try:
+                self._finish()
+            except Exception:
+                pass  # nowhere to report it from here; the segment may be gone
 
     def __len__(self):
         return self.length
@@ -1263,7 +1271,10 @@ cdef class Message:
         return self
 
     def __exit__(self, *exc):
-        self.release()
+        if self.exports:
+            self.release_pending = True  # never mask the block's own exception with BufferError
+        else:
+            self.release()
 
     def __del__(self):
         if not self.released:

@@ -302,19 +302,19 @@ class Link:
                         return
             finally:
                 self._tx_lock.release()
-        mv = memoryview(data)
-        if not mv.c_contiguous:
-            mv = memoryview(mv.tobytes())
-        n = mv.nbytes
-        self._check_size(n)
-        deadline = _deadline(timeout)
-        self._lock(self._tx_lock, deadline)
-        try:
-            self._check()
-            self._send_locked(mv, n, deadline)
-            self._notify(False, self._tx)
-        finally:
-            self._tx_lock.release()
+        with memoryview(data) as mv:  # released even on error: a Message being sent must stay releasable
+            if not mv.c_contiguous:
+                return self.send(mv.tobytes(), timeout)
+            n = mv.nbytes
+            self._check_size(n)
+            deadline = _deadline(timeout)
+            self._lock(self._tx_lock, deadline)
+            try:
+                self._check()
+                self._send_locked(mv, n, deadline)
+                self._notify(False, self._tx)
+            finally:
+                self._tx_lock.release()
 
     def _check_size(self, n: int) -> None:
         if n > self._max_payload:
@@ -356,11 +356,10 @@ class Link:
                     i += k
                     self._notify(False, tx)
                     continue
-                mv = memoryview(items[i])
-                if not mv.c_contiguous:
-                    mv = memoryview(mv.tobytes())
-                self._check_size(mv.nbytes)
-                self._send_locked(mv, mv.nbytes, deadline)  # a large one, or waits for room
+                with memoryview(items[i]) as mv:
+                    data = mv if mv.c_contiguous else memoryview(mv.tobytes())
+                    self._check_size(data.nbytes)
+                    self._send_locked(data, data.nbytes, deadline)  # a large one, or waits for room
                 self._notify(False, tx)
                 i += 1
             return n

@@ -1192,9 +1192,14 @@ cdef class Message:
     cdef readonly str tier
     cdef bint released
     cdef bint release_pending  # a with block ended while views were alive: release with the last one
+    cdef readonly bint writable
+    cdef public object token  # what the link needs to send a reserved buffer
 
-    def __init__(self, owner, Py_ssize_t offset, Py_ssize_t length, str tier, on_release=None):
-        """owner: a Region (the span is pinned) or a bytes object holding the payload."""
+    def __init__(self, owner, Py_ssize_t offset, Py_ssize_t length, str tier, on_release=None, bint writable=False):
+        """owner: a Region (the span is pinned) or a bytes object holding the payload.
+        writable: export a writable buffer (reserved send buffers; the region must be writable)."""
+        if writable and not (isinstance(owner, Region) and (<Region>owner).writable):
+            raise ValueError("only a writable Region can back a writable message")
         if isinstance(owner, Region):
             (<Region>owner).ptr(offset, length, 1)
             (<Region>owner).pin()
@@ -1212,11 +1217,12 @@ cdef class Message:
         self.exports = 0
         self.released = False
         self.release_pending = False
+        self.writable = writable
 
     def __getbuffer__(self, Py_buffer* buf, int flags):
-        if self.released:
+        if self.released or self.release_pending:
             raise ValueError("message was released")
-        PyBuffer_FillInfo(buf, self, <void*>self.ptr, self.length, 1, flags)
+        PyBuffer_FillInfo(buf, self, <void*>self.ptr, self.length, not self.writable, flags)
         self.exports += 1
 
     def __releasebuffer__(self, Py_buffer* buf):
@@ -1254,6 +1260,18 @@ cdef class Message:
         if self.exports:
             raise BufferError(f"{self.exports} memoryview(s) of this message are still alive; release them first")
         self._finish()
+
+    def detach(self):
+        """The payload was sent by reference: forget the release callback (the receiver owns the
+        memory now) and refuse new views; existing views keep the mapping alive until released."""
+        if self.released or self.release_pending:
+            raise ValueError("buffer was already released or sent")
+        self.on_release = None
+        self.token = None
+        if self.exports:
+            self.release_pending = True
+        else:
+            self._finish()
 
     cdef _finish(self):
         self.released = True

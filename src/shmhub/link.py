@@ -422,6 +422,104 @@ class Link:
         self.stats.sent_mmap += 1
         self.stats.sent_bytes_mmap += n
 
+    # -- zero-copy send ---------------------------------------------------------------------
+
+    def reserve(self, nbytes: int, timeout: Optional[float] = None) -> Message:
+        """A writable buffer of nbytes in shared memory (a slot, or an mmap-tier mapping above the
+        largest slot). Fill it, then send_reserved() sends it by reference without a copy.
+        Released unsent (release(), with block, garbage collection) it goes back to the pool."""
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        self._check_size(max(nbytes, self._inline_max + 1))
+        deadline = _deadline(timeout)
+        self._check()
+        if nbytes <= self._slot_max:
+            need = nbytes + L.SLOT_LEN_PREFIX
+            ref = self.segment.alloc(need, self._owner)
+            if ref is None:
+                self.stats.slot_exhaustion_waits += 1
+                ref = self._wait(lambda: self._alloc_or_grow(need), self._tx, True, deadline, None, SLOT_WAIT_SLICE)
+            c, e, s, gen = ref
+            region, off = self._pool.payload_span(c, s, e)
+            buf = Message(region, off, nbytes, "slot", lambda: self._pool.free_if_current(c, e, s, gen), True)
+            buf.token = (self, ref)
+            return buf
+        self._lock(self._tx_lock, deadline)  # the mapping list is the sender's
+        try:
+            maps = self._maps_tx
+            m = maps.acquire(nbytes)
+            if m is None:
+                self.stats.mapping_waits += 1
+                m = self._wait(lambda: maps.acquire(nbytes), self._tx, True, deadline, None, SLOT_WAIT_SLICE)
+            m.add_lease()  # held by the reservation; handed to the receiver by send_reserved
+        finally:
+            self._tx_lock.release()
+        buf = Message(m.region, L.MAP_HEADER_SIZE, nbytes, "mmap", m.drop_lease, True)
+        buf.token = (self, m)
+        return buf
+
+    def send_reserved(self, buf: Message, nbytes: Optional[int] = None, timeout: Optional[float] = None) -> None:
+        """Send a buffer from reserve() by reference (its first nbytes; all of it by default).
+        The buffer is then the receiver's: do not write to views of it any more."""
+        token = buf.token
+        if token is None or token[0] is not self:
+            raise ValueError("not an unsent buffer reserved on this link")
+        n = len(buf) if nbytes is None else nbytes
+        if not 0 <= n <= len(buf):
+            raise ValueError(f"nbytes {n} outside the reserved {len(buf)} bytes")
+        deadline = _deadline(timeout)
+        self._lock(self._tx_lock, deadline)
+        try:
+            self._check()
+            tx, ref = self._tx, token[1]
+            if buf.tier == "slot":
+                c, e, s, gen = ref
+                self._pool.set_payload_len(c, s, n, e)
+                if not tx.write_slot_ref(c, e, s, gen):
+                    self.stats.ring_full_waits += 1
+                    self._wait(lambda: tx.write_slot_ref(c, e, s, gen), tx, True, deadline,
+                               lambda b: tx.spin_room(L.SLOT_REF_FRAME_SIZE, b))
+                self.stats.sent_slot += 1
+                self.stats.sent_bytes_slot += n
+            else:
+                m = ref
+                region, (maps_off, bytes_off, leases_off) = self.segment.region, self._tx_counters
+                region.fetch_add_u32(leases_off, 1)
+                if not tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n):
+                    self.stats.ring_full_waits += 1
+                    try:
+                        self._wait(lambda: tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n), tx, True,
+                                   deadline, lambda b: tx.spin_room(L.MMAP_REF_FRAME_SIZE, b))
+                    except BaseException:
+                        region.fetch_add_u32(leases_off, 0xFFFFFFFF)
+                        raise
+                m.last_used = time.monotonic()
+                self.stats.sent_mmap += 1
+                self.stats.sent_bytes_mmap += n
+            buf.detach()  # committed: the lease / slot now travels with the ref
+            self._notify(False, tx)
+        finally:
+            self._tx_lock.release()
+
+    def empty(self, shape, dtype="float64"):
+        """A numpy array in shared memory (data 64-byte aligned), to fill and send_array() without a copy."""
+        from . import codec
+
+        return codec.empty(self, shape, dtype)
+
+    def send_array(self, a, timeout: Optional[float] = None) -> None:
+        """Send a numpy array: zero-copy if it came from empty() on this link, else one memcpy."""
+        from . import codec
+
+        codec.send_array(self, a, timeout)
+
+    def recv_array(self, timeout: Optional[float] = None):
+        """Receive an array sent with send_array: a read-only ndarray viewing shared memory (its
+        memory goes back when the array is garbage collected)."""
+        from . import codec
+
+        return codec.recv_array(self, timeout)
+
     @property
     def mappings(self) -> dict:
         """mmap-tier bookkeeping: mappings we send through and mappings we received."""

@@ -1,0 +1,116 @@
+"""numpy arrays over links: a small header, then the data 64-byte aligned in shared memory.
+
+Payload layout: magic "SHNDARR1", u32 data_offset, u16 dtype-string length, u16 ndim, the dtype
+string (numpy's dtype.str), ndim u64 dimensions, padding, data (C order) at data_offset."""
+from __future__ import annotations
+
+import struct
+from typing import Optional
+
+from ._native import Message
+from .errors import ShmhubError
+
+ARRAY_MAGIC = b"SHNDARR1"
+_HEAD = struct.Struct("<8sIHH")
+ALIGN = 64
+
+
+class CodecError(ShmhubError, ValueError):
+    """A payload is not what the decoder expects (e.g. not an array header)."""
+
+
+def _np():
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy is an optional extra
+        raise ImportError("numpy is required for array helpers: pip install 'shmhub[numpy]'") from None
+    return numpy
+
+
+def _header(dtype, shape) -> bytes:
+    if dtype.hasobject:
+        raise CodecError(f"dtype {dtype} holds Python objects and cannot be sent as raw memory")
+    ds = dtype.str.encode()
+    return _HEAD.pack(ARRAY_MAGIC, 0, len(ds), len(shape)) + ds + struct.pack(f"<{len(shape)}Q", *shape)
+
+
+def _address(np, buf: Message) -> int:
+    return np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0]
+
+
+def _write_header(np, buf: Message, head: bytes, off: Optional[int] = None) -> int:
+    """Write the header; returns the data offset (chosen so the data is ALIGN-aligned)."""
+    if off is None:
+        off = len(head) + (-(_address(np, buf) + len(head))) % ALIGN
+    with memoryview(buf) as view:
+        view[:len(head)] = head
+        struct.pack_into("<I", view, 8, off)
+    return off
+
+
+def empty(link, shape, dtype="float64"):
+    np = _np()
+    dtype = np.dtype(dtype)
+    shape = (int(shape),) if isinstance(shape, int) else tuple(int(x) for x in shape)
+    head = _header(dtype, shape)
+    count = int(np.prod(shape, dtype=np.int64))
+    buf = link.reserve(len(head) + ALIGN + count * dtype.itemsize)
+    off = _write_header(np, buf, head)
+    # The array's base is the reserved buffer: send_array finds it there.
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=off).reshape(shape)
+
+
+def _reserved_owner(a) -> Optional[Message]:
+    base = a
+    while base is not None and not isinstance(base, Message):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    return base
+
+
+def send_array(link, a, timeout: Optional[float] = None) -> None:
+    np = _np()
+    a = np.asarray(a)
+    head = _header(a.dtype, a.shape)
+    buf = _reserved_owner(a)
+    if buf is not None and buf.token is not None and buf.token[0] is link and a.flags.c_contiguous:
+        with memoryview(buf) as view:
+            off = struct.unpack_from("<I", view, 8)[0]
+        if a.__array_interface__["data"][0] == _address(np, buf) + off and len(head) <= off:
+            _write_header(np, buf, head, off)  # the array may have been reshaped since empty()
+            link.send_reserved(buf, off + a.nbytes, timeout)  # zero copy
+            return
+    out = link.reserve(len(head) + ALIGN + a.nbytes, timeout)
+    try:
+        off = _write_header(np, out, head)
+        dst = np.frombuffer(out, dtype=a.dtype, count=a.size, offset=off).reshape(a.shape)
+        np.copyto(dst, a, casting="no")  # the one memcpy
+        del dst
+        link.send_reserved(out, off + a.nbytes, timeout)
+    except BaseException:
+        if out.token is not None:
+            out.release()
+        raise
+
+
+def recv_array(link, timeout: Optional[float] = None):
+    return decode_array(link.recv(timeout))
+
+
+def decode_array(msg: Message):
+    """A read-only ndarray viewing the message; the message is released when the array goes."""
+    np = _np()
+    try:
+        with memoryview(msg) as view:
+            if len(view) < _HEAD.size or bytes(view[:8]) != ARRAY_MAGIC:
+                raise CodecError("payload is not an array sent with send_array")
+            _, off, dlen, ndim = _HEAD.unpack_from(view)
+            meta = bytes(view[_HEAD.size:_HEAD.size + dlen + 8 * ndim])
+        dtype = np.dtype(meta[:dlen].decode())
+        shape = struct.unpack_from(f"<{ndim}Q", meta, dlen)
+        count = int(np.prod(shape, dtype=np.int64)) if ndim else 1
+        if dtype.hasobject or off > len(msg) or count * dtype.itemsize > len(msg) - off:
+            raise CodecError("array header does not match the payload")
+    except (ValueError, TypeError, UnicodeDecodeError, struct.error) as e:
+        msg.release()
+        raise e if isinstance(e, CodecError) else CodecError(f"bad array header: {e}") from None
+    return np.frombuffer(msg, dtype=dtype, count=count, offset=off).reshape(shape)

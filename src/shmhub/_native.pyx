@@ -409,6 +409,12 @@ cdef class Ring:
             raise ValueError("ring's region is closed")
         return 0
 
+    cdef inline int wlive(self) except -1:
+        self.live()
+        if not self.region.writable:  # a read-only attach (inspect) must never store
+            raise PermissionError("region is mapped read-only")
+        return 0
+
     cdef inline uint32_t idx(self, uint64_t field, int order) except? 0xFFFFFFFF:
         # Every index read from shared memory is bounds-checked before use (DECISIONS 3, trap 23).
         cdef uint32_t v = shm_load32(self.hdr + field, order)
@@ -420,7 +426,7 @@ cdef class Ring:
 
     cdef Py_ssize_t c_grant(self, uint32_t n) except -2:
         """Offset of a contiguous n-byte grant, or -1 if the ring is full."""
-        self.live()
+        self.wlive()
         cdef uint32_t cap = self.capacity
         cdef uint32_t w = self.idx(SHMHUB_RING_WRITE, SHM_RELAXED)
         cdef uint32_t r = self.idx(SHMHUB_RING_READ, SHM_ACQUIRE)
@@ -440,7 +446,7 @@ cdef class Ring:
         return w if w + n < r else -1
 
     cdef int c_commit(self, uint32_t n) except -1:
-        self.live()
+        self.wlive()
         cdef uint32_t w = self.idx(SHMHUB_RING_WRITE, SHM_RELAXED)
         if n > self.capacity - w:
             raise LinkCorrupted(f"commit of {n} bytes at write {w} overruns capacity {self.capacity}")
@@ -476,7 +482,7 @@ cdef class Ring:
         try:
             if offset < 0 or b.len > <Py_ssize_t>self.capacity - offset:
                 raise IndexError(f"write of {b.len} bytes at {offset} outside ring capacity {self.capacity}")
-            self.live()
+            self.wlive()
             memcpy(self.data + offset, b.buf, b.len)
         finally:
             PyBuffer_Release(&b)
@@ -605,6 +611,7 @@ cdef class Ring:
             if r < wm:
                 start[0] = r
                 return wm - r  # the tail before the wrap comes first (trap 2)
+            self.wlive()
             shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
             shm_store32(self.hdr + SHMHUB_RING_WATERMARK, 0, SHM_RELEASE)
             w = self.idx(SHMHUB_RING_WRITE, SHM_ACQUIRE)
@@ -616,7 +623,7 @@ cdef class Ring:
         return w - r
 
     cdef int c_release(self, uint32_t n) except -1:
-        self.live()
+        self.wlive()
         cdef uint32_t r = self.idx(SHMHUB_RING_READ, SHM_RELAXED)
         if n > self.capacity - r:
             raise LinkCorrupted(f"release of {n} bytes at read {r} overruns capacity {self.capacity}")
@@ -711,7 +718,7 @@ cdef class Ring:
 
     def set_waiting(self, bint producer, uint32_t value):
         """Announce (1) or withdraw (0) that this ring's producer / consumer is about to sleep."""
-        self.live()
+        self.wlive()
         shm_store32(self.hdr + (SHMHUB_RING_PRODUCER_WAITING if producer else SHMHUB_RING_CONSUMER_WAITING), value, SHM_SEQ_CST)
         shm_fence(SHM_SEQ_CST)
 
@@ -768,7 +775,7 @@ cdef class Ring:
 
     def reset(self):
         """Zero all indices. Crash recovery only: the other side must be dead."""
-        self.live()
+        self.wlive()
         shm_store32(self.hdr + SHMHUB_RING_WRITE, 0, SHM_RELEASE)
         shm_store32(self.hdr + SHMHUB_RING_WATERMARK, 0, SHM_RELEASE)
         shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
@@ -869,6 +876,11 @@ cdef class SlotPool:
             raise ValueError("slot pool's region is closed")
         return self.region.base
 
+    cdef inline char* wbase(self) except NULL:
+        if not self.region.writable:  # a read-only attach (inspect) must never store
+            raise PermissionError("region is mapped read-only")
+        return self.base()
+
     cdef inline int check_class(self, int c) except -1:
         if c < 0 or c >= self.num_classes:
             raise InvalidSlotRef(f"class_idx {c} out of range (pool has {self.num_classes} classes)")
@@ -907,7 +919,7 @@ cdef class SlotPool:
 
     cdef long long pop(self, int c, uint32_t owner) except -2:
         cdef ClassInfo* ci = &self.cls[c]
-        cdef char* headp = self.base() + ci.header + SHMHUB_CLS_FREE_HEAD
+        cdef char* headp = self.wbase() + ci.header + SHMHUB_CLS_FREE_HEAD
         cdef uint64_t head, seen, new
         cdef uint32_t idx, nxt, gen, s
         cdef int e
@@ -938,7 +950,7 @@ cdef class SlotPool:
 
     cdef int push_chain(self, int c, uint32_t first, char* last_meta) except -1:
         """Push the chain first..(last_meta) whose links are already written (one slot: first)."""
-        cdef char* headp = self.base() + self.cls[c].header + SHMHUB_CLS_FREE_HEAD
+        cdef char* headp = self.wbase() + self.cls[c].header + SHMHUB_CLS_FREE_HEAD
         cdef uint64_t head = shm_load64(headp, SHM_ACQUIRE)
         cdef uint64_t seen
         while True:
@@ -976,14 +988,16 @@ cdef class SlotPool:
 
     cdef int c_free(self, int c, int extent, uint32_t s, uint32_t gen, bint strict) except -1:
         self.check_ref(c, extent, s)
+        self.wbase()
         cdef char* m = self.meta(c, extent, s)
         cdef uint64_t expected = meta_word(gen, <uint32_t>SHMHUB_SLOT_ALLOCATED)
         cdef uint64_t seen = shm_load64(m, SHM_ACQUIRE)
         if seen == expected:
-            shm_store32(m + SHMHUB_META_OWNER, 0, SHM_RELAXED)
-            # DECISIONS 8 / trap 21: only the winner of Allocated->Free pushes the slot.
+            # DECISIONS 8 / trap 21: only the winner of Allocated->Free clears the owner and pushes
+            # the slot (a loser clearing it could clobber the owner of the slot's next allocation).
             seen = shm_cas64(m, expected, meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE))
             if seen == expected:
+                shm_store32(m + SHMHUB_META_OWNER, 0, SHM_RELAXED)
                 self.push_chain(c, <uint32_t>extent * self.cls[c].slot_count + s, m)
                 return 1
         if not strict:
@@ -1005,6 +1019,7 @@ cdef class SlotPool:
         """Become the owner of a received slot (DECISIONS 9); returns its payload length.
         The generation is re-checked after the owner store, before any data is exposed."""
         self.check_ref(class_idx, extent_idx, slot_idx)
+        self.wbase()
         cdef char* m = self.meta(class_idx, extent_idx, slot_idx)
         cdef uint64_t expected = meta_word(generation, <uint32_t>SHMHUB_SLOT_ALLOCATED)
         if shm_load64(m, SHM_ACQUIRE) != expected:
@@ -1026,6 +1041,7 @@ cdef class SlotPool:
     def write_payload(self, int class_idx, uint32_t slot_idx, data, int extent_idx=0):
         """Write [u32 len][data] into a slot."""
         self.check_ref(class_idx, extent_idx, slot_idx)
+        self.wbase()
         cdef Py_buffer b
         cdef char* p
         PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
@@ -1041,6 +1057,7 @@ cdef class SlotPool:
     def set_payload_len(self, int class_idx, uint32_t slot_idx, uint32_t n, int extent_idx=0):
         """Store the length prefix after writing the payload in place (zero-copy send)."""
         self.check_ref(class_idx, extent_idx, slot_idx)
+        self.wbase()
         if n > self.cls[class_idx].slot_size - SHMHUB_SLOT_LEN_PREFIX:
             raise ValueError(f"{n} bytes do not fit in a {self.cls[class_idx].slot_size}-byte slot")
         shm_put_u32(self.slot_data(class_idx, extent_idx, slot_idx), n)
@@ -1067,7 +1084,7 @@ cdef class SlotPool:
         cdef uint32_t s
         cdef uint64_t w
         cdef char* m
-        self.base()
+        self.wbase()
         for c in range(self.num_classes):
             for e in range(self.cls[c].nmapped):
                 for s in range(self.cls[c].slot_count):

@@ -184,11 +184,17 @@ class SegmentConfig:
     size_classes: Tuple[Tuple[int, ...], ...] = ((1024, 256), (16 * 1024, 128), (256 * 1024, 16), (1 << 20, 8))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "size_classes", tuple(tuple(c) for c in self.size_classes))
+        try:
+            object.__setattr__(self, "size_classes", tuple(tuple(c) for c in self.size_classes))
+        except TypeError:
+            raise ConfigError(
+                f"size_classes={self.size_classes!r} must be a sequence of (slot_size, slot_count) pairs, "
+                "for example ((1024, 256), (16384, 128))"
+            ) from None
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.max_guests, int) or not 1 <= self.max_guests <= MAX_GUESTS_LIMIT:
+        if not isinstance(self.max_guests, int) or isinstance(self.max_guests, bool) or not 1 <= self.max_guests <= MAX_GUESTS_LIMIT:
             raise ConfigError(f"max_guests={self.max_guests!r} must be between 1 and {MAX_GUESTS_LIMIT}")
         cap = _u32("bipbuf_capacity", self.bipbuf_capacity, "use at most 4 GiB - 64")
         if cap < RING_ALIGN or cap % RING_ALIGN:
@@ -203,7 +209,7 @@ class SegmentConfig:
         if it > MAX_INLINE_LEN:
             raise ConfigError(f"inline_threshold={it} exceeds {MAX_INLINE_LEN} (inline_payload_len is a u16)")
         hb = self.heartbeat_interval_ns
-        if not isinstance(hb, int) or not 0 <= hb <= U64_MAX:
+        if not isinstance(hb, int) or isinstance(hb, bool) or not 0 <= hb <= U64_MAX:
             raise ConfigError(f"heartbeat_interval_ns={hb!r} must be a non-negative u64 (0 disables heartbeats)")
         classes = self.size_classes
         if not 1 <= len(classes) <= MAX_CLASSES:

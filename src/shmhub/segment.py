@@ -69,7 +69,10 @@ class Segment:
             size = os.fstat(fd).st_size
             if size < L.HEADER_SIZE:
                 raise SegmentCorrupted(f"segment is truncated: {size} bytes, the header alone needs {L.HEADER_SIZE}")
-            self.region = Region(fd, size, writable)
+            try:
+                self.region = Region(fd, size, writable)
+            except OSError as e:
+                raise SegmentError(f"cannot map the segment ({size} bytes, {'read-write' if writable else 'read-only'}): {e.strerror}") from e
             self._validate(size)
         except BaseException:
             if getattr(self, "region", None) is not None:
@@ -98,6 +101,8 @@ class Segment:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             except FileExistsError:
                 raise SegmentError(f"{path} already exists; pick another path or remove a stale one with `python -m shmhub clean {path}`") from None
+            except OSError as e:
+                raise SegmentError(f"cannot create segment file {path}: {e.strerror}") from e
             where = os.path.dirname(os.path.abspath(path))
         try:
             os.fchmod(fd, 0o600)
@@ -128,7 +133,11 @@ class Segment:
             path = None
         else:
             path = os.fspath(path_or_fd)
-            fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+            try:
+                # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below)
+                fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
+            except OSError as e:
+                raise SegmentError(f"cannot open segment {path}: {e.strerror}") from e
         try:
             st = os.fstat(fd)
         except OSError:
@@ -184,7 +193,10 @@ class Segment:
             if not 1 <= max_ext <= L.MAX_EXTENTS:
                 raise SegmentCorrupted(f"slot class {c}: max_extents {max_ext} is outside 1..{L.MAX_EXTENTS}")
             classes.append((slot_size, slot_count) if max_ext == 1 else (slot_size, slot_count, max_ext))
-        lay = Layout.compute(max_guests, cap, classes)
+        try:
+            lay = Layout.compute(max_guests, cap, classes)
+        except ConfigError as e:
+            raise SegmentCorrupted(f"the segment's classes describe an impossible layout: {e}") from None
         if lay.var_pool_offset != pool or lay.total_size != total:
             raise SegmentCorrupted(
                 f"header offsets disagree with the v7 layout: var_pool_offset {pool} (expected {lay.var_pool_offset}), "

@@ -266,7 +266,7 @@ classes_st = st.lists(
 ).map(lambda cs: tuple((s * 64, n) for s, n in sorted({s: n for s, n in cs}.items())))
 
 
-@settings(max_examples=300, derandomize=True, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(g=st.integers(1, 255), cap=st.integers(1, 1 << 16).map(lambda x: x * 64), classes=classes_st)
 def test_regions_never_overlap(g, cap, classes):
     # trap 13: every region lies inside total_size and no two overlap; every base is 64-aligned

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import time
 
 import pytest
@@ -26,8 +27,13 @@ def _children() -> set:
     return out
 
 
+SESSION_TAG = f"shmhub-test-{os.getpid()}-"
+_OTHER_SESSION = re.compile(r"shmhub-test-(\d+)-")
+
+
 def _shm() -> set:
-    return set(os.listdir("/dev/shm"))
+    """/dev/shm entries, less those of other test sessions running at the same time."""
+    return {n for n in os.listdir("/dev/shm") if not ((m := _OTHER_SESSION.match(n)) and m.group(1) != str(os.getpid()))}
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +64,7 @@ def shm_path(tmp_path_factory):
     """A fresh path in /dev/shm, removed afterwards if the test left it."""
     import uuid
 
-    path = f"/dev/shm/shmhub-test-{uuid.uuid4().hex}"
+    path = f"/dev/shm/{SESSION_TAG}{uuid.uuid4().hex}"
     yield path
     if os.path.exists(path):
         os.unlink(path)

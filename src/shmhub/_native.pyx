@@ -806,6 +806,7 @@ cdef struct ClassInfo:
     uint32_t slot_size
     uint32_t slot_count
     Py_ssize_t header
+    int max_extents  # 1 for a v7 class
     int nmapped  # extents this process maps
     char* meta[SHMHUB_MAX_EXTENTS]
     char* data[SHMHUB_MAX_EXTENTS]
@@ -822,7 +823,7 @@ cdef inline uint64_t meta_word(uint32_t gen, uint32_t state) noexcept nogil:
 
 cdef class SlotPool:
     """The slot classes of a segment. `classes` is a sequence of (slot_size, slot_count,
-    header_offset, meta_offset, data_offset) as computed by layout.Layout; every range is
+    header_offset, meta_offset, data_offset[, max_extents]) as computed by layout.Layout; every range is
     checked against the region here, so slot indices below slot_count are always in bounds.
 
     Growable classes (FEATURE_EXTENTS) have further extents, each its own Region, added with
@@ -840,7 +841,11 @@ cdef class SlotPool:
         self.region = region
         self.num_classes = len(classes)
         self.extent_regions = []
-        for i, (size, count, header, meta, data) in enumerate(classes):
+        for i, spec in enumerate(classes):
+            size, count, header, meta, data = spec[:5]
+            max_ext = spec[5] if len(spec) > 5 else 1
+            if not 1 <= max_ext <= <int>SHMHUB_MAX_EXTENTS:
+                raise SegmentCorrupted(f"slot class {i}: max_extents {max_ext} out of range")
             if size < SHMHUB_SLOT_LEN_PREFIX or count < 1 or <uint64_t>count * SHMHUB_MAX_EXTENTS >= SHMHUB_EMPTY_INDEX:
                 raise SegmentCorrupted(f"slot class {i}: slot_size {size} / slot_count {count} out of range")
             region.ptr(header, SHMHUB_CLASS_HEADER_SIZE, 64)
@@ -850,6 +855,7 @@ cdef class SlotPool:
             self.cls[i].meta[0] = region.ptr(meta, <Py_ssize_t>SHMHUB_SLOT_META_SIZE * count, 16)
             self.cls[i].data[0] = region.ptr(data, <Py_ssize_t>size * count, 1)
             self.cls[i].nmapped = 1
+            self.cls[i].max_extents = max_ext
             self.extent_regions.append([region])
 
     def add_extent(self, int class_idx, Region region, Py_ssize_t data_offset):
@@ -857,8 +863,8 @@ cdef class SlotPool:
         (layout.extent_layout); both ranges are checked against the region."""
         self.check_class(class_idx)
         cdef ClassInfo* ci = &self.cls[class_idx]
-        if ci.nmapped >= <int>SHMHUB_MAX_EXTENTS:
-            raise SegmentCorrupted(f"class {class_idx} already has {ci.nmapped} extents")
+        if ci.nmapped >= ci.max_extents:
+            raise SegmentCorrupted(f"class {class_idx} already has its {ci.nmapped} extents")
         cdef Py_ssize_t meta_size = data_offset
         if meta_size < <Py_ssize_t>SHMHUB_SLOT_META_SIZE * ci.slot_count:
             raise SegmentCorrupted(f"extent data offset {data_offset} overlaps its slot metadata")
@@ -889,8 +895,8 @@ cdef class SlotPool:
     cdef inline int check_ref(self, int c, int extent, uint32_t s) except -1:
         # trap 23: class, extent and slot index all bounds-checked before any use.
         self.check_class(c)
-        if extent < 0 or extent >= <int>SHMHUB_MAX_EXTENTS:
-            raise InvalidSlotRef(f"extent_idx {extent} out of range (at most {SHMHUB_MAX_EXTENTS} extents)")
+        if extent < 0 or extent >= self.cls[c].max_extents:
+            raise InvalidSlotRef(f"extent_idx {extent} out of range (class {c} has at most {self.cls[c].max_extents} extents)")
         if s >= self.cls[c].slot_count:
             raise InvalidSlotRef(f"slot_idx {s} out of range (class {c} has {self.cls[c].slot_count} slots per extent)")
         if extent >= self.cls[c].nmapped:
@@ -931,7 +937,7 @@ cdef class SlotPool:
                 return -1
             e = idx / ci.slot_count
             s = idx % ci.slot_count
-            if e >= <int>SHMHUB_MAX_EXTENTS:
+            if e >= ci.max_extents:
                 raise SegmentCorrupted(f"class {c} free list head {idx} is out of range")
             if e >= ci.nmapped:
                 raise NeedExtent(c, e)  # nothing changed yet: map it and call again

@@ -262,6 +262,7 @@ class ClassLayout:
     header_offset: int  # absolute offsets in the segment
     meta_offset: int
     data_offset: int
+    max_extents: int = 1  # FEATURE_EXTENTS: > 1 for a growable class
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,7 @@ class Layout:
             meta = off
             data = meta + align(SLOT_META_SIZE * count, ALIGN)
             off = data + align(size * count, ALIGN)
-            classes.append(ClassLayout(size, count, pool + i * CLASS_HEADER_SIZE, meta, data))
+            classes.append(ClassLayout(size, count, pool + i * CLASS_HEADER_SIZE, meta, data, c[2] if len(c) > 2 else 1))
         if off > U64_MAX >> 1:
             raise ConfigError(f"segment size {off} is beyond what can be mapped; use fewer or smaller slots")
         return cls(max_guests, bipbuf_capacity, ring_base, ring_stride, pool, off - pool, off, tuple(classes))

@@ -16,7 +16,8 @@ class SlotRef(NamedTuple):
 
 def open_pool(region: Region, layout: L.Layout) -> SlotPool:
     """The native pool over the classes of `layout` (ranges checked against the mapping)."""
-    return SlotPool(region, [(c.slot_size, c.slot_count, c.header_offset, c.meta_offset, c.data_offset) for c in layout.classes])
+    return SlotPool(region, [(c.slot_size, c.slot_count, c.header_offset, c.meta_offset, c.data_offset, c.max_extents)
+                             for c in layout.classes])
 
 
 def pool_stats(pool: SlotPool) -> list[dict]:

@@ -142,7 +142,9 @@ class MapReceiver:
         """Take every pending attach datagram. Any malformed one is terminal (trap 37)."""
         while True:
             try:
-                data, anc, flags, _ = self.ctrl.recvmsg(256, socket.CMSG_SPACE(4 * 4), socket.MSG_DONTWAIT)
+                # MSG_CMSG_CLOEXEC: the fds arrive close-on-exec (trap 33), never inheritable for a moment.
+                data, anc, flags, _ = self.ctrl.recvmsg(256, socket.CMSG_SPACE(4 * 4),
+                                                        socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
             except InterruptedError:
                 continue
             except BlockingIOError:

@@ -71,6 +71,7 @@ class MapSender:
                 best = m
         if best is not None:
             self.reused += 1
+            self.sweep(keep=best)  # idle mappings beyond max_idle or idle_s go, also when we reuse
             return best
         self.sweep(force=len(self.maps) >= self.max_mappings)
         if len(self.maps) >= self.max_mappings:
@@ -110,10 +111,11 @@ class MapSender:
                 raise LinkCorrupted(f"mmap control socket failed: {e.strerror}") from None
         raise LinkCorrupted("mmap control socket stayed full for 2 s")
 
-    def sweep(self, force: bool = False) -> None:
-        """Retire idle mappings beyond max_idle or idle longer than idle_s (all idle ones if force)."""
+    def sweep(self, force: bool = False, keep: Optional[Mapping] = None) -> None:
+        """Retire idle mappings beyond max_idle or idle longer than idle_s (all idle ones if force);
+        `keep` is about to be used and is not idle."""
         now = time.monotonic()
-        idle = [m for m in self.maps if m.leases == 0]
+        idle = [m for m in self.maps if m is not keep and m.leases == 0]
         idle.sort(key=lambda m: m.last_used)
         excess = len(idle) - self.max_idle
         for i, m in enumerate(idle):
@@ -195,11 +197,12 @@ class MapReceiver:
             time.sleep(0.001)
         if offset < L.MAP_HEADER_SIZE or offset + length > m.size:
             raise LinkCorrupted(f"mmap ref [{offset}, +{length}) outside mapping {map_id} of {m.size} bytes")
+        self._sweep(keep=m)  # unmap what the sender retired, even when no new attach follows
         return m
 
-    def _sweep(self) -> None:
+    def _sweep(self, keep: Optional[Mapping] = None) -> None:
         for key, m in list(self.maps.items()):
-            if m.retired and m.leases == 0:
+            if m is not keep and m.retired and m.leases == 0:
                 del self.maps[key]
                 m.region.close()
 

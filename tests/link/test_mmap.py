@@ -859,3 +859,46 @@ def test_idle_mappings_are_retired(pair):
     assert sender.mappings["tx_mappings"] == 1, sender.mappings
     assert receiver.mappings["rx_mappings"] == 1, receiver.mappings
     assert len(mc.map_inodes()) == 1  # both ends of the pair map that one memfd in this process
+
+
+def test_attach_send_is_retried_while_the_control_socket_is_full(pair):
+    """Trap 39: a full DGRAM control socket (EAGAIN) is retried, not an error."""
+    junk = 0
+    while True:
+        try:
+            pair.ca.send(b"J" * 16, socket.MSG_DONTWAIT)
+            junk += 1
+        except BlockingIOError:
+            break
+    assert junk > 0
+
+    def drain():
+        for _ in range(junk):
+            pair.cb.recv(64)
+
+    timer = threading.Timer(0.3, drain)
+    t0 = time.monotonic()
+    timer.start()
+    try:
+        pair.host.send(mc.content(3, 2 * MiB), timeout=10)
+    finally:
+        timer.join()
+    assert 0.25 <= time.monotonic() - t0 < bigmap.GRACE_S
+    with pair.guest.recv(timeout=5) as msg:
+        assert (msg.tier, mc.hash_of(msg)) == ("mmap", mc.digest(3, 2 * MiB))
+
+
+@pytest.mark.parametrize("direction", ["h2g", "g2h"])
+def test_mmap_send_after_the_peer_closed_is_peer_gone_not_corruption(pair, direction):
+    """A control socket whose peer is gone (ECONNREFUSED / ENOTCONN) means the peer is gone:
+    PeerDead on the host, HostGone on a guest - not LinkCorrupted."""
+    from shmhub import HostGone, PeerDead
+
+    sender, receiver, _, _ = pair.side(direction)
+    receiver._close_maps()  # what close() / recovery do to the receiver's control socket
+    receiver.doorbell.close()
+    expected = PeerDead if direction == "h2g" else HostGone
+    for _ in range(2):  # and it stays that way
+        with pytest.raises(expected):
+            sender.send(bytes(2 * MiB), timeout=2)
+    assert not sender.alive

@@ -8,6 +8,7 @@ sides unmap them."""
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import struct
@@ -16,13 +17,14 @@ from typing import Dict, List, Optional, Tuple
 
 from . import layout as L
 from ._native import Region
-from .errors import LinkCorrupted
+from .errors import LinkCorrupted, PeerDead
 
 _ATTACH = struct.Struct("<IIQ")  # map_id, map_generation, mapping_length (format-v7 1.10)
 assert _ATTACH.size == L.MMAP_ATTACH_SIZE
 MIN_MAPPING = 1 << 20
 MAX_MAPPING = 1 << 40
 SEND_RETRIES = 2000  # trap 39: the control datagram may meet a full queue; retry, bounded
+_PEER_GONE = (errno.ECONNREFUSED, errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET)
 GRACE_S = 2.0  # trap 38: a ref may overtake its attach message; wait this long before LinkCorrupted
 
 
@@ -108,6 +110,8 @@ class MapSender:
             except BlockingIOError:
                 time.sleep(0.001)
             except OSError as e:
+                if e.errno in _PEER_GONE:  # the peer closed its end (exited, died, closed the link)
+                    raise PeerDead(f"mmap control peer is gone: {e.strerror}") from None
                 raise LinkCorrupted(f"mmap control socket failed: {e.strerror}") from None
         raise LinkCorrupted("mmap control socket stayed full for 2 s")
 

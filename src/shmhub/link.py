@@ -317,12 +317,19 @@ class Link:
         self.stats.sent_slot += 1
         self.stats.sent_bytes_slot += n
 
+    def _acquire_mapping(self, n: int) -> Optional[Mapping]:
+        try:
+            return self._maps_tx.acquire(n)
+        except PeerDead as e:  # the control socket's peer is gone: so is the peer, not a corruption
+            self._mark_dead(str(e))
+            raise self._gone_error() from None
+
     def _send_mmap(self, mv, n: int, deadline: Optional[float]) -> None:
-        maps, tx = self._maps_tx, self._tx
-        m = maps.acquire(n)
+        tx = self._tx
+        m = self._acquire_mapping(n)
         if m is None:  # every mapping is leased: wait for the receiver to release one
             self.stats.mapping_waits += 1
-            m = self._wait(lambda: maps.acquire(n), tx, True, deadline, None, SLOT_WAIT_SLICE)
+            m = self._wait(lambda: self._acquire_mapping(n), tx, True, deadline, None, SLOT_WAIT_SLICE)
         m.add_lease()  # before the ref is visible: the receiver may release at once
         try:
             m.region.write(L.MAP_HEADER_SIZE, mv)  # payload, then (Release) the ref: format-v7 2.9 order

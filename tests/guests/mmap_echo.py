@@ -4,7 +4,8 @@ a data message follows "echo" and "digest". Every reply is an inline JSON report
   {"op": "echo"}            next message: report its tier/length/digest/slot classes, send it back
                             (a true echo: the same bytes, re-sent from the received view), release it
   {"op": "digest"}          next message: report as above, release it (no echo: for the biggest sizes)
-  {"op": "gen", "seed": s, "n": n}   build content(s, n) here and send it (a guest-initiated send)
+  {"op": "gen", "seed": s, "n": n}   build content(s, n) here and send it (a guest-initiated send);
+                            "hash": false skips hashing our own copy (the host knows the digest)
   {"op": "stat"}            RSS, fd count, mmap bookkeeping
 
 Exits 0 when the host says goodbye."""
@@ -48,7 +49,7 @@ def main() -> int:
                 t0 = time.perf_counter()
                 data = mc.content(cmd["seed"], cmd["n"])
                 t1 = time.perf_counter()
-                mine = mc.hash_of(data)
+                mine = mc.hash_of(data) if cmd.get("hash", True) else None
                 t2 = time.perf_counter()
                 link.send(data, timeout=60)
                 t3 = time.perf_counter()

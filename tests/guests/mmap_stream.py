@@ -10,6 +10,7 @@ bytes; the receiver checks both and compares everything in between with its own 
                                      seconds, then report {"sent": count, ...}
   {"op": "hold", "k": k}             keep the next k stream payloads unreleased, send k stream
                                      payloads to the host, then report (and keep holding)
+  {"op": "hold", "k": k, "send_back": false}   the same without sending anything back
 
 Exits 0 when the host says goodbye."""
 import json
@@ -34,6 +35,7 @@ def main() -> int:
     errors = []
     held = []
     hold_left = 0
+    send_back = True
 
     def check(msg) -> None:
         nonlocal seq_in, got, got_bytes
@@ -69,7 +71,7 @@ def main() -> int:
                     hold_left -= 1
                     if hold_left:
                         continue
-                    for _ in range(len(held)):  # the host is holding these, too
+                    for _ in range(len(held) if send_back else 0):  # the host is holding these, too
                         link.send(_stamp(base, seq_out), timeout=30)
                         seq_out += 1
                     report = {"holding": len(held), "mappings": link.mappings, "errors": errors}
@@ -98,6 +100,7 @@ def main() -> int:
                 report = {"sent": sent, "seconds": time.monotonic() - t0, "mappings": link.mappings}
             elif op == "hold":
                 hold_left = cmd["k"]
+                send_back = cmd.get("send_back", True)
                 continue
             else:
                 raise SystemExit(f"unknown op {op!r}")

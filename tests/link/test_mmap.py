@@ -54,6 +54,7 @@ CONFIG = SegmentConfig(max_guests=2, bipbuf_capacity=256 * KiB, max_payload_size
 INLINE_MAX = CONFIG.effective_inline_threshold
 SLOT_MAX = CONFIG.max_slot_payload  # largest slot - 4: the last slot-routed size
 SEQ = struct.Struct("<Q")
+MAX_MAPPINGS = bigmap.MapSender(None).max_mappings  # the sender's cap (16)
 
 
 def _sizes():
@@ -160,6 +161,8 @@ def _check_echo(host: Host, link: Link, n: int, seed: int, problems: list) -> No
     del data
     with link.recv(timeout=60) as echo:
         tier, size, got = echo.tier, len(echo), mc.hash_of(echo)
+        if tier == "mmap" and np.frombuffer(echo, np.uint8).ctypes.data % 4096:
+            problems.append(f"echo of {n}: an mmap payload is not page-aligned (it starts after the 4 KiB map header)")
         rep = report(link)  # the guest released its message before it sent this
         held_slots = slots_in_use(host.segment)
         held_leases = rx_leases(link)
@@ -194,7 +197,7 @@ def test_sizes_echo_host_guest_host(tmp_path):
     mmap_sizes = [n for n in SIZES if expected_tier(n) == "mmap"]
     # Every mmap payload was sent through a mapping of ours; mappings are reused, never more than the cap.
     assert m["tx_created"] + m["tx_reused"] == len(mmap_sizes), m
-    assert m["tx_mappings"] <= 16 and gstat["mappings"]["tx_mappings"] <= 16, (m, gstat)
+    assert m["tx_mappings"] <= MAX_MAPPINGS and gstat["mappings"]["tx_mappings"] <= MAX_MAPPINGS, (m, gstat)
     assert m["tx_reused"] >= 1, m  # 1 MiB +- 1 fit the 2 MiB mapping of 1 MiB - 3
     print(f"\n[sizes echo] {len(SIZES)} sizes, {time.monotonic() - t0:.1f} s, host mappings {m}, guest {gstat['mappings']}")
 
@@ -256,9 +259,9 @@ def _one_gib(tmp_path, true_echo: bool):
         times["host_to_guest_total"] = time.monotonic() - t
         assert (rep["n"], rep["tier"], rep["digest"]) == (n, "mmap", want), {k: rep[k] for k in ("n", "tier")}
         assert link.mappings["tx_leases"] == 0
-        # guest -> host
+        # guest -> host: the same content (seed), so `want` is the independent expectation
         t = time.monotonic()
-        command(link, op="gen", seed=2, n=n)
+        command(link, op="gen", seed=1, n=n, hash=False)
         with link.recv(timeout=120) as msg:
             times["guest_to_host_recv"] = time.monotonic() - t
             assert (len(msg), msg.tier) == (n, "mmap")
@@ -267,9 +270,9 @@ def _one_gib(tmp_path, true_echo: bool):
             times["host_hash_rx"] = time.monotonic() - t2
             assert rx_leases(link) == 1
         rep = report(link)
-        assert got == rep["digest"] == mc.digest(2, n), "1 GiB from the guest differs"
+        assert got == want, "1 GiB from the guest differs"
         assert rx_leases(link) == 0
-        times.update({f"guest_{k}": rep[k] for k in ("gen_s", "hash_s", "send_s")})
+        times.update({f"guest_{k}": rep[k] for k in ("gen_s", "send_s")})
         # A payload above max_payload_size is refused before anything is copied (anonymous
         # memory: nothing is touched), and the link stays usable.
         big = pymmap.mmap(-1, n + 1)
@@ -300,7 +303,6 @@ def test_one_gib_true_echo(tmp_path):
 # -- 2. streaming, bounded resources, crash ------------------------------------------------------
 
 STREAM_N = 16 * MiB
-MAX_MAPPINGS = bigmap.MapSender(None).max_mappings  # the sender's cap (16)
 
 
 class Sampler:
@@ -316,9 +318,10 @@ class Sampler:
         t = time.monotonic() - self.t0
         if force or t >= self.next:
             self.next = t + 0.25
-            self.rows.append({"t": t, "rss": mc.rss_kib(), "fds": mc.fd_count(), "maps": len(mc.map_inodes()),
-                              "g_rss": mc.rss_kib(self.pid), "g_fds": mc.fd_count(self.pid),
-                              "g_maps": len(mc.map_inodes(self.pid)), **self.link.mappings})
+            maps, g_maps = len(mc.map_inodes()), len(mc.map_inodes(self.pid))
+            self.rows.append({"t": t, "maps": maps, "rss": mc.rss_kib(), "fds": mc.fd_count(),
+                              "g_maps": g_maps, "g_rss": mc.rss_kib(self.pid), "g_fds": mc.fd_count(self.pid),
+                              **self.link.mappings})
 
     def after(self, warmup: float) -> list:
         rows = [r for r in self.rows if r["t"] >= warmup]
@@ -326,19 +329,22 @@ class Sampler:
         return rows
 
     def check_bounded(self, warmup: float, rss_slack_kib: int, label: str) -> dict:
-        """After warm-up: fd counts within a band of 2; RSS grows by no more than the mapping
-        count growth explains (16 MiB of touched pages per extra mapping) plus a slack."""
+        """After warm-up, in this process and in the guest: the fd count stays within a band of 2;
+        at most 2 x max_mappings memfd mappings are mapped (ours and the peer's); and RSS never
+        exceeds its warm-up value by more than the extra mappings mapped at that moment explain
+        (16 MiB of touched pages each) plus a slack."""
         rows = self.after(warmup)
-        first, out = rows[0], {}
-        for who, maps_key in (("", "tx_mappings" if self.link._maps_tx else None), ("g_", None)):
+        out = {}
+        for who in ("", "g_"):
             fds = [r[who + "fds"] for r in rows]
             assert max(fds) - min(fds) <= 2, f"{label}: {who or 'host '}fd count moved {min(fds)}..{max(fds)}: {fds}"
             rss = [r[who + "rss"] for r in rows]
             maps = [r[who + "maps"] for r in rows]
-            growth = max(rss) - rss[0]
-            allowed = rss_slack_kib + max(0, max(maps) - maps[0]) * (STREAM_N // KiB)
-            assert growth <= allowed, (f"{label}: {who or 'host '}RSS grew {growth} KiB after warm-up "
-                                       f"(allowed {allowed}): {rss}, memfd mappings {maps}")
+            assert max(maps) <= 2 * MAX_MAPPINGS, f"{label}: {who or 'host '}has {max(maps)} memfd mappings: {maps}"
+            for r, m in zip(rss, maps):
+                allowed = rss_slack_kib + max(0, m - maps[0]) * (STREAM_N // KiB)
+                assert r - rss[0] <= allowed, (f"{label}: {who or 'host '}RSS grew {r - rss[0]} KiB after warm-up "
+                                               f"with {m - maps[0]} more mappings (allowed {allowed}): {rss}, {maps}")
             out[who + "rss_mib"] = (rss[0] // 1024, max(rss) // 1024, rss[-1] // 1024)
             out[who + "fds"] = (min(fds), max(fds))
             out[who + "maps"] = (min(maps), max(maps))
@@ -597,8 +603,8 @@ def test_malformed_attach_is_terminal_and_closes_its_fds(pair, case, direction):
     t0 = time.monotonic()
     with pytest.raises(LinkCorrupted):
         receiver.recv(timeout=5)
-    # Terminal at once (not after the 2 s grace for an unknown mapping: the bad datagram was not skipped).
-    assert time.monotonic() - t0 < 1.0
+    # Terminal at once, not after the grace for an unknown mapping: the bad datagram was not skipped.
+    assert time.monotonic() - t0 < bigmap.GRACE_S
     assert mc.fd_count() == baseline, "an fd that came with the malformed datagram was not closed"
     assert mc.map_inodes(name="memfd:" + EVIL) == set(), "a refused mapping is still mapped"
     assert not receiver.alive
@@ -628,7 +634,9 @@ def test_guest_link_corrupted_by_malformed_datagram_cross_process(tmp_path):
         assert g.wait(30) == 0, out.read_text()
         wait_event(host, "exited", g.peer_id)
         res = json.loads(out.read_text().strip().splitlines()[-1])
-    assert res["corrupted"] and res["seconds"] < 1.0, res
+    # (Had the bad datagram been skipped, the genuine attach for the same map 1/1 would have been
+    # accepted and the payload delivered.)
+    assert res["corrupted"], res
     assert res["fds_after"] == res["fds_before"] and res["maps_after"] == 0, res
     assert res["send_after"] == "LinkCorrupted", res
 
@@ -641,10 +649,8 @@ def test_host_link_corrupted_by_guest_datagram_cross_process(tmp_path):
         link = g.link
         baseline = mc.fd_count()
         command(link, op="attack")
-        t0 = time.monotonic()
-        with pytest.raises(LinkCorrupted):
+        with pytest.raises(LinkCorrupted):  # (skipping the bad datagram would deliver the payload)
             link.recv(timeout=30)
-        assert time.monotonic() - t0 < 10
         assert mc.fd_count() == baseline
         assert mc.map_inodes(name="memfd:" + EVIL) == set()
         with pytest.raises(LinkCorrupted):
@@ -671,12 +677,22 @@ def test_received_attach_fds_are_close_on_exec(pair, monkeypatch):
     assert seen[1] is False, "the received mapping fd was inheritable (no MSG_CMSG_CLOEXEC)"
 
 
-def test_unknown_mapping_waits_for_the_grace_period_then_is_terminal(pair):
-    """A ref to a mapping never announced: retried for the grace period (bigmap.GRACE_S = 2 s; it
-    is a module constant bound as a default argument, not configurable per link), then terminal."""
+@pytest.mark.parametrize("ref", [(99, 1), (5, 2)], ids=["unknown_map_id", "unknown_generation"])
+def test_unknown_mapping_waits_for_the_grace_period_then_is_terminal(pair, ref):
+    """A ref to a mapping never announced (a new map_id, or a known map_id with another
+    generation): retried for the grace period (bigmap.GRACE_S = 2 s; a module constant bound as a
+    default argument, not configurable per link), then terminal."""
     assert bigmap.GRACE_S == 2.0
-    _, receiver, _, ring = pair.side("h2g")
-    assert ring.write_mmap_ref(99, 1, L.MAP_HEADER_SIZE, 10)
+    _, receiver, ctrl, ring = pair.side("h2g")
+    fd = make_memfd(MiB, 5, 1, leases=1)
+    try:
+        send_dgram(ctrl, attach_body(5, 1, MiB), [fd])
+    finally:
+        os.close(fd)
+    assert ring.write_mmap_ref(5, 1, L.MAP_HEADER_SIZE, 10)  # the known one is delivered
+    with receiver.recv(timeout=5) as msg:
+        assert (msg.tier, len(msg)) == ("mmap", 10)
+    assert ring.write_mmap_ref(*ref, L.MAP_HEADER_SIZE, 10)
     t0 = time.monotonic()
     with pytest.raises(LinkCorrupted):
         receiver.recv(timeout=10)
@@ -736,7 +752,7 @@ def test_ref_bounds_checked_against_the_mapping(pair, offset, length, ok):
         t0 = time.monotonic()
         with pytest.raises(LinkCorrupted):
             receiver.recv(timeout=5)
-        assert time.monotonic() - t0 < 1.0 and not receiver.alive
+        assert time.monotonic() - t0 < bigmap.GRACE_S and not receiver.alive
 
 
 def test_payload_above_max_payload_size():
@@ -902,3 +918,45 @@ def test_mmap_send_after_the_peer_closed_is_peer_gone_not_corruption(pair, direc
         with pytest.raises(expected):
             sender.send(bytes(2 * MiB), timeout=2)
     assert not sender.alive
+
+
+def test_sender_blocked_on_leased_mappings_sees_the_guest_die(tmp_path):
+    """The guest holds a lease on every mapping the host may create (max_mappings) and is killed
+    while the host waits for one: the send raises PeerDead promptly, and recovery closes them all."""
+    from shmhub import PeerDead
+
+    n = 2 * MiB
+    base = mc.content(5, n)
+    with Host(CONFIG) as host:
+        fds_before = mc.fd_count()
+        g = spawn(host, "mmap_stream.py", tmp_path)
+        link = g.link
+        try:
+            command(link, op="sink", n=n, seed=5)
+            assert report(link) == {"ok": True}
+            command(link, op="hold", k=MAX_MAPPINGS, send_back=False)
+            for i in range(MAX_MAPPINGS):
+                link.send(_stream_payload(base, i), timeout=30)
+            rep = report(link)
+            assert rep["holding"] == MAX_MAPPINGS and rep["errors"] == [], rep
+            assert rep["mappings"]["rx_mappings"] == MAX_MAPPINGS
+            m = link.mappings
+            assert (m["tx_mappings"], m["tx_leases"]) == (MAX_MAPPINGS, MAX_MAPPINGS), m
+            with pytest.raises(ShmTimeout):  # nothing to reuse, no room for another: backpressure
+                link.send(_stream_payload(base, MAX_MAPPINGS), timeout=0.2)
+            killer = threading.Timer(0.3, g.kill)
+            killer.start()
+            t0 = time.monotonic()
+            with pytest.raises(PeerDead):
+                link.send(_stream_payload(base, MAX_MAPPINGS), timeout=30)
+            dt = time.monotonic() - t0
+            killer.join()
+        except BaseException:
+            g.kill()
+            raise
+        assert 0.25 <= dt < 3.0, dt
+        wait_event(host, "died", g.peer_id)
+        m = link.mappings
+        assert (m["tx_mappings"], m["tx_leases"], m["rx_mappings"]) == (0, 0, 0), m
+        assert mc.map_inodes() == set()
+        assert mc.fd_count() == fds_before

@@ -8,6 +8,7 @@ sides unmap them."""
 from __future__ import annotations
 
 import array
+import errno
 import os
 import socket
 import struct
@@ -16,13 +17,14 @@ from typing import Dict, List, Optional, Tuple
 
 from . import layout as L
 from ._native import Region
-from .errors import LinkCorrupted
+from .errors import LinkCorrupted, PeerDead
 
 _ATTACH = struct.Struct("<IIQ")  # map_id, map_generation, mapping_length (format-v7 1.10)
 assert _ATTACH.size == L.MMAP_ATTACH_SIZE
 MIN_MAPPING = 1 << 20
 MAX_MAPPING = 1 << 40
 SEND_RETRIES = 2000  # trap 39: the control datagram may meet a full queue; retry, bounded
+_PEER_GONE = (errno.ECONNREFUSED, errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET)
 GRACE_S = 2.0  # trap 38: a ref may overtake its attach message; wait this long before LinkCorrupted
 
 
@@ -71,6 +73,7 @@ class MapSender:
                 best = m
         if best is not None:
             self.reused += 1
+            self.sweep(keep=best)  # idle mappings beyond max_idle or idle_s go, also when we reuse
             return best
         self.sweep(force=len(self.maps) >= self.max_mappings)
         if len(self.maps) >= self.max_mappings:
@@ -107,13 +110,16 @@ class MapSender:
             except BlockingIOError:
                 time.sleep(0.001)
             except OSError as e:
+                if e.errno in _PEER_GONE:  # the peer closed its end (exited, died, closed the link)
+                    raise PeerDead(f"mmap control peer is gone: {e.strerror}") from None
                 raise LinkCorrupted(f"mmap control socket failed: {e.strerror}") from None
         raise LinkCorrupted("mmap control socket stayed full for 2 s")
 
-    def sweep(self, force: bool = False) -> None:
-        """Retire idle mappings beyond max_idle or idle longer than idle_s (all idle ones if force)."""
+    def sweep(self, force: bool = False, keep: Optional[Mapping] = None) -> None:
+        """Retire idle mappings beyond max_idle or idle longer than idle_s (all idle ones if force);
+        `keep` is about to be used and is not idle."""
         now = time.monotonic()
-        idle = [m for m in self.maps if m.leases == 0]
+        idle = [m for m in self.maps if m is not keep and m.leases == 0]
         idle.sort(key=lambda m: m.last_used)
         excess = len(idle) - self.max_idle
         for i, m in enumerate(idle):
@@ -142,7 +148,9 @@ class MapReceiver:
         """Take every pending attach datagram. Any malformed one is terminal (trap 37)."""
         while True:
             try:
-                data, anc, flags, _ = self.ctrl.recvmsg(256, socket.CMSG_SPACE(4 * 4), socket.MSG_DONTWAIT)
+                # MSG_CMSG_CLOEXEC: the fds arrive close-on-exec (trap 33), never inheritable for a moment.
+                data, anc, flags, _ = self.ctrl.recvmsg(256, socket.CMSG_SPACE(4 * 4),
+                                                        socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
             except InterruptedError:
                 continue
             except BlockingIOError:
@@ -193,11 +201,12 @@ class MapReceiver:
             time.sleep(0.001)
         if offset < L.MAP_HEADER_SIZE or offset + length > m.size:
             raise LinkCorrupted(f"mmap ref [{offset}, +{length}) outside mapping {map_id} of {m.size} bytes")
+        self._sweep(keep=m)  # unmap what the sender retired, even when no new attach follows
         return m
 
-    def _sweep(self) -> None:
+    def _sweep(self, keep: Optional[Mapping] = None) -> None:
         for key, m in list(self.maps.items()):
-            if m.retired and m.leases == 0:
+            if m is not keep and m.retired and m.leases == 0:
                 del self.maps[key]
                 m.region.close()
 

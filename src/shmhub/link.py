@@ -397,12 +397,19 @@ class Link:
                 seg.request_growth(need)
         return ref
 
+    def _acquire_mapping(self, n: int) -> Optional[Mapping]:
+        try:
+            return self._maps_tx.acquire(n)
+        except PeerDead as e:  # the control socket's peer is gone: so is the peer, not a corruption
+            self._mark_dead(str(e))
+            raise self._gone_error() from None
+
     def _send_mmap(self, mv, n: int, deadline: Optional[float]) -> None:
-        maps, tx = self._maps_tx, self._tx
-        m = maps.acquire(n)
+        tx = self._tx
+        m = self._acquire_mapping(n)
         if m is None:  # every mapping is leased: wait for the receiver to release one
             self.stats.mapping_waits += 1
-            m = self._wait(lambda: maps.acquire(n), tx, True, deadline, None, SLOT_WAIT_SLICE)
+            m = self._wait(lambda: self._acquire_mapping(n), tx, True, deadline, None, SLOT_WAIT_SLICE)
         region, (maps_off, bytes_off, leases_off) = self.segment.region, self._tx_counters
         region.store_u32(maps_off, len(maps.maps))
         region.store_u64(bytes_off, sum(x.size for x in maps.maps))
@@ -447,10 +454,10 @@ class Link:
         self._lock(self._tx_lock, deadline)  # the mapping list is the sender's
         try:
             maps = self._maps_tx
-            m = maps.acquire(nbytes)
+            m = self._acquire_mapping(nbytes)
             if m is None:
                 self.stats.mapping_waits += 1
-                m = self._wait(lambda: maps.acquire(nbytes), self._tx, True, deadline, None, SLOT_WAIT_SLICE)
+                m = self._wait(lambda: self._acquire_mapping(nbytes), self._tx, True, deadline, None, SLOT_WAIT_SLICE)
             m.add_lease()  # held by the reservation; handed to the receiver by send_reserved
         finally:
             self._tx_lock.release()

@@ -24,7 +24,7 @@ from shmhub.errors import (
 cdef extern from "<sys/mman.h>":
     void* mmap(void* addr, size_t length, int prot, int flags, int fd, long offset) nogil
     int munmap(void* addr, size_t length) nogil
-    int PROT_READ, PROT_WRITE, MAP_SHARED
+    int PROT_READ, PROT_WRITE, MAP_SHARED, MAP_POPULATE
     void* MAP_FAILED
 
 cdef extern from "<time.h>" nogil:
@@ -111,13 +111,13 @@ cdef class Region:
     cdef readonly bint closed
     cdef Py_ssize_t exports
 
-    def __cinit__(self, int fd, Py_ssize_t size, bint writable=True, Py_ssize_t offset=0):
+    def __cinit__(self, int fd, Py_ssize_t size, bint writable=True, Py_ssize_t offset=0, bint populate=False):
         if size <= 0:
             raise ValueError(f"cannot map {size} bytes")
         if offset < 0 or offset % 4096:
             raise ValueError(f"mapping offset {offset} must be a non-negative multiple of 4096")
         cdef int prot = PROT_READ | (PROT_WRITE if writable else 0)
-        cdef void* p = mmap(NULL, <size_t>size, prot, MAP_SHARED, fd, offset)
+        cdef void* p = mmap(NULL, <size_t>size, prot, MAP_SHARED | (MAP_POPULATE if populate else 0), fd, offset)
         if p == MAP_FAILED:
             e = errno
             raise OSError(e, f"mmap of {size} bytes failed: {os.strerror(e)}")

@@ -8,6 +8,7 @@ sides unmap them."""
 from __future__ import annotations
 
 import array
+import fcntl
 import errno
 import os
 import socket
@@ -17,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 
 from . import layout as L
 from ._native import Region
-from .errors import LinkCorrupted, PeerDead
+from .errors import LinkCorrupted, PayloadTooLarge, PeerDead
 
 _ATTACH = struct.Struct("<IIQ")  # map_id, map_generation, mapping_length (format-v7 1.10)
 assert _ATTACH.size == L.MMAP_ATTACH_SIZE
@@ -78,14 +79,19 @@ class MapSender:
         self.sweep(force=len(self.maps) >= self.max_mappings)
         if len(self.maps) >= self.max_mappings:
             return None
-        size = max(MIN_MAPPING, 1 << (need - 1).bit_length())  # memfd pages are only allocated when touched
-        return self._create(size)
+        return self._create(max(MIN_MAPPING, -(-need // MIN_MAPPING) * MIN_MAPPING))
 
     def _create(self, size: int) -> Mapping:
-        fd = os.memfd_create("shmhub-map", os.MFD_CLOEXEC)
+        fd = os.memfd_create("shmhub-map", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
-            os.ftruncate(fd, size)
-            region = Region(fd, size, True)
+            # Pages are allocated now and the mapping pre-faulted, so the first payload does not pay
+            # a fault per page; the size is sealed so a receiver can never SIGBUS on a shrunk file.
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as e:
+                raise PayloadTooLarge(f"cannot allocate a {size}-byte mapping for a large payload: {e.strerror}") from None
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            region = Region(fd, size, True, 0, True)
             m = Mapping(self.next_id, 1, size, region)
             region.write(L.MAP_HDR_MAGIC, L.MAP_MAGIC)
             region.store_u32(L.MAP_HDR_MAP_ID, m.map_id)
@@ -171,6 +177,9 @@ class MapReceiver:
                 if not L.MAP_HEADER_SIZE < length <= MAX_MAPPING or (map_id, gen) in self.maps:
                     raise LinkCorrupted(f"bad mmap attach: map {map_id}/{gen} length {length}")
                 try:
+                    seals = fcntl.fcntl(fds[0], fcntl.F_GET_SEALS)
+                    if not seals & fcntl.F_SEAL_SHRINK:  # else the sender could shrink it under our reads (SIGBUS)
+                        raise LinkCorrupted(f"mmap attach: map {map_id} is not sealed against shrinking")
                     if os.fstat(fds[0]).st_size < length:
                         raise LinkCorrupted(f"mmap attach: map {map_id} fd is smaller than its {length} bytes")
                     region = Region(fds[0], length, True)  # writable: the receiver drops leases

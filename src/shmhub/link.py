@@ -405,7 +405,7 @@ class Link:
             raise self._gone_error() from None
 
     def _send_mmap(self, mv, n: int, deadline: Optional[float]) -> None:
-        tx = self._tx
+        tx, maps = self._tx, self._maps_tx
         m = self._acquire_mapping(n)
         if m is None:  # every mapping is leased: wait for the receiver to release one
             self.stats.mapping_waits += 1
@@ -453,7 +453,6 @@ class Link:
             return buf
         self._lock(self._tx_lock, deadline)  # the mapping list is the sender's
         try:
-            maps = self._maps_tx
             m = self._acquire_mapping(nbytes)
             if m is None:
                 self.stats.mapping_waits += 1

@@ -13,6 +13,7 @@ Guests live in tests/guests/mmap_*.py; tests/guests/mmap_content.py is shared wi
 from __future__ import annotations
 
 import array
+import fcntl
 import importlib.util
 import json
 import os
@@ -332,7 +333,7 @@ class Sampler:
         """After warm-up, in this process and in the guest: the fd count stays within a band of 2;
         at most 2 x max_mappings memfd mappings are mapped (ours and the peer's); and RSS never
         exceeds its warm-up value by more than the extra mappings mapped at that moment explain
-        (16 MiB of touched pages each) plus a slack."""
+        (one 16 MiB payload plus its header, rounded up to 1 MiB, each) plus a slack."""
         rows = self.after(warmup)
         out = {}
         for who in ("", "g_"):
@@ -342,7 +343,8 @@ class Sampler:
             maps = [r[who + "maps"] for r in rows]
             assert max(maps) <= 2 * MAX_MAPPINGS, f"{label}: {who or 'host '}has {max(maps)} memfd mappings: {maps}"
             for r, m in zip(rss, maps):
-                allowed = rss_slack_kib + max(0, m - maps[0]) * (STREAM_N // KiB)
+                # a mapping is the payload plus its header page rounded up to 1 MiB, allocated up front
+                allowed = rss_slack_kib + max(0, m - maps[0]) * ((STREAM_N + MiB) // KiB)
                 assert r - rss[0] <= allowed, (f"{label}: {who or 'host '}RSS grew {r - rss[0]} KiB after warm-up "
                                                f"with {m - maps[0]} more mappings (allowed {allowed}): {rss}, {maps}")
             out[who + "rss_mib"] = (rss[0] // 1024, max(rss) // 1024, rss[-1] // 1024)
@@ -510,9 +512,11 @@ EVIL = "shmhub-evil"
 
 
 def make_memfd(size: int, map_id: int, gen: int, *, magic: bytes = L.MAP_MAGIC, hdr_id=None, hdr_gen=None,
-               leases: int = 0, name: str = EVIL, payload: bytes = b"") -> int:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+               leases: int = 0, name: str = EVIL, payload: bytes = b"", seal: bool = True) -> int:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    if seal:  # receivers require the shrink seal (a shrunk mapping would SIGBUS them)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     os.pwrite(fd, magic + struct.pack("<IIII", map_id if hdr_id is None else hdr_id,
                                       gen if hdr_gen is None else hdr_gen, leases, 0), 0)
     if payload:
@@ -572,6 +576,9 @@ def _fault(case: str, ctrl: socket.socket) -> None:
         elif case == "absurd_length":
             fds = [good()]
             send_dgram(ctrl, attach_body(5, 1, 1 << 62), fds)
+        elif case == "unsealed":  # could be shrunk under the receiver's reads (SIGBUS)
+            fds = [make_memfd(MiB, 5, 1, seal=False)]
+            send_dgram(ctrl, attach_body(5, 1, MiB), fds)
         elif case == "not_a_memfd":
             r, w = os.pipe()
             fds = [r, w]
@@ -589,7 +596,7 @@ def _fault(case: str, ctrl: socket.socket) -> None:
 
 FAULTS = ["short_body", "long_body", "empty_body_with_fd", "oversized_datagram", "no_fd", "two_fds", "five_fds",
           "bad_magic", "header_map_id_differs", "header_generation_differs", "smaller_than_announced",
-          "header_only_length", "absurd_length", "not_a_memfd", "duplicate"]
+          "header_only_length", "absurd_length", "unsealed", "not_a_memfd", "duplicate"]
 
 
 @pytest.mark.parametrize("direction", ["h2g", "g2h"])
@@ -664,9 +671,9 @@ def test_received_attach_fds_are_close_on_exec(pair, monkeypatch):
     seen = []
     real = bigmap.Region
 
-    def spy(fd, size, writable=True):
+    def spy(fd, size, writable=True, *args):
         seen.append(os.get_inheritable(fd))
-        return real(fd, size, writable)
+        return real(fd, size, writable, *args)
 
     monkeypatch.setattr(bigmap, "Region", spy)
     pair.host.send(bytes(2 * MiB), timeout=5)

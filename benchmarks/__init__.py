@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks of shmhub against the transports Python users pick instead (`make bench`)."""

@@ -1,0 +1,127 @@
+"""`python -m benchmarks [--quick] [--only SCENARIO ...]`: runs every scenario with shmhub and each
+installed baseline in this one invocation, each pair pinned to two cores, and writes a Markdown
+table, a PNG plot and a JSON file (with machine facts) under benchmarks/results/."""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import report
+from .scenarios import SIDES, memcpy_reference
+from .transports import Shmhub, available, pin
+
+SIZES = [64, 4096, 65536, 1 << 20, 16 << 20]
+RESULTS = Path(__file__).parent / "results"
+
+
+def _child(transport, scenario, params):
+    pin(1)
+    transport.open("b")
+    try:
+        SIDES[scenario][1](transport, params)
+    finally:
+        transport.close()
+
+
+def run_baseline(cls, scenario, params):
+    t = cls()
+    proc = mp.get_context("fork").Process(target=_child, args=(t, scenario, params), daemon=True)
+    proc.start()
+    try:
+        t.open("a")
+        return SIDES[scenario][0](t, params)
+    finally:
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        t.close()
+
+
+def run_shmhub(scenario, params):
+    import shmhub
+
+    cfg = shmhub.SegmentConfig(max_guests=2, bipbuf_capacity=1 << 20, max_payload_size=(1 << 30) - 1,
+                               size_classes=((1024, 2048), (16 << 10, 256), (256 << 10, 32), (1 << 20, 16)))
+    with shmhub.Host(cfg, spin_ns=params.get("spin_ns", shmhub.link.DEFAULT_SPIN_NS)) as host:
+        g = host.spawn([sys.executable, "-m", "benchmarks.child", scenario, json.dumps(params)])
+        t = Shmhub(g.link)
+        out = SIDES[scenario][0](t, params)
+        g.wait(60)
+        out["link_stats"] = g.link.stats.as_dict()
+        return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks")
+    ap.add_argument("--quick", action="store_true", help="short phases (a smoke run, not for claims)")
+    ap.add_argument("--only", nargs="*", default=["pingpong", "busypoll", "stream", "ndarray"])
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    secs = 0.3 if args.quick else 2.0
+    pin(0)
+    baselines = available()
+    results = {"machine": report.machine_facts(), "baselines_missing": sorted(set(
+        ["pipe", "queue", "socketpair", "zmq", "faster-fifo", "iceoryx2"]) - set(baselines))}
+
+    def both(name, scenario, params, skip=()):
+        row = {"shmhub": run_shmhub(scenario, params)}
+        print(f"  {name}: shmhub {report.short(row['shmhub'])}", flush=True)
+        for key, cls in baselines.items():
+            if key in skip:
+                continue
+            try:
+                row[cls.name] = run_baseline(cls, scenario, params)
+                print(f"  {name}: {cls.name} {report.short(row[cls.name])}", flush=True)
+            except Exception as e:  # a baseline that fails is reported, not fatal
+                row[cls.name] = {"error": f"{type(e).__name__}: {e}"}
+        return row
+
+    if "pingpong" in args.only:
+        print("ping-pong 64 B, blocking receive", flush=True)
+        results["pingpong_blocking"] = both("blocking", "pingpong", {"size": 64, "busy": False, "seconds": secs, "warmup": 0.2, "max_rounds": 200000})
+    if "busypoll" in args.only:
+        print("ping-pong 64 B, busy-polling", flush=True)
+        results["pingpong_busy"] = both("busy", "pingpong", {"size": 64, "busy": True, "seconds": secs, "warmup": 0.2, "max_rounds": 500000},
+                                        skip=("queue",))
+    if "stream" in args.only:
+        results["stream"] = {}
+        for size in SIZES:
+            print(f"streaming {size} B", flush=True)
+            row = both(f"{size} B", "stream", {"size": size, "seconds": secs})
+            if size <= 4096:
+                row["shmhub send_many"] = run_shmhub("stream", {"size": size, "seconds": secs, "batch": 256})
+                print(f"  {size} B: shmhub send_many {report.short(row['shmhub send_many'])}", flush=True)
+            results["stream"][str(size)] = row
+    if "ndarray" in args.only:
+        n = 256 << 20
+        reps = 3 if args.quick else 7
+        print("256 MiB ndarray hand-over", flush=True)
+        row = {"shmhub (born in shared memory)": run_shmhub("ndarray", {"nbytes": n, "mode": "shm", "reps": reps}),
+               "shmhub (private array, copied)": run_shmhub("ndarray", {"nbytes": n, "mode": "copy_shmhub", "reps": reps})}
+        for key in ("pipe", "zmq", "socketpair"):
+            if key in baselines:
+                try:
+                    row[baselines[key].name] = run_baseline(baselines[key], "ndarray", {"nbytes": n, "mode": "bytes", "reps": reps})
+                except Exception as e:
+                    row[baselines[key].name] = {"error": f"{type(e).__name__}: {e}"}
+        row["memcpy reference"] = memcpy_reference(n, reps)
+        for k, v in row.items():
+            print(f"  {k}: {report.short(v)}", flush=True)
+        results["ndarray"] = row
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    paths = report.write(results, out, stamp)
+    print("\n" + (out / f"bench-{stamp}.md").read_text())
+    print("wrote", ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""Benchmark scenarios. Each has a parent side (`a`, measures) and a child side (`b`, serves and
+verifies). Both sides run the same code for every transport."""
+from __future__ import annotations
+
+import struct
+import time
+
+STOP = b"!"  # a 1-byte message ends a phase (payloads are never 1 byte)
+REPORT = struct.Struct("<QQ")  # messages seen, errors
+
+
+# -- ping-pong --------------------------------------------------------------------------------
+
+def pingpong_a(t, p):
+    payload = bytes(p["size"])
+    busy = p["busy"]
+    lat = []
+    end_warm = time.perf_counter() + p["warmup"]
+    deadline = end_warm + p["seconds"]
+    now = time.perf_counter_ns
+    while True:
+        t0 = now()
+        t.send(payload)
+        if busy:
+            while t.poll() is None:
+                pass
+        else:
+            t.recv()
+        t1 = now()
+        if t1 / 1e9 >= end_warm:
+            lat.append(t1 - t0)
+            if t1 / 1e9 >= deadline or len(lat) >= p["max_rounds"]:
+                break
+    t.send(STOP)
+    lat.sort()
+    return {"rounds": len(lat), "median_us": lat[len(lat) // 2] / 1e3, "p99_us": lat[int(len(lat) * 0.99)] / 1e3,
+            "p10_us": lat[len(lat) // 10] / 1e3, "p90_us": lat[int(len(lat) * 0.9)] / 1e3}
+
+
+def pingpong_b(t, p):
+    busy = p["busy"]
+    while True:
+        if busy:
+            m = t.poll()
+            while m is None:
+                m = t.poll()
+        else:
+            m = t.recv()
+        if len(m) == 1:
+            return
+        t.send(m)
+
+
+# -- one-way streaming ------------------------------------------------------------------------
+
+def stream_a(t, p):
+    size, seconds = p["size"], p["seconds"]
+    buf = bytearray(size)
+    batch = p.get("batch", 0)
+    t0 = time.perf_counter()
+    deadline = t0 + seconds
+    i = 0
+    if batch:
+        base = bytes(size - 8)
+        while time.perf_counter() < deadline:
+            # the receiver checks the sequence number in the first 8 bytes and the last byte
+            items = [(j.to_bytes(8, "little") + base[:-1] + bytes((j & 0xFF,))) for j in range(i, i + batch)]
+            t.send_many(items)
+            i += batch
+    else:
+        while True:
+            if (i & 63) == 0 and time.perf_counter() >= deadline:
+                break
+            buf[0:8] = i.to_bytes(8, "little")
+            buf[-1] = i & 0xFF
+            t.send(buf)
+            i += 1
+    t.send(STOP)
+    seen, errors = REPORT.unpack(bytes(t.recv()))
+    dt = time.perf_counter() - t0
+    return {"sent": i, "seen": seen, "errors": errors, "msgs_per_s": seen / dt, "bytes_per_s": seen * size / dt}
+
+
+def stream_b(t, p):
+    size = p["size"]
+    seen = errors = 0
+    if p.get("batch"):
+        import numpy as np
+
+        while True:
+            batch = t.recv_many(4096)
+            stop = len(batch[-1]) == 1
+            if stop:
+                batch = batch[:-1]
+            if batch:
+                # vectorised check of every message: length, sequence numbers, last byte
+                if any(len(m) != size for m in batch):
+                    errors += 1
+                arr = np.frombuffer(b"".join(batch), dtype=np.uint8).reshape(len(batch), size)
+                seq = arr[:, :8].copy().view("<u8").ravel()
+                want = np.arange(seen, seen + len(batch), dtype=np.uint64)
+                errors += int(np.count_nonzero(seq != want)) + int(np.count_nonzero(arr[:, -1] != (want & 0xFF)))
+                seen += len(batch)
+            if stop:
+                break
+    else:
+        while True:
+            m = t.recv()
+            if len(m) == 1:
+                break
+            if len(m) != size or int.from_bytes(m[0:8], "little") != seen or m[-1] != seen & 0xFF:
+                errors += 1
+            seen += 1
+    t.send(REPORT.pack(seen, errors))
+
+
+# -- 256 MiB ndarray hand-over ------------------------------------------------------------------
+
+def _pattern(np, n):
+    return (np.arange(n, dtype=np.uint32) % 251).astype(np.uint8)
+
+
+def ndarray_a(t, p):
+    """Time from "send" until the receiver holds a verified ndarray (it acks after checking)."""
+    import numpy as np
+
+    n, mode, reps = p["nbytes"], p["mode"], p["reps"]
+    src = _pattern(np, n)
+    times = []
+    for _ in range(reps):
+        if mode == "shm":  # born in shared memory: filled before the clock starts
+            a = t.link.empty((n,), np.uint8)
+            a[:] = src
+            t0 = time.perf_counter()
+            t.link.send_array(a)
+            del a
+        elif mode == "copy_shmhub":
+            t0 = time.perf_counter()
+            t.link.send_array(src)
+        else:  # baselines: the array's bytes through the transport
+            t0 = time.perf_counter()
+            t.send(memoryview(src))
+        ack = bytes(t.recv())
+        times.append(time.perf_counter() - t0)
+        if ack != b"ok":
+            raise RuntimeError(f"receiver rejected the array: {ack!r}")
+    t.send(STOP)
+    times.sort()
+    return {"reps": reps, "median_ms": times[len(times) // 2] * 1e3, "min_ms": times[0] * 1e3}
+
+
+def ndarray_b(t, p):
+    import numpy as np
+
+    n = p["nbytes"]
+    idx = np.arange(0, n, 4099)
+    expect = (idx % 251).astype(np.uint8)
+    while True:
+        if p["mode"] in ("shm", "copy_shmhub"):
+            m = t.link.recv()
+            if len(m) == 1:
+                return
+            from shmhub.codec import decode_array
+
+            a = decode_array(m)
+        else:
+            m = t.recv()
+            if len(m) == 1:
+                return
+            a = np.frombuffer(m, dtype=np.uint8)
+        ok = a.shape == (n,) and a[0] == 0 and a[-1] == (n - 1) % 251 and np.array_equal(a[idx], expect)
+        del a
+        t.send(b"ok" if ok else b"bad")
+
+
+def memcpy_reference(nbytes: int, reps: int) -> dict:
+    """One memcpy of nbytes into an already-faulted destination, and into fresh pages."""
+    import numpy as np
+
+    src = _pattern(np, nbytes)
+    dst = np.empty_like(src)
+    dst[:] = 0
+    warm, cold = [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        warm.append(time.perf_counter() - t0)
+        fresh = np.empty_like(src)
+        t0 = time.perf_counter()
+        np.copyto(fresh, src)
+        cold.append(time.perf_counter() - t0)
+        del fresh
+    return {"warm_median_ms": sorted(warm)[reps // 2] * 1e3, "fresh_pages_median_ms": sorted(cold)[reps // 2] * 1e3}
+
+
+SIDES = {"pingpong": (pingpong_a, pingpong_b), "stream": (stream_a, stream_b), "ndarray": (ndarray_a, ndarray_b)}

@@ -237,15 +237,31 @@ def request(socket_path: Union[str, os.PathLike], timeout: Optional[float] = DEF
             raise ShmTimeout(f"connecting to {path} took longer than {timeout} s") from None
         except OSError as e:
             raise BootstrapError(f"cannot connect to the bootstrap socket {path}: {e.strerror or e}") from None
-        try:
-            sock.sendall(encode_request(), socket.MSG_NOSIGNAL)
-        except TimeoutError:
-            raise ShmTimeout(f"sending the bootstrap request to {path} took longer than {timeout} s") from None
-        except OSError as e:
-            raise BootstrapError(f"cannot send the bootstrap request to {path}: {e.strerror or e}") from None
-        return recv_response(sock, None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return exchange(sock, None if deadline is None else max(0.0, deadline - time.monotonic()))
     finally:
         sock.close()
+
+
+def exchange(sock: socket.socket, timeout: Optional[float] = DEFAULT_TIMEOUT) -> Response:
+    """Guest side, on a connected socket: send VSH1, receive and decode the response."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(encode_request(), socket.MSG_NOSIGNAL)
+    except TimeoutError:
+        raise ShmTimeout(f"sending the bootstrap request took longer than {timeout} s") from None
+    except OSError as e:
+        # The host may have refused us already (our request came too late, say): show its reason.
+        try:
+            early = recv_response(sock, 0.5)
+        except (BootstrapError, ShmTimeout):
+            early = None
+        if early is not None and not early.ok:
+            return early
+        if early is not None:
+            early.close()
+        raise BootstrapError(f"cannot send the bootstrap request: {e.strerror or e}") from None
+    return recv_response(sock, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
 
 # -- host side: the listening socket ----------------------------------------------------------
@@ -301,10 +317,10 @@ def _bind(path: str, backlog: int) -> Tuple[socket.socket, Tuple[int, int]]:
 
 
 class _Pending:
-    __slots__ = ("sock", "buf", "deadline")
+    __slots__ = ("sock", "fd", "buf", "deadline")
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock, self.buf, self.deadline = sock, bytearray(), deadline
+        self.sock, self.fd, self.buf, self.deadline = sock, sock.fileno(), bytearray(), deadline
 
 
 class Listener:
@@ -416,7 +432,7 @@ class Listener:
                 conn.close()
                 self.dropped += 1
                 continue
-            self._pending[conn.fileno()] = p
+            self._pending[p.fd] = p
 
     def _readable(self, p: _Pending) -> None:
         try:
@@ -437,30 +453,29 @@ class Listener:
         p.buf += data
         if request_incomplete(p.buf):
             return
-        request = bytes(p.buf)
-        if len(request) == L.BOOTSTRAP_REQUEST_SIZE:
-            try:  # a longer request that arrived in one piece with these 4 bytes is refused too
-                request += p.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                pass
+        got = bytes(p.buf)
+        if len(got) == L.BOOTSTRAP_REQUEST_SIZE:
+            try:  # more bytes already behind these 4: the request is too long
+                got += p.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
             except OSError:
-                pass  # the answer's send will tell
+                pass  # nothing more (EAGAIN), or the peer is gone: the answer's send will tell
         try:
-            decode_request(request)
+            decode_request(got)
         except BootstrapError as e:
             self._refuse(p, str(e))
             return
         self._unregister(p)
         try:
             self._serve(p.sock)
-            self.served += 1
+            outcome = "served"
         except PeerHungUp:
-            self.dropped += 1
+            outcome = "dropped"
         except Exception as e:
             send_error(p.sock, f"{type(e).__name__}: {e}")
-            self.refused += 1
+            outcome = "refused"
         finally:
             p.sock.close()
+        setattr(self, outcome, getattr(self, outcome) + 1)  # counted once closed: `idle` means no fd left
 
     def _refuse(self, p: _Pending, diagnostic: str) -> None:
         send_error(p.sock, diagnostic)
@@ -468,16 +483,15 @@ class Listener:
         self.refused += 1
 
     def _unregister(self, p: _Pending) -> None:
-        fd = p.sock.fileno()
-        if self._pending.pop(fd, None) is not None:
+        if self._pending.get(p.fd) is p:
+            del self._pending[p.fd]
             try:
-                self._epoll.unregister(fd)
+                self._epoll.unregister(p.fd)
             except (OSError, ValueError):
                 pass
 
     def _finish(self, p: _Pending) -> None:
-        if p.sock.fileno() >= 0:
-            self._unregister(p)
+        self._unregister(p)
         p.sock.close()
 
     def _unbind(self) -> None:
@@ -510,5 +524,5 @@ class Listener:
 
 
 __all__ = ["Listener", "PeerHungUp", "Response", "clip_diagnostic", "decode_request", "decode_response",
-           "encode_request", "encode_response", "recv_response", "request", "request_incomplete",
+           "encode_request", "encode_response", "exchange", "recv_response", "request", "request_incomplete",
            "send_error", "send_response"]

@@ -104,11 +104,15 @@ def sock_path(tmp_path):
     return str(tmp_path / "hub.sock")
 
 
+SHORT = 0.5  # request_timeout of the tests that wait for it to expire
+LONG = 20.0  # request_timeout elsewhere: a stalled client on a loaded machine must not change the outcome
+
+
 @pytest.fixture
-def host(sock_path):
-    """A listening host with a short request timeout, closed afterwards (socket path removed)."""
+def host(sock_path, request):
+    """A listening host (request_timeout LONG unless parametrized), closed afterwards (socket path removed)."""
     h = shmhub.Host(CONFIG)
-    h.listen(sock_path, request_timeout=0.5)
+    h.listen(sock_path, request_timeout=getattr(request, "param", LONG))
     yield h
     h.close()
     assert not os.path.exists(sock_path)
@@ -409,6 +413,77 @@ def test_named_segment_attach_and_bootstrap_side_by_side(shm_path, sock_path):
         wait_for(lambda: peer_states(host) == ["Empty"] * CONFIG.max_guests, what="peers Empty")
 
 
+# -- the guest refuses wrong fds (a host that does not follow the wire) ---------------------------
+
+def _fake_host_once(path: str, peer_id: int, fds: list) -> threading.Thread:
+    """Serve one connection: read the request, answer success with these fds, close."""
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(1)
+    lsock.settimeout(10)
+
+    def run():
+        try:
+            conn, _ = lsock.accept()
+            with conn:
+                conn.settimeout(10)
+                assert conn.recv(4) == b"VSH1"
+                conn.sendmsg([bootstrap.encode_response(OK, peer_id, "")], [rights(*fds)], socket.MSG_NOSIGNAL)
+        finally:
+            lsock.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("case, error, needle", [
+    ("rx and tx differ", BootstrapError, "different sockets"),
+    ("doorbell is a pipe", shmhub.PeerDead, "not a socket"),
+    ("segment is a socket", shmhub.SegmentError, "not a regular file"),
+    ("control is a stream socket", BootstrapError, "not a Unix datagram socket"),
+    ("peer_id beyond max_guests", BootstrapError, "peer_id 30 out of range 1..24"),
+    ("peer not reserved", shmhub.PeerStateError, "is Empty, not Reserved"),
+])
+def test_guest_refuses_wrong_fds_and_closes_them(tmp_path, case, error, needle):
+    path = str(tmp_path / "fake.sock")
+    baseline = fd_count()
+    seg = shmhub.Segment.create(CONFIG)
+    bell_host, bell_guest = socket.socketpair()
+    ctrl_a, ctrl_b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stream_a, stream_b = socket.socketpair()
+    r, w = pipe_fds()
+    try:
+        peer_id = 1
+        if case != "peer not reserved":
+            seg.peers.reserve()
+        fds = [bell_guest.fileno(), seg.fd, ctrl_a.fileno(), ctrl_a.fileno()]
+        if case == "rx and tx differ":
+            fds[3] = ctrl_b.fileno()
+        elif case == "doorbell is a pipe":
+            fds[0] = r
+        elif case == "segment is a socket":
+            fds[1] = stream_a.fileno()
+        elif case == "control is a stream socket":
+            fds[2] = fds[3] = stream_a.fileno()
+        elif case == "peer_id beyond max_guests":
+            peer_id = 30
+        t = _fake_host_once(path, peer_id, fds)
+        with pytest.raises(error, match=needle):
+            shmhub.connect(path, timeout=5)
+        t.join(10)
+        assert not t.is_alive()
+        if case != "peer not reserved":
+            assert seg.peers.state_name(1) == "Reserved"  # the guest claimed nothing
+    finally:
+        for x in (bell_host, bell_guest, ctrl_a, ctrl_b, stream_a, stream_b):
+            x.close()
+        os.close(r)
+        os.close(w)
+        seg.close()
+    assert fd_count() == baseline  # every fd the guest received was closed
+
+
 # -- 20 guest processes at once -----------------------------------------------------------------
 
 def _serve(host, expected: int, errors: list, served: collections.Counter, stop: threading.Event) -> None:
@@ -434,6 +509,7 @@ def _serve(host, expected: int, errors: list, served: collections.Counter, stop:
 
 
 def test_twenty_guest_processes(host, sock_path):
+    # host has the LONG request deadline: 20 processes starting on 2 cores can stall a guest between connect and send.
     n = 20
     sizes = (INLINE_SIZE, SLOT_SIZE, MMAP_SIZE)
     baseline = fd_count()
@@ -539,7 +615,7 @@ ANSWERED = {
 }
 
 
-@pytest.mark.parametrize("case", list(ANSWERED))
+@pytest.mark.parametrize("case, host", [(c, SHORT if "silent" in c else LONG) for c in ANSWERED], indirect=["host"])
 def test_malformed_request_is_answered(host, sock_path, case):
     data, half_close, needle = ANSWERED[case]
     baseline = fd_count()
@@ -569,6 +645,23 @@ def test_malformed_request_is_answered(host, sock_path, case):
     echo_once(host, link, b"after " + case.encode())
     link.close()
     next_event(host, "exited")
+
+
+@pytest.mark.parametrize("host", [SHORT], indirect=True)
+def test_request_after_the_deadline_reports_the_hosts_reason(host, sock_path):
+    """A guest stalled past request_timeout gets the host's diagnostic, not a bare broken pipe."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(sock_path)
+        assert select.select([s], [], [], 10)[0] == [s]  # the host refused us and hung up
+        resp = bootstrap.exchange(s, timeout=5)
+        assert (resp.status, resp.peer_id, resp.fds) == (ERR, 0, ())
+        assert "no complete request within 0.5 s (got nothing)" in resp.payload
+    finally:
+        s.close()
+    assert host._listener.served == 0
+    wait_for(lambda: host._listener.idle, what="the connection closed")
+    assert peer_states(host) == ["Empty"] * CONFIG.max_guests
 
 
 DROPPED = {
@@ -639,7 +732,7 @@ def test_spawned_and_bootstrapped_guests_share_one_host(host, sock_path):
 
 def test_silent_peers_do_not_block_a_guest(sock_path):
     with shmhub.Host(CONFIG) as host:
-        host.listen(sock_path, request_timeout=3.0)
+        host.listen(sock_path, request_timeout=5.0)
         baseline = fd_count()
         silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         partial = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -656,7 +749,7 @@ def test_silent_peers_do_not_block_a_guest(sock_path):
             next_event(host, "exited")
             for s, got in ((silent, "got nothing"), (partial, "got 2 of 4 bytes")):
                 resp = bootstrap.recv_response(s, timeout=10)
-                assert resp.status == ERR and f"no complete request within 3.0 s ({got})" in resp.payload
+                assert resp.status == ERR and f"no complete request within 5.0 s ({got})" in resp.payload
         finally:
             silent.close()
             partial.close()

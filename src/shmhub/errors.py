@@ -77,6 +77,15 @@ class HostGone(LinkError):
     """The host said goodbye or died; no more messages will come."""
 
 
+class BootstrapError(ShmhubError):
+    """The socket bootstrap of a walk-in guest failed: connection, malformed frame, or wrong fds
+    (format-v7 1.11, DECISIONS 17)."""
+
+
+class BootstrapRefused(BootstrapError):
+    """The host answered the bootstrap request with an error response; the message is its diagnostic."""
+
+
 class PayloadTooLarge(ShmhubError, ValueError):
     """A payload exceeds max_payload_size (or the largest tier available)."""
 

@@ -1,4 +1,5 @@
-"""The guest side: connect() inside a spawned child, Guest.attach() for a walk-in guest."""
+"""The guest side: connect() inside a spawned child, connect(socket_path) for a walk-in guest that
+bootstraps over the host's socket, Guest.attach() for a walk-in guest on a named segment."""
 from __future__ import annotations
 
 import json
@@ -6,10 +7,11 @@ import os
 import socket
 import threading
 import time
-from typing import Optional
+from typing import Optional, Union
 
+from . import bootstrap
 from .doorbell import Doorbell
-from .errors import SegmentError, ShmhubError
+from .errors import BootstrapError, BootstrapRefused, SegmentError, ShmhubError
 from .link import DEFAULT_SPIN_NS, GUEST, Link
 from .segment import Segment
 
@@ -30,8 +32,15 @@ def _heartbeat_thread(link: Link, interval_ns: int) -> None:
     threading.Thread(target=run, name=f"shmhub-heartbeat-{link.peer_id}", daemon=True).start()
 
 
-def connect(*, spin_ns: int = DEFAULT_SPIN_NS) -> Link:
-    """Inside a child started by Host.spawn: map the segment, claim the reserved peer, return the Link."""
+def connect(socket_path: Optional[Union[str, os.PathLike]] = None, *, spin_ns: int = DEFAULT_SPIN_NS,
+            timeout: Optional[float] = bootstrap.DEFAULT_TIMEOUT) -> Link:
+    """Return this guest's Link.
+
+    connect(socket_path): a walk-in guest bootstraps over the host's Host.listen() socket
+    (DECISIONS 17, docs/bootstrap.md); `timeout` bounds connect + request + response.
+    connect(): inside a child started by Host.spawn, from the inherited fds."""
+    if socket_path is not None:
+        return _connect_socket(socket_path, spin_ns, timeout)
     spec = os.environ.get(ENV)
     if not spec:
         raise SegmentError(f"{ENV} is not set: connect() works in a process started by Host.spawn")
@@ -44,25 +53,58 @@ def connect(*, spin_ns: int = DEFAULT_SPIN_NS) -> Link:
     except (ValueError, KeyError, TypeError) as e:
         raise SegmentError(f"malformed {ENV}={spec!r}: {e}") from None
     del os.environ[ENV]  # our own children are not guests of this host
+    return _adopt(peer_id, seg_fd, bell_fd, ctrl_fd, spin_ns, SegmentError)
+
+
+def _connect_socket(socket_path: Union[str, os.PathLike], spin_ns: int, timeout: Optional[float]) -> Link:
+    resp = bootstrap.request(socket_path, timeout)
+    if not resp.ok:
+        raise BootstrapRefused(f"the host at {os.fspath(socket_path)} refused the bootstrap: {resp.payload}")
+    bell_fd, seg_fd, rx_fd, tx_fd = resp.fds  # the wire's order (format-v7 1.11)
     try:
-        seg = Segment.attach(seg_fd)  # attach through the fd (trap 17), sized by fstat
-    finally:
-        os.close(seg_fd)
-    try:
-        if not 1 <= peer_id <= seg.config.max_guests:  # trap 16
-            raise SegmentError(f"peer_id {peer_id} out of range 1..{seg.config.max_guests}")
-        doorbell = Doorbell.from_fd(bell_fd)
+        rx, tx = os.fstat(rx_fd), os.fstat(tx_fd)
+        if (rx.st_dev, rx.st_ino) != (tx.st_dev, tx.st_ino):
+            raise BootstrapError("mmap_rx and mmap_tx are different sockets; shmhub uses one control socket both ways")
+        os.close(tx_fd)  # the duplicate: the Link sends and receives on rx
     except BaseException:
-        seg.close()
+        resp.close()
         raise
+    return _adopt(resp.peer_id, seg_fd, bell_fd, rx_fd, spin_ns, BootstrapError)
+
+
+def _adopt(peer_id: int, seg_fd: int, bell_fd: int, ctrl_fd: int, spin_ns: int, err: type) -> Link:
+    """Map the segment from its fd, take the doorbell and control socket, claim the reserved peer
+    (Reserved -> Attached: the host reserved it, the guest claims it, for spawned and bootstrapped
+    guests alike). Owns the three fds: on failure every one of them is closed."""
+    seg: Optional[Segment] = None
+    doorbell: Optional[Doorbell] = None
+    control: Optional[socket.socket] = None
     try:
+        try:
+            seg = Segment.attach(seg_fd)  # attach through the fd (trap 17), sized by fstat
+        finally:
+            os.close(seg_fd)
+        if not 1 <= peer_id <= seg.config.max_guests:  # trap 16
+            raise err(f"peer_id {peer_id} out of range 1..{seg.config.max_guests}")
+        doorbell = Doorbell.from_fd(bell_fd)
+        bell_fd = -1
         control = socket.socket(fileno=ctrl_fd)
+        ctrl_fd = -1
+        if control.family != socket.AF_UNIX or control.type != socket.SOCK_DGRAM:
+            raise err("the mmap control fd is not a Unix datagram socket")
         control.setblocking(False)
-        os.set_inheritable(ctrl_fd, False)
+        os.set_inheritable(control.fileno(), False)
         seg.peers.claim(peer_id)
     except BaseException:
-        doorbell.close()
-        seg.close()
+        for x in (control, doorbell, seg):
+            if x is not None:
+                x.close()
+        for fd in (bell_fd, ctrl_fd):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
         raise
     link = Link(seg, peer_id, doorbell, GUEST, control=control, spin_ns=spin_ns, owns_segment=True)
     if seg.config.heartbeat_interval_ns:

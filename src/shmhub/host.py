@@ -6,6 +6,7 @@ import os
 import queue
 import select
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -14,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import layout as L
 from ._native import Message, spin_any_readable
-from . import bigmap
+from . import bigmap, bootstrap
 from .doorbell import Doorbell
 from .errors import LinkCorrupted, PeerDead, ShmTimeout, ShmhubError
 from .guest import ENV, ENV_VERSION
@@ -35,6 +36,22 @@ class HostEvent:
     reason: str = ""
     detail: Dict[str, int] = field(default_factory=dict)
     time_ns: int = field(default_factory=time.monotonic_ns)
+
+
+@dataclass
+class _Prepared:
+    """A reserved peer with its doorbell and mmap-control pairs, before the guest has its ends
+    (algorithms.md 2.10 prepare_peer; shared by spawn and the socket bootstrap)."""
+
+    peer_id: int
+    host_bell: Doorbell
+    guest_bell: socket.socket
+    host_ctrl: socket.socket
+    guest_ctrl: socket.socket
+
+    def close_guest_ends(self) -> None:
+        self.guest_bell.close()
+        self.guest_ctrl.close()
 
 
 class GuestHandle:
@@ -100,6 +117,7 @@ class Host:
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._stopping = False
         self.segment.on_grow = self.ring_all
+        self._listener: Optional[bootstrap.Listener] = None
         self._monitor = threading.Thread(target=self._monitor_loop, name="shmhub-host-monitor", daemon=True)
         self._monitor.start()
 
@@ -119,45 +137,107 @@ class Host:
             raise ValueError("close_fds=False would leak other guests' doorbells into the child (trap 33)")
         pass_fds = tuple(popen_kwargs.pop("pass_fds", ()))
         env = dict(popen_kwargs.pop("env", None) or os.environ)
+        p = self._prepare_peer()
+        try:
+            env[ENV] = json.dumps({"v": ENV_VERSION, "peer_id": p.peer_id, "segment_fd": self.segment.fd,
+                                   "doorbell_fd": p.guest_bell.fileno(), "control_fd": p.guest_ctrl.fileno()})
+            # pass_fds makes exactly these fds inheritable, in this child only (trap 33).
+            proc = subprocess.Popen(list(argv), pass_fds=pass_fds + (self.segment.fd, p.guest_bell.fileno(), p.guest_ctrl.fileno()),
+                                    env=env, close_fds=True, **popen_kwargs)
+        except BaseException:
+            self._abandon(p)
+            raise
+        finally:
+            p.close_guest_ends()  # the child has its copy now (Popen returns after exec)
+        handle = self._register(p, proc)
+        self._emit(HostEvent("spawned", p.peer_id, proc.pid))
+        return handle
+
+    def listen(self, socket_path: str, *, request_timeout: float = bootstrap.DEFAULT_REQUEST_TIMEOUT) -> None:
+        """Accept walk-in guests on a Unix stream socket (mode 0600, DECISIONS 17, docs/bootstrap.md):
+        shmhub.connect(socket_path) in another process gets a peer with its doorbell, the segment and
+        its mmap control socket. A stale socket file is replaced, a live one refused. Each connection
+        must deliver its request within request_timeout. close() stops listening and removes the path."""
+        self._check_open()
+        with self._lock:
+            if self._listener is not None:
+                raise ShmhubError(f"already listening on {self._listener.path}")
+            self._listener = bootstrap.Listener(socket_path, self._bootstrap_guest, request_timeout=request_timeout)
+
+    @property
+    def socket_path(self) -> Optional[str]:
+        """Where listen() accepts guests, or None."""
+        return self._listener.path if self._listener is not None else None
+
+    def _bootstrap_guest(self, conn: socket.socket) -> None:
+        """Listener thread, after a valid VSH1: prepare a peer exactly as spawn does, send VSP1 and the
+        guest's 4 fds in one sendmsg, drop our copies of them, register the guest.
+
+        Who marks the peer Attached: the guest, as a spawned child does. The host reserves it here
+        (Empty -> Reserved); the guest claims it (Reserved -> Attached) once it has mapped the segment.
+        A guest that dies before claiming hangs up its doorbell, and recovery resets the entry to Empty."""
+        self._check_open()
+        p = self._prepare_peer()
+        ctrl = p.guest_ctrl.fileno()  # one DGRAM socket both ways: it is mmap_rx and mmap_tx
+        try:
+            bootstrap.send_response(conn, L.BOOTSTRAP_STATUS_OK, p.peer_id, self.segment.path or "",
+                                    [p.guest_bell.fileno(), self.segment.fd, ctrl, ctrl])
+        except BaseException:
+            self._abandon(p)
+            raise
+        finally:
+            p.close_guest_ends()  # the guest has its own copies now (or never will)
+        with self._lock:  # "attached" is out before recovery (which needs the lock) can report the guest gone
+            self._register(p, None)
+            self._emit(HostEvent("attached", p.peer_id, None))
+
+    def _prepare_peer(self) -> _Prepared:
+        """Reserve a peer (Empty -> Reserved) and make its doorbell and mmap-control pairs. The peer is
+        kept out of walk-in discovery until _register or _abandon."""
         with self._lock:
             peer_id = self.segment.peers.reserve()
             self._spawning.add(peer_id)
-        host_bell = guest_sock = host_ctrl = guest_ctrl = None
+        made: list = []
         try:
-            host_bell, guest_sock = Doorbell.pair()
+            host_bell, guest_bell = Doorbell.pair()
+            made += [host_bell, guest_bell]
             host_ctrl, guest_ctrl = bigmap.socketpair()
-            env[ENV] = json.dumps({"v": ENV_VERSION, "peer_id": peer_id, "segment_fd": self.segment.fd,
-                                   "doorbell_fd": guest_sock.fileno(), "control_fd": guest_ctrl.fileno()})
-            # pass_fds makes exactly these fds inheritable, in this child only (trap 33).
-            proc = subprocess.Popen(list(argv), pass_fds=pass_fds + (self.segment.fd, guest_sock.fileno(), guest_ctrl.fileno()),
-                                    env=env, close_fds=True, **popen_kwargs)
         except BaseException:
-            for x in (host_bell, host_ctrl):
-                if x is not None:
-                    x.close()
-            with self._lock:
-                self._spawning.discard(peer_id)
-                self.segment.peers.release_reserved(peer_id)
+            for x in made:
+                x.close()
+            self._release_reservation(peer_id)
             raise
-        finally:
-            for x in (guest_sock, guest_ctrl):
-                if x is not None:
-                    x.close()  # the child has its copy now (Popen returns after exec)
-        link = Link(self.segment, peer_id, host_bell, HOST, control=host_ctrl, spin_ns=self.spin_ns)
-        handle = GuestHandle(self, peer_id, link, proc)
-        try:
-            handle.pidfd = os.pidfd_open(proc.pid)
-        except (AttributeError, OSError):
-            handle.pidfd = None  # no pidfd: doorbell EOF and the monitor's poll() still notice exit
+        return _Prepared(peer_id, host_bell, guest_bell, host_ctrl, guest_ctrl)
+
+    def _abandon(self, p: _Prepared) -> None:
+        """The guest never got its fds: close every end and release the reservation."""
+        for x in (p.host_bell, p.host_ctrl):
+            x.close()
+        p.close_guest_ends()
+        self._release_reservation(p.peer_id)
+
+    def _release_reservation(self, peer_id: int) -> None:
         with self._lock:
             self._spawning.discard(peer_id)
-            self._handles[peer_id] = handle
-            self._by_fd[host_bell.fileno()] = handle
-            self._epoll.register(host_bell.fileno(), select.EPOLLRDHUP)  # hang-up only: never eats a wake byte
+            self.segment.peers.release_reserved(peer_id)
+
+    def _register(self, p: _Prepared, proc: Optional[subprocess.Popen]) -> GuestHandle:
+        """The guest has its fds: build the host's Link and watch the doorbell (and pidfd) for death."""
+        link = Link(self.segment, p.peer_id, p.host_bell, HOST, control=p.host_ctrl, spin_ns=self.spin_ns)
+        handle = GuestHandle(self, p.peer_id, link, proc)
+        if proc is not None:
+            try:
+                handle.pidfd = os.pidfd_open(proc.pid)
+            except (AttributeError, OSError):
+                handle.pidfd = None  # no pidfd: doorbell EOF and the monitor's poll() still notice exit
+        with self._lock:
+            self._spawning.discard(p.peer_id)
+            self._handles[p.peer_id] = handle
+            self._by_fd[p.host_bell.fileno()] = handle
+            self._epoll.register(p.host_bell.fileno(), select.EPOLLRDHUP)  # hang-up only: never eats a wake byte
             if handle.pidfd is not None:
                 self._by_fd[handle.pidfd] = handle
                 self._epoll.register(handle.pidfd, select.EPOLLIN)
-        self._emit(HostEvent("spawned", peer_id, proc.pid))
         return handle
 
     # -- receiving from any guest -----------------------------------------------------------
@@ -392,6 +472,8 @@ class Host:
         if self._closed:
             return
         self._closed = True
+        if self._listener is not None:
+            self._listener.close()  # no guest arrives from here on; the socket path is removed
         self.segment.say_goodbye()  # DECISIONS 13
         with self._lock:
             handles = list(self._handles.values())

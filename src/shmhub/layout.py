@@ -125,6 +125,27 @@ MAP_HDR_LEASES = 16  # AtomicU32: +1 by the sender per payload sent, -1 by the r
 MAP_HDR_RETIRED = 20  # AtomicU32: 1 = the sender will never reference this mapping again
 MAP_HEADER_SIZE = 4096
 
+# --- Bootstrap wire over a Unix stream socket (format-v7 1.11, DECISIONS 17) -----------------
+BOOTSTRAP_REQUEST = b"VSH1"  # the whole request: exactly these 4 bytes
+BOOTSTRAP_REQUEST_SIZE = 4
+BOOTSTRAP_REQUEST_OLD = b"RSH0"  # the older revision's request magic (+ u16 sid_len + sid): refused by name
+BOOTSTRAP_RESPONSE_MAGIC = b"VSP1"
+BOOTSTRAP_RESPONSE_HEADER_SIZE = 11  # then payload_len bytes; the frame is exactly 11 + payload_len
+BR_MAGIC = 0  # 4 bytes
+BR_STATUS = 4  # u8
+BR_PEER_ID = 5  # u32 LE (unaligned); 0 on error
+BR_PAYLOAD_LEN = 9  # u16 LE
+BR_PAYLOAD = 11  # UTF-8: segment path ("" for an anonymous segment) on success, diagnostic on error
+BOOTSTRAP_STATUS_OK = 0
+BOOTSTRAP_STATUS_ERROR = 1
+BOOTSTRAP_MAX_PAYLOAD = 0xFFFF
+# Success only: exactly 4 fds in one SCM_RIGHTS cmsg, in this order (none on error).
+BOOTSTRAP_NUM_FDS = 4
+BOOTSTRAP_FD_DOORBELL = 0
+BOOTSTRAP_FD_SEGMENT = 1
+BOOTSTRAP_FD_MMAP_RX = 2
+BOOTSTRAP_FD_MMAP_TX = 3
+
 # --- VarSlotPool, format-v7 1.6-1.7 -----------------------------------------------------------
 CLASS_HEADER_SIZE = 64
 CLS_SLOT_SIZE = 0  # u32

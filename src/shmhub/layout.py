@@ -241,7 +241,7 @@ class SegmentConfig:
                 raise ConfigError(f"size_classes[{i}]={c!r} must be (slot_size, slot_count) or (slot_size, slot_count, max_extents)")
             size, count = c[0], c[1]
             extents = c[2] if len(c) == 3 else 1
-            if not isinstance(extents, int) or not 1 <= extents <= MAX_EXTENTS:
+            if not isinstance(extents, int) or isinstance(extents, bool) or not 1 <= extents <= MAX_EXTENTS:
                 raise ConfigError(f"size_classes[{i}] max_extents={extents!r} must be between 1 and {MAX_EXTENTS}")
             _u32(f"size_classes[{i}] slot_size", size, "use smaller slots (large payloads go through the mmap tier)")
             _u32(f"size_classes[{i}] slot_count", count, "use fewer slots")

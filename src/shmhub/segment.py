@@ -269,6 +269,10 @@ class Segment:
         """Host: append one extent to class c. False when the class is at its maximum.
         Order: resize the file, store current_size, store the extent's offset and count, push its
         slots on the free list; the caller then rings every guest."""
+        if not self.region.writable:
+            # Checked first: the steps below resize the file and format the extent through a
+            # mapping of their own, so a read-only attach over a writable fd would change the file.
+            raise PermissionError("segment is attached read-only; it cannot grow")
         with self._grow_lock:
             e = self.extent_count(c)
             if e >= self.max_extents(c):

@@ -23,12 +23,13 @@ def spec_layout(max_guests, cap, classes):
     pool = A(ring_base + max_guests * 2 * stride, 64)
     off = pool + A(64 * len(classes), 64)
     cls = []
-    for i, (size, count) in enumerate(classes):
+    # a growable class (slot_size, slot_count, max_extents) places its first extent like a v7 class
+    for i, (size, count, *_) in enumerate(classes):
         meta = off
         data = meta + A(16 * count, 64)
         off = data + A(size * count, 64)
         cls.append((pool + 64 * i, meta, data))
-    pool_size = A(64 * len(classes), 64) + sum(A(16 * n, 64) + A(s * n, 64) for s, n in classes)
+    pool_size = A(64 * len(classes), 64) + sum(A(16 * n, 64) + A(s * n, 64) for s, n, *_ in classes)
     return dict(ring_base=ring_base, stride=stride, rings=rings, pool=pool, classes=cls, pool_size=pool_size, total=pool + pool_size)
 
 
@@ -64,7 +65,13 @@ INVALID = [
     (dict(size_classes=()), "size_classes"),
     (dict(size_classes=tuple((64 * (i + 1), 1) for i in range(257))), "size_classes"),
     (dict(size_classes=((64,),)), "size_classes[0]"),
-    (dict(size_classes=((64, 1, 1),)), "size_classes[0]"),
+    (dict(size_classes=((64, 1, 1, 1),)), "size_classes[0]"),  # (slot_size, slot_count[, max_extents])
+    (dict(size_classes=((64, 1, 0),)), "size_classes[0]"),
+    (dict(size_classes=((64, 1), (128, 1, L.MAX_EXTENTS + 1))), "size_classes[1]"),
+    (dict(size_classes=((64, 1, -1),)), "size_classes[0]"),
+    (dict(size_classes=((64, 1, 2.0),)), "size_classes[0]"),
+    (dict(size_classes=((64, 1, "2"),)), "size_classes[0]"),
+    (dict(size_classes=((64, 1, True),)), "size_classes[0]"),
     (dict(size_classes=((64, 1), (0, 1))), "size_classes[1]"),
     (dict(size_classes=((100, 1),)), "size_classes[0]"),
     (dict(size_classes=((32, 1),)), "size_classes[0]"),
@@ -73,6 +80,8 @@ INVALID = [
     (dict(size_classes=((64, 0),)), "size_classes[0]"),
     (dict(size_classes=((64, -1),)), "size_classes[0]"),
     (dict(size_classes=((64, L.EMPTY_INDEX),)), "size_classes[0]"),
+    # global free-list indices (extent * slot_count + slot) of every possible extent stay below EMPTY
+    (dict(size_classes=((64, (L.EMPTY_INDEX - 1) // L.MAX_EXTENTS + 1),)), "size_classes[0]"),
     (dict(size_classes=((64, "4"),)), "size_classes[0]"),
     (dict(size_classes=((64.0, 4),)), "size_classes[0]"),
     (dict(size_classes=((128, 1), (64, 1))), "ascending"),
@@ -92,9 +101,11 @@ def test_invalid_config_raises_config_error_naming_field(kwargs, word):
 
 
 def test_too_big_segment_is_config_error():
-    # trap 13: checked arithmetic; a segment beyond what can be mapped is refused up front
+    # trap 13: checked arithmetic; a segment beyond what can be mapped is refused up front.
+    # Every class is valid on its own (the most slots a class may have); together they are not.
+    n = (L.EMPTY_INDEX - 1) // L.MAX_EXTENTS
     with pytest.raises(ConfigError) as ei:
-        SegmentConfig(max_guests=1, bipbuf_capacity=64, size_classes=((0xFFFFFFC0, 0xFFFFFFFE),))
+        SegmentConfig(max_guests=1, bipbuf_capacity=64, size_classes=((0xFFFFFF40, n), (0xFFFFFF80, n), (0xFFFFFFC0, n)))
     assert "segment size" in str(ei.value)
     with pytest.raises(ConfigError):
         Layout.compute(1, 64, ((0xFFFFFFC0, 0xFFFFFFFE), (0xFFFFFFFF, 0xFFFFFFFE)))
@@ -122,7 +133,10 @@ def test_bipbuf_capacity_message_suggests_fix():
         dict(heartbeat_interval_ns=L.U64_MAX),
         dict(size_classes=[[64, 1]]),
         dict(size_classes=tuple((64 * (i + 1), 1) for i in range(256))),
-        dict(size_classes=((64, L.EMPTY_INDEX - 1),)),
+        dict(size_classes=((64, (L.EMPTY_INDEX - 1) // L.MAX_EXTENTS),)),  # the most slots a class may have
+        dict(size_classes=((64, 1, 1),)),  # max_extents 1: a class that cannot grow
+        dict(size_classes=((64, 4), (128, 2, L.MAX_EXTENTS))),
+        dict(size_classes=[[64, 1, 2]]),
     ],
 )
 def test_valid_configs(kwargs):
@@ -193,6 +207,7 @@ CONFIGS = [
     (8, 256 * 1024, ((1024, 256), (16 * 1024, 128), (256 * 1024, 16), (1 << 20, 8))),
     (255, 64, ((64, 3), (128, 5))),
     (5, 640, ((64, 1), (128, 2), (192, 3), (256, 4), (320, 5))),
+    (2, 128, ((64, 4, 3), (256, 2), (1024, 1, 5))),  # growable classes: extent 0 as in v7
 ]
 
 
@@ -208,7 +223,8 @@ def test_layout_matches_spec_formulas(g, cap, classes):
     assert [lay.peer_entry_offset(p) for p in range(1, g + 1)] == [128 + 64 * i for i in range(g)]
     assert lay.var_pool_offset == ref["pool"]
     assert [(c.header_offset, c.meta_offset, c.data_offset) for c in lay.classes] == ref["classes"]
-    assert [(c.slot_size, c.slot_count) for c in lay.classes] == list(classes)
+    assert [(c.slot_size, c.slot_count) for c in lay.classes] == [tuple(c[:2]) for c in classes]
+    assert [c.max_extents for c in lay.classes] == [c[2] if len(c) > 2 else 1 for c in classes]
     assert lay.pool_size == ref["pool_size"]
     assert lay.total_size == ref["total"] == lay.var_pool_offset + lay.pool_size
     assert (lay.max_guests, lay.bipbuf_capacity) == (g, cap)
@@ -237,6 +253,28 @@ def test_non_multiple_of_64_sizes_are_padded():
     assert c0.data_offset - c0.meta_offset == 64  # 48 bytes of meta, padded
     assert c1.meta_offset - c0.data_offset == 320  # 300 bytes of data, padded
     assert c1.meta_offset % 64 == 0 and lay.total_size % 64 == 0
+
+
+def test_extent_layout():
+    # FEATURE_EXTENTS: an appended extent is the slot metadata, padded to 64, then the slot data
+    assert L.extent_layout(256, 3) == (64, 64 + 768)
+    assert L.extent_layout(100, 5) == (128, 128 + 512)  # 80 bytes of meta, 500 of data, padded
+    assert L.extent_layout(64, 100) == (1600, 1600 + 6400)
+    data, size = L.extent_layout(1024, 4)
+    lay = Layout.compute(1, 64, ((1024, 4),))
+    c = lay.classes[0]
+    assert (data, size) == (c.data_offset - c.meta_offset, lay.total_size - c.meta_offset)  # same as extent 0
+
+
+def test_growth_does_not_change_the_v7_layout():
+    # max_extents lives in the class header's padding: the v7 offsets are those of the same
+    # classes without it, so an upstream reader finds everything where it expects
+    grow = Layout.compute(3, 192, ((64, 4, 5), (256, 2, 2)))
+    plain = Layout.compute(3, 192, ((64, 4), (256, 2)))
+    assert [c.max_extents for c in grow.classes] == [5, 2]
+    assert [c.max_extents for c in plain.classes] == [1, 1]
+    strip = lambda lay: (lay.total_size, lay.var_pool_offset, [(c.header_offset, c.meta_offset, c.data_offset) for c in lay.classes])  # noqa: E731
+    assert strip(grow) == strip(plain)
 
 
 @pytest.mark.parametrize("peer_id", [0, -1, 3, 256])

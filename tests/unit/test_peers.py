@@ -41,7 +41,10 @@ def entry(seg, peer_id):
     raw = seg.region.read(off, L.PEER_ENTRY_SIZE)
     u32 = lambda o: int.from_bytes(raw[o:o + 4], "little")  # noqa: E731
     u64 = lambda o: int.from_bytes(raw[o:o + 8], "little")  # noqa: E731
-    assert raw[24:] == bytes(40), "reserved bytes of a peer entry must stay zero"
+    # bytes 24..56 carry a link's mmap-tier counters (FEATURE_MMAP_LEASES): only links write
+    # them, never the peer table, and no link exists in these tests
+    assert raw[L.PEER_G2H_MAPPINGS:L.PEER_EXT_END] == bytes(32), "the peer table must not write the mmap-tier counters"
+    assert raw[L.PEER_EXT_END:] == bytes(L.PEER_ENTRY_SIZE - L.PEER_EXT_END), "reserved bytes of a peer entry must stay zero"
     return u32(0), u32(4), u64(8), u64(16)
 
 
@@ -131,6 +134,35 @@ def test_detach_and_reset_cycle(seg, peers):
     assert peers.attach() == p
     assert peers.epoch(p) == 2
     assert peers.ring_offset(p) == seg.layout.ring_offset(p)  # written once, never touched
+
+
+def test_reset_zeroes_the_mmap_counters_and_nothing_else(seg, peers):
+    # docs/extensions.md bit 1: recovery of a peer zeroes bytes 24..56 of its entry; the
+    # still-reserved bytes 56..64, the ring offset, the epoch and the neighbours are left alone
+    p = peers.attach()
+    base = seg.layout.peer_entry_offset(p)
+    r = seg.region
+    r.store_u32(base + L.PEER_G2H_MAPPINGS, 3)
+    r.store_u32(base + L.PEER_H2G_MAPPINGS, 4)
+    r.store_u32(base + L.PEER_G2H_LEASES, 5)
+    r.store_u32(base + L.PEER_H2G_LEASES, 6)
+    r.store_u64(base + L.PEER_G2H_MAPPED_BYTES, 7 << 32)
+    r.store_u64(base + L.PEER_H2G_MAPPED_BYTES, 8)
+    assert peers.mmap_counters(p) == {"g2h": {"mappings": 3, "mapped_bytes": 7 << 32, "leases": 5},
+                                      "h2g": {"mappings": 4, "mapped_bytes": 8, "leases": 6}}
+    r.write(base + L.PEER_EXT_END, b"\xee" * (L.PEER_ENTRY_SIZE - L.PEER_EXT_END))
+    others = [r.read(seg.layout.peer_entry_offset(q), L.PEER_ENTRY_SIZE) for q in range(1, GUESTS + 1) if q != p]
+    peers.detach(p)
+    peers.reset(p)
+    raw = r.read(base, L.PEER_ENTRY_SIZE)
+    assert raw[L.PEER_G2H_MAPPINGS:L.PEER_EXT_END] == bytes(32)
+    assert raw[L.PEER_EXT_END:] == b"\xee" * (L.PEER_ENTRY_SIZE - L.PEER_EXT_END)
+    assert peers.mmap_counters(p) == {"g2h": {"mappings": 0, "mapped_bytes": 0, "leases": 0},
+                                      "h2g": {"mappings": 0, "mapped_bytes": 0, "leases": 0}}
+    assert (peers.state(p), peers.epoch(p), peers.last_heartbeat(p)) == (EMPTY, 1, 0)
+    assert peers.ring_offset(p) == seg.layout.ring_offset(p)
+    assert [r.read(seg.layout.peer_entry_offset(q), L.PEER_ENTRY_SIZE) for q in range(1, GUESTS + 1) if q != p] == others
+    r.zero(base + L.PEER_EXT_END, L.PEER_ENTRY_SIZE - L.PEER_EXT_END)
 
 
 def test_reserve_scans_on_past_taken_entries(seg, peers):

@@ -59,7 +59,10 @@ def test_create_anonymous():
         assert seg.region.load_u32(L.HDR_VERSION) == 7
         assert seg.region.load_u32(L.HDR_HEADER_SIZE) == 128
         assert seg.region.load_u32(L.HDR_NUM_CLASSES) == 2
-        assert seg.region.read(L.HDR_FEATURES, L.HDR_RESERVED_END - L.HDR_FEATURES) == bytes(48)
+        # DECISIONS 4: the first reserved u32 holds our extensions (all of them by default);
+        # the rest of the reserved bytes stay zero
+        assert seg.region.load_u32(L.HDR_FEATURES) == seg.features == L.KNOWN_FEATURES
+        assert seg.region.read(L.HDR_FEATURES + 4, L.HDR_RESERVED_END - L.HDR_FEATURES - 4) == bytes(44)
         assert not seg.host_goodbye
         assert not seg.closed
     assert seg.closed
@@ -68,6 +71,99 @@ def test_create_anonymous():
 def test_create_default_config():
     with Segment.create() as seg:
         assert seg.config == SegmentConfig()
+
+
+# --- features (DECISIONS 4, docs/extensions.md) ------------------------------------------------
+
+# Class 1 may grow (FEATURE_EXTENTS); on a features=0 segment it is a plain v7 class.
+SMALL_GROW = SegmentConfig(max_guests=2, bipbuf_capacity=64, size_classes=((64, 4), (256, 2, 3)))
+
+
+def test_known_feature_bits():
+    assert L.KNOWN_FEATURES == L.FEATURE_WAITER_FLAGS | L.FEATURE_MMAP_LEASES | L.FEATURE_EXTENTS == 0x7
+    assert not (1 << 3) & L.KNOWN_FEATURES  # what the "unknown feature bit" cases below rely on
+
+
+def test_create_features_zero_is_plain_v7(shm_path):
+    # features=0 writes an upstream v7 segment: every reserved and padding byte is zero
+    with Segment.create(SMALL_GROW, path=shm_path, features=0) as seg:
+        assert seg.features == 0
+        assert seg.region.read(L.HDR_FEATURES, L.HDR_RESERVED_END - L.HDR_FEATURES) == bytes(48)
+        for cl in seg.layout.classes:
+            assert seg.region.read(cl.header_offset + L.CLS_EXTENT_COUNT, L.CLASS_HEADER_SIZE - L.CLS_EXTENT_COUNT) == bytes(48)
+        # the growable class reads back as an ordinary one and does not grow
+        assert seg.config.size_classes == ((64, 4), (256, 2))
+        assert seg.extent_count(1) == seg.max_extents(1) == 1
+        size = seg.file_size
+        assert seg.grow_class(1) is False and seg.grow_for(100) is False
+        assert seg.file_size == seg.current_size == size == seg.total_size
+        with Segment.attach(shm_path) as guest:
+            assert guest.features == 0 and guest.config == seg.config
+
+
+def test_create_with_extents_writes_class_fields():
+    with Segment.create(SMALL_GROW) as seg:
+        assert seg.config == SMALL_GROW
+        h0, h1 = (cl.header_offset for cl in seg.layout.classes)
+        assert seg.region.read(h0 + L.CLS_EXTENT_COUNT, L.CLASS_HEADER_SIZE - L.CLS_EXTENT_COUNT) == bytes(48)
+        assert seg.region.load_u32(h1 + L.CLS_EXTENT_COUNT) == 1
+        assert seg.region.load_u32(h1 + L.CLS_MAX_EXTENTS) == 3
+        assert seg.region.read(h1 + L.CLS_EXTENT_OFFSETS, L.CLASS_HEADER_SIZE - L.CLS_EXTENT_OFFSETS) == bytes(40)
+
+
+@pytest.mark.parametrize("features", [1 << 3, 1 << 31, L.KNOWN_FEATURES | 1 << 3])
+def test_create_rejects_unknown_feature_bits(shm_path, features):
+    with pytest.raises(ConfigError):
+        Segment.create(SMALL, path=shm_path, features=features)
+    assert not os.path.exists(shm_path)
+
+
+@pytest.mark.parametrize("features", [0, L.FEATURE_WAITER_FLAGS, L.FEATURE_MMAP_LEASES, L.FEATURE_EXTENTS, L.KNOWN_FEATURES])
+def test_known_feature_bits_attach(tmp_path, features):
+    path = str(tmp_path / "seg")
+    Segment.create(SMALL_GROW, path=path, features=features).close()
+    with Segment.attach(path) as seg:
+        assert seg.features == features
+        growable = bool(features & L.FEATURE_EXTENTS)
+        assert seg.config == (SMALL_GROW if growable else SegmentConfig(max_guests=2, bipbuf_capacity=64, size_classes=((64, 4), (256, 2))))
+        assert seg.max_extents(1) == (3 if growable else 1)
+
+
+# Garbage in the FEATURE_EXTENTS fields of both class headers (bytes 16..60).
+CLASS_PAD_GARBAGE = [
+    (L.CLS_EXTENT_COUNT, (7).to_bytes(4, "little")),
+    (L.CLS_MAX_EXTENTS, (99).to_bytes(4, "little")),
+    (L.CLS_EXTENT_OFFSETS, (1 << 40).to_bytes(8, "little") * 4),
+    (L.CLS_GROW_REQUEST, (1).to_bytes(4, "little")),
+]
+
+
+def test_features_zero_ignores_class_header_padding(tmp_path):
+    # DECISIONS 4: without FEATURE_EXTENTS the class-header padding means nothing (upstream may
+    # leave anything there); with it, the same bytes are validated
+    for features, ok in ((0, True), (L.KNOWN_FEATURES, False)):
+        path = str(tmp_path / f"seg{features}")
+        seg = Segment.create(SMALL, path=path, features=features)
+        for cl in seg.layout.classes:
+            for off, data in CLASS_PAD_GARBAGE:
+                seg.region.write(cl.header_offset + off, data)
+        seg.close()  # the file stays
+        if not ok:
+            with pytest.raises(SegmentCorrupted):
+                Segment.attach(path)
+            continue
+        with Segment.attach(path) as seg:
+            assert seg.config == SMALL
+            assert [seg.extent_count(c) for c in range(2)] == [1, 1]
+            assert [seg.pool.mapped_extents(c) for c in range(2)] == [1, 1]
+            assert seg.growth_requests() == [] and seg.refresh_extents() == 0
+            assert seg.grow_class(0) is False and seg.file_size == seg.total_size
+            got = [seg.alloc(10, 1) for _ in range(6)]
+            assert got == [(0, 0, s, 1) for s in range(4)] + [(1, 0, s, 1) for s in range(2)]
+            assert seg.alloc(10, 1) is None
+            for ref in got:
+                seg.pool.free(*ref)
+            assert seg.pool.counts(0) == (4, 0) and seg.pool.counts(1) == (2, 0)
 
 
 def test_create_rejects_non_config():
@@ -214,9 +310,9 @@ def test_attach_by_fd_duplicates_it():
             os.close(fd)  # the caller's fd is its own business
             host.close()  # and the host going away does not unmap the guest
             assert guest.config == SMALL
-            c, s, g = guest.pool.alloc(10, 1)
-            guest.pool.write_payload(c, s, b"still here")
-            assert guest.pool.read_payload(c, s) == b"still here"
+            c, e, s, g = guest.pool.alloc(10, 1)
+            guest.pool.write_payload(c, s, b"still here", e)
+            assert guest.pool.read_payload(c, s, e) == b"still here"
             assert os.fstat(guest.fd).st_size == guest.size
         finally:
             guest.close()
@@ -302,12 +398,38 @@ def test_readonly_attach_mutators_raise_not_crash(shm_path, op):
         """
     )
     with Segment.create(SMALL, path=shm_path) as host:
-        assert host.pool.alloc_in_class(0, 1) == (0, 0, 1)
+        assert host.pool.alloc_in_class(0, 1) == (0, 0, 0, 1)
         before = host.region.read(0, host.size)
         proc = subprocess.run([sys.executable, "-c", code, shm_path], capture_output=True, text=True, timeout=50)
         assert proc.returncode == 0, f"{op} on a read-only mapping: exit {proc.returncode} {proc.stderr[-500:]}"
         assert proc.stdout.strip() == "PermissionError"
         assert host.region.read(0, host.size) == before
+
+
+@pytest.mark.parametrize("how", ["path", "fd"])
+@pytest.mark.parametrize("op", ["grow_class", "grow_for", "request_growth"])
+def test_readonly_attach_cannot_grow(shm_path, how, op):
+    # Growth is a mutator too: on a read-only attach it raises PermissionError and leaves the
+    # file as it was (size included), also when the fd itself would allow writing.
+    with Segment.create(SMALL_GROW, path=shm_path) as host:
+        before = host.region.read(0, host.size)
+        size = host.file_size
+        if how == "fd":
+            fd = os.open(shm_path, os.O_RDWR)
+            try:
+                guest = Segment.attach(fd, writable=False)
+            finally:
+                os.close(fd)
+        else:
+            guest = Segment.attach(shm_path, writable=False)
+        with guest:
+            call = {"grow_class": lambda: guest.grow_class(1), "grow_for": lambda: guest.grow_for(100),
+                    "request_growth": lambda: guest.request_growth(100)}[op]
+            with pytest.raises(PermissionError):
+                call()
+        assert host.file_size == size
+        assert host.region.read(0, host.size) == before
+        assert host.extent_count(1) == 1
 
 
 def test_telex_magic_is_accepted(tmp_path):
@@ -336,11 +458,11 @@ def test_guest_rebuilds_everything_from_segment(tmp_path):
                 assert guest.g2h(p).offset == host.layout.g2h_offset(p)
                 assert guest.h2g(p).offset == host.layout.h2g_offset(p)
             # and the guest's view is the host's: a slot written by one is read by the other
-            c, s, g = host.pool.alloc(300, 1)
-            assert c == 1
-            host.pool.write_payload(c, s, b"odd")
-            assert guest.pool.take(c, 0, s, g, 2) == 3
-            assert guest.pool.read_payload(c, s) == b"odd"
+            c, e, s, g = host.pool.alloc(300, 1)
+            assert (c, e) == (1, 0)
+            host.pool.write_payload(c, s, b"odd", e)
+            assert guest.pool.take(c, e, s, g, 2) == 3
+            assert guest.pool.read_payload(c, s, e) == b"odd"
             assert guest.g2h(3).write_inline(b"ping")
             assert host.g2h(3).recv_inline() == b"ping"
 
@@ -458,7 +580,9 @@ CORRUPTIONS = {
     "header_size 64": (_u32(L.HDR_HEADER_SIZE, 64), UnsupportedVersion),
     "header_size 256": (_u32(L.HDR_HEADER_SIZE, 256), UnsupportedVersion),
     "header_size 0": (_u32(L.HDR_HEADER_SIZE, 0), UnsupportedVersion),
-    "feature bit 0": (_u32(L.HDR_FEATURES, 1), UnsupportedVersion),
+    # bits 0-2 are our documented extensions (docs/extensions.md); bit 3 is the first unknown one
+    "feature bit 3": (_u32(L.HDR_FEATURES, 1 << 3), UnsupportedVersion),
+    "feature bit 3 with the known ones": (_u32(L.HDR_FEATURES, L.KNOWN_FEATURES | 1 << 3), UnsupportedVersion),
     "feature bit 31": (_u32(L.HDR_FEATURES, 1 << 31), UnsupportedVersion),
     # offsets and sizes
     "var_pool_offset = total_size": (_u64(L.HDR_VAR_POOL_OFFSET, CLAY.total_size), SegmentCorrupted),
@@ -490,6 +614,20 @@ CORRUPTIONS = {
     "slot_size doubled": (_u32(CLAY.classes[1].header_offset + L.CLS_SLOT_SIZE, 512), SegmentCorrupted),
     "slot class beyond any mapping": (
         _u32(CLAY.classes[0].header_offset + L.CLS_SLOT_SIZE, 0xFFFFFFC0) + _u32(CLAY.classes[0].header_offset + L.CLS_SLOT_COUNT, 0xFFFFFFFE),
+        SegmentCorrupted,
+    ),
+    # FEATURE_EXTENTS fields (CORRUPT_CFG's classes cannot grow; the segment has the feature bit)
+    "max_extents 6": (_u32(CLAY.classes[0].header_offset + L.CLS_MAX_EXTENTS, L.MAX_EXTENTS + 1), SegmentCorrupted),
+    "max_extents u32 max": (_u32(CLAY.classes[1].header_offset + L.CLS_MAX_EXTENTS, L.U32_MAX), SegmentCorrupted),
+    "extent_count beyond max_extents": (_u32(CLAY.classes[1].header_offset + L.CLS_EXTENT_COUNT, 2), SegmentCorrupted),
+    "extent past the file": (
+        _u32(CLAY.classes[0].header_offset + L.CLS_MAX_EXTENTS, 2) + _u32(CLAY.classes[0].header_offset + L.CLS_EXTENT_COUNT, 2)
+        + _u64(CLAY.classes[0].header_offset + L.CLS_EXTENT_OFFSETS, 1 << 40),
+        SegmentCorrupted,
+    ),
+    "extent over the v7 area": (
+        _u32(CLAY.classes[0].header_offset + L.CLS_MAX_EXTENTS, 2) + _u32(CLAY.classes[0].header_offset + L.CLS_EXTENT_COUNT, 2)
+        + _u64(CLAY.classes[0].header_offset + L.CLS_EXTENT_OFFSETS, 0),
         SegmentCorrupted,
     ),
     # rings and peers
@@ -528,7 +666,7 @@ def _make_corrupt(tmp_path, patch):
 # Attached also by fd and read-only (the same validation must run whatever the way in).
 OTHER_WAYS = [
     "empty file", "100 bytes", "header only", "cut in pool data", "magic garbage", "version 8",
-    "feature bit 0", "var_pool_offset near 2^64", "total_size > file", "zero classes",
+    "feature bit 3", "var_pool_offset near 2^64", "total_size > file", "zero classes",
     "slot class beyond any mapping", "h2g capacity disagrees", "peer ring_offset disagrees",
     "max_guests 256",
 ]

@@ -11,7 +11,8 @@ import pytest
 
 from shmhub import Segment, SegmentConfig
 from shmhub import layout as L
-from shmhub.errors import DoubleFree, InvalidSlotRef, SlotError, StaleSlotRef
+from shmhub._native import NeedExtent
+from shmhub.errors import DoubleFree, InvalidSlotRef, SegmentCorrupted, SlotError, StaleSlotRef
 
 EMPTY = L.EMPTY_INDEX
 CLASSES = ((64, 4), (256, 3), (1024, 2))
@@ -35,7 +36,7 @@ def all_counts(pool):
 
 
 def drain_all(pool, owner=0):
-    """Allocate every free slot of every class; returns the list of (class, slot, gen)."""
+    """Allocate every free slot of every class; returns the list of (class, extent, slot, gen)."""
     out = []
     for c in range(pool.num_classes):
         while (r := pool.alloc_in_class(c, owner)) is not None:
@@ -45,16 +46,16 @@ def drain_all(pool, owner=0):
 
 def assert_pool_consistent(pool, expect_allocated=()):
     """Every free slot is handed out exactly once by a drain, and nothing else (trap 21)."""
-    allocated = {(c, s) for c, s, _ in expect_allocated}
+    allocated = {(c, e, s) for c, e, s, _ in expect_allocated}
     got = drain_all(pool, owner=7)
-    keys = [(c, s) for c, s, _ in got]
+    keys = [(c, e, s) for c, e, s, _ in got]
     assert len(keys) == len(set(keys)), f"a slot was handed out twice: {sorted(keys)}"
     assert not (set(keys) & allocated), "an allocated slot was handed out again"
     total = sum(n for _, n in CLASSES)
     assert len(keys) + len(allocated) == total
     assert all(pool.alloc_in_class(c, 7) is None for c in range(pool.num_classes))
-    for c, s, g in got:
-        pool.free(c, 0, s, g)
+    for c, e, s, g in got:
+        pool.free(c, e, s, g)
 
 
 # --- format and initial state ---------------------------------------------------------------
@@ -69,6 +70,10 @@ def test_fresh_pool_header_and_free_lists(seg, pool):
         assert seg.region.load_u32(cl.header_offset + L.CLS_SLOT_SIZE) == size
         assert seg.region.load_u32(cl.header_offset + L.CLS_SLOT_COUNT) == count
         assert seg.region.load_u64(cl.header_offset + L.CLS_FREE_HEAD) == 0  # tag 0, index 0
+        # the rest is v7 padding; FEATURE_EXTENTS leaves it zero for a class that cannot grow
+        # (extent_count and max_extents 0 read as 1)
+        assert seg.region.read(cl.header_offset + L.CLS_EXTENT_COUNT, L.CLASS_HEADER_SIZE - L.CLS_EXTENT_COUNT) == bytes(48)
+        assert seg.extent_count(c) == seg.max_extents(c) == pool.mapped_extents(c) == 1
         assert pool.free_head(c) == (0, 0)
         assert pool.counts(c) == (count, 0)
         for s in range(count):
@@ -80,8 +85,8 @@ def test_fresh_pool_header_and_free_lists(seg, pool):
 
 @pytest.mark.parametrize("size, cls", [(0, 0), (1, 0), (60, 0), (64, 0), (65, 1), (256, 1), (257, 2), (1024, 2)])
 def test_alloc_picks_smallest_fitting_class(pool, size, cls):
-    c, s, g = pool.alloc(size, 0)
-    assert (c, s, g) == (cls, 0, 1)
+    c, e, s, g = pool.alloc(size, 0)
+    assert (c, e, s, g) == (cls, 0, 0, 1)  # the order free() and take() take
     assert pool.counts(cls)[1] == 1
     assert sum(a for _, a in all_counts(pool)) == 1
 
@@ -94,14 +99,15 @@ def test_alloc_larger_than_every_class_is_none(pool):
 def test_alloc_spills_to_larger_classes_then_exhausts(pool):
     got = [pool.alloc(10, 3) for _ in range(9)]
     assert [r[0] for r in got] == [0] * 4 + [1] * 3 + [2] * 2
-    assert len({(c, s) for c, s, _ in got}) == 9
+    assert len({(c, e, s) for c, e, s, _ in got}) == 9
+    assert all(e == 0 for _, e, _, _ in got)  # v7 classes have one extent
     assert pool.alloc(10, 3) is None  # exhaustion is None, not an exception
     assert all_counts(pool) == [(0, n) for _, n in CLASSES]
     # a 100-byte request never falls back to the (smaller) class 0
-    c, s, g = got[0]
-    pool.free(c, 0, s, g)
+    c, e, s, g = got[0]
+    pool.free(c, e, s, g)
     assert pool.alloc(100, 3) is None
-    assert pool.alloc(10, 3)[:2] == (c, s)
+    assert pool.alloc(10, 3)[:3] == (c, e, s)
 
 
 def test_alloc_does_not_fall_back_to_smaller_class(pool):
@@ -122,20 +128,20 @@ def test_alloc_in_class_only_uses_that_class(pool):
 
 
 def test_alloc_records_owner_and_state(pool):
-    c, s, g = pool.alloc(10, 5)
-    gen, state, owner, _ = pool.slot_meta(c, s)
+    c, e, s, g = pool.alloc(10, 5)
+    gen, state, owner, _ = pool.slot_meta(c, s, e)
     assert (gen, state, owner) == (g, L.SLOT_ALLOCATED, 5)
-    pool.free(c, 0, s, g)
-    gen, state, owner, _ = pool.slot_meta(c, s)
+    pool.free(c, e, s, g)
+    gen, state, owner, _ = pool.slot_meta(c, s, e)
     assert (gen, state, owner) == (g, L.SLOT_FREE, 0)
 
 
 def test_free_list_is_lifo(pool):
     refs = [pool.alloc_in_class(0, 0) for _ in range(3)]
-    assert [r[1] for r in refs] == [0, 1, 2]
+    assert [r[:3] for r in refs] == [(0, 0, 0), (0, 0, 1), (0, 0, 2)]
     for r in (refs[1], refs[0], refs[2]):
-        pool.free(r[0], 0, r[1], r[2])
-    assert [pool.alloc_in_class(0, 0)[1] for _ in range(4)] == [2, 0, 1, 3]
+        pool.free(*r)
+    assert [pool.alloc_in_class(0, 0)[2] for _ in range(4)] == [2, 0, 1, 3]
 
 
 # --- generations ----------------------------------------------------------------------------
@@ -144,11 +150,11 @@ def test_free_list_is_lifo(pool):
 def test_generation_increments_per_allocation(pool):
     gens = []
     for _ in range(5):
-        c, s, g = pool.alloc_in_class(2, 0)
-        assert (c, s) == (2, 0)  # LIFO: the same slot every time
+        c, e, s, g = pool.alloc_in_class(2, 0)
+        assert (c, e, s) == (2, 0, 0)  # LIFO: the same slot every time
         assert pool.slot_meta(c, s)[0] == g
         gens.append(g)
-        pool.free(c, 0, s, g)
+        pool.free(c, e, s, g)
         assert pool.slot_meta(c, s)[0] == g  # free does not bump it (v7 bumps on allocate)
     assert gens == [1, 2, 3, 4, 5]
     # the other slot of the class was never allocated: still generation 0
@@ -158,9 +164,9 @@ def test_generation_increments_per_allocation(pool):
 def test_generation_wraps_from_u32_max(seg, pool):
     cl = seg.layout.classes[0]
     seg.region.store_u32(cl.meta_offset + L.META_GENERATION, L.U32_MAX)
-    c, s, g = pool.alloc_in_class(0, 0)
-    assert (s, g) == (0, 0)  # wraps (algorithms.md 2.3)
-    pool.free(c, 0, s, g)
+    c, e, s, g = pool.alloc_in_class(0, 0)
+    assert (e, s, g) == (0, 0, 0)  # wraps (algorithms.md 2.3)
+    pool.free(c, e, s, g)
     assert pool.counts(0) == (4, 0)
 
 
@@ -168,7 +174,8 @@ def test_generation_wraps_from_u32_max(seg, pool):
 
 
 def test_slot_holds_length_prefix_then_payload(seg, pool):
-    c, s, g = pool.alloc(64, 0)
+    c, e, s, g = pool.alloc(64, 0)
+    assert e == 0
     cl = seg.layout.classes[c]
     base = cl.data_offset + s * cl.slot_size
     payload = bytes(range(60))
@@ -176,13 +183,15 @@ def test_slot_holds_length_prefix_then_payload(seg, pool):
     assert seg.region.read(base, 4) == (60).to_bytes(4, "little")
     assert seg.region.read(base + 4, 60) == payload
     assert pool.payload_offset(c, s) == base + 4
+    region, off = pool.payload_span(c, s, e)  # extent 0 lives in the segment's own mapping
+    assert region is seg.region and off == base + 4
     assert pool.payload_len(c, s) == 60
     assert pool.read_payload(c, s) == payload
 
 
 def test_largest_payload_is_slot_size_minus_4(pool):
     for c, (size, _) in enumerate(CLASSES):
-        _, s, _ = pool.alloc_in_class(c, 0)
+        _, _, s, _ = pool.alloc_in_class(c, 0)
         pool.write_payload(c, s, b"\xab" * (size - 4))
         assert pool.read_payload(c, s) == b"\xab" * (size - 4)
         with pytest.raises(ValueError):
@@ -196,7 +205,7 @@ def test_largest_payload_is_slot_size_minus_4(pool):
 
 
 def test_empty_payload(pool):
-    c, s, g = pool.alloc(4, 0)
+    c, e, s, g = pool.alloc(4, 0)
     pool.write_payload(c, s, b"")
     assert pool.payload_len(c, s) == 0 and pool.read_payload(c, s) == b""
 
@@ -204,28 +213,28 @@ def test_empty_payload(pool):
 @pytest.mark.parametrize("prefix", [61, 64, 0xFFFFFFFF])
 def test_corrupt_length_prefix_is_rejected(seg, pool, prefix):
     # trap 4 / format-v7 1.6: payload_len > slot_size - 4 is refused, never read past the slot
-    c, s, g = pool.alloc_in_class(0, 0)
+    c, e, s, g = pool.alloc_in_class(0, 0)
     seg.region.write(pool.payload_offset(c, s) - 4, prefix.to_bytes(4, "little"))
     with pytest.raises(InvalidSlotRef):
         pool.payload_len(c, s)
     with pytest.raises(InvalidSlotRef):
         pool.read_payload(c, s)
     with pytest.raises(InvalidSlotRef):
-        pool.take(c, 0, s, g, 1)
+        pool.take(c, e, s, g, 1)
 
 
 # --- free: CAS keyed on the generation (DECISIONS 8, trap 21) -------------------------------
 
 
 def test_double_free_raises_and_keeps_free_list_intact(pool):
-    c, s, g = pool.alloc_in_class(0, 1)
+    c, e, s, g = pool.alloc_in_class(0, 1)
     other = pool.alloc_in_class(0, 1)
-    pool.free(c, 0, s, g)
+    pool.free(c, e, s, g)
     head = pool.free_head(0)
     meta = pool.slot_meta(c, s)
     for _ in range(3):
         with pytest.raises(DoubleFree):
-            pool.free(c, 0, s, g)
+            pool.free(c, e, s, g)
     assert pool.free_head(0) == head  # nothing was pushed
     assert pool.slot_meta(c, s) == meta
     assert pool.counts(0) == (3, 1)
@@ -233,31 +242,31 @@ def test_double_free_raises_and_keeps_free_list_intact(pool):
 
 
 def test_stale_generation_free_raises_and_keeps_slot(pool):
-    c, s, g1 = pool.alloc_in_class(1, 1)
-    pool.free(c, 0, s, g1)
-    c2, s2, g2 = pool.alloc_in_class(1, 2)
-    assert (c2, s2, g2) == (c, s, g1 + 1)
+    c, e, s, g1 = pool.alloc_in_class(1, 1)
+    pool.free(c, e, s, g1)
+    c2, e2, s2, g2 = pool.alloc_in_class(1, 2)
+    assert (c2, e2, s2, g2) == (c, e, s, g1 + 1)
     head = pool.free_head(1)
     for stale in (g1, g2 + 1, 0):
         with pytest.raises(StaleSlotRef):
-            pool.free(c, 0, s, stale)
+            pool.free(c, e, s, stale)
     # the current owner's allocation is untouched
     assert pool.slot_meta(c, s)[:3] == (g2, L.SLOT_ALLOCATED, 2)
     assert pool.free_head(1) == head
     assert pool.counts(1) == (2, 1)
-    assert_pool_consistent(pool, [(c, s, g2)])
-    pool.free(c, 0, s, g2)
+    assert_pool_consistent(pool, [(c, e, s, g2)])
+    pool.free(c, e, s, g2)
     assert pool.counts(1) == (3, 0)
 
 
 def test_old_reference_to_a_free_slot_is_refused(pool):
-    c, s, g1 = pool.alloc_in_class(0, 0)
-    pool.free(c, 0, s, g1)
-    _, _, g2 = pool.alloc_in_class(0, 0)
-    pool.free(c, 0, s, g2)
+    c, e, s, g1 = pool.alloc_in_class(0, 0)
+    pool.free(c, e, s, g1)
+    _, _, _, g2 = pool.alloc_in_class(0, 0)
+    pool.free(c, e, s, g2)
     # the slot is free at g2; g1 is both stale and "not allocated": either typed error is right
     with pytest.raises((DoubleFree, StaleSlotRef)):
-        pool.free(c, 0, s, g1)
+        pool.free(c, e, s, g1)
     assert pool.counts(0) == (4, 0)
     assert_pool_consistent(pool)
 
@@ -265,33 +274,33 @@ def test_old_reference_to_a_free_slot_is_refused(pool):
 def test_bad_frees_never_hand_out_a_slot_twice(pool):
     # trap 21: after any mix of bad frees, every slot comes out of the pool exactly once
     live = drain_all(pool, owner=1)
-    for c, s, g in live[::2]:
-        pool.free(c, 0, s, g)
-    for c, s, g in live[::2]:
+    for c, e, s, g in live[::2]:
+        pool.free(c, e, s, g)
+    for c, e, s, g in live[::2]:
         with pytest.raises(DoubleFree):
-            pool.free(c, 0, s, g)
-    for c, s, g in live[1::2]:
+            pool.free(c, e, s, g)
+    for c, e, s, g in live[1::2]:
         with pytest.raises(StaleSlotRef):
-            pool.free(c, 0, s, g + 1)
+            pool.free(c, e, s, g + 1)
         with pytest.raises(StaleSlotRef):
-            pool.free(c, 0, s, g - 1)
+            pool.free(c, e, s, g - 1)
     assert_pool_consistent(pool, live[1::2])
 
 
 def test_free_if_current_is_idempotent(pool):
-    c, s, g = pool.alloc(10, 3)
-    assert pool.free_if_current(c, 0, s, g) is True
+    c, e, s, g = pool.alloc(10, 3)
+    assert pool.free_if_current(c, e, s, g) is True
     head = pool.free_head(c)
-    assert pool.free_if_current(c, 0, s, g) is False
-    assert pool.free_if_current(c, 0, s, g) is False
+    assert pool.free_if_current(c, e, s, g) is False
+    assert pool.free_if_current(c, e, s, g) is False
     assert pool.free_head(c) == head
     # a stale reference is ignored too and leaves the new allocation alone
-    _, s2, g2 = pool.alloc_in_class(c, 4)
-    assert s2 == s
-    assert pool.free_if_current(c, 0, s, g) is False
+    _, e2, s2, g2 = pool.alloc_in_class(c, 4)
+    assert (e2, s2) == (e, s)
+    assert pool.free_if_current(c, e, s, g) is False
     assert pool.slot_meta(c, s)[:3] == (g2, L.SLOT_ALLOCATED, 4)
     assert pool.counts(c) == (3, 1)
-    assert_pool_consistent(pool, [(c, s2, g2)])
+    assert_pool_consistent(pool, [(c, e2, s2, g2)])
 
 
 # --- bounds (trap 23) ------------------------------------------------------------------------
@@ -311,13 +320,20 @@ BAD_REFS = [
 
 @pytest.mark.parametrize("c, e, s", BAD_REFS)
 def test_out_of_range_refs_raise_invalid_slot_ref(pool, c, e, s):
-    # trap 23: class, extent (must be 0 in v7) and slot index are all bounds-checked
+    # trap 23: class, extent (below the class's max_extents: 1, i.e. only 0, for these v7
+    # classes) and slot index are all bounds-checked
     live = pool.alloc_in_class(0, 1)  # slot 0 of class 0 is allocated with generation 1
     before = all_counts(pool)
     for call in (
         lambda: pool.free(c, e, s, 1),
         lambda: pool.free_if_current(c, e, s, 1),
         lambda: pool.take(c, e, s, 1, 2),
+        lambda: pool.payload_len(c, s, e),
+        lambda: pool.read_payload(c, s, e),
+        lambda: pool.write_payload(c, s, b"x", e),
+        lambda: pool.set_payload_len(c, s, 1, e),
+        lambda: pool.payload_span(c, s, e),
+        lambda: pool.slot_meta(c, s, e),
     ):
         with pytest.raises(InvalidSlotRef):
             call()
@@ -339,11 +355,14 @@ def test_out_of_range_refs_raise_invalid_slot_ref(pool, c, e, s):
 
 def test_extent_nonzero_with_valid_slot_does_not_free(pool):
     # trap 23: extent_idx is not ignored: (0, 1, 0, gen) must not free slot (0, 0, gen)
-    c, s, g = pool.alloc_in_class(0, 1)
+    c, e, s, g = pool.alloc_in_class(0, 1)
+    assert e == 0
     with pytest.raises(InvalidSlotRef):
         pool.free(c, 1, s, g)
-    assert pool.slot_meta(c, s)[1] == L.SLOT_ALLOCATED
-    pool.free(c, 0, s, g)
+    with pytest.raises(InvalidSlotRef):
+        pool.take(c, 1, s, g, 2)
+    assert pool.slot_meta(c, s)[1:3] == (L.SLOT_ALLOCATED, 1)
+    pool.free(c, e, s, g)
 
 
 def test_invalid_slot_ref_is_a_slot_error():
@@ -355,9 +374,9 @@ def test_invalid_slot_ref_is_a_slot_error():
 
 
 def test_take_transfers_ownership(pool):
-    c, s, g = pool.alloc(100, 1)  # sender: peer 1
+    c, e, s, g = pool.alloc(100, 1)  # sender: peer 1
     pool.write_payload(c, s, b"hello")
-    assert pool.take(c, 0, s, g, 0) == 5  # receiver: host becomes owner
+    assert pool.take(c, e, s, g, 0) == 5  # receiver: host becomes owner
     assert pool.slot_meta(c, s)[:3] == (g, L.SLOT_ALLOCATED, 0)
     assert pool.read_payload(c, s) == b"hello"
     assert pool.reclaim(1) == 0  # the dead sender no longer owns it
@@ -367,20 +386,20 @@ def test_take_transfers_ownership(pool):
 
 
 def test_take_rechecks_generation(pool):
-    c, s, g = pool.alloc_in_class(0, 1)
+    c, e, s, g = pool.alloc_in_class(0, 1)
     pool.write_payload(c, s, b"old")
-    pool.free(c, 0, s, g)
+    pool.free(c, e, s, g)
     with pytest.raises(DoubleFree):  # freed: not allocated
-        pool.take(c, 0, s, g, 2)
+        pool.take(c, e, s, g, 2)
     assert pool.slot_meta(c, s)[2] == 0
-    _, s2, g2 = pool.alloc_in_class(0, 3)
-    assert s2 == s
+    _, e2, s2, g2 = pool.alloc_in_class(0, 3)
+    assert (e2, s2) == (e, s)
     with pytest.raises(StaleSlotRef):  # reallocated: the old reference must not expose data
-        pool.take(c, 0, s, g, 2)
+        pool.take(c, e, s, g, 2)
     # the new allocation's owner was not overwritten by the failed take
     assert pool.slot_meta(c, s)[:3] == (g2, L.SLOT_ALLOCATED, 3)
     with pytest.raises(StaleSlotRef):
-        pool.take(c, 0, s, g2 + 1, 2)
+        pool.take(c, e, s, g2 + 1, 2)
     assert pool.slot_meta(c, s)[2] == 3
 
 
@@ -395,30 +414,32 @@ def test_reclaim_frees_exactly_the_owners_slots(pool):
     assert pool.alloc(10, 0) is None
     dead = refs[1]
     assert pool.reclaim(1) == len(dead) == 3
-    for c, s, g in dead:
-        assert pool.slot_meta(c, s)[:3] == (g, L.SLOT_FREE, 0)
+    for c, e, s, g in dead:
+        assert pool.slot_meta(c, s, e)[:3] == (g, L.SLOT_FREE, 0)
     for owner in (0, 2):
-        for c, s, g in refs[owner]:
-            assert pool.slot_meta(c, s)[:3] == (g, L.SLOT_ALLOCATED, owner)
+        for c, e, s, g in refs[owner]:
+            assert pool.slot_meta(c, s, e)[:3] == (g, L.SLOT_ALLOCATED, owner)
     assert sum(a for _, a in all_counts(pool)) == 6
     assert pool.reclaim(1) == 0  # idempotent
     assert pool.reclaim(9) == 0
     # the reclaimed slots are on the free lists exactly once
     again = [pool.alloc(10, 4) for _ in range(3)]
-    assert sorted((c, s) for c, s, _ in again) == sorted((c, s) for c, s, _ in dead)
+    assert sorted(r[:3] for r in again) == sorted(r[:3] for r in dead)
     assert pool.alloc(10, 4) is None
     # the references held by the dead peer are stale now
-    for c, s, g in dead:
+    for c, e, s, g in dead:
         with pytest.raises(StaleSlotRef):
-            pool.free(c, 0, s, g)
+            pool.free(c, e, s, g)
 
 
 def test_reclaim_host_slots(pool):
     a = pool.alloc(10, 0)
     b = pool.alloc(10, 1)
     assert pool.reclaim(0) == 1
-    assert pool.slot_meta(a[0], a[1])[1] == L.SLOT_FREE
-    assert pool.slot_meta(b[0], b[1])[1] == L.SLOT_ALLOCATED
+    ca, ea, sa, _ = a
+    cb, eb, sb, _ = b
+    assert pool.slot_meta(ca, sa, ea)[1] == L.SLOT_FREE
+    assert pool.slot_meta(cb, sb, eb)[1] == L.SLOT_ALLOCATED
 
 
 # --- ABA tag (trap 24) ------------------------------------------------------------------------
@@ -440,15 +461,15 @@ def test_aba_tag_never_resets_when_a_list_empties(pool):
         assert pool.alloc_in_class(c, 0) is None
         assert pool.free_head(c) == (tag, EMPTY)  # a failed pop stores nothing
         for r in refs:
-            pool.free(r[0], 0, r[1], r[2])
+            pool.free(*r)
             tags.append(pool.free_head(c)[0])
-        assert pool.free_head(c) == (2 * (cycle + 1) * n, refs[-1][1])
+        assert pool.free_head(c) == (2 * (cycle + 1) * n, refs[-1][2])
     assert tags == list(range(len(tags)))  # strictly rising by one per pop/push, never reset
     assert pool.counts(c) == (n, 0)
 
 
 def test_free_head_encoding_in_segment(seg, pool):
-    c, s, g = pool.alloc_in_class(1, 0)
+    assert pool.alloc_in_class(1, 0) == (1, 0, 0, 1)
     raw = seg.region.load_u64(seg.layout.classes[1].header_offset + L.CLS_FREE_HEAD)
     assert raw == (1 << 32) | 1  # (aba_tag << 32) | slot_index
     assert pool.free_head(1) == (1, 1)
@@ -459,7 +480,7 @@ def test_free_head_encoding_in_segment(seg, pool):
 
 def _free_outcome(pool, ref):
     try:
-        pool.free(ref[0], 0, ref[1], ref[2])
+        pool.free(*ref)
         return "won"
     except DoubleFree:
         return "double"
@@ -561,9 +582,9 @@ def test_concurrent_double_free_processes_exactly_one_wins():
                 tag, _ = pool.free_head(0)
                 assert tag == (4 * round_ + 2) * n  # one step per pop and per push, nothing more
                 again = drain_all(pool, owner=2)
-                assert sorted(s for _, s, _ in again) == list(range(n)), "free list corrupted"
-                for c, s, g in again:
-                    pool.free(c, 0, s, g)
+                assert sorted(s for _, _, s, _ in again) == list(range(n)), "free list corrupted"
+                for c, e, s, g in again:
+                    pool.free(c, e, s, g)
         finally:
             flags.close()
 
@@ -571,12 +592,179 @@ def test_concurrent_double_free_processes_exactly_one_wins():
 def test_second_mapping_sees_allocations(seg):
     # Two mappings of one segment (host and guest) share the pool.
     with Segment.attach(seg.fd) as guest:
-        c, s, g = seg.pool.alloc(10, 0)
-        seg.pool.write_payload(c, s, b"shared")
-        assert guest.pool.take(c, 0, s, g, 1) == 6
-        assert guest.pool.read_payload(c, s) == b"shared"
-        assert seg.pool.slot_meta(c, s)[2] == 1
-        guest.pool.free(c, 0, s, g)
+        c, e, s, g = seg.pool.alloc(10, 0)
+        seg.pool.write_payload(c, s, b"shared", e)
+        assert guest.pool.take(c, e, s, g, 1) == 6
+        assert guest.pool.read_payload(c, s, e) == b"shared"
+        assert seg.pool.slot_meta(c, s, e)[2] == 1
+        guest.pool.free(c, e, s, g)
         assert seg.pool.counts(c) == (CLASSES[c][1], 0)
         with pytest.raises(DoubleFree):
-            seg.pool.free(c, 0, s, g)
+            seg.pool.free(c, e, s, g)
+
+
+# --- growable classes (FEATURE_EXTENTS, docs/extensions.md bit 2) ----------------------------
+
+GROW_CLASSES = ((64, 2), (256, 3, 3))  # class 1: 3 slots per extent, at most 3 extents
+GROW = SegmentConfig(max_guests=1, bipbuf_capacity=64, size_classes=GROW_CLASSES)
+
+
+@pytest.fixture
+def gseg():
+    s = Segment.create(GROW)
+    yield s
+    s.close()
+
+
+def class_header(seg, c):
+    h = seg.layout.classes[c].header_offset
+    r = seg.region
+    return {
+        "extent_count": r.load_u32(h + L.CLS_EXTENT_COUNT),
+        "max_extents": r.load_u32(h + L.CLS_MAX_EXTENTS),
+        "offsets": [r.load_u64(h + L.CLS_EXTENT_OFFSETS + 8 * i) for i in range(L.MAX_EXTENTS - 1)],
+        "grow_request": r.load_u32(h + L.CLS_GROW_REQUEST),
+    }
+
+
+def test_growable_class_starts_with_one_extent(gseg):
+    pool = gseg.pool
+    assert gseg.config == GROW
+    assert class_header(gseg, 1) == {"extent_count": 1, "max_extents": 3, "offsets": [0] * 4, "grow_request": 0}
+    assert gseg.extent_count(1) == pool.mapped_extents(1) == 1 and gseg.max_extents(1) == 3
+    assert pool.class_info(1) == (256, 3)  # slot_count is per extent
+    assert pool.counts(1) == (3, 0)
+    # class 0 cannot grow: its header padding stays zero
+    h0 = gseg.layout.classes[0].header_offset
+    assert gseg.region.read(h0 + L.CLS_EXTENT_COUNT, L.CLASS_HEADER_SIZE - L.CLS_EXTENT_COUNT) == bytes(48)
+    # an extent below the maximum but not mapped (not even published) is NeedExtent, one at or
+    # beyond the maximum is simply invalid; neither changes anything
+    for call in (lambda: pool.free(1, 1, 0, 1), lambda: pool.take(1, 2, 0, 1, 0), lambda: pool.slot_meta(1, 0, 1),
+                 lambda: pool.read_payload(1, 0, 2), lambda: pool.write_payload(1, 0, b"x", 1)):
+        with pytest.raises(NeedExtent):
+            call()
+    for call in (lambda: pool.free(1, 3, 0, 1), lambda: pool.take(1, 3, 0, 1, 0), lambda: pool.slot_meta(1, 0, 3),
+                 lambda: pool.free(1, L.MAX_EXTENTS, 0, 1), lambda: pool.free(0, 1, 0, 1), lambda: pool.free(1, 1, 3, 1)):
+        with pytest.raises(InvalidSlotRef):
+            call()
+    assert all_counts(pool) == [(2, 0), (3, 0)]
+    assert pool.free_head(1) == (0, 0)
+
+
+def test_alloc_across_extents(gseg):
+    pool, c = gseg.pool, 1
+    first = [pool.alloc_in_class(c, 1) for _ in range(3)]
+    assert first == [(c, 0, s, 1) for s in range(3)]
+    assert pool.alloc_in_class(c, 1) is None and pool.alloc(200, 1) is None
+    tag = pool.free_head(c)[0]
+
+    assert gseg.grow_class(c) is True
+    hdr = class_header(gseg, c)
+    off = hdr["offsets"][0]
+    data_off, ext_size = L.extent_layout(256, 3)
+    assert hdr["extent_count"] == 2 and hdr["offsets"][1:] == [0, 0, 0]
+    assert off % L.EXTENT_ALIGN == 0 and off >= gseg.total_size
+    assert gseg.current_size == gseg.file_size == off + ext_size
+    assert gseg.extent_count(c) == pool.mapped_extents(c) == 2
+    # counts cover every mapped extent; the new extent's slots are all on the one free list,
+    # under global indices extent * slot_count + slot
+    assert pool.counts(c) == (3, 3)
+    assert pool.free_head(c) == (tag + 1, 3)  # one push for the whole extent
+    assert [pool.slot_meta(c, s, 1) for s in range(3)] == [(0, L.SLOT_FREE, 0, 4), (0, L.SLOT_FREE, 0, 5), (0, L.SLOT_FREE, 0, EMPTY)]
+
+    second = [pool.alloc(200, 2) for _ in range(3)]
+    assert second == [(c, 1, s, 1) for s in range(3)]  # (class, extent, slot, generation)
+    assert pool.alloc(200, 2) is None
+    assert pool.counts(c) == (0, 6)
+
+    # payloads of extent 1 live in its own mapping and do not alias extent 0's slots
+    pool.write_payload(c, 0, b"extent zero", 0)
+    pool.write_payload(c, 0, b"extent one!", 1)
+    assert pool.read_payload(c, 0, 0) == b"extent zero" and pool.read_payload(c, 0, 1) == b"extent one!"
+    region, poff = pool.payload_span(c, 0, 1)
+    assert region is not gseg.region
+    assert region.read(poff - 4, 4 + 11) == (11).to_bytes(4, "little") + b"extent one!"
+    assert poff - 4 == data_off  # slot 0 of the extent starts at its data offset
+    r0, poff0 = pool.payload_span(c, 0, 0)
+    assert r0 is gseg.region and poff0 == pool.payload_offset(c, 0)
+    pool.set_payload_len(c, 0, 6, 1)
+    assert pool.payload_len(c, 0, 1) == 6 and pool.read_payload(c, 0, 1) == b"extent"
+    assert pool.payload_len(c, 0, 0) == 11
+
+    # take / free round trip in the new extent, with the generation check
+    pool.write_payload(c, 1, b"hi", 1)
+    assert pool.take(c, 1, 1, 1, 0) == 2
+    assert pool.slot_meta(c, 1, 1)[:3] == (1, L.SLOT_ALLOCATED, 0)
+    assert pool.slot_meta(c, 1, 0)[:3] == (1, L.SLOT_ALLOCATED, 1)  # same slot_idx, other extent: untouched
+    pool.free(c, 1, 1, 1)
+    assert pool.free_head(c)[1] == 1 * 3 + 1
+    assert pool.counts(c) == (1, 5)
+    with pytest.raises(DoubleFree):
+        pool.free(c, 1, 1, 1)
+    assert pool.alloc_in_class(c, 4) == (c, 1, 1, 2)
+    with pytest.raises(StaleSlotRef):
+        pool.take(c, 1, 1, 1, 0)
+    assert pool.slot_meta(c, 1, 1)[:3] == (2, L.SLOT_ALLOCATED, 4)
+
+    # crash recovery covers every extent
+    assert pool.reclaim(2) == 2  # (1, 1, 0) and (1, 1, 2)
+    assert pool.reclaim(1) == 3  # extent 0
+    assert pool.counts(c) == (5, 1)
+
+    # up to max_extents, then no more
+    assert gseg.grow_class(c) is True
+    assert gseg.grow_class(c) is False
+    assert gseg.extent_count(c) == pool.mapped_extents(c) == 3
+    assert pool.counts(c) == (8, 1)
+    got = drain_all(pool, owner=5)
+    expected = [(0, 0, 0), (0, 0, 1)] + [(c, e, s) for e in range(3) for s in range(3) if (e, s) != (1, 1)]
+    assert sorted(r[:3] for r in got) == expected
+    assert pool.counts(c) == (0, 9)
+    for r in got:
+        pool.free(*r)
+    with pytest.raises(InvalidSlotRef):
+        pool.free(c, 3, 0, 1)
+
+
+def test_grow_pushes_the_extent_above_the_free_slots(gseg):
+    pool, c = gseg.pool, 1
+    assert pool.alloc_in_class(c, 1) == (c, 0, 0, 1)
+    assert gseg.grow_class(c)
+    # the extent's last slot links to the old head (global index 1 = extent 0, slot 1)
+    assert pool.slot_meta(c, 2, 1)[3] == 1
+    assert pool.free_head(c) == (2, 3)
+    order = [pool.alloc_in_class(c, 1)[:3] for _ in range(5)]
+    assert order == [(c, 1, 0), (c, 1, 1), (c, 1, 2), (c, 0, 1), (c, 0, 2)]
+    assert pool.alloc_in_class(c, 1) is None
+
+
+def test_other_mappings_map_new_extents_on_demand(gseg):
+    pool, c = gseg.pool, 1
+    with Segment.attach(gseg.fd) as guest, Segment.attach(gseg.fd) as guest2:
+        assert guest.pool.mapped_extents(c) == 1
+        for _ in range(3):
+            pool.alloc_in_class(c, 0)
+        assert gseg.grow_class(c)
+        ref = pool.alloc_in_class(c, 0)
+        assert ref == (c, 1, 0, 1)
+        pool.write_payload(c, 0, b"grown", 1)
+        # the raw pool refuses before touching anything; Segment.take maps the extent and retries
+        with pytest.raises(NeedExtent):
+            guest.pool.take(*ref, 1)
+        assert pool.slot_meta(c, 0, 1)[:3] == (1, L.SLOT_ALLOCATED, 0)
+        assert guest.take(*ref, 1) == 5
+        assert guest.pool.mapped_extents(c) == 2
+        assert guest.pool.read_payload(c, 0, 1) == b"grown"
+        assert pool.slot_meta(c, 0, 1)[:3] == (1, L.SLOT_ALLOCATED, 1)
+        # the free list's head is in extent 1: the second guest's raw pop refuses, Segment.alloc maps
+        with pytest.raises(NeedExtent):
+            guest2.pool.alloc(200, 2)
+        assert pool.counts(c) == (2, 4)
+        assert guest2.alloc(200, 2) == (c, 1, 1, 1)
+        assert guest2.pool.counts(c) == pool.counts(c) == (1, 5)
+        # a reference to an extent below the maximum that was never published is corruption
+        with pytest.raises(SegmentCorrupted):
+            guest.take(c, 2, 0, 1, 1)
+        guest2.pool.free(c, 1, 1, 1)
+        guest.pool.free(*ref)
+    assert pool.counts(c) == (3, 3)

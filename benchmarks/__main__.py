@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
 from pathlib import Path
 
 from . import report
-from .scenarios import SIDES, memcpy_reference
+from .scenarios import SIDES, handshake_a, handshake_b, memcpy_reference
 from .transports import Shmhub, available, pin
 
 SIZES = [64, 4096, 65536, 1 << 20, 16 << 20]
@@ -23,6 +22,7 @@ def _child(transport, scenario, params):
     pin(1)
     transport.open("b")
     try:
+        handshake_b(transport)
         SIDES[scenario][1](transport, params)
     finally:
         transport.close()
@@ -34,6 +34,7 @@ def run_baseline(cls, scenario, params):
     proc.start()
     try:
         t.open("a")
+        handshake_a(t)
         return SIDES[scenario][0](t, params)
     finally:
         proc.join(60)
@@ -51,6 +52,7 @@ def run_shmhub(scenario, params):
     with shmhub.Host(cfg, spin_ns=params.get("spin_ns", shmhub.link.DEFAULT_SPIN_NS)) as host:
         g = host.spawn([sys.executable, "-m", "benchmarks.child", scenario, json.dumps(params)])
         t = Shmhub(g.link)
+        handshake_a(t)
         out = SIDES[scenario][0](t, params)
         g.wait(60)
         out["link_stats"] = g.link.stats.as_dict()

@@ -4,7 +4,7 @@ import sys
 
 import shmhub
 
-from .scenarios import SIDES
+from .scenarios import SIDES, handshake_b
 from .transports import Shmhub, pin
 
 
@@ -13,7 +13,9 @@ def main() -> None:
     pin(1)
     link = shmhub.connect(spin_ns=params.get("spin_ns", shmhub.link.DEFAULT_SPIN_NS))
     try:
-        SIDES[scenario][1](Shmhub(link), params)
+        t = Shmhub(link)
+        handshake_b(t)
+        SIDES[scenario][1](t, params)
     finally:
         link.close()
 

@@ -193,4 +193,18 @@ def memcpy_reference(nbytes: int, reps: int) -> dict:
     return {"warm_median_ms": sorted(warm)[reps // 2] * 1e3, "fresh_pages_median_ms": sorted(cold)[reps // 2] * 1e3}
 
 
+READY = b"ready"
+
+
+def handshake_a(t):
+    """Wait until the child is up, so no start-up time is measured."""
+    m = t.recv()
+    if bytes(m) != READY:
+        raise RuntimeError(f"child said {bytes(m)!r} instead of ready")
+
+
+def handshake_b(t):
+    t.send(READY)
+
+
 SIDES = {"pingpong": (pingpong_a, pingpong_b), "stream": (stream_a, stream_b), "ndarray": (ndarray_a, ndarray_b)}

@@ -243,6 +243,11 @@ class Iceoryx2(Transport):
                 return m
             self.listener.timed_wait(self.wait)
 
+    def close(self):
+        # delete every port, then the node, so iceoryx2 leaves nothing in /dev/shm
+        for port in (self.pub, self.sub, self.notifier, self.listener, self.node):
+            port.delete()
+
 
 class Shmhub(Transport):
     """Not built by pair(): the parent is a shmhub Host and the child a spawned guest."""

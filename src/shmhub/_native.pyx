@@ -611,6 +611,12 @@ cdef class Ring:
             if r < wm:
                 start[0] = r
                 return wm - r  # the tail before the wrap comes first (trap 2)
+            # A settled wrap has write < read <= watermark. write >= watermark means the producer has
+            # stored the watermark but not yet write = 0: [0, watermark) is the previous lap, already
+            # consumed. Nothing is readable yet and nothing may be reset (docs/deviations.md, ring 1).
+            if self.idx(SHMHUB_RING_WRITE, SHM_ACQUIRE) >= wm:
+                start[0] = r
+                return 0
             self.wlive()
             shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
             shm_store32(self.hdr + SHMHUB_RING_WATERMARK, 0, SHM_RELEASE)
@@ -629,7 +635,7 @@ cdef class Ring:
             raise LinkCorrupted(f"release of {n} bytes at read {r} overruns capacity {self.capacity}")
         cdef uint32_t nr = r + n
         cdef uint32_t wm = self.idx(SHMHUB_RING_WATERMARK, SHM_ACQUIRE)
-        if wm != 0 and nr >= wm:
+        if wm != 0 and nr >= wm and self.idx(SHMHUB_RING_WRITE, SHM_ACQUIRE) < wm:  # not mid-wrap (see c_readable)
             shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
             shm_store32(self.hdr + SHMHUB_RING_WATERMARK, 0, SHM_RELEASE)
         else:

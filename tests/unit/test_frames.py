@@ -216,10 +216,6 @@ def test_recv_inline_leaves_ref_frames_for_the_caller():
 # Malformed frames: LinkCorrupted from decode_frame and from a ring (never None, trap 9)
 # --------------------------------------------------------------------------------------------
 
-def _padded(h: bytes, total: int) -> bytes:
-    return h + bytes(max(total, 8) - 8)
-
-
 MALFORMED = {
     # trap 5: 0 would make a reader release 0 bytes forever
     "total_len_0": header(0) + bytes(24),

@@ -382,6 +382,59 @@ def test_trap2_would_be_corruption_is_refused_from_a_synthetic_state():
         assert ring.recv_inline() == payload(16, 8)
 
 
+# The producer's wrap is two stores: watermark = W, then write = 0 (2.1). A consumer may run
+# between them (the producer is preempted, or on a weakly ordered CPU the second store is not yet
+# visible) and then sees write == watermark == W, a state no finished operation leaves behind
+# (a settled wrap always has write < read <= watermark). The bytes in [0, W) are the previous
+# lap's, already consumed: like an undone wrap (trap 3), reading them is stale data exposure.
+
+def _stale_lap(ring):
+    """Three frames at [0, 96) of a 128-byte ring, all consumed: (write=96, watermark=0, read=96)."""
+    for i in range(3):
+        assert ring.write_inline(payload(24, 10 + i))
+    for i in range(3):
+        assert recv(ring) == payload(24, 10 + i)
+    assert ring.indices == (96, 0, 96)
+
+
+def _finish_wrap_and_commit(seg, ring, p: bytes):
+    """The producer's second wrap store, then a new frame at the front."""
+    from shmhub._native import encode_inline
+
+    seg.region.store_u32(ring.offset + L.RING_WRITE, 0)
+    raw = encode_inline(p)
+    ring.write_data(0, raw)
+    ring.commit(len(raw))
+
+
+def test_mid_wrap_on_an_empty_ring_exposes_no_stale_frame():
+    with ring_of(128) as (seg, ring):
+        _stale_lap(ring)
+        # Producer wrapping for a 40-byte entry (16 bytes left at the end): first store only.
+        seg.region.store_u32(ring.offset + L.RING_WATERMARK, 96)
+        for _ in range(2):
+            got = ring.read_frame()
+            assert got is None, f"stale frame from the previous lap delivered mid-wrap: {got}"
+        _finish_wrap_and_commit(seg, ring, b"new after wrap")
+        assert ring.recv_inline() == b"new after wrap"
+        assert ring.read_frame() is None
+
+
+def test_mid_wrap_tail_drained_exposes_no_stale_frame():
+    with ring_of(128) as (seg, ring):
+        assert ring.write_inline(payload(24, 1))  # A [0, 32)
+        assert ring.write_inline(payload(56, 2))  # B [32, 96)
+        assert recv(ring) == payload(24, 1)
+        seg.region.store_u32(ring.offset + L.RING_WATERMARK, 96)  # first wrap store only
+        assert recv(ring) == payload(56, 2)  # the tail is valid and comes first
+        for _ in range(2):
+            got = ring.read_frame()
+            assert got is None, f"stale frame A delivered again after the tail, mid-wrap: {got}"
+        _finish_wrap_and_commit(seg, ring, b"C")
+        assert ring.recv_inline() == b"C"
+        assert ring.read_frame() is None
+
+
 # --------------------------------------------------------------------------------------------
 # Bounds (trap 4 and DECISIONS 3): indices and lengths are checked, never trusted
 # --------------------------------------------------------------------------------------------
@@ -484,7 +537,6 @@ def test_zero_grant_is_trivially_ok_and_never_wraps():
 @pytest.mark.parametrize("state", [(0, 0, 0), (64, 0, 64), (128, 0, 32), (8, 128, 64)])
 def test_grant_larger_than_capacity_is_full(state):
     with ring_of(128) as (seg, ring):
-        ring.write_data(64, bytes(64))
         set_indices(seg, ring, *state)
         for n in (129, 132, 256, 2**32 - 1):
             assert not ring.can_grant(n)

@@ -167,23 +167,9 @@ class Host:
         spun = False
         while True:
             self._check_open()
-            with self._lock:
-                handles = [h for _, h in sorted(self._handles.items())]
-            n = len(handles)
-            for i in range(n):
-                h = handles[(self._rr + i) % n]
-                link = h.link
-                if not link._rx_lock.acquire(blocking=False):
-                    continue  # another thread receives from this guest right now
-                try:
-                    msg = link._poll_locked() if (link.alive or link._backlog) else None
-                except (PeerDead, LinkCorrupted):
-                    msg = None
-                finally:
-                    link._rx_lock.release()
-                if msg is not None:
-                    self._rr = (self._rr + i + 1) % max(1, n)
-                    return h, msg
+            got, handles = self._poll_any()
+            if got is not None:
+                return got
             rem = _remaining(deadline)
             if rem is not None and rem <= 0:
                 raise ShmTimeout("no message from any guest")
@@ -194,6 +180,32 @@ class Host:
                 if spin_any_readable([h.link._rx for h in live], budget) >= 0:
                     continue
             self._sleep_any(live, rem)
+
+    async def arecv_any(self, timeout: Optional[float] = None) -> Tuple[GuestHandle, Message]:
+        """recv_any() for asyncio: waits on every guest's doorbell through the running loop (shmhub.aio)."""
+        from .aio import arecv_any
+        return await arecv_any(self, timeout)
+
+    def _poll_any(self) -> Tuple[Optional[Tuple[GuestHandle, Message]], List[GuestHandle]]:
+        """One round-robin pass over the guests: (guest, message) or None, and the guests looked at."""
+        with self._lock:
+            handles = [h for _, h in sorted(self._handles.items())]
+        n = len(handles)
+        for i in range(n):
+            h = handles[(self._rr + i) % n]
+            link = h.link
+            if not link._rx_lock.acquire(blocking=False):
+                continue  # another thread receives from this guest right now
+            try:
+                msg = link._poll_locked() if (link.alive or link._backlog) else None
+            except (PeerDead, LinkCorrupted):
+                msg = None
+            finally:
+                link._rx_lock.release()
+            if msg is not None:
+                self._rr = (self._rr + i + 1) % max(1, n)
+                return (h, msg), handles
+        return None, handles
 
     def _sleep_any(self, live: List[GuestHandle], rem: Optional[float]) -> None:
         """Announce sleep on every rx ring we can own, re-check, then poll all their doorbells."""
@@ -211,7 +223,7 @@ class Host:
                     cap = min(cap, 0.001)
                     continue
                 owned.append(h)
-                link._rx.set_waiting(False, 1)
+                link._waiter.announce(link._rx, False)
                 poller.register(link.doorbell.fileno(), select.POLLIN | select.POLLRDHUP)
             if any(h.link._rx.has_data() for h in owned):
                 return
@@ -225,7 +237,7 @@ class Host:
                         h.link._mark_dead(str(e))
         finally:
             for h in owned:
-                h.link._rx.set_waiting(False, 0)
+                h.link._waiter.withdraw(h.link._rx, False)
                 h.link._waiter.end()
                 h.link._rx_lock.release()
         if not owned and not live:

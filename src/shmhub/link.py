@@ -86,6 +86,9 @@ class _Waiter:
         self.cond = threading.Condition(threading.Lock())
         self.polling = False
         self.gen = 0
+        self.wakers: set = set()  # asyncio sleeps (aio.py): thread-safe callables run by wake_all()
+        self.async_poll = False  # an event loop polls the doorbell now; its reader wakes every waiter
+        self._announced: dict = {}  # (ring, producer side) -> waiters of this process that set the flag
 
     def try_begin(self) -> bool:
         with self.cond:
@@ -120,6 +123,28 @@ class _Waiter:
         with self.cond:
             self.gen += 1
             self.cond.notify_all()
+        for wake in tuple(self.wakers):
+            wake()
+
+    def announce(self, ring: Ring, producer: bool) -> None:
+        """Set the ring's waiting flag (store + fence) for one more waiter of this process. Counted: a
+        thread and an asyncio task may wait on one flag, which drops only when the last one withdraws."""
+        key = (id(ring), producer)
+        with self.cond:
+            ring.set_waiting(producer, 1)
+            self._announced[key] = self._announced.get(key, 0) + 1
+
+    def withdraw(self, ring: Ring, producer: bool) -> None:
+        key = (id(ring), producer)
+        with self.cond:
+            n = self._announced.pop(key, 1) - 1
+            if n > 0:
+                self._announced[key] = n
+                return
+            try:
+                ring.set_waiting(producer, 0)
+            except ValueError:
+                pass  # the segment was closed meanwhile: the link is closed
 
 
 class Link:
@@ -243,7 +268,7 @@ class Link:
                 raise ShmTimeout("timed out")
             if slice_cap is not None:
                 rem = slice_cap if rem is None else min(rem, slice_cap)
-            ring.set_waiting(producer, 1)
+            self._waiter.announce(ring, producer)
             try:
                 r = attempt()  # re-check after announcing (no lost wakeup)
                 if r is not None and r is not False:
@@ -254,7 +279,7 @@ class Link:
                 except PeerDead as e:
                     self._mark_dead(str(e))
             finally:
-                ring.set_waiting(producer, 0)
+                self._waiter.withdraw(ring, producer)
             r = attempt()
             if r is not None and r is not False:
                 return r
@@ -269,15 +294,7 @@ class Link:
 
     def send(self, data, timeout: Optional[float] = None) -> None:
         """Send a bytes-like object. Blocks (spin, then sleep) while the ring or pool is full."""
-        mv = memoryview(data)
-        if not mv.c_contiguous:
-            mv = memoryview(mv.tobytes())
-        n = mv.nbytes
-        if n > self._max_payload:
-            raise PayloadTooLarge(f"payload of {n} bytes exceeds max_payload_size {self._max_payload}")
-        if n > self._inline_max and n > self._slot_max and self._maps_tx is None:
-            raise PayloadTooLarge(f"payload of {n} bytes exceeds the largest slot payload ({self._slot_max} bytes) "
-                                  "and this link has no mmap tier (no control socket, or a segment without FEATURE_MMAP_LEASES)")
+        mv, n = self._payload_view(data)
         deadline = _deadline(timeout)
         self._lock(self._tx_lock, deadline)
         try:
@@ -297,6 +314,82 @@ class Link:
             self._notify(False, tx)
         finally:
             self._tx_lock.release()
+
+    def _payload_view(self, data):
+        """(contiguous memoryview, length) of a payload, refused if no tier can carry it."""
+        mv = memoryview(data)
+        if not mv.c_contiguous:
+            mv = memoryview(mv.tobytes())
+        n = mv.nbytes
+        if n > self._max_payload:
+            raise PayloadTooLarge(f"payload of {n} bytes exceeds max_payload_size {self._max_payload}")
+        if n > self._inline_max and n > self._slot_max and self._maps_tx is None:
+            raise PayloadTooLarge(f"payload of {n} bytes exceeds the largest slot payload ({self._slot_max} bytes) "
+                                  "and this link has no mmap tier (no control socket, or a segment without FEATURE_MMAP_LEASES)")
+        return mv, n
+
+    def try_send(self, data) -> bool:
+        """send() without waiting: True if the message went out; False, with nothing sent and nothing
+        held, if the ring is full, the slot pool exhausted, every mapping leased, or another thread is
+        sending right now. Raises like send() if the link is gone or the payload too large."""
+        mv, n = self._payload_view(data)
+        if not self._tx_lock.acquire(blocking=False):
+            return False
+        try:
+            return self._try_send_locked(mv, n) is None
+        finally:
+            self._tx_lock.release()
+
+    def _try_send_locked(self, mv, n: int) -> Optional[str]:
+        """One attempt (tx lock held): None if sent, else what was lacking: "ring", "slot" or "map".
+        All or nothing: the ring's room is checked before a slot or mapping is taken, so a failed
+        attempt holds nothing (this side is the ring's only producer while it holds the lock)."""
+        self._check()
+        tx = self._tx
+        if n <= self._inline_max:
+            if not tx.write_inline(mv):
+                return "ring"
+            self.stats.sent_inline += 1
+            self.stats.sent_bytes_inline += n
+        elif n <= self._slot_max:
+            if not tx.can_grant(L.SLOT_REF_FRAME_SIZE):
+                return "ring"
+            ref = self._pool.alloc(n + L.SLOT_LEN_PREFIX, self._owner)
+            if ref is None:
+                return "slot"
+            c, s, gen = ref
+            try:
+                self._pool.write_payload(c, s, mv)
+                sent = tx.write_slot_ref(c, 0, s, gen)
+            except BaseException:
+                self._pool.free_if_current(c, 0, s, gen)
+                raise
+            if not sent:
+                self._pool.free_if_current(c, 0, s, gen)
+                return "ring"
+            self.stats.sent_slot += 1
+            self.stats.sent_bytes_slot += n
+        else:
+            if not tx.can_grant(L.MMAP_REF_FRAME_SIZE):
+                return "ring"
+            m = self._maps_tx.acquire(n)
+            if m is None:
+                return "map"
+            m.add_lease()
+            try:
+                m.region.write(L.MAP_HEADER_SIZE, mv)
+                sent = tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n)
+            except BaseException:
+                m.drop_lease()
+                raise
+            if not sent:
+                m.drop_lease()
+                return "ring"
+            m.last_used = time.monotonic()
+            self.stats.sent_mmap += 1
+            self.stats.sent_bytes_mmap += n
+        self._notify(False, tx)
+        return None
 
     def _send_slot(self, mv, n: int, deadline: Optional[float]) -> None:
         pool, tx = self._pool, self._tx
@@ -437,6 +530,21 @@ class Link:
             return msg
         finally:
             self._rx_lock.release()
+
+    async def arecv(self, timeout: Optional[float] = None) -> Message:
+        """recv() for asyncio: waits on the doorbell through the running loop (see shmhub.aio)."""
+        from .aio import arecv
+        return await arecv(self, timeout)
+
+    async def asend(self, data, timeout: Optional[float] = None) -> None:
+        """send() for asyncio: waits for ring room, a slot or a mapping without blocking the loop."""
+        from .aio import asend
+        await asend(self, data, timeout)
+
+    def __aiter__(self):
+        """`async for msg in link`: messages until the peer is gone."""
+        from .aio import LinkIterator
+        return LinkIterator(self)
 
     def recv_bytes(self, timeout: Optional[float] = None) -> bytes:
         """The next message copied into bytes (its shared memory is released at once)."""

@@ -552,11 +552,11 @@ class Link:
             return msg.tobytes()
 
     def __iter__(self):
-        """Messages until the peer is gone."""
+        """Messages until the peer is gone (PeerDead on the host, HostGone on a guest) or the link closed."""
         while True:
             try:
                 yield self.recv()
-            except (PeerDead, LinkClosed):
+            except (PeerDead, HostGone, LinkClosed):
                 return
 
     # -- teardown ---------------------------------------------------------------------------

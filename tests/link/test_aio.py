@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+import shmhub
 from shmhub import Host, SegmentConfig, ShmTimeout
 
 GUESTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "guests")
@@ -558,3 +559,52 @@ def test_asyncio_rechecks_while_a_thread_polls_the_doorbell():
         g = spawn_sink(host)
         counted, sent = asyncio.run(main(g))
     assert counted == sent
+
+
+# -- walk-in guests (no doorbell): iteration ends when the host says goodbye ---------------------
+
+def _walk_in(host: Host, path: str):
+    """A walk-in guest link in this process, and the host's handle of it."""
+    link = shmhub.Guest.attach(path)
+    deadline = time.monotonic() + T
+    while not host.guests and time.monotonic() < deadline:
+        time.sleep(0.01)  # the host's monitor finds walk-ins by scanning the peer table
+    assert [h.peer_id for h in host.guests] == [link.peer_id]
+    return link, host.guests[0]
+
+
+def _iterate_until_goodbye(host: Host, path: str, consume) -> tuple:
+    """consume(link, got) runs in a thread; the host sends 3 messages, waits for them, closes."""
+    got, errors = [], []
+    with host:
+        link, h = _walk_in(host, path)
+
+        def run():
+            try:
+                consume(link, got)
+            except BaseException as e:  # reported by the caller
+                errors.append(e)
+            finally:
+                link.close()
+
+        th = threading.Thread(target=run)
+        th.start()
+        for i in range(3):
+            h.link.send(b"m%d" % i, timeout=T)
+        deadline = time.monotonic() + T
+        while len(got) < 3 and th.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.005)
+    th.join(T)  # host.close() said goodbye
+    assert not th.is_alive()
+    return got, errors
+
+
+def test_blocking_iteration_ends_when_the_host_says_goodbye(shm_path):
+    def consume(link, got):
+        for msg in link:
+            with msg:
+                got.append(msg.tobytes())
+
+    got, errors = _iterate_until_goodbye(Host(path=shm_path), shm_path, consume)
+    assert errors == []
+    assert got == [b"m0", b"m1", b"m2"]

@@ -99,6 +99,7 @@ class Host:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._stopping = False
+        self._unreaped: List[subprocess.Popen] = []  # recovered guests that had not exited yet
         self._monitor = threading.Thread(target=self._monitor_loop, name="shmhub-host-monitor", daemon=True)
         self._monitor.start()
 
@@ -265,6 +266,12 @@ class Host:
                     self._recover(h, "process exited" if fd == h.pidfd else "doorbell hang-up")
             if not self._stopping:
                 self._scan_peers()
+            self._reap()
+
+    def _reap(self) -> None:
+        """Collect guests recovered before they exited (their doorbell hung up first): no zombies."""
+        with self._lock:
+            self._unreaped = [p for p in self._unreaped if p.poll() is None]
 
     def _scan_peers(self) -> None:
         """Walk-in guests (named segments), walk-ins that left, and stale heartbeats."""
@@ -327,8 +334,9 @@ class Host:
             finally:
                 h.recovered = True
                 self._forget(h)
-            if h.process is not None:
-                h.process.poll()  # reap
+            if h.process is not None and h.process.poll() is None:  # poll() reaps
+                with self._lock:
+                    self._unreaped.append(h.process)  # closed its doorbell, still exiting: reap later
             kind = "exited" if said_goodbye else "died"
             self._emit(HostEvent(kind, pid, h.pid, reason, detail))
 
@@ -408,6 +416,14 @@ class Host:
         for h in handles:
             self._recover(h, "host closing")
             h.link._release_backlog()
+        with self._lock:
+            unreaped, self._unreaped = self._unreaped, []
+        for p in unreaped:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

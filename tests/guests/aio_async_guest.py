@@ -33,4 +33,4 @@ async def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main(), debug=True))
+    sys.exit(asyncio.run(main()))

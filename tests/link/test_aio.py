@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib.util
 import logging
 import os
+import resource
 import subprocess
 import sys
 import threading
@@ -13,6 +15,7 @@ import time
 import pytest
 
 import shmhub
+import shmhub.host
 from shmhub import Host, SegmentConfig, ShmTimeout
 
 GUESTS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "guests")
@@ -82,61 +85,46 @@ class RunQueueFreeLoop(asyncio.SelectorEventLoop):
 
     Debug mode times every callback with loop.time(). On a machine busy with other work a 100 us
     callback can take well over 10 ms of wall time without the code blocking at all: the kernel
-    preempts the thread (run-queue delay), the hypervisor deschedules its virtual CPU (steal), or
-    the thread waits for the GIL while the thread holding it (the host's monitor) waits for a CPU.
-    Between two readings this clock advances by the thread's CPU time if the thread never left the
-    CPU, else by the wall time minus the run-queue delay of this process's threads
-    (/proc/<tid>/schedstat, field 2), and never by less than the CPU time. So a callback that
-    sleeps, waits on a lock or a syscall, or computes for 10 ms is still reported, as the control
-    callbacks of the test show. Without schedstat it is the plain monotonic clock."""
+    preempts the thread (run-queue delay) or the hypervisor deschedules its virtual CPU (steal).
+    Between two readings this clock advances by the thread's CPU time if the thread did not go to
+    sleep in between (no voluntary context switch: it only ran or waited for a CPU), else by the wall
+    time minus its run-queue delay (/proc/<tid>/schedstat, field 2), and never by less than the CPU
+    time. A callback that sleeps, waits on a lock or a syscall, or computes for 10 ms is still
+    reported, as the control callbacks of the test show. Without schedstat it is the monotonic clock."""
 
-    _stats: list = []
+    _schedstat = -1
 
     def __init__(self) -> None:
         super().__init__()
         self._tid = threading.get_native_id()  # the thread that creates the loop runs it
-        stats = []
-        try:  # ours first, then the threads that exist now (the host's monitor)
-            tids = [self._tid] + [int(t) for t in os.listdir("/proc/self/task") if int(t) != self._tid]
-            for t in tids:
-                stats.append(os.open(f"/proc/self/task/{t}/schedstat", os.O_RDONLY | os.O_CLOEXEC))
-        except OSError:
-            for fd in stats:
-                os.close(fd)
-            return
-        self._stats = stats
-        self._last = self._sample()
-        self._now = self._last[0]
+        path = f"/proc/self/task/{self._tid}/schedstat"
+        if os.path.exists(path):
+            self._schedstat = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self._last = self._sample()
+            self._now = self._last[0]
 
     def _sample(self) -> tuple:
-        delay = 0
-        for i, fd in enumerate(self._stats):
-            try:
-                fields = os.pread(fd, 128, 0).split()
-            except OSError:  # that thread ended
-                continue
-            delay += int(fields[1])
-            if i == 0:
-                switches_in = int(fields[2])
-        return time.monotonic(), time.thread_time(), delay * 1e-9, switches_in
+        run_delay = int(os.pread(self._schedstat, 128, 0).split()[1]) * 1e-9
+        slept = resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw  # voluntary context switches
+        return time.monotonic(), time.thread_time(), run_delay, slept
 
     def time(self) -> float:
-        if not self._stats:
+        if self._schedstat < 0:
             return time.monotonic()
         if threading.get_native_id() != self._tid:
-            return self._now  # thread_time() would be another thread's
+            return self._now  # the readings would be another thread's
         now = self._sample()
-        (wall0, cpu0, delay0, n0), (wall, cpu, delay, n) = self._last, now
+        (wall0, cpu0, delay0, slept0), (wall, cpu, delay, slept) = self._last, now
         ran = cpu - cpu0
-        self._now += ran if n == n0 else max(ran, (wall - wall0) - (delay - delay0))
+        self._now += ran if slept == slept0 else max(ran, (wall - wall0) - (delay - delay0))
         self._last = now
         return self._now
 
     def close(self) -> None:
         super().close()
-        for fd in self._stats:
-            os.close(fd)
-        self._stats = []
+        if self._schedstat >= 0:
+            os.close(self._schedstat)
+            self._schedstat = -1
 
 
 def run_debug(coro):
@@ -186,7 +174,7 @@ PER_GUEST = 12_500  # 8 guests: 100 000 requests and 100 000 replies
 WINDOW = 32
 
 
-def test_one_task_serves_8_guests_without_blocking_the_loop(slow_callbacks):
+def test_one_task_serves_8_guests_without_blocking_the_loop(slow_callbacks, monkeypatch):
     async def serve(host, guests):
         expected = {g.peer_id: 0 for g in guests}
         served = tiers = 0
@@ -210,13 +198,22 @@ def test_one_task_serves_8_guests_without_blocking_the_loop(slow_callbacks):
         assert len(control) == 2 and all("<lambda>" in m for m in control), control
         return expected, tiers, during
 
-    with Host(SegmentConfig(max_guests=8)) as host:
-        guests = [spawn(host, "aio_client.py", PER_GUEST, WINDOW) for _ in range(8)]
-        t0 = time.monotonic()
-        expected, slot_msgs, during = run_debug(serve(host, guests))
-        elapsed = time.monotonic() - t0
-        codes = [g.wait(T) for g in guests]
-        stats = [g.link.stats for g in guests]
+    # Two things outside shmhub.aio would otherwise be timed as loop callbacks: collections of the
+    # test process's large heap (pytest, hypothesis: freeze it), and the host monitor's periodic
+    # scan (walk-ins, heartbeats; none here) taking the GIL every 50 ms. Guest exits still wake it.
+    monkeypatch.setattr(shmhub.host, "MONITOR_TICK", 5.0)
+    gc.collect()
+    gc.freeze()
+    try:
+        with Host(SegmentConfig(max_guests=8)) as host:
+            guests = [spawn(host, "aio_client.py", PER_GUEST, WINDOW) for _ in range(8)]
+            t0 = time.monotonic()
+            expected, slot_msgs, during = run_debug(serve(host, guests))
+            elapsed = time.monotonic() - t0
+            codes = [g.wait(T) for g in guests]
+            stats = [g.link.stats for g in guests]
+    finally:
+        gc.unfreeze()
     assert codes == [0] * 8  # every guest got every reply, checked
     assert expected == {g.peer_id: PER_GUEST for g in guests}
     assert slot_msgs == 8 * (PER_GUEST // 64)  # the slot tier was exercised too
@@ -519,6 +516,37 @@ def test_loop_keeps_ticking_while_asend_waits_for_a_mapping():
         g = spawn_sink(host)
         counted, cap, sent_mmap = asyncio.run(main(g))
     assert counted == cap + 1 == sent_mmap
+
+
+def test_a_task_draining_a_full_ring_lets_other_tasks_run():
+    """arecv on a ring full of messages never has to wait, yet yields to the loop every ms or so
+    (aio.YIELD_AFTER) so that a busy consumer cannot starve the other tasks."""
+    n, payload = 5000, bytes(16)  # 24-byte frames: 120 000 bytes, well inside the 256 KiB ring
+
+    async def main(link):
+        for _ in range(n):
+            await link.asend(payload, timeout=T)
+        deadline = time.monotonic() + T
+        while link._rx.indices[0] < n * 24 and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)  # until the guest has echoed everything
+        assert link._rx.indices[0] == n * 24
+        ticker = Ticker(period=0)
+        await asyncio.sleep(0)
+        t0, cpu0 = time.monotonic(), time.thread_time()
+        for _ in range(n):
+            with await link.arecv(timeout=T) as msg:
+                assert msg.tobytes() == payload
+        cpu = time.thread_time() - cpu0
+        ticks = ticker.ticks_between(t0, time.monotonic())
+        await ticker.stop()
+        return cpu, ticks
+
+    with Host() as host:
+        g = spawn(host, "aio_echo.py")
+        cpu, ticks = asyncio.run(main(g.link))
+    # One tick per yield of the draining task, which runs at most ~1 ms between yields (more often
+    # when the machine preempts it). Without yields the ticker would not run at all.
+    assert cpu > 0.005 and ticks >= max(2, int(cpu / 0.003))
 
 
 # -- async iteration ----------------------------------------------------------------------------

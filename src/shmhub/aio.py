@@ -12,6 +12,8 @@ here blocks the loop or spins on it:
   for the fd: it re-checks in bounded slices (ASYNC_SLICE) until that thread is done.
 * The reader watches a dup() of the doorbell fd, so a doorbell closed by another thread (host
   recovery, Link.close) can never leave the loop watching a reused fd number.
+* Waiting flags are counted per process (_Waiter.announce / withdraw), so a task and a thread can
+  wait on the same ring side: the flag drops only when the last of them stops waiting.
 * Threading locks are taken without blocking and never held across an await, so close() and host
   recovery never wait for a suspended task; a busy lock means "another thread is at it": re-check
   in bounded slices.

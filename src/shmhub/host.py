@@ -118,6 +118,7 @@ class Host:
         self._stopping = False
         self.segment.on_grow = self.ring_all
         self._listener: Optional[bootstrap.Listener] = None
+        self._unreaped: List[subprocess.Popen] = []  # recovered guests that had not exited yet
         self._monitor = threading.Thread(target=self._monitor_loop, name="shmhub-host-monitor", daemon=True)
         self._monitor.start()
 
@@ -248,23 +249,9 @@ class Host:
         spun = False
         while True:
             self._check_open()
-            with self._lock:
-                handles = [h for _, h in sorted(self._handles.items())]
-            n = len(handles)
-            for i in range(n):
-                h = handles[(self._rr + i) % n]
-                link = h.link
-                if not link._rx_lock.acquire(blocking=False):
-                    continue  # another thread receives from this guest right now
-                try:
-                    msg = link._poll_locked() if (link.alive or link._backlog) else None
-                except (PeerDead, LinkCorrupted):
-                    msg = None
-                finally:
-                    link._rx_lock.release()
-                if msg is not None:
-                    self._rr = (self._rr + i + 1) % max(1, n)
-                    return h, msg
+            got, handles = self._poll_any()
+            if got is not None:
+                return got
             rem = _remaining(deadline)
             if rem is not None and rem <= 0:
                 raise ShmTimeout("no message from any guest")
@@ -275,6 +262,32 @@ class Host:
                 if spin_any_readable([h.link._rx for h in live], budget) >= 0:
                     continue
             self._sleep_any(live, rem)
+
+    async def arecv_any(self, timeout: Optional[float] = None) -> Tuple[GuestHandle, Message]:
+        """recv_any() for asyncio: waits on every guest's doorbell through the running loop (shmhub.aio)."""
+        from .aio import arecv_any
+        return await arecv_any(self, timeout)
+
+    def _poll_any(self) -> Tuple[Optional[Tuple[GuestHandle, Message]], List[GuestHandle]]:
+        """One round-robin pass over the guests: (guest, message) or None, and the guests looked at."""
+        with self._lock:
+            handles = [h for _, h in sorted(self._handles.items())]
+        n = len(handles)
+        for i in range(n):
+            h = handles[(self._rr + i) % n]
+            link = h.link
+            if not link._rx_lock.acquire(blocking=False):
+                continue  # another thread receives from this guest right now
+            try:
+                msg = link._poll_locked() if (link.alive or link._backlog) else None
+            except (PeerDead, LinkCorrupted):
+                msg = None
+            finally:
+                link._rx_lock.release()
+            if msg is not None:
+                self._rr = (self._rr + i + 1) % max(1, n)
+                return (h, msg), handles
+        return None, handles
 
     def _sleep_any(self, live: List[GuestHandle], rem: Optional[float]) -> None:
         """Announce sleep on every rx ring we can own, re-check, then poll all their doorbells."""
@@ -292,7 +305,7 @@ class Host:
                     cap = min(cap, 0.001)
                     continue
                 owned.append(h)
-                link._rx.set_waiting(False, 1)
+                link._waiter.announce(link._rx, False)
                 poller.register(link.doorbell.fileno(), select.POLLIN | select.POLLRDHUP)
             if any(h.link._rx.has_data() for h in owned):
                 return
@@ -306,7 +319,7 @@ class Host:
                         h.link._mark_dead(str(e))
         finally:
             for h in owned:
-                h.link._rx.set_waiting(False, 0)
+                h.link._waiter.withdraw(h.link._rx, False)
                 h.link._waiter.end()
                 h.link._rx_lock.release()
         if not owned and not live:
@@ -338,6 +351,7 @@ class Host:
                     self._serve_growth()
                 except ShmhubError as e:
                     self._emit(HostEvent("growth_failed", 0, None, str(e)))
+            self._reap()
 
     def _serve_growth(self) -> None:
         """Grow classes guests asked for, then ring every guest so waiters retry (FEATURE_EXTENTS)."""
@@ -352,6 +366,11 @@ class Host:
         for h in handles:
             if h.link.doorbell is not None and not h.recovered:
                 h.link.doorbell.ring()
+
+    def _reap(self) -> None:
+        """Collect guests recovered before they exited (their doorbell hung up first): no zombies."""
+        with self._lock:
+            self._unreaped = [p for p in self._unreaped if p.poll() is None]
 
     def _scan_peers(self) -> None:
         """Walk-in guests (named segments), walk-ins that left, and stale heartbeats."""
@@ -414,8 +433,9 @@ class Host:
             finally:
                 h.recovered = True
                 self._forget(h)
-            if h.process is not None:
-                h.process.poll()  # reap
+            if h.process is not None and h.process.poll() is None:  # poll() reaps
+                with self._lock:
+                    self._unreaped.append(h.process)  # closed its doorbell, still exiting: reap later
             kind = "exited" if said_goodbye else "died"
             self._emit(HostEvent(kind, pid, h.pid, reason, detail))
 
@@ -495,6 +515,14 @@ class Host:
         for h in handles:
             self._recover(h, "host closing")
             h.link._release_backlog()
+        with self._lock:
+            unreaped, self._unreaped = self._unreaped, []
+        for p in unreaped:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
         self._epoll.close()
         os.close(self._wake_r)
         os.close(self._wake_w)

@@ -92,6 +92,9 @@ class _Waiter:
         self.cond = threading.Condition(threading.Lock())
         self.polling = False
         self.gen = 0
+        self.wakers: set = set()  # asyncio sleeps (aio.py): thread-safe callables run by wake_all()
+        self.async_poll = False  # an event loop polls the doorbell now; its reader wakes every waiter
+        self._announced: dict = {}  # (ring, producer side) -> waiters of this process that set the flag
 
     def try_begin(self) -> bool:
         with self.cond:
@@ -126,6 +129,28 @@ class _Waiter:
         with self.cond:
             self.gen += 1
             self.cond.notify_all()
+        for wake in tuple(self.wakers):
+            wake()
+
+    def announce(self, ring: Ring, producer: bool) -> None:
+        """Set the ring's waiting flag (store + fence) for one more waiter of this process. Counted: a
+        thread and an asyncio task may wait on one flag, which drops only when the last one withdraws."""
+        key = (id(ring), producer)
+        with self.cond:
+            ring.set_waiting(producer, 1)
+            self._announced[key] = self._announced.get(key, 0) + 1
+
+    def withdraw(self, ring: Ring, producer: bool) -> None:
+        key = (id(ring), producer)
+        with self.cond:
+            n = self._announced.pop(key, 1) - 1
+            if n > 0:
+                self._announced[key] = n
+                return
+            try:
+                ring.set_waiting(producer, 0)
+            except ValueError:
+                pass  # the segment was closed meanwhile: the link is closed
 
 
 class Link:
@@ -261,7 +286,7 @@ class Link:
                 raise ShmTimeout("timed out")
             if slice_cap is not None:
                 rem = slice_cap if rem is None else min(rem, slice_cap)
-            ring.set_waiting(producer, 1)
+            self._waiter.announce(ring, producer)
             try:
                 r = attempt()  # re-check after announcing (no lost wakeup)
                 if r is not None and r is not False:
@@ -272,7 +297,7 @@ class Link:
                 except PeerDead as e:
                     self._mark_dead(str(e))
             finally:
-                ring.set_waiting(producer, 0)
+                self._waiter.withdraw(ring, producer)
             r = attempt()
             if r is not None and r is not False:
                 return r
@@ -366,6 +391,77 @@ class Link:
         finally:
             self._tx_lock.release()
 
+    def _payload_view(self, data):
+        """(contiguous memoryview, length) of a payload, refused if no tier can carry it."""
+        mv = memoryview(data)
+        if not mv.c_contiguous:
+            mv = memoryview(mv.tobytes())
+        self._check_size(mv.nbytes)
+        return mv, mv.nbytes
+
+    def try_send(self, data) -> bool:
+        """send() without waiting: True if the message went out; False, with nothing sent and nothing
+        held, if the ring is full, the slot pool exhausted, every mapping leased, or another thread is
+        sending right now. Raises like send() if the link is gone or the payload too large."""
+        mv, n = self._payload_view(data)
+        if not self._tx_lock.acquire(blocking=False):
+            return False
+        try:
+            return self._try_send_locked(mv, n) is None
+        finally:
+            self._tx_lock.release()
+
+    def _try_send_locked(self, mv, n: int) -> Optional[str]:
+        """One attempt (tx lock held): None if sent, else what was lacking: "ring", "slot" or "map".
+        All or nothing: the ring's room is checked before a slot or mapping is taken, so a failed
+        attempt holds nothing (this side is the ring's only producer while it holds the lock)."""
+        self._check()
+        tx = self._tx
+        if n <= self._inline_max:
+            if not tx.write_inline(mv):
+                return "ring"
+            self.stats.sent_inline += 1
+            self.stats.sent_bytes_inline += n
+        elif n <= self._slot_max:
+            if not tx.can_grant(L.SLOT_REF_FRAME_SIZE):
+                return "ring"
+            ref = self._alloc_or_grow(n + L.SLOT_LEN_PREFIX)
+            if ref is None:
+                return "slot"
+            c, e, s, gen = ref
+            try:
+                self._pool.write_payload(c, s, mv, e)
+                sent = tx.write_slot_ref(c, e, s, gen)
+            except BaseException:
+                self._pool.free_if_current(c, e, s, gen)
+                raise
+            if not sent:
+                self._pool.free_if_current(c, e, s, gen)
+                return "ring"
+            self.stats.sent_slot += 1
+            self.stats.sent_bytes_slot += n
+        else:
+            if not tx.can_grant(L.MMAP_REF_FRAME_SIZE):
+                return "ring"
+            m = self._acquire_mapping(n)
+            if m is None:
+                return "map"
+            self._count_lease(m, 1)
+            try:
+                m.region.write(L.MAP_HEADER_SIZE, mv)
+                sent = tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n)
+            except BaseException:
+                self._count_lease(m, -1)
+                raise
+            if not sent:
+                self._count_lease(m, -1)
+                return "ring"
+            m.last_used = time.monotonic()
+            self.stats.sent_mmap += 1
+            self.stats.sent_bytes_mmap += n
+        self._notify(False, tx)
+        return None
+
     def _send_slot(self, mv, n: int, deadline: Optional[float]) -> None:
         seg, tx, need = self.segment, self._tx, n + L.SLOT_LEN_PREFIX
         ref = seg.alloc(need, self._owner)
@@ -404,17 +500,26 @@ class Link:
             self._mark_dead(str(e))
             raise self._gone_error() from None
 
+    def _count_lease(self, m: Mapping, delta: int) -> None:
+        """Take (+1) or give back (-1) a sender's lease on m, keeping the inspect counters current."""
+        region, (maps_off, bytes_off, leases_off) = self.segment.region, self._tx_counters
+        if delta > 0:
+            maps = self._maps_tx.maps
+            region.store_u32(maps_off, len(maps))
+            region.store_u64(bytes_off, sum(x.size for x in maps))
+            region.fetch_add_u32(leases_off, 1)
+            m.add_lease()
+        else:
+            m.drop_lease()
+            region.fetch_add_u32(leases_off, 0xFFFFFFFF)
+
     def _send_mmap(self, mv, n: int, deadline: Optional[float]) -> None:
-        tx, maps = self._tx, self._maps_tx
+        tx = self._tx
         m = self._acquire_mapping(n)
         if m is None:  # every mapping is leased: wait for the receiver to release one
             self.stats.mapping_waits += 1
             m = self._wait(lambda: self._acquire_mapping(n), tx, True, deadline, None, SLOT_WAIT_SLICE)
-        region, (maps_off, bytes_off, leases_off) = self.segment.region, self._tx_counters
-        region.store_u32(maps_off, len(maps.maps))
-        region.store_u64(bytes_off, sum(x.size for x in maps.maps))
-        region.fetch_add_u32(leases_off, 1)
-        m.add_lease()  # before the ref is visible: the receiver may release at once
+        self._count_lease(m, 1)  # before the ref is visible: the receiver may release at once
         try:
             m.region.write(L.MAP_HEADER_SIZE, mv)  # payload, then (Release) the ref: format-v7 2.9 order
             if not tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n):
@@ -422,8 +527,7 @@ class Link:
                 self._wait(lambda: tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n), tx, True,
                            deadline, lambda b: tx.spin_room(L.MMAP_REF_FRAME_SIZE, b))
         except BaseException:
-            m.drop_lease()
-            region.fetch_add_u32(leases_off, 0xFFFFFFFF)
+            self._count_lease(m, -1)
             raise
         m.last_used = time.monotonic()
         self.stats.sent_mmap += 1
@@ -632,6 +736,21 @@ class Link:
         are delivered before PeerDead / HostGone is raised."""
         return self._recv(timeout, False)
 
+    async def arecv(self, timeout: Optional[float] = None) -> Message:
+        """recv() for asyncio: waits on the doorbell through the running loop (see shmhub.aio)."""
+        from .aio import arecv
+        return await arecv(self, timeout)
+
+    async def asend(self, data, timeout: Optional[float] = None) -> None:
+        """send() for asyncio: waits for ring room, a slot or a mapping without blocking the loop."""
+        from .aio import asend
+        await asend(self, data, timeout)
+
+    def __aiter__(self):
+        """`async for msg in link`: messages until the peer is gone."""
+        from .aio import LinkIterator
+        return LinkIterator(self)
+
     def recv_bytes(self, timeout: Optional[float] = None) -> bytes:
         """The next message copied into bytes (its shared memory is released at once)."""
         return self._recv(timeout, True)
@@ -686,11 +805,11 @@ class Link:
             self._rx_lock.release()
 
     def __iter__(self):
-        """Messages until the peer is gone."""
+        """Messages until the peer is gone (PeerDead on the host, HostGone on a guest) or the link closed."""
         while True:
             try:
                 yield self.recv()
-            except (PeerDead, LinkClosed):
+            except (PeerDead, HostGone, LinkClosed):
                 return
 
     # -- teardown ---------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import struct
 import sys
 import time
 
-from _stressutil import SPINS, Watchdog, die_with_parent
+from _stressutil import SPINS, backoff, Watchdog, die_with_parent
 
 from shmhub import Segment, ShmhubError
 from shmhub._native import cpu_relax
@@ -78,7 +78,7 @@ def main() -> int:
                 dog.check("waiting for a free slot")
             cpu_relax()
             if idle > SPINS:
-                os.sched_yield()
+                backoff(idle)
             continue
         idle = 0
         for _ in range(rng.randrange(16)):  # give the other churner a chance to collide

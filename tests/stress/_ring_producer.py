@@ -2,15 +2,16 @@
 
 argv: segment_fd peer_id n_frames seed slot_per_256 [mode]
 mode: "ok" (default); "corrupt:K" flips one payload byte of frame K after its checksum was
-computed; "die:K" exits with status 7 right after committing frame K-1 (a crashed producer).
+computed; "die:K" exits with status 7 right after committing frame K-1 (a crashed producer);
+"hang:K" stops (sleeps, alive) after committing frame K-1 (a stuck producer).
 Prints one line of JSON stats on success; exit status 0 = all frames committed.
 """
 import json
 import os
 import sys
-from os import sched_yield
+import time
 
-from _stressutil import SPINS, PayloadPlan, Watchdog, die_with_parent
+from _stressutil import SPINS, backoff, PayloadPlan, Watchdog, die_with_parent
 
 from shmhub import Segment
 from shmhub._native import cpu_relax
@@ -22,6 +23,7 @@ def main() -> int:
     mode = sys.argv[6] if len(sys.argv) > 6 else "ok"
     corrupt_at = int(mode.split(":")[1]) if mode.startswith("corrupt:") else -1
     die_at = int(mode.split(":")[1]) if mode.startswith("die:") else -1
+    hang_at = int(mode.split(":")[1]) if mode.startswith("hang:") else -1
     dog = Watchdog(300)
     seg = Segment.attach(fd)
     seg.peers.claim(peer)
@@ -36,6 +38,10 @@ def main() -> int:
     for i in range(n):
         if i == die_at:
             os._exit(7)
+        if i == hang_at:
+            while True:  # the test kills us; the watchdog ends this if it does not
+                time.sleep(0.1)
+                dog.check("hanging on purpose")
         is_slot, size, off = params(i)
         data = payload(i, size, off)
         if i == corrupt_at:
@@ -50,7 +56,7 @@ def main() -> int:
                     dog.check(f"waiting for a slot for frame {i}")
                 cpu_relax()
                 if spins > SPINS:
-                    sched_yield()
+                    backoff(spins)
                 ref = alloc(size + 4, peer)
             c, s, gen = ref
             per_class[c] += 1
@@ -63,7 +69,7 @@ def main() -> int:
                     dog.check(f"waiting for ring space for frame {i}")
                 cpu_relax()
                 if spins > SPINS:
-                    sched_yield()
+                    backoff(spins)
         else:
             spins = 0
             while not write_inline(data):
@@ -73,7 +79,7 @@ def main() -> int:
                     dog.check(f"waiting for ring space for frame {i}")
                 cpu_relax()
                 if spins > SPINS:
-                    sched_yield()
+                    backoff(spins)
     print(json.dumps({"sent": n, "ring_full": ring_full, "pool_empty": pool_empty, "per_class": per_class}), flush=True)
     seg.peers.detach(peer)
     seg.close()

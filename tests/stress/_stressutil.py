@@ -23,10 +23,19 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 HDR = struct.Struct("<II")
 EMPTY_INDEX = 0xFFFFFFFF
 BUF_SIZE = 1 << 16
-# Busy-poll budget: after this many consecutive cpu_relax() polls a waiter also sched_yield()s,
-# so that on an oversubscribed machine a spinning side does not burn the time slice the other
-# side needs to make progress (the spin itself stays a busy poll).
+# Busy-poll budget. A waiter polls with cpu_relax(); after SPINS consecutive failed polls it also
+# calls backoff(), which yields the CPU and, after 2 x SPINS, sleeps 50 us per poll. On an idle
+# machine the other side answers long before that; on an oversubscribed one a pure spin would
+# burn the time slice the other side needs, and a sleeper gets scheduled promptly on wakeup.
 SPINS = 200
+_BACKOFF = os.environ.get("SHMHUB_STRESS_BACKOFF", "sleep")
+
+
+def backoff(spins: int) -> None:
+    if _BACKOFF == "yield" or spins <= 2 * SPINS:
+        os.sched_yield()
+    else:
+        time.sleep(50e-6)
 
 
 class PayloadPlan:

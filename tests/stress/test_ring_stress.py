@@ -3,8 +3,10 @@ variable-size frames through a small BipBuffer, inline and by slot reference; th
 consumes and verifies every frame's order, size and checksum, counts how often the ring wrapped,
 and checks that the slot pool ends up full with intact free lists.
 
-Both sides busy-poll with cpu_relax(). The consumer polls the child whenever the ring is empty,
-so a dead producer fails the test instead of hanging it; every test also has a pytest timeout.
+Both sides busy-poll with cpu_relax() (backing off to sched_yield/short sleeps only after 200
+failed polls, see _stressutil.backoff). The consumer polls the child whenever the ring is empty,
+so a dead producer fails the test instead of hanging it, and a live producer that stops sending
+fails it after a stall timeout; every test also has a pytest timeout.
 """
 from __future__ import annotations
 

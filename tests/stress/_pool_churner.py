@@ -63,7 +63,7 @@ def main() -> int:
             if ref is None:
                 exhausted += 1
                 break
-            c, s, gen = ref
+            c, e, s, gen = ref
             per_class[c] += 1
             meta = pool.slot_meta(c, s)
             if meta[:3] != (gen, ALLOCATED, peer):
@@ -71,7 +71,7 @@ def main() -> int:
             data = STAMP.pack(pid, peer, counter) + filler[:size - 4 - STAMP.size]
             counter += 1
             pool.write_payload(c, s, data)
-            held.append((c, s, gen, data))
+            held.append((c, e, s, gen, data))
         if not held:
             idle += 1
             if not idle & 0xFFFF:
@@ -85,7 +85,7 @@ def main() -> int:
             cpu_relax()
         if max_hold > 1:
             rng.shuffle(held)
-        for c, s, gen, data in held:
+        for c, e, s, gen, data in held:
             got = pool.read_payload(c, s)
             meta = pool.slot_meta(c, s)
             if got != data:
@@ -94,9 +94,9 @@ def main() -> int:
             if meta[:3] != (gen, ALLOCATED, peer):
                 fail(f"slot {c}/{s} gen {gen}: held slot's meta changed to {meta}")
             try:
-                pool.free(c, 0, s, gen)
-            except ShmhubError as e:
-                fail(f"free of slot {c}/{s} gen {gen}: {type(e).__name__}: {e}")
+                pool.free(c, e, s, gen)
+            except ShmhubError as err:
+                fail(f"free of slot {c}/{s} gen {gen}: {type(err).__name__}: {err}")
             pairs += 1
         held.clear()
         if not pairs & 0x3FFF:

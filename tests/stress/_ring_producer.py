@@ -58,11 +58,11 @@ def main() -> int:
                 if spins > SPINS:
                     backoff(spins)
                 ref = alloc(size + 4, peer)
-            c, s, gen = ref
+            c, e, s, gen = ref
             per_class[c] += 1
             pool.write_payload(c, s, data)
             spins = 0
-            while not write_slot_ref(c, 0, s, gen):
+            while not write_slot_ref(c, e, s, gen):
                 ring_full += 1
                 spins += 1
                 if not ring_full & 0xFFFF:

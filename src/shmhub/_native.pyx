@@ -1030,6 +1030,9 @@ cdef class SlotPool:
     def take(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation, uint32_t new_owner):
         """Become the owner of a received slot (DECISIONS 9); returns its payload length.
         The generation is re-checked after the owner store, before any data is exposed."""
+        return self.c_take(class_idx, extent_idx, slot_idx, generation, new_owner)
+
+    cdef long long c_take(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation, uint32_t new_owner) except -1:
         self.check_ref(class_idx, extent_idx, slot_idx)
         self.wbase()
         cdef char* m = self.meta(class_idx, extent_idx, slot_idx)
@@ -1039,7 +1042,11 @@ cdef class SlotPool:
         shm_store32(m + SHMHUB_META_OWNER, new_owner, SHM_RELEASE)
         if shm_load64(m, SHM_ACQUIRE) != expected:
             raise StaleSlotRef(f"slot class {class_idx} idx {slot_idx} changed while being received")
-        return self.payload_len(class_idx, slot_idx, extent_idx)
+        cdef uint32_t n = shm_get_u32(self.slot_data(class_idx, extent_idx, slot_idx))
+        if n > self.cls[class_idx].slot_size - SHMHUB_SLOT_LEN_PREFIX:
+            raise InvalidSlotRef(f"slot class {class_idx} idx {slot_idx}: length prefix {n} exceeds "
+                                 f"slot_size {self.cls[class_idx].slot_size} - 4")
+        return n
 
     def payload_len(self, int class_idx, uint32_t slot_idx, int extent_idx=0):
         """The u32 length prefix of a slot, checked against the slot size (format-v7 1.6)."""
@@ -1223,6 +1230,9 @@ cdef class Message:
     cdef bint release_pending  # a with block ended while views were alive: release with the last one
     cdef readonly bint writable
     cdef public object token  # what the link needs to send a reserved buffer
+    cdef SlotPool slot_pool  # set by recv_next: the slot is freed natively on release
+    cdef int sc, se
+    cdef uint32_t ss, sgen
 
     def __init__(self, owner, Py_ssize_t offset, Py_ssize_t length, str tier, on_release=None, bint writable=False):
         """owner: a Region (the span is pinned) or a bytes object holding the payload.
@@ -1307,7 +1317,10 @@ cdef class Message:
         cb, self.on_release = self.on_release, None
         owner = self.owner
         self.owner = None
+        pool, self.slot_pool = self.slot_pool, None
         try:
+            if pool is not None and not (<SlotPool>pool).region.closed:
+                (<SlotPool>pool).c_free(self.sc, self.se, self.ss, self.sgen, False)
             if cb is not None:
                 cb()
         finally:
@@ -1333,3 +1346,95 @@ cdef class Message:
     def __repr__(self):
         state = "released" if self.released else f"{self.length} bytes"
         return f"<shmhub.Message {self.tier} {state}>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused hot paths over a ring and the pool (one call per message from the link)
+# ---------------------------------------------------------------------------------------------
+
+def send_slot(Ring ring, SlotPool pool, payload, uint32_t owner, bint check_waiter):
+    """One payload by slot reference: room in the ring is checked first, so nothing is held on
+    failure. Returns -1 (ring full), -2 (pool exhausted), else 1 when the consumer announced it
+    sleeps and 0 otherwise. NeedExtent if the free slot is in an extent not mapped here yet."""
+    cdef Py_buffer b
+    cdef long long r = -1
+    cdef int c
+    cdef uint32_t idx, s, gen
+    cdef int e
+    cdef char* p
+    cdef Py_ssize_t off
+    PyObject_GetBuffer(payload, &b, PyBUF_SIMPLE)
+    try:
+        ring.wlive()
+        if not ring.c_room(SHMHUB_SLOT_REF_FRAME_SIZE):
+            return -1
+        for c in range(pool.num_classes):
+            if <Py_ssize_t>pool.cls[c].slot_size - <Py_ssize_t>SHMHUB_SLOT_LEN_PREFIX < b.len:
+                continue
+            r = pool.pop(c, owner)
+            if r >= 0:
+                break
+        if r < 0:
+            return -2
+        idx = <uint32_t>(r & 0xFFFFFFFF)
+        gen = <uint32_t>(r >> 32)
+        e = idx / pool.cls[c].slot_count
+        s = idx % pool.cls[c].slot_count
+        p = pool.slot_data(c, e, s)
+        shm_put_u32(p, <uint32_t>b.len)
+        memcpy(p + SHMHUB_SLOT_LEN_PREFIX, b.buf, b.len)
+        off = ring.c_grant(SHMHUB_SLOT_REF_FRAME_SIZE)
+        if off < 0:  # cannot happen: room was checked and this side is the only producer
+            pool.c_free(c, e, s, gen, False)
+            return -1
+        put_slot_ref(ring.data + off, c, e, s, gen)
+        ring.c_commit(SHMHUB_SLOT_REF_FRAME_SIZE)
+        return 1 if check_waiter and ring.c_waiting(False) else 0
+    finally:
+        PyBuffer_Release(&b)
+
+
+def recv_next(Ring ring, SlotPool pool, uint32_t owner, bint check_waiter, on_release):
+    """The next message: bytes (inline, released), a Message (slot: owned by `owner` before the ring
+    bytes are released, freed natively on release, then on_release() is called), None when empty, or
+    an mmap-ref frame tuple (not released). Sets ring.producer_waiting like recv_inline."""
+    cdef Py_ssize_t start = 0
+    cdef Py_ssize_t n = ring.c_readable(&start)
+    cdef const char* p
+    cdef const char* body
+    cdef uint32_t total
+    cdef uint8_t flags
+    cdef Message msg
+    cdef long long length
+    cdef int c, e
+    cdef uint32_t s, gen
+    if n == 0:
+        return None
+    p = ring.data + start
+    total = check_frame(p, n)
+    flags = <uint8_t>p[SHMHUB_FRAME_FLAGS]
+    if flags & SHMHUB_FLAG_MMAP_REF:
+        return decode_checked(p, total)
+    if not flags & SHMHUB_FLAG_SLOT_REF:
+        out = ring.c_take_inline()
+        ring.producer_waiting = check_waiter and ring.c_waiting(True)
+        return out
+    body = p + SHMHUB_FRAME_HEADER_SIZE
+    c = <uint8_t>body[SHMHUB_SR_CLASS]
+    e = <uint8_t>body[SHMHUB_SR_EXTENT]
+    s = shm_get_u32(body + SHMHUB_SR_SLOT)
+    gen = shm_get_u32(body + SHMHUB_SR_GENERATION)
+    length = pool.c_take(c, e, s, gen, owner)  # DECISIONS 9: owner first, generation re-checked
+    region = <Region>pool.extent_regions[c][e]
+    msg = Message.__new__(Message)
+    msg.owner = region
+    region.pin()
+    msg.ptr = pool.slot_data(c, e, s) + SHMHUB_SLOT_LEN_PREFIX
+    msg.length = length
+    msg.tier = "slot"
+    msg.on_release = on_release
+    msg.slot_pool = pool
+    msg.sc, msg.se, msg.ss, msg.sgen = c, e, s, gen
+    ring.c_release(total)
+    ring.producer_waiting = check_waiter and ring.c_waiting(True)
+    return msg

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Deque, Optional
 
 from . import layout as L
-from ._native import Message, Ring
+from ._native import Message, NeedExtent, Ring, recv_next, send_slot
 from .bigmap import MapReceiver, MapSender, Mapping
 from .doorbell import Doorbell
 from .errors import (
@@ -312,14 +312,24 @@ class Link:
 
     def send(self, data, timeout: Optional[float] = None) -> None:
         """Send a bytes-like object. Blocks (spin, then sleep) while the ring or pool is full."""
-        if type(data) is bytes and len(data) <= self._inline_max and self._tx_lock.acquire(False):
-            try:  # hot path: a small bytes payload and room in the ring
+        if type(data) is bytes and len(data) <= self._slot_max and self._tx_lock.acquire(False):
+            try:  # hot path: one call into the core when the ring (and pool) have room now
                 if self._ok:
-                    r = self._tx.send_inline(data, self._elide)
+                    n, st = len(data), self.stats
+                    if n <= self._inline_max:
+                        r = self._tx.send_inline(data, self._elide)
+                        if r >= 0:
+                            st.sent_inline += 1
+                            st.sent_bytes_inline += n
+                    else:
+                        try:
+                            r = send_slot(self._tx, self._pool, data, self._owner, self._elide)
+                        except NeedExtent:
+                            r = -1  # the slow path maps the extent
+                        if r >= 0:
+                            st.sent_slot += 1
+                            st.sent_bytes_slot += n
                     if r >= 0:
-                        st = self.stats
-                        st.sent_inline += 1
-                        st.sent_bytes_inline += len(data)
                         if r or not self._elide:
                             self._ring()
                         else:
@@ -464,6 +474,13 @@ class Link:
 
     def _send_slot(self, mv, n: int, deadline: Optional[float]) -> None:
         seg, tx, need = self.segment, self._tx, n + L.SLOT_LEN_PREFIX
+        try:
+            if send_slot(tx, self._pool, mv, self._owner, False) >= 0:  # the caller notifies
+                self.stats.sent_slot += 1
+                self.stats.sent_bytes_slot += n
+                return
+        except NeedExtent as err:
+            seg._need(err)
         ref = seg.alloc(need, self._owner)
         if ref is None:
             self.stats.slot_exhaustion_waits += 1
@@ -653,6 +670,11 @@ class Link:
             if not self._elide or self._rx.peer_waiting(True):
                 self.doorbell.ring()
 
+    def _slot_freed(self) -> None:
+        """After a received slot was freed: the producer may sleep waiting for one (trap 27)."""
+        if self._ok and self.doorbell is not None and (not self._elide or self._rx.peer_waiting(True)):
+            self.doorbell.ring()
+
     def _free_slot(self, c: int, e: int, s: int, gen: int) -> None:
         if self.segment.closed:
             return  # the pool went with the segment; nothing left to free
@@ -705,20 +727,31 @@ class Link:
             self._check()
         rx = self._rx
         try:
-            r = rx.recv_inline(self._elide)
-        except LinkCorrupted as e:
+            try:
+                r = recv_next(rx, self._pool, self._owner, self._elide, self._slot_freed)
+            except NeedExtent as err:  # a slot in an extent new to us: map it, read the frame again
+                self.segment._need(err)
+                r = recv_next(rx, self._pool, self._owner, self._elide, self._slot_freed)
+        except (LinkCorrupted, SlotError, SegmentCorrupted) as e:
             raise self._corrupted(e) from None
         if r is None:
             return None
-        if type(r) is bytes:
+        tr = type(r)
+        if tr is bytes or tr is Message:
             st = self.stats
-            st.recv_inline += 1
-            st.recv_bytes_inline += len(r)
+            if tr is bytes:
+                st.recv_inline += 1
+                st.recv_bytes_inline += len(r)
+            else:
+                st.recv_slot += 1
+                st.recv_bytes_slot += len(r)
             if rx.producer_waiting or not self._elide:  # a producer may wait for space (trap 27)
                 self._ring()
             else:
                 st.doorbells_elided += 1
-            return r if as_bytes else Message(r, 0, len(r), "inline")
+            if as_bytes:
+                return r if tr is bytes else _as_bytes(r)
+            return Message(r, 0, len(r), "inline") if tr is bytes else r
         msg = self._take_frame(r)
         self._notify(True, rx)
         return _as_bytes(msg) if as_bytes else msg

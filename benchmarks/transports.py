@@ -264,11 +264,7 @@ class Shmhub(Transport):
         return self.link.recv_bytes()
 
     def poll(self):
-        m = self.link.try_recv()
-        if m is None:
-            return None
-        with m:
-            return m.tobytes()
+        return self.link.try_recv_bytes()
 
     def send_many(self, items):
         self.link.send_many(items)

@@ -758,8 +758,15 @@ class Link:
 
     def try_recv(self) -> Optional[Message]:
         """The next message if one is there now, else None (raises if the link is gone and empty)."""
+        return self._try_recv(False)
+
+    def try_recv_bytes(self) -> Optional[bytes]:
+        """try_recv(), copied into bytes (for busy-polling loops)."""
+        return self._try_recv(True)
+
+    def _try_recv(self, as_bytes: bool):
         with self._rx_lock:
-            msg = self._poll_locked()
+            msg = self._poll_locked(as_bytes)
             if msg is None and (not self._ok or (self.side == GUEST and self.segment.host_goodbye)):
                 self._check()
             return msg

@@ -257,6 +257,15 @@ class Link:
     def send(self, data, timeout: Optional[float] = None) -> None:
         """Send a bytes-like object. Blocks (spin, then sleep) while the ring or pool is full."""
         mv = memoryview(data)
+        try:
+            self._send(mv, timeout)
+        finally:
+            # No view of `data` may outlive the call, not even in a traceback's frames: a Message
+            # refuses release() while a view is alive, so `with msg: link.send(msg)` would turn
+            # any send error into a BufferError.
+            mv.release()
+
+    def _send(self, mv: memoryview, timeout: Optional[float]) -> None:
         if not mv.c_contiguous:
             mv = memoryview(mv.tobytes())
         n = mv.nbytes

@@ -93,11 +93,15 @@ class _Waiter:
             self.gen += 1
             self.cond.notify_all()
 
-    def sleep(self, timeout: Optional[float]) -> None:
-        """Sleep until woken or timeout; the caller re-checks everything afterwards."""
+    def sleep(self, timeout: Optional[float], token: Optional[int] = None) -> None:
+        """Sleep until woken or timeout; the caller re-checks everything afterwards. `token` is
+        `gen` as read before the caller's last check: if a poller has drained the doorbell since
+        then, the byte may have been the caller's wakeup, so return at once."""
         with self.cond:
+            gen = self.gen if token is None else token
+            if self.gen != gen:
+                return
             if self.polling:
-                gen = self.gen
                 self.cond.wait_for(lambda: self.gen != gen, timeout)
                 return
             self.polling = True
@@ -232,12 +236,13 @@ class Link:
                 rem = slice_cap if rem is None else min(rem, slice_cap)
             ring.set_waiting(producer, 1)
             try:
+                token = self._waiter.gen  # taken before the re-check: a wake after it is never missed
                 r = attempt()  # re-check after announcing (no lost wakeup)
                 if r is not None and r is not False:
                     return r
                 self._check()
                 try:
-                    self._waiter.sleep(rem)
+                    self._waiter.sleep(rem, token)
                 except PeerDead as e:
                     self._mark_dead(str(e))
             finally:

@@ -597,6 +597,23 @@ cdef class Ring:
         shm_fence(SHM_SEQ_CST)
         return shm_load32(self.hdr + (SHMHUB_RING_PRODUCER_WAITING if producer else SHMHUB_RING_CONSUMER_WAITING), SHM_ACQUIRE) != 0
 
+    def claim_peer_waiting(self, bint producer):
+        """After publishing: if the ring's producer / consumer announced it sleeps, withdraw the
+        announcement (CAS to 0) and return True, so the caller rings the doorbell once per sleep,
+        not once per frame while the sleeper is waking up. The sleeper announces again before it
+        sleeps again, so this loses no wakeup."""
+        self.live()
+        shm_fence(SHM_SEQ_CST)
+        cdef char* p = self.hdr + (SHMHUB_RING_PRODUCER_WAITING if producer else SHMHUB_RING_CONSUMER_WAITING)
+        cdef uint32_t v = shm_load32(p, SHM_ACQUIRE)
+        cdef uint32_t seen
+        while v != 0:
+            seen = shm_cas32(p, v, 0)
+            if seen == v:
+                return True
+            v = seen
+        return False
+
     cdef inline bint c_has_data(self) noexcept nogil:
         return hdr_has_data(self.hdr)
 

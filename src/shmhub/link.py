@@ -203,7 +203,7 @@ class Link:
         """After publishing: ring the doorbell unless the peer announced it is awake."""
         if self.doorbell is None:
             return
-        if self._elide and not ring.peer_waiting(producer_side):
+        if self._elide and not ring.claim_peer_waiting(producer_side):
             self.stats.doorbells_elided += 1
             return
         self.stats.doorbells_rung += 1
@@ -322,7 +322,7 @@ class Link:
         self._pool.free_if_current(c, e, s, gen)
         if not self._closed and not self._dead and self.doorbell is not None:
             # The producer may sleep waiting for a slot (trap 27).
-            if not self._elide or self._rx.peer_waiting(True):
+            if not self._elide or self._rx.claim_peer_waiting(True):
                 self.doorbell.ring()
 
     def _take_frame(self, frame) -> Message:

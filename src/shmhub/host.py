@@ -221,7 +221,8 @@ class Host:
                         h.link._mark_dead(str(e))
         finally:
             for h in owned:
-                h.link._rx.set_waiting(False, 0)
+                if not h.link._watched:  # fileno() users keep it announced (Link.fileno)
+                    h.link._rx.set_waiting(False, 0)
                 h.link._waiter.end()
                 h.link._rx_lock.release()
         if not owned and not live:

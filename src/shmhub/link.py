@@ -154,6 +154,7 @@ class Link:
         self._recovered = False  # host side: the peer entry may be reused, never touch its rings again
         self._corrupt: Optional[str] = None
         self._closed = False
+        self._watched = False  # fileno() was called: keep the receive side announced (see fileno)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -166,9 +167,16 @@ class Link:
         return not (self._closed or self._dead or self._corrupt)
 
     def fileno(self) -> int:
-        """The doorbell fd: readable when the peer signals (for selectors / event loops)."""
+        """The doorbell fd, for selectors / event loops: readable when a message may have arrived.
+        With doorbell elision the peer rings only for a receiver that announced it waits, so the
+        first call announces it for good: call try_recv() until it returns None once registered
+        and whenever the fd is readable; that drains the doorbell and re-arms it. (Other threads
+        blocking on this link meanwhile may drain the doorbell themselves.)"""
         if self.doorbell is None:
             raise OSError("this link has no doorbell (walk-in guest)")
+        if not self._watched:
+            self._watched = True
+            self._rx.set_waiting(False, 1)
         return self.doorbell.fileno()
 
     def _mark_dead(self, reason: str) -> None:
@@ -246,7 +254,8 @@ class Link:
                 except PeerDead as e:
                     self._mark_dead(str(e))
             finally:
-                ring.set_waiting(producer, 0)
+                if producer or not self._watched:
+                    ring.set_waiting(producer, 0)
             r = attempt()
             if r is not None and r is not False:
                 return r
@@ -368,11 +377,26 @@ class Link:
         """The next message if one is there now, else None (raises if the link is gone and empty)."""
         with self._rx_lock:
             msg = self._poll_locked()
+            if msg is None and self._watched and self.alive:
+                msg = self._rearm_locked()
             if msg is None and not self.alive:
                 self._check()
             if msg is None and self.side == GUEST and self.segment.host_goodbye:
                 self._check()
             return msg
+
+    def _rearm_locked(self) -> Optional[Message]:
+        """fileno() users with nothing left to receive: announce we wait (so the peer rings), drain
+        the doorbell so the fd stays quiet until then, and re-check (rx lock held)."""
+        self._rx.set_waiting(False, 1)
+        if self._waiter.try_begin():  # one poller per doorbell (trap 32); else that poller drains
+            try:
+                self.doorbell.drain()
+            except PeerDead as e:
+                self._mark_dead(str(e))
+            finally:
+                self._waiter.end()
+        return self._poll_locked()
 
     def recv(self, timeout: Optional[float] = None) -> Message:
         """The next message; blocks (spin, then sleep) up to timeout. Messages already in the ring

@@ -32,15 +32,17 @@ class Stream:
 
     def check(self, expected_seq: int, data) -> str | None:
         """None if `data` is message expected_seq, else what is wrong with it."""
-        mv = memoryview(data)
-        if len(mv) < SEQ.size:
-            return f"message of {len(mv)} bytes has no sequence number (expected seq {expected_seq})"
-        (seq,) = SEQ.unpack_from(mv)
-        if seq != expected_seq:
-            return f"got seq {seq}, expected {expected_seq} (lost, duplicated or reordered)"
-        if mv != self.message(seq):
-            return f"seq {seq}: content or size wrong (got {len(mv)} bytes, expected {self.sizes[seq]})"
-        return None
+        with memoryview(data) as mv:  # released even if this raises: a Message refuses release() under a live view
+            if len(mv) < SEQ.size:
+                return f"message of {len(mv)} bytes has no sequence number (expected seq {expected_seq})"
+            (seq,) = SEQ.unpack_from(mv)
+            if seq != expected_seq:
+                return f"got seq {seq}, expected {expected_seq} (lost, duplicated or reordered)"
+            if seq >= self.count:
+                return f"seq {seq} is beyond the stream's {self.count} messages"
+            if mv != self.message(seq):
+                return f"seq {seq}: content or size wrong (got {len(mv)} bytes, expected {self.sizes[seq]})"
+            return None
 
 
 def gil_progress(fn) -> tuple:
@@ -72,3 +74,20 @@ def gil_progress(fn) -> tuple:
     box[1] = True
     th.join()
     return box[0] / elapsed, elapsed, err
+
+
+def gil_ratio(wait, t: float, rounds: int = 3) -> tuple:
+    """How fast a counting thread runs while `wait(t)` blocks, relative to while the main thread
+    is in time.sleep(t): measured in `rounds` interleaved pairs (other load on the machine
+    shifts both alike). Returns (ratio, [(elapsed, exception) of each wait])."""
+    import time
+
+    base = meas = base_s = meas_s = 0.0
+    waits = []
+    for _ in range(rounds):
+        rate, el, _ = gil_progress(lambda: time.sleep(t))
+        base, base_s = base + rate * el, base_s + el
+        rate, el, err = gil_progress(lambda: wait(t))
+        meas, meas_s = meas + rate * el, meas_s + el
+        waits.append((el, err))
+    return (meas / meas_s) / (base / base_s), waits

@@ -14,7 +14,7 @@ import common  # noqa: E402  (tests/guests/common.py, shared with the guest prog
 
 payload = common.payload
 Stream = common.Stream
-gil_progress = common.gil_progress
+gil_ratio = common.gil_ratio
 
 
 def guest_argv(name: str, *args) -> list:

@@ -1,0 +1,252 @@
+"""Host goodbye with busy guests, fairness of recv_any, walk-in guests, heartbeats, spawn
+failure, connect() outside a spawned child."""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections import Counter
+
+import pytest
+
+import shmhub
+from shmhub import Host, SegmentConfig
+from shmhub import layout as L
+
+from linkutil import Stream, allocated, guest_argv, payload, spawn, wait_event, wait_until
+
+CFG = SegmentConfig(max_guests=4, bipbuf_capacity=8192, size_classes=((1024, 32), (16 * 1024, 8)))
+INLINE, SLOT_MAX = CFG.effective_inline_threshold, CFG.max_slot_payload
+
+
+def _states(host):
+    return [host.segment.peers.state(p) for p in range(1, host.segment.config.max_guests + 1)]
+
+
+def _run(target, errors):
+    def body():
+        try:
+            target()
+        except BaseException as e:  # reported by the test
+            errors.append(f"{type(e).__name__}: {e}")
+    t = threading.Thread(target=body)
+    t.start()
+    return t
+
+
+def _drain_events(host):
+    out = []
+    while not host.events.empty():
+        out.append(host.events.get_nowait())
+    return out
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["memfd", "named"])
+def test_goodbye_with_busy_guests(named, shm_path, tmp_path):
+    """Three guests stream to the host and receive from it; host.close() mid-stream: every guest
+    drains what the host sent, gets HostGone, exits 0; nothing is left in /dev/shm."""
+    host = Host(CFG, path=shm_path if named else None)
+    if named:
+        assert os.path.exists(shm_path) and os.stat(shm_path).st_mode & 0o777 == 0o600
+    else:  # anonymous: never a file in /dev/shm (the autouse fixture checks /dev/shm as a whole)
+        assert os.readlink(f"/proc/self/fd/{host.segment.fd}").startswith("/memfd:")
+    guests, sent, got = [], Counter(), Counter()
+    try:
+        for i in range(3):
+            guests.append(spawn(host, "busy.py", tmp_path / f"g{i}.json", 100 * i))
+        streams = {g.peer_id: (Stream(100 * i, 50_000, INLINE, SLOT_MAX), Stream(100 * i + 1, 50_000, INLINE, SLOT_MAX))
+                   for i, g in enumerate(guests)}
+        errors: list = []
+
+        def send_all():  # a thread of its own: the slot pool is shared, so a host that stopped
+            for k in range(3000):  # receiving while it waits for a slot could wait forever
+                g = guests[k % 3]
+                g.link.send(streams[g.peer_id][0].message(sent[g.peer_id]), timeout=10)
+                sent[g.peer_id] += 1
+
+        sender = _run(send_all, errors)
+        deadline = time.monotonic() + 60
+        while ((sender.is_alive() and max(got.values(), default=0) < 45_000) or sum(got.values()) < 3000) \
+                and time.monotonic() < deadline:
+            h, msg = host.recv_any(timeout=10)
+            with msg:
+                err = streams[h.peer_id][1].check(got[h.peer_id], msg)
+            assert err is None, err
+            got[h.peer_id] += 1
+        sender.join(10)
+        assert not sender.is_alive() and not errors, errors
+        assert all(got[g.peer_id] > 0 for g in guests), got
+        t0 = time.monotonic()
+    finally:
+        host.close()
+    close_s = time.monotonic() - t0
+    assert close_s < 4, f"close took {close_s:.1f} s: some guest needed killing"
+    for i, g in enumerate(guests):
+        assert g.returncode == 0, f"guest {i} exit code {g.returncode}"
+        with open(tmp_path / f"g{i}.json") as f:
+            res = json.load(f)
+        assert res["errors"] == []
+        assert res["received"] == sent[g.peer_id]  # drained every message sent before goodbye
+        assert res["sent"] >= got[g.peer_id]
+    kinds = {(e.kind, e.peer_id) for e in _drain_events(host)}
+    for g in guests:
+        assert ("exited", g.peer_id) in kinds and ("died", g.peer_id) not in kinds, kinds
+    assert not os.path.exists(shm_path)
+
+
+def test_recv_any_is_fair_across_streaming_guests():
+    n_guests, first_n = 4, 4000
+    cfg = SegmentConfig(max_guests=n_guests, bipbuf_capacity=4096, size_classes=((1024, 4),))
+    with Host(cfg) as host:
+        guests = [spawn(host, "flood.py", 500 + i) for i in range(n_guests)]
+        streams = {g.peer_id: Stream(500 + i, 50_000, 48, 48, 0) for i, g in enumerate(guests)}
+        # start counting once every guest is streaming
+        wait_until(lambda: all(host.segment.g2h(g.peer_id).has_data() for g in guests), timeout=20,
+                   what="all guests streaming")
+        counts = Counter()
+        for _ in range(first_n):
+            h, msg = host.recv_any(timeout=10)
+            with msg:
+                err = streams[h.peer_id].check(counts[h.peer_id], msg)
+            assert err is None, err
+            counts[h.peer_id] += 1
+        shares = {p: c / first_n for p, c in sorted(counts.items())}
+        print("recv_any shares", shares)
+        fair = 1 / n_guests
+        assert len(counts) == n_guests
+        assert all(0.6 * fair <= s <= 1.4 * fair for s in shares.values()), shares
+    assert all(g.returncode == 0 for g in guests), [g.returncode for g in guests]
+
+
+def test_walk_in_guest_attaches_exchanges_and_leaves(shm_path):
+    host = Host(CFG, path=shm_path)
+    proc = None
+    try:
+        proc = subprocess.Popen(guest_argv("walkin.py", shm_path))
+        ev = wait_event(host, "attached", timeout=20)
+        assert ev.pid is None
+        pid = ev.peer_id
+        assert host.segment.peers.state(pid) == L.PEER_ATTACHED
+        [h] = [h for h in host.guests if h.peer_id == pid]
+        assert h.process is None and h.link.doorbell is None
+        for seq, n in enumerate([0, 1, INLINE, INLINE + 1, 1020, 1021, SLOT_MAX]):
+            data = payload(30, seq, n)
+            h.link.send(data, timeout=10)
+            with h.link.recv(timeout=10) as msg:
+                assert msg.tier == ("inline" if n <= INLINE else "slot")
+                assert memoryview(msg) == data
+        assert allocated(host.segment.pool) == [0, 0]
+        h.link.send(b"bye", timeout=10)
+        ev = wait_event(host, "exited", pid, timeout=10)
+        assert "goodbye" in ev.reason
+        assert proc.wait(timeout=10) == 0
+        wait_until(lambda: host.segment.peers.state(pid) == L.PEER_EMPTY, what="peer entry Empty")
+        assert pid not in [g.peer_id for g in host.guests]
+        with pytest.raises(shmhub.PeerDead):
+            h.link.recv(timeout=1)
+        # a second walk-in takes the entry again (new epoch) and leaves at the host's goodbye
+        epoch = host.segment.peers.epoch(pid)
+        proc = subprocess.Popen(guest_argv("walkin.py", shm_path))
+        ev = wait_event(host, "attached", timeout=20)
+        assert ev.peer_id == pid and host.segment.peers.epoch(pid) == epoch + 1
+        [h] = [h for h in host.guests if h.peer_id == pid]
+        h.link.send(b"again", timeout=10)
+        assert h.link.recv_bytes(timeout=10) == b"again"
+    finally:
+        host.close()  # the walk-in sees the goodbye, detaches, exits
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.wait(10)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait(5)
+    assert proc.returncode == 0
+    assert not os.path.exists(shm_path)
+    assert ("exited", pid) in {(e.kind, e.peer_id) for e in _drain_events(host)}
+
+
+def test_heartbeat_detects_a_stopped_guest():
+    """With heartbeat_interval_ns set, a SIGSTOPped guest (its process lives, its doorbell stays
+    open) is declared stale after 2 intervals, killed and recovered, slots in flight included."""
+    interval = 200_000_000  # stale after 400 ms without a heartbeat; the guest stamps every 100 ms
+    cfg = SegmentConfig(max_guests=2, bipbuf_capacity=8192, heartbeat_interval_ns=interval,
+                        size_classes=((1024, 8),))
+    host = Host(cfg)
+    g = None
+    try:
+        g = spawn(host, "echo.py", "--copy")
+        g.link.send(b"ping", timeout=10)
+        assert g.link.recv_bytes(timeout=10) == b"ping"
+        peers = host.segment.peers
+        assert peers.last_heartbeat(g.peer_id) != 0  # written at attach (trap 34)
+        time.sleep(4 * interval / 1e9)  # a live guest keeps its heartbeat fresh
+        assert [e.kind for e in _drain_events(host)] == ["spawned"]
+        assert peers.state(g.peer_id) == L.PEER_ATTACHED
+        g.process.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        for seq in range(2):  # host-owned slots in flight to the hung guest
+            g.link.send(payload(31, seq, 800), timeout=5)
+        last, ev = 0, None
+        while ev is None and time.monotonic() - t0 < 10:
+            last = max(last, peers.last_heartbeat(g.peer_id))  # 0 again once recovered
+            try:
+                ev = host.events.get(timeout=0.002)
+            except queue.Empty:
+                pass
+        elapsed = time.monotonic() - t0
+        assert ev is not None and (ev.kind, ev.peer_id) == ("died", g.peer_id), ev
+        assert "heartbeat" in ev.reason, ev
+        assert ev.time_ns - last > 2 * interval  # not declared stale early
+        assert elapsed < 3, elapsed
+        assert ev.detail.get("h2g_slots_freed") == 2, ev.detail
+        assert g.wait(timeout=5) == -signal.SIGKILL
+        assert peers.state(g.peer_id) == L.PEER_EMPTY
+        assert allocated(host.segment.pool) == [0]
+        with pytest.raises(shmhub.PeerDead):
+            g.link.send(b"x", timeout=1)
+    finally:
+        if g is not None and g.process.poll() is None:
+            g.process.send_signal(signal.SIGCONT)
+            g.process.kill()
+            g.process.wait(5)
+        host.close()
+
+
+def test_spawn_failure_releases_the_reservation(tmp_path):
+    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=4096, size_classes=((1024, 4),))
+    not_executable = tmp_path / "guest.txt"
+    not_executable.write_text("not a program\n")
+    with Host(cfg) as host:
+        fds = set(os.listdir("/proc/self/fd"))
+        epoch = host.segment.peers.epoch(1)
+        for argv, err in [(["/nonexistent/shmhub-guest"], FileNotFoundError),
+                          ([str(not_executable)], PermissionError)] * 2:
+            with pytest.raises(err):
+                host.spawn(argv)
+            assert _states(host) == [L.PEER_EMPTY]
+            assert set(os.listdir("/proc/self/fd")) == fds
+        assert host.guests == []
+        assert _drain_events(host) == []
+        assert host.segment.peers.epoch(1) > epoch  # each attempt reserved the one entry, then gave it back
+        g = spawn(host, "echo.py", "--copy")  # the single entry is free again
+        assert g.peer_id == 1
+        g.link.send(b"after failures", timeout=10)
+        assert g.link.recv_bytes(timeout=10) == b"after failures"
+    assert g.returncode == 0
+
+
+def test_connect_outside_a_spawned_child(monkeypatch):
+    monkeypatch.delenv("SHMHUB_GUEST", raising=False)
+    with pytest.raises(shmhub.SegmentError) as ei:
+        shmhub.connect()
+    assert isinstance(ei.value, shmhub.ShmhubError) and "SHMHUB_GUEST" in str(ei.value)
+    for bad in ("not json", json.dumps({"v": 99, "peer_id": 1, "segment_fd": 0, "doorbell_fd": 0}),
+                json.dumps({"v": 1, "peer_id": 1})):
+        monkeypatch.setenv("SHMHUB_GUEST", bad)
+        with pytest.raises(shmhub.SegmentError):
+            shmhub.connect()

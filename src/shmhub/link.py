@@ -33,6 +33,9 @@ DEFAULT_SPIN_NS = 50_000
 SLOT_WAIT_SLICE = 0.001
 # Without a doorbell (walk-in guests) waits poll in slices this long.
 POLL_SLICE = 0.0005
+# A thread asleep on the doorbell cannot be interrupted by close() in this process (the peer is the
+# only one who can make the fd readable), so it re-checks the link at least this often.
+CLOSE_CHECK = 0.1
 
 
 @dataclass
@@ -109,7 +112,7 @@ class _Waiter:
             if self.doorbell is None:
                 time.sleep(POLL_SLICE if timeout is None else max(0.0, min(timeout, POLL_SLICE)))
             else:
-                self.doorbell.wait(timeout)
+                self.doorbell.wait(CLOSE_CHECK if timeout is None else min(timeout, CLOSE_CHECK))
         finally:
             self.end()
 

@@ -250,3 +250,48 @@ def test_connect_outside_a_spawned_child(monkeypatch):
         monkeypatch.setenv("SHMHUB_GUEST", bad)
         with pytest.raises(shmhub.SegmentError):
             shmhub.connect()
+
+
+def test_close_wakes_threads_blocked_on_the_link():
+    """Link.close() while other threads block in recv() and in send() (full ring): they get
+    LinkClosed promptly, not after their timeouts; on the guest side close() itself returns
+    promptly too (it waits for those threads' locks)."""
+    cfg = SegmentConfig(max_guests=2, bipbuf_capacity=4096, size_classes=((1024, 4),))
+    with Host(cfg) as host:
+        idle = spawn(host, "idle.py")
+        closer = spawn(host, "closer.py")  # the same, guest side: exits 0 if it holds there
+        wait_until(lambda: host.segment.peers.state(idle.peer_id) == L.PEER_ATTACHED, what="idle guest attached")
+        link = idle.link
+        while True:  # fill the ring: the idle guest never reads
+            try:
+                link.send(b"", timeout=0)
+            except shmhub.ShmTimeout:
+                break
+        results = {}
+
+        def blocked(name, fn):
+            t0 = time.monotonic()
+            try:
+                fn()
+                results[name] = ("returned", 0.0)
+            except BaseException as e:
+                results[name] = (type(e).__name__, time.monotonic())
+
+        threads = [threading.Thread(target=blocked, args=("recv", lambda: link.recv(timeout=20))),
+                   threading.Thread(target=blocked, args=("send", lambda: link.send(b"x", timeout=20)))]
+        for t in threads:
+            t.start()
+        wait_until(lambda: link._waiter.polling, what="a thread asleep on the doorbell")
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        link.close()
+        assert time.monotonic() - t0 < 0.5
+        for t in threads:
+            t.join(20)
+        assert {k: v[0] for k, v in results.items()} == {"recv": "LinkClosed", "send": "LinkClosed"}
+        late = {k: round(v[1] - t0, 2) for k, v in results.items()}
+        assert all(v < 1.0 for v in late.values()), late
+        with pytest.raises(shmhub.LinkClosed):
+            link.try_recv()
+        assert closer.wait(timeout=30) == 0
+    assert idle.returncode == 0

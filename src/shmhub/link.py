@@ -331,6 +331,8 @@ class Link:
     # -- receive ----------------------------------------------------------------------------
 
     def _free_slot(self, c: int, e: int, s: int, gen: int) -> None:
+        if self._region.closed:
+            return  # this process closed the segment: nothing to give back (host recovery reclaims)
         self._pool.free_if_current(c, e, s, gen)
         if not self._closed and not self._dead and self.doorbell is not None:
             # The producer may sleep waiting for a slot (trap 27).

@@ -13,7 +13,7 @@ import pytest
 import shmhub
 from shmhub import Host, SegmentConfig
 
-from linkutil import allocated, allocated_slots, class_for, payload, spawn, wait_until
+from linkutil import allocated, allocated_slots, class_for, payload, spawn, wait_event, wait_until
 
 CFG = SegmentConfig(max_guests=2, bipbuf_capacity=64 * 1024,
                     size_classes=((1024, 8), (16 * 1024, 8), (256 * 1024, 8), (1 << 20, 8)))
@@ -372,3 +372,28 @@ def test_failed_send_of_a_message_leaves_it_releasable():
             assert msg.released
             assert allocated(pool) == NO_SLOTS  # neither the received slot nor the failed send's slot leaks
     assert echo.returncode == 0 and idle.returncode == 0
+
+
+def test_release_after_the_segment_is_closed_is_quiet():
+    """A Message outliving its link: still readable; release() (or a with block) has nothing to
+    give back and must not raise. Guest side: holder.py; host side: after host.close()."""
+    cfg = SegmentConfig(max_guests=2, bipbuf_capacity=4096, size_classes=((1024, 4),))
+    host = Host(cfg)
+    try:
+        holder = spawn(host, "holder.py")
+        holder.link.send(b"a" * 600, timeout=10)
+        holder.link.send(b"b" * 600, timeout=10)
+        assert holder.wait(timeout=20) == 0
+        ev = wait_event(host, "exited", holder.peer_id)
+        assert ev.detail["owned_slots_freed"] == 2  # the slots it held were its own (DECISIONS 9)
+        assert allocated(host.segment.pool) == [0]
+        echo = spawn(host, "echo.py", "--copy")
+        echo.link.send(b"c" * 600, timeout=10)
+        msg = echo.link.recv(timeout=10)
+    finally:
+        host.close()
+    assert echo.returncode == 0
+    assert msg.tier == "slot" and msg.tobytes() == b"c" * 600
+    with msg:
+        pass
+    assert msg.released

@@ -295,3 +295,23 @@ def test_close_wakes_threads_blocked_on_the_link():
             link.try_recv()
         assert closer.wait(timeout=30) == 0
     assert idle.returncode == 0
+
+
+def test_spawned_guests_inherit_only_their_own_fds():
+    """Each child holds stdio, the segment and its own doorbell, nothing else: no other guest's
+    doorbell (which would hide that guest's death, trap 33), no host epoll, pidfd or pipe."""
+    cfg = SegmentConfig(max_guests=3, bipbuf_capacity=4096, size_classes=((1024, 4),))
+    with Host(cfg) as host:
+        guests = [spawn(host, "fds.py") for _ in range(3)]
+        sockets = set()
+        for g in guests:
+            rep = json.loads(g.link.recv_bytes(timeout=20))
+            fds = {int(k): v for k, v in rep["fds"].items()}
+            assert set(fds) == {0, 1, 2, rep["doorbell"], rep["segment"]}, fds
+            assert fds[rep["segment"]].startswith("/memfd:")
+            assert fds[rep["doorbell"]].startswith("socket:")
+            sockets.add(fds[rep["doorbell"]])
+            g.link.send(b"still there", timeout=10)
+            assert g.link.recv_bytes(timeout=10) == b"still there"
+        assert len(sockets) == 3
+    assert [g.returncode for g in guests] == [0, 0, 0]

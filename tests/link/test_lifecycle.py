@@ -320,3 +320,33 @@ def test_spawned_guests_inherit_only_their_own_fds():
             assert g.link.recv_bytes(timeout=10) == b"still there"
         assert len(sockets) == 3
     assert [g.returncode for g in guests] == [0, 0, 0]
+
+
+def test_host_close_wakes_threads_blocked_in_recv_and_recv_any():
+    cfg = SegmentConfig(max_guests=2, bipbuf_capacity=4096, size_classes=((1024, 4),))
+    host = Host(cfg)
+    guests = [spawn(host, "idle.py") for _ in range(2)]
+    wait_until(lambda: _states(host) == [L.PEER_ATTACHED] * 2, what="guests attached")
+    results: dict = {}
+
+    def blocked(name, fn):
+        try:
+            fn()
+            results[name] = "returned"
+        except BaseException as e:
+            results[name] = (type(e), time.monotonic())
+
+    threads = [threading.Thread(target=blocked, args=("recv_any", lambda: host.recv_any(timeout=20))),
+               threading.Thread(target=blocked, args=("recv", lambda: guests[1].link.recv(timeout=20)))]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    host.close()
+    assert time.monotonic() - t0 < 3
+    for t in threads:
+        t.join(20)
+    assert results["recv_any"][0] is shmhub.ShmhubError  # "host is closed"
+    assert issubclass(results["recv"][0], shmhub.LinkError)  # the guest is gone
+    assert all(v[1] - t0 < 3 for v in results.values()), {k: v[1] - t0 for k, v in results.items()}
+    assert [g.returncode for g in guests] == [0, 0]

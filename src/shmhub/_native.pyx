@@ -524,8 +524,18 @@ cdef class Ring:
         return 0
 
     cdef inline bint c_waiting(self, bint producer) noexcept:
+        """After publishing: claim the peer's sleep announcement (CAS 1 -> 0) so the caller rings
+        once per sleep, not once per frame while the sleeper wakes up (see claim_peer_waiting)."""
         shm_fence(SHM_SEQ_CST)
-        return shm_load32(self.hdr + (SHMHUB_RING_PRODUCER_WAITING if producer else SHMHUB_RING_CONSUMER_WAITING), SHM_ACQUIRE) != 0
+        cdef char* p = self.hdr + (SHMHUB_RING_PRODUCER_WAITING if producer else SHMHUB_RING_CONSUMER_WAITING)
+        cdef uint32_t v = shm_load32(p, SHM_ACQUIRE)
+        cdef uint32_t seen
+        while v != 0:
+            seen = shm_cas32(p, v, 0)
+            if seen == v:
+                return True
+            v = seen
+        return False
 
     def send_inline(self, payload, bint check_waiter):
         """Hot path: one inline frame. Returns -1 if the ring is full, else 1 when the consumer
@@ -733,6 +743,14 @@ cdef class Ring:
         self.live()
         shm_fence(SHM_SEQ_CST)
         return shm_load32(self.hdr + (SHMHUB_RING_PRODUCER_WAITING if producer else SHMHUB_RING_CONSUMER_WAITING), SHM_ACQUIRE) != 0
+
+    def claim_peer_waiting(self, bint producer):
+        """After publishing: if the ring's producer / consumer announced it sleeps, withdraw the
+        announcement (CAS to 0) and return True, so the caller rings the doorbell once per sleep,
+        not once per frame while the sleeper is waking up. The sleeper announces again before it
+        sleeps again, so this loses no wakeup."""
+        self.wlive()
+        return self.c_waiting(producer)
 
     cdef inline bint c_has_data(self) noexcept nogil:
         return hdr_has_data(self.hdr)

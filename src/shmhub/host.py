@@ -319,7 +319,7 @@ class Host:
                         h.link._mark_dead(str(e))
         finally:
             for h in owned:
-                h.link._waiter.withdraw(h.link._rx, False)
+                h.link._waiter.withdraw(h.link._rx, False)  # a fileno() user's announcement stays
                 h.link._waiter.end()
                 h.link._rx_lock.release()
         if not owned and not live:

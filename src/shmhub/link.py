@@ -36,6 +36,9 @@ DEFAULT_SPIN_NS = 50_000
 SLOT_WAIT_SLICE = 0.001
 # Without a doorbell (walk-in guests) waits poll in slices this long.
 POLL_SLICE = 0.0005
+# A thread asleep on the doorbell cannot be interrupted by close() in this process (the peer is the
+# only one who can make the fd readable), so it re-checks the link at least this often.
+CLOSE_CHECK = 0.1
 
 
 @dataclass
@@ -109,11 +112,15 @@ class _Waiter:
             self.gen += 1
             self.cond.notify_all()
 
-    def sleep(self, timeout: Optional[float]) -> None:
-        """Sleep until woken or timeout; the caller re-checks everything afterwards."""
+    def sleep(self, timeout: Optional[float], token: Optional[int] = None) -> None:
+        """Sleep until woken or timeout; the caller re-checks everything afterwards. `token` is
+        `gen` as read before the caller's last check: if a poller has drained the doorbell since
+        then, the byte may have been the caller's wakeup, so return at once."""
         with self.cond:
+            gen = self.gen if token is None else token
+            if self.gen != gen:
+                return
             if self.polling:
-                gen = self.gen
                 self.cond.wait_for(lambda: self.gen != gen, timeout)
                 return
             self.polling = True
@@ -121,7 +128,7 @@ class _Waiter:
             if self.doorbell is None:
                 time.sleep(POLL_SLICE if timeout is None else max(0.0, min(timeout, POLL_SLICE)))
             else:
-                self.doorbell.wait(timeout)
+                self.doorbell.wait(CLOSE_CHECK if timeout is None else min(timeout, CLOSE_CHECK))
         finally:
             self.end()
 
@@ -179,6 +186,7 @@ class Link:
         self._max_payload = cfg.max_payload_size
         self._inline_max = segment.inline_threshold
         self._slot_max = cfg.max_slot_payload
+        self._fast_max = min(self._slot_max, self._max_payload)  # the hot path skips _check_size
         self._elide = bool(segment.features & L.FEATURE_WAITER_FLAGS) and doorbell is not None
         self._control = control
         self._maps_tx: Optional[MapSender] = None
@@ -201,6 +209,7 @@ class Link:
         self._corrupt: Optional[str] = None
         self._closed = False
         self._ok = True  # not closed, dead or corrupted: the hot paths check only this
+        self._watched = False  # fileno() was called: keep the receive side announced (see fileno)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -213,9 +222,16 @@ class Link:
         return not (self._closed or self._dead or self._corrupt)
 
     def fileno(self) -> int:
-        """The doorbell fd: readable when the peer signals (for selectors / event loops)."""
+        """The doorbell fd, for selectors / event loops: readable when a message may have arrived.
+        With doorbell elision the peer rings only for a receiver that announced it waits, so the
+        first call announces it for good: call try_recv() until it returns None once registered
+        and whenever the fd is readable; that drains the doorbell and re-arms it. (Other threads
+        blocking on this link meanwhile may drain the doorbell themselves.)"""
         if self.doorbell is None:
             raise OSError("this link has no doorbell (walk-in guest)")
+        if not self._watched:
+            self._watched = True
+            self._waiter.announce(self._rx, False)  # for good: waiters' withdraw() never clears it
         return self.doorbell.fileno()
 
     def _mark_dead(self, reason: str) -> None:
@@ -250,7 +266,9 @@ class Link:
 
     def _notify(self, producer_side: bool, ring: Ring) -> None:
         """After publishing: ring the doorbell unless the peer announced it is awake."""
-        if self._elide and not ring.peer_waiting(producer_side):
+        if self.doorbell is None:
+            return
+        if self._elide and not ring.claim_peer_waiting(producer_side):
             self.stats.doorbells_elided += 1
             return
         self._ring()
@@ -288,12 +306,13 @@ class Link:
                 rem = slice_cap if rem is None else min(rem, slice_cap)
             self._waiter.announce(ring, producer)
             try:
+                token = self._waiter.gen  # taken before the re-check: a wake after it is never missed
                 r = attempt()  # re-check after announcing (no lost wakeup)
                 if r is not None and r is not False:
                     return r
                 self._check()
                 try:
-                    self._waiter.sleep(rem)
+                    self._waiter.sleep(rem, token)
                 except PeerDead as e:
                     self._mark_dead(str(e))
             finally:
@@ -312,7 +331,7 @@ class Link:
 
     def send(self, data, timeout: Optional[float] = None) -> None:
         """Send a bytes-like object. Blocks (spin, then sleep) while the ring or pool is full."""
-        if type(data) is bytes and len(data) <= self._slot_max and self._tx_lock.acquire(False):
+        if type(data) is bytes and len(data) <= self._fast_max and self._tx_lock.acquire(False):
             try:  # hot path: one call into the core when the ring (and pool) have room now
                 if self._ok:
                     n, st = len(data), self.stats
@@ -365,7 +384,6 @@ class Link:
             if not tx.write_inline(mv):
                 self.stats.ring_full_waits += 1
                 size = (L.FRAME_HEADER_SIZE + n + 3) & ~3
-                self._notify(False, tx)  # what is already in the ring must be consumed
                 self._wait(lambda: tx.write_inline(mv), tx, True, deadline, lambda b: tx.spin_room(size, b))
             self.stats.sent_inline += 1
             self.stats.sent_bytes_inline += n
@@ -667,21 +685,21 @@ class Link:
         except ValueError:
             return  # mapping or segment already closed (link torn down)
         if not self._closed and not self._dead and self.doorbell is not None:
-            if not self._elide or self._rx.peer_waiting(True):
+            if not self._elide or self._rx.claim_peer_waiting(True):
                 self.doorbell.ring()
 
     def _slot_freed(self) -> None:
         """After a received slot was freed: the producer may sleep waiting for one (trap 27)."""
-        if self._ok and self.doorbell is not None and (not self._elide or self._rx.peer_waiting(True)):
+        if self._ok and self.doorbell is not None and (not self._elide or self._rx.claim_peer_waiting(True)):
             self.doorbell.ring()
 
     def _free_slot(self, c: int, e: int, s: int, gen: int) -> None:
         if self.segment.closed:
-            return  # the pool went with the segment; nothing left to free
+            return  # this process closed the segment: nothing to give back (host recovery reclaims)
         self._pool.free_if_current(c, e, s, gen)
         if not self._closed and not self._dead and self.doorbell is not None:
             # The producer may sleep waiting for a slot (trap 27).
-            if not self._elide or self._rx.peer_waiting(True):
+            if not self._elide or self._rx.claim_peer_waiting(True):
                 self.doorbell.ring()
 
     def _take_frame(self, frame) -> Message:
@@ -767,9 +785,24 @@ class Link:
     def _try_recv(self, as_bytes: bool):
         with self._rx_lock:
             msg = self._poll_locked(as_bytes)
+            if msg is None and self._watched and self.alive:
+                msg = self._rearm_locked(as_bytes)
             if msg is None and (not self._ok or (self.side == GUEST and self.segment.host_goodbye)):
                 self._check()
             return msg
+
+    def _rearm_locked(self, as_bytes: bool = False):
+        """fileno() users with nothing left to receive: announce we wait (so the peer rings), drain
+        the doorbell so the fd stays quiet until then, and re-check (rx lock held)."""
+        self._rx.set_waiting(False, 1)
+        if self._waiter.try_begin():  # one poller per doorbell (trap 32); else that poller drains
+            try:
+                self.doorbell.drain()
+            except PeerDead as e:
+                self._mark_dead(str(e))
+            finally:
+                self._waiter.end()
+        return self._poll_locked(as_bytes)
 
     def recv(self, timeout: Optional[float] = None) -> Message:
         """The next message; blocks (spin, then sleep) up to timeout. Messages already in the ring

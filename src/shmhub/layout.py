@@ -35,7 +35,8 @@ HDR_CURRENT_SIZE = 72  # AtomicU64
 HDR_FEATURES = 80  # first reserved u32: extension bitmask (DECISIONS 4)
 HDR_RESERVED_END = 128
 
-# Feature bits (DECISIONS 4). Each is documented with its bytes in docs/format.md.
+# Feature bits (DECISIONS 4). Each is listed in docs/format.md section 3 and its fields in that
+# file's offset tables (checked by tests/unit/test_docs.py); docs/extensions.md describes its protocol.
 FEATURE_WAITER_FLAGS = 1 << 0  # RING_CONSUMER_WAITING / RING_PRODUCER_WAITING: doorbell elision
 FEATURE_MMAP_LEASES = 1 << 1  # mmap-tier mappings start with a MAP_HEADER carrying a lease count
 FEATURE_EXTENTS = 1 << 2  # growable slot classes: CLS_EXTENT_* fields, extents appended to the file

@@ -6,6 +6,7 @@ and checks every row against the constant it names.
 from __future__ import annotations
 
 import ast
+import collections
 import os
 import re
 import struct
@@ -22,7 +23,7 @@ DOC = os.path.join(ROOT, "docs", "format.md")
 # Upper-case constants of layout.py that are not part of the binary format.
 NOT_FORMAT = {"ACCEPTED_MAGICS", "KIND_INLINE", "KIND_SLOT_REF", "KIND_MMAP_REF", "U32_MAX", "U64_MAX"}
 
-STRUCT_RE = re.compile(r"<!--\s*struct:\s*([\w-]+)\s+size=(\w+)\s*-->")
+STRUCT_RE = re.compile(r"<!--\s*struct:\s*([\w-]+)\s+size=(\w+)(\s+packed)?\s*-->")
 PIPE_RE = re.compile(r"(?<!\\)\|")
 
 
@@ -36,13 +37,14 @@ def _unquote(cell: str) -> str:
 
 
 def parse_tables(text: str) -> list[dict]:
-    """Every markdown table: {"header", "rows", "line", "struct"} (struct from a preceding comment)."""
+    """Every markdown table: {"header", "rows", "line", "struct"}; struct is (name, size constant,
+    comment line, packed) from a <!-- struct: NAME size=CONSTANT [packed] --> comment just above."""
     lines = text.splitlines()
     tables, i, last_struct = [], 0, None
     while i < len(lines):
         m = STRUCT_RE.search(lines[i])
         if m:
-            last_struct = (m.group(1), m.group(2), i)
+            last_struct = (m.group(1), m.group(2), i, bool(m.group(3)))
         if lines[i].startswith("|") and i + 1 < len(lines) and re.match(r"^\|[\s|:-]+\|$", lines[i + 1].strip()):
             header = _cells(lines[i])
             start = i
@@ -80,8 +82,9 @@ def test_doc_has_the_expected_tables(tables):
     offsets = by_kind(tables, "Off")
     assert {t["struct"][0] for t in offsets if t["struct"]} == {
         "segment-header", "peer-entry", "ring-header", "frame-header", "slot-ref-body", "mmap-ref-body",
-        "class-header", "slot-meta", "slot-data-prefix"}
-    assert len(by_kind(tables, "Constant")) == 1
+        "class-header", "slot-meta", "slot-data-prefix", "mmap-attach", "mapping-header", "bootstrap-response"}
+    assert {t["struct"][0] for t in offsets if t["struct"] and t["struct"][3]} == {"bootstrap-response"}
+    assert len(by_kind(tables, "Constant")) >= 1
     assert len(by_kind(tables, "Expression (golden config)")) == 1
     assert len(by_kind(tables, "Bit")) == 1
 
@@ -92,7 +95,7 @@ def test_every_offset_table_matches_layout(tables):
     for t in offsets:
         assert t["header"][:4] == ["Off", "Size", "Field", "Constant"], t["line"]
         assert t["struct"], f"table at line {t['line']} lacks a <!-- struct: NAME size=CONSTANT --> comment"
-        name, size_const, _ = t["struct"]
+        name, size_const, _, packed = t["struct"]
         assert hasattr(L, size_const), f"{name}: size constant {size_const} is not in layout.py"
         pos = 0
         for line, cells in t["rows"]:
@@ -104,7 +107,8 @@ def test_every_offset_table_matches_layout(tables):
             else:
                 assert hasattr(L, const), f"{name} line {line}: {const} is not a layout.py constant"
                 assert getattr(L, const) == off, f"{name} line {line}: {field} documented at {off}, {const} = {getattr(L, const)}"
-                assert off % min(size, 8) == 0 or size not in (2, 4, 8), f"{name} line {line}: {field} is misaligned"
+                if not packed:
+                    assert off % min(size, 8) == 0 or size not in (2, 4, 8), f"{name} line {line}: {field} is misaligned"
             pos = off + size
         assert pos == getattr(L, size_const), f"{name}: rows end at {pos}, {size_const} = {getattr(L, size_const)}"
 
@@ -115,26 +119,37 @@ def test_header_reserved_bytes_end_where_layout_says(tables):
     assert _int(last[0]) + _int(last[1]) == L.HDR_RESERVED_END
 
 
-def test_constants_table_matches_layout(tables):
-    (t,) = by_kind(tables, "Constant")
-    assert t["header"][:2] == ["Constant", "Value"]
-    for line, cells in t["rows"]:
-        name, value = _unquote(cells[0]), _unquote(cells[1])
-        assert hasattr(L, name), f"line {line}: {name} is not a layout.py constant"
-        assert ast.literal_eval(value) == getattr(L, name), f"line {line}: {name} documented as {value}, is {getattr(L, name)!r}"
+def test_constants_tables_match_layout(tables):
+    for t in by_kind(tables, "Constant"):
+        assert t["header"][:2] == ["Constant", "Value"]
+        for line, cells in t["rows"]:
+            name, value = _unquote(cells[0]), _unquote(cells[1])
+            assert hasattr(L, name), f"line {line}: {name} is not a layout.py constant"
+            assert ast.literal_eval(value) == getattr(L, name), f"line {line}: {name} documented as {value}, is {getattr(L, name)!r}"
+
+
+def _documented_rows(tables) -> list:
+    """(constant, line) of every table row that documents a constant."""
+    rows = []
+    for kind, col in (("Off", 3), ("Constant", 0), ("Bit", 2)):
+        for t in by_kind(tables, kind):
+            rows += [(_unquote(c[col]), line) for line, c in t["rows"] if _unquote(c[col]) not in ("—", "-", "")]
+    return rows
 
 
 def test_every_format_constant_is_documented(tables):
-    named = set()
-    for t in by_kind(tables, "Off"):
-        named |= {_unquote(c[3]) for _, c in t["rows"]}
-        named.add(t["struct"][1])
-    for t in by_kind(tables, "Constant"):
-        named |= {_unquote(c[0]) for _, c in t["rows"]}
-    for t in by_kind(tables, "Bit"):
-        named |= {_unquote(c[2]) for _, c in t["rows"]}
+    named = {name for name, _ in _documented_rows(tables)}
+    named |= {t["struct"][1] for t in by_kind(tables, "Off")}
     missing = sorted(set(format_constants()) - named)
     assert not missing, f"layout.py constants missing from docs/format.md: {missing}"
+
+
+def test_each_constant_has_one_documented_place(tables):
+    lines = collections.defaultdict(list)
+    for name, line in _documented_rows(tables):
+        lines[name].append(line)
+    twice = {name: ls for name, ls in lines.items() if len(ls) > 1}
+    assert not twice, f"constants documented in more than one row (lines): {twice}"
 
 
 def test_worked_example_is_what_layout_computes(tables):
@@ -183,3 +198,75 @@ def test_header_table_decodes_a_real_segment(tables):
             assert struct.unpack(fmt[size], chunk)[0] == info[alias.get(field, field)], field
         checked += 1
     assert checked == len(header["rows"]) == 16
+
+
+def _decode(raw: bytes, table: dict) -> dict:
+    """{field: value} of raw bytes read through a documented offset table: integers of 1, 2, 4 or 8
+    bytes (little-endian); padding, reserved bytes and arrays as bytes."""
+    fmt = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+    out = {}
+    for _, cells in table["rows"]:
+        off, size, field = _int(cells[0]), _int(cells[1]), cells[2]
+        assert field not in out, field
+        chunk = raw[off:off + size]
+        out[field] = chunk if size not in fmt or re.search(r"pad|reserved", field) else struct.unpack(fmt[size], chunk)[0]
+    return out
+
+
+def test_class_header_table_decodes_a_grown_class(tables):
+    """The class header rows (v7 and FEATURE_EXTENTS fields) read a real class after a growth and a
+    growth request: every field agrees with inspect and with what was done."""
+    (header,) = [t for t in by_kind(tables, "Off") if t["struct"] and t["struct"][0] == "class-header"]
+    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=64, size_classes=((64, 3), (128, 2, 4)))
+    with Segment.create(cfg) as seg:
+        assert seg.grow_class(1)
+        assert seg.request_growth(100)  # the next growth of class 1
+        info = inspect_segment(seg)["slot_classes"]
+        fields = [_decode(seg.region.read(c.header_offset, L.CLASS_HEADER_SIZE), header) for c in seg.layout.classes]
+        requests = seg.growth_requests()
+        current = seg.current_size
+    assert requests == [1]
+    for c, (f, i) in enumerate(zip(fields, info)):
+        assert (f["slot_size"], f["slot_count"]) == (i["slot_size"], i["slot_count"]) == cfg.size_classes[c][:2]
+        assert f["free_head"] == i["free_head_tag"] << 32 | i["free_head_index"]
+        assert f["pad"] == bytes(len(f["pad"]))
+        offsets = struct.unpack(f"<{L.MAX_EXTENTS - 1}Q", f["extent_offsets"])
+        if c == 0:  # not growable: the extension fields stay zero (read as one extent)
+            assert (f["extent_count"], f["max_extents"], f["grow_request"], offsets) == (0, 0, 0, (0,) * (L.MAX_EXTENTS - 1))
+            assert (i["extents"], i["max_extents"], i["extent_offsets"]) == (1, 1, [])
+            continue
+        assert (f["extent_count"], f["max_extents"], f["grow_request"]) == (i["extents"], i["max_extents"], 1) == (2, 4, 1)
+        assert list(offsets[:1]) == i["extent_offsets"] == [L.align(seg.layout.total_size, L.EXTENT_ALIGN)]
+        assert offsets[1:] == (0,) * (L.MAX_EXTENTS - 2)
+        assert current == offsets[0] + L.extent_layout(128, 2)[1]
+
+
+NARRATIVE_DOCS = ("format.md", "extensions.md", "bootstrap.md", "inspect.md")
+
+
+def test_prose_names_only_real_constants():
+    """The narrative docs point to docs/format.md by constant name: every backticked name of a
+    layout.py family (FEATURE_*, PEER_*, CLS_*, BOOTSTRAP_*, ...) must exist, and a stated value
+    (`NAME` = 7) must be its value, so renaming a constant cannot leave a dangling reference."""
+    families = {n.split("_")[0] for n in format_constants() if "_" in n}
+    checked = 0
+    for doc in NARRATIVE_DOCS:
+        with open(os.path.join(ROOT, "docs", doc), encoding="utf-8") as f:
+            text = f.read()
+        for m in re.finditer(r"`([A-Z][A-Z0-9]*(?:_[A-Z0-9]+)+)`(?:\s*=\s*(0x[0-9A-Fa-f]+|\d+)\b)?", text):
+            name, value = m.groups()
+            if name.split("_")[0] not in families:
+                continue  # SCM_RIGHTS, MSG_NOSIGNAL, ...
+            assert hasattr(L, name), f"docs/{doc} names {name}, which layout.py does not define"
+            if value is not None:
+                assert getattr(L, name) == int(value, 0), f"docs/{doc} says {name} = {value}, it is {getattr(L, name)}"
+            checked += 1
+    assert checked > 50
+
+
+def test_extensions_doc_has_one_section_per_known_bit():
+    with open(os.path.join(ROOT, "docs", "extensions.md"), encoding="utf-8") as f:
+        bits = re.findall(r"^## Bit (\d+) — `(FEATURE_\w+)`", f.read(), re.M)
+    for b, name in bits:
+        assert getattr(L, name, None) == 1 << int(b), f"docs/extensions.md: bit {b} is not {name}"
+    assert sum(1 << int(b) for b, _ in bits) == L.KNOWN_FEATURES and len(set(bits)) == len(bits)

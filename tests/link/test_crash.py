@@ -1,0 +1,501 @@
+"""Crash safety: a guest SIGKILLed at random instants mid-traffic, and a SIGKILLed host.
+
+Guest crash (DECISIONS 9, 15; traps 20-22): one Host serves a run of guests on the same peer id.
+Each guest streams self-checking messages (inline and slot payloads) to the host while the host
+streams to it; the test kills it after a seeded random delay. Per trial the test checks that the
+host noticed within 100 ms, that recovery freed every slot (per-class counts and the free lists
+themselves), reset both rings, left the peer entry Empty and reusable, and that every message the
+host received -- including those recovered from the ring after the death -- is intact and in
+order. The next trial's guest is the fresh guest that must work on the recovered peer id; every
+few trials a guest also runs a graceful fixed-length exchange to the end.
+
+Trial kinds (seeded, deterministic):
+  free         both directions flowing; kill after 0-30 ms of traffic
+  host_stall   the host stops receiving and the guest fills its G2H ring: recovery must move the
+               committed frames into the backlog (delivered_after_death > 0), and they must all be
+               delivered intact
+  guest_stall  the guest stops receiving while holding slot messages, and the host fills the H2G
+               ring with slot refs: recovery must free the host's in-flight slots (trap 20) and the
+               slots the guest held (trap 22)
+
+Host crash (DECISIONS 13, 16): a child process runs a Host (anonymous or named segment) with two
+streaming guests; it is SIGKILLed; the guests must notice within 100 ms and exit.
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import json
+import os
+import random
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+import pytest
+
+from shmhub import Host, SegmentConfig
+from shmhub import layout as L
+from shmhub.errors import PeerDead
+
+GUESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "guests")
+sys.path.insert(0, GUESTS)
+import crash_payload as P  # noqa: E402
+
+GUEST = os.path.join(GUESTS, "crash_stream.py")
+HOST_SCRIPT = os.path.join(GUESTS, "crash_host.py")
+
+# Small rings and pools so that wraps, full rings and slot exhaustion all happen within a trial.
+CONFIG = SegmentConfig(max_guests=4, bipbuf_capacity=16 * 1024,
+                       size_classes=((512, 48), (4096, 24), (16 * 1024, 16)))
+DETECT_NS = 100_000_000  # the host (or a guest) must notice a death within 100 ms
+TIMEOUT = 10.0  # bound on every wait in these tests
+HOLD = 2  # messages the host keeps unreleased while receiving
+KILL_DELAY_MAX = 0.030
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+
+def free_list(pool, c: int) -> List[int]:
+    """Walk a class's free list (quiescent pool only); every entry must be a distinct Free slot."""
+    _, count = pool.class_info(c)
+    _, idx = pool.free_head(c)
+    seen: List[int] = []
+    members = set()
+    while idx != L.EMPTY_INDEX:
+        assert idx < count, f"class {c}: free list reaches index {idx} >= slot_count {count}"
+        assert idx not in members, f"class {c}: free list has a cycle through slot {idx}"
+        _, state, _, nxt = pool.slot_meta(c, idx)
+        assert state == L.SLOT_FREE, f"class {c}: slot {idx} is on the free list in state {state}"
+        members.add(idx)
+        seen.append(idx)
+        idx = nxt
+    return seen
+
+
+def assert_pool_pristine(pool, initial) -> None:
+    """Every slot is Free and reachable from its class's free list (so allocatable again)."""
+    for c in range(pool.num_classes):
+        assert pool.counts(c) == initial[c], f"class {c}: (free, allocated) {pool.counts(c)} != initial {initial[c]}"
+        _, count = pool.class_info(c)
+        listed = set(free_list(pool, c))
+        lost = {s: pool.slot_meta(c, s) for s in range(count) if s not in listed}
+        assert not lost, f"class {c}: slot(s) unreachable from the free list (leaked), (gen, state, owner, next): {lost}"
+
+
+def next_event(host: Host, timeout: float = TIMEOUT):
+    ev = host.events.get(timeout=timeout)
+    assert ev.kind != "recovery_failed", f"recovery failed: {ev}"
+    return ev
+
+
+@dataclass
+class Side:
+    """The host's traffic with one guest: a sender and a receiver thread."""
+
+    link: object
+    g_nonce: int
+    h_nonce: int
+    count: Optional[int] = None  # messages each way; None: until the guest dies
+    tx_count: Optional[int] = None  # stop sending after this many (None: count)
+    stall_at: Optional[int] = None  # guest stops receiving after this many host messages
+    sent: int = 0
+    received: int = 0
+    after_resume: int = 0
+    held: deque = field(default_factory=deque)
+    errors: List[str] = field(default_factory=list)
+    rx_dead_ns: int = 0
+    acked: threading.Event = field(default_factory=threading.Event)
+    past_stall: threading.Event = field(default_factory=threading.Event)
+    stalled: threading.Event = field(default_factory=threading.Event)
+    pause: threading.Event = field(default_factory=threading.Event)
+    paused: threading.Event = field(default_factory=threading.Event)
+    resume: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        self.threads = [threading.Thread(target=self._send, daemon=True),
+                        threading.Thread(target=self._recv, daemon=True)]
+        for t in self.threads:
+            t.start()
+
+    def join(self) -> None:
+        for t in self.threads:
+            t.join(TIMEOUT)
+            assert not t.is_alive(), f"host {t.name} still running {TIMEOUT} s after the guest's end"
+
+    def _send(self) -> None:
+        seq = 0
+        limit = self.count if self.tx_count is None else self.tx_count
+        try:
+            while limit is None or seq < limit:
+                self.link.send(P.make(self.h_nonce, seq), timeout=TIMEOUT)
+                seq += 1
+                self.sent = seq
+                if self.stall_at is not None and seq > self.stall_at and P.is_slot(self.h_nonce, seq - 1):
+                    self.past_stall.set()  # a slot ref the guest will never consume is in H2G
+        except PeerDead:
+            pass
+        except BaseException:
+            self.errors.append("host sender: " + traceback.format_exc())
+
+    def _recv(self) -> None:
+        seq = last_ack = 0
+        try:
+            while self.count is None or seq < self.count:
+                if self.pause.is_set() and not self.resume.is_set():
+                    self.paused.set()
+                    if not self.resume.wait(TIMEOUT):
+                        raise AssertionError("receiver was not resumed")
+                try:
+                    msg = self.link.recv(timeout=TIMEOUT)
+                except PeerDead:
+                    self.rx_dead_ns = time.monotonic_ns()
+                    break
+                ack = P.check(msg, self.g_nonce, seq)
+                # ack = host messages the guest had verified when it sent this one
+                assert last_ack <= ack <= self.sent + 1, f"guest ack {ack} after {last_ack}, host sent {self.sent}"
+                last_ack = ack
+                if ack:
+                    self.acked.set()
+                if self.stall_at is not None and ack >= self.stall_at:
+                    self.stalled.set()  # the guest consumed exactly stall_at messages and stopped
+                if self.resume.is_set():
+                    self.after_resume += 1
+                self.held.append((seq, msg))
+                if len(self.held) > HOLD:
+                    self.held.popleft()[1].release()
+                seq += 1
+        except BaseException:
+            self.errors.append(f"host receiver at guest seq {seq}: " + traceback.format_exc())
+        finally:
+            self.received = seq
+
+    def release_held(self) -> int:
+        """Re-verify the messages still held (their slots must not have been reused), release them;
+        returns how many were slot payloads."""
+        slots = 0
+        while self.held:
+            seq, msg = self.held.popleft()
+            P.check(msg, self.g_nonce, seq)
+            slots += msg.tier == "slot"
+            msg.release()
+        return slots
+
+
+def wait_for(pred, what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.0002)
+
+
+# ---------------------------------------------------------------------------------------------
+# guest crash
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Stats:
+    event_latency_ns: List[int] = field(default_factory=list)
+    rx_latency_ns: List[int] = field(default_factory=list)
+    reasons: Counter = field(default_factory=Counter)
+    kinds: Counter = field(default_factory=Counter)
+    delivered_after_death: int = 0
+    h2g_slots_freed: int = 0
+    owned_slots_freed: int = 0
+    host_received: int = 0
+    host_sent: int = 0
+
+    def report(self, title: str, elapsed: float) -> str:
+        ev = sorted(self.event_latency_ns)
+        rx = sorted(self.rx_latency_ns)
+        ms = lambda ns: f"{ns / 1e6:.2f} ms"  # noqa: E731
+        return (f"{title}: {sum(self.kinds.values())} trials {dict(self.kinds)} in {elapsed:.1f} s; "
+                f"kill->died event median {ms(statistics.median(ev))} max {ms(ev[-1])}; "
+                + (f"kill->host receiver PeerDead median {ms(statistics.median(rx))} max {ms(rx[-1])}; " if rx else "")
+                + f"noticed by {dict(self.reasons)}; host received {self.host_received} / sent {self.host_sent} messages; "
+                f"recovered {self.delivered_after_death} from the ring after death, freed {self.h2g_slots_freed} "
+                f"in-flight host slots and {self.owned_slots_freed} guest-owned slots")
+
+
+def crash_trial(host: Host, rng: random.Random, index: int, kind: str, initial, stats: Stats) -> None:
+    seg = host.segment
+    g_nonce, h_nonce = (index << 1) | 0x10000, (index << 1) | 0x10001
+    stall_at = -1
+    if kind == "guest_stall":
+        # the guest holds its last HOLD messages when it stops: make the last one a slot payload
+        stall_at = rng.choice([k for k in range(2, 40) if P.is_slot(h_nonce, k - 1)])
+        # then the host sends past the stall point up to a slot payload and a few more, and stops
+        # (an unbounded flood would take every slot of the pool, and the stalled guest's own sends
+        # would wait forever for one: legitimate backpressure, but no test)
+        tx_count = next(k for k in range(stall_at, stall_at + 1000) if P.is_slot(h_nonce, k)) + 1 + rng.randrange(4)
+    epoch = seg.peers.epoch(1)
+    h = host.spawn([sys.executable, GUEST, str(g_nonce), str(h_nonce), str(stall_at), "-1"])
+    ev = next_event(host)
+    assert (ev.kind, ev.peer_id, ev.pid) == ("spawned", 1, h.pid)
+    # the recovered peer id is reused: first Empty entry, one more epoch
+    assert h.peer_id == 1 and seg.peers.epoch(1) == epoch + 1
+    side = Side(h.link, g_nonce, h_nonce, stall_at=stall_at if stall_at >= 0 else None,
+                tx_count=tx_count if stall_at >= 0 else None)
+    side.start()
+    try:
+        # two-way traffic is up: the guest has verified host messages and the host has its reports
+        assert side.acked.wait(TIMEOUT), f"trial {index}: no acknowledged traffic; errors {side.errors}"
+        if kind == "free":
+            time.sleep(rng.uniform(0, KILL_DELAY_MAX))
+        elif kind == "host_stall":
+            time.sleep(rng.uniform(0, KILL_DELAY_MAX / 3))
+            side.pause.set()
+            assert side.paused.wait(TIMEOUT)
+            g2h = seg.g2h(1)
+            wait_for(g2h.has_data, "the guest to commit frames the host will not read")
+            time.sleep(rng.uniform(0, KILL_DELAY_MAX / 3))
+        else:
+            assert side.stalled.wait(TIMEOUT), f"trial {index}: the guest never acknowledged its stall point"
+            assert side.past_stall.wait(TIMEOUT), f"trial {index}: host never sent past the guest's stall point"
+            time.sleep(rng.uniform(0, KILL_DELAY_MAX / 3))
+        assert h.process.poll() is None, f"trial {index}: guest exited by itself with {h.process.returncode}"
+        assert h.link.alive
+        t_kill = time.monotonic_ns()
+        os.kill(h.pid, signal.SIGKILL)
+        ev = next_event(host)
+        assert not h.link.alive
+    finally:
+        side.resume.set()
+    side.join()
+    assert not side.errors, "\n".join(side.errors)
+    assert (ev.kind, ev.peer_id, ev.pid) == ("died", 1, h.pid), ev
+    latency = ev.time_ns - t_kill
+    assert 0 < latency < DETECT_NS, f"trial {index} ({kind}): host noticed the death after {latency / 1e6:.1f} ms"
+    stats.event_latency_ns.append(latency)
+    if kind == "free" and side.rx_dead_ns:
+        stats.rx_latency_ns.append(side.rx_dead_ns - t_kill)
+    stats.reasons[ev.reason] += 1
+    stats.kinds[kind] += 1
+    assert h.wait(TIMEOUT) == -signal.SIGKILL, f"trial {index}: guest exit status {h.returncode} (see its stderr)"
+
+    d = ev.detail
+    stats.delivered_after_death += d["delivered_after_death"]
+    stats.h2g_slots_freed += d["h2g_slots_freed"]
+    stats.owned_slots_freed += d["owned_slots_freed"]
+    stats.host_received += side.received
+    stats.host_sent += side.sent
+    if kind == "host_stall":
+        assert d["delivered_after_death"] > 0, f"trial {index}: committed G2H frames were not recovered: {d}"
+        assert side.after_resume == d["delivered_after_death"], \
+            f"trial {index}: {side.after_resume} messages delivered after death, recovery found {d['delivered_after_death']}"
+    if kind == "guest_stall":
+        assert d["h2g_slots_freed"] > 0, f"trial {index}: host slots in flight to the dead guest not freed: {d}"
+        assert d["owned_slots_freed"] > 0, f"trial {index}: slots the dead guest held were not freed: {d}"
+
+    # rings reset, peer entry Empty and reusable
+    for name, ring in (("h2g", seg.h2g(1)), ("g2h", seg.g2h(1))):
+        assert ring.indices == (0, 0, 0), f"trial {index}: {name} not reset: {ring.indices}"
+        assert ring.waiting == (0, 0), f"trial {index}: {name} waiter flags left set: {ring.waiting}"
+    assert seg.peers.state(1) == L.PEER_EMPTY, f"trial {index}: peer 1 is {seg.peers.state_name(1)}"
+    assert seg.peers.last_heartbeat(1) == 0
+    assert host.guests == []
+    # the dead guest's slots are back; the only slots still allocated are the ones the host holds
+    free_now = sum(seg.pool.counts(c)[0] for c in range(seg.pool.num_classes))
+    held_slots = sum(m.tier == "slot" for _, m in side.held)
+    assert free_now == sum(f for f, _ in initial) - held_slots, \
+        f"trial {index}: {free_now} free slots, host holds {held_slots} of {sum(f for f, _ in initial)}"
+    side.release_held()
+    assert_pool_pristine(seg.pool, initial)
+    assert host.events.empty(), f"unexpected events: {list(host.events.queue)}"
+
+
+def graceful_exchange(host: Host, index: int, initial, count: int = 400) -> None:
+    """A fresh guest on the recovered peer id exchanges `count` messages each way and leaves."""
+    seg = host.segment
+    g_nonce, h_nonce = (index << 1) | 0x20000, (index << 1) | 0x20001
+    h = host.spawn([sys.executable, GUEST, str(g_nonce), str(h_nonce), "-1", str(count)])
+    ev = next_event(host)
+    assert (ev.kind, ev.peer_id) == ("spawned", 1) and h.peer_id == 1
+    side = Side(h.link, g_nonce, h_nonce, count=count)
+    side.start()
+    side.join()
+    assert not side.errors, "\n".join(side.errors)
+    assert h.wait(TIMEOUT) == 0, f"graceful guest exited with {h.returncode} (see its stderr)"
+    assert (side.sent, side.received) == (count, count)
+    ev = next_event(host)
+    assert (ev.kind, ev.peer_id, ev.pid) == ("exited", 1, h.pid), ev
+    side.release_held()
+    assert seg.peers.state(1) == L.PEER_EMPTY
+    assert_pool_pristine(seg.pool, initial)
+
+
+KINDS = ["free", "free", "free", "host_stall", "guest_stall"]
+
+
+def run_guest_crashes(trials: int, seed: int) -> str:
+    rng = random.Random(seed)
+    stats = Stats()
+    t0 = time.monotonic()
+    with Host(CONFIG) as host:
+        pool = host.segment.pool
+        initial = [pool.counts(c) for c in range(pool.num_classes)]
+        assert_pool_pristine(pool, initial)
+        for i in range(trials):
+            crash_trial(host, rng, i, KINDS[i % len(KINDS)], initial, stats)
+            if i % 50 == 49:
+                graceful_exchange(host, i, initial)
+        graceful_exchange(host, trials, initial)
+    report = stats.report(f"guest crash seed {seed:#x}", time.monotonic() - t0)
+    # every code path of recovery was taken (the stall trials make this deterministic)
+    assert stats.delivered_after_death > 0 and stats.h2g_slots_freed > 0 and stats.owned_slots_freed > 0, report
+    return report
+
+
+@pytest.mark.timeout(300)
+def test_guest_sigkill_during_traffic():
+    print(run_guest_crashes(200, 0xC4A5_0001))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_guest_sigkill_during_traffic_long():
+    print(run_guest_crashes(1000, 0xC4A5_0002))
+
+
+# ---------------------------------------------------------------------------------------------
+# host crash
+# ---------------------------------------------------------------------------------------------
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def _set_subreaper(on: bool) -> None:
+    """Orphaned guests of the killed host get reparented to this process, which reaps them."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+def _wait_file(path: str, proc: subprocess.Popen, timeout: float = TIMEOUT) -> dict:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert proc.poll() is None, f"host process exited with {proc.returncode} before reporting (see stderr)"
+        assert time.monotonic() < deadline, f"no {os.path.basename(path)} within {timeout} s"
+        time.sleep(0.005)
+    with open(path) as f:
+        return json.load(f)
+
+
+def host_crash_trial(outdir: str, path: Optional[str], delay: float) -> List[int]:
+    """Run crash_host.py, SIGKILL it once its guests stream, check the orphaned guests; returns
+    the guests' kill-to-notice latencies."""
+    os.makedirs(outdir)
+    host = subprocess.Popen([sys.executable, HOST_SCRIPT, outdir] + ([path] if path else []))
+    pidfds = {}
+    try:
+        info = _wait_file(os.path.join(outdir, "host.json"), host)
+        guests = info["guests"]
+        assert len(guests) == 2 and info["host_pid"] == host.pid
+        for pid in guests:
+            pidfds[pid] = os.pidfd_open(pid)  # before the kill: the pids cannot be reused under us
+            assert _ppid(pid) == host.pid
+        if path is not None:
+            # the live host holds an exclusive flock on its named segment (DECISIONS 16)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+        time.sleep(delay)
+        t_kill = time.monotonic_ns()
+        os.kill(host.pid, signal.SIGKILL)
+        assert host.wait(TIMEOUT) == -signal.SIGKILL
+        poller = select.poll()
+        for fd in pidfds.values():
+            poller.register(fd, select.POLLIN)
+        deadline = time.monotonic() + TIMEOUT
+        pending = set(pidfds)
+        while pending:
+            left = deadline - time.monotonic()
+            assert left > 0, f"guests {sorted(pending)} still running {TIMEOUT} s after the host was killed"
+            for fd, _ in poller.poll(int(left * 1000) + 1):
+                pid = next(p for p, f in pidfds.items() if f == fd)
+                poller.unregister(fd)
+                pending.discard(pid)
+        latencies = []
+        for pid in guests:
+            # reparented to us (subreaper): reap it and check it exited on its own, cleanly
+            _, status = os.waitpid(pid, 0)
+            res_path = os.path.join(outdir, f"guest-{pid}.json")
+            assert os.path.exists(res_path), f"guest {pid} left no report; wait status {status:#x}"
+            with open(res_path) as f:
+                res = json.load(f)
+            assert os.waitstatus_to_exitcode(status) == 0, f"guest {pid}: exit {os.waitstatus_to_exitcode(status)}, {res}"
+            assert res["error"] in ("HostGone", "PeerDead"), res
+            assert res["received"] > 0 and res["sent"] > 0, res
+            latency = res["noticed_ns"] - t_kill
+            assert 0 < latency < DETECT_NS, f"guest {pid} noticed the host's death after {latency / 1e6:.1f} ms: {res}"
+            latencies.append(latency)
+        return latencies
+    finally:
+        if host.poll() is None:
+            host.kill()
+            host.wait()
+        for pid, fd in pidfds.items():
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            os.close(fd)
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["anonymous", "named"])
+def test_host_sigkill_orphans_guests(tmp_path, shm_path, named):
+    """SIGKILL a host while two guests stream both ways: each guest gets HostGone/PeerDead within
+    100 ms and exits 0. Anonymous segment: nothing is left in /dev/shm. Named segment: the file is
+    left behind -- a SIGKILLed host cannot remove it -- but it is detectably stale: nobody holds its
+    flock any more (while the host lived, the flock attempt failed). The test removes it."""
+    rng = random.Random(0xDEAD_0000 + named)
+    before = set(os.listdir("/dev/shm"))
+    latencies = []
+    _set_subreaper(True)
+    try:
+        for i in range(5):
+            path = f"{shm_path}-{i}" if named else None
+            try:
+                latencies += host_crash_trial(str(tmp_path / f"trial{i}"), path, rng.uniform(0, KILL_DELAY_MAX))
+                left = set(os.listdir("/dev/shm")) - before
+                if not named:
+                    assert not left, f"a SIGKILLed host with an anonymous segment left {sorted(left)} in /dev/shm"
+                    continue
+                # What a SIGKILLed named host leaves: its segment file, and nothing else.
+                assert left == {os.path.basename(path)}, sorted(left)
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # succeeds: stale (DECISIONS 16)
+                finally:
+                    os.close(fd)
+            finally:
+                if path is not None and os.path.exists(path):
+                    os.unlink(path)
+    finally:
+        _set_subreaper(False)
+    assert not (set(os.listdir("/dev/shm")) - before)
+    lat = sorted(latencies)
+    print(f"host SIGKILL ({'named' if named else 'anonymous'}): {len(lat)} guests noticed; "
+          f"median {statistics.median(lat) / 1e6:.2f} ms, max {lat[-1] / 1e6:.2f} ms")

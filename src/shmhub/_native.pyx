@@ -75,6 +75,8 @@ cdef extern from "_layout.h":
     const unsigned long long SHMHUB_META_OWNER, SHMHUB_META_NEXT_FREE
     const unsigned long long SHMHUB_SLOT_FREE, SHMHUB_SLOT_ALLOCATED, SHMHUB_EMPTY_INDEX
     const unsigned long long SHMHUB_SLOT_LEN_PREFIX, SHMHUB_MAX_CLASSES
+    const unsigned long long SHMHUB_PEER_ENTRY_SIZE, SHMHUB_PEER_POOL_OP, SHMHUB_PEER_POOL_OP_GEN
+    const unsigned long long SHMHUB_POOL_OP_NONE, SHMHUB_POOL_OP_POP, SHMHUB_POOL_OP_FREE
 
 RELAXED = SHM_RELAXED
 ACQUIRE = SHM_ACQUIRE
@@ -684,15 +686,35 @@ cdef inline uint64_t meta_word(uint32_t gen, uint32_t state) noexcept nogil:
     return (<uint64_t>state << 32) | gen
 
 
+cdef inline void journal_set(char* j, uint64_t op, int c, uint32_t s, uint32_t gen) noexcept nogil:
+    # FEATURE_POOL_JOURNAL: the generation first; the op word (Release) publishes the record. The
+    # CAS that follows is a release too, so whoever sees that CAS's effect sees the record.
+    shm_store32(j + (SHMHUB_PEER_POOL_OP_GEN - SHMHUB_PEER_POOL_OP), gen, SHM_RELAXED)
+    shm_store64(j, (op << 56) | (<uint64_t>c << 32) | s, SHM_RELEASE)
+
+
 cdef class SlotPool:
     """The slot classes of a segment. `classes` is a sequence of (slot_size, slot_count,
     header_offset, meta_offset, data_offset) as computed by layout.Layout; every range is
-    checked against the region here, so slot indices below slot_count are always in bounds."""
+    checked against the region here, so slot indices below slot_count are always in bounds.
+
+    `journals` = (peer_table_offset, max_guests) turns on FEATURE_POOL_JOURNAL: a guest's pop and
+    free record the slot in its peer entry while they run, so recover_pool_op() can finish the
+    operation if the guest dies inside it (a slot off every free list but not yet Allocated, or
+    marked Free but not yet pushed, is otherwise lost for good)."""
     cdef readonly Region region
     cdef ClassInfo cls[256]
     cdef readonly int num_classes
+    cdef Py_ssize_t journal_base
+    cdef readonly uint32_t journal_count
 
-    def __init__(self, Region region, classes):
+    def __init__(self, Region region, classes, journals=None):
+        if journals is not None:
+            base, count = journals
+            if count:
+                region.ptr(base, <Py_ssize_t>count * SHMHUB_PEER_ENTRY_SIZE, 64)
+            self.journal_base = base
+            self.journal_count = count
         classes = list(classes)
         if not 1 <= len(classes) <= <int>SHMHUB_MAX_CLASSES:
             raise SegmentCorrupted(f"{len(classes)} slot classes; the format allows 1 to {SHMHUB_MAX_CLASSES}")
@@ -731,6 +753,106 @@ cdef class SlotPool:
     cdef inline char* slot_data(self, int c, uint32_t s) except NULL:
         return self.base() + self.cls[c].data + <Py_ssize_t>s * self.cls[c].slot_size
 
+    # -- the pool-op journal (FEATURE_POOL_JOURNAL) ------------------------------------------
+
+    cdef inline char* journal(self, uint32_t peer) except? NULL:
+        """The PEER_POOL_OP word of a guest, or NULL (the host and journal-less pools keep none:
+        the host's pool calls hold the GIL, so its own recovery never sees them half done)."""
+        if peer == 0 or peer > self.journal_count:
+            return NULL
+        return self.base() + self.journal_base + <Py_ssize_t>(peer - 1) * SHMHUB_PEER_ENTRY_SIZE + SHMHUB_PEER_POOL_OP
+
+    cdef int listed(self, int c, uint32_t s) except -2:
+        """1 if slot s is on class c's free list, 0 if not, -1 if no consistent view was had.
+        A walk is a snapshot when the head word (its ABA tag counts every push and pop) is the
+        same before and after it: nodes on the list never change their next_free."""
+        cdef char* headp = self.base() + self.cls[c].header + SHMHUB_CLS_FREE_HEAD
+        cdef uint64_t h1
+        cdef uint32_t idx, steps, count = self.cls[c].slot_count
+        cdef int attempt, found
+        for attempt in range(4096):
+            h1 = shm_load64(headp, SHM_ACQUIRE)
+            idx = <uint32_t>(h1 & 0xFFFFFFFF)
+            found = 0
+            steps = 0
+            while idx != SHMHUB_EMPTY_INDEX and idx < count and steps <= count:
+                if idx == s:
+                    found = 1
+                    break
+                idx = shm_load32(self.meta(c, idx) + SHMHUB_META_NEXT_FREE, SHM_ACQUIRE)
+                steps += 1
+            if shm_load64(headp, SHM_ACQUIRE) == h1:
+                if not found and (idx != SHMHUB_EMPTY_INDEX):
+                    raise SegmentCorrupted(f"class {c} free list is broken (index {idx} after {steps} steps)")
+                return found
+            shm_cpu_relax()
+        return -1
+
+    def recover_pool_op(self, uint32_t peer):
+        """Crash recovery: finish the pop or free a dead guest was in the middle of.
+
+        Returns (slots_freed, resolved). resolved is False when it cannot be decided yet (a live
+        peer is itself mid-pop of the very slot, or the free list never held still for a look):
+        call again shortly. Clears the journal once resolved."""
+        cdef char* j = self.journal(peer)
+        cdef uint64_t word, w, seen
+        cdef uint32_t gen, s, other
+        cdef int c, op, n, listed
+        cdef char* m
+        cdef char* oj
+        if j == NULL:
+            return (0, True)
+        word = shm_load64(j, SHM_ACQUIRE)
+        gen = shm_load32(j + (SHMHUB_PEER_POOL_OP_GEN - SHMHUB_PEER_POOL_OP), SHM_ACQUIRE)
+        op = <int>(word >> 56)
+        c = <int>((word >> 32) & 0xFF)
+        s = <uint32_t>(word & 0xFFFFFFFF)
+        if op == SHMHUB_POOL_OP_NONE or c >= self.num_classes or s >= self.cls[c].slot_count or \
+                op not in (SHMHUB_POOL_OP_POP, SHMHUB_POOL_OP_FREE):
+            shm_store64(j, 0, SHM_RELEASE)
+            return (0, True)  # nothing in progress (or a record that names no slot: nothing to do)
+        m = self.meta(c, s)
+        w = shm_load64(m, SHM_ACQUIRE)
+        n = 0
+        if op == SHMHUB_POOL_OP_FREE and w == meta_word(gen, <uint32_t>SHMHUB_SLOT_ALLOCATED):
+            n = self.c_free(c, 0, s, gen, False, 0)  # died before marking it Free: finish the free
+        elif w == meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE):
+            # Free under the journaled generation: still on the list (the pop never happened, or
+            # the push did), or orphaned (popped but not yet Allocated / Free but not yet pushed).
+            listed = self.listed(c, s)
+            if listed < 0:
+                return (0, False)
+            if not listed:
+                # Off the list: ours to restore, unless a live guest popped it and is between its
+                # CAS and its Allocated store (its journal names the slot until it is done).
+                for other in range(1, self.journal_count + 1):
+                    if other == peer:
+                        continue
+                    oj = self.journal(other)
+                    word = shm_load64(oj, SHM_ACQUIRE)
+                    if <int>(word >> 56) == SHMHUB_POOL_OP_POP and <int>((word >> 32) & 0xFF) == c and \
+                            <uint32_t>(word & 0xFFFFFFFF) == s:
+                        return (0, False)
+                # Claim it as a pop would (a CAS: nobody else may hold it), then free it.
+                seen = shm_cas64(m, meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE), meta_word(gen + 1, <uint32_t>SHMHUB_SLOT_ALLOCATED))
+                if seen != meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE):
+                    return (0, False)
+                shm_store32(m + SHMHUB_META_OWNER, 0, SHM_RELAXED)
+                n = self.c_free(c, 0, s, gen + 1, False, 0)
+        # else: the operation completed (reclaim() frees what the guest still owns) or the slot
+        # has moved on since.
+        shm_store64(j, 0, SHM_RELEASE)
+        return (n, True)
+
+    def pool_op(self, uint32_t peer):
+        """(op, class_idx, slot_idx, generation) journaled by a guest, or None (inspection, tests)."""
+        cdef char* j = self.journal(peer)
+        if j == NULL:
+            return None
+        cdef uint64_t word = shm_load64(j, SHM_ACQUIRE)
+        return (<int>(word >> 56), <int>((word >> 32) & 0xFF), <uint32_t>(word & 0xFFFFFFFF),
+                shm_load32(j + (SHMHUB_PEER_POOL_OP_GEN - SHMHUB_PEER_POOL_OP), SHM_ACQUIRE))
+
     def format(self):
         """Write empty class headers and free lists (host, before the segment is shared)."""
         cdef char* b = self.base()
@@ -752,6 +874,7 @@ cdef class SlotPool:
 
     cdef long long pop(self, int c, uint32_t owner) except -2:
         cdef char* headp = self.base() + self.cls[c].header + SHMHUB_CLS_FREE_HEAD
+        cdef char* j = self.journal(owner)
         cdef uint64_t head, seen, new
         cdef uint32_t idx, nxt, gen
         cdef char* m
@@ -759,10 +882,14 @@ cdef class SlotPool:
         while True:
             idx = <uint32_t>(head & 0xFFFFFFFF)
             if idx == SHMHUB_EMPTY_INDEX:
+                if j != NULL:
+                    shm_store64(j, 0, SHM_RELEASE)
                 return -1
             if idx >= self.cls[c].slot_count:
                 raise SegmentCorrupted(f"class {c} free list head {idx} is out of range")
             nxt = shm_load32(self.meta(c, idx) + SHMHUB_META_NEXT_FREE, SHM_ACQUIRE)
+            if j != NULL:
+                journal_set(j, SHMHUB_POOL_OP_POP, c, idx, shm_load32(self.meta(c, idx) + SHMHUB_META_GENERATION, SHM_ACQUIRE))
             # The ABA tag rides along through EMPTY and is never reset (trap 24).
             new = (((head >> 32) + 1) << 32) | nxt
             seen = shm_cas64(headp, head, new)
@@ -773,6 +900,8 @@ cdef class SlotPool:
         gen = shm_load32(m + SHMHUB_META_GENERATION, SHM_RELAXED) + 1
         shm_store32(m + SHMHUB_META_OWNER, owner, SHM_RELAXED)
         shm_store64(m + SHMHUB_META_GENERATION, meta_word(gen, <uint32_t>SHMHUB_SLOT_ALLOCATED), SHM_RELEASE)
+        if j != NULL:
+            shm_store64(j, 0, SHM_RELEASE)
         return (<long long>gen << 32) | idx
 
     cdef int push(self, int c, uint32_t s) except -1:
@@ -808,17 +937,24 @@ cdef class SlotPool:
             return None
         return (class_idx, <uint32_t>(r & 0xFFFFFFFF), <uint32_t>(r >> 32))
 
-    cdef int c_free(self, int c, int extent, uint32_t s, uint32_t gen, bint strict) except -1:
+    cdef int c_free(self, int c, int extent, uint32_t s, uint32_t gen, bint strict, uint32_t by) except -1:
         self.check_ref(c, extent, s)
         cdef char* m = self.meta(c, s)
+        cdef char* j
         cdef uint64_t expected = meta_word(gen, <uint32_t>SHMHUB_SLOT_ALLOCATED)
         cdef uint64_t seen = shm_load64(m, SHM_ACQUIRE)
         if seen == expected:
+            j = self.journal(by)
+            if j != NULL:
+                journal_set(j, SHMHUB_POOL_OP_FREE, c, s, gen)
             shm_store32(m + SHMHUB_META_OWNER, 0, SHM_RELAXED)
             # DECISIONS 8 / trap 21: only the winner of Allocated->Free pushes the slot.
             seen = shm_cas64(m, expected, meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE))
             if seen == expected:
                 self.push(c, s)
+            if j != NULL:
+                shm_store64(j, 0, SHM_RELEASE)
+            if seen == expected:
                 return 1
         if not strict:
             return 0
@@ -826,14 +962,15 @@ cdef class SlotPool:
             raise DoubleFree(f"slot class {c} idx {s} generation {gen} is not allocated (double free)")
         raise StaleSlotRef(f"slot class {c} idx {s}: reference generation {gen}, slot is at {<uint32_t>seen}")
 
-    def free(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation):
-        """Free an allocated slot. DoubleFree / StaleSlotRef / InvalidSlotRef on a bad reference."""
-        self.c_free(class_idx, extent_idx, slot_idx, generation, True)
+    def free(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation, uint32_t by=0):
+        """Free an allocated slot. DoubleFree / StaleSlotRef / InvalidSlotRef on a bad reference.
+        `by`: the freeing peer (a guest journals the operation, see recover_pool_op)."""
+        self.c_free(class_idx, extent_idx, slot_idx, generation, True, by)
 
-    def free_if_current(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation):
+    def free_if_current(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation, uint32_t by=0):
         """Free the slot if it is still allocated under `generation`; True if this call freed it.
         Never raises for a stale or already-freed reference (crash recovery must be idempotent)."""
-        return bool(self.c_free(class_idx, extent_idx, slot_idx, generation, False))
+        return bool(self.c_free(class_idx, extent_idx, slot_idx, generation, False, by))
 
     def take(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation, uint32_t new_owner):
         """Become the owner of a received slot (DECISIONS 9); returns its payload length.
@@ -842,7 +979,7 @@ cdef class SlotPool:
         cdef char* m = self.meta(class_idx, slot_idx)
         cdef uint64_t expected = meta_word(generation, <uint32_t>SHMHUB_SLOT_ALLOCATED)
         if shm_load64(m, SHM_ACQUIRE) != expected:
-            self.c_free(class_idx, extent_idx, slot_idx, generation, True)  # raises the precise error
+            self.c_free(class_idx, extent_idx, slot_idx, generation, True, 0)  # raises the precise error
         shm_store32(m + SHMHUB_META_OWNER, new_owner, SHM_RELEASE)
         if shm_load64(m, SHM_ACQUIRE) != expected:
             raise StaleSlotRef(f"slot class {class_idx} idx {slot_idx} changed while being received")
@@ -901,7 +1038,7 @@ cdef class SlotPool:
                 m = self.meta(c, s)
                 w = shm_load64(m, SHM_ACQUIRE)
                 if (w >> 32) == SHMHUB_SLOT_ALLOCATED and shm_load32(m + SHMHUB_META_OWNER, SHM_ACQUIRE) == owner:
-                    freed += self.c_free(c, 0, s, <uint32_t>w, False)
+                    freed += self.c_free(c, 0, s, <uint32_t>w, False, 0)
         return freed
 
     def counts(self, int class_idx):

@@ -22,6 +22,7 @@ from .link import DEFAULT_SPIN_NS, HOST, POLL_SLICE, Link, _deadline, _remaining
 from .segment import Segment
 
 MONITOR_TICK = 0.05  # walk-in discovery and heartbeat checks
+POOL_OP_GRACE = 0.05  # how long recovery waits for a dead guest's interrupted pool op to be decidable
 
 
 @dataclass
@@ -302,6 +303,7 @@ class Host:
                     detail["h2g_slots_freed"] = self._free_inflight(pid)
                     seg.h2g(pid).reset()  # after the scan (trap 20)
                     seg.g2h(pid).reset()
+                    detail["pool_op_slots_freed"] = self._recover_pool_op(pid, detail)
                     detail["owned_slots_freed"] = seg.pool.reclaim(pid)
                     seg.peers.reset(pid)
                     link._recovered = True
@@ -332,6 +334,20 @@ class Host:
                     pass  # an out-of-range ref frees nothing
             ring.release(frame[1])
         return freed
+
+    def _recover_pool_op(self, peer_id: int, detail: Dict[str, int]) -> int:
+        """Finish the free-list pop or push the guest died inside, if any (FEATURE_POOL_JOURNAL):
+        else that slot is off every free list and never Allocated, lost for good. It can take a
+        moment to decide (another guest mid-pop of the same slot); then the slot stays lost."""
+        deadline = time.monotonic() + POOL_OP_GRACE
+        while True:
+            freed, resolved = self.segment.pool.recover_pool_op(peer_id)
+            if resolved:
+                return freed
+            if time.monotonic() > deadline:
+                detail["pool_op_unresolved"] = 1
+                return 0
+            time.sleep(0.0002)
 
     def _forget(self, h: GuestHandle) -> None:
         with self._lock:

@@ -37,7 +37,9 @@ HDR_RESERVED_END = 128
 
 # Feature bits (DECISIONS 4). Each is documented with its bytes in docs/format.md.
 FEATURE_WAITER_FLAGS = 1 << 0  # RING_CONSUMER_WAITING / RING_PRODUCER_WAITING: doorbell elision
-KNOWN_FEATURES = FEATURE_WAITER_FLAGS
+# (1 << 1 is taken by FEATURE_MMAP_LEASES on the mmap-tier branch)
+FEATURE_POOL_JOURNAL = 1 << 2  # PEER_POOL_OP: guests journal free-list operations for crash recovery
+KNOWN_FEATURES = FEATURE_WAITER_FLAGS | FEATURE_POOL_JOURNAL
 
 DEFAULT_INLINE_THRESHOLD = 256  # header value 0 means this
 MAX_INLINE_LEN = 0xFFFF  # inline_payload_len is a u16
@@ -49,6 +51,13 @@ PEER_STATE = 0  # AtomicU32
 PEER_EPOCH = 4  # AtomicU32
 PEER_LAST_HEARTBEAT = 8  # AtomicU64
 PEER_RING_OFFSET = 16  # u64, written once by the host
+# FEATURE_POOL_JOURNAL (in the entry's reserved bytes): the free-list operation this guest is in
+# the middle of, so that recovery can finish it if the guest dies there (DECISIONS 15).
+PEER_POOL_OP = 24  # AtomicU64 = (op << 56) | (class_idx << 32) | slot_idx; 0 = none
+PEER_POOL_OP_GEN = 32  # u32: the slot's generation when the operation began
+POOL_OP_NONE = 0
+POOL_OP_POP = 1  # taking the slot off its class's free list (alloc)
+POOL_OP_FREE = 2  # marking the slot Free and pushing it back (free)
 
 PEER_EMPTY = 0
 PEER_ATTACHED = 1

@@ -297,7 +297,7 @@ class Link:
                 self._wait(lambda: tx.write_slot_ref(c, 0, s, gen), tx, True, deadline,
                            lambda b: tx.spin_room(L.SLOT_REF_FRAME_SIZE, b))
         except BaseException:
-            pool.free_if_current(c, 0, s, gen)  # never committed: still ours to free
+            pool.free_if_current(c, 0, s, gen, self._owner)  # never committed: still ours to free
             raise
         self.stats.sent_slot += 1
         self.stats.sent_bytes_slot += n
@@ -305,7 +305,7 @@ class Link:
     # -- receive ----------------------------------------------------------------------------
 
     def _free_slot(self, c: int, e: int, s: int, gen: int) -> None:
-        self._pool.free_if_current(c, e, s, gen)
+        self._pool.free_if_current(c, e, s, gen, self._owner)
         if not self._closed and not self._dead and self.doorbell is not None:
             # The producer may sleep waiting for a slot (trap 27).
             if not self._elide or self._rx.peer_waiting(True):

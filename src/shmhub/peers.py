@@ -73,8 +73,9 @@ class PeerTable:
         self._region.store_u32(self._off(peer_id, L.PEER_STATE), L.PEER_GOODBYE)
 
     def reset(self, peer_id: int) -> None:
-        """Host, after recovery: heartbeat 0, state Empty. The epoch is never reset."""
+        """Host, after recovery: heartbeat 0, pool-op journal clear, state Empty. The epoch is never reset."""
         self._region.store_u64(self._off(peer_id, L.PEER_LAST_HEARTBEAT), 0)
+        self._region.store_u64(self._off(peer_id, L.PEER_POOL_OP), 0)
         self._region.store_u32(self._off(peer_id, L.PEER_STATE), L.PEER_EMPTY)
 
     def heartbeat(self, peer_id: int, now_ns: int | None = None) -> None:

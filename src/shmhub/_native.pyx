@@ -363,7 +363,9 @@ cdef inline bint hdr_has_data(const char* hdr) noexcept nogil:
     cdef uint32_t r = shm_load32(hdr + SHMHUB_RING_READ, SHM_RELAXED)
     cdef uint32_t w = shm_load32(hdr + SHMHUB_RING_WRITE, SHM_ACQUIRE)
     cdef uint32_t wm = shm_load32(hdr + SHMHUB_RING_WATERMARK, SHM_ACQUIRE)
-    return w != r or wm != 0
+    if wm != 0:
+        return r < wm or w < r  # w >= r >= wm: the producer is mid-wrap, nothing to read yet
+    return w != r
 
 
 cdef class Ring:
@@ -517,6 +519,12 @@ cdef class Ring:
             if r < wm:
                 start[0] = r
                 return wm - r  # the tail before the wrap comes first (trap 2)
+            if w >= r:
+                # The producer has stored the watermark but not yet write = 0 (it is between the
+                # two stores, or died there): after a wrap, write only ever stays below read, so
+                # [0, write) would be old, consumed frames. Nothing to read until write = 0.
+                start[0] = r
+                return 0
             shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
             shm_store32(self.hdr + SHMHUB_RING_WATERMARK, 0, SHM_RELEASE)
             w = self.idx(SHMHUB_RING_WRITE, SHM_ACQUIRE)
@@ -534,7 +542,11 @@ cdef class Ring:
             raise LinkCorrupted(f"release of {n} bytes at read {r} overruns capacity {self.capacity}")
         cdef uint32_t nr = r + n
         cdef uint32_t wm = self.idx(SHMHUB_RING_WATERMARK, SHM_ACQUIRE)
-        if wm != 0 and nr >= wm:
+        if wm != 0 and nr >= wm and self.idx(SHMHUB_RING_WRITE, SHM_ACQUIRE) >= nr:
+            # tail consumed, but the producer is mid-wrap (write still at the watermark): resetting
+            # read to 0 now would expose [0, write) again; c_readable resets once write = 0 is seen
+            shm_store32(self.hdr + SHMHUB_RING_READ, nr, SHM_RELEASE)
+        elif wm != 0 and nr >= wm:
             shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
             shm_store32(self.hdr + SHMHUB_RING_WATERMARK, 0, SHM_RELEASE)
         else:

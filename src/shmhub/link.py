@@ -224,7 +224,9 @@ class Link:
                 if r is not None and r is not False:
                     return r
         while True:
-            self._check()
+            r = self._check_waiting(attempt, producer)
+            if r is not None and r is not False:
+                return r
             rem = _remaining(deadline)
             if rem is not None and rem <= 0:
                 raise ShmTimeout("timed out")
@@ -235,7 +237,9 @@ class Link:
                 r = attempt()  # re-check after announcing (no lost wakeup)
                 if r is not None and r is not False:
                     return r
-                self._check()
+                r = self._check_waiting(attempt, producer)
+                if r is not None and r is not False:
+                    return r
                 try:
                     self._waiter.sleep(rem)
                 except PeerDead as e:
@@ -245,6 +249,21 @@ class Link:
             r = attempt()
             if r is not None and r is not False:
                 return r
+
+    def _check_waiting(self, attempt, producer: bool):
+        """_check() inside a wait. A receiver that finds the peer gone looks once more before it
+        raises: the peer may have committed frames after this thread's last look and then died
+        (or said goodbye); it can write nothing more, so one more look sees all it left, and recv
+        delivers that before PeerDead / HostGone. Returns attempt()'s result, or None."""
+        try:
+            self._check()
+        except (PeerDead, HostGone):
+            if not producer:
+                r = attempt()
+                if r is not None and r is not False:
+                    return r
+            raise
+        return None
 
     @staticmethod
     def _lock(lock: threading.Lock, deadline: Optional[float]) -> None:

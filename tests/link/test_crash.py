@@ -413,6 +413,56 @@ def test_guest_killed_mid_wrap_leaves_no_stale_frames(forge_seg, unread):
     assert_pool_pristine(seg.pool, initial)
 
 
+class _LastWordsRing:
+    """A receiver's ring whose spin sees nothing while the peer commits its last frames and goes
+    away -- the interleaving where the receiver's last look comes just before the peer's last
+    commit, and the death is known before the receiver looks again."""
+
+    def __init__(self, ring, last_words) -> None:
+        self._ring, self._last_words = ring, last_words
+
+    def __getattr__(self, name):
+        return getattr(self._ring, name)
+
+    def spin_readable(self, budget_ns: int) -> bool:
+        words, self._last_words = self._last_words, lambda: None
+        words()
+        return False
+
+
+@pytest.mark.parametrize("side", ["host_receives_from_dead_guest", "guest_receives_after_host_goodbye"])
+def test_frames_committed_just_before_the_end_are_delivered_first(forge_seg, side):
+    """recv() delivers what the peer committed before PeerDead / HostGone (DECISIONS 13, 15),
+    even when the commit lands after the receiver's last look and the end is seen first. Else
+    a dead guest's last frames stay in the host's backlog unread, holding their slots."""
+    from shmhub.errors import HostGone
+    from shmhub.link import GUEST, HOST, Link
+
+    seg, f, initial = forge_seg
+    g, h = Link(seg, f.peer, None, GUEST), Link(seg, f.peer, None, HOST)
+    sender, receiver = (g, h) if side.startswith("host") else (h, g)
+    gone = PeerDead if receiver is h else HostGone
+    last = [P.make(11, k) for k in range(3)]  # two inline payloads and a slot
+    assert [P.is_slot(11, k) for k in range(3)] == [False, False, True]
+
+    def last_words():
+        for m in last:
+            sender.send(m, timeout=TIMEOUT)
+        if receiver is h:
+            h._mark_dead("guest killed")  # as the monitor does when the doorbell hangs up
+        else:
+            seg.say_goodbye()
+
+    receiver._rx = _LastWordsRing(receiver._rx, last_words)
+    for k in range(3):
+        with receiver.recv(timeout=TIMEOUT) as m:
+            P.check(m, 11, k)
+    with pytest.raises(gone):
+        receiver.recv(timeout=TIMEOUT)
+    receiver._rx = receiver._rx._ring
+    assert_pool_pristine(seg.pool, initial)
+
+
 # ---------------------------------------------------------------------------------------------
 # guest crash
 # ---------------------------------------------------------------------------------------------

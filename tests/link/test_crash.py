@@ -679,6 +679,14 @@ def run_crashes_beside_bystanders(trials: int, seed: int) -> str:
         for h, side in bystanders:
             assert side.acked.wait(TIMEOUT), side.errors
         victim_id = CONFIG.max_guests - 1  # the first entry the bystanders leave Empty
+        recover_started = {}  # pid -> when the monitor began recovering it (for failure messages)
+        real_recover = host._recover
+
+        def timed_recover(h, reason):
+            recover_started.setdefault(h.pid, time.monotonic_ns())
+            real_recover(h, reason)
+
+        host._recover = timed_recover
         for i in range(trials):
             g_nonce, h_nonce = 0x50000 + 2 * i, 0x50001 + 2 * i
             progress = [sb.received for _, sb in bystanders]
@@ -706,7 +714,9 @@ def run_crashes_beside_bystanders(trials: int, seed: int) -> str:
             assert not side.errors, "\n".join(side.errors)
             assert (ev.kind, ev.pid) == ("died", h.pid), ev
             assert detected_in_time(t_kill, t_closed, ev.time_ns), \
-                f"victim {i}: noticed {(ev.time_ns - t_kill) / 1e6:.1f} ms after the kill, {(t_closed - t_kill) / 1e6:.1f} ms to close its files"
+                (f"victim {i}: noticed {(ev.time_ns - t_kill) / 1e6:.1f} ms after the kill: the kernel closed its files "
+                 f"after {(t_closed - t_kill) / 1e6:.1f} ms, the monitor thread began recovery after "
+                 f"{(recover_started[h.pid] - t_kill) / 1e6:.1f} ms; load average {os.getloadavg()}")
             assert "pool_op_unresolved" not in ev.detail, ev.detail
             assert h.wait(TIMEOUT) == -signal.SIGKILL
             stats.event_latency_ns.append(ev.time_ns - t_kill)

@@ -75,6 +75,8 @@ cdef extern from "_layout.h":
     const unsigned long long SHMHUB_META_OWNER, SHMHUB_META_NEXT_FREE
     const unsigned long long SHMHUB_SLOT_FREE, SHMHUB_SLOT_ALLOCATED, SHMHUB_EMPTY_INDEX
     const unsigned long long SHMHUB_SLOT_LEN_PREFIX, SHMHUB_MAX_CLASSES
+    const unsigned long long SHMHUB_PEER_ENTRY_SIZE, SHMHUB_PEER_POOL_OP, SHMHUB_PEER_POOL_OP_GEN
+    const unsigned long long SHMHUB_POOL_OP_NONE, SHMHUB_POOL_OP_POP, SHMHUB_POOL_OP_FREE
     enum: SHMHUB_MAX_EXTENTS
 
 DEF GIL_FREE_COPY = 1 << 20  # copies at least this large run without the GIL
@@ -376,7 +378,9 @@ cdef inline bint hdr_has_data(const char* hdr) noexcept nogil:
     cdef uint32_t r = shm_load32(hdr + SHMHUB_RING_READ, SHM_RELAXED)
     cdef uint32_t w = shm_load32(hdr + SHMHUB_RING_WRITE, SHM_ACQUIRE)
     cdef uint32_t wm = shm_load32(hdr + SHMHUB_RING_WATERMARK, SHM_ACQUIRE)
-    return w != r or wm != 0
+    if wm != 0:
+        return r < wm or w < r  # w >= r >= wm: the producer is mid-wrap, nothing to read yet
+    return w != r
 
 
 cdef class Ring:
@@ -840,6 +844,13 @@ class NeedExtent(Exception):
     """Internal: a slot lives in an extent this process has not mapped yet (args: class, extent)."""
 
 
+cdef inline void journal_set(char* j, uint64_t op, int c, uint32_t g, uint32_t gen) noexcept nogil:
+    # FEATURE_POOL_JOURNAL: the generation first; the op word (Release) publishes the record. The
+    # CAS that follows is a release too, so whoever sees that CAS's effect sees the record.
+    shm_store32(j + (SHMHUB_PEER_POOL_OP_GEN - SHMHUB_PEER_POOL_OP), gen, SHM_RELAXED)
+    shm_store64(j, (op << 56) | (<uint64_t>c << 32) | g, SHM_RELEASE)
+
+
 cdef inline uint64_t meta_word(uint32_t gen, uint32_t state) noexcept nogil:
     # generation (+0) and state (+4) form one little-endian u64: the free CAS keys on both.
     return (<uint64_t>state << 32) | gen
@@ -857,8 +868,19 @@ cdef class SlotPool:
     cdef ClassInfo cls[256]
     cdef readonly int num_classes
     cdef list extent_regions  # per class: [Region or None for extent 0, ...]
+    cdef Py_ssize_t journal_base
+    cdef readonly uint32_t journal_count
 
-    def __init__(self, Region region, classes):
+    def __init__(self, Region region, classes, journals=None):
+        """`journals` = (peer_table_offset, max_guests) turns on FEATURE_POOL_JOURNAL: a guest's pop
+        and free record the slot in its peer entry while they run, so recover_pool_op() can finish
+        the operation if the guest dies inside it (docs/deviations.md, slots 2)."""
+        if journals is not None:
+            base, count = journals
+            if count:
+                region.ptr(base, <Py_ssize_t>count * SHMHUB_PEER_ENTRY_SIZE, 64)
+            self.journal_base = base
+            self.journal_count = count
         classes = list(classes)
         if not 1 <= len(classes) <= <int>SHMHUB_MAX_CLASSES:
             raise SegmentCorrupted(f"{len(classes)} slot classes; the format allows 1 to {SHMHUB_MAX_CLASSES}")
@@ -950,6 +972,7 @@ cdef class SlotPool:
     cdef long long pop(self, int c, uint32_t owner) except -2:
         cdef ClassInfo* ci = &self.cls[c]
         cdef char* headp = self.wbase() + ci.header + SHMHUB_CLS_FREE_HEAD
+        cdef char* j = self.journal(owner)
         cdef uint64_t head, seen, new
         cdef uint32_t idx, nxt, gen, s
         cdef int e
@@ -958,25 +981,137 @@ cdef class SlotPool:
         while True:
             idx = <uint32_t>(head & 0xFFFFFFFF)
             if idx == SHMHUB_EMPTY_INDEX:
+                if j != NULL:
+                    shm_store64(j, 0, SHM_RELEASE)
                 return -1
             e = idx / ci.slot_count
             s = idx % ci.slot_count
             if e >= ci.max_extents:
                 raise SegmentCorrupted(f"class {c} free list head {idx} is out of range")
             if e >= ci.nmapped:
+                if j != NULL:
+                    shm_store64(j, 0, SHM_RELEASE)
                 raise NeedExtent(c, e)  # nothing changed yet: map it and call again
-            nxt = shm_load32(self.meta(c, e, s) + SHMHUB_META_NEXT_FREE, SHM_ACQUIRE)
+            m = self.meta(c, e, s)
+            if j != NULL:  # a guest killed between the CAS and the Allocated store is recoverable
+                journal_set(j, SHMHUB_POOL_OP_POP, c, idx, shm_load32(m + SHMHUB_META_GENERATION, SHM_ACQUIRE))
+            nxt = shm_load32(m + SHMHUB_META_NEXT_FREE, SHM_ACQUIRE)
             # The ABA tag rides along through EMPTY and is never reset (trap 24).
             new = (((head >> 32) + 1) << 32) | nxt
             seen = shm_cas64(headp, head, new)
             if seen == head:
                 break
             head = seen
-        m = self.meta(c, e, s)
         gen = shm_load32(m + SHMHUB_META_GENERATION, SHM_RELAXED) + 1
         shm_store32(m + SHMHUB_META_OWNER, owner, SHM_RELAXED)
         shm_store64(m + SHMHUB_META_GENERATION, meta_word(gen, <uint32_t>SHMHUB_SLOT_ALLOCATED), SHM_RELEASE)
+        if j != NULL:
+            shm_store64(j, 0, SHM_RELEASE)
         return (<long long>gen << 32) | idx
+
+    # -- the pool-op journal (FEATURE_POOL_JOURNAL) ------------------------------------------
+
+    cdef inline char* journal(self, uint32_t peer) except? NULL:
+        """The PEER_POOL_OP word of a guest, or NULL (the host and journal-less pools keep none:
+        the host's pool calls hold the GIL, so its own recovery never sees them half done)."""
+        if peer == 0 or peer > self.journal_count:
+            return NULL
+        return self.base() + self.journal_base + <Py_ssize_t>(peer - 1) * SHMHUB_PEER_ENTRY_SIZE + SHMHUB_PEER_POOL_OP
+
+    cdef int listed(self, int c, uint32_t g) except -2:
+        """1 if global slot g is on class c's free list, 0 if not, -1 if no consistent view was had.
+        A walk is a snapshot when the head word (its ABA tag counts every push and pop) is the
+        same before and after it: nodes on the list never change their next_free."""
+        cdef ClassInfo* ci = &self.cls[c]
+        cdef char* headp = self.base() + ci.header + SHMHUB_CLS_FREE_HEAD
+        cdef uint64_t h1
+        cdef uint32_t idx, steps, total = ci.slot_count * <uint32_t>ci.nmapped
+        cdef int attempt, found
+        for attempt in range(4096):
+            h1 = shm_load64(headp, SHM_ACQUIRE)
+            idx = <uint32_t>(h1 & 0xFFFFFFFF)
+            found = 0
+            steps = 0
+            while idx != SHMHUB_EMPTY_INDEX and idx < total and steps <= total:
+                if idx == g:
+                    found = 1
+                    break
+                idx = shm_load32(self.meta(c, idx / ci.slot_count, idx % ci.slot_count) + SHMHUB_META_NEXT_FREE, SHM_ACQUIRE)
+                steps += 1
+            if shm_load64(headp, SHM_ACQUIRE) == h1:
+                if not found and idx != SHMHUB_EMPTY_INDEX:
+                    raise SegmentCorrupted(f"class {c} free list is broken (index {idx} after {steps} steps)")
+                return found
+            shm_cpu_relax()
+        return -1
+
+    def recover_pool_op(self, uint32_t peer):
+        """Crash recovery: finish the pop or free a dead guest was in the middle of.
+
+        Returns (slots_freed, resolved). resolved is False when it cannot be decided yet (a live
+        peer is itself mid-pop of the very slot, or the free list never held still for a look):
+        call again shortly. Clears the journal once resolved."""
+        cdef char* j = self.journal(peer)
+        cdef uint64_t word, w, seen
+        cdef uint32_t gen, g, other, s
+        cdef int c, e, op, n, on_list
+        cdef char* m
+        cdef char* oj
+        if j == NULL:
+            return (0, True)
+        self.wbase()
+        word = shm_load64(j, SHM_ACQUIRE)
+        gen = shm_load32(j + (SHMHUB_PEER_POOL_OP_GEN - SHMHUB_PEER_POOL_OP), SHM_ACQUIRE)
+        op = <int>(word >> 56)
+        c = <int>((word >> 32) & 0xFF)
+        g = <uint32_t>(word & 0xFFFFFFFF)
+        if op not in (SHMHUB_POOL_OP_POP, SHMHUB_POOL_OP_FREE) or c >= self.num_classes or \
+                g / self.cls[c].slot_count >= <uint32_t>self.cls[c].nmapped:
+            shm_store64(j, 0, SHM_RELEASE)
+            return (0, True)  # nothing in progress (or a record that names no slot: nothing to do)
+        e = g / self.cls[c].slot_count
+        s = g % self.cls[c].slot_count
+        m = self.meta(c, e, s)
+        w = shm_load64(m, SHM_ACQUIRE)
+        n = 0
+        if op == SHMHUB_POOL_OP_FREE and w == meta_word(gen, <uint32_t>SHMHUB_SLOT_ALLOCATED):
+            n = self.c_free(c, e, s, gen, False, 0)  # died before marking it Free: finish the free
+        elif w == meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE):
+            # Free under the journaled generation: still on the list (the pop never happened, or
+            # the push did), or orphaned (popped but not yet Allocated / Free but not yet pushed).
+            on_list = self.listed(c, g)
+            if on_list < 0:
+                return (0, False)
+            if not on_list:
+                # Off the list: ours to restore, unless a live guest popped it and is between its
+                # CAS and its Allocated store (its journal names the slot until it is done).
+                for other in range(1, self.journal_count + 1):
+                    if other == peer:
+                        continue
+                    oj = self.journal(other)
+                    word = shm_load64(oj, SHM_ACQUIRE)
+                    if <int>(word >> 56) == SHMHUB_POOL_OP_POP and <int>((word >> 32) & 0xFF) == c and \
+                            <uint32_t>(word & 0xFFFFFFFF) == g:
+                        return (0, False)
+                # Claim it as a pop would (a CAS: nobody else may hold it), then free it.
+                seen = shm_cas64(m, meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE), meta_word(gen + 1, <uint32_t>SHMHUB_SLOT_ALLOCATED))
+                if seen != meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE):
+                    return (0, False)
+                shm_store32(m + SHMHUB_META_OWNER, 0, SHM_RELAXED)
+                n = self.c_free(c, e, s, gen + 1, False, 0)
+        # else: the operation completed (reclaim() frees what the guest still owns) or the slot
+        # has moved on since.
+        shm_store64(j, 0, SHM_RELEASE)
+        return (n, True)
+
+    def pool_op(self, uint32_t peer):
+        """(op, class_idx, global slot index, generation) journaled by a guest, or None."""
+        cdef char* j = self.journal(peer)
+        if j == NULL:
+            return None
+        cdef uint64_t word = shm_load64(j, SHM_ACQUIRE)
+        return (<int>(word >> 56), <int>((word >> 32) & 0xFF), <uint32_t>(word & 0xFFFFFFFF),
+                shm_load32(j + (SHMHUB_PEER_POOL_OP_GEN - SHMHUB_PEER_POOL_OP), SHM_ACQUIRE))
 
     cdef int push_chain(self, int c, uint32_t first, char* last_meta) except -1:
         """Push the chain first..(last_meta) whose links are already written (one slot: first)."""
@@ -1016,19 +1151,27 @@ cdef class SlotPool:
             return None
         return self.split(class_idx, r)
 
-    cdef int c_free(self, int c, int extent, uint32_t s, uint32_t gen, bint strict) except -1:
+    cdef int c_free(self, int c, int extent, uint32_t s, uint32_t gen, bint strict, uint32_t by) except -1:
         self.check_ref(c, extent, s)
         self.wbase()
         cdef char* m = self.meta(c, extent, s)
+        cdef char* j
+        cdef uint32_t g = <uint32_t>extent * self.cls[c].slot_count + s
         cdef uint64_t expected = meta_word(gen, <uint32_t>SHMHUB_SLOT_ALLOCATED)
         cdef uint64_t seen = shm_load64(m, SHM_ACQUIRE)
         if seen == expected:
+            j = self.journal(by)
+            if j != NULL:  # a guest killed between the CAS and the push is recoverable
+                journal_set(j, SHMHUB_POOL_OP_FREE, c, g, gen)
             # DECISIONS 8 / trap 21: only the winner of Allocated->Free clears the owner and pushes
             # the slot (a loser clearing it could clobber the owner of the slot's next allocation).
             seen = shm_cas64(m, expected, meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE))
             if seen == expected:
                 shm_store32(m + SHMHUB_META_OWNER, 0, SHM_RELAXED)
-                self.push_chain(c, <uint32_t>extent * self.cls[c].slot_count + s, m)
+                self.push_chain(c, g, m)
+            if j != NULL:
+                shm_store64(j, 0, SHM_RELEASE)
+            if seen == expected:
                 return 1
         if not strict:
             return 0
@@ -1036,14 +1179,15 @@ cdef class SlotPool:
             raise DoubleFree(f"slot class {c} extent {extent} idx {s} generation {gen} is not allocated (double free)")
         raise StaleSlotRef(f"slot class {c} extent {extent} idx {s}: reference generation {gen}, slot is at {<uint32_t>seen}")
 
-    def free(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation):
-        """Free an allocated slot. DoubleFree / StaleSlotRef / InvalidSlotRef on a bad reference."""
-        self.c_free(class_idx, extent_idx, slot_idx, generation, True)
+    def free(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation, uint32_t by=0):
+        """Free an allocated slot. DoubleFree / StaleSlotRef / InvalidSlotRef on a bad reference.
+        `by`: the freeing peer (a guest journals the operation, see recover_pool_op)."""
+        self.c_free(class_idx, extent_idx, slot_idx, generation, True, by)
 
-    def free_if_current(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation):
+    def free_if_current(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation, uint32_t by=0):
         """Free the slot if it is still allocated under `generation`; True if this call freed it.
         Never raises for a stale or already-freed reference (crash recovery must be idempotent)."""
-        return bool(self.c_free(class_idx, extent_idx, slot_idx, generation, False))
+        return bool(self.c_free(class_idx, extent_idx, slot_idx, generation, False, by))
 
     def take(self, int class_idx, int extent_idx, uint32_t slot_idx, uint32_t generation, uint32_t new_owner):
         """Become the owner of a received slot (DECISIONS 9); returns its payload length.
@@ -1056,7 +1200,7 @@ cdef class SlotPool:
         cdef char* m = self.meta(class_idx, extent_idx, slot_idx)
         cdef uint64_t expected = meta_word(generation, <uint32_t>SHMHUB_SLOT_ALLOCATED)
         if shm_load64(m, SHM_ACQUIRE) != expected:
-            self.c_free(class_idx, extent_idx, slot_idx, generation, True)  # raises the precise error
+            self.c_free(class_idx, extent_idx, slot_idx, generation, True, 0)  # raises the precise error
         shm_store32(m + SHMHUB_META_OWNER, new_owner, SHM_RELEASE)
         if shm_load64(m, SHM_ACQUIRE) != expected:
             raise StaleSlotRef(f"slot class {class_idx} idx {slot_idx} changed while being received")
@@ -1128,7 +1272,7 @@ cdef class SlotPool:
                     m = self.meta(c, e, s)
                     w = shm_load64(m, SHM_ACQUIRE)
                     if (w >> 32) == SHMHUB_SLOT_ALLOCATED and shm_load32(m + SHMHUB_META_OWNER, SHM_ACQUIRE) == owner:
-                        freed += self.c_free(c, e, s, <uint32_t>w, False)
+                        freed += self.c_free(c, e, s, <uint32_t>w, False, 0)
         return freed
 
     def counts(self, int class_idx):
@@ -1250,7 +1394,7 @@ cdef class Message:
     cdef public object token  # what the link needs to send a reserved buffer
     cdef SlotPool slot_pool  # set by recv_next: the slot is freed natively on release
     cdef int sc, se
-    cdef uint32_t ss, sgen
+    cdef uint32_t ss, sgen, sby
 
     def __init__(self, owner, Py_ssize_t offset, Py_ssize_t length, str tier, on_release=None, bint writable=False):
         """owner: a Region (the span is pinned) or a bytes object holding the payload.
@@ -1338,7 +1482,7 @@ cdef class Message:
         pool, self.slot_pool = self.slot_pool, None
         try:
             if pool is not None and not (<SlotPool>pool).region.closed:
-                (<SlotPool>pool).c_free(self.sc, self.se, self.ss, self.sgen, False)
+                (<SlotPool>pool).c_free(self.sc, self.se, self.ss, self.sgen, False, self.sby)
             if cb is not None:
                 cb()
         finally:
@@ -1403,7 +1547,7 @@ def send_slot(Ring ring, SlotPool pool, payload, uint32_t owner, bint check_wait
         memcpy(p + SHMHUB_SLOT_LEN_PREFIX, b.buf, b.len)
         off = ring.c_grant(SHMHUB_SLOT_REF_FRAME_SIZE)
         if off < 0:  # cannot happen: room was checked and this side is the only producer
-            pool.c_free(c, e, s, gen, False)
+            pool.c_free(c, e, s, gen, False, owner)
             return -1
         put_slot_ref(ring.data + off, c, e, s, gen)
         ring.c_commit(SHMHUB_SLOT_REF_FRAME_SIZE)
@@ -1452,7 +1596,7 @@ def recv_next(Ring ring, SlotPool pool, uint32_t owner, bint check_waiter, on_re
     msg.tier = "slot"
     msg.on_release = on_release
     msg.slot_pool = pool
-    msg.sc, msg.se, msg.ss, msg.sgen = c, e, s, gen
+    msg.sc, msg.se, msg.ss, msg.sgen, msg.sby = c, e, s, gen, owner
     ring.c_release(total)
     ring.producer_waiting = check_waiter and ring.c_waiting(True)
     return msg

@@ -23,6 +23,7 @@ from .layout import SegmentConfig
 from .link import DEFAULT_SPIN_NS, HOST, POLL_SLICE, Link, _deadline, _remaining
 from .segment import Segment
 
+POOL_OP_GRACE = 0.05  # how long recovery waits for a dead guest's interrupted pool op to be decidable
 MONITOR_TICK = 0.01  # walk-in discovery, growth requests and heartbeat checks
 
 
@@ -424,6 +425,8 @@ class Host:
                     detail["h2g_slots_freed"] = self._free_inflight(pid)
                     seg.h2g(pid).reset()  # after the scan (trap 20)
                     seg.g2h(pid).reset()
+                    seg.refresh_extents()  # the journal and reclaim may name slots in any extent
+                    detail["pool_op_slots_freed"] = self._recover_pool_op(pid, detail)
                     detail["owned_slots_freed"] = seg.pool.reclaim(pid)
                     link._close_maps()  # the dead guest's leases go with its mappings (DECISIONS 11)
                     seg.peers.reset(pid)
@@ -438,6 +441,20 @@ class Host:
                     self._unreaped.append(h.process)  # closed its doorbell, still exiting: reap later
             kind = "exited" if said_goodbye else "died"
             self._emit(HostEvent(kind, pid, h.pid, reason, detail))
+
+    def _recover_pool_op(self, peer_id: int, detail: Dict[str, int]) -> int:
+        """Finish the free-list pop or push the guest died inside, if any (FEATURE_POOL_JOURNAL):
+        else that slot is off every free list and never Allocated, lost for good. It can take a
+        moment to decide (another guest mid-pop of the same slot); then the slot stays lost."""
+        deadline = time.monotonic() + POOL_OP_GRACE
+        while True:
+            freed, resolved = self.segment.pool.recover_pool_op(peer_id)
+            if resolved:
+                return freed
+            if time.monotonic() > deadline:
+                detail["pool_op_unresolved"] = 1
+                return 0
+            time.sleep(0.0002)
 
     def _free_inflight(self, peer_id: int) -> int:
         """Consume the dead guest's H2G ring and free the host-owned slots in flight to it (trap 20)."""

@@ -40,7 +40,8 @@ HDR_RESERVED_END = 128
 FEATURE_WAITER_FLAGS = 1 << 0  # RING_CONSUMER_WAITING / RING_PRODUCER_WAITING: doorbell elision
 FEATURE_MMAP_LEASES = 1 << 1  # mmap-tier mappings start with a MAP_HEADER carrying a lease count
 FEATURE_EXTENTS = 1 << 2  # growable slot classes: CLS_EXTENT_* fields, extents appended to the file
-KNOWN_FEATURES = FEATURE_WAITER_FLAGS | FEATURE_MMAP_LEASES | FEATURE_EXTENTS
+FEATURE_POOL_JOURNAL = 1 << 3  # guests journal the slot pop/free they are in: PEER_POOL_OP*
+KNOWN_FEATURES = FEATURE_WAITER_FLAGS | FEATURE_MMAP_LEASES | FEATURE_EXTENTS | FEATURE_POOL_JOURNAL
 
 DEFAULT_INLINE_THRESHOLD = 256  # header value 0 means this
 MAX_INLINE_LEN = 0xFFFF  # inline_payload_len is a u16
@@ -53,15 +54,22 @@ PEER_EPOCH = 4  # AtomicU32
 PEER_LAST_HEARTBEAT = 8  # AtomicU64
 PEER_RING_OFFSET = 16  # u64, written once by the host
 # FEATURE_MMAP_LEASES, in the entry's reserved bytes: the mmap tier of this peer's link, per
-# direction, for inspection. The sender of a direction stores its mapping count and bytes; leases
+# direction, for inspection. The sender of a direction stores its mapping count and size; leases
 # are +1 per payload sent and -1 when the receiver releases it.
 PEER_G2H_MAPPINGS = 24  # u32, written by the guest
 PEER_H2G_MAPPINGS = 28  # u32, written by the host
 PEER_G2H_LEASES = 32  # AtomicU32
 PEER_H2G_LEASES = 36  # AtomicU32
-PEER_G2H_MAPPED_BYTES = 40  # u64, written by the guest
-PEER_H2G_MAPPED_BYTES = 48  # u64, written by the host
-PEER_EXT_END = 56
+PEER_G2H_MAPPED_KIB = 40  # u32, written by the guest: KiB mapped
+PEER_H2G_MAPPED_KIB = 44  # u32, written by the host: KiB mapped
+# FEATURE_POOL_JOURNAL: while a guest pops or frees a slot it records it here, so the host's
+# recovery can finish the operation if the guest dies between its two halves (docs/deviations.md).
+PEER_POOL_OP = 48  # AtomicU64: op << 56 | class_idx << 32 | global slot index (0 = none)
+PEER_POOL_OP_GEN = 56  # u32: the slot's generation when the operation began
+PEER_EXT_END = 64
+POOL_OP_NONE = 0
+POOL_OP_POP = 1
+POOL_OP_FREE = 2
 
 PEER_EMPTY = 0
 PEER_ATTACHED = 1

@@ -194,8 +194,8 @@ class Link:
         if control is not None and segment.features & L.FEATURE_MMAP_LEASES:
             self._maps_tx, self._maps_rx = MapSender(control), MapReceiver(control)
         entry = segment.layout.peer_entry_offset(peer_id)
-        tx_fields = (L.PEER_H2G_MAPPINGS, L.PEER_H2G_MAPPED_BYTES, L.PEER_H2G_LEASES)
-        rx_fields = (L.PEER_G2H_MAPPINGS, L.PEER_G2H_MAPPED_BYTES, L.PEER_G2H_LEASES)
+        tx_fields = (L.PEER_H2G_MAPPINGS, L.PEER_H2G_MAPPED_KIB, L.PEER_H2G_LEASES)
+        rx_fields = (L.PEER_G2H_MAPPINGS, L.PEER_G2H_MAPPED_KIB, L.PEER_G2H_LEASES)
         if side == GUEST:
             tx_fields, rx_fields = rx_fields, tx_fields
         self._tx_counters = tuple(entry + f for f in tx_fields)  # for inspect (FEATURE_MMAP_LEASES)
@@ -298,7 +298,9 @@ class Link:
                 if r is not None and r is not False:
                     return r
         while True:
-            self._check()
+            r = self._check_waiting(attempt, producer)
+            if r is not None and r is not False:
+                return r
             rem = _remaining(deadline)
             if rem is not None and rem <= 0:
                 raise ShmTimeout("timed out")
@@ -310,7 +312,9 @@ class Link:
                 r = attempt()  # re-check after announcing (no lost wakeup)
                 if r is not None and r is not False:
                     return r
-                self._check()
+                r = self._check_waiting(attempt, producer)
+                if r is not None and r is not False:
+                    return r
                 try:
                     self._waiter.sleep(rem, token)
                 except PeerDead as e:
@@ -320,6 +324,21 @@ class Link:
             r = attempt()
             if r is not None and r is not False:
                 return r
+
+    def _check_waiting(self, attempt, producer: bool):
+        """_check() inside a wait. A receiver that finds the peer gone looks once more before it
+        raises: the peer may have committed frames after this thread's last look and then died
+        (or said goodbye); it can write nothing more, so one more look sees all it left, and recv
+        delivers that before PeerDead / HostGone. Returns attempt()'s result, or None."""
+        try:
+            self._check()
+        except (PeerDead, HostGone):
+            if not producer:
+                r = attempt()
+                if r is not None and r is not False:
+                    return r
+            raise
+        return None
 
     @staticmethod
     def _lock(lock: threading.Lock, deadline: Optional[float]) -> None:
@@ -461,10 +480,10 @@ class Link:
                 self._pool.write_payload(c, s, mv, e)
                 sent = tx.write_slot_ref(c, e, s, gen)
             except BaseException:
-                self._pool.free_if_current(c, e, s, gen)
+                self._pool.free_if_current(c, e, s, gen, self._owner)
                 raise
             if not sent:
-                self._pool.free_if_current(c, e, s, gen)
+                self._pool.free_if_current(c, e, s, gen, self._owner)
                 return "ring"
             self.stats.sent_slot += 1
             self.stats.sent_bytes_slot += n
@@ -511,7 +530,7 @@ class Link:
                 self._wait(lambda: tx.write_slot_ref(c, e, s, gen), tx, True, deadline,
                            lambda b: tx.spin_room(L.SLOT_REF_FRAME_SIZE, b))
         except BaseException:
-            self._pool.free_if_current(c, e, s, gen)  # never committed: still ours to free
+            self._pool.free_if_current(c, e, s, gen, self._owner)  # never committed: still ours to free
             raise
         self.stats.sent_slot += 1
         self.stats.sent_bytes_slot += n
@@ -537,11 +556,11 @@ class Link:
 
     def _count_lease(self, m: Mapping, delta: int) -> None:
         """Take (+1) or give back (-1) a sender's lease on m, keeping the inspect counters current."""
-        region, (maps_off, bytes_off, leases_off) = self.segment.region, self._tx_counters
+        region, (maps_off, kib_off, leases_off) = self.segment.region, self._tx_counters
         if delta > 0:
             maps = self._maps_tx.maps
             region.store_u32(maps_off, len(maps))
-            region.store_u64(bytes_off, sum(x.size for x in maps))
+            region.store_u32(kib_off, min(0xFFFFFFFF, sum(x.size for x in maps) >> 10))
             region.fetch_add_u32(leases_off, 1)
             m.add_lease()
         else:
@@ -587,7 +606,7 @@ class Link:
                 ref = self._wait(lambda: self._alloc_or_grow(need), self._tx, True, deadline, None, SLOT_WAIT_SLICE)
             c, e, s, gen = ref
             region, off = self._pool.payload_span(c, s, e)
-            buf = Message(region, off, nbytes, "slot", lambda: self._pool.free_if_current(c, e, s, gen), True)
+            buf = Message(region, off, nbytes, "slot", lambda: self._pool.free_if_current(c, e, s, gen, self._owner), True)
             buf.token = (self, ref)
             return buf
         self._lock(self._tx_lock, deadline)  # the mapping list is the sender's
@@ -696,7 +715,7 @@ class Link:
     def _free_slot(self, c: int, e: int, s: int, gen: int) -> None:
         if self.segment.closed:
             return  # this process closed the segment: nothing to give back (host recovery reclaims)
-        self._pool.free_if_current(c, e, s, gen)
+        self._pool.free_if_current(c, e, s, gen, self._owner)
         if not self._closed and not self._dead and self.doorbell is not None:
             # The producer may sleep waiting for a slot (trap 27).
             if not self._elide or self._rx.claim_peer_waiting(True):

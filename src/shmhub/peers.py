@@ -93,9 +93,8 @@ class PeerTable:
     def mmap_counters(self, peer_id: int) -> dict:
         """The FEATURE_MMAP_LEASES counters of a peer's link, per direction."""
         u32 = lambda f: self._region.load_u32(self._off(peer_id, f))  # noqa: E731
-        u64 = lambda f: self._region.load_u64(self._off(peer_id, f))  # noqa: E731
-        return {"g2h": {"mappings": u32(L.PEER_G2H_MAPPINGS), "mapped_bytes": u64(L.PEER_G2H_MAPPED_BYTES), "leases": u32(L.PEER_G2H_LEASES)},
-                "h2g": {"mappings": u32(L.PEER_H2G_MAPPINGS), "mapped_bytes": u64(L.PEER_H2G_MAPPED_BYTES), "leases": u32(L.PEER_H2G_LEASES)}}
+        return {"g2h": {"mappings": u32(L.PEER_G2H_MAPPINGS), "mapped_bytes": u32(L.PEER_G2H_MAPPED_KIB) << 10, "leases": u32(L.PEER_G2H_LEASES)},
+                "h2g": {"mappings": u32(L.PEER_H2G_MAPPINGS), "mapped_bytes": u32(L.PEER_H2G_MAPPED_KIB) << 10, "leases": u32(L.PEER_H2G_LEASES)}}
 
     def state_name(self, peer_id: int) -> str:
         return STATE_NAMES.get(self._region.load_u32(self._off(peer_id, L.PEER_STATE)), "Unknown")

@@ -219,7 +219,7 @@ class Segment:
             heartbeat_interval_ns=u64(L.HDR_HEARTBEAT_INTERVAL),
             size_classes=tuple(classes),
         )
-        self.pool = open_pool(r, lay)
+        self.pool = open_pool(r, lay, bool(self.features & L.FEATURE_POOL_JOURNAL))
         self.peers = PeerTable(r, lay)
         self.refresh_extents()
 

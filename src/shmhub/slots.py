@@ -14,10 +14,12 @@ class SlotRef(NamedTuple):
     generation: int
 
 
-def open_pool(region: Region, layout: L.Layout) -> SlotPool:
-    """The native pool over the classes of `layout` (ranges checked against the mapping)."""
+def open_pool(region: Region, layout: L.Layout, journal: bool = False) -> SlotPool:
+    """The native pool over the classes of `layout` (ranges checked against the mapping).
+    `journal`: guests record free-list operations in their peer entries (FEATURE_POOL_JOURNAL)."""
+    journals = (layout.peer_table_offset, layout.max_guests) if journal else None
     return SlotPool(region, [(c.slot_size, c.slot_count, c.header_offset, c.meta_offset, c.data_offset, c.max_extents)
-                             for c in layout.classes])
+                             for c in layout.classes], journals)
 
 
 def pool_stats(pool: SlotPool) -> list[dict]:

@@ -43,7 +43,8 @@ def entry(seg, peer_id):
     u64 = lambda o: int.from_bytes(raw[o:o + 8], "little")  # noqa: E731
     # bytes 24..56 carry a link's mmap-tier counters (FEATURE_MMAP_LEASES): only links write
     # them, never the peer table, and no link exists in these tests
-    assert raw[L.PEER_G2H_MAPPINGS:L.PEER_EXT_END] == bytes(32), "the peer table must not write the mmap-tier counters"
+    ext = L.PEER_EXT_END - L.PEER_G2H_MAPPINGS
+    assert raw[L.PEER_G2H_MAPPINGS:L.PEER_EXT_END] == bytes(ext), "the peer table must not write the mmap counters or the pool journal"
     assert raw[L.PEER_EXT_END:] == bytes(L.PEER_ENTRY_SIZE - L.PEER_EXT_END), "reserved bytes of a peer entry must stay zero"
     return u32(0), u32(4), u64(8), u64(16)
 
@@ -137,8 +138,8 @@ def test_detach_and_reset_cycle(seg, peers):
 
 
 def test_reset_zeroes_the_mmap_counters_and_nothing_else(seg, peers):
-    # docs/extensions.md bit 1: recovery of a peer zeroes bytes 24..56 of its entry; the
-    # still-reserved bytes 56..64, the ring offset, the epoch and the neighbours are left alone
+    # docs/extensions.md bits 1 and 3: recovery of a peer zeroes bytes 24..64 of its entry (mmap
+    # counters and pool journal); the ring offset, the epoch and the neighbours are left alone
     p = peers.attach()
     base = seg.layout.peer_entry_offset(p)
     r = seg.region
@@ -146,16 +147,18 @@ def test_reset_zeroes_the_mmap_counters_and_nothing_else(seg, peers):
     r.store_u32(base + L.PEER_H2G_MAPPINGS, 4)
     r.store_u32(base + L.PEER_G2H_LEASES, 5)
     r.store_u32(base + L.PEER_H2G_LEASES, 6)
-    r.store_u64(base + L.PEER_G2H_MAPPED_BYTES, 7 << 32)
-    r.store_u64(base + L.PEER_H2G_MAPPED_BYTES, 8)
-    assert peers.mmap_counters(p) == {"g2h": {"mappings": 3, "mapped_bytes": 7 << 32, "leases": 5},
-                                      "h2g": {"mappings": 4, "mapped_bytes": 8, "leases": 6}}
+    r.store_u32(base + L.PEER_G2H_MAPPED_KIB, 7 << 20)
+    r.store_u32(base + L.PEER_H2G_MAPPED_KIB, 8)
+    r.store_u64(base + L.PEER_POOL_OP, (L.POOL_OP_POP << 56) | 5)
+    r.store_u32(base + L.PEER_POOL_OP_GEN, 9)
+    assert peers.mmap_counters(p) == {"g2h": {"mappings": 3, "mapped_bytes": 7 << 30, "leases": 5},
+                                      "h2g": {"mappings": 4, "mapped_bytes": 8 << 10, "leases": 6}}
     r.write(base + L.PEER_EXT_END, b"\xee" * (L.PEER_ENTRY_SIZE - L.PEER_EXT_END))
     others = [r.read(seg.layout.peer_entry_offset(q), L.PEER_ENTRY_SIZE) for q in range(1, GUESTS + 1) if q != p]
     peers.detach(p)
     peers.reset(p)
     raw = r.read(base, L.PEER_ENTRY_SIZE)
-    assert raw[L.PEER_G2H_MAPPINGS:L.PEER_EXT_END] == bytes(32)
+    assert raw[L.PEER_G2H_MAPPINGS:L.PEER_EXT_END] == bytes(L.PEER_EXT_END - L.PEER_G2H_MAPPINGS)
     assert raw[L.PEER_EXT_END:] == b"\xee" * (L.PEER_ENTRY_SIZE - L.PEER_EXT_END)
     assert peers.mmap_counters(p) == {"g2h": {"mappings": 0, "mapped_bytes": 0, "leases": 0},
                                       "h2g": {"mappings": 0, "mapped_bytes": 0, "leases": 0}}

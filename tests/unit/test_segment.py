@@ -80,8 +80,8 @@ SMALL_GROW = SegmentConfig(max_guests=2, bipbuf_capacity=64, size_classes=((64, 
 
 
 def test_known_feature_bits():
-    assert L.KNOWN_FEATURES == L.FEATURE_WAITER_FLAGS | L.FEATURE_MMAP_LEASES | L.FEATURE_EXTENTS == 0x7
-    assert not (1 << 3) & L.KNOWN_FEATURES  # what the "unknown feature bit" cases below rely on
+    assert L.KNOWN_FEATURES == L.FEATURE_WAITER_FLAGS | L.FEATURE_MMAP_LEASES | L.FEATURE_EXTENTS | L.FEATURE_POOL_JOURNAL == 0xF
+    assert not (1 << 4) & L.KNOWN_FEATURES  # what the "unknown feature bit" cases below rely on
 
 
 def test_create_features_zero_is_plain_v7(shm_path):
@@ -111,14 +111,15 @@ def test_create_with_extents_writes_class_fields():
         assert seg.region.read(h1 + L.CLS_EXTENT_OFFSETS, L.CLASS_HEADER_SIZE - L.CLS_EXTENT_OFFSETS) == bytes(40)
 
 
-@pytest.mark.parametrize("features", [1 << 3, 1 << 31, L.KNOWN_FEATURES | 1 << 3])
+@pytest.mark.parametrize("features", [1 << 4, 1 << 31, L.KNOWN_FEATURES | 1 << 4])
 def test_create_rejects_unknown_feature_bits(shm_path, features):
     with pytest.raises(ConfigError):
         Segment.create(SMALL, path=shm_path, features=features)
     assert not os.path.exists(shm_path)
 
 
-@pytest.mark.parametrize("features", [0, L.FEATURE_WAITER_FLAGS, L.FEATURE_MMAP_LEASES, L.FEATURE_EXTENTS, L.KNOWN_FEATURES])
+@pytest.mark.parametrize("features", [0, L.FEATURE_WAITER_FLAGS, L.FEATURE_MMAP_LEASES, L.FEATURE_EXTENTS,
+                                      L.FEATURE_POOL_JOURNAL, L.KNOWN_FEATURES])
 def test_known_feature_bits_attach(tmp_path, features):
     path = str(tmp_path / "seg")
     Segment.create(SMALL_GROW, path=path, features=features).close()
@@ -581,8 +582,8 @@ CORRUPTIONS = {
     "header_size 256": (_u32(L.HDR_HEADER_SIZE, 256), UnsupportedVersion),
     "header_size 0": (_u32(L.HDR_HEADER_SIZE, 0), UnsupportedVersion),
     # bits 0-2 are our documented extensions (docs/extensions.md); bit 3 is the first unknown one
-    "feature bit 3": (_u32(L.HDR_FEATURES, 1 << 3), UnsupportedVersion),
-    "feature bit 3 with the known ones": (_u32(L.HDR_FEATURES, L.KNOWN_FEATURES | 1 << 3), UnsupportedVersion),
+    "feature bit 4": (_u32(L.HDR_FEATURES, 1 << 4), UnsupportedVersion),
+    "feature bit 4 with the known ones": (_u32(L.HDR_FEATURES, L.KNOWN_FEATURES | 1 << 4), UnsupportedVersion),
     "feature bit 31": (_u32(L.HDR_FEATURES, 1 << 31), UnsupportedVersion),
     # offsets and sizes
     "var_pool_offset = total_size": (_u64(L.HDR_VAR_POOL_OFFSET, CLAY.total_size), SegmentCorrupted),
@@ -666,7 +667,7 @@ def _make_corrupt(tmp_path, patch):
 # Attached also by fd and read-only (the same validation must run whatever the way in).
 OTHER_WAYS = [
     "empty file", "100 bytes", "header only", "cut in pool data", "magic garbage", "version 8",
-    "feature bit 3", "var_pool_offset near 2^64", "total_size > file", "zero classes",
+    "feature bit 4", "var_pool_offset near 2^64", "total_size > file", "zero classes",
     "slot class beyond any mapping", "h2g capacity disagrees", "peer ring_offset disagrees",
     "max_guests 256",
 ]

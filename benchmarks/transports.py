@@ -245,8 +245,9 @@ class Iceoryx2(Transport):
 
     def close(self):
         # delete every port, then the node, so iceoryx2 leaves nothing in /dev/shm
-        for port in (self.pub, self.sub, self.notifier, self.listener, self.node):
+        for port in (self.pub, self.sub, self.notifier, self.listener):
             port.delete()
+        del self.node
 
 
 class Shmhub(Transport):

@@ -647,8 +647,8 @@ class Link:
                 self.stats.sent_bytes_slot += n
             else:
                 m = ref
-                region, (maps_off, bytes_off, leases_off) = self.segment.region, self._tx_counters
-                region.fetch_add_u32(leases_off, 1)
+                region, leases_off = self.segment.region, self._tx_counters[2]
+                region.fetch_add_u32(leases_off, 1)  # the inspect counter; the mapping's lease came with reserve()
                 if not tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n):
                     self.stats.ring_full_waits += 1
                     try:

@@ -302,7 +302,8 @@ def available() -> dict:
 
 
 def pin(cpu: int) -> None:
-    """Pin this process to one CPU (each side of a pair gets its own core)."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) >= 2:
-        os.sched_setaffinity(0, {cpus[cpu % len(cpus)]})
+    """Pin this process to one CPU (each side of a pair gets its own core). Uses the machine's CPU
+    count, not the inherited affinity: a child of a pinned parent starts pinned to the parent's core."""
+    n = os.cpu_count() or 1
+    if n >= 2:
+        os.sched_setaffinity(0, {cpu % n})

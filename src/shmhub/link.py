@@ -867,7 +867,8 @@ class Link:
     def recv_many(self, max_count: int, timeout: Optional[float] = None) -> list:
         """Wait (up to timeout) for at least one message, then return up to max_count without
         waiting more. Inline payloads come as bytes, slot and mmap payloads as Messages (both
-        expose the buffer protocol and len())."""
+        expose the buffer protocol and len()). Messages hold their shared memory until released:
+        drop a batch before asking for the next, or the sender may run out of slots."""
         if max_count < 1:
             raise ValueError("max_count must be at least 1")
         deadline = _deadline(timeout)

@@ -141,7 +141,7 @@ class Zmq(Transport):
         (self.sock.bind if side == "a" else self.sock.connect)(self.addr)
 
     def send(self, data):
-        self.sock.send(data, copy=len(data) < 65536)
+        self.sock.send(data, copy=True)  # copy=False would race the sender's reuse of its buffer
 
     def recv(self):
         return self.sock.recv(copy=True)
@@ -262,7 +262,8 @@ class Shmhub(Transport):
         self.link.send(data)
 
     def recv(self):
-        return self.link.recv_bytes()
+        # zero copy: a view of the Message (slot or mapping); dropping it releases the memory
+        return memoryview(self.link.recv())
 
     def poll(self):
         return self.link.try_recv_bytes()

@@ -78,6 +78,7 @@ cdef extern from "_layout.h":
     const unsigned long long SHMHUB_PEER_ENTRY_SIZE, SHMHUB_PEER_POOL_OP, SHMHUB_PEER_POOL_OP_GEN
     const unsigned long long SHMHUB_POOL_OP_NONE, SHMHUB_POOL_OP_POP, SHMHUB_POOL_OP_FREE
     enum: SHMHUB_MAX_EXTENTS
+    const unsigned long long SHMHUB_HDR_HOST_GOODBYE
 
 DEF GIL_FREE_COPY = 1 << 20  # copies at least this large run without the GIL
 
@@ -1393,6 +1394,7 @@ cdef class Message:
     cdef readonly bint writable
     cdef public object token  # what the link needs to send a reserved buffer
     cdef SlotPool slot_pool  # set by recv_next: the slot is freed natively on release
+    cdef Ring wake_ring  # with slot_pool: on_release() runs only if this ring's producer waits (claimed here)
     cdef int sc, se
     cdef uint32_t ss, sgen, sby
 
@@ -1480,9 +1482,13 @@ cdef class Message:
         owner = self.owner
         self.owner = None
         pool, self.slot_pool = self.slot_pool, None
+        wake, self.wake_ring = self.wake_ring, None
         try:
             if pool is not None and not (<SlotPool>pool).region.closed:
                 (<SlotPool>pool).c_free(self.sc, self.se, self.ss, self.sgen, False, self.sby)
+                # The producer may sleep waiting for a slot (trap 27): claim its flag, then ring.
+                if wake is not None and (wake.region.closed or not wake.region.writable or not wake.c_waiting(True)):
+                    cb = None
             if cb is not None:
                 cb()
         finally:
@@ -1514,52 +1520,63 @@ cdef class Message:
 # Fused hot paths over a ring and the pool (one call per message from the link)
 # ---------------------------------------------------------------------------------------------
 
-def send_slot(Ring ring, SlotPool pool, payload, uint32_t owner, bint check_waiter):
+cdef int c_send_slot(Ring ring, SlotPool pool, const char* buf, Py_ssize_t n, uint32_t owner) except -3:
     """One payload by slot reference: room in the ring is checked first, so nothing is held on
-    failure. Returns -1 (ring full), -2 (pool exhausted), else 1 when the consumer announced it
-    sleeps and 0 otherwise. NeedExtent if the free slot is in an extent not mapped here yet."""
-    cdef Py_buffer b
+    failure. -1 ring full, -2 pool exhausted, 0 sent. NeedExtent if the free slot is in an extent
+    not mapped here yet (nothing taken)."""
     cdef long long r = -1
     cdef int c
     cdef uint32_t idx, s, gen
     cdef int e
     cdef char* p
     cdef Py_ssize_t off
+    ring.wlive()
+    if not ring.c_room(SHMHUB_SLOT_REF_FRAME_SIZE):
+        return -1
+    for c in range(pool.num_classes):
+        if <Py_ssize_t>pool.cls[c].slot_size - <Py_ssize_t>SHMHUB_SLOT_LEN_PREFIX < n:
+            continue
+        r = pool.pop(c, owner)
+        if r >= 0:
+            break
+    if r < 0:
+        return -2
+    idx = <uint32_t>(r & 0xFFFFFFFF)
+    gen = <uint32_t>(r >> 32)
+    e = idx / pool.cls[c].slot_count
+    s = idx % pool.cls[c].slot_count
+    p = pool.slot_data(c, e, s)
+    shm_put_u32(p, <uint32_t>n)
+    memcpy(p + SHMHUB_SLOT_LEN_PREFIX, buf, n)
+    off = ring.c_grant(SHMHUB_SLOT_REF_FRAME_SIZE)
+    if off < 0:  # cannot happen: room was checked and this side is the only producer
+        pool.c_free(c, e, s, gen, False, owner)
+        return -1
+    put_slot_ref(ring.data + off, c, e, s, gen)
+    ring.c_commit(SHMHUB_SLOT_REF_FRAME_SIZE)
+    return 0
+
+
+def send_slot(Ring ring, SlotPool pool, payload, uint32_t owner, bint check_waiter):
+    """c_send_slot for Python: -1 (ring full), -2 (pool exhausted), else 1 when the consumer
+    announced it sleeps and 0 otherwise."""
+    cdef Py_buffer b
+    cdef int r
     PyObject_GetBuffer(payload, &b, PyBUF_SIMPLE)
     try:
-        ring.wlive()
-        if not ring.c_room(SHMHUB_SLOT_REF_FRAME_SIZE):
-            return -1
-        for c in range(pool.num_classes):
-            if <Py_ssize_t>pool.cls[c].slot_size - <Py_ssize_t>SHMHUB_SLOT_LEN_PREFIX < b.len:
-                continue
-            r = pool.pop(c, owner)
-            if r >= 0:
-                break
-        if r < 0:
-            return -2
-        idx = <uint32_t>(r & 0xFFFFFFFF)
-        gen = <uint32_t>(r >> 32)
-        e = idx / pool.cls[c].slot_count
-        s = idx % pool.cls[c].slot_count
-        p = pool.slot_data(c, e, s)
-        shm_put_u32(p, <uint32_t>b.len)
-        memcpy(p + SHMHUB_SLOT_LEN_PREFIX, b.buf, b.len)
-        off = ring.c_grant(SHMHUB_SLOT_REF_FRAME_SIZE)
-        if off < 0:  # cannot happen: room was checked and this side is the only producer
-            pool.c_free(c, e, s, gen, False, owner)
-            return -1
-        put_slot_ref(ring.data + off, c, e, s, gen)
-        ring.c_commit(SHMHUB_SLOT_REF_FRAME_SIZE)
-        return 1 if check_waiter and ring.c_waiting(False) else 0
+        r = c_send_slot(ring, pool, <const char*>b.buf, b.len, owner)
     finally:
         PyBuffer_Release(&b)
+    if r < 0:
+        return r
+    return 1 if check_waiter and ring.c_waiting(False) else 0
 
 
-def recv_next(Ring ring, SlotPool pool, uint32_t owner, bint check_waiter, on_release):
+cdef object c_recv_next(Ring ring, SlotPool pool, uint32_t owner, bint check_waiter, on_release):
     """The next message: bytes (inline, released), a Message (slot: owned by `owner` before the ring
-    bytes are released, freed natively on release, then on_release() is called), None when empty, or
-    an mmap-ref frame tuple (not released). Sets ring.producer_waiting like recv_inline."""
+    bytes are released, freed natively on release, then on_release() is called if the producer
+    waits for a slot -- always without check_waiter), None when empty, or an mmap-ref frame tuple
+    (not released). Sets ring.producer_waiting like recv_inline."""
     cdef Py_ssize_t start = 0
     cdef Py_ssize_t n = ring.c_readable(&start)
     cdef const char* p
@@ -1595,8 +1612,312 @@ def recv_next(Ring ring, SlotPool pool, uint32_t owner, bint check_waiter, on_re
     msg.length = length
     msg.tier = "slot"
     msg.on_release = on_release
+    msg.wake_ring = ring if check_waiter else None
     msg.slot_pool = pool
     msg.sc, msg.se, msg.ss, msg.sgen, msg.sby = c, e, s, gen, owner
     ring.c_release(total)
     ring.producer_waiting = check_waiter and ring.c_waiting(True)
     return msg
+
+
+def recv_next(Ring ring, SlotPool pool, uint32_t owner, bint check_waiter, on_release):
+    """c_recv_next for Python."""
+    return c_recv_next(ring, pool, owner, check_waiter, on_release)
+
+
+# ---------------------------------------------------------------------------------------------
+# The link's per-message fast path. Link (link.py) subclasses LinkCore: the common case -- room in
+# the ring, a message already there or arriving within the spin window -- is one C call; anything
+# else (waiting, the mmap tier, errors, closed or dead links) goes to the Python methods
+# _send_slow / _poll_slow / _recv / _try_recv, which hold the policy.
+# ---------------------------------------------------------------------------------------------
+
+cdef extern from "pythread.h":
+    ctypedef void* PyThread_type_lock
+    ctypedef enum PyLockStatus:
+        PY_LOCK_FAILURE, PY_LOCK_ACQUIRED, PY_LOCK_INTR
+    PyThread_type_lock PyThread_allocate_lock()
+    void PyThread_free_lock(PyThread_type_lock)
+    PyLockStatus PyThread_acquire_lock_timed(PyThread_type_lock, long long microseconds, int intr_flag) nogil
+    void PyThread_release_lock(PyThread_type_lock) nogil
+
+from cpython.exc cimport PyErr_CheckSignals
+
+DEF LOCK_SLICE_US = 50000  # a blocked acquire wakes this often to run signal handlers
+
+
+cdef class FastLock:
+    """A mutex with threading.Lock's interface whose uncontended acquire and release cost no
+    Python call from the core. Blocking acquires release the GIL."""
+    cdef PyThread_type_lock lk
+    cdef bint held
+
+    def __cinit__(self):
+        self.lk = PyThread_allocate_lock()
+        if self.lk == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        if self.lk != NULL:
+            if self.held:
+                PyThread_release_lock(self.lk)
+            PyThread_free_lock(self.lk)
+
+    cdef inline bint c_try(self) noexcept:
+        if PyThread_acquire_lock_timed(self.lk, 0, 0) == PY_LOCK_ACQUIRED:
+            self.held = True
+            return True
+        return False
+
+    cdef inline void c_release(self) noexcept:
+        self.held = False
+        PyThread_release_lock(self.lk)
+
+    def acquire(self, bint blocking=True, double timeout=-1):
+        """True once acquired; False if not blocking, or timeout (seconds, -1: none) passed."""
+        cdef int64_t deadline = 0
+        cdef long long us
+        cdef PyLockStatus r
+        if self.c_try():
+            return True
+        if not blocking:
+            if timeout != -1:
+                raise ValueError("can't specify a timeout for a non-blocking call")
+            return False
+        if timeout < 0 and timeout != -1:
+            raise ValueError("timeout value must be a non-negative number")
+        if timeout >= 0:
+            deadline = now_ns() + <int64_t>(timeout * 1e9)
+        while True:
+            us = LOCK_SLICE_US
+            if timeout >= 0:
+                us = min(us, max(0, (deadline - now_ns()) // 1000))
+            with nogil:
+                r = PyThread_acquire_lock_timed(self.lk, us, 0)
+            if r == PY_LOCK_ACQUIRED:
+                self.held = True
+                return True
+            PyErr_CheckSignals()
+            if timeout >= 0 and now_ns() >= deadline:
+                return False
+
+    def release(self):
+        if not self.held:
+            raise RuntimeError("release unlocked lock")
+        self.c_release()
+
+    def locked(self):
+        if self.c_try():
+            self.c_release()
+            return False
+        return True
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.c_release()
+
+
+cdef class LinkStats:
+    """Counters of one link end (this process's view)."""
+    cdef public unsigned long long sent_inline, sent_slot, sent_mmap
+    cdef public unsigned long long sent_bytes_inline, sent_bytes_slot, sent_bytes_mmap
+    cdef public unsigned long long recv_inline, recv_slot, recv_mmap
+    cdef public unsigned long long recv_bytes_inline, recv_bytes_slot, recv_bytes_mmap
+    cdef public unsigned long long ring_full_waits, slot_exhaustion_waits, mapping_waits, recv_waits
+    cdef public unsigned long long doorbells_rung, doorbells_elided
+
+    FIELDS = ("sent_inline", "sent_slot", "sent_mmap", "sent_bytes_inline", "sent_bytes_slot", "sent_bytes_mmap",
+              "recv_inline", "recv_slot", "recv_mmap", "recv_bytes_inline", "recv_bytes_slot", "recv_bytes_mmap",
+              "ring_full_waits", "slot_exhaustion_waits", "mapping_waits", "recv_waits",
+              "doorbells_rung", "doorbells_elided")
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in LinkStats.FIELDS}
+
+    def __eq__(self, other):
+        return isinstance(other, LinkStats) and self.as_dict() == other.as_dict()
+
+    def __repr__(self):
+        return "LinkStats(" + ", ".join(f"{k}={v}" for k, v in self.as_dict().items()) + ")"
+
+
+cdef object SLOW = object()  # the fast path cannot decide: the Python slow path takes over
+
+
+cdef class LinkCore:
+    """The compiled half of Link: per-direction locks, counters and the fast paths of send, recv,
+    recv_bytes, try_recv and try_recv_bytes. Link's __init__ fills the fields."""
+    cdef public Ring _tx, _rx
+    cdef public SlotPool _pool
+    cdef public uint32_t _owner
+    cdef public bint _ok  # not closed, dead or corrupted: the fast paths check only this
+    cdef public bint _elide  # FEATURE_WAITER_FLAGS with a doorbell: ring only a peer that sleeps
+    cdef public bint _has_bell
+    cdef public bint _watched  # fileno() was called: empty polls re-arm in Python
+    cdef public bint _is_guest
+    cdef public Region _hdr  # the segment header, for host_goodbye
+    cdef public Py_ssize_t _inline_max, _fast_max
+    cdef public int64_t spin_ns
+    cdef public FastLock _tx_lock, _rx_lock
+    cdef public LinkStats stats
+    cdef public object _on_slot_free  # the bound _slot_freed, made once
+    cdef public object _backlog  # frames taken out of the ring (drain_into_backlog) come first
+
+    # -- send ----------------------------------------------------------------------------
+
+    def send(self, data, timeout=None):
+        """Send a bytes-like object. Blocks (spin, then sleep) while the ring or pool is full."""
+        cdef Py_buffer b
+        cdef const char* p
+        cdef Py_ssize_t n
+        cdef int r = -1
+        cdef bint wake = False, view = False
+        if not self._ok:
+            return self._send_slow(data, timeout)
+        if type(data) is bytes:
+            p = PyBytes_AS_STRING(data)
+            n = len(<bytes>data)
+        else:
+            try:
+                PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
+            except (BufferError, TypeError, ValueError):
+                return self._send_slow(data, timeout)  # non-contiguous, released, ...: it says why
+            view = True
+            p = <const char*>b.buf
+            n = b.len
+        try:
+            if n <= self._fast_max and self._tx_lock.c_try():
+                try:
+                    if n <= self._inline_max:
+                        r = self._tx.c_put_inline(p, n)
+                    else:
+                        try:
+                            r = c_send_slot(self._tx, self._pool, p, n, self._owner)
+                        except NeedExtent:
+                            r = -1  # the slow path maps the extent
+                    if r >= 0 and self._elide:
+                        wake = self._tx.c_waiting(False)
+                finally:
+                    self._tx_lock.c_release()
+        finally:
+            if view:
+                PyBuffer_Release(&b)
+        if r < 0:
+            return self._send_slow(data, timeout)
+        st = self.stats
+        if n <= self._inline_max:
+            st.sent_inline += 1
+            st.sent_bytes_inline += n
+        else:
+            st.sent_slot += 1
+            st.sent_bytes_slot += n
+        if wake or (self._has_bell and not self._elide):
+            self._ring()
+        elif self._has_bell:
+            st.doorbells_elided += 1
+
+    # -- receive -------------------------------------------------------------------------
+
+    cdef object c_poll(self, bint as_bytes):
+        """One message if there is one (rx lock held): bytes or a Message, None when empty, SLOW
+        for what the Python side handles (backlog, closed or dead links, mmap refs, new extents,
+        corruption -- those frames are left in the ring and read again there)."""
+        cdef Ring rx = self._rx
+        cdef Message m
+        if not self._ok or self._backlog:
+            return SLOW
+        try:
+            r = c_recv_next(rx, self._pool, self._owner, self._elide, self._on_slot_free)
+        except Exception:
+            return SLOW
+        if r is None:
+            return None
+        st = self.stats
+        if type(r) is bytes:
+            st.recv_inline += 1
+            st.recv_bytes_inline += len(<bytes>r)
+            if not as_bytes:
+                m = Message.__new__(Message)
+                m.owner = r
+                m.ptr = PyBytes_AS_STRING(r)
+                m.length = len(<bytes>r)
+                m.tier = "inline"
+                r = m
+        elif type(r) is Message:
+            m = <Message>r
+            st.recv_slot += 1
+            st.recv_bytes_slot += m.length
+            if as_bytes:
+                r = PyBytes_FromStringAndSize(m.ptr, m.length)
+                m._finish()
+        else:
+            return SLOW  # an mmap ref: not consumed
+        if rx.producer_waiting or (self._has_bell and not self._elide):  # a producer may wait for space (trap 27)
+            self._ring()
+        elif self._has_bell:
+            st.doorbells_elided += 1
+        return r
+
+    def _poll_locked(self, bint as_bytes=False):
+        """One message if there is one (rx lock held): a Message, or bytes when as_bytes; None if empty."""
+        r = self.c_poll(as_bytes)
+        return self._poll_slow(as_bytes) if r is SLOW else r
+
+    cdef inline bint c_goodbye(self) noexcept:
+        return self._is_guest and not self._hdr.closed and shm_load32(self._hdr.base + SHMHUB_HDR_HOST_GOODBYE, SHM_ACQUIRE) != 0
+
+    cdef object c_try_recv(self, bint as_bytes):
+        r = SLOW
+        if self._rx_lock.c_try():
+            try:
+                r = self.c_poll(as_bytes)
+            finally:
+                self._rx_lock.c_release()
+        if r is SLOW or (r is None and (self._watched or self.c_goodbye())):
+            return self._try_recv(as_bytes)
+        return r
+
+    def try_recv(self):
+        """The next message if one is there now, else None (raises if the link is gone and empty)."""
+        return self.c_try_recv(False)
+
+    def try_recv_bytes(self):
+        """try_recv(), copied into bytes (for busy-polling loops)."""
+        return self.c_try_recv(True)
+
+    cdef object c_recv(self, timeout, bint as_bytes):
+        cdef int64_t t0 = 0, budget = self.spin_ns
+        r = SLOW
+        if timeout is not None:
+            if timeout < 0:
+                raise ValueError("timeout must be >= 0 or None")
+            budget = min(budget, <int64_t>(timeout * 1e9))
+        if self._rx_lock.c_try():
+            try:
+                r = self.c_poll(as_bytes)
+                if r is None and budget > 0:
+                    t0 = now_ns()
+                    # GIL released; the rx lock stays ours. A Ring subclass (test instrumentation)
+                    # keeps its own spin_readable.
+                    spun = self._rx._spin(0, budget) if type(self._rx) is Ring else self._rx.spin_readable(budget)
+                    if spun:
+                        r = self.c_poll(as_bytes)
+            finally:
+                self._rx_lock.c_release()
+        if r is SLOW or r is None:
+            if t0 and timeout is not None:
+                timeout = max(0.0, timeout - (now_ns() - t0) / 1e9)
+            return self._recv(timeout, as_bytes, t0 == 0)  # spun already: the slow path only sleeps
+        return r
+
+    def recv(self, timeout=None):
+        """The next message; blocks (spin, then sleep) up to timeout. Messages already in the ring
+        are delivered before PeerDead / HostGone is raised."""
+        return self.c_recv(timeout, False)
+
+    def recv_bytes(self, timeout=None):
+        """The next message copied into bytes (its shared memory is released at once)."""
+        return self.c_recv(timeout, True)

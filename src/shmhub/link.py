@@ -6,11 +6,10 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
 from typing import Deque, Optional
 
 from . import layout as L
-from ._native import Message, NeedExtent, Ring, recv_next, send_slot
+from ._native import FastLock, LinkCore, LinkStats, Message, NeedExtent, Ring, recv_next, send_slot
 from .bigmap import MapReceiver, MapSender, Mapping
 from .doorbell import Doorbell
 from .errors import (
@@ -39,33 +38,6 @@ POLL_SLICE = 0.0005
 # A thread asleep on the doorbell cannot be interrupted by close() in this process (the peer is the
 # only one who can make the fd readable), so it re-checks the link at least this often.
 CLOSE_CHECK = 0.1
-
-
-@dataclass
-class LinkStats:
-    """Counters of one link end (this process's view)."""
-
-    sent_inline: int = 0
-    sent_slot: int = 0
-    sent_mmap: int = 0
-    sent_bytes_inline: int = 0
-    sent_bytes_slot: int = 0
-    sent_bytes_mmap: int = 0
-    recv_inline: int = 0
-    recv_slot: int = 0
-    recv_mmap: int = 0
-    recv_bytes_inline: int = 0
-    recv_bytes_slot: int = 0
-    recv_bytes_mmap: int = 0
-    ring_full_waits: int = 0
-    slot_exhaustion_waits: int = 0
-    mapping_waits: int = 0
-    recv_waits: int = 0
-    doorbells_rung: int = 0
-    doorbells_elided: int = 0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _as_bytes(msg: Message) -> bytes:
@@ -160,10 +132,12 @@ class _Waiter:
                 pass  # the segment was closed meanwhile: the link is closed
 
 
-class Link:
+class Link(LinkCore):
     """One end of a host-guest pair; the same class on both ends. Thread-safe: one lock per direction.
 
     send() takes any bytes-like object; recv() returns a Message (zero-copy for slot payloads).
+    The per-message fast paths (send, recv, recv_bytes, try_recv, try_recv_bytes) are LinkCore's,
+    in the compiled core; they fall back to the methods here for everything but the common case.
     """
 
     def __init__(self, segment: Segment, peer_id: int, doorbell: Optional[Doorbell], side: str,
@@ -177,6 +151,9 @@ class Link:
         self.doorbell = doorbell
         self.spin_ns = spin_ns
         self.stats = LinkStats()
+        self._hdr = segment.region
+        self._is_guest = side == GUEST
+        self._has_bell = doorbell is not None
         self._owns_segment = owns_segment
         self._owner = L.HOST_OWNER if side == HOST else peer_id
         self._tx: Ring = segment.h2g(peer_id) if side == HOST else segment.g2h(peer_id)
@@ -200,8 +177,9 @@ class Link:
             tx_fields, rx_fields = rx_fields, tx_fields
         self._tx_counters = tuple(entry + f for f in tx_fields)  # for inspect (FEATURE_MMAP_LEASES)
         self._rx_leases = entry + rx_fields[2]
-        self._tx_lock = threading.Lock()
-        self._rx_lock = threading.Lock()
+        self._tx_lock = FastLock()
+        self._rx_lock = FastLock()
+        self._on_slot_free = self._slot_freed
         self._waiter = _Waiter(doorbell)
         self._backlog: Deque[Message] = deque()
         self._dead: Optional[str] = None
@@ -341,43 +319,18 @@ class Link:
         return None
 
     @staticmethod
-    def _lock(lock: threading.Lock, deadline: Optional[float]) -> None:
+    def _lock(lock: FastLock, deadline: Optional[float]) -> None:
         rem = _remaining(deadline)
         if not lock.acquire(timeout=-1 if rem is None else max(0.0, rem)):
             raise ShmTimeout("timed out waiting for another thread using this link")
 
     # -- send -------------------------------------------------------------------------------
 
-    def send(self, data, timeout: Optional[float] = None) -> None:
-        """Send a bytes-like object. Blocks (spin, then sleep) while the ring or pool is full."""
-        if type(data) is bytes and len(data) <= self._fast_max and self._tx_lock.acquire(False):
-            try:  # hot path: one call into the core when the ring (and pool) have room now
-                if self._ok:
-                    n, st = len(data), self.stats
-                    if n <= self._inline_max:
-                        r = self._tx.send_inline(data, self._elide)
-                        if r >= 0:
-                            st.sent_inline += 1
-                            st.sent_bytes_inline += n
-                    else:
-                        try:
-                            r = send_slot(self._tx, self._pool, data, self._owner, self._elide)
-                        except NeedExtent:
-                            r = -1  # the slow path maps the extent
-                        if r >= 0:
-                            st.sent_slot += 1
-                            st.sent_bytes_slot += n
-                    if r >= 0:
-                        if r or not self._elide:
-                            self._ring()
-                        else:
-                            st.doorbells_elided += 1
-                        return
-            finally:
-                self._tx_lock.release()
+    def _send_slow(self, data, timeout: Optional[float]) -> None:
+        """send() when the core's fast path could not send at once: waits, the mmap tier, errors."""
         with memoryview(data) as mv:  # released even on error: a Message being sent must stay releasable
             if not mv.c_contiguous:
-                return self.send(mv.tobytes(), timeout)
+                return self._send_slow(mv.tobytes(), timeout)
             n = mv.nbytes
             self._check_size(n)
             deadline = _deadline(timeout)
@@ -708,8 +661,9 @@ class Link:
                 self.doorbell.ring()
 
     def _slot_freed(self) -> None:
-        """After a received slot was freed: the producer may sleep waiting for one (trap 27)."""
-        if self._ok and self.doorbell is not None and (not self._elide or self._rx.claim_peer_waiting(True)):
+        """A received slot was freed and the producer announced it waits for one (the core claimed
+        its flag; without elision it is called for every slot): ring it (trap 27)."""
+        if self._ok and self.doorbell is not None:
             self.doorbell.ring()
 
     def _free_slot(self, c: int, e: int, s: int, gen: int) -> None:
@@ -755,8 +709,8 @@ class Link:
         self.stats.recv_bytes_mmap += n
         return Message(m.region, off, n, "mmap", lambda: self._drop_lease(m))
 
-    def _poll_locked(self, as_bytes: bool = False):
-        """One message if there is one (rx lock held): a Message, or bytes when as_bytes."""
+    def _poll_slow(self, as_bytes: bool = False):
+        """LinkCore._poll_locked's fallback (rx lock held): backlog, closed links, mmap refs, errors."""
         if self._backlog:
             msg = self._backlog.popleft()
             return _as_bytes(msg) if as_bytes else msg
@@ -765,10 +719,10 @@ class Link:
         rx = self._rx
         try:
             try:
-                r = recv_next(rx, self._pool, self._owner, self._elide, self._slot_freed)
+                r = recv_next(rx, self._pool, self._owner, self._elide, self._on_slot_free)
             except NeedExtent as err:  # a slot in an extent new to us: map it, read the frame again
                 self.segment._need(err)
-                r = recv_next(rx, self._pool, self._owner, self._elide, self._slot_freed)
+                r = recv_next(rx, self._pool, self._owner, self._elide, self._on_slot_free)
         except (LinkCorrupted, SlotError, SegmentCorrupted) as e:
             raise self._corrupted(e) from None
         if r is None:
@@ -793,14 +747,6 @@ class Link:
         self._notify(True, rx)
         return _as_bytes(msg) if as_bytes else msg
 
-    def try_recv(self) -> Optional[Message]:
-        """The next message if one is there now, else None (raises if the link is gone and empty)."""
-        return self._try_recv(False)
-
-    def try_recv_bytes(self) -> Optional[bytes]:
-        """try_recv(), copied into bytes (for busy-polling loops)."""
-        return self._try_recv(True)
-
     def _try_recv(self, as_bytes: bool):
         with self._rx_lock:
             msg = self._poll_locked(as_bytes)
@@ -823,11 +769,6 @@ class Link:
                 self._waiter.end()
         return self._poll_locked(as_bytes)
 
-    def recv(self, timeout: Optional[float] = None) -> Message:
-        """The next message; blocks (spin, then sleep) up to timeout. Messages already in the ring
-        are delivered before PeerDead / HostGone is raised."""
-        return self._recv(timeout, False)
-
     async def arecv(self, timeout: Optional[float] = None) -> Message:
         """recv() for asyncio: waits on the doorbell through the running loop (see shmhub.aio)."""
         from .aio import arecv
@@ -843,11 +784,8 @@ class Link:
         from .aio import LinkIterator
         return LinkIterator(self)
 
-    def recv_bytes(self, timeout: Optional[float] = None) -> bytes:
-        """The next message copied into bytes (its shared memory is released at once)."""
-        return self._recv(timeout, True)
-
-    def _recv(self, timeout: Optional[float], as_bytes: bool):
+    def _recv(self, timeout: Optional[float], as_bytes: bool, spin: bool = True):
+        """recv() when the core's fast path found nothing (spin False: it spun already)."""
         lock = self._rx_lock
         deadline = None
         if not lock.acquire(False):
@@ -859,7 +797,8 @@ class Link:
                 if deadline is None:
                     deadline = _deadline(timeout)
                 self.stats.recv_waits += 1
-                msg = self._wait(lambda: self._poll_locked(as_bytes), self._rx, False, deadline, self._rx.spin_readable)
+                msg = self._wait(lambda: self._poll_locked(as_bytes), self._rx, False, deadline,
+                                 self._rx.spin_readable if spin else None)
             return msg
         finally:
             lock.release()

@@ -53,27 +53,37 @@ def pingpong_b(t, p):
 
 # -- one-way streaming ------------------------------------------------------------------------
 
+SEQ = struct.Struct("<Q")  # the sequence number in a payload's first 8 bytes
+LAST = struct.Struct("<B")
+
+
 def stream_a(t, p):
     size, seconds = p["size"], p["seconds"]
-    buf = bytearray(size)
     batch = p.get("batch", 0)
     t0 = time.perf_counter()
     deadline = t0 + seconds
     i = 0
     if batch:
-        base = bytes(size - 8)
+        import numpy as np
+
+        # a (batch, size) array of messages, one per row; send_many sends its rows
+        rows = np.zeros((batch, size), dtype=np.uint8)
+        seq = np.ndarray((batch,), dtype="<u8", buffer=rows, strides=(size,))
+        step = np.arange(batch, dtype=np.uint64)
         while time.perf_counter() < deadline:
-            # the receiver checks the sequence number in the first 8 bytes and the last byte
-            items = [(j.to_bytes(8, "little") + base[:-1] + bytes((j & 0xFF,))) for j in range(i, i + batch)]
-            t.send_many(items)
+            seq[:] = step + i
+            rows[:, -1] = (step + i) & 0xFF
+            t.send_many(rows)
             i += batch
     else:
+        buf = bytearray(size)
+        pack, send = SEQ.pack_into, t.send
         while True:
             if (i & 63) == 0 and time.perf_counter() >= deadline:
                 break
-            buf[0:8] = i.to_bytes(8, "little")
+            pack(buf, 0, i)
             buf[-1] = i & 0xFF
-            t.send(buf)
+            send(buf)
             i += 1
     t.send(STOP)
     seen, errors = REPORT.unpack(bytes(t.recv()))
@@ -82,6 +92,7 @@ def stream_a(t, p):
 
 
 def stream_b(t, p):
+    """Checks every message: its length, the sequence number in its first 8 bytes, its last byte."""
     size = p["size"]
     seen = errors = 0
     if p.get("batch"):
@@ -93,7 +104,6 @@ def stream_b(t, p):
             if stop:
                 batch = batch[:-1]
             if batch:
-                # vectorised check of every message: length, sequence numbers, last byte
                 if any(len(m) != size for m in batch):
                     errors += 1
                 arr = np.frombuffer(b"".join(batch), dtype=np.uint8).reshape(len(batch), size)
@@ -107,13 +117,16 @@ def stream_b(t, p):
             if stop:
                 break
     else:
+        seq, last, recv = SEQ.unpack_from, LAST.unpack_from, t.recv
         while True:
-            m = t.recv()
-            if len(m) == 1:
+            m = recv()
+            n = len(m)
+            if n == 1:
                 break
-            if len(m) != size or int.from_bytes(m[0:8], "little") != seen or m[-1] != seen & 0xFF:
+            if n != size or seq(m)[0] != seen or last(m, n - 1)[0] != seen & 0xFF:
                 errors += 1
             seen += 1
+            m = None  # a zero-copy message goes back before the next wait
     t.send(REPORT.pack(seen, errors))
 
 

@@ -42,12 +42,7 @@ class MpPipe(Transport):
 
     def open(self, side):
         self.c = self.a if side == "a" else self.b
-
-    def send(self, data):
-        self.c.send_bytes(data)
-
-    def recv(self):
-        return self.c.recv_bytes()
+        self.send, self.recv = self.c.send_bytes, self.c.recv_bytes  # bound directly, as for shmhub
 
     def poll(self):
         return self.c.recv_bytes() if self.c.poll(0) else None
@@ -139,12 +134,9 @@ class Zmq(Transport):
         self.sock.setsockopt(zmq.SNDHWM, 100000)
         self.sock.setsockopt(zmq.RCVHWM, 100000)
         (self.sock.bind if side == "a" else self.sock.connect)(self.addr)
-
-    def send(self, data):
-        self.sock.send(data, copy=True)  # copy=False would race the sender's reuse of its buffer
-
-    def recv(self):
-        return self.sock.recv(copy=True)
+        # bound directly, as for shmhub; copying (the default): copy=False would race the
+        # sender's reuse of its buffer
+        self.send, self.recv = self.sock.send, self.sock.recv
 
     def poll(self):
         try:
@@ -251,28 +243,19 @@ class Iceoryx2(Transport):
 
 
 class Shmhub(Transport):
-    """Not built by pair(): the parent is a shmhub Host and the child a spawned guest."""
+    """Not built by pair(): the parent is a shmhub Host and the child a spawned guest. The link's
+    methods are bound directly: recv() gives a zero-copy Message (len() and the buffer protocol;
+    dropping it releases its memory)."""
 
     name = "shmhub"
 
     def __init__(self, link) -> None:
         self.link = link
-
-    def send(self, data):
-        self.link.send(data)
-
-    def recv(self):
-        # zero copy: a view of the Message (slot or mapping); dropping it releases the memory
-        return memoryview(self.link.recv())
-
-    def poll(self):
-        return self.link.try_recv_bytes()
-
-    def send_many(self, items):
-        self.link.send_many(items)
-
-    def recv_many(self, n):
-        return self.link.recv_many(n)
+        self.send = link.send
+        self.recv = link.recv
+        self.poll = link.try_recv_bytes
+        self.send_many = link.send_many
+        self.recv_many = link.recv_many
 
 
 BASELINES = {

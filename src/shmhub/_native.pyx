@@ -384,6 +384,13 @@ cdef inline bint hdr_has_data(const char* hdr) noexcept nogil:
     return w != r
 
 
+cdef inline bint fits(uint32_t w, uint32_t r, uint32_t n, uint32_t cap) noexcept nogil:
+    """The grant predicate of algorithms.md 2.1 (n > 0): room at w, or at 0 after a wrap."""
+    if w >= r:
+        return cap - w >= n or (r != 0 and n < r)
+    return w + n < r
+
+
 cdef class Ring:
     """One BipBuffer at `offset` of a region. The producer side uses grant/commit and the
     write_* methods; the consumer side readable/release and read_frame. Callers serialise each
@@ -395,6 +402,12 @@ cdef class Ring:
     cdef public Py_ssize_t batch_bytes  # payload bytes of the last send_inline_many / recv_inline_many
     cdef char* hdr
     cdef char* data
+    # Each side keeps what it last learned of the other's index, so the common case touches only
+    # its own cache line (a remote line costs a cross-core transfer per message). Both are only
+    # ever behind the truth, which is safe (docs/deviations.md, ring 2); reset() forgets them.
+    cdef uint32_t seen_read  # producer: a read index loaded earlier
+    cdef bint seen_read_ok
+    cdef uint32_t run_end  # consumer: end of the contiguous readable run last found (0: none)
 
     def __init__(self, Region region, Py_ssize_t offset):
         cdef char* h = region.ptr(offset, SHMHUB_RING_HEADER_SIZE, SHMHUB_RING_ALIGN)
@@ -434,11 +447,16 @@ cdef class Ring:
         self.wlive()
         cdef uint32_t cap = self.capacity
         cdef uint32_t w = self.idx(SHMHUB_RING_WRITE, SHM_RELAXED)
-        cdef uint32_t r = self.idx(SHMHUB_RING_READ, SHM_ACQUIRE)
+        cdef uint32_t r
         if n > cap:
             return -1
         if n == 0:
             return w
+        # A stale read index can only refuse room that exists, never grant room that does not.
+        if not (self.seen_read_ok and fits(w, self.seen_read, n, cap)):
+            self.seen_read = self.idx(SHMHUB_RING_READ, SHM_ACQUIRE)
+            self.seen_read_ok = True
+        r = self.seen_read
         if w >= r:
             if cap - w >= n:
                 return w
@@ -468,13 +486,7 @@ cdef class Ring:
         cdef uint32_t cap = self.capacity
         cdef uint32_t w = self.idx(SHMHUB_RING_WRITE, SHM_RELAXED)
         cdef uint32_t r = self.idx(SHMHUB_RING_READ, SHM_ACQUIRE)
-        if n > cap:
-            return False
-        if n == 0:
-            return True
-        if w >= r:
-            return cap - w >= n or (r != 0 and n < r)
-        return w + n < r
+        return n <= cap and (n == 0 or fits(w, r, n, cap))
 
     def commit(self, uint32_t n):
         """Publish n granted bytes (Release)."""
@@ -591,6 +603,29 @@ cdef class Ring:
                 return i - start
         return n - start
 
+    def send_rows(self, rows, Py_ssize_t start, Py_ssize_t row_len):
+        """Batch: rows[start:] of a C-contiguous buffer of row_len-byte rows, one inline frame
+        each, while they fit. Returns how many were written; each is committed as it is written."""
+        cdef Py_buffer b
+        cdef Py_ssize_t i, count
+        cdef const char* base
+        if row_len <= 0:
+            raise ValueError("row_len must be positive")
+        PyObject_GetBuffer(rows, &b, PyBUF_SIMPLE)
+        try:
+            self.live()
+            count = b.len // row_len
+            if b.len != count * row_len or not 0 <= start <= count:
+                raise ValueError(f"a buffer of {b.len} bytes is not rows of {row_len} bytes from row {start}")
+            base = <const char*>b.buf
+            i = start
+            while i < count and self.c_put_inline(base + i * row_len, row_len) == 0:
+                i += 1
+            self.batch_bytes = (i - start) * row_len
+            return i - start
+        finally:
+            PyBuffer_Release(&b)
+
     def consumer_waiting(self):
         """After a commit: does the consumer sleep (full fence, then load)?"""
         self.live()
@@ -619,6 +654,17 @@ cdef class Ring:
     cdef Py_ssize_t c_readable(self, Py_ssize_t* start) except -1:
         self.live()
         cdef uint32_t r = self.idx(SHMHUB_RING_READ, SHM_RELAXED)
+        cdef Py_ssize_t n = <Py_ssize_t>self.run_end - r
+        # Committed bytes seen earlier and not consumed yet hold the next frame whole: no remote
+        # load. A frame running past them (published in parts) needs a fresh look.
+        if n >= <Py_ssize_t>SHMHUB_FRAME_HEADER_SIZE and shm_get_u32(self.data + r + SHMHUB_FRAME_TOTAL_LEN) <= n:
+            start[0] = r
+            return n
+        n = self.c_readable_fresh(r, start)
+        self.run_end = <uint32_t>(start[0] + n)
+        return n
+
+    cdef Py_ssize_t c_readable_fresh(self, uint32_t r, Py_ssize_t* start) except -1:
         # write before watermark (trap 1): seeing a wrapped write implies seeing its watermark.
         cdef uint32_t w = self.idx(SHMHUB_RING_WRITE, SHM_ACQUIRE)
         cdef uint32_t wm = self.idx(SHMHUB_RING_WATERMARK, SHM_ACQUIRE)
@@ -649,6 +695,10 @@ cdef class Ring:
         if n > self.capacity - r:
             raise LinkCorrupted(f"release of {n} bytes at read {r} overruns capacity {self.capacity}")
         cdef uint32_t nr = r + n
+        if nr < self.run_end:  # inside a run found readable: short of any watermark
+            shm_store32(self.hdr + SHMHUB_RING_READ, nr, SHM_RELEASE)
+            return 0
+        self.run_end = 0
         cdef uint32_t wm = self.idx(SHMHUB_RING_WATERMARK, SHM_ACQUIRE)
         if wm != 0 and nr >= wm and self.idx(SHMHUB_RING_WRITE, SHM_ACQUIRE) < wm:  # not mid-wrap (see c_readable)
             shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
@@ -762,12 +812,16 @@ cdef class Ring:
 
     cdef inline bint c_room(self, uint32_t n) noexcept nogil:
         cdef uint32_t w = shm_load32(self.hdr + SHMHUB_RING_WRITE, SHM_RELAXED)
-        cdef uint32_t r = shm_load32(self.hdr + SHMHUB_RING_READ, SHM_ACQUIRE)
-        if w > self.capacity or r > self.capacity:
+        cdef uint32_t r
+        if w > self.capacity:
             return True  # let the caller's real grant report the corruption
-        if w >= r:
-            return self.capacity - w >= n or (r != 0 and n < r)
-        return w + n < r
+        if self.seen_read_ok and fits(w, self.seen_read, n, self.capacity):
+            return True
+        r = shm_load32(self.hdr + SHMHUB_RING_READ, SHM_ACQUIRE)
+        if r > self.capacity:
+            return True
+        self.seen_read, self.seen_read_ok = r, True
+        return fits(w, r, n, self.capacity)
 
     def has_data(self):
         """Whether a read may find a frame (a cheap check; read_frame decides)."""
@@ -802,9 +856,16 @@ cdef class Ring:
             self.region.unpin()
         return ok
 
+    def forget(self):
+        """Drop what this side learned of the other's index (seen_read, run_end): needed only
+        after the indices were changed outside the protocol (reset, a test forging a state)."""
+        self.seen_read_ok = False
+        self.run_end = 0
+
     def reset(self):
         """Zero all indices. Crash recovery only: the other side must be dead."""
         self.wlive()
+        self.forget()
         shm_store32(self.hdr + SHMHUB_RING_WRITE, 0, SHM_RELEASE)
         shm_store32(self.hdr + SHMHUB_RING_WATERMARK, 0, SHM_RELEASE)
         shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
@@ -1807,7 +1868,7 @@ cdef class LinkCore:
                 PyBuffer_Release(&b)
         if r < 0:
             return self._send_slow(data, timeout)
-        st = self.stats
+        cdef LinkStats st = self.stats
         if n <= self._inline_max:
             st.sent_inline += 1
             st.sent_bytes_inline += n
@@ -1835,7 +1896,7 @@ cdef class LinkCore:
             return SLOW
         if r is None:
             return None
-        st = self.stats
+        cdef LinkStats st = self.stats
         if type(r) is bytes:
             st.recv_inline += 1
             st.recv_bytes_inline += len(<bytes>r)

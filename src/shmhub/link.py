@@ -365,9 +365,18 @@ class Link(LinkCore):
             self._send_mmap(mv, n, deadline)
 
     def send_many(self, payloads, timeout: Optional[float] = None) -> int:
-        """Send every payload of an iterable in order (small ones are written in batches by the
-        compiled core, with one wake-up check per batch). Returns how many were sent."""
-        items = payloads if isinstance(payloads, list) else list(payloads)
+        """Send every payload of an iterable in order, or every row of a 2-D C-contiguous buffer
+        (a numpy array of shape (count, row_bytes), say) as one message each. Small payloads are
+        written in batches by the compiled core, with one wake-up check per batch. Returns how
+        many were sent."""
+        if not isinstance(payloads, (list, tuple)):
+            try:
+                rows = memoryview(payloads)
+            except TypeError:
+                rows = None
+            if rows is not None:
+                return self._send_rows(rows, timeout)
+        items = payloads if isinstance(payloads, (list, tuple)) else list(payloads)
         deadline = _deadline(timeout)
         self._lock(self._tx_lock, deadline)
         try:
@@ -388,6 +397,39 @@ class Link(LinkCore):
                 self._notify(False, tx)
                 i += 1
             return n
+        finally:
+            self._tx_lock.release()
+
+    def _send_rows(self, rows: memoryview, timeout: Optional[float]) -> int:
+        with rows:
+            if rows.ndim != 2 or not rows.c_contiguous:
+                raise TypeError("send_many takes an iterable of payloads or a 2-D C-contiguous buffer of rows")
+            count, row_len = rows.shape[0], rows.shape[1] * rows.itemsize
+            if count == 0:
+                return 0
+            with rows.cast("B") as flat:
+                if row_len == 0 or row_len > self._inline_max:  # too large to batch inline: one by one
+                    return self.send_many([flat[i * row_len:(i + 1) * row_len] for i in range(count)], timeout)
+                return self._send_flat_rows(flat, count, row_len, timeout)
+
+    def _send_flat_rows(self, flat: memoryview, count: int, row_len: int, timeout: Optional[float]) -> int:
+        deadline = _deadline(timeout)
+        self._lock(self._tx_lock, deadline)
+        try:
+            self._check()
+            tx, i = self._tx, 0
+            while i < count:
+                k = tx.send_rows(flat, i, row_len)
+                if k:
+                    self.stats.sent_inline += k
+                    self.stats.sent_bytes_inline += tx.batch_bytes
+                    i += k
+                    self._notify(False, tx)
+                    continue
+                self._send_locked(flat[i * row_len:(i + 1) * row_len], row_len, deadline)  # waits for room
+                self._notify(False, tx)
+                i += 1
+            return count
         finally:
             self._tx_lock.release()
 
@@ -579,7 +621,7 @@ class Link(LinkCore):
         """Send a buffer from reserve() by reference (its first nbytes; all of it by default).
         The buffer is then the receiver's: do not write to views of it any more."""
         token = buf.token
-        if token is None or token[0] is not self:
+        if token is None or token[0] is not self or buf.released:
             raise ValueError("not an unsent buffer reserved on this link")
         n = len(buf) if nbytes is None else nbytes
         if not 0 <= n <= len(buf):

@@ -31,6 +31,7 @@ def set_indices(seg: Segment, ring, write: int, watermark: int, read: int) -> No
     seg.region.store_u32(ring.offset + L.RING_WRITE, write)
     seg.region.store_u32(ring.offset + L.RING_WATERMARK, watermark)
     seg.region.store_u32(ring.offset + L.RING_READ, read)
+    ring.forget()  # a forged state is no successor of the last one this ring object saw
 
 
 def entry_len(payload_len: int) -> int:

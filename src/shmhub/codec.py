@@ -13,6 +13,8 @@ from .errors import ShmhubError
 ARRAY_MAGIC = b"SHNDARR1"
 _HEAD = struct.Struct("<8sIHH")
 ALIGN = 64
+PAGE = 4096
+BIG = 64 << 10  # arrays from this size on get their data placed within a page (see _slack)
 
 
 class CodecError(ShmhubError, ValueError):
@@ -38,10 +40,19 @@ def _address(np, buf: Message) -> int:
     return np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0]
 
 
-def _write_header(np, buf: Message, head: bytes, off: Optional[int] = None) -> int:
-    """Write the header; returns the data offset (chosen so the data is ALIGN-aligned)."""
+def _slack(nbytes: int) -> int:
+    """Room reserved beyond header and data for placing the data."""
+    return PAGE if nbytes >= BIG else ALIGN
+
+
+def _write_header(np, buf: Message, head: bytes, off: Optional[int] = None, phase: int = 0, nbytes: int = 0) -> int:
+    """Write the header; returns the data offset. The data is ALIGN-aligned; a big array's data
+    starts `phase` bytes into a page. A copy runs at full speed only when its destination sits
+    at or a little before its source's offset within a page: just after it, the stores alias the
+    loads running ahead (4K aliasing; 3.5x slower measured here for 256 MiB)."""
     if off is None:
-        off = len(head) + (-(_address(np, buf) + len(head))) % ALIGN
+        base = _address(np, buf) + len(head)
+        off = len(head) + ((phase - base) % PAGE if nbytes >= BIG else (-base) % ALIGN)
     with memoryview(buf) as view:
         view[:len(head)] = head
         struct.pack_into("<I", view, 8, off)
@@ -54,8 +65,9 @@ def empty(link, shape, dtype="float64"):
     shape = (int(shape),) if isinstance(shape, int) else tuple(int(x) for x in shape)
     head = _header(dtype, shape)
     count = int(np.prod(shape, dtype=np.int64))
-    buf = link.reserve(len(head) + ALIGN + count * dtype.itemsize)
-    off = _write_header(np, buf, head)
+    nbytes = count * dtype.itemsize
+    buf = link.reserve(len(head) + _slack(nbytes) + nbytes)
+    off = _write_header(np, buf, head, nbytes=nbytes)  # page-aligned when big
     # The array's base is the reserved buffer: send_array finds it there.
     return np.frombuffer(buf, dtype=dtype, count=count, offset=off).reshape(shape)
 
@@ -79,9 +91,10 @@ def send_array(link, a, timeout: Optional[float] = None) -> None:
             _write_header(np, buf, head, off)  # the array may have been reshaped since empty()
             link.send_reserved(buf, off + a.nbytes, timeout)  # zero copy
             return
-    out = link.reserve(len(head) + ALIGN + a.nbytes, timeout)
+    out = link.reserve(len(head) + _slack(a.nbytes) + a.nbytes, timeout)
     try:
-        off = _write_header(np, out, head)
+        phase = (a.__array_interface__["data"][0] % PAGE) // ALIGN * ALIGN  # at or just before the source's
+        off = _write_header(np, out, head, phase=phase, nbytes=a.nbytes)
         dst = np.frombuffer(out, dtype=a.dtype, count=a.size, offset=off).reshape(a.shape)
         np.copyto(dst, a, casting="no")  # the one memcpy
         del dst

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from . import report
-from .scenarios import SIDES, handshake_a, handshake_b, memcpy_reference
+from .scenarios import SIDES, handshake_a, handshake_b, memcpy_rate, memcpy_reference
 from .transports import Shmhub, available, pin
 
 SIZES = [64, 4096, 65536, 1 << 20, 16 << 20]
@@ -96,9 +96,15 @@ def main(argv=None) -> int:
         for size in SIZES:
             print(f"streaming {size} B", flush=True)
             row = both(f"{size} B", "stream", {"size": size, "seconds": secs})
-            if size <= 4096:
-                row["shmhub send_many"] = run_shmhub("stream", {"size": size, "seconds": secs, "batch": 256})
-                print(f"  {size} B: shmhub send_many {report.short(row['shmhub send_many'])}", flush=True)
+            extra = {}
+            if size == 64:
+                extra[report.BATCH] = run_shmhub("stream", {"size": size, "seconds": secs, "batch": 1024})
+            if size >= 4096:
+                extra[report.ZERO_COPY] = run_shmhub("stream", {"size": size, "seconds": secs, "zero_copy": True})
+            extra[report.MEMCPY] = memcpy_rate(size, min(secs, 0.5))
+            for k, v in extra.items():
+                print(f"  {size} B: {k} {report.short(v)}", flush=True)
+            row.update(extra)
             results["stream"][str(size)] = row
     if "ndarray" in args.only:
         n = 256 << 20

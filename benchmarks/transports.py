@@ -104,6 +104,9 @@ class SocketPair(Transport):
 
     def recv(self):
         (n,) = struct.unpack("<I", self._exact(4))
+        if n > len(self.buf):
+            self.buf = bytearray(n)
+            self.view = memoryview(self.buf)
         return self._exact(n)
 
     def poll(self):

@@ -51,7 +51,7 @@ def run_shmhub(scenario, params):
                                size_classes=((1024, 2048), (16 << 10, 256), (256 << 10, 32), (1 << 20, 16)))
     with shmhub.Host(cfg, spin_ns=params.get("spin_ns", shmhub.link.DEFAULT_SPIN_NS)) as host:
         g = host.spawn([sys.executable, "-m", "benchmarks.child", scenario, json.dumps(params)])
-        t = Shmhub(g.link)
+        t = Shmhub(g.link, params.get("size", 0))
         handshake_a(t)
         out = SIDES[scenario][0](t, params)
         g.wait(60)

@@ -13,7 +13,7 @@ def main() -> None:
     pin(1)
     link = shmhub.connect(spin_ns=params.get("spin_ns", shmhub.link.DEFAULT_SPIN_NS))
     try:
-        t = Shmhub(link)
+        t = Shmhub(link, params.get("size", 0))
         handshake_b(t)
         SIDES[scenario][1](t, params)
     finally:

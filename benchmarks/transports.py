@@ -247,15 +247,16 @@ class Iceoryx2(Transport):
 
 class Shmhub(Transport):
     """Not built by pair(): the parent is a shmhub Host and the child a spawned guest. The link's
-    methods are bound directly: recv() gives a zero-copy Message (len() and the buffer protocol;
-    dropping it releases its memory)."""
+    methods are bound directly; recv() of a large payload gives a zero-copy Message (len() and the
+    buffer protocol; dropping it releases its memory)."""
 
     name = "shmhub"
 
-    def __init__(self, link) -> None:
+    def __init__(self, link, size: int = 0) -> None:
         self.link = link
         self.send = link.send
-        self.recv = link.recv
+        # payloads up to 256 B come as bytes (a copy, as from every baseline), larger ones zero-copy
+        self.recv = link.recv_bytes if 0 < size <= 256 else link.recv
         self.poll = link.try_recv_bytes
         self.send_many = link.send_many
         self.recv_many = link.recv_many

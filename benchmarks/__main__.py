@@ -48,7 +48,7 @@ def run_shmhub(scenario, params):
     import shmhub
 
     cfg = shmhub.SegmentConfig(max_guests=2, bipbuf_capacity=1 << 20, max_payload_size=(1 << 30) - 1,
-                               size_classes=((1024, 2048), (16 << 10, 256), (256 << 10, 32), (1 << 20, 16)))
+                               size_classes=((1024, 2048), (16 << 10, 256), (256 << 10, 32), ((1 << 20) + 4096, 16)))
     with shmhub.Host(cfg, spin_ns=params.get("spin_ns", shmhub.link.DEFAULT_SPIN_NS)) as host:
         g = host.spawn([sys.executable, "-m", "benchmarks.child", scenario, json.dumps(params)])
         t = Shmhub(g.link, params.get("size", 0))

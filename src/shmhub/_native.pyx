@@ -1532,6 +1532,8 @@ cdef class Message:
             raise ValueError("buffer was already released or sent")
         self.on_release = None
         self.token = None
+        self.slot_pool = None
+        self.wake_ring = None
         if self.exports:
             self.release_pending = True
         else:
@@ -1584,31 +1586,39 @@ cdef class Message:
 # Fused hot paths over a ring and the pool (one call per message from the link)
 # ---------------------------------------------------------------------------------------------
 
-cdef int c_send_slot(Ring ring, SlotPool pool, const char* buf, Py_ssize_t n, uint32_t owner) except -3:
-    """One payload by slot reference: room in the ring is checked first, so nothing is held on
-    failure. -1 ring full, -2 pool exhausted, 0 sent. NeedExtent if the free slot is in an extent
-    not mapped here yet (nothing taken)."""
-    cdef long long r = -1
+cdef int c_pop_fit(SlotPool pool, Py_ssize_t n, uint32_t owner, int* e, uint32_t* s, uint32_t* gen) except -3:
+    """A slot for an n-byte payload from the smallest fitting class, then larger ones (as
+    SlotPool.alloc): its class, or -1 when all are exhausted. NeedExtent as pool.pop."""
+    cdef long long r
     cdef int c
-    cdef uint32_t idx, s, gen
-    cdef int e
-    cdef char* p
-    cdef Py_ssize_t off
-    ring.wlive()
-    if not ring.c_room(SHMHUB_SLOT_REF_FRAME_SIZE):
-        return -1
+    cdef uint32_t idx
     for c in range(pool.num_classes):
         if <Py_ssize_t>pool.cls[c].slot_size - <Py_ssize_t>SHMHUB_SLOT_LEN_PREFIX < n:
             continue
         r = pool.pop(c, owner)
         if r >= 0:
-            break
-    if r < 0:
+            idx = <uint32_t>(r & 0xFFFFFFFF)
+            gen[0] = <uint32_t>(r >> 32)
+            e[0] = idx / pool.cls[c].slot_count
+            s[0] = idx % pool.cls[c].slot_count
+            return c
+    return -1
+
+
+cdef int c_send_slot(Ring ring, SlotPool pool, const char* buf, Py_ssize_t n, uint32_t owner) except -3:
+    """One payload by slot reference: room in the ring is checked first, so nothing is held on
+    failure. -1 ring full, -2 pool exhausted, 0 sent. NeedExtent if the free slot is in an extent
+    not mapped here yet (nothing taken)."""
+    cdef int c, e
+    cdef uint32_t s, gen
+    cdef char* p
+    cdef Py_ssize_t off
+    ring.wlive()
+    if not ring.c_room(SHMHUB_SLOT_REF_FRAME_SIZE):
+        return -1
+    c = c_pop_fit(pool, n, owner, &e, &s, &gen)
+    if c < 0:
         return -2
-    idx = <uint32_t>(r & 0xFFFFFFFF)
-    gen = <uint32_t>(r >> 32)
-    e = idx / pool.cls[c].slot_count
-    s = idx % pool.cls[c].slot_count
     p = pool.slot_data(c, e, s)
     shm_put_u32(p, <uint32_t>n)
     memcpy(p + SHMHUB_SLOT_LEN_PREFIX, buf, n)
@@ -1884,10 +1894,82 @@ cdef class LinkCore:
         else:
             st.sent_slot += 1
             st.sent_bytes_slot += n
+        self.c_doorbell(wake)
+
+    cdef int c_doorbell(self, bint wake) except -1:
+        """After a send: ring the peer if it sleeps (every time without waiter flags)."""
         if wake or (self._has_bell and not self._elide):
             self._ring()
         elif self._has_bell:
-            st.doorbells_elided += 1
+            self.stats.doorbells_elided += 1
+        return 0
+
+    def reserve(self, Py_ssize_t nbytes, timeout=None):
+        """A writable buffer of nbytes in shared memory (a slot, or an mmap-tier mapping above the
+        largest slot). Fill it, then send_reserved() sends it by reference without a copy.
+        Released unsent (release(), with block, garbage collection) it goes back to the pool."""
+        cdef int c = -1, e = 0
+        cdef uint32_t s = 0, gen = 0
+        cdef Message m
+        cdef Region region
+        if self._ok and 0 <= nbytes <= self._fast_max:
+            try:
+                c = c_pop_fit(self._pool, nbytes, self._owner, &e, &s, &gen)
+            except NeedExtent:
+                c = -1  # the slow path maps the extent
+        if c < 0:
+            return self._reserve_slow(nbytes, timeout)
+        region = <Region>self._pool.extent_regions[c][e]
+        m = Message.__new__(Message)
+        region.pin()
+        m.owner = region
+        m.ptr = self._pool.slot_data(c, e, s) + SHMHUB_SLOT_LEN_PREFIX
+        m.length = nbytes
+        m.tier = "slot"
+        m.writable = True
+        m.slot_pool = self._pool  # freed natively if released unsent
+        m.sc, m.se, m.ss, m.sgen, m.sby = c, e, s, gen, self._owner
+        m.token = (self, (c, e, s, gen))
+        return m
+
+    def send_reserved(self, buf, nbytes=None, timeout=None):
+        """Send a buffer from reserve() by reference (its first nbytes; all of it by default).
+        The buffer is then the receiver's: do not write to views of it any more."""
+        cdef Message m
+        cdef Py_ssize_t n
+        cdef int c, e
+        cdef uint32_t s, gen
+        cdef Py_ssize_t off
+        cdef bint sent = False, wake = False
+        token = buf.token if type(buf) is Message else None
+        if token is None or token[0] is not self or (<Message>buf).released:
+            raise ValueError("not an unsent buffer reserved on this link")
+        m = <Message>buf
+        n = m.length if nbytes is None else nbytes
+        if not 0 <= n <= m.length:
+            raise ValueError(f"nbytes {n} outside the reserved {m.length} bytes")
+        if self._ok and m.tier == "slot" and self._tx_lock.c_try():
+            try:
+                c, e, s, gen = token[1]
+                self._pool.check_ref(c, e, s)
+                self._tx.wlive()
+                if self._tx.c_room(SHMHUB_SLOT_REF_FRAME_SIZE):
+                    shm_put_u32(self._pool.slot_data(c, e, s), <uint32_t>n)  # n fits: n <= the reserved length
+                    off = self._tx.c_grant(SHMHUB_SLOT_REF_FRAME_SIZE)
+                    if off >= 0:  # room was checked and this side is the only producer
+                        put_slot_ref(self._tx.data + off, c, e, s, gen)
+                        self._tx.c_commit(SHMHUB_SLOT_REF_FRAME_SIZE)
+                        m.detach()  # committed: the slot now travels with the ref
+                        sent = True
+                        wake = self._elide and self._tx.c_waiting(False)
+            finally:
+                self._tx_lock.c_release()
+        if not sent:
+            return self._send_reserved_slow(m, n, timeout)
+        cdef LinkStats st = self.stats
+        st.sent_slot += 1
+        st.sent_bytes_slot += n
+        self.c_doorbell(wake)
 
     # -- receive -------------------------------------------------------------------------
 

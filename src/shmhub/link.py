@@ -136,7 +136,7 @@ class Link(LinkCore):
     """One end of a host-guest pair; the same class on both ends. Thread-safe: one lock per direction.
 
     send() takes any bytes-like object; recv() returns a Message (zero-copy for slot payloads).
-    The per-message fast paths (send, recv, recv_bytes, try_recv, try_recv_bytes) are LinkCore's,
+    The per-message fast paths (send, recv, recv_bytes, try_recv*, reserve, send_reserved) are LinkCore's,
     in the compiled core; they fall back to the methods here for everything but the common case.
     """
 
@@ -584,10 +584,8 @@ class Link(LinkCore):
 
     # -- zero-copy send ---------------------------------------------------------------------
 
-    def reserve(self, nbytes: int, timeout: Optional[float] = None) -> Message:
-        """A writable buffer of nbytes in shared memory (a slot, or an mmap-tier mapping above the
-        largest slot). Fill it, then send_reserved() sends it by reference without a copy.
-        Released unsent (release(), with block, garbage collection) it goes back to the pool."""
+    def _reserve_slow(self, nbytes: int, timeout: Optional[float]) -> Message:
+        """reserve() when the core could not take a slot at once: waits, growth, the mmap tier, errors."""
         if nbytes < 0:
             raise ValueError("nbytes must be >= 0")
         self._check_size(max(nbytes, self._inline_max + 1))
@@ -617,15 +615,10 @@ class Link(LinkCore):
         buf.token = (self, m)
         return buf
 
-    def send_reserved(self, buf: Message, nbytes: Optional[int] = None, timeout: Optional[float] = None) -> None:
-        """Send a buffer from reserve() by reference (its first nbytes; all of it by default).
-        The buffer is then the receiver's: do not write to views of it any more."""
+    def _send_reserved_slow(self, buf: Message, n: int, timeout: Optional[float]) -> None:
+        """send_reserved() (buf and n checked by the core) when the ring is full, for the mmap tier
+        and on errors."""
         token = buf.token
-        if token is None or token[0] is not self or buf.released:
-            raise ValueError("not an unsent buffer reserved on this link")
-        n = len(buf) if nbytes is None else nbytes
-        if not 0 <= n <= len(buf):
-            raise ValueError(f"nbytes {n} outside the reserved {len(buf)} bytes")
         deadline = _deadline(timeout)
         self._lock(self._tx_lock, deadline)
         try:

@@ -149,6 +149,67 @@ def test_reserved_buffer_released_unsent_goes_back(pair):
         h.send_reserved(buf)  # released: nothing to send any more
 
 
+def counts(pool):
+    return [pool.counts(c) for c in range(pool.num_classes)]
+
+
+@pytest.mark.parametrize("with_view", [False, True])
+def test_sent_reserved_buffer_belongs_to_the_receiver(pair, with_view):
+    """After send_reserved the sender's object no longer frees the slot, even with a view of it
+    alive when it was sent: only the receiver's release gives it back."""
+    h, g = pair
+    pool = h.segment.pool
+    before = counts(pool)
+    buf = h.reserve(3000, timeout=TIMEOUT)
+    view = memoryview(buf)
+    view[:] = pattern(5, 3000)
+    if not with_view:
+        view.release()
+    h.send_reserved(buf, 2000, timeout=TIMEOUT)
+    view.release()
+    del buf, view
+    m = g.recv(timeout=TIMEOUT)
+    assert bytes(m) == pattern(5, 3000)[:2000]
+    assert counts(pool) != before  # still held: by the receiver's message
+    m.release()
+    assert counts(pool) == before
+
+
+def test_send_reserved_waits_for_ring_room(pair):
+    """A full ring: send_reserved times out and the buffer stays the sender's, sendable later."""
+    h, g = pair
+    pool = h.segment.pool
+    before = counts(pool)
+    sent = 0
+    while True:  # fill the ring with inline frames
+        try:
+            h.send(b"%08d" % sent, timeout=0)
+        except ShmTimeout:
+            break
+        sent += 1
+    buf = h.reserve(5000, timeout=TIMEOUT)
+    memoryview(buf)[:] = pattern(6, 5000)
+    with pytest.raises(ShmTimeout):
+        h.send_reserved(buf, timeout=0.05)
+    assert not buf.released
+    assert [bytes(g.recv(timeout=TIMEOUT)) for _ in range(sent)] == [b"%08d" % i for i in range(sent)]
+    h.send_reserved(buf, timeout=TIMEOUT)
+    with g.recv(timeout=TIMEOUT) as m:
+        assert bytes(m) == pattern(6, 5000)
+    assert counts(pool) == before
+
+
+def test_reserve_times_out_on_an_exhausted_pool(pair):
+    h, g = pair
+    held = [h.reserve(200_000, timeout=TIMEOUT) for _ in range(CONFIG.size_classes[2][1])]
+    with pytest.raises(ShmTimeout):
+        h.reserve(200_000, timeout=0.05)
+    held.pop().release()
+    h.reserve(200_000, timeout=TIMEOUT).release()
+    for b in held:
+        b.release()
+
+
 def test_send_reserved_refuses_a_buffer_of_another_link(pair):
     h, g = pair
     buf = g.reserve(100)

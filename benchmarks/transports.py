@@ -199,13 +199,15 @@ class Iceoryx2(Transport):
         def pubsub(direction):
             return (self.node.service_builder(iox2.ServiceName.new(f"{self.tag}/{direction}"))
                     .publish_subscribe(iox2.Slice[ctypes.c_uint8]).max_publishers(1).max_subscribers(1)
-                    .subscriber_max_buffer_size(4096).history_size(0).open_or_create())
+                    .subscriber_max_buffer_size(4096).history_size(0)
+                    .enable_safe_overflow(False).open_or_create())  # lossless, as every other transport
 
         def event(direction):
             return self.node.service_builder(iox2.ServiceName.new(f"{self.tag}/{direction}/event")).event().open_or_create()
 
         self.pub = pubsub(mine).publisher_builder().initial_max_slice_len(64) \
-            .allocation_strategy(iox2.AllocationStrategy.PowerOfTwo).create()
+            .allocation_strategy(iox2.AllocationStrategy.PowerOfTwo) \
+            .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered).create()
         self.sub = pubsub(theirs).subscriber_builder().create()
         self.notifier = event(mine).notifier_builder().create()
         self.listener = event(theirs).listener_builder().create()

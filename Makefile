@@ -27,7 +27,7 @@ asan:
 	test -x .venv-asan/bin/python || $(PYTHON) -m venv .venv-asan
 	rm -rf build
 	SHMHUB_SANITIZE=address .venv-asan/bin/python -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps .
-	.venv-asan/bin/python -m pip install --quiet --disable-pip-version-check pytest pytest-timeout hypothesis
+	.venv-asan/bin/python -m pip install --quiet --disable-pip-version-check pytest pytest-timeout hypothesis numpy
 	rm -rf build
 	cd tests && LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 		../.venv-asan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. unit $(PYTEST_ARGS)

@@ -1910,8 +1910,6 @@ cdef class LinkCore:
         Released unsent (release(), with block, garbage collection) it goes back to the pool."""
         cdef int c = -1, e = 0
         cdef uint32_t s = 0, gen = 0
-        cdef Message m
-        cdef Region region
         if self._ok and 0 <= nbytes <= self._fast_max:
             try:
                 c = c_pop_fit(self._pool, nbytes, self._owner, &e, &s, &gen)
@@ -1919,15 +1917,22 @@ cdef class LinkCore:
                 c = -1  # the slow path maps the extent
         if c < 0:
             return self._reserve_slow(nbytes, timeout)
-        region = <Region>self._pool.extent_regions[c][e]
-        m = Message.__new__(Message)
+        return self._reserved_slot(c, e, s, gen, nbytes)
+
+    def _reserved_slot(self, int c, int e, uint32_t s, uint32_t gen, Py_ssize_t nbytes):
+        """The writable Message over a slot this side just allocated (freed natively if released unsent)."""
+        self._pool.check_ref(c, e, s)
+        if nbytes > <Py_ssize_t>self._pool.cls[c].slot_size - <Py_ssize_t>SHMHUB_SLOT_LEN_PREFIX:
+            raise ValueError(f"{nbytes} bytes do not fit in a {self._pool.cls[c].slot_size}-byte slot")
+        cdef Region region = <Region>self._pool.extent_regions[c][e]
+        cdef Message m = Message.__new__(Message)
         region.pin()
         m.owner = region
         m.ptr = self._pool.slot_data(c, e, s) + SHMHUB_SLOT_LEN_PREFIX
         m.length = nbytes
         m.tier = "slot"
         m.writable = True
-        m.slot_pool = self._pool  # freed natively if released unsent
+        m.slot_pool = self._pool
         m.sc, m.se, m.ss, m.sgen, m.sby = c, e, s, gen, self._owner
         m.token = (self, (c, e, s, gen))
         return m
@@ -1936,10 +1941,7 @@ cdef class LinkCore:
         """Send a buffer from reserve() by reference (its first nbytes; all of it by default).
         The buffer is then the receiver's: do not write to views of it any more."""
         cdef Message m
-        cdef Py_ssize_t n
-        cdef int c, e
-        cdef uint32_t s, gen
-        cdef Py_ssize_t off
+        cdef Py_ssize_t n, off
         cdef bint sent = False, wake = False
         token = buf.token if type(buf) is Message else None
         if token is None or token[0] is not self or (<Message>buf).released:
@@ -1948,20 +1950,17 @@ cdef class LinkCore:
         n = m.length if nbytes is None else nbytes
         if not 0 <= n <= m.length:
             raise ValueError(f"nbytes {n} outside the reserved {m.length} bytes")
-        if self._ok and m.tier == "slot" and self._tx_lock.c_try():
+        # A slot-tier buffer of this link was made by _reserved_slot: its slot fields are checked.
+        if self._ok and m.slot_pool is not None and self._tx_lock.c_try():
             try:
-                c, e, s, gen = token[1]
-                self._pool.check_ref(c, e, s)
-                self._tx.wlive()
-                if self._tx.c_room(SHMHUB_SLOT_REF_FRAME_SIZE):
-                    shm_put_u32(self._pool.slot_data(c, e, s), <uint32_t>n)  # n fits: n <= the reserved length
-                    off = self._tx.c_grant(SHMHUB_SLOT_REF_FRAME_SIZE)
-                    if off >= 0:  # room was checked and this side is the only producer
-                        put_slot_ref(self._tx.data + off, c, e, s, gen)
-                        self._tx.c_commit(SHMHUB_SLOT_REF_FRAME_SIZE)
-                        m.detach()  # committed: the slot now travels with the ref
-                        sent = True
-                        wake = self._elide and self._tx.c_waiting(False)
+                off = self._tx.c_grant(SHMHUB_SLOT_REF_FRAME_SIZE)
+                if off >= 0:
+                    shm_put_u32(self._pool.slot_data(m.sc, m.se, m.ss), <uint32_t>n)  # n <= the reserved length
+                    put_slot_ref(self._tx.data + off, m.sc, m.se, m.ss, m.sgen)
+                    self._tx.c_commit(SHMHUB_SLOT_REF_FRAME_SIZE)
+                    m.detach()  # committed: the slot now travels with the ref
+                    sent = True
+                    wake = self._elide and self._tx.c_waiting(False)
             finally:
                 self._tx_lock.c_release()
         if not sent:

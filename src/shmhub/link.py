@@ -597,11 +597,7 @@ class Link(LinkCore):
             if ref is None:
                 self.stats.slot_exhaustion_waits += 1
                 ref = self._wait(lambda: self._alloc_or_grow(need), self._tx, True, deadline, None, SLOT_WAIT_SLICE)
-            c, e, s, gen = ref
-            region, off = self._pool.payload_span(c, s, e)
-            buf = Message(region, off, nbytes, "slot", lambda: self._pool.free_if_current(c, e, s, gen, self._owner), True)
-            buf.token = (self, ref)
-            return buf
+            return self._reserved_slot(*ref, nbytes)
         self._lock(self._tx_lock, deadline)  # the mapping list is the sender's
         try:
             m = self._acquire_mapping(nbytes)

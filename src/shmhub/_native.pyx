@@ -1917,10 +1917,13 @@ cdef class LinkCore:
                 c = -1  # the slow path maps the extent
         if c < 0:
             return self._reserve_slow(nbytes, timeout)
-        return self._reserved_slot(c, e, s, gen, nbytes)
+        return self.c_reserved_slot(c, e, s, gen, nbytes)
 
     def _reserved_slot(self, int c, int e, uint32_t s, uint32_t gen, Py_ssize_t nbytes):
         """The writable Message over a slot this side just allocated (freed natively if released unsent)."""
+        return self.c_reserved_slot(c, e, s, gen, nbytes)
+
+    cdef Message c_reserved_slot(self, int c, int e, uint32_t s, uint32_t gen, Py_ssize_t nbytes):
         self._pool.check_ref(c, e, s)
         if nbytes > <Py_ssize_t>self._pool.cls[c].slot_size - <Py_ssize_t>SHMHUB_SLOT_LEN_PREFIX:
             raise ValueError(f"{nbytes} bytes do not fit in a {self._pool.cls[c].slot_size}-byte slot")

@@ -71,6 +71,8 @@ class Segment:
                 raise SegmentCorrupted(f"segment is truncated: {size} bytes, the header alone needs {L.HEADER_SIZE}")
             try:
                 # Writable attaches pre-fault the page tables: no minor fault on a slot's first use.
+                # Extents added later are not: growth runs in-band (an event loop's step), and
+                # populating a whole extent there would block it for milliseconds.
                 self.region = Region(fd, size, writable, 0, writable)
             except OSError as e:
                 raise SegmentError(f"cannot map the segment ({size} bytes, {'read-write' if writable else 'read-only'}): {e.strerror}") from e
@@ -262,7 +264,7 @@ class Segment:
                     limit = min(self.current_size, os.fstat(self.fd).st_size)
                     if off % L.EXTENT_ALIGN or off < self.layout.total_size or off + size > limit:
                         raise SegmentCorrupted(f"class {c} extent {e} at {off} (+{size}) lies outside the segment ({limit} bytes)")
-                    self.pool.add_extent(c, Region(self.fd, size, self.region.writable, off, self.region.writable), data_off)
+                    self.pool.add_extent(c, Region(self.fd, size, self.region.writable, off), data_off)
                     mapped += 1
         return mapped
 
@@ -282,7 +284,7 @@ class Segment:
             data_off, size = L.extent_layout(cl.slot_size, cl.slot_count)
             off = L.align(self.current_size, L.EXTENT_ALIGN)
             _space_check(self.fd, off + size, os.path.dirname(os.path.abspath(self.path)) if self.path else None, start=off)
-            region = Region(self.fd, size, True, off, True)
+            region = Region(self.fd, size, True, off)
             format_extent(region, cl.slot_count, e * cl.slot_count)
             r = self.region
             r.store_u64(L.HDR_CURRENT_SIZE, off + size)

@@ -55,6 +55,10 @@ static inline uint##bits##_t shm_fetch_add##bits(void *p, uint##bits##_t v, int 
 SHM_DEFINE(32)
 SHM_DEFINE(64)
 
+static inline uint32_t shm_fetch_or32(void *p, uint32_t v) {
+    return __atomic_fetch_or((uint32_t *)p, v, SHM_SEQ_CST);
+}
+
 static inline void shm_fence(int mo) {
     switch (mo) {
     case SHM_ACQUIRE: __atomic_thread_fence(SHM_ACQUIRE); break;
@@ -84,3 +88,36 @@ static inline void shm_put_u64(char *p, uint64_t v) { memcpy(p, &v, 8); }
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "shmhub's format is little-endian; big-endian hosts are not supported"
 #endif
+
+/* Shared (not private) futexes on words of the segment: FUTEX_WAIT/WAKE key a MAP_SHARED word by
+ * its file and offset, so processes mapping the segment at different addresses meet on it
+ * (FEATURE_POOL_WAITERS, docs/extensions.md). Each returns >= 0, or -errno. */
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <linux/futex.h>
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449
+#endif
+#define SHM_FUTEX_WAITV_MAX 128
+
+struct shm_futex_waitv { uint64_t val; uint64_t uaddr; uint32_t flags; uint32_t reserved; };
+
+static inline int shm_futex_wake(void *p, int n) {
+    long r = syscall(SYS_futex, p, FUTEX_WAKE, n, NULL, NULL, 0);
+    return r < 0 ? -errno : (int)r;
+}
+
+/* Sleep while *p == expected, at most rel (NULL: no limit). 0 when woken (or spuriously). */
+static inline int shm_futex_wait(void *p, uint32_t expected, const struct timespec *rel) {
+    long r = syscall(SYS_futex, p, FUTEX_WAIT, expected, rel, NULL, 0);
+    return r < 0 ? -errno : (int)r;
+}
+
+/* Sleep on several words at once until one changes or CLOCK_MONOTONIC reaches abs (NULL: no limit).
+ * -ENOSYS before Linux 5.16. */
+static inline int shm_futex_wait_any(struct shm_futex_waitv *w, unsigned n, const struct timespec *abs) {
+    long r = syscall(SYS_futex_waitv, w, n, 0, abs, CLOCK_MONOTONIC);
+    return r < 0 ? -errno : (int)r;
+}

@@ -9,7 +9,7 @@ from libc.errno cimport errno
 from libc.time cimport timespec
 from cpython.buffer cimport PyObject_GetBuffer, PyBuffer_Release, PyBuffer_FillInfo, PyBUF_SIMPLE
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
-from cpython.mem cimport PyMem_Malloc, PyMem_Free
+from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 
 import os
 
@@ -42,6 +42,7 @@ cdef extern from "_atomics.h":
     void shm_store32(void* p, uint32_t v, int mo) nogil
     uint32_t shm_cas32(void* p, uint32_t expected, uint32_t desired) nogil
     uint32_t shm_fetch_add32(void* p, uint32_t v, int mo) nogil
+    uint32_t shm_fetch_or32(void* p, uint32_t v) nogil
     uint64_t shm_load64(const void* p, int mo) nogil
     void shm_store64(void* p, uint64_t v, int mo) nogil
     uint64_t shm_cas64(void* p, uint64_t expected, uint64_t desired) nogil
@@ -54,6 +55,18 @@ cdef extern from "_atomics.h":
     void shm_put_u32(char* p, uint32_t v) nogil
     void shm_put_u16(char* p, uint16_t v) nogil
     void shm_put_u64(char* p, uint64_t v) nogil
+    struct shm_futex_waitv:
+        uint64_t val
+        uint64_t uaddr
+        uint32_t flags
+        uint32_t reserved
+    int shm_futex_wake(void* p, int n) nogil
+    int shm_futex_wait(void* p, uint32_t expected, const timespec* rel) nogil
+    int shm_futex_wait_any(shm_futex_waitv* w, unsigned n, const timespec* abs) nogil
+    enum: SHM_FUTEX_WAITV_MAX
+    enum: FUTEX_32_FLAG "FUTEX_32"
+    enum: ENOSYS
+    enum: ETIMEDOUT
 
 cdef extern from "_layout.h":
     # Generated from layout.py (the single source of truth) by setup.py.
@@ -70,7 +83,8 @@ cdef extern from "_layout.h":
     const unsigned long long SHMHUB_KIND_INLINE, SHMHUB_KIND_SLOT_REF, SHMHUB_KIND_MMAP_REF
     const unsigned long long SHMHUB_MAX_INLINE_LEN
     const unsigned long long SHMHUB_CLASS_HEADER_SIZE, SHMHUB_CLS_SLOT_SIZE, SHMHUB_CLS_SLOT_COUNT
-    const unsigned long long SHMHUB_CLS_FREE_HEAD
+    const unsigned long long SHMHUB_CLS_FREE_HEAD, SHMHUB_CLS_WAITERS, SHMHUB_POOL_WAITERS_MASK, SHMHUB_POOL_WAKE_STEP
+    const unsigned long long SHMHUB_HDR_SHARE_LINKS, SHMHUB_SLOT_SHARE_MIN
     const unsigned long long SHMHUB_SLOT_META_SIZE, SHMHUB_META_GENERATION, SHMHUB_META_STATE
     const unsigned long long SHMHUB_META_OWNER, SHMHUB_META_NEXT_FREE
     const unsigned long long SHMHUB_SLOT_FREE, SHMHUB_SLOT_ALLOCATED, SHMHUB_EMPTY_INDEX
@@ -81,6 +95,8 @@ cdef extern from "_layout.h":
     const unsigned long long SHMHUB_HDR_HOST_GOODBYE
 
 DEF GIL_FREE_COPY = 1 << 20  # copies at least this large run without the GIL
+DEF SPIN_PROBE_EVERY = 64
+DEF SPIN_MIN_NS = 2000
 
 RELAXED = SHM_RELAXED
 ACQUIRE = SHM_ACQUIRE
@@ -207,6 +223,28 @@ cdef class Region:
 
     def fetch_add_u64(self, Py_ssize_t off, uint64_t delta, int order=SHM_ACQ_REL):
         return shm_fetch_add64(self.wptr(off, 8, 8), delta, order)
+
+    def futex_wait(self, Py_ssize_t off, uint32_t expected, double timeout=-1):
+        """Sleep (GIL released) while the u32 at off equals expected, at most timeout seconds
+        (< 0: no limit); a shared futex. False on timeout, True when woken (or spuriously)."""
+        cdef char* p = self.ptr(off, 4, 4)
+        cdef timespec ts
+        cdef int r
+        if timeout >= 0:
+            ts.tv_sec = <long>timeout
+            ts.tv_nsec = <long>((timeout - <double>ts.tv_sec) * 1e9)
+        self.pin()
+        try:
+            with nogil:
+                r = shm_futex_wait(p, expected, &ts if timeout >= 0 else NULL)
+        finally:
+            self.unpin()
+        return r != -ETIMEDOUT
+
+    def futex_wake(self, Py_ssize_t off, int n=0x7FFFFFFF):
+        """Wake up to n sleepers of futex_wait on the u32 at off; how many were woken."""
+        cdef int r = shm_futex_wake(self.wptr(off, 4, 4), n)
+        return max(r, 0)
 
     def read(self, Py_ssize_t off, Py_ssize_t n):
         """Copy n bytes at off into a new bytes object (non-atomic)."""
@@ -932,6 +970,7 @@ cdef class SlotPool:
     cdef list extent_regions  # per class: [Region or None for extent 0, ...]
     cdef Py_ssize_t journal_base
     cdef readonly uint32_t journal_count
+    cdef public bint waiters  # FEATURE_POOL_WAITERS: freers wake the class's futex sleepers
 
     def __init__(self, Region region, classes, journals=None):
         """`journals` = (peer_table_offset, max_guests) turns on FEATURE_POOL_JOURNAL: a guest's pop
@@ -1234,6 +1273,7 @@ cdef class SlotPool:
             if j != NULL:
                 shm_store64(j, 0, SHM_RELEASE)
             if seen == expected:
+                self.c_wake(c, 1)
                 return 1
         if not strict:
             return 0
@@ -1335,7 +1375,130 @@ cdef class SlotPool:
                     w = shm_load64(m, SHM_ACQUIRE)
                     if (w >> 32) == SHMHUB_SLOT_ALLOCATED and shm_load32(m + SHMHUB_META_OWNER, SHM_ACQUIRE) == owner:
                         freed += self.c_free(c, e, s, <uint32_t>w, False, 0)
+        if freed:
+            self.wake_all()
         return freed
+
+    # -- waiting for a free slot (FEATURE_POOL_WAITERS) -----------------------------------------
+    # An eventcount per class (CLS_WAITERS, docs/extensions.md bit 4): a waiter sets the waiting bit
+    # (SeqCst), re-tries the pop, then sleeps on the word's value; a freer pushes, fences, and if it
+    # sees the bit clears it, advances the sequence and wakes one sleeper. Either the waiter's pop
+    # sees the push or the freer sees the bit (Dekker), and a change between the waiter's store and
+    # its sleep makes the sleep return at once, so no wakeup is lost. A waiter sets the bit again
+    # whenever its sleep ends (others may still sleep), so the bit is self-correcting: a waiter
+    # killed in its sleep costs at most one wake-up with nobody to wake, never a count that drifts.
+    # Wake-one keeps 64 waiters from stampeding for each freed slot.
+
+    cdef inline char* waiters_word(self, int c) noexcept:
+        return self.region.base + self.cls[c].header + SHMHUB_CLS_WAITERS
+
+    cdef int c_wake(self, int c, int n) noexcept:
+        cdef char* p
+        if not self.waiters or self.region.closed or not self.region.writable:
+            return 0
+        cdef uint32_t v, seen
+        p = self.waiters_word(c)
+        shm_fence(SHM_SEQ_CST)
+        v = shm_load32(p, SHM_RELAXED)
+        while v & SHMHUB_POOL_WAITERS_MASK:
+            seen = shm_cas32(p, v, (v + <uint32_t>SHMHUB_POOL_WAKE_STEP) & ~(<uint32_t>SHMHUB_POOL_WAITERS_MASK))
+            if seen == v:
+                shm_futex_wake(p, n)
+                return 1
+            v = seen
+        return 0
+
+    def wake_all(self):
+        """Wake every slot waiter of every class (recovery, growth, a closing link), whether the
+        waiting bit is set or not: a waiter killed between its wake-up and setting the bit again
+        may have left sleepers behind a clear bit."""
+        cdef int c
+        cdef char* p
+        if not self.waiters or self.region.closed or not self.region.writable:
+            return
+        for c in range(self.num_classes):
+            p = self.waiters_word(c)
+            shm_fetch_add32(p, <uint32_t>SHMHUB_POOL_WAKE_STEP, SHM_SEQ_CST)
+            shm_futex_wake(p, 0x7FFFFFFF)
+
+    def waiting(self, int class_idx):
+        """1 if a thread of some process may sleep waiting for a slot of this class, else 0."""
+        self.check_class(class_idx)
+        if not self.waiters:
+            return 0
+        return shm_load32(self.base() + self.cls[class_idx].header + SHMHUB_CLS_WAITERS, SHM_ACQUIRE) & SHMHUB_POOL_WAITERS_MASK
+
+    cdef inline bint c_has_free(self, int c) noexcept:
+        return (shm_load64(self.region.base + self.cls[c].header + SHMHUB_CLS_FREE_HEAD, SHM_ACQUIRE) & 0xFFFFFFFF) != SHMHUB_EMPTY_INDEX
+
+    def wait_alloc(self, Py_ssize_t size, uint32_t owner, double timeout=-1, bint take=True):
+        """Allocate like alloc(), sleeping (GIL released) on the fitting classes' futex words until a
+        slot is freed or timeout seconds pass (< 0: no limit). The ref, or None: timed out, or woken
+        while another took the slot; the caller re-checks its own conditions and calls again.
+        take=False only waits: True when a fitting class has a free slot (asyncio waits so, in a
+        thread, and then allocates on the loop all or nothing)."""
+        cdef int cs[SHM_FUTEX_WAITV_MAX]
+        cdef shm_futex_waitv wv[SHM_FUTEX_WAITV_MAX]
+        cdef int n = 0, i, c, r = 0
+        cdef long long got = -1
+        cdef timespec ts
+        cdef int64_t t
+        if not self.waiters:
+            raise ValueError("this segment has no slot waiters (FEATURE_POOL_WAITERS)")
+        self.wbase()
+        for c in range(self.num_classes):
+            if self.cls[c].slot_size >= size and n < SHM_FUTEX_WAITV_MAX:
+                cs[n] = c
+                n += 1
+        if n == 0:
+            return None
+        for i in range(n):
+            wv[i].val = shm_fetch_or32(self.waiters_word(cs[i]), <uint32_t>SHMHUB_POOL_WAITERS_MASK) | <uint32_t>SHMHUB_POOL_WAITERS_MASK
+            wv[i].uaddr = <uint64_t>self.waiters_word(cs[i])
+            wv[i].flags = FUTEX_32_FLAG
+            wv[i].reserved = 0
+        shm_fence(SHM_SEQ_CST)
+        try:
+            for i in range(n):
+                got = self.pop(cs[i], owner) if take else (0 if self.c_has_free(cs[i]) else -1)
+                if got >= 0:
+                    c = cs[i]
+                    break
+            if got < 0:
+                if timeout >= 0:
+                    t = now_ns() + <int64_t>(timeout * 1e9)
+                    ts.tv_sec = t // 1000000000
+                    ts.tv_nsec = t % 1000000000
+                self.region.pin()
+                try:
+                    with nogil:
+                        r = shm_futex_wait_any(wv, n, &ts if timeout >= 0 else NULL)
+                        if r == -ENOSYS:  # before Linux 5.16: the smallest fitting class only
+                            if timeout >= 0:
+                                ts.tv_sec = <long>timeout
+                                ts.tv_nsec = <long>((timeout - <double>ts.tv_sec) * 1e9)
+                            shm_futex_wait(<void*>wv[0].uaddr, <uint32_t>wv[0].val, &ts if timeout >= 0 else NULL)
+                finally:
+                    self.region.unpin()
+                for i in range(n):
+                    got = self.pop(cs[i], owner) if take else (0 if self.c_has_free(cs[i]) else -1)
+                    if got >= 0:
+                        c = cs[i]
+                        break
+        finally:
+            for i in range(n):  # others may still sleep: the next freer must look (self-correcting bit)
+                shm_fetch_or32(self.waiters_word(cs[i]), <uint32_t>SHMHUB_POOL_WAITERS_MASK)
+        # Pass the baton: a slot freed while we were between our wake-up and setting the bit again
+        # found the bit clear and woke nobody; if a fitting class still has free slots, wake one.
+        if take:
+            for i in range(n):
+                if self.c_has_free(cs[i]):
+                    self.c_wake(cs[i], 1)
+        if not take:
+            return got >= 0
+        if got < 0:
+            return None
+        return self.split(c, got)
 
     def counts(self, int class_idx):
         """(free, allocated) slot counts of a class over its mapped extents, from the slot states."""
@@ -1376,6 +1539,7 @@ cdef class SlotPool:
         if e < 1:
             raise ValueError("no appended extent to publish")
         self.push_chain(class_idx, <uint32_t>e * ci.slot_count, self.meta(class_idx, e, ci.slot_count - 1))
+        self.wake_all()
 
 
 cdef void chain_meta(char* meta, uint32_t count, uint32_t first_global) noexcept:
@@ -1586,14 +1750,121 @@ cdef class Message:
 # Fused hot paths over a ring and the pool (one call per message from the link)
 # ---------------------------------------------------------------------------------------------
 
-cdef int c_pop_fit(SlotPool pool, Py_ssize_t n, uint32_t owner, int* e, uint32_t* s, uint32_t* gen) except -3:
+cdef struct HeldRef:
+    int c, e
+    uint32_t s, gen
+
+
+cdef class SlotShares:
+    """One link direction's slots, per class, for the slot share (FEATURE_POOL_WAITERS,
+    docs/extensions.md): the sender remembers each slot ref it committed and counts it until the
+    slot's meta word no longer says Allocated under that generation (its receiver freed it, or
+    recovery did). Exact per class, kept by the sender alone: no shared counter to drift."""
+    cdef SlotPool pool
+    cdef Region hdr
+    cdef HeldRef* refs
+    cdef Py_ssize_t n, cap
+    cdef uint32_t per_class[256]
+    cdef public bint over  # the last allocation skipped a class where this link holds its share
+
+    def __cinit__(self, SlotPool pool, Region hdr):
+        self.pool, self.hdr = pool, hdr
+        self.n = self.cap = 0
+        self.refs = NULL
+        memset(self.per_class, 0, sizeof(self.per_class))
+
+    def __dealloc__(self):
+        PyMem_Free(self.refs)
+
+    cdef uint32_t share(self, int c) noexcept:
+        """max(SLOT_SHARE_MIN, slots of class c - SLOT_SHARE_MIN x (link directions - 1)): a link
+        leaves SLOT_SHARE_MIN slots for each other one. No limit if the host set none."""
+        cdef uint32_t links
+        cdef uint64_t slots, reserve
+        if self.hdr.closed:
+            return 0xFFFFFFFF
+        links = shm_load32(self.hdr.base + SHMHUB_HDR_SHARE_LINKS, SHM_RELAXED)
+        if links == 0:
+            return 0xFFFFFFFF
+        slots = <uint64_t>self.pool.cls[c].slot_count * <uint64_t>self.pool.cls[c].nmapped
+        reserve = <uint64_t>SHMHUB_SLOT_SHARE_MIN * (<uint64_t>links - 1)
+        if slots <= reserve + SHMHUB_SLOT_SHARE_MIN:
+            return <uint32_t>SHMHUB_SLOT_SHARE_MIN
+        return <uint32_t>min(slots - reserve, <uint64_t>0xFFFFFFFE)
+
+    cdef void prune(self) noexcept:
+        """Forget the refs whose slot was freed since."""
+        cdef Py_ssize_t i, j = 0
+        cdef HeldRef r
+        if self.pool.region.closed:
+            return
+        for i in range(self.n):
+            r = self.refs[i]
+            if shm_load64(self.pool.meta(r.c, r.e, r.s), SHM_ACQUIRE) == meta_word(r.gen, <uint32_t>SHMHUB_SLOT_ALLOCATED):
+                self.refs[j] = r
+                j += 1
+            else:
+                self.per_class[r.c] -= 1
+        self.n = j
+
+    cdef bint may_take(self, int c) noexcept:
+        cdef uint32_t share = self.share(c)
+        if self.per_class[c] < share:
+            return True
+        self.prune()
+        return self.per_class[c] < share
+
+    cdef int hold(self, int c, int e, uint32_t s, uint32_t gen) except -1:
+        cdef HeldRef* grown
+        if self.n == self.cap:
+            grown = <HeldRef*>PyMem_Realloc(self.refs, sizeof(HeldRef) * (self.cap * 2 + 16))
+            if grown == NULL:
+                raise MemoryError()
+            self.refs, self.cap = grown, self.cap * 2 + 16
+        self.refs[self.n].c, self.refs[self.n].e, self.refs[self.n].s, self.refs[self.n].gen = c, e, s, gen
+        self.n += 1
+        self.per_class[c] += 1
+        return 0
+
+    def add(self, int c, int e, uint32_t s, uint32_t gen):
+        """A slot ref was committed on this link."""
+        self.pool.check_ref(c, e, s)
+        self.hold(c, e, s, gen)
+
+    def held(self, int class_idx):
+        """Slots of this class the link holds now (committed, not yet freed)."""
+        self.pool.check_class(class_idx)
+        self.prune()
+        return self.per_class[class_idx]
+
+    def limit(self, int class_idx):
+        """This link direction's share of a class now (0xFFFFFFFF: no limit)."""
+        self.pool.check_class(class_idx)
+        return self.share(class_idx)
+
+    def alloc(self, Py_ssize_t size, uint32_t owner):
+        """pool.alloc(size, owner) within this link's shares: a ref, or None (see `over`)."""
+        cdef int c, e = 0
+        cdef uint32_t s = 0, gen = 0
+        c = c_pop_fit(self.pool, size - <Py_ssize_t>SHMHUB_SLOT_LEN_PREFIX, owner, &e, &s, &gen, self)
+        return None if c < 0 else (c, e, s, gen)
+
+
+cdef int c_pop_fit(SlotPool pool, Py_ssize_t n, uint32_t owner, int* e, uint32_t* s, uint32_t* gen,
+                   SlotShares shares=None) except -3:
     """A slot for an n-byte payload from the smallest fitting class, then larger ones (as
-    SlotPool.alloc): its class, or -1 when all are exhausted. NeedExtent as pool.pop."""
+    SlotPool.alloc): its class, or -1 when all are exhausted. With `shares`, classes where the link
+    holds its share are skipped (shares.over says so). NeedExtent as pool.pop."""
     cdef long long r
     cdef int c
     cdef uint32_t idx
+    if shares is not None:
+        shares.over = False
     for c in range(pool.num_classes):
         if <Py_ssize_t>pool.cls[c].slot_size - <Py_ssize_t>SHMHUB_SLOT_LEN_PREFIX < n:
+            continue
+        if shares is not None and not shares.may_take(c):
+            shares.over = True
             continue
         r = pool.pop(c, owner)
         if r >= 0:
@@ -1605,7 +1876,7 @@ cdef int c_pop_fit(SlotPool pool, Py_ssize_t n, uint32_t owner, int* e, uint32_t
     return -1
 
 
-cdef int c_send_slot(Ring ring, SlotPool pool, const char* buf, Py_ssize_t n, uint32_t owner) except -3:
+cdef int c_send_slot(Ring ring, SlotPool pool, const char* buf, Py_ssize_t n, uint32_t owner, SlotShares shares=None) except -3:
     """One payload by slot reference: room in the ring is checked first, so nothing is held on
     failure. -1 ring full, -2 pool exhausted, 0 sent. NeedExtent if the free slot is in an extent
     not mapped here yet (nothing taken)."""
@@ -1616,7 +1887,7 @@ cdef int c_send_slot(Ring ring, SlotPool pool, const char* buf, Py_ssize_t n, ui
     ring.wlive()
     if not ring.c_room(SHMHUB_SLOT_REF_FRAME_SIZE):
         return -1
-    c = c_pop_fit(pool, n, owner, &e, &s, &gen)
+    c = c_pop_fit(pool, n, owner, &e, &s, &gen, shares)
     if c < 0:
         return -2
     p = pool.slot_data(c, e, s)
@@ -1628,17 +1899,19 @@ cdef int c_send_slot(Ring ring, SlotPool pool, const char* buf, Py_ssize_t n, ui
         return -1
     put_slot_ref(ring.data + off, c, e, s, gen)
     ring.c_commit(SHMHUB_SLOT_REF_FRAME_SIZE)
+    if shares is not None:
+        shares.hold(c, e, s, gen)
     return 0
 
 
-def send_slot(Ring ring, SlotPool pool, payload, uint32_t owner, bint check_waiter):
+def send_slot(Ring ring, SlotPool pool, payload, uint32_t owner, bint check_waiter, SlotShares shares=None):
     """c_send_slot for Python: -1 (ring full), -2 (pool exhausted), else 1 when the consumer
     announced it sleeps and 0 otherwise."""
     cdef Py_buffer b
     cdef int r
     PyObject_GetBuffer(payload, &b, PyBUF_SIMPLE)
     try:
-        r = c_send_slot(ring, pool, <const char*>b.buf, b.len, owner)
+        r = c_send_slot(ring, pool, <const char*>b.buf, b.len, owner, shares)
     finally:
         PyBuffer_Release(&b)
     if r < 0:
@@ -1845,6 +2118,37 @@ cdef class LinkCore:
     cdef public LinkStats stats
     cdef public object _on_slot_free  # the bound _slot_freed, made once
     cdef public object _backlog  # frames taken out of the ring (drain_into_backlog) come first
+    cdef public SlotShares _shares  # FEATURE_POOL_WAITERS: this side's slots on the link, per class (or None)
+    # Adaptive spinning: the spin budget halves after each spin that caught nothing and drops to 0
+    # (sleep at once: the peer is not running, e.g. more runnable processes than cores), with a
+    # short probe every SPIN_PROBE_EVERY waits; one spin that pays restores spin_ns.
+    cdef public int64_t _spin_budget
+    cdef int _spin_skips
+
+    cdef inline int64_t c_spin_budget(self) noexcept:
+        if self._spin_budget > 0:
+            return min(self._spin_budget, self.spin_ns)
+        self._spin_skips += 1
+        if self._spin_skips >= SPIN_PROBE_EVERY:
+            self._spin_skips = 0
+            return self.spin_ns >> 2
+        return 0
+
+    cdef inline void c_spin_result(self, bint ok) noexcept:
+        if ok:
+            self._spin_budget = self.spin_ns
+        else:
+            self._spin_budget >>= 1
+            if self._spin_budget < SPIN_MIN_NS:
+                self._spin_budget = 0
+
+    def spin_budget(self):
+        """How long the next wait of this link may spin (ns), adapted to how recent spins went."""
+        return self.c_spin_budget()
+
+    def spin_result(self, bint ok):
+        """Report whether a spin of spin_budget() caught the event."""
+        self.c_spin_result(ok)
 
     # -- send ----------------------------------------------------------------------------
 
@@ -1875,7 +2179,7 @@ cdef class LinkCore:
                         r = self._tx.c_put_inline(p, n)
                     else:
                         try:
-                            r = c_send_slot(self._tx, self._pool, p, n, self._owner)
+                            r = c_send_slot(self._tx, self._pool, p, n, self._owner, self._shares)
                         except NeedExtent:
                             r = -1  # the slow path maps the extent
                     if r >= 0 and self._elide:
@@ -1912,7 +2216,7 @@ cdef class LinkCore:
         cdef uint32_t s = 0, gen = 0
         if self._ok and 0 <= nbytes <= self._fast_max:
             try:
-                c = c_pop_fit(self._pool, nbytes, self._owner, &e, &s, &gen)
+                c = c_pop_fit(self._pool, nbytes, self._owner, &e, &s, &gen, self._shares)
             except NeedExtent:
                 c = -1  # the slow path maps the extent
         if c < 0:
@@ -1961,6 +2265,8 @@ cdef class LinkCore:
                     shm_put_u32(self._pool.slot_data(m.sc, m.se, m.ss), <uint32_t>n)  # n <= the reserved length
                     put_slot_ref(self._tx.data + off, m.sc, m.se, m.ss, m.sgen)
                     self._tx.c_commit(SHMHUB_SLOT_REF_FRAME_SIZE)
+                    if self._shares is not None:
+                        self._shares.hold(m.sc, m.se, m.ss, m.sgen)
                     m.detach()  # committed: the slot now travels with the ref
                     sent = True
                     wake = self._elide and self._tx.c_waiting(False)
@@ -2043,7 +2349,8 @@ cdef class LinkCore:
         return self.c_try_recv(True)
 
     cdef object c_recv(self, timeout, bint as_bytes):
-        cdef int64_t t0 = 0, budget = self.spin_ns
+        cdef int64_t t0 = 0, budget = self.c_spin_budget()
+        cdef bint spun = False
         r = SLOW
         if timeout is not None:
             if timeout < 0:
@@ -2057,6 +2364,7 @@ cdef class LinkCore:
                     # GIL released; the rx lock stays ours. A Ring subclass (test instrumentation)
                     # keeps its own spin_readable.
                     spun = self._rx._spin(0, budget) if type(self._rx) is Ring else self._rx.spin_readable(budget)
+                    self.c_spin_result(spun)
                     if spun:
                         r = self.c_poll(as_bytes)
             finally:

@@ -17,8 +17,10 @@ here blocks the loop or spins on it:
 * Threading locks are taken without blocking and never held across an await, so close() and host
   recovery never wait for a suspended task; a busy lock means "another thread is at it": re-check
   in bounded slices.
-* Slot exhaustion can be relieved by any process freeing a slot, so that wait re-checks at least
-  every ASYNC_SLICE even without a doorbell (DECISIONS 10, trap 8); so does a wait for a mapping.
+* Slot exhaustion can be relieved by any process freeing a slot, which no doorbell reports: a helper
+  thread sleeps on the pool's futex (FEATURE_POOL_WAITERS) without allocating and wakes the task,
+  which then tries again all or nothing (on a v7 segment it re-checks every ASYNC_SLICE, DECISIONS
+  10, trap 8). A link at its slot share, ring room and mapping leases wait on the doorbell.
 * A call that finds its message (or room) at once does not suspend, so a busy loop over arecv /
   asend would never let other tasks run: every call first yields to the loop if this thread has not
   suspended in shmhub for YIELD_AFTER seconds (before anything is taken: a cancellation there loses
@@ -36,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
 
 from ._native import Message
 from .errors import HostGone, LinkClosed, PeerDead, ShmTimeout
+from .layout import SLOT_LEN_PREFIX
 from .link import POLL_SLICE, Link, _deadline, _remaining
 
 if TYPE_CHECKING:
@@ -44,16 +47,21 @@ if TYPE_CHECKING:
 # Re-check period when the doorbell cannot tell us (another thread polls it, its lock is busy,
 # slot / mapping exhaustion that other processes may relieve).
 ASYNC_SLICE = 0.001
-# arecv_any() re-scans the guest table at least this often (guests spawned meanwhile).
-ANY_RESCAN = 0.1
-# ... and this often while there is no guest at all.
-EMPTY_RESCAN = 0.01
 
 # Longest stretch a task may run through shmhub calls that complete at once before it yields.
 YIELD_AFTER = 0.001
 
 _WAIT = object()   # not ready; the doorbell (or a wake_all) will tell
 _SLICE = object()  # not ready; re-check within ASYNC_SLICE whatever happens
+
+
+class _Futex:
+    """Not ready: the slot pool is exhausted; a free anywhere (the pool's futex) will tell."""
+
+    __slots__ = ("need",)
+
+    def __init__(self, need: int) -> None:
+        self.need = need
 
 
 class _LastSuspend(threading.local):
@@ -78,7 +86,7 @@ def _resolve(fut: asyncio.Future) -> None:
 class _Sleep:
     """One sleep of one task on the doorbells of one or more links."""
 
-    __slots__ = ("loop", "fut", "cap", "waker", "watched", "owned")
+    __slots__ = ("loop", "fut", "cap", "waker", "watched", "owned", "pool", "helper")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
@@ -87,6 +95,8 @@ class _Sleep:
         self.waker = self._wake
         self.watched: List[Any] = []  # _Waiters whose wake_all() wakes us
         self.owned: List[Tuple[Any, int]] = []  # (_Waiter, dup'd doorbell fd) we poll
+        self.pool: Any = None
+        self.helper: Optional[threading.Thread] = None  # sleeps on the pool's futex for us
 
     def limit(self, seconds: float) -> None:
         self.cap = seconds if self.cap is None else min(self.cap, seconds)
@@ -125,6 +135,25 @@ class _Sleep:
         waiter.async_poll = True
         self.loop.add_reader(fd, self._on_ring, link, fd)
 
+    def futex(self, link: Link, need: int, timeout: Optional[float]) -> None:
+        """Be woken when a slot of a class fitting `need` bytes is freed by any process: a daemon
+        thread sleeps on the pool's futex words (GIL released) and resolves our future."""
+        pool = link._pool
+        if not pool.waiters:
+            self.limit(ASYNC_SLICE)  # a v7 segment: nothing to sleep on
+            return
+        self.pool = pool
+
+        def run() -> None:
+            try:
+                pool.wait_alloc(need, link._owner, -1.0 if timeout is None else timeout, False)
+            except (ValueError, OSError):
+                pass  # the segment was closed: the task re-checks and raises
+            self._wake()
+
+        self.helper = threading.Thread(target=run, name="shmhub-aio-slot-wait", daemon=True)
+        self.helper.start()
+
     def _on_ring(self, link: Link, fd: int) -> None:
         try:
             link.doorbell.drain()
@@ -132,6 +161,8 @@ class _Sleep:
             self.loop.remove_reader(fd)  # EOF stays readable: stop listening
             link._mark_dead(str(e) or type(e).__name__)
         link._waiter.wake_all()  # threads on the condition and every asyncio waiter re-check
+        if link._waiter.on_drain is not None:
+            link._waiter.on_drain()  # Host.recv_any may have wanted that byte
 
     async def sleep(self, timeout: Optional[float]) -> None:
         if self.cap is not None:
@@ -159,6 +190,14 @@ class _Sleep:
                 wake()
         self.owned.clear()
         self.watched.clear()
+        if self.helper is not None and self.helper.is_alive():
+            # Woken by something else (cancelled, timed out, a doorbell): release the helper. This
+            # wakes every slot waiter once; each re-checks and sleeps again.
+            try:
+                self.pool.wake_all()
+            except (ValueError, OSError):
+                pass
+        self.helper = None
 
 
 async def _until(link: Link, attempt: Callable[[], Any], ring, producer: bool, deadline: Optional[float]):
@@ -168,7 +207,7 @@ async def _until(link: Link, attempt: Callable[[], Any], ring, producer: bool, d
     await _checkpoint()
     while True:
         r = attempt()
-        if r is not _WAIT and r is not _SLICE:
+        if r is not _WAIT and r is not _SLICE and type(r) is not _Futex:
             return r
         link._check()
         rem = _remaining(deadline)
@@ -183,10 +222,12 @@ async def _until(link: Link, attempt: Callable[[], Any], ring, producer: bool, d
             announced = True
             sl.watch(link)
             r = attempt()  # re-check after announcing (no lost wakeup)
-            if r is not _WAIT and r is not _SLICE:
+            if r is not _WAIT and r is not _SLICE and type(r) is not _Futex:
                 return r
             if r is _SLICE:
                 sl.limit(ASYNC_SLICE)
+            elif type(r) is _Futex:
+                sl.futex(link, r.need, rem)
             link._check()
             await sl.sleep(rem)
         except ValueError:
@@ -249,8 +290,11 @@ async def asend(link: Link, data, timeout: Optional[float] = None) -> None:
                 st.slot_exhaustion_waits += 1
             else:
                 st.mapping_waits += 1
-        # Ring room is freed by our peer only (it rings); slots and mappings may be freed by others.
-        return _WAIT if why == "ring" else _SLICE
+        # Ring room, our share of the pool and mapping leases are given back by our peer (it rings);
+        # a slot of an exhausted pool may be freed by anyone (the pool's futex).
+        if why == "slot" and not (link._shares is not None and link._shares.over):
+            return _Futex(n + SLOT_LEN_PREFIX)
+        return _WAIT
 
     await _until(link, attempt, link._tx, True, deadline)
 
@@ -274,48 +318,32 @@ class LinkIterator:
 
 
 async def arecv_any(host: "Host", timeout: Optional[float] = None) -> Tuple["GuestHandle", Message]:
-    """The next message from any guest (round-robin), waiting on all their doorbells at once."""
+    """The next message from any guest (round-robin): the same readiness set as Host.recv_any, its
+    epoll fd watched by the running loop."""
     deadline = _deadline(timeout)
     loop = asyncio.get_running_loop()
+    queue = host._any
+    host._activate_any()
     await _checkpoint()
     while True:
         host._check_open()
-        got, handles = host._poll_any()
+        got = queue.next()
         if got is not None:
             return got
         rem = _remaining(deadline)
         if rem is not None and rem <= 0:
             raise ShmTimeout("no message from any guest")
-        await _sleep_any(loop, [h for h in handles if h.link.alive], rem)
-
-
-async def _sleep_any(loop: asyncio.AbstractEventLoop, live: List["GuestHandle"], rem: Optional[float]) -> None:
-    sl = _Sleep(loop)
-    sl.limit(ANY_RESCAN if live else EMPTY_RESCAN)
-    announced: List[Link] = []
-    try:
-        for h in live:
-            link = h.link
-            if link._rx_lock.locked():  # another thread receives from this guest: it owns the flag
-                sl.limit(ASYNC_SLICE)
-                continue
-            try:
-                link._waiter.announce(link._rx, False)
-            except ValueError:
-                continue  # torn down meanwhile
-            announced.append(link)
-            sl.watch(link)
-        for link in announced:  # re-check after announcing (no lost wakeup)
-            try:
-                if link._backlog or not link.alive or link._rx.has_data():
-                    return
-            except ValueError:
-                return
-        await sl.sleep(rem)
-    finally:
-        sl.close()
-        for link in announced:
-            link._waiter.withdraw(link._rx, False)
+        fut = loop.create_future()
+        fd = queue.ep.fileno()
+        loop.add_reader(fd, _resolve, fut)
+        timer = None if rem is None else loop.call_later(rem, _resolve, fut)
+        try:
+            await fut
+        finally:
+            _last.t = time.monotonic()
+            loop.remove_reader(fd)
+            if timer is not None:
+                timer.cancel()
 
 
 __all__ = ["arecv", "asend", "arecv_any", "LinkIterator", "ASYNC_SLICE"]

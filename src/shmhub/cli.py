@@ -18,6 +18,7 @@ INSPECT_SCHEMA = 1
 def inspect_segment(seg: Segment) -> Dict[str, Any]:
     """Everything `inspect --json` prints (schema documented in docs/inspect.md)."""
     cfg, lay = seg.config, seg.layout
+    waiters = seg.features & L.FEATURE_POOL_WAITERS
     peers = []
     for pid in range(1, cfg.max_guests + 1):
         rings = {}
@@ -46,7 +47,7 @@ def inspect_segment(seg: Segment) -> Dict[str, Any]:
         tag, head = seg.pool.free_head(info["class"])
         info.update(header_offset=c.header_offset, meta_offset=c.meta_offset, data_offset=c.data_offset, free_head_index=head, free_head_tag=tag,
                     extents=seg.extent_count(info["class"]), max_extents=seg.max_extents(info["class"]),
-                    extent_offsets=seg.extent_offsets(info["class"]))
+                    extent_offsets=seg.extent_offsets(info["class"]), waiters=seg.pool.waiting(info["class"]))
     return {
         "schema": INSPECT_SCHEMA,
         "header": {
@@ -66,6 +67,8 @@ def inspect_segment(seg: Segment) -> Dict[str, Any]:
             "host_goodbye": int(seg.host_goodbye),
             "num_var_slot_classes": len(cfg.size_classes),
             "features": seg.features,
+            "attention": seg.region.load_u32(L.HDR_ATTENTION) if waiters else 0,
+            "share_links": seg.region.load_u32(L.HDR_SHARE_LINKS) if waiters else 0,
             "file_size": seg.file_size,
         },
         "peers": peers,

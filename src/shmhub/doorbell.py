@@ -83,21 +83,35 @@ class Doorbell:
                 raise PeerDead("doorbell peer closed its end (EOF)")
             total += len(data)
 
-    def wait(self, timeout: Optional[float]) -> bool:
-        """Sleep (GIL released) until a byte or EOF arrives or timeout passes; drain. True if woken."""
+    def wait(self, timeout: Optional[float], wake_fd: Optional[int] = None) -> bool:
+        """Sleep (GIL released) until a byte or EOF arrives, wake_fd (an eventfd of this process)
+        becomes readable, or timeout passes (None: no limit); drain both. True if woken."""
         p = select.poll()
         p.register(self._fd, select.POLLIN | select.POLLRDHUP)
-        ms = -1 if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        while True:
-            try:
-                events = p.poll(ms)
-                break
-            except InterruptedError:  # PEP 475 retries poll itself; kept for clarity on old kernels
-                continue
+        if wake_fd is not None:
+            p.register(wake_fd, select.POLLIN)
+        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+        events = p.poll(ms)  # PEP 475: EINTR is retried with the remaining time
         if not events:
             return False
+        for fd, _ in events:
+            if fd == wake_fd:
+                try:
+                    os.eventfd_read(wake_fd)
+                except BlockingIOError:
+                    pass
         self.drain()
         return True
+
+    def hung_up(self) -> bool:
+        """Whether the peer closed its end (checked without blocking or eating a wake byte)."""
+        if self.dead:
+            return True
+        p = select.poll()
+        p.register(self._fd, select.POLLRDHUP)
+        if any(ev & (select.POLLRDHUP | select.POLLHUP) for _, ev in p.poll(0)):
+            self.dead = True
+        return self.dead
 
     def close(self) -> None:
         self.sock.close()

@@ -10,21 +10,153 @@ import socket
 import subprocess
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import layout as L
 from ._native import Message, spin_any_readable
 from . import bigmap, bootstrap
 from .doorbell import Doorbell
-from .errors import LinkCorrupted, PeerDead, ShmTimeout, ShmhubError
+from .errors import HostGone, LinkClosed, LinkCorrupted, PeerDead, ShmTimeout, ShmhubError
 from .guest import ENV, ENV_VERSION
 from .layout import SegmentConfig
 from .link import DEFAULT_SPIN_NS, HOST, POLL_SLICE, Link, _deadline, _remaining
 from .segment import Segment
 
 POOL_OP_GRACE = 0.05  # how long recovery waits for a dead guest's interrupted pool op to be decidable
-MONITOR_TICK = 0.01  # walk-in discovery, growth requests and heartbeat checks
+# Doorbell-less peers (walk-ins on a named segment, a v7 segment without FEATURE_POOL_WAITERS) and
+# heartbeats can only be watched by looking: the attention thread then scans this often. Otherwise
+# it sleeps on the header's attention futex until a guest asks for something (growth, goodbye).
+MONITOR_TICK = 0.01
+ANY_SPIN_GUESTS = 4  # recv_any spins before sleeping only over this few guests (the scan is O(guests))
+
+
+class _AnyQueue:
+    """recv_any's readiness set, O(1) per message in the number of guests: one epoll set over every
+    guest's doorbell kept across calls, and a FIFO of guests that may have data. Each guest's link
+    is watched (Link.fileno: its consumer flag stays announced, so the guest rings on its next
+    message after we found its ring empty); a guest served goes to the back (round robin among the
+    ready ones), and new readiness is collected at least once per round, so none starves."""
+
+    def __init__(self) -> None:
+        self.ep = select.epoll()
+        self.wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)  # close() and other threads' drains
+        self.ep.register(self.wake_fd, select.EPOLLIN)
+        self.by_fd: Dict[int, GuestHandle] = {}
+        self.ready: Deque[GuestHandle] = deque()
+        self.queued: Set[GuestHandle] = set()
+        self.lock = threading.Lock()
+        self.served = 0  # messages since readiness was last collected
+        self.polled: Set[GuestHandle] = set()  # guests without a doorbell
+        self.active = False  # guests are watched from the first recv_any on (watching costs a doorbell ring per idle spell)
+
+    def activate(self, handles: List["GuestHandle"]) -> None:
+        if not self.active:
+            self.active = True
+            for h in handles:
+                if h.link.alive:
+                    self.add(h)
+
+    def add(self, h: "GuestHandle") -> None:
+        if h.link.doorbell is None:  # a doorbell-less walk-in: looked at on every pass, and waits are sliced
+            with self.lock:
+                self.polled.add(h)
+                self._push(h)
+            return
+        fd = h.link.fileno()  # announces the consumer flag for good
+        with self.lock:
+            self.by_fd[fd] = h
+            self.ep.register(fd, select.EPOLLIN)
+            self._push(h)  # it may have sent before we watched
+        h.link._waiter.on_drain = lambda: self.push(h)  # a thread of ours ate its doorbell byte
+
+    def remove(self, h: "GuestHandle", fd: Optional[int]) -> None:
+        with self.lock:
+            self.polled.discard(h)
+            if fd is not None and self.by_fd.get(fd) is h:
+                del self.by_fd[fd]
+                try:
+                    self.ep.unregister(fd)
+                except (OSError, ValueError):
+                    pass
+
+    def _push(self, h: "GuestHandle") -> None:
+        if h not in self.queued:
+            self.queued.add(h)
+            self.ready.append(h)
+
+    def push(self, h: "GuestHandle") -> None:
+        """From any thread: h may have data (a backlog after recovery, a drained doorbell)."""
+        with self.lock:
+            self._push(h)
+        os.eventfd_write(self.wake_fd, 1)
+
+    def collect(self, timeout: Optional[float]) -> None:
+        """Wait (GIL released) up to timeout for readiness and queue the guests that have it."""
+        if self.polled:
+            timeout = POLL_SLICE if timeout is None else min(timeout, POLL_SLICE)
+        try:
+            events = self.ep.poll(-1 if timeout is None else timeout)
+        except (ValueError, OSError):
+            return  # closed by Host.close() meanwhile: the caller sees the host closed
+        with self.lock:
+            self._queue(events)
+
+    def _queue(self, events) -> None:
+        for fd, _ in events:
+            if fd == self.wake_fd:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
+                continue
+            h = self.by_fd.get(fd)
+            if h is not None:
+                self._push(h)
+
+    def next(self) -> Optional[Tuple["GuestHandle", Message]]:
+        """The next message from a ready guest, round robin, without waiting."""
+        with self.lock:
+            if self.served >= max(16, len(self.ready)):
+                self.served = 0
+                self._queue(self.ep.poll(0))
+            for h in self.polled:
+                self._push(h)
+            for _ in range(2):
+                for _ in range(len(self.ready)):
+                    h = self.ready.popleft()
+                    self.queued.discard(h)
+                    msg = self._take(h.link)
+                    if msg is not None:
+                        self._push(h)
+                        self.served += 1
+                        return h, msg
+                self.served = 0
+                self._queue(self.ep.poll(0))
+                if not self.ready:
+                    break
+            return None
+
+    @staticmethod
+    def _take(link: Link) -> Optional[Message]:
+        """One message of a ready guest, or None (empty: its flag re-armed; gone; or another thread
+        receives from it right now, which then re-queues it through on_drain)."""
+        if not link._rx_lock.acquire(blocking=False):
+            return None
+        try:
+            msg = link._poll_locked()
+            if msg is None and link.alive and link.doorbell is not None:
+                msg = link._rearm_locked()  # announce, drain the doorbell, look once more
+            return msg
+        except (PeerDead, HostGone, LinkClosed, LinkCorrupted, ValueError):
+            return None  # gone and drained: not ready any more
+        finally:
+            link._rx_lock.release()
+
+    def close(self) -> None:
+        self.ep.close()
+        os.close(self.wake_fd)
 
 
 @dataclass
@@ -65,6 +197,7 @@ class GuestHandle:
         self.process = process
         self.pidfd: Optional[int] = None
         self.recovered = False
+        self.stale = False  # its heartbeat went stale: being stopped and recovered
         self._recover_lock = threading.Lock()
 
     @property
@@ -86,9 +219,11 @@ class GuestHandle:
         if self.process is None:
             raise ValueError("a walk-in guest has no process handle")
         try:
-            return self.process.wait(timeout)
+            code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             raise ShmTimeout(f"guest {self.peer_id} (pid {self.pid}) did not exit within {timeout} s") from None
+        self.host._reaped(self.process)  # its pidfd, kept after recovery until the exit: closed now
+        return code
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -110,18 +245,23 @@ class Host:
         self._lock = threading.RLock()
         self._handles: Dict[int, GuestHandle] = {}
         self._by_fd: Dict[int, GuestHandle] = {}
-        self._rr = 0
+        self._reap_fds: Dict[int, subprocess.Popen] = {}  # pidfds of recovered guests still exiting
+        self._any = _AnyQueue()
         self._spawning: set = set()  # reserved peers not yet registered: not walk-ins
         self._closed = False
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._stopping = False
-        self.segment.on_grow = self.ring_all
+        self.segment.on_grow = self._grown
         self._listener: Optional[bootstrap.Listener] = None
-        self._unreaped: List[subprocess.Popen] = []  # recovered guests that had not exited yet
+        self._unreaped: List[subprocess.Popen] = []  # recovered guests without a pidfd that had not exited yet
+        self._futex = bool(self.segment.features & L.FEATURE_POOL_WAITERS)
+        self._update_share()
         self._monitor = threading.Thread(target=self._monitor_loop, name="shmhub-host-monitor", daemon=True)
         self._monitor.start()
+        self._attention = threading.Thread(target=self._attention_loop, name="shmhub-host-attention", daemon=True)
+        self._attention.start()
 
     # -- guests -----------------------------------------------------------------------------
 
@@ -240,98 +380,65 @@ class Host:
             if handle.pidfd is not None:
                 self._by_fd[handle.pidfd] = handle
                 self._epoll.register(handle.pidfd, select.EPOLLIN)
+            self._update_share()
+            if self._any.active:
+                self._any.add(handle)
         return handle
+
+    def _update_share(self) -> None:
+        """Slot shares (FEATURE_POOL_WAITERS, docs/extensions.md): every sender leaves SLOT_SHARE_MIN
+        slots of each class for every other link direction, so a guest that stops reading cannot
+        take every slot from the others. The host publishes the number of directions."""
+        if self._futex and not self.segment.closed:
+            self.segment.region.store_u32(L.HDR_SHARE_LINKS, 2 * len(self._handles))
+
+    def _grown(self) -> None:
+        self._update_share()
+        self.ring_all()
 
     # -- receiving from any guest -----------------------------------------------------------
 
     def recv_any(self, timeout: Optional[float] = None) -> Tuple[GuestHandle, Message]:
-        """The next message from any guest, round-robin across guests so none starves."""
+        """The next message from any guest, round-robin among the guests with data so none starves.
+        O(1) per message in the number of guests (_AnyQueue); sleeps on one epoll set."""
         deadline = _deadline(timeout)
         spun = False
+        self._activate_any()
         while True:
             self._check_open()
-            got, handles = self._poll_any()
+            got = self._any.next()
             if got is not None:
                 return got
             rem = _remaining(deadline)
             if rem is not None and rem <= 0:
                 raise ShmTimeout("no message from any guest")
-            live = [h for h in handles if h.link.alive]
-            if not spun and live and self.spin_ns:
-                spun = True
+            if not spun and self.spin_ns and 0 < len(self._handles) <= ANY_SPIN_GUESTS:
+                spun = True  # a few guests: catch a reply about to come without a wake-up
+                rings = [h.link._rx for h in list(self._handles.values()) if h.link.alive]
                 budget = self.spin_ns if rem is None else min(self.spin_ns, int(rem * 1e9))
-                if spin_any_readable([h.link._rx for h in live], budget) >= 0:
+                if rings and spin_any_readable(rings, budget) >= 0:
+                    for h in list(self._handles.values()):
+                        self._any.push(h)
                     continue
-            self._sleep_any(live, rem)
+            self._any.collect(rem)
+
+    def _activate_any(self) -> None:
+        if not self._any.active:
+            with self._lock:
+                self._any.activate(list(self._handles.values()))
 
     async def arecv_any(self, timeout: Optional[float] = None) -> Tuple[GuestHandle, Message]:
-        """recv_any() for asyncio: waits on every guest's doorbell through the running loop (shmhub.aio)."""
+        """recv_any() for asyncio: waits on the same epoll set through the running loop (shmhub.aio)."""
         from .aio import arecv_any
         return await arecv_any(self, timeout)
-
-    def _poll_any(self) -> Tuple[Optional[Tuple[GuestHandle, Message]], List[GuestHandle]]:
-        """One round-robin pass over the guests: (guest, message) or None, and the guests looked at."""
-        with self._lock:
-            handles = [h for _, h in sorted(self._handles.items())]
-        n = len(handles)
-        for i in range(n):
-            h = handles[(self._rr + i) % n]
-            link = h.link
-            if not link._rx_lock.acquire(blocking=False):
-                continue  # another thread receives from this guest right now
-            try:
-                msg = link._poll_locked() if (link.alive or link._backlog) else None
-            except (PeerDead, LinkCorrupted):
-                msg = None
-            finally:
-                link._rx_lock.release()
-            if msg is not None:
-                self._rr = (self._rr + i + 1) % max(1, n)
-                return (h, msg), handles
-        return None, handles
-
-    def _sleep_any(self, live: List[GuestHandle], rem: Optional[float]) -> None:
-        """Announce sleep on every rx ring we can own, re-check, then poll all their doorbells."""
-        cap = 0.1  # bounded so guests spawned meanwhile are picked up
-        owned: List[GuestHandle] = []
-        poller = select.poll()
-        try:
-            for h in live:
-                link = h.link
-                if link.doorbell is None or not link._rx_lock.acquire(blocking=False):
-                    cap = POLL_SLICE
-                    continue
-                if not link._waiter.try_begin():  # another thread polls this doorbell (trap 32)
-                    link._rx_lock.release()
-                    cap = min(cap, 0.001)
-                    continue
-                owned.append(h)
-                link._waiter.announce(link._rx, False)
-                poller.register(link.doorbell.fileno(), select.POLLIN | select.POLLRDHUP)
-            if any(h.link._rx.has_data() for h in owned):
-                return
-            timeout = cap if rem is None else max(0.0, min(rem, cap))
-            for fd, _ in poller.poll(int(timeout * 1000 + 0.999)):
-                h = self._by_fd.get(fd)
-                if h is not None:
-                    try:
-                        h.link.doorbell.drain()
-                    except PeerDead as e:
-                        h.link._mark_dead(str(e))
-        finally:
-            for h in owned:
-                h.link._waiter.withdraw(h.link._rx, False)  # a fileno() user's announcement stays
-                h.link._waiter.end()
-                h.link._rx_lock.release()
-        if not owned and not live:
-            time.sleep(min(0.01, cap) if rem is None else max(0.0, min(rem, 0.01)))
 
     # -- death detection and recovery -------------------------------------------------------
 
     def _monitor_loop(self) -> None:
+        """Death detection: sleeps on the doorbells' hang-ups and the guests' pidfds, no timer."""
         while not self._stopping:
             try:
-                events = self._epoll.poll(MONITOR_TICK)
+                events = self._epoll.poll()
             except InterruptedError:
                 continue
             except (OSError, ValueError):
@@ -343,16 +450,48 @@ class Host:
                     except BlockingIOError:
                         pass
                     continue
+                # An event may be stale: another thread (GuestHandle.wait) can close an fd after
+                # epoll reported it, and a new guest's fd reuse the number. Each is re-checked.
+                proc = self._reap_fds.get(fd)
+                if proc is not None:  # a recovered guest has exited: collect it (no zombie)
+                    if proc.poll() is not None:
+                        self._reap_pidfd(fd)
+                    continue
                 h = self._by_fd.get(fd)
-                if h is not None:
-                    self._recover(h, "process exited" if fd == h.pidfd else "doorbell hang-up")
-            if not self._stopping:
-                self._scan_peers()
-                try:
-                    self._serve_growth()
-                except ShmhubError as e:
-                    self._emit(HostEvent("growth_failed", 0, None, str(e)))
-            self._reap()
+                if h is None:
+                    continue
+                if fd == h.pidfd:
+                    if h.process is None or h.process.poll() is None:
+                        continue
+                    reason = "process exited"
+                else:
+                    if h.link.doorbell is None or not h.link.doorbell.hung_up():
+                        continue
+                    reason = "doorbell hang-up"
+                self._recover(h, "heartbeat stale" if h.stale else reason)
+
+    def _attention_loop(self) -> None:
+        """Growth requests (and, where peers cannot ring, walk-ins, goodbyes and heartbeats): sleeps
+        on the header's attention futex, which a guest bumps when it asks for growth or leaves."""
+        seg = self.segment
+        scan = not self._futex or seg.path is not None or bool(seg.config.heartbeat_interval_ns)
+        while not self._stopping:
+            seen = seg.region.load_u32(L.HDR_ATTENTION) if self._futex else 0
+            try:
+                if scan:
+                    self._scan_peers()
+                self._serve_growth()
+                self._reap()
+            except ShmhubError as e:
+                self._emit(HostEvent("growth_failed", 0, None, str(e)))
+            except (ValueError, OSError):
+                return  # the segment was closed under us
+            if self._stopping:
+                return
+            if self._futex:
+                seg.region.futex_wait(L.HDR_ATTENTION, seen, MONITOR_TICK if scan else -1)
+            else:
+                time.sleep(MONITOR_TICK)
 
     def _serve_growth(self) -> None:
         """Grow classes guests asked for, then ring every guest so waiters retry (FEATURE_EXTENTS)."""
@@ -369,9 +508,27 @@ class Host:
                 h.link.doorbell.ring()
 
     def _reap(self) -> None:
-        """Collect guests recovered before they exited (their doorbell hung up first): no zombies."""
+        """Collect guests without a pidfd recovered before they exited: no zombies."""
         with self._lock:
-            self._unreaped = [p for p in self._unreaped if p.poll() is None]
+            if self._unreaped:
+                self._unreaped = [p for p in self._unreaped if p.poll() is None]
+
+    def _reaped(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            fds = [fd for fd, p in self._reap_fds.items() if p is proc] if self._reap_fds else []
+        for fd in fds:
+            self._reap_pidfd(fd)
+
+    def _reap_pidfd(self, fd: int) -> None:
+        with self._lock:
+            proc = self._reap_fds.pop(fd, None)
+            try:
+                self._epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        if proc is not None:
+            proc.poll()
+            os.close(fd)
 
     def _scan_peers(self) -> None:
         """Walk-in guests (named segments), walk-ins that left, and stale heartbeats."""
@@ -389,6 +546,8 @@ class Host:
                 if walk_in:
                     h = self._handles[peer_id] = GuestHandle(self, peer_id, Link(seg, peer_id, None, HOST, spin_ns=self.spin_ns), None)
             if walk_in:
+                if self._any.active:
+                    self._any.add(h)
                 self._emit(HostEvent("attached", peer_id, None))
                 continue
             if h is None or h.recovered:
@@ -397,6 +556,7 @@ class Host:
                 self._recover(h, "walk-in guest said goodbye")
             elif interval and state == L.PEER_ATTACHED and peers.is_stale(peer_id, interval):
                 # DECISIONS 14: a stale heartbeat is a hung guest; stop it before touching its state.
+                h.stale = True  # the monitor may see the kill first: it reports the real cause
                 if h.process is not None:
                     h.kill()
                     try:
@@ -431,14 +591,16 @@ class Host:
                     link._close_maps()  # the dead guest's leases go with its mappings (DECISIONS 11)
                     seg.peers.reset(pid)
                     link._recovered = True
+                    if seg.pool.waiters:
+                        seg.pool.wake_all()  # slot waiters of every process: slots came back
+
             except Exception as e:  # never out of the host's loop
                 self._emit(HostEvent("recovery_failed", pid, h.pid, f"{reason}: {type(e).__name__}: {e}"))
             finally:
                 h.recovered = True
                 self._forget(h)
-            if h.process is not None and h.process.poll() is None:  # poll() reaps
-                with self._lock:
-                    self._unreaped.append(h.process)  # closed its doorbell, still exiting: reap later
+            if link._backlog:
+                self._any.push(h)  # its last frames are still to be received
             kind = "exited" if said_goodbye else "died"
             self._emit(HostEvent(kind, pid, h.pid, reason, detail))
 
@@ -475,20 +637,37 @@ class Host:
         return freed
 
     def _forget(self, h: GuestHandle) -> None:
+        """Stop watching a recovered guest: O(1), its own fds only. A pidfd of a guest still exiting
+        stays in the epoll set until the process is gone, so it is reaped without a timer."""
+        bell = h.link.doorbell
+        self._any.remove(h, bell.fileno() if bell is not None else None)
         with self._lock:
-            for fd in [fd for fd, x in self._by_fd.items() if x is h]:
-                del self._by_fd[fd]
-                try:
-                    self._epoll.unregister(fd)
-                except (OSError, ValueError):
-                    pass
+            for fd in (bell.fileno() if bell is not None else None, h.pidfd):
+                if fd is not None and self._by_fd.get(fd) is h:
+                    del self._by_fd[fd]
+                    if fd != h.pidfd:
+                        try:
+                            self._epoll.unregister(fd)
+                        except (OSError, ValueError):
+                            pass
             if h.pidfd is not None:
-                os.close(h.pidfd)
+                if h.process is not None and h.process.poll() is None and not self._stopping:
+                    self._reap_fds[h.pidfd] = h.process  # still registered: EPOLLIN when it exits
+                else:
+                    try:
+                        self._epoll.unregister(h.pidfd)
+                    except (OSError, ValueError):
+                        pass
+                    os.close(h.pidfd)
                 h.pidfd = None
-            if h.link.doorbell is not None:
-                h.link.doorbell.close()
+            elif h.process is not None and h.process.poll() is None:
+                self._unreaped.append(h.process)
+            h.link._waiter.close()
+            if bell is not None:
+                bell.close()
             if not h.link._backlog and self._handles.get(h.peer_id) is h:
                 del self._handles[h.peer_id]
+            self._update_share()
 
     def _emit(self, ev: HostEvent) -> None:
         self.events.put(ev)
@@ -528,12 +707,21 @@ class Host:
                     time.sleep(0.005)
         self._stopping = True
         os.write(self._wake_w, b"x")
+        if self._futex:
+            self.segment.region.fetch_add_u32(L.HDR_ATTENTION, 1)
+            self.segment.region.futex_wake(L.HDR_ATTENTION)
+        os.eventfd_write(self._any.wake_fd, 1)  # threads in recv_any see the host closed
         self._monitor.join()
+        self._attention.join()
         for h in handles:
             self._recover(h, "host closing")
             h.link._release_backlog()
         with self._lock:
             unreaped, self._unreaped = self._unreaped, []
+            reap_fds, self._reap_fds = self._reap_fds, {}
+        for fd, p in reap_fds.items():
+            os.close(fd)
+            unreaped.append(p)
         for p in unreaped:
             try:
                 p.wait(max(0.0, deadline - time.monotonic()))
@@ -541,6 +729,7 @@ class Host:
                 p.kill()
                 p.wait()
         self._epoll.close()
+        self._any.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
         self.segment.unlink()

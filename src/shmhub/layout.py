@@ -33,6 +33,9 @@ HDR_HOST_GOODBYE = 64  # AtomicU32
 HDR_NUM_CLASSES = 68  # spec's `_pad`; upstream code stores the class count (DECISIONS 2)
 HDR_CURRENT_SIZE = 72  # AtomicU64
 HDR_FEATURES = 80  # first reserved u32: extension bitmask (DECISIONS 4)
+# FEATURE_POOL_WAITERS, in the header's reserved bytes:
+HDR_ATTENTION = 84  # AtomicU32 futex word: a guest bumps it and wakes the host's monitor (growth, goodbye)
+HDR_SHARE_LINKS = 88  # u32, written by the host: link directions sharing the pool (0 = no slot shares)
 HDR_RESERVED_END = 128
 
 # Feature bits (DECISIONS 4). Each is listed in docs/format.md section 3 and its fields in that
@@ -41,7 +44,9 @@ FEATURE_WAITER_FLAGS = 1 << 0  # RING_CONSUMER_WAITING / RING_PRODUCER_WAITING: 
 FEATURE_MMAP_LEASES = 1 << 1  # mmap-tier mappings start with a MAP_HEADER carrying a lease count
 FEATURE_EXTENTS = 1 << 2  # growable slot classes: CLS_EXTENT_* fields, extents appended to the file
 FEATURE_POOL_JOURNAL = 1 << 3  # guests journal the slot pop/free they are in: PEER_POOL_OP*
-KNOWN_FEATURES = FEATURE_WAITER_FLAGS | FEATURE_MMAP_LEASES | FEATURE_EXTENTS | FEATURE_POOL_JOURNAL
+FEATURE_POOL_WAITERS = 1 << 4  # futex waits for free slots (CLS_WAITERS), the host's attention word, slot shares
+KNOWN_FEATURES = (FEATURE_WAITER_FLAGS | FEATURE_MMAP_LEASES | FEATURE_EXTENTS | FEATURE_POOL_JOURNAL
+                  | FEATURE_POOL_WAITERS)
 
 DEFAULT_INLINE_THRESHOLD = 256  # header value 0 means this
 MAX_INLINE_LEN = 0xFFFF  # inline_payload_len is a u16
@@ -166,6 +171,12 @@ CLS_EXTENT_COUNT = 16  # AtomicU32: extents published (extent 0 is the v7 pool i
 CLS_MAX_EXTENTS = 20  # u32: how many this class may have
 CLS_EXTENT_OFFSETS = 24  # u64 x (MAX_EXTENTS - 1): file offsets of extents 1.., page-aligned
 CLS_GROW_REQUEST = 56  # AtomicU32: a guest found the class exhausted and asks the host to grow it
+# FEATURE_POOL_WAITERS: a futex word. Bit 0 is set by a thread about to sleep waiting for a slot of
+# this class; bits 1..31 are a wake sequence a freer advances (clearing bit 0) before FUTEX_WAKE.
+CLS_WAITERS = 60  # AtomicU32
+POOL_WAITERS_MASK = 0x1
+POOL_WAKE_STEP = 0x2
+SLOT_SHARE_MIN = 2  # a link direction may always hold this many slots of a class
 MAX_EXTENTS = 5
 EXTENT_ALIGN = 4096  # extents are mapped on their own, at page-aligned offsets
 

@@ -2,14 +2,16 @@
 inline or by slot reference, spin-then-sleep waits on the pair's doorbell."""
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
+import weakref
 from collections import deque
-from typing import Deque, Optional
+from typing import Callable, Deque, Optional
 
 from . import layout as L
-from ._native import FastLock, LinkCore, LinkStats, Message, NeedExtent, Ring, recv_next, send_slot
+from ._native import FastLock, LinkCore, LinkStats, Message, NeedExtent, Ring, SlotShares, recv_next, send_slot
 from .bigmap import MapReceiver, MapSender, Mapping
 from .doorbell import Doorbell
 from .errors import (
@@ -28,16 +30,19 @@ HOST = "host"
 GUEST = "guest"
 
 # Spin window before sleeping. Waking a sleeping process costs ~50 us here, so a reply that comes
-# within this window is caught without any syscall (issue 3, measured in benchmarks/).
+# within this window is caught without any syscall (issue 3, measured in benchmarks/). The window
+# adapts per link (LinkCore.spin_budget): it shrinks to nothing while spins catch nothing.
 DEFAULT_SPIN_NS = 50_000
-# Slot exhaustion can be relieved by any process freeing a slot, not only our peer, so slot waits
-# sleep in bounded slices and re-try (DECISIONS 10: backpressure, never a busy spin).
+# A v7 segment without FEATURE_POOL_WAITERS has no futex words: slot waits there poll in slices
+# (DECISIONS 10: backpressure, never a busy spin).
 SLOT_WAIT_SLICE = 0.001
 # Without a doorbell (walk-in guests) waits poll in slices this long.
 POLL_SLICE = 0.0005
-# A thread asleep on the doorbell cannot be interrupted by close() in this process (the peer is the
-# only one who can make the fd readable), so it re-checks the link at least this often.
-CLOSE_CHECK = 0.1
+# A guest asleep on a slot futex is woken by frees and by the host's recovery, but a host that dies
+# wakes nobody: the guest looks at its doorbell for the hang-up this often while it waits.
+HOST_DEATH_CHECK = 1.0
+SPIN_ALLOWED = len(os.sched_getaffinity(0)) > 1  # with one CPU the peer never runs while we spin
+_EXHAUSTED = object()  # _take_slot: a share wait found the pool exhausted instead
 
 
 def _as_bytes(msg: Message) -> bytes:
@@ -64,6 +69,10 @@ class _Waiter:
 
     def __init__(self, doorbell: Optional[Doorbell]) -> None:
         self.doorbell = doorbell
+        self._efd: Optional[int] = None  # made at the first sleep: wake_all() (close, death) writes it
+        self.on_drain: Optional[Callable[[], None]] = None  # Host.recv_any: we may have eaten its wake byte
+        self._finalizer: Optional[weakref.finalize] = None
+        self._closed = False  # the link is torn down: sleeps return at once (the caller re-checks)
         self.cond = threading.Condition(threading.Lock())
         self.polling = False
         self.gen = 0
@@ -99,17 +108,38 @@ class _Waiter:
         try:
             if self.doorbell is None:
                 time.sleep(POLL_SLICE if timeout is None else max(0.0, min(timeout, POLL_SLICE)))
-            else:
-                self.doorbell.wait(CLOSE_CHECK if timeout is None else min(timeout, CLOSE_CHECK))
+            elif self._closed:
+                return
+            elif self.doorbell.wait(timeout, self._wake_fd()) and self.on_drain is not None:
+                self.on_drain()
         finally:
             self.end()
+
+    def _wake_fd(self) -> Optional[int]:
+        """An eventfd beside the doorbell: the peer is the only one who can make the doorbell readable,
+        so close() and death in this process wake the poller through this fd instead (no timer)."""
+        with self.cond:
+            if self._efd is None and not self._closed:
+                self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                self._finalizer = weakref.finalize(self, os.close, self._efd)
+            return self._efd
 
     def wake_all(self) -> None:
         with self.cond:
             self.gen += 1
             self.cond.notify_all()
+            if self._efd is not None and self.polling:
+                os.eventfd_write(self._efd, 1)
         for wake in tuple(self.wakers):
             wake()
+
+    def close(self) -> None:
+        """Close the wake fd (no thread sleeps on this doorbell any more)."""
+        with self.cond:
+            self._closed = True
+            if self._finalizer is not None:
+                self._finalizer()
+            self._efd = self._finalizer = None
 
     def announce(self, ring: Ring, producer: bool) -> None:
         """Set the ring's waiting flag (store + fence) for one more waiter of this process. Counted: a
@@ -177,6 +207,11 @@ class Link(LinkCore):
             tx_fields, rx_fields = rx_fields, tx_fields
         self._tx_counters = tuple(entry + f for f in tx_fields)  # for inspect (FEATURE_MMAP_LEASES)
         self._rx_leases = entry + rx_fields[2]
+        if segment.features & L.FEATURE_POOL_WAITERS:  # the slot share (docs/extensions.md, bit 4)
+            self._shares = SlotShares(self._pool, segment.region)
+        if not SPIN_ALLOWED:
+            self.spin_ns = 0
+        self._spin_budget = self.spin_ns
         self._tx_lock = FastLock()
         self._rx_lock = FastLock()
         self._on_slot_free = self._slot_freed
@@ -214,9 +249,12 @@ class Link(LinkCore):
 
     def _mark_dead(self, reason: str) -> None:
         self._ok = False
-        if self._dead is None:
+        first = self._dead is None
+        if first:
             self._dead = reason
         self._waiter.wake_all()
+        if first and self._pool.waiters and not self.segment.closed:
+            self._pool.wake_all()  # a thread of ours may sleep on a slot futex (holding the tx lock)
 
     def _gone_error(self) -> Exception:
         if self.side == GUEST:
@@ -266,12 +304,14 @@ class Link(LinkCore):
         r = attempt()
         if r is not None and r is not False:
             return r
-        if spin is not None and self.spin_ns:
-            budget = self.spin_ns
+        budget = self.spin_budget() if spin is not None else 0
+        if budget:
             rem = _remaining(deadline)
             if rem is not None:
                 budget = min(budget, max(0, int(rem * 1e9)))
-            if spin(budget):
+            ok = spin(budget)
+            self.spin_result(ok)
+            if ok:
                 r = attempt()
                 if r is not None and r is not False:
                     return r
@@ -480,6 +520,7 @@ class Link(LinkCore):
             if not sent:
                 self._pool.free_if_current(c, e, s, gen, self._owner)
                 return "ring"
+            self._hold(c, e, s, gen)
             self.stats.sent_slot += 1
             self.stats.sent_bytes_slot += n
         else:
@@ -507,17 +548,13 @@ class Link(LinkCore):
     def _send_slot(self, mv, n: int, deadline: Optional[float]) -> None:
         seg, tx, need = self.segment, self._tx, n + L.SLOT_LEN_PREFIX
         try:
-            if send_slot(tx, self._pool, mv, self._owner, False) >= 0:  # the caller notifies
+            if send_slot(tx, self._pool, mv, self._owner, False, self._shares) >= 0:  # the caller notifies
                 self.stats.sent_slot += 1
                 self.stats.sent_bytes_slot += n
                 return
         except NeedExtent as err:
             seg._need(err)
-        ref = seg.alloc(need, self._owner)
-        if ref is None:
-            self.stats.slot_exhaustion_waits += 1
-            ref = self._wait(lambda: self._alloc_or_grow(need), tx, True, deadline, None, SLOT_WAIT_SLICE)
-        c, e, s, gen = ref
+        c, e, s, gen = self._take_slot(need, deadline)
         try:
             self._pool.write_payload(c, s, mv, e)
             if not tx.write_slot_ref(c, e, s, gen):
@@ -527,14 +564,64 @@ class Link(LinkCore):
         except BaseException:
             self._pool.free_if_current(c, e, s, gen, self._owner)  # never committed: still ours to free
             raise
+        self._hold(c, e, s, gen)
         self.stats.sent_slot += 1
         self.stats.sent_bytes_slot += n
 
+    def _take_slot(self, need: int, deadline: Optional[float]):
+        """A slot for `need` bytes, waiting while the fitting classes are exhausted or hold this
+        link's share. At its share the link waits for its own receiver to free one (it rings us:
+        trap 27); on an exhausted pool, for anyone to free one (the class futex,
+        FEATURE_POOL_WAITERS). Each wait sleeps until its event, never on a timer."""
+        pool, shares = self._pool, self._shares
+        self.stats.slot_exhaustion_waits += 1
+        while True:
+            self._check()
+            try:
+                ref = self._alloc_or_grow(need)
+                if ref is not None:
+                    return ref
+                if shares is not None and shares.over:  # our receiver holds our share: wait for it
+                    r = self._wait(lambda: self._alloc_or_grow(need) or (None if shares.over else _EXHAUSTED),
+                                   self._tx, True, deadline, None)
+                    if r is not _EXHAUSTED:
+                        return r
+                    continue  # no longer at our share, but the pool is exhausted: wait for anyone's free
+                if not pool.waiters:  # a v7 segment: no futex words to sleep on
+                    return self._wait(lambda: self._alloc_or_grow(need), self._tx, True, deadline, None, SLOT_WAIT_SLICE)
+                rem = _remaining(deadline)
+                if rem is not None and rem <= 0:
+                    raise ShmTimeout("timed out waiting for a free slot")
+                if self._is_guest and self.doorbell is not None:
+                    rem = HOST_DEATH_CHECK if rem is None else min(rem, HOST_DEATH_CHECK)
+                ref = pool.wait_alloc(need, self._owner, -1.0 if rem is None else rem)
+            except NeedExtent as err:  # the free slot is in an extent new to us: map it, try again
+                self.segment._need(err)
+                continue
+            if ref is not None:
+                return ref
+            if self._is_guest and self.doorbell is not None and self.doorbell.hung_up():
+                self._mark_dead("doorbell hang-up")
+
+    def _hold(self, c: int, e: int, s: int, gen: int) -> None:
+        """A slot ref was committed on this link: it counts against the link's share until freed."""
+        if self._shares is not None:
+            self._shares.add(c, e, s, gen)
+
     def _alloc_or_grow(self, need: int):
-        """Exhausted pool: the host grows a growable class itself; a guest asks the host to."""
-        seg = self.segment
-        ref = seg.alloc(need, self._owner)
-        if ref is None:
+        """A slot within this link's shares. Exhausted pool: the host grows a growable class
+        itself; a guest asks the host to."""
+        seg, shares = self.segment, self._shares
+        if shares is None:
+            ref = seg.alloc(need, self._owner)
+        else:
+            while True:
+                try:
+                    ref = shares.alloc(need, self._owner)
+                    break
+                except NeedExtent as err:  # a free slot in an extent new to us: map it, try again
+                    seg._need(err)
+        if ref is None and not (self._shares is not None and self._shares.over):
             if self.side == HOST:
                 if seg.grow_for(need):
                     ref = seg.alloc(need, self._owner)
@@ -567,7 +654,7 @@ class Link(LinkCore):
         m = self._acquire_mapping(n)
         if m is None:  # every mapping is leased: wait for the receiver to release one
             self.stats.mapping_waits += 1
-            m = self._wait(lambda: self._acquire_mapping(n), tx, True, deadline, None, SLOT_WAIT_SLICE)
+            m = self._wait(lambda: self._acquire_mapping(n), tx, True, deadline, None)
         self._count_lease(m, 1)  # before the ref is visible: the receiver may release at once
         try:
             m.region.write(L.MAP_HEADER_SIZE, mv)  # payload, then (Release) the ref: format-v7 2.9 order
@@ -592,18 +679,13 @@ class Link(LinkCore):
         deadline = _deadline(timeout)
         self._check()
         if nbytes <= self._slot_max:
-            need = nbytes + L.SLOT_LEN_PREFIX
-            ref = self.segment.alloc(need, self._owner)
-            if ref is None:
-                self.stats.slot_exhaustion_waits += 1
-                ref = self._wait(lambda: self._alloc_or_grow(need), self._tx, True, deadline, None, SLOT_WAIT_SLICE)
-            return self._reserved_slot(*ref, nbytes)
+            return self._reserved_slot(*self._take_slot(nbytes + L.SLOT_LEN_PREFIX, deadline), nbytes)
         self._lock(self._tx_lock, deadline)  # the mapping list is the sender's
         try:
             m = self._acquire_mapping(nbytes)
             if m is None:
                 self.stats.mapping_waits += 1
-                m = self._wait(lambda: self._acquire_mapping(nbytes), self._tx, True, deadline, None, SLOT_WAIT_SLICE)
+                m = self._wait(lambda: self._acquire_mapping(nbytes), self._tx, True, deadline, None)
             m.add_lease()  # held by the reservation; handed to the receiver by send_reserved
         finally:
             self._tx_lock.release()
@@ -627,6 +709,7 @@ class Link(LinkCore):
                     self.stats.ring_full_waits += 1
                     self._wait(lambda: tx.write_slot_ref(c, e, s, gen), tx, True, deadline,
                                lambda b: tx.spin_room(L.SLOT_REF_FRAME_SIZE, b))
+                self._hold(c, e, s, gen)
                 self.stats.sent_slot += 1
                 self.stats.sent_bytes_slot += n
             else:
@@ -898,6 +981,11 @@ class Link(LinkCore):
         self._closed = True
         self._ok = False
         self._waiter.wake_all()
+        if self._pool.waiters and not self.segment.closed:
+            self._pool.wake_all()  # a thread of ours may sleep on a slot futex
+        if self.side == HOST:
+            with self._tx_lock, self._rx_lock:  # the sleepers woke above and let go of them
+                self._waiter.close()
         if self.side == GUEST:
             with self._tx_lock, self._rx_lock:
                 try:
@@ -906,6 +994,7 @@ class Link(LinkCore):
                     pass
                 self._release_backlog()
                 self._close_maps()
+                self._waiter.close()
                 if self.doorbell is not None:
                     self.doorbell.close()
                 if self._owns_segment:

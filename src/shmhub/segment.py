@@ -223,6 +223,7 @@ class Segment:
             size_classes=tuple(classes),
         )
         self.pool = open_pool(r, lay, bool(self.features & L.FEATURE_POOL_JOURNAL))
+        self.pool.waiters = bool(self.features & L.FEATURE_POOL_WAITERS)
         self.peers = PeerTable(r, lay)
         self.refresh_extents()
 
@@ -302,9 +303,18 @@ class Segment:
         """Guest: ask the host to grow the smallest growable class that fits `size`; False if none can."""
         for c, cls in enumerate(self.config.size_classes):
             if cls[0] >= size and self.extent_count(c) < self.max_extents(c):
-                self.region.store_u32(self.layout.classes[c].header_offset + L.CLS_GROW_REQUEST, 1)
+                off = self.layout.classes[c].header_offset + L.CLS_GROW_REQUEST
+                if self.region.load_u32(off) == 0:
+                    self.region.store_u32(off, 1)
+                    self.call_host()
                 return True
         return False
+
+    def call_host(self) -> None:
+        """Wake the host's attention thread (FEATURE_POOL_WAITERS); without the bit it scans anyway."""
+        if self.features & L.FEATURE_POOL_WAITERS:
+            self.region.fetch_add_u32(L.HDR_ATTENTION, 1)
+            self.region.futex_wake(L.HDR_ATTENTION)
 
     def grow_for(self, size: int) -> bool:
         """Host: grow the smallest growable class that fits `size`; False if none can."""

@@ -61,7 +61,15 @@ def rss_kib(pid="self") -> int:
 
 
 def fd_count(pid="self") -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    """Open fds, less the links' private close wake-up eventfds (made the first time a thread
+    sleeps on a link, closed with it)."""
+    n = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            n += os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:[eventfd]"
+        except FileNotFoundError:
+            pass
+    return n
 
 
 def map_inodes(pid="self", name: str = "memfd:shmhub-map") -> set:

@@ -322,28 +322,42 @@ def test_asend_timeout_on_full_ring_sends_nothing():
 
 
 def test_cancelled_asend_on_exhausted_pool_holds_no_slot():
-    cfg = SegmentConfig(size_classes=((1024, 8), (4096, 4)))
+    """An asend waiting on an exhausted pool (the futex helper thread) and one waiting at the link's
+    slot share (the doorbell): cancelled, each has sent nothing and holds nothing."""
+    cfg = SegmentConfig(size_classes=((1024, 8), (4096, 6)))
 
     async def main(g):
         link, pool = g.link, g.link.segment.pool
-        for seq in range(4):
-            await link.asend(proto.sink_msg(seq, 2000), timeout=T)
-        assert pool.counts(1) == (0, 4)
-        task = asyncio.get_running_loop().create_task(link.asend(proto.sink_msg(4, 2000), timeout=T))
-        await asyncio.sleep(0.1)
-        assert not task.done() and link.stats.slot_exhaustion_waits == 1
-        assert link._tx.waiting == (1, 0)  # the producer announced its wait
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert_idle(link)
+        assert link._shares.limit(1) == 4  # 6 slots less SLOT_SHARE_MIN for the guest's direction
+        await link.asend(proto.sink_msg(0, 2000), timeout=T)
+        others = [pool.alloc_in_class(1, 0) for _ in range(5)]  # held outside any link: exhausted
+        assert pool.counts(1) == (0, 6)
+        for why in ("exhausted", "share"):
+            task = asyncio.get_running_loop().create_task(link.asend(proto.sink_msg(1, 2000), timeout=T))
+            await asyncio.sleep(0.1)
+            assert not task.done() and link._tx.waiting == (1, 0), why  # the producer announced its wait
+            if why == "exhausted":
+                assert pool.waiting(1) == 1  # the helper thread sleeps on the futex
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert_idle(link)
+            if why == "exhausted":
+                for ref in others[:3]:  # the link may take 3 more slots: up to its share of 4
+                    pool.free(*ref)
+                for seq in range(1, 4):  # sequence 1 again: the cancelled one never reached the ring
+                    await link.asend(proto.sink_msg(seq, 2000), timeout=T)
+                assert link._shares.held(1) == 4 and pool.counts(1) == (0, 6)
+        assert link.stats.slot_exhaustion_waits == 2
+        for ref in others[3:]:
+            pool.free(*ref)
         go(g)
-        for seq in range(4, 8):  # sequence 4 again: the cancelled one never reached the ring
+        for seq in range(4, 8):
             await link.asend(proto.sink_msg(seq, 2000), timeout=T)
         counted = await sink_summary(link)
-        # The guest freed every slot it received; none was left allocated by the cancelled send.
+        # The guest freed every slot it received; none was left allocated by the cancelled sends.
         deadline = time.monotonic() + T
-        while pool.counts(1) != (4, 0) and time.monotonic() < deadline:
+        while pool.counts(1) != (6, 0) and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         return counted, pool.counts(1)
 
@@ -351,23 +365,27 @@ def test_cancelled_asend_on_exhausted_pool_holds_no_slot():
         g = spawn_sink(host)
         counted, counts = asyncio.run(main(g))
     assert counted == 8
-    assert counts == (4, 0)
+    assert counts == (6, 0)
 
 
 def test_cancelled_arecv_any_leaves_every_link_idle():
+    """arecv_any waits on the host's one epoll set (one reader, whatever the guest count); the guests'
+    consumer flags stay announced by design (recv_any watches them, like fileno()); a cancelled
+    wait leaves no reader, no waker and no doorbell taken."""
     async def main(host, guests):
         loop = asyncio.get_running_loop()
         readers = len(loop._selector.get_map())
         task = loop.create_task(host.arecv_any(timeout=T))
         await asyncio.sleep(0.1)
         assert not task.done()
-        assert all(g.link._rx.waiting == (0, 1) and g.link._waiter.async_poll for g in guests)
-        assert len(loop._selector.get_map()) == readers + len(guests)
+        assert all(g.link._rx.waiting == (0, 1) and not g.link._waiter.polling for g in guests)
+        assert len(loop._selector.get_map()) == readers + 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         for g in guests:
-            assert_idle(g.link)
+            w = g.link._waiter
+            assert not w.polling and not w.async_poll and not w.wakers and g.link._tx.waiting[0] == 0
         assert len(loop._selector.get_map()) == readers
         await guests[1].link.asend(b"ping", timeout=T)
         h, msg = await host.arecv_any(timeout=T)

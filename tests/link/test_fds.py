@@ -27,13 +27,17 @@ TIMEOUT = 10.0
 
 
 def fd_table(pid="self") -> dict:
-    """{fd: readlink target} of a process (the listing's own fd excluded)."""
+    """{fd: readlink target} of a process (the listing's own fd excluded). A link's close wake-up
+    eventfd (made the first time a thread sleeps on it, closed with the link) is private to the
+    process and never inherited, so it is left out: what is counted here is what crosses processes."""
     out = {}
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
-            out[int(fd)] = os.readlink(f"/proc/{pid}/fd/{fd}")
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
         except FileNotFoundError:
-            pass
+            continue
+        if target != "anon_inode:[eventfd]":
+            out[int(fd)] = target
     return out
 
 

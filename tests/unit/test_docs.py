@@ -197,7 +197,7 @@ def test_header_table_decodes_a_real_segment(tables):
         else:
             assert struct.unpack(fmt[size], chunk)[0] == info[alias.get(field, field)], field
         checked += 1
-    assert checked == len(header["rows"]) == 16
+    assert checked == len(header["rows"]) == 18
 
 
 def _decode(raw: bytes, table: dict) -> dict:
@@ -229,7 +229,7 @@ def test_class_header_table_decodes_a_grown_class(tables):
     for c, (f, i) in enumerate(zip(fields, info)):
         assert (f["slot_size"], f["slot_count"]) == (i["slot_size"], i["slot_count"]) == cfg.size_classes[c][:2]
         assert f["free_head"] == i["free_head_tag"] << 32 | i["free_head_index"]
-        assert f["pad"] == bytes(len(f["pad"]))
+        assert f["waiters"] & L.POOL_WAITERS_MASK == i["waiters"] == 0  # bits 1.. are the wake sequence
         offsets = struct.unpack(f"<{L.MAX_EXTENTS - 1}Q", f["extent_offsets"])
         if c == 0:  # not growable: the extension fields stay zero (read as one extent)
             assert (f["extent_count"], f["max_extents"], f["grow_request"], offsets) == (0, 0, 0, (0,) * (L.MAX_EXTENTS - 1))

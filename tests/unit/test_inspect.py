@@ -131,6 +131,7 @@ def test_json_matches_the_segment_state(busy_segment):
         "effective_inline_threshold": 100, "max_guests": 4, "bipbuf_capacity": 256,
         "peer_table_offset": 128, "var_pool_offset": lay.var_pool_offset, "heartbeat_interval_ns": 5_000_000,
         "host_goodbye": 1, "num_var_slot_classes": 2, "features": L.KNOWN_FEATURES,
+        "attention": 0, "share_links": 0,  # no host set shares on this hand-made segment
         "file_size": os.path.getsize(path),
     }
     assert h["file_size"] == lay.total_size

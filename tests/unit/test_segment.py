@@ -80,8 +80,8 @@ SMALL_GROW = SegmentConfig(max_guests=2, bipbuf_capacity=64, size_classes=((64, 
 
 
 def test_known_feature_bits():
-    assert L.KNOWN_FEATURES == L.FEATURE_WAITER_FLAGS | L.FEATURE_MMAP_LEASES | L.FEATURE_EXTENTS | L.FEATURE_POOL_JOURNAL == 0xF
-    assert not (1 << 4) & L.KNOWN_FEATURES  # what the "unknown feature bit" cases below rely on
+    assert L.KNOWN_FEATURES == L.FEATURE_WAITER_FLAGS | L.FEATURE_MMAP_LEASES | L.FEATURE_EXTENTS | L.FEATURE_POOL_JOURNAL | L.FEATURE_POOL_WAITERS == 0x1F
+    assert not (1 << 5) & L.KNOWN_FEATURES  # what the "unknown feature bit" cases below rely on
 
 
 def test_create_features_zero_is_plain_v7(shm_path):
@@ -111,7 +111,7 @@ def test_create_with_extents_writes_class_fields():
         assert seg.region.read(h1 + L.CLS_EXTENT_OFFSETS, L.CLASS_HEADER_SIZE - L.CLS_EXTENT_OFFSETS) == bytes(40)
 
 
-@pytest.mark.parametrize("features", [1 << 4, 1 << 31, L.KNOWN_FEATURES | 1 << 4])
+@pytest.mark.parametrize("features", [1 << 5, 1 << 31, L.KNOWN_FEATURES | 1 << 5])
 def test_create_rejects_unknown_feature_bits(shm_path, features):
     with pytest.raises(ConfigError):
         Segment.create(SMALL, path=shm_path, features=features)
@@ -134,7 +134,7 @@ def test_known_feature_bits_attach(tmp_path, features):
 CLASS_PAD_GARBAGE = [
     (L.CLS_EXTENT_COUNT, (7).to_bytes(4, "little")),
     (L.CLS_MAX_EXTENTS, (99).to_bytes(4, "little")),
-    (L.CLS_EXTENT_OFFSETS, (1 << 40).to_bytes(8, "little") * 4),
+    (L.CLS_EXTENT_OFFSETS, (1 << 50).to_bytes(8, "little") * 4),
     (L.CLS_GROW_REQUEST, (1).to_bytes(4, "little")),
 ]
 
@@ -582,8 +582,8 @@ CORRUPTIONS = {
     "header_size 256": (_u32(L.HDR_HEADER_SIZE, 256), UnsupportedVersion),
     "header_size 0": (_u32(L.HDR_HEADER_SIZE, 0), UnsupportedVersion),
     # bits 0-2 are our documented extensions (docs/extensions.md); bit 3 is the first unknown one
-    "feature bit 4": (_u32(L.HDR_FEATURES, 1 << 4), UnsupportedVersion),
-    "feature bit 4 with the known ones": (_u32(L.HDR_FEATURES, L.KNOWN_FEATURES | 1 << 4), UnsupportedVersion),
+    "feature bit 5": (_u32(L.HDR_FEATURES, 1 << 5), UnsupportedVersion),
+    "feature bit 5 with the known ones": (_u32(L.HDR_FEATURES, L.KNOWN_FEATURES | 1 << 5), UnsupportedVersion),
     "feature bit 31": (_u32(L.HDR_FEATURES, 1 << 31), UnsupportedVersion),
     # offsets and sizes
     "var_pool_offset = total_size": (_u64(L.HDR_VAR_POOL_OFFSET, CLAY.total_size), SegmentCorrupted),
@@ -623,7 +623,7 @@ CORRUPTIONS = {
     "extent_count beyond max_extents": (_u32(CLAY.classes[1].header_offset + L.CLS_EXTENT_COUNT, 2), SegmentCorrupted),
     "extent past the file": (
         _u32(CLAY.classes[0].header_offset + L.CLS_MAX_EXTENTS, 2) + _u32(CLAY.classes[0].header_offset + L.CLS_EXTENT_COUNT, 2)
-        + _u64(CLAY.classes[0].header_offset + L.CLS_EXTENT_OFFSETS, 1 << 40),
+        + _u64(CLAY.classes[0].header_offset + L.CLS_EXTENT_OFFSETS, 1 << 50),
         SegmentCorrupted,
     ),
     "extent over the v7 area": (
@@ -636,7 +636,7 @@ CORRUPTIONS = {
     "h2g capacity disagrees": (_u32(CLAY.h2g_offset(3) + L.RING_CAPACITY, 256), SegmentCorrupted),
     "ring capacity 0": (_u32(CLAY.h2g_offset(2) + L.RING_CAPACITY, 0), SegmentCorrupted),
     "peer ring_offset disagrees": (_u64(CLAY.peer_entry_offset(2) + L.PEER_RING_OFFSET, CLAY.ring_offset(2) + 64), SegmentCorrupted),
-    "peer ring_offset past end": (_u64(CLAY.peer_entry_offset(3) + L.PEER_RING_OFFSET, 1 << 40), SegmentCorrupted),
+    "peer ring_offset past end": (_u64(CLAY.peer_entry_offset(3) + L.PEER_RING_OFFSET, 1 << 50), SegmentCorrupted),
     "peer ring_offset 0": (_u64(CLAY.peer_entry_offset(1) + L.PEER_RING_OFFSET, 0), SegmentCorrupted),
     "bipbuf_capacity 100": (_u32(L.HDR_BIPBUF_CAPACITY, 100), SegmentCorrupted),
     "bipbuf_capacity 0": (_u32(L.HDR_BIPBUF_CAPACITY, 0), SegmentCorrupted),
@@ -667,7 +667,7 @@ def _make_corrupt(tmp_path, patch):
 # Attached also by fd and read-only (the same validation must run whatever the way in).
 OTHER_WAYS = [
     "empty file", "100 bytes", "header only", "cut in pool data", "magic garbage", "version 8",
-    "feature bit 4", "var_pool_offset near 2^64", "total_size > file", "zero classes",
+    "feature bit 5", "var_pool_offset near 2^64", "total_size > file", "zero classes",
     "slot class beyond any mapping", "h2g capacity disagrees", "peer ring_offset disagrees",
     "max_guests 256",
 ]
@@ -825,7 +825,7 @@ def test_region_bounds_and_alignment():
     with Segment.create(SMALL) as seg:
         r = seg.region
         n = r.size
-        for bad in (-4, n, n + 4, 1 << 40):
+        for bad in (-4, n, n + 4, 1 << 50):
             with pytest.raises(IndexError):
                 r.load_u32(bad)
         with pytest.raises(IndexError):

@@ -1,9 +1,9 @@
 """Many guests, one host (issue 12): fan-in, fan-out and request/response with G guests, the time
 to spawn 255 guests, and the multiprocessing baselines, all in the `make bench` invocation.
 
-Each (scenario, G) runs a fixed phase of `seconds`; the senders stop at a shared CLOCK_MONOTONIC
-deadline and the rate is what the receiver verified divided by the time until every guest's
-report was in (the backlog drained after the deadline included). shmhub runs one host per G and
+Each (scenario, G) runs a fixed phase of `seconds`; the senders start and stop at shared
+CLOCK_MONOTONIC moments and the rate is what the receiver verified divided by the time from the
+start until every guest's report was in (the backlog drained after the deadline included). shmhub runs one host per G and
 its three phases in turn on the same guests (spawning 255 Python processes is the slow part);
 the baselines fork their children per G. No process is pinned: all share every core."""
 from __future__ import annotations
@@ -100,12 +100,17 @@ def _cmd(op: str, **kw) -> bytes:
     return message(CMD, 0, {"op": op, **kw})
 
 
+def start_time(g: int) -> float:
+    """When the senders of a phase start: after every guest has had time to get its command."""
+    return time.monotonic() + 0.1 + 0.002 * g
+
+
 def _sh_fanin(host, handles, idx, secs):
     g = len(handles)
     sizes = [size_table(SEED, i, "up") for i in range(g)]
-    t0 = time.monotonic()
+    t0 = start_time(g)
     for h in handles:
-        h.link.send(_cmd("fanin", until=t0 + secs), TIMEOUT)
+        h.link.send(_cmd("fanin", start=t0, until=t0 + secs), TIMEOUT)
     counts, reports, errors, nbytes = [0] * g, {}, 0, 0
     recv_any = host.recv_any
     while len(reports) < g:
@@ -158,9 +163,9 @@ def _sh_fanout(host, handles, idx, secs):
 
 def _sh_reqresp(host, handles, idx, secs):
     g = len(handles)
-    t0 = time.monotonic()
+    t0 = start_time(g)
     for h in handles:
-        h.link.send(_cmd("reqresp", until=t0 + secs), TIMEOUT)
+        h.link.send(_cmd("reqresp", start=t0, until=t0 + secs), TIMEOUT)
     rounds, reports = [0] * g, {}
     recv_any = host.recv_any
     while len(reports) < g:
@@ -260,11 +265,11 @@ def run_spawn(g: int = 255, reps: int = COLD_REPS) -> dict:
 
 # -- multiprocessing baselines (forked children, the same guest loops) ----------------------------
 
-def _mp_fanin_child(q, idx, start, until):
+def _mp_fanin_child(q, idx, go, times):
     q.put(message(HELLO, idx))
-    if not start.wait(TIMEOUT):
+    if not go.wait(TIMEOUT):
         return
-    out = fanin_guest(lambda v: q.put(bytes(v)), idx, SEED, until.value)
+    out = fanin_guest(lambda v: q.put(bytes(v)), idx, SEED, times[0], times[1])
     q.put(message(REPORT, idx, out))
 
 
@@ -272,8 +277,8 @@ def mp_fanin(g: int, secs: float) -> dict:
     """G producers share one multiprocessing.Queue (bounded, so producers feel backpressure)."""
     ctx = mp.get_context("fork")
     q = ctx.Queue(maxsize=4096)
-    start, until = ctx.Event(), ctx.Value("d", 0.0, lock=False)
-    procs = [ctx.Process(target=_mp_fanin_child, args=(q, i, start, until), daemon=True) for i in range(g)]
+    go, times = ctx.Event(), ctx.Array("d", 2, lock=False)  # start, until
+    procs = [ctx.Process(target=_mp_fanin_child, args=(q, i, go, times), daemon=True) for i in range(g)]
     try:
         for p in procs:
             p.start()
@@ -282,9 +287,9 @@ def mp_fanin(g: int, secs: float) -> dict:
                 raise RuntimeError("expected hellos")
         sizes = [size_table(SEED, i, "up") for i in range(g)]
         counts, reports, errors, nbytes = [0] * g, {}, 0, 0
-        t0 = time.monotonic()
-        until.value = t0 + secs
-        start.set()
+        t0 = start_time(g)
+        times[0], times[1] = t0, t0 + secs
+        go.set()
         get = q.get
         while len(reports) < g:
             m = get(timeout=TIMEOUT)
@@ -301,7 +306,7 @@ def mp_fanin(g: int, secs: float) -> dict:
         errors += sum(abs(reports[i]["sent"] - counts[i]) for i in range(g))
         return summary(counts, nbytes, dt, errors)
     finally:
-        start.set()
+        go.set()
         _join(procs)
         q.close()
         q.join_thread()
@@ -379,9 +384,9 @@ def _mp_fanout(conns, secs):
 
 def _mp_reqresp(conns, secs):
     g = len(conns)
-    t0 = time.monotonic()
+    t0 = start_time(g)
     for c in conns:
-        c.send_bytes(_cmd("reqresp", until=t0 + secs))
+        c.send_bytes(_cmd("reqresp", start=t0, until=t0 + secs))
     index = {c: i for i, c in enumerate(conns)}
     rounds, reports = [0] * g, {}
     active = list(conns)

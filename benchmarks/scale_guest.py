@@ -88,9 +88,18 @@ class Reservoir:
 
 # -- the guest loops, over any transport with send(bytes-like) and recv() -> bytes-like ------------
 
-def fanin_guest(send, idx: int, seed: int, until: float) -> dict:
+def wait_start(start: float) -> None:
+    """Every sender starts at the same moment, however late its command came (the command of a
+    phase goes to G guests one after another; waking each takes a while when G > cores)."""
+    d = start - time.monotonic()
+    if d > 0:
+        time.sleep(d)
+
+
+def fanin_guest(send, idx: int, seed: int, start: float, until: float) -> dict:
     p = Payloads(size_table(seed, idx, "up"))
     clock = time.monotonic
+    wait_start(start)
     seq = 0
     while True:
         if seq % CHECK_EVERY == 0 and clock() >= until:
@@ -113,12 +122,13 @@ def fanout_guest(recv, idx: int, seed: int) -> dict:
         m = None  # a zero-copy message goes back before the next wait
 
 
-def reqresp_guest(send, recv, idx: int, seed: int, until: float) -> dict:
+def reqresp_guest(send, recv, idx: int, seed: int, start: float, until: float) -> dict:
     p = Payloads(size_table(seed, idx, "up"))
     sizes = p.sizes
     res = Reservoir(f"{seed}/{idx}")
     now = time.perf_counter_ns
     clock = time.monotonic
+    wait_start(start)
     rounds = errors = 0
     while clock() < until:
         t0 = now()
@@ -143,11 +153,11 @@ def command_loop(send, recv, idx: int, seed: int) -> None:
         m = None
         op = cmd["op"]
         if op == "fanin":
-            out = fanin_guest(send, idx, seed, cmd["until"])
+            out = fanin_guest(send, idx, seed, cmd["start"], cmd["until"])
         elif op == "fanout":
             out = fanout_guest(recv, idx, seed)
         elif op == "reqresp":
-            out = reqresp_guest(send, recv, idx, seed, cmd["until"])
+            out = reqresp_guest(send, recv, idx, seed, cmd["start"], cmd["until"])
         elif op == "exit":
             return
         else:

@@ -165,10 +165,10 @@ def test_hoarding_guest_does_not_starve_the_others(mode):
         handles = [spawn(host, "roundtrip", i, count=count, seed=SEED, lo=lo, hi=hi, timeout=60) for i in range(others)]
         idx = {h.peer_id: i for i, h in enumerate(handles)}
         stop, saturated = threading.Event(), threading.Event()
-        fed = [0, 0]  # sent to the hoarder, sends that timed out
+        fed = [0, 0, None]  # sent to the hoarder, sends that timed out, another refusal
 
         def feed():
-            """Slot messages to the hoarder until it (or the pool) takes no more, and on and on."""
+            """Slot messages to the hoarder until it (or the pool, or its quota) takes no more, and on and on."""
             data = P.make(P.DATA, others, 0, 900)
             while not stop.is_set():
                 try:
@@ -177,8 +177,14 @@ def test_hoarding_guest_does_not_starve_the_others(mode):
                 except shmhub.ShmTimeout:
                     fed[1] += 1
                     saturated.set()
-                except shmhub.ShmhubError:
+                except (shmhub.PeerDead, shmhub.LinkClosed, shmhub.LinkCorrupted) as e:
+                    fed[2] = e
+                    saturated.set()
                     return
+                except shmhub.ShmhubError as e:  # a refusal other than waiting (a quota error, say): saturated too
+                    fed[2] = e
+                    saturated.set()
+                    stop.wait(0.05)  # pacing the retries, not synchronisation
 
         try:
             with hoarder.link.recv(timeout=30) as m:
@@ -186,6 +192,7 @@ def test_hoarding_guest_does_not_starve_the_others(mode):
             feeder = threading.Thread(target=feed, name="hoard-feeder")
             feeder.start()
             assert saturated.wait(30), "the hoarder never stopped taking slots"
+            assert not isinstance(fed[2], (shmhub.PeerDead, shmhub.LinkClosed, shmhub.LinkCorrupted)), f"hoarder link: {fed[2]!r}"
             for h in handles:
                 h.link.send(P.command("go"))
             reqs = {i: P.sizes(SEED, i, count, lo, hi) for i in range(others)}
@@ -212,7 +219,7 @@ def test_hoarding_guest_does_not_starve_the_others(mode):
                 reply = P.make(P.DATA, i, seq, reps[i][seq])
                 h.link.send(reply, timeout=max(0.0, deadline - time.monotonic()))
                 nxt[i] += 1
-            print(f"\nhoarder ({mode}) was sent {fed[0]} slot messages; {others} guests x {count} round trips "
+            print(f"\nhoarder ({mode}) was sent {fed[0]} slot messages (then refused: {fed[2]!r}); {others} guests x {count} round trips "
                   f"in {time.monotonic() - t0:.2f} s")
         finally:
             stop.set()

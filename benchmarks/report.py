@@ -222,9 +222,9 @@ def _scale_tables(sc: dict) -> list:
     gs = sc.get("guest_counts", [])
     cfg = sc.get("config", {})
     out = ["### Many guests, one host (issue 12)", "",
-           f"Each phase runs {sc.get('seconds')} s: the senders stop at a shared deadline and the rate is what the "
-           "receiver verified (header, length and last byte of every message) divided by the time until every "
-           "guest's report was in. Payload sizes are drawn per guest and direction from a seeded table: half in the "
+           f"Each phase runs {sc.get('seconds')} s: the senders start and stop at shared moments and the rate is what "
+           "the receivers verified (header, length and last byte of every message) divided by the time from the start "
+           "until every guest's report was in. Payload sizes are drawn per guest and direction from a seeded table: half in the "
            f"inline tier ({cfg.get('inline_sizes', ['?', '?'])[0]}–{cfg.get('inline_sizes', ['?', '?'])[1]} B), "
            f"half in the slot tier ({cfg.get('slot_sizes', ['?', '?'])[0]}–{cfg.get('slot_sizes', ['?', '?'])[1]} B). "
            f"shmhub segment for every G: max_guests {cfg.get('max_guests')}, {cfg.get('bipbuf_capacity', 0) >> 10} KiB rings, "
@@ -306,7 +306,8 @@ def markdown(results: dict) -> str:
     lines = ["# shmhub benchmarks", "",
              f"{m['date']} · {m['cpu']} · {m['cpus']} CPUs · Linux {m['kernel']} · Python {m['python']} · "
              f"shmhub {m['shmhub_commit']} · load average at start {m['loadavg_at_start'][0]:.2f}", "",
-             "Every row was measured in the same invocation, each pair of processes pinned to its own core.", ""]
+             "Every row was measured in the same invocation, each pair of processes pinned to its own core"
+             + (" (the many-guest scenarios pin nothing)." if "scale" in results else "."), ""]
     if results.get("baselines_missing"):
         lines += [f"Baselines not installed: {', '.join(results['baselines_missing'])}", ""]
     if "pingpong_blocking" in results:

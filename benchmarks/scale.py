@@ -269,7 +269,7 @@ def _mp_fanin_child(q, idx, go, times):
     q.put(message(HELLO, idx))
     if not go.wait(TIMEOUT):
         return
-    out = fanin_guest(lambda v: q.put(bytes(v)), idx, SEED, times[0], times[1])
+    out = fanin_guest(lambda v: q.put(bytes(v), timeout=TIMEOUT), idx, SEED, times[0], times[1])
     q.put(message(REPORT, idx, out))
 
 

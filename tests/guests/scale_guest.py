@@ -5,7 +5,8 @@ Modes
   {"op": "burst", "count", "seed", "lo", "hi"} sends `count` data messages, then writes one byte to
   the pipe fd `params["ready_fd"]` (the host learns the burst is complete without reading the ring);
   {"op": "ping"} answers a pong.
-- stream: send `count` data messages of seeded sizes in [lo, hi], then a done message.
+- stream: send `count` data messages of seeded sizes in [lo, hi], then a done message (with
+  params["go"], only after a "go" command).
 - roundtrip: after a "go" command, `count` round trips: a data message, then the host's reply (the
   same seq, a seeded size in [lo, hi]), checked; then a done message.
 - victim: forever: a mark (inline) then a data message of the same seq (slot tier); the host holds
@@ -75,6 +76,8 @@ try:
                 fail(5, f"unknown command {cmd}")
     elif mode == "stream":
         count = params["count"]
+        if params.get("go"):
+            wait_command("go")
         for seq, n in enumerate(sizes(params["seed"], idx, count, params["lo"], params["hi"])):
             link.send(make(DATA, idx, seq, n), timeout=timeout)
         link.send(make(DONE, idx, count))

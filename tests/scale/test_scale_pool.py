@@ -80,20 +80,19 @@ def test_pool_exhaustion_64_guests_no_lost_wakeup_long():
 
 @pytest.mark.timeout(120)
 def test_guest_killed_while_waiting_for_a_slot():
-    """A guest blocked in send on an exhausted class is SIGKILLed: the host recovers it, the other
-    guests keep flowing, and every slot is free afterwards."""
+    """A guest blocked in send on an exhausted class is SIGKILLed while the others start streaming
+    through that class: the host recovers it, the others flow, and every slot is free afterwards."""
     others, count, slots, size = 4, 300, 8, 900
     cfg = shmhub.SegmentConfig(max_guests=others + 1, bipbuf_capacity=16 << 10, size_classes=((1024, slots),))
     lo, hi = cfg.effective_inline_threshold + 1, 1020
     with shmhub.Host(cfg) as host:
         victim = spawn(host, "victim", others, size=size)  # index `others`: not one of the streams
-        handles = [spawn(host, "stream", i, count=count, seed=SEED, lo=lo, hi=hi, timeout=60) for i in range(others)]
+        handles = [spawn(host, "stream", i, count=count, seed=SEED, lo=lo, hi=hi, timeout=60, go=True) for i in range(others)]
         held = []  # the victim's data messages: never released while the victim lives
-        st = {"last": None, "seq": -1, "quiet": 0, "next_look": 0.0, "killed": None, "died": None}
+        st = {"last": None, "seq": -1, "quiet": 0, "killed": None, "died": None}
 
         def on_message(h, msg):
-            if h is not victim:
-                return False
+            assert h is victim, f"guest {handles.index(h)} sent before its go"
             kind, idx, seq = P.header(msg)
             if kind == P.MARK:
                 assert seq == st["seq"] + 1, f"victim mark {seq} after {st['seq']}"
@@ -102,7 +101,6 @@ def test_guest_killed_while_waiting_for_a_slot():
                 assert seq == st["seq"] and P.check(msg, P.DATA, others, seq, size) is None
                 held.append(msg)
             st["last"], st["seq"] = kind, seq
-            return True
 
         def blocked() -> bool:
             """The victim's last message is a mark, so it is inside the send of that seq's data; the
@@ -115,19 +113,23 @@ def test_guest_killed_while_waiting_for_a_slot():
                 return False
             return True
 
-        def tick():
-            now = time.monotonic()
-            if st["killed"] is None:
-                if now >= st["next_look"]:
-                    st["next_look"] = now + 0.05
-                    st["quiet"] = st["quiet"] + 1 if blocked() else 0
-                    if st["quiet"] >= 2:  # blocked at two looks 50 ms apart
-                        victim.kill()
-                        st["killed"] = now
-                elif now - t0 > 60:
-                    raise AssertionError(f"the victim never blocked in send ({st}, holding {len(held)})")
-            elif st["died"] is None:
-                look_for_death(0)
+        # 1. The victim alone: the host holds its data messages until it blocks in send for good.
+        deadline = time.monotonic() + 60
+        while st["quiet"] < 2:  # blocked at two looks 50 ms apart
+            assert time.monotonic() < deadline, f"the victim never blocked in send ({st}, holding {len(held)})"
+            try:
+                h, msg = host.recv_any(timeout=0.05)
+            except shmhub.ShmTimeout:
+                st["quiet"] = st["quiet"] + 1 if blocked() else 0
+                continue
+            on_message(h, msg)
+            st["quiet"] = 0
+        # 2. The others start streaming through the same class (they wait for slots too unless the
+        #    library keeps some from the victim), and the victim dies inside its send.
+        for h in handles:
+            h.link.send(P.command("go"))
+        victim.kill()
+        st["killed"] = time.monotonic()
 
         def look_for_death(wait: float) -> None:
             """Take the host's events (waiting up to `wait` s for one); on the victim's death release
@@ -143,9 +145,8 @@ def test_guest_killed_while_waiting_for_a_slot():
                     for m in held:
                         m.release()
 
-        t0 = time.monotonic()
-        _serve_streams(host, handles, count, lo, hi, t0 + 90, on_message=on_message, tick=tick, poll=0.05)
-        assert st["killed"] is not None, "the other guests finished before the victim was blocked"
+        # 3. Serve the others to the end; the victim's recovery happens meanwhile.
+        _serve_streams(host, handles, count, lo, hi, time.monotonic() + 60, tick=lambda: look_for_death(0), poll=0.05)
         while st["died"] is None:
             look_for_death(1.0)
         print(f"\nvictim blocked after {st['seq']} sends, holding {len(held)} slots; recovery: {st['died'].reason} "

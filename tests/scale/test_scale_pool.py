@@ -201,6 +201,7 @@ def _hoarding(mode: str, slots: int, feed_limit: int | None = None) -> None:
                     saturated.set()
                     stop.wait(0.05)  # pacing the retries, not synchronisation
 
+        feeder = None
         try:
             with hoarder.link.recv(timeout=30) as m:
                 assert P.header(m)[:2] == (P.HELLO, others)
@@ -215,10 +216,14 @@ def _hoarding(mode: str, slots: int, feed_limit: int | None = None) -> None:
             nxt, done = Counter(), set()
             t0 = time.monotonic()
             deadline = t0 + 20  # ~3200 round trips take well under a second without a hoarder
+
+            def stalled(where: str) -> str:
+                return (f"round trips stalled ({where}) with the hoarder holding slots ({fed[0]} sent to it): "
+                        f"{others - len(done)} guests unfinished, at {dict(nxt)}; pool (free, allocated) {free_counts(host)}")
+
             while len(done) < others:
                 rem = deadline - time.monotonic()
-                assert rem > 0, (f"round trips stalled with the hoarder holding slots ({fed[0]} sent to it): "
-                                 f"{others - len(done)} guests unfinished, at {dict(nxt)}; pool {free_counts(host)}")
+                assert rem > 0, stalled("no request came")
                 try:
                     h, msg = host.recv_any(timeout=min(rem, 1.0))
                 except shmhub.ShmTimeout:
@@ -232,13 +237,16 @@ def _hoarding(mode: str, slots: int, feed_limit: int | None = None) -> None:
                         continue
                     assert P.check(msg, P.DATA, i, nxt[i], reqs[i][nxt[i]]) is None
                 reply = P.make(P.DATA, i, seq, reps[i][seq])
-                h.link.send(reply, timeout=max(0.0, deadline - time.monotonic()))
+                try:
+                    h.link.send(reply, timeout=max(0.0, deadline - time.monotonic()))
+                except shmhub.ShmTimeout:
+                    raise AssertionError(stalled(f"the host's reply to guest {i} found no slot")) from None
                 nxt[i] += 1
             print(f"\nhoarder ({mode}) was sent {fed[0]} slot messages (then refused: {fed[2]!r}); {others} guests x {count} round trips "
                   f"in {time.monotonic() - t0:.2f} s")
         finally:
             stop.set()
-            if "feeder" in locals():
+            if feeder is not None:
                 feeder.join(10)
             if mode == "stall":
                 hoarder.process.stdin.close()  # the hoarder leaves; recovery frees what its ring held

@@ -3,6 +3,7 @@ fairness when every guest is backlogged. Both tests share one module-scoped hub 
 Python processes is the slow part); SHMHUB_SCALE_GUESTS=8 runs them small for a smoke test."""
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -123,34 +124,63 @@ def test_idle_hub_costs_under_5_percent_of_a_core(hub):
     assert total < IDLE_LIMIT, "\n".join(lines)
 
 
+def _backlog(hub, seed: int, K: int, lo: int, hi: int) -> None:
+    """Every guest writes K messages; returns once all of them are in the rings (no ring is read)."""
+    for h in hub.handles:
+        h.link.send(P.command("burst", count=K, seed=seed, lo=lo, hi=hi))
+    read_exact(hub.ready_r, GUESTS, 120, "guests that completed their burst")
+
+
+def _check_fair(hub, got: list, seed: int, K: int, k: int, lo: int, hi: int, what: str) -> None:
+    """got: (guest index, payload bytes) in the order received. The first GUESTS x k take exactly k
+    from each guest; every guest's K messages are complete and in order."""
+    want = {i: P.sizes(seed, i, K, lo, hi) for i in range(GUESTS)}
+    nxt, errors = Counter(), []
+    for i, data in got:
+        seq = nxt[i]
+        err = P.check(data, P.DATA, i, seq, want[i][seq]) if seq < K else f"guest {i}: more than {K} messages"
+        if err:
+            errors.append(err)
+        nxt[i] += 1
+    assert not errors, errors[:10]
+    assert all(nxt[i] == K for i in range(GUESTS))
+    order = [i for i, _ in got]
+    first = Counter(order[:GUESTS * k])
+    unfair = {i: first[i] for i in range(GUESTS) if first[i] != k}
+    assert not unfair, f"{what}: the first {GUESTS * k} receptions should take exactly {k} from each guest; off: {unfair}"
+    # not asserted, for the report: how far from strict rotation the order is
+    windows = sum(len(set(order[j:j + GUESTS])) != GUESTS for j in range(0, GUESTS * K, GUESTS))
+    print(f"\n{what} over {GUESTS} backlogged guests: the first {GUESTS * k} take {k} each; "
+          f"{windows} of {K} consecutive windows of {GUESTS} not a full rotation")
+
+
 @pytest.mark.timeout(300)
 def test_recv_any_round_robin_over_backlogged_guests(hub):
     """Every guest writes K messages (sizes across the inline and slot tiers) before the host reads
     any: the host's first GUESTS x k receptions take exactly k from each guest, and every guest's
     messages arrive complete and in order."""
     K, k, lo, hi = 4, 2, P.HDR.size, 1000
-    host = hub.host
-    for h in hub.handles:
-        h.link.send(P.command("burst", count=K, seed=SEED, lo=lo, hi=hi))
-    read_exact(hub.ready_r, GUESTS, 120, "guests that completed their burst")  # every ring holds K messages now
-    want = {i: P.sizes(SEED, i, K, lo, hi) for i in range(GUESTS)}
-    order, nxt, errors = [], Counter(), []
+    _backlog(hub, SEED, K, lo, hi)
+    got = []
     for _ in range(GUESTS * K):
-        h, msg = host.recv_any(timeout=30)
-        i = hub.idx[h.peer_id]
-        seq = nxt[i]
+        h, msg = hub.host.recv_any(timeout=30)
         with msg:
-            err = P.check(msg, P.DATA, i, seq, want[i][seq]) if seq < K else f"guest {i}: more than {K} messages"
-        if err:
-            errors.append(err)
-        order.append(i)
-        nxt[i] += 1
-    assert not errors, errors[:10]
-    assert all(nxt[i] == K for i in range(GUESTS))
-    first = Counter(order[:GUESTS * k])
-    unfair = {i: first[i] for i in range(GUESTS) if first[i] != k}
-    assert not unfair, f"first {GUESTS * k} receptions should take exactly {k} from each guest; off: {unfair}"
-    # not asserted, for the report: how far from strict rotation the order is
-    windows = sum(len(set(order[j:j + GUESTS])) != GUESTS for j in range(0, GUESTS * K, GUESTS))
-    print(f"\nrecv_any over {GUESTS} backlogged guests: first {GUESTS * k} take {k} each; "
-          f"{windows} of {K} consecutive windows of {GUESTS} not a full rotation")
+            got.append((hub.idx[h.peer_id], msg.tobytes()))
+    _check_fair(hub, got, SEED, K, k, lo, hi, "recv_any")
+
+
+@pytest.mark.timeout(300)
+def test_arecv_any_round_robin_over_backlogged_guests(hub):
+    """The same through asyncio: await host.arecv_any()."""
+    K, k, lo, hi = 4, 2, P.HDR.size, 1000
+    _backlog(hub, SEED + 1, K, lo, hi)
+
+    async def receive():
+        got = []
+        for _ in range(GUESTS * K):
+            h, msg = await hub.host.arecv_any(timeout=30)
+            with msg:
+                got.append((hub.idx[h.peer_id], msg.tobytes()))
+        return got
+
+    _check_fair(hub, asyncio.run(receive()), SEED + 1, K, k, lo, hi, "arecv_any")

@@ -2,10 +2,14 @@
 to spawn 255 guests, and the multiprocessing baselines, all in the `make bench` invocation.
 
 Each (scenario, G) runs a fixed phase of `seconds`; the senders start and stop at shared
-CLOCK_MONOTONIC moments and the rate is what the receiver verified divided by the time from the
-start until every guest's report was in (the backlog drained after the deadline included). shmhub runs one host per G and
-its three phases in turn on the same guests (spawning 255 Python processes is the slow part);
-the baselines fork their children per G. No process is pinned: all share every core."""
+CLOCK_MONOTONIC moments and the rate is what the receivers verified divided by the time from the
+start until every guest's report was in (the backlog drained after the deadline included).
+shmhub runs one host per G and its three phases in turn on the same guests (spawning 255 Python
+processes is the slow part); the baselines fork their children per G. No process is pinned: all
+share every core.
+
+    python -m benchmarks --only fanin fanout reqresp spawn [--guests 2 8 64 255] [--quick]
+"""
 from __future__ import annotations
 
 import contextlib

@@ -1,6 +1,9 @@
-"""`python -m benchmarks [--quick] [--only SCENARIO ...]`: runs every scenario with shmhub and each
-installed baseline in this one invocation, each pair pinned to two cores, and writes a Markdown
-table, a PNG plot and a JSON file (with machine facts) under benchmarks/results/."""
+"""`python -m benchmarks [--quick] [--only SCENARIO ...] [--guests G ...]`: runs every scenario with
+shmhub and each installed baseline in this one invocation, each pair pinned to two cores, and writes
+a Markdown table, a PNG plot and a JSON file (with machine facts) under benchmarks/results/.
+
+Scenarios: pingpong, busypoll, stream, ndarray (two processes) and fanin, fanout, reqresp, spawn
+(one host and G guests, benchmarks/scale.py; G from --guests, 2 8 64 255 by default)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import report
+from . import report, scale
 from .scenarios import SIDES, handshake_a, handshake_b, memcpy_rate, memcpy_reference
 from .transports import Shmhub, available, pin
 
@@ -64,7 +67,10 @@ def run_shmhub(scenario, params):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="short phases (a smoke run, not for claims)")
-    ap.add_argument("--only", nargs="*", default=["pingpong", "busypoll", "stream", "ndarray"])
+    ap.add_argument("--only", nargs="*", default=["pingpong", "busypoll", "stream", "ndarray", *scale.SCENARIOS, "spawn"],
+                    help="scenarios to run: pingpong busypoll stream ndarray fanin fanout reqresp spawn (default: all)")
+    ap.add_argument("--guests", nargs="*", type=int, default=list(scale.GUEST_COUNTS),
+                    help="guest counts of the many-guest scenarios (spawn uses the largest)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     secs = 0.3 if args.quick else 2.0
@@ -124,6 +130,13 @@ def main(argv=None) -> int:
         for k, v in row.items():
             print(f"  {k}: {report.short(v)}", flush=True)
         results["ndarray"] = row
+    many = [s for s in (*scale.SCENARIOS, "spawn") if s in args.only]
+    if many:
+        if not args.guests or not all(1 <= g <= 255 for g in args.guests):
+            ap.error("--guests takes counts between 1 and 255")
+        print(f"many guests, one host: {' '.join(many)} at G = {' '.join(map(str, args.guests))}", flush=True)
+        results["scale"] = scale.run(set(many), sorted(set(args.guests)), 0.5 if args.quick else 2.0,
+                                     log=lambda line: print(line, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -181,12 +181,134 @@ def _ndarray_table(rows: dict) -> list:
     return out + [""]
 
 
+SCALE_TITLES = {
+    "fanin": "Fan-in: G guests stream to the host, which receives with host.recv_any",
+    "fanout": "Fan-out: the host sends to G guests in turn (round robin)",
+    "reqresp": "Request/response: each of G guests ping-pongs with the host (recv_any, echo on that guest's link)",
+}
+SCALE_BASELINE_NOTE = {
+    "multiprocessing.Queue": "multiprocessing.Queue (one bounded queue, G producers)",
+    "multiprocessing.Pipe": "multiprocessing.Pipe (one per guest)",
+}
+SCALE_RATE_GOAL, SHARE_LO, SHARE_HI, SPAWN_GOAL = 0.7, 0.5, 2.0, 2.0
+
+
+def _rate(r: dict):
+    return r.get("rounds_per_s", r.get("msgs_per_s")) if isinstance(r, dict) else None
+
+
+def _scale_cell(r) -> str:
+    if not r:
+        return ""
+    if "error" in r:
+        return "error"
+    warn = f" ⚠ {r['errors']} errors" if r.get("errors") else ""
+    shares = f"shares {r['share_min']:.2f}–{r['share_max']:.2f}"
+    if "rounds_per_s" in r:
+        return f"{r['rounds_per_s'] / 1e3:.1f} k rt/s · p50 {r['p50_us']:.0f} µs · p99 {r['p99_us']:.0f} µs · {shares}{warn}"
+    return f"{r['msgs_per_s'] / 1e3:.1f} k msg/s · {r['bytes_per_s'] / 1e6:.0f} MB/s · {shares}{warn}"
+
+
+def _scale_ratio(rows: dict, gs: list):
+    """rate at the largest G / rate at 8 guests, or None."""
+    if not gs or max(gs) <= 8:
+        return None
+    hi = str(max(gs))
+    a, b = _rate(rows.get(hi)), _rate(rows.get("8"))
+    return (a / b) if a is not None and b else None
+
+
+def _scale_tables(sc: dict) -> list:
+    gs = sc.get("guest_counts", [])
+    cfg = sc.get("config", {})
+    out = ["### Many guests, one host (issue 12)", "",
+           f"Each phase runs {sc.get('seconds')} s: the senders start and stop at shared moments and the rate is what "
+           "the receivers verified (header, length and last byte of every message) divided by the time from the start "
+           "until every guest's report was in. Payload sizes are drawn per guest and direction from a seeded table: half in the "
+           f"inline tier ({cfg.get('inline_sizes', ['?', '?'])[0]}–{cfg.get('inline_sizes', ['?', '?'])[1]} B), "
+           f"half in the slot tier ({cfg.get('slot_sizes', ['?', '?'])[0]}–{cfg.get('slot_sizes', ['?', '?'])[1]} B). "
+           f"shmhub segment for every G: max_guests {cfg.get('max_guests')}, {cfg.get('bipbuf_capacity', 0) >> 10} KiB rings, "
+           f"slot classes {cfg.get('size_classes')}; one host per G runs the three phases in turn on the same guests. "
+           f"No process is pinned: {sc.get('cores')} cores shared by all. A share is a guest's count divided by the "
+           "mean (fair = 1.00).", ""]
+    for key in ("fanin", "fanout", "reqresp"):
+        if key not in sc:
+            continue
+        out += [f"#### {SCALE_TITLES[key]}", "", "| transport | " + " | ".join(f"G = {g}" for g in gs) + f" | rate {max(gs)} / 8 |",
+                "|---|" + "---:|" * (len(gs) + 1)]
+        for name, rows in sc[key].items():
+            ratio = _scale_ratio(rows, gs)
+            out.append(f"| {SCALE_BASELINE_NOTE.get(name, name)} | " + " | ".join(_scale_cell(rows.get(str(g))) for g in gs)
+                       + f" | {'' if ratio is None else f'{ratio:.2f}'} |")
+        out.append("")
+    host = sc.get("shmhub_host") or {}
+    if host:
+        out += ["shmhub host with the benchmark's guests: " + "; ".join(
+            f"G = {g}: spawned and connected in {v['spawn_s']:.2f} s, closed in {v['close_s']:.2f} s"
+            for g, v in host.items() if v and v.get("spawn_s") is not None and v.get("close_s") is not None), ""]
+    sp = sc.get("spawn")
+    if sp:
+        out += ["#### Spawning (a minimal guest: import shmhub, connect, send a hello)", ""]
+        if "error" in sp:
+            out += [f"error: {sp['error']}", ""]
+        else:
+            out += ["| guests | all connected | of which the host's spawn() calls | one cold start (median of "
+                    + str(len(sp["cold_starts_s"])) + ") | G x cold start / cores | ratio (goal <= 2) | host.close() |",
+                    "|---:|---:|---:|---:|---:|---:|---:|",
+                    f"| {sp['guests']} | {sp['all_connected_s']:.2f} s | {sp['spawn_calls_s']:.2f} s | {1e3 * sp['cold_start_s']:.0f} ms | "
+                    f"{sp['ideal_s']:.2f} s ({sp['cores']} cores) | {sp['ratio']:.2f} | {sp['close_s']:.2f} s |", ""]
+    return out
+
+
+def scale_targets(sc) -> list:
+    """Issue 12's goals, each with what this run measured."""
+    if not sc:
+        return []
+    rows = []
+    gs = sc.get("guest_counts", [])
+
+    def add(what, got, ok):
+        rows.append(f"| {what} | {got} | {'met' if ok else 'NOT met'} |")
+
+    for key in ("fanin", "fanout", "reqresp"):
+        rows_ = (sc.get(key) or {}).get("shmhub")
+        if not rows_:
+            continue
+        label = {"fanin": "fan-in", "fanout": "fan-out", "reqresp": "request/response"}[key]
+        ratio = _scale_ratio(rows_, gs)
+        if ratio is not None:
+            a, b = _rate(rows_[str(max(gs))]), _rate(rows_["8"])
+            add(f"{label}: rate at {max(gs)} guests >= {SCALE_RATE_GOAL} x rate at 8", f"{ratio:.2f} ({a / 1e3:.1f} k/s vs {b / 1e3:.1f} k/s)",
+                ratio >= SCALE_RATE_GOAL)
+        ok = [(g, r) for g, r in rows_.items() if isinstance(r, dict) and "share_min" in r]
+        if ok:
+            worst_lo = min(ok, key=lambda gr: gr[1]["share_min"])
+            worst_hi = max(ok, key=lambda gr: gr[1]["share_max"])
+            good = worst_lo[1]["share_min"] >= SHARE_LO and worst_hi[1]["share_max"] <= SHARE_HI
+            add(f"{label}: every guest's share within {SHARE_LO}x-{SHARE_HI}x of fair, at every G",
+                f"lowest {worst_lo[1]['share_min']:.2f} (G = {worst_lo[0]}), highest {worst_hi[1]['share_max']:.2f} (G = {worst_hi[0]})", good)
+        errs = sum(r.get("errors", 0) for r in rows_.values() if isinstance(r, dict))
+        failed = [g for g, r in rows_.items() if not isinstance(r, dict) or "error" in r]
+        add(f"{label}: every message verified, every G ran", f"{errs} errors" + (f", failed at G = {', '.join(failed)}" if failed else ""),
+            errs == 0 and not failed)
+    sp = sc.get("spawn")
+    if sp and "ratio" in sp:
+        add(f"spawning {sp['guests']} guests <= {SPAWN_GOAL} x ({sp['guests']} x one cold start / cores)",
+            f"{sp['all_connected_s']:.2f} s = {sp['ratio']:.2f}x", sp["ratio"] <= SPAWN_GOAL)
+    elif sp:
+        add("spawning 255 guests", sp.get("error", "?"), False)
+    if not rows:
+        return []
+    return ["### Targets (issue 12)", "", "| target | measured | |", "|---|---|---|", *rows, ""]
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     lines = ["# shmhub benchmarks", "",
              f"{m['date']} · {m['cpu']} · {m['cpus']} CPUs · Linux {m['kernel']} · Python {m['python']} · "
              f"shmhub {m['shmhub_commit']} · load average at start {m['loadavg_at_start'][0]:.2f}", "",
-             "Every row was measured in the same invocation, each pair of processes pinned to its own core.", ""]
+             "Every row was measured in the same invocation, each pair of processes pinned to its own core"
+             + (" (the many-guest scenarios pin nothing)." if "scale" in results else "."), ""]
     if results.get("baselines_missing"):
         lines += [f"Baselines not installed: {', '.join(results['baselines_missing'])}", ""]
     if "pingpong_blocking" in results:
@@ -197,7 +319,10 @@ def markdown(results: dict) -> str:
         lines += _stream_table(results["stream"])
     if "ndarray" in results:
         lines += _ndarray_table(results["ndarray"])
+    if "scale" in results:
+        lines += _scale_tables(results["scale"])
     lines += targets(results)
+    lines += scale_targets(results.get("scale"))
     return "\n".join(lines)
 
 
@@ -209,8 +334,49 @@ def plot(results: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(14, 5.5))
-    ax = axes[0]
+    top = any(k in results for k in ("pingpong_blocking", "pingpong_busy", "stream"))
+    sc = results.get("scale") or {}
+    scen = [k for k in ("fanin", "fanout", "reqresp") if k in sc]
+    nrows = int(top) + int(bool(scen))
+    if not nrows:
+        return False
+    fig = plt.figure(figsize=(14, 6 * nrows), constrained_layout=True)
+    rows = list(fig.subfigures(nrows, 1)) if nrows > 1 else [fig]  # a row of 2 panels, a row of 3
+    if top:
+        _plot_two_process(results, *rows.pop(0).subplots(1, 2))
+    if scen:
+        axes = rows.pop(0).subplots(1, len(scen), squeeze=False)[0]
+        for key, ax in zip(scen, axes):
+            _plot_scale(sc, key, ax)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_scale(sc: dict, key: str, ax) -> None:
+    for name, rows in sc[key].items():
+        pts = [(int(g), _rate(r)) for g, r in rows.items() if _rate(r)]
+        if pts:
+            pts.sort()
+            lo = [r["share_min"] for g, r in sorted(rows.items(), key=lambda gr: int(gr[0])) if _rate(r)]
+            hi = [r["share_max"] for g, r in sorted(rows.items(), key=lambda gr: int(gr[0])) if _rate(r)]
+            line, = ax.plot(*zip(*pts), marker="o", label=name,
+                            linewidth=2.5 if name.startswith("shmhub") else 1)
+            for (g, v), a, b in zip(pts, lo, hi):
+                ax.annotate(f"{a:.2f}–{b:.2f}", (g, v), textcoords="offset points", xytext=(0, 6), fontsize=6,
+                            ha="center", color=line.get_color())
+    gs = sc.get("guest_counts", [])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    if gs:
+        ax.set_xticks(gs, [str(g) for g in gs], fontsize=7)
+    ax.set_xlabel("guests (labels: lowest–highest share of fair)")
+    ax.set_ylabel("round trips/s" if key == "reqresp" else "messages/s")
+    ax.set_title({"fanin": "Fan-in to one host", "fanout": "Fan-out from one host", "reqresp": "Request/response with one host"}[key])
+    ax.legend(fontsize=7)
+
+
+def _plot_two_process(results: dict, ax, ax2) -> None:
     groups = [(k, results[k]) for k in ("pingpong_blocking", "pingpong_busy") if k in results]
     x = 0
     ticks, labels = [], []
@@ -226,7 +392,7 @@ def plot(results: dict, path: Path) -> bool:
     ax.set_yscale("log")
     ax.set_ylabel("round trip, µs (bar: median, line: p10–p99)")
     ax.set_title("Ping-pong 64 B")
-    ax = axes[1]
+    ax = ax2
     if "stream" in results:
         sizes = [int(s) for s in results["stream"]]
         names = sorted({n for row in results["stream"].values() for n in row})
@@ -242,10 +408,6 @@ def plot(results: dict, path: Path) -> bool:
         ax.set_ylabel("GB/s")
         ax.set_title("One-way streaming throughput")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
 
 
 def write(results: dict, out: Path, stamp: str) -> list:

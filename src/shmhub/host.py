@@ -118,7 +118,7 @@ class _AnyQueue:
     def next(self) -> Optional[Tuple["GuestHandle", Message]]:
         """The next message from a ready guest, round robin, without waiting."""
         with self.lock:
-            if self.served >= max(16, len(self.ready)):
+            if self.served >= len(self.ready):  # a round is over: guests that became ready join it
                 self.served = 0
                 self._queue(self.ep.poll(0))
             for h in self.polled:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..errors import DeadlineExceeded, MethodNotFound, RemoteError, RpcError, RpcProtocolError
 from ._client import Client, Stream
 from ._codec import BytesCodec, Codec, MsgspecCodec, PickleCodec
-from ._server import Server, cancelled, serve
+from ._server import Server, cancelled, inline, serve
 
 __all__ = ["BytesCodec", "Client", "Codec", "DeadlineExceeded", "MethodNotFound", "MsgspecCodec", "PickleCodec",
-           "RemoteError", "RpcError", "RpcProtocolError", "Server", "Stream", "cancelled", "serve"]
+           "RemoteError", "RpcError", "RpcProtocolError", "Server", "Stream", "cancelled", "inline", "serve"]

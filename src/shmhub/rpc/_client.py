@@ -34,7 +34,7 @@ class Client:
         conn = self._conn
         conn.check()
         conn.limiter.acquire(deadline)
-        return conn.start_call(method, args, kwargs, deadline).future
+        return conn.start_call(method, args, kwargs, deadline)[0].future
 
     def call(self, method: str, /, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
         """Call and wait: the result, or the handler's exception raised here; DeadlineExceeded
@@ -43,7 +43,9 @@ class Client:
         conn = self._conn
         conn.check()
         conn.limiter.acquire(deadline)
-        call = conn.start_call(method, args, kwargs, deadline)
+        call, reading = conn.start_call(method, args, kwargs, deadline, read=True)
+        if reading:
+            conn.read_until(call)
         return _wait(call)
 
     async def acall(self, method: str, /, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
@@ -52,7 +54,7 @@ class Client:
         conn = self._conn
         conn.check()
         await conn.limiter.aacquire(deadline)
-        call = conn.start_call(method, args, kwargs, deadline)
+        call, _ = conn.start_call(method, args, kwargs, deadline)
         return await asyncio.wrap_future(call.future)
 
     def stream(self, method: str, /, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> "Stream":
@@ -62,7 +64,7 @@ class Client:
         conn = self._conn
         conn.check()
         conn.limiter.acquire(deadline)
-        return Stream(conn, conn.start_call(method, args, kwargs, deadline, stream=True))
+        return Stream(conn, conn.start_call(method, args, kwargs, deadline, stream=True)[0])
 
     def close(self) -> None:
         """Close the link; calls in flight fail with LinkClosed."""

@@ -91,7 +91,11 @@ class PickleCodec(Codec):
         return _OOBBytes(obj) if type(obj) is bytes and len(obj) >= self.threshold else obj
 
     def encode_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Encoded:
-        args = tuple(self._wrap(a) for a in args)
+        t = self.threshold
+        for a in args:
+            if type(a) is bytes and len(a) >= t:
+                args = tuple(self._wrap(a) for a in args)
+                break
         if kwargs:
             kwargs = {k: self._wrap(v) for k, v in kwargs.items()}
         return self.encode((args, kwargs or None))
@@ -101,7 +105,8 @@ class PickleCodec(Codec):
         return args, kwargs or {}
 
     def encode(self, obj: Any) -> Encoded:
-        obj = self._wrap(obj)
+        if type(obj) is bytes and len(obj) >= self.threshold:
+            obj = _OOBBytes(obj)
         oob: List[pickle.PickleBuffer] = []
         threshold = self.threshold
 

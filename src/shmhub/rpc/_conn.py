@@ -210,44 +210,96 @@ class Connection:
         self.limiter = _Limiter(max_in_flight)
         self.server: Optional["Server"] = None
         self.error: Optional[BaseException] = None  # why the connection ended
+        self._ended = False
         self.done = threading.Event()
         self._timer_cond = threading.Condition(self.lock)
         self._timer: Optional[threading.Thread] = None
         self._can_reserve = callable(getattr(link, "reserve", None)) and callable(getattr(link, "send_reserved", None))
         self.reader = threading.Thread(target=self._run, name="shmhub-rpc-reader", daemon=True)
+        self.role: Optional[threading.Thread] = None  # who reads the link now (see _run)
+        self._role_cond = threading.Condition(self.lock)
 
     def start(self) -> None:
         self.reader.start()
 
-    # -- the reader -------------------------------------------------------------------------
+    # -- reading ----------------------------------------------------------------------------
+    #
+    # One thread at a time holds the read role. A thread blocked in call() takes it when it is
+    # free and reads until its own response came (no thread hand-off: the lowest latency); the
+    # reader thread takes it whenever it is free and something may arrive that nobody else waits
+    # for (a Server is attached, or calls are pending), and gives it up when neither holds. It
+    # parks on a condition meanwhile: nothing polls.
+
+    def _needs_reader(self) -> bool:
+        return self.server is not None or len(self.calls) > 0
+
+    def _release_role(self) -> None:
+        with self.lock:
+            self.role = None
+            if self._needs_reader():
+                self._role_cond.notify()
 
     def _run(self) -> None:
-        recv = self.link.recv
-        feed = self.assembler.feed
         while True:
-            try:
-                msg = recv(timeout=None)
-            except _GONE as e:
-                self.terminate(e)
-                return
-            except BaseException as e:  # a broken link object: end the connection, say why
-                log.exception("rpc reader: link.recv failed")
-                self.terminate(e)
-                return
-            try:
-                inc = feed(msg)
-                if inc is not None:
-                    self._dispatch(inc)
-            except RpcProtocolError as e:
-                self.terminate(e, close=True)
-                return
-            except _GONE as e:
-                self.terminate(e)
-                return
-            except BaseException as e:
-                log.exception("rpc reader: dispatch failed")
-                self.terminate(RpcProtocolError(f"rpc reader failed: {e!r}"), close=True)
-                return
+            with self.lock:
+                while self.error is None and not (self.role is None and self._needs_reader()):
+                    self._role_cond.wait()
+                if self.error is not None:
+                    return
+                self.role = self.reader
+            while True:
+                if not self.read_one(None):
+                    return
+                with self.lock:
+                    if not self._needs_reader():
+                        self.role = None
+                        break
+
+    def read_until(self, call: PendingCall) -> None:
+        """Read as the role holder until `call` resolves (or its deadline), then hand the role on."""
+        fut = call.future
+        try:
+            while not fut.done():
+                rem = _remaining(call.deadline_ns)
+                if rem is not None and rem <= 0:
+                    self.expire(call)
+                    break
+                if not self.read_one(rem):
+                    break
+        finally:
+            self._release_role()
+
+    def read_one(self, timeout: Optional[float]) -> bool:
+        """Receive and dispatch one message; False once the connection has ended."""
+        try:
+            msg = self.link.recv(timeout=timeout)
+        except _GONE as e:
+            self.terminate(e)
+            return False
+        except ShmTimeout:
+            return True
+        except BaseException as e:  # a broken link object: end the connection, say why
+            if not isinstance(e, Exception):
+                self.terminate(LinkClosed(f"reading interrupted: {e!r}"))
+                raise
+            log.exception("rpc: link.recv failed")
+            self.terminate(e)
+            return False
+        try:
+            inc = self.assembler.feed(msg)
+            if inc is not None:
+                self._dispatch(inc)
+            return True
+        except RpcProtocolError as e:
+            self.terminate(e, close=True)
+        except _GONE as e:
+            self.terminate(e)
+        except BaseException as e:
+            log.exception("rpc: dispatch failed")
+            self.terminate(RpcProtocolError(f"rpc dispatch failed: {e!r}"), close=True)
+            if not isinstance(e, Exception):
+                raise
+        return False
 
     def _dispatch(self, inc: Incoming) -> None:
         h = inc.frame.header
@@ -310,9 +362,13 @@ class Connection:
             if self.error is None:
                 self.error = err
             err = self.error
+            if self._ended:
+                return
+            self._ended = True
             calls = self.calls.drain()
             serving = self.serving.drain()
             self._timer_cond.notify_all()
+            self._role_cond.notify_all()
         self.limiter.fail(err)
         self.assembler.reset()
         for _, call in calls:
@@ -336,11 +392,10 @@ class Connection:
         try:
             self.link.close()
         finally:
-            if threading.current_thread() is not self.reader:
+            self.terminate(LinkClosed("link is closed"))
+            if threading.current_thread() is not self.reader and self.reader.is_alive():
                 # A reader asleep in recv notices the close within the link's close-check time.
-                self.done.wait(5.0)
-            if not self.done.is_set():
-                self.terminate(LinkClosed("link is closed"))
+                self.reader.join(1.0)
 
     def check(self) -> None:
         err = self.error
@@ -350,8 +405,10 @@ class Connection:
     # -- calls ------------------------------------------------------------------------------
 
     def start_call(self, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any], deadline_ns: int,
-                   stream: bool = False) -> PendingCall:
-        """Send a REQUEST (an in-flight permit is held by the caller); the call owns the permit."""
+                   stream: bool = False, read: bool = False) -> Tuple[PendingCall, bool]:
+        """Send a REQUEST (an in-flight permit is held by the caller); the call owns the permit.
+        read: take the read role if it is free; the second value says whether it was taken (the
+        caller must then call read_until)."""
         payload, oob = self.codec.encode_call(args, kwargs)
         fut: cf.Future[Any] = cf.Future()
         call = PendingCall(self, fut, deadline_ns, StreamState() if stream else None)
@@ -360,6 +417,11 @@ class Connection:
                 self.limiter.release()
                 raise _again(self.error)
             cid = call.cid = self.calls.start(call, deadline_ns)
+            reading = read and self.role is None
+            if reading:
+                self.role = threading.current_thread()
+            elif self.role is None:
+                self._role_cond.notify()
             if deadline_ns:
                 self._arm_timer()
         fut.add_done_callback(self._settled(cid))
@@ -372,9 +434,12 @@ class Connection:
             if isinstance(e, ShmTimeout) and not isinstance(e, DeadlineExceeded):
                 e = DeadlineExceeded(f"deadline passed while sending the call to {method!r}")
             settle(fut, exc=e if isinstance(e, Exception) else LinkClosed(f"send interrupted: {e!r}"))
+            if reading:
+                self._release_role()
             if not isinstance(e, Exception):
                 raise
-        return call
+            return call, False
+        return call, reading
 
     def _settled(self, cid: int) -> Callable[["cf.Future[Any]"], None]:
         def done(fut: "cf.Future[Any]") -> None:
@@ -526,16 +591,21 @@ _registry_lock = threading.Lock()
 
 
 def connection_for(link: Any, codec: "Optional[Codec | str]" = None, max_in_flight: int = 64,
-                   max_frame: int = DEFAULT_MAX_FRAME) -> Connection:
+                   max_frame: int = DEFAULT_MAX_FRAME, server: Optional["Server"] = None) -> Connection:
     """The connection of a link, created (and its reader started) on first use. Both ends of a
-    link must use the same codec."""
+    link must use the same codec. `server` serves requests from the first frame on."""
     with _registry_lock:
         conn = _registry.get(id(link))
         if conn is not None and conn.link is link and conn.error is None:
             if codec is not None and codec_for(codec).name != conn.codec.name:
                 raise ValueError(f"this link already speaks the {conn.codec.name} codec")
+            if server is not None:
+                if conn.server is not None and conn.server is not server:
+                    raise ValueError("another Server already serves this link")
+                conn.server = server
             return conn
         conn = Connection(link, codec_for(codec), max_in_flight, max_frame)
+        conn.server = server
         _registry[id(link)] = conn
     conn.start()
     return conn

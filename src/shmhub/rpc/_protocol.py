@@ -13,7 +13,6 @@ import heapq
 import pickle
 import struct
 import traceback
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Generic, List, Optional, Sequence, Tuple, TypeVar
 
 from ..errors import DeadlineExceeded, MethodNotFound, RemoteError, RpcProtocolError
@@ -31,14 +30,16 @@ DEFAULT_MAX_FRAME = 1 << 30  # a header message (in-band payload) larger than th
 T = TypeVar("T")
 
 
-@dataclass
 class Incoming:
     """A complete frame: its header message and the messages of its out-of-band buffers.
     The receiver owns the messages: views() exposes them, release() gives them back."""
 
-    frame: Frame
-    message: Any  # the header message (a Message, or any buffer)
-    buffers: List[Any] = field(default_factory=list)
+    __slots__ = ("frame", "message", "buffers")
+
+    def __init__(self, frame: Frame, message: Any) -> None:
+        self.frame = frame
+        self.message = message  # the header message (a Message, or any buffer)
+        self.buffers: List[Any] = []
 
     def payload(self) -> memoryview:
         with memoryview(self.message) as mv:
@@ -47,6 +48,8 @@ class Incoming:
     def views(self) -> List[memoryview]:
         """Zero-copy views of the out-of-band buffers (each one's exporter is its message, which
         stays alive while any view of it does)."""
+        if not self.buffers:
+            return _NO_VIEWS
         out = []
         for (off, n), msg in zip(self.frame.descriptors, self.buffers):
             with memoryview(msg) as whole:
@@ -56,12 +59,18 @@ class Incoming:
     def release(self) -> None:
         """Give every message back once no view is left (a message still viewed is released with
         its last view: a Message's with-block semantics)."""
-        for msg in (self.message, *self.buffers):
-            _release(msg)
-        self.buffers = []
+        _release(self.message)
+        if self.buffers:
+            for msg in self.buffers:
+                _release(msg)
+            self.buffers = []
+
+
+_NO_VIEWS: List[memoryview] = []
 
 
 def _release(msg: Any) -> None:
+    """Release a received message now, or with its last view (a Message's with-block exit)."""
     exit_ = getattr(msg, "__exit__", None)
     if exit_ is not None:
         exit_(None, None, None)

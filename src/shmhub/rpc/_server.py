@@ -9,7 +9,7 @@ import inspect
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, TypeVar
 
 from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError
 from ._codec import Codec
@@ -17,7 +17,7 @@ from ._conn import Connection, connection_for
 from ._protocol import ERR_DEADLINE, ERR_EXCEPTION, ERR_NOT_FOUND, DEFAULT_MAX_FRAME, Incoming, encode_error
 from ._wire import FLAG_STREAM, Kind
 
-__all__ = ["Server", "serve", "cancelled", "STREAM_WINDOW"]
+__all__ = ["Server", "serve", "cancelled", "inline", "STREAM_WINDOW"]
 
 log = logging.getLogger("shmhub.rpc")
 
@@ -43,7 +43,7 @@ class _Serving:
         self.task: Optional["asyncio.Task[Any]"] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.credit = STREAM_WINDOW
-        self.cond = threading.Condition(threading.Lock())
+        self.cond = threading.Condition(threading.Lock()) if stream else _NO_COND
         self.async_credit: Optional[asyncio.Event] = None
 
     def expired(self) -> bool:
@@ -63,6 +63,21 @@ class _Serving:
             return True
 
 
+class _NoCond:
+    """Stands in for the condition of a call that does not stream (nothing waits on it)."""
+
+    def __enter__(self) -> "_NoCond":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def notify_all(self) -> None:
+        pass
+
+
+_NO_COND: Any = _NoCond()
+
 _current: contextvars.ContextVar[Optional[_Serving]] = contextvars.ContextVar("shmhub_rpc_call", default=None)
 
 
@@ -71,6 +86,17 @@ def cancelled() -> bool:
     connection ended. Long-running sync handlers poll it where they choose."""
     st = _current.get()
     return st is not None and (st.cancelled or st.expired())
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def inline(fn: F) -> F:
+    """Mark a sync handler to run on the connection's reader thread instead of the pool: no
+    thread hand-off (the lowest latency), but the reader serves nothing else while it runs, so
+    only for handlers that are quick and never block."""
+    fn.__shmhub_rpc_inline__ = True  # type: ignore[attr-defined]
+    return fn
 
 
 def _resolve(handlers: Any) -> Callable[[str], Optional[Callable[..., Any]]]:
@@ -135,10 +161,7 @@ class Server:
     def attach(self, link: Any) -> Connection:
         """Serve on a link without blocking; the connection is returned (its .done event is set
         when the link ends)."""
-        conn = connection_for(link, self.codec, self.max_in_flight, self.max_frame)
-        if conn.server is not None and conn.server is not self:
-            raise ValueError("another Server already serves this link")
-        conn.server = self
+        conn = connection_for(link, self.codec, self.max_in_flight, self.max_frame, server=self)
         with self._lock:
             self._conns.add(conn)
         return conn
@@ -224,6 +247,8 @@ class Server:
                 loop = self._get_loop()
                 st.loop = loop
                 loop.call_soon_threadsafe(self._start_task, st, fn, args, kwargs)
+            elif getattr(fn, "__shmhub_rpc_inline__", False):
+                self._run_sync(st, fn, args, kwargs)  # opted in: quick, never blocks (see inline())
             else:
                 self._get_pool().submit(self._run_sync, st, fn, args, kwargs)
         except RuntimeError as e:  # the pool or loop was shut down

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Sequence, Tuple
 
 from ..errors import RpcProtocolError
@@ -58,33 +57,50 @@ class Kind(enum.IntEnum):
     CREDIT = 7  # the caller consumed items: the server may send `arg` more
 
 
-_KINDS = frozenset(int(k) for k in Kind)
+_KINDS = {int(k): k for k in Kind}
 
 
-@dataclass(frozen=True)
 class Header:
-    kind: Kind
-    call_id: int
-    flags: int = 0
-    deadline_ns: int = 0  # absolute CLOCK_MONOTONIC nanoseconds; 0: no deadline
-    arg: int = 0  # CREDIT: items granted
-    method: str = ""
-    n_buffers: int = 0
+    """The decoded fixed header (a plain slotted class: it is built for every frame)."""
+
+    __slots__ = ("kind", "call_id", "flags", "deadline_ns", "arg", "method", "n_buffers")
+
+    def __init__(self, kind: Kind, call_id: int, flags: int = 0, deadline_ns: int = 0, arg: int = 0,
+                 method: str = "", n_buffers: int = 0) -> None:
+        self.kind = kind
+        self.call_id = call_id
+        self.flags = flags
+        self.deadline_ns = deadline_ns  # absolute CLOCK_MONOTONIC nanoseconds; 0: no deadline
+        self.arg = arg  # CREDIT: items granted
+        self.method = method
+        self.n_buffers = n_buffers
+
+    def __repr__(self) -> str:
+        return (f"Header({self.kind.name}, call_id={self.call_id}, flags={self.flags:#x}, "
+                f"deadline_ns={self.deadline_ns}, arg={self.arg}, method={self.method!r}, n_buffers={self.n_buffers})")
 
 
-@dataclass(frozen=True)
 class Frame:
     """A decoded header frame: the header, the descriptors of the buffers that follow, and where
     the codec payload starts in the message."""
 
-    header: Header
-    descriptors: Tuple[Tuple[int, int], ...]
-    payload_offset: int
+    __slots__ = ("header", "descriptors", "payload_offset")
+
+    def __init__(self, header: Header, descriptors: Tuple[Tuple[int, int], ...], payload_offset: int) -> None:
+        self.header = header
+        self.descriptors = descriptors
+        self.payload_offset = payload_offset
+
+
+_pack = HEADER.pack
+_unpack = HEADER.unpack_from
 
 
 def encode_frame(kind: Kind, call_id: int, payload: "Buffer" = b"", *, flags: int = 0, deadline_ns: int = 0,
                  arg: int = 0, method: str = "", buffers: Sequence[Tuple[int, int]] = ()) -> bytes:
     """One header message. `buffers`: (offset, length) of each out-of-band buffer, sent after it."""
+    if not buffers and not method:  # responses: the common case, kept short
+        return _pack(VERSION, kind, flags, 0, call_id, deadline_ns, arg, 0, 0) + payload  # type: ignore[operator]
     m = method.encode()
     if len(m) > MAX_METHOD_LEN:
         raise ValueError(f"method name of {len(m)} bytes exceeds {MAX_METHOD_LEN}")
@@ -104,11 +120,14 @@ def decode_frame(data: "Buffer", max_frame: int) -> Frame:
             raise RpcProtocolError(f"oversize frame: {n} bytes exceed max_frame {max_frame}")
         if n < HEADER_SIZE:
             raise RpcProtocolError(f"truncated frame: {n} bytes, the header alone is {HEADER_SIZE}")
-        version, kind, flags, nbuf, call_id, deadline_ns, arg, mlen, _ = HEADER.unpack_from(mv)
+        version, kind, flags, nbuf, call_id, deadline_ns, arg, mlen, _ = _unpack(mv)
         if version != VERSION:
             raise RpcProtocolError(f"frame of protocol version {version}, this end speaks {VERSION}")
-        if kind not in _KINDS:
+        k = _KINDS.get(kind)
+        if k is None:
             raise RpcProtocolError(f"unknown frame kind {kind}")
+        if not (flags or nbuf or mlen):  # responses: the common case, kept short
+            return Frame(Header(k, call_id, 0, deadline_ns, arg), (), HEADER_SIZE)
         if flags & ~KNOWN_FLAGS:
             raise RpcProtocolError(f"unknown frame flags {flags:#x}")
         if nbuf > MAX_BUFFERS:
@@ -119,8 +138,8 @@ def decode_frame(data: "Buffer", max_frame: int) -> Frame:
         if end > n:
             raise RpcProtocolError(f"truncated frame: {n} bytes, its header announces {end}")
         try:
-            method = bytes(mv[HEADER_SIZE:HEADER_SIZE + mlen]).decode()
+            method = str(mv[HEADER_SIZE:HEADER_SIZE + mlen], "utf-8")
         except UnicodeDecodeError:
             raise RpcProtocolError("method name is not UTF-8") from None
         descs = tuple(DESCRIPTOR.unpack_from(mv, HEADER_SIZE + mlen + i * DESCRIPTOR_SIZE) for i in range(nbuf))
-    return Frame(Header(Kind(kind), call_id, flags, deadline_ns, arg, method, nbuf), descs, end)
+    return Frame(Header(k, call_id, flags, deadline_ns, arg, method, nbuf), descs, end)

@@ -13,12 +13,9 @@ from __future__ import annotations
 import copyreg
 import io
 import pickle
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from .._native import Message
-
-if TYPE_CHECKING:
-    from collections.abc import Buffer
 
 __all__ = ["Codec", "PickleCodec", "BytesCodec", "MsgspecCodec", "DEFAULT_THRESHOLD"]
 
@@ -53,16 +50,20 @@ class Codec:
 
 
 class _OOBBytes:
-    """A top-level bytes argument at or above the threshold: pickle stores exact bytes in-band
-    and never asks a reducer, so it is wrapped to travel out of band (rebuilt as bytes: one copy)."""
+    """A top-level bytes or bytearray argument or result at or above the threshold: pickle writes
+    these types in-band without asking any reducer, so they are wrapped to travel out of band
+    (rebuilt as the same type: one copy on receipt)."""
 
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: "bytes | bytearray") -> None:
         self.data = data
 
     def __reduce_ex__(self, protocol: Any) -> Tuple[Callable[..., Any], Tuple[Any, ...]]:
-        return bytes, (pickle.PickleBuffer(self.data),)
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+_BYTES = (bytes, bytearray)
 
 
 def _as_view(buf: Any) -> memoryview:
@@ -88,12 +89,12 @@ class PickleCodec(Codec):
     pickles_exceptions = True
 
     def _wrap(self, obj: Any) -> Any:
-        return _OOBBytes(obj) if type(obj) is bytes and len(obj) >= self.threshold else obj
+        return _OOBBytes(obj) if type(obj) in _BYTES and len(obj) >= self.threshold else obj
 
     def encode_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Encoded:
         t = self.threshold
         for a in args:
-            if type(a) is bytes and len(a) >= t:
+            if type(a) in _BYTES and len(a) >= t:
                 args = tuple(self._wrap(a) for a in args)
                 break
         if kwargs:
@@ -105,7 +106,7 @@ class PickleCodec(Codec):
         return args, kwargs or {}
 
     def encode(self, obj: Any) -> Encoded:
-        if type(obj) is bytes and len(obj) >= self.threshold:
+        if type(obj) in _BYTES and len(obj) >= self.threshold:
             obj = _OOBBytes(obj)
         oob: List[pickle.PickleBuffer] = []
         threshold = self.threshold

@@ -77,6 +77,8 @@ _lock = threading.Lock()
 
 def spin_until_cancelled(tag, limit):
     """Polls rpc.cancelled() (the sync handler's way to learn of a cancel); records that it saw it."""
+    with _lock:
+        _events[tag + ":started"] = True
     end = time.monotonic() + limit
     while time.monotonic() < end:
         if rpc.cancelled():
@@ -101,11 +103,13 @@ async def await_until_cancelled(tag, limit):
     return "ran out"
 
 
+@rpc.inline
 def event(tag):
     with _lock:
         return _events.get(tag)
 
 
+@rpc.inline  # runs on the reader: frames sent before it (cancels) have been handled
 def wait_event(tag, limit):
     end = time.monotonic() + limit
     while time.monotonic() < end:

@@ -444,6 +444,10 @@ class Connection:
     def _settled(self, cid: int) -> Callable[["cf.Future[Any]"], None]:
         def done(fut: "cf.Future[Any]") -> None:
             # Runs once per call, in whichever thread settled it.
+            if fut.cancelled():
+                # CANCELLED -> CANCELLED_AND_NOTIFIED, as an executor's worker does: until then
+                # concurrent.futures.wait() and as_completed() do not count the future as done.
+                fut.set_running_or_notify_cancel()
             with self.lock:
                 unanswered = self.calls.finish(cid) is not None
             self.limiter.release()

@@ -278,3 +278,24 @@ def test_every_call_resolves_exactly_once_whatever_races_it(delay_ms, action_at_
             assert lim.free == 8  # every permit came back, once
     finally:
         p.close()
+
+
+def test_msgspec_codec_carries_plain_data_and_errors_as_remote_errors():
+    pytest.importorskip("msgspec")
+    p = Pair(codec="msgspec")
+    try:
+        assert p.client.call("add", [1], [2], timeout=T) == [1, 2]
+        assert p.client.call("echo", {"a": [1, 2.5, "x", None]}, timeout=T) == {"a": [1, 2.5, "x", None]}
+        with pytest.raises(rpc.RemoteError, match="kaboom") as ei:
+            p.client.call("boom", "kaboom", timeout=T)  # never unpickled, even though Boom pickles
+        assert type(ei.value) is rpc.RemoteError and ei.value.type_name.endswith("Boom")
+        with pytest.raises(TypeError):
+            p.client.call("echo", object(), timeout=T)  # not plain data: refused before sending
+        assert p.client._conn.limiter.free == 64  # and its in-flight permit came back
+    finally:
+        p.close()
+
+
+def test_both_ends_must_agree_on_the_codec(pair):
+    with pytest.raises(ValueError, match="pickle"):
+        rpc.Client(pair.a, codec="bytes")

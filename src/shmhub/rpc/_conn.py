@@ -409,7 +409,11 @@ class Connection:
         """Send a REQUEST (an in-flight permit is held by the caller); the call owns the permit.
         read: take the read role if it is free; the second value says whether it was taken (the
         caller must then call read_until)."""
-        payload, oob = self.codec.encode_call(args, kwargs)
+        try:
+            payload, oob = self.codec.encode_call(args, kwargs)
+        except BaseException:
+            self.limiter.release()  # nothing was sent: the permit goes back
+            raise
         fut: cf.Future[Any] = cf.Future()
         call = PendingCall(self, fut, deadline_ns, StreamState() if stream else None)
         with self.lock:

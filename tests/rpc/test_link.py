@@ -187,3 +187,32 @@ def test_bytes_codec_over_a_link():
             host.close()
             g.wait(T)
             c.close()
+
+
+def test_a_caller_killed_mid_call_leaves_the_server_running_and_no_memory_held():
+    import threading
+
+    release = threading.Event()
+    ready = threading.Event()
+    started = []
+
+    def big(i):
+        started.append(i)
+        release.wait(T)  # the caller is killed meanwhile
+        return np.full(100_000 if i % 2 else 20_000, float(i))  # mmap tier and slot tier results
+
+    with Host(CFG) as host:
+        g = spawn(host, "rpc_caller.py", 8)
+        server = rpc.Server({"big": big, "ready": rpc.inline(lambda: ready.set())}, max_concurrency=8)
+        conn = server.attach(g.link)
+        try:
+            assert ready.wait(T)
+            wait_for(lambda: len(started) == 8, "all 8 calls running")
+            g.kill()
+            g.wait(T)
+            release.set()  # the handlers now answer a dead caller
+            assert conn.done.wait(T) and isinstance(conn.error, PeerDead)
+            server._pool.shutdown(wait=True)  # every handler has returned and tried to send its result
+            wait_for(lambda: allocated(host) == [0, 0, 0], "every slot free")
+        finally:
+            server.close()

@@ -64,7 +64,7 @@ def run_shmhub(scenario, params):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="short phases (a smoke run, not for claims)")
-    ap.add_argument("--only", nargs="*", default=["pingpong", "busypoll", "stream", "ndarray"])
+    ap.add_argument("--only", nargs="*", default=["pingpong", "busypoll", "stream", "ndarray", "rpc"])
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     secs = 0.3 if args.quick else 2.0
@@ -124,6 +124,11 @@ def main(argv=None) -> int:
         for k, v in row.items():
             print(f"  {k}: {report.short(v)}", flush=True)
         results["ndarray"] = row
+    if "rpc" in args.only:
+        from . import rpc_bench
+
+        print("rpc: request/response", flush=True)
+        results["rpc"] = rpc_bench.run(args.quick)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

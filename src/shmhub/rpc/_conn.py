@@ -89,6 +89,11 @@ class StreamState:
         self.wake()
 
 
+def _fail_async(f: "asyncio.Future[None]", err: BaseException) -> None:
+    if not f.done():
+        f.set_exception(err)
+
+
 def _wake_async(f: "asyncio.Future[None]") -> None:
     if not f.done():
         f.set_result(None)
@@ -190,7 +195,7 @@ class _Limiter:
             waiters, self.async_waiters = list(self.async_waiters), deque()
         for loop, f in waiters:
             try:
-                loop.call_soon_threadsafe(lambda f=f: f.done() or f.set_exception(err))
+                loop.call_soon_threadsafe(_fail_async, f, err)
             except RuntimeError:
                 pass
 
@@ -566,7 +571,7 @@ class Connection:
 
 def _reserved_by(raw: memoryview, link: Any) -> Optional[Tuple[Any, int]]:
     """The reserved send buffer of `link` that `raw` (a numpy array's data) lies in, with its offset."""
-    obj = raw.obj
+    obj: Any = raw.obj
     if type(obj).__module__ != "numpy":
         return None
     from .._native import Message
@@ -574,16 +579,17 @@ def _reserved_by(raw: memoryview, link: Any) -> Optional[Tuple[Any, int]]:
     base: Any = obj
     while base is not None and not isinstance(base, Message):
         base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
-    if base is None or base.token is None or base.token[0] is not link or not base.writable:
+    buf: Any = base  # a Message (or None)
+    if buf is None or buf.token is None or buf.token[0] is not link or not buf.writable:
         return None
     import numpy as np
 
-    start = np.frombuffer(base, dtype=np.uint8).__array_interface__["data"][0]
+    start = np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0]
     addr = obj.__array_interface__["data"][0]
     off = addr - start
-    if not obj.flags.c_contiguous or off < 0 or off + raw.nbytes > len(base):
+    if not obj.flags.c_contiguous or off < 0 or off + raw.nbytes > len(buf):
         return None
-    return base, off
+    return buf, off
 
 
 def _again(err: BaseException) -> BaseException:

@@ -9,7 +9,7 @@ import inspect
 import logging
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Tuple, TypeVar
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, TypeVar
 
 from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError
 from ._codec import Codec
@@ -102,7 +102,7 @@ def inline(fn: F) -> F:
 def _resolve(handlers: Any) -> Callable[[str], Optional[Callable[..., Any]]]:
     """Name -> callable: mapping keys (a dotted name reaches into a mapped object's public
     attributes), or an object's public methods."""
-    def walk(obj: Any, parts: list) -> Optional[Callable[..., Any]]:
+    def walk(obj: Any, parts: List[str]) -> Optional[Callable[..., Any]]:
         for p in parts:
             if not p or p.startswith("_"):
                 return None
@@ -153,7 +153,7 @@ class Server:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
-        self._conns: set = set()
+        self._conns: Set[Connection] = set()
         self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------------

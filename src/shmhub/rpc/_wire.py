@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, List, Sequence, Tuple
 from ..errors import RpcProtocolError
 
 if TYPE_CHECKING:
-    from collections.abc import Buffer
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 __all__ = ["Kind", "Header", "HEADER", "HEADER_SIZE", "DESCRIPTOR", "DESCRIPTOR_SIZE", "VERSION", "FLAG_STREAM",
            "MAX_BUFFERS", "MAX_METHOD_LEN", "encode_frame", "decode_frame", "Frame"]
@@ -100,7 +100,8 @@ def encode_frame(kind: Kind, call_id: int, payload: "Buffer" = b"", *, flags: in
                  arg: int = 0, method: str = "", buffers: Sequence[Tuple[int, int]] = ()) -> bytes:
     """One header message. `buffers`: (offset, length) of each out-of-band buffer, sent after it."""
     if not buffers and not method:  # responses: the common case, kept short
-        return _pack(VERSION, kind, flags, 0, call_id, deadline_ns, arg, 0, 0) + payload  # type: ignore[operator]
+        return _pack(VERSION, kind, flags, 0, call_id, deadline_ns, arg, 0, 0) + (
+            payload if isinstance(payload, bytes) else bytes(payload))
     m = method.encode()
     if len(m) > MAX_METHOD_LEN:
         raise ValueError(f"method name of {len(m)} bytes exceeds {MAX_METHOD_LEN}")

@@ -10,10 +10,22 @@ import shmhub  # noqa: E402
 from shmhub import rpc  # noqa: E402
 from handlers import HANDLERS  # noqa: E402
 
+import threading  # noqa: E402
+
 link = shmhub.connect()
-server = rpc.Server({**HANDLERS, "callback": lambda x: client.call("host_double", x, timeout=10) + 1})
+made = threading.Event()
+clients = []
+
+
+def callback(x):
+    made.wait(10)  # the host may call before this process has made its client
+    return clients[0].call("host_double", x, timeout=10) + 1
+
+
+server = rpc.Server({**HANDLERS, "callback": callback})
 server.attach(link)  # serving before anything else: the host may call at once
-client = rpc.Client(link)
+clients.append(rpc.Client(link))
+made.set()
 try:
     server.serve(link)
 finally:

@@ -143,6 +143,28 @@ def nbytes(x):
     return memoryview(x).nbytes
 
 
+_hoard = []
+
+
+def hoard(a, keep, drop):
+    """Keep the received view (zero-copy: it holds its slot or mapping) or not, and drop some kept
+    ones: seeded by the caller, so the guest's side keeps and drops views at random too."""
+    if keep:
+        _hoard.append(a)
+    for i in sorted(drop, reverse=True):
+        if i < len(_hoard):
+            _hoard.pop(i)
+    del _hoard[:-6]  # bounded: a link has at most 16 mappings a direction, and the caller waits for one
+    return len(_hoard)
+
+
+def drop_hoard():
+    _hoard.clear()
+    import gc
+    gc.collect()
+    return 0
+
+
 class Model:
     def __init__(self):
         self.scale = 3
@@ -158,4 +180,4 @@ HANDLERS = {"add": add, "null": null, "now": now, "echo": echo, "sleep_echo": sl
             "unpicklable": unpicklable, "count": count, "acount": acount, "fail_after": fail_after,
             "spin_until_cancelled": spin_until_cancelled, "await_until_cancelled": await_until_cancelled,
             "event": event, "wait_event": wait_event, "block": block, "pid": pid, "array_info": array_info,
-            "make_array": make_array, "nbytes": nbytes, "model": Model()}
+            "make_array": make_array, "hoard": hoard, "drop_hoard": drop_hoard, "nbytes": nbytes, "model": Model()}

@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 T = 10.0
 # Small pools, so that a leaked slot shows, and the mmap tier from 256 KiB up.
 CFG = SegmentConfig(max_guests=2, bipbuf_capacity=64 * 1024,
-                    size_classes=((1024, 64), (16 * 1024, 32), (256 * 1024, 64)))
+                    size_classes=((1024, 64), (16 * 1024, 32), (256 * 1024, 128)))
 
 
 def spawn(host: Host, script: str = "rpc_server.py", *args: object) -> shmhub.GuestHandle:
@@ -116,24 +116,30 @@ def test_out_of_band_buffers_both_ways_leave_every_slot_and_lease_free():
         try:
             kept = []
             sizes = [64 << 10, 100 << 10, 200 << 10, 300 << 10, 1 << 20]  # slot tier, then the mmap tier
-            for round_ in range(20):
+            # Bounded so that the mmap-tier buffers held at once (kept, hoarded, in flight) stay
+            # under the link's 16 mappings a direction: beyond that a sender waits for one.
+            for round_ in range(60):
                 futs = []
-                for i in range(16):
+                for i in range(8):
                     n = rng.choice(sizes) // 8
                     a = np.full(n, float(round_ * 100 + i))
                     futs.append((a, c.submit("echo", a, timeout=T)))
                     if rng.random() < 0.3:  # and arrays made by the guest
                         futs.append((np.full(n, 7.0), c.submit("make_array", n, 7.0, timeout=T)))
+                    if rng.random() < 0.5:  # the guest keeps some of what it receives, and drops some
+                        drop = [rng.randrange(6) for _ in range(rng.randrange(3))]
+                        c.submit("hoard", np.ones(rng.choice(sizes) // 8), rng.random() < 0.4, drop, timeout=T)
                 for a, f in futs:
                     r = f.result(T)
                     assert r.shape == a.shape and r[0] == a[0] and r[-1] == a[-1] and not r.flags.writeable
                     if rng.random() < 0.2:
                         kept.append(r)  # a view of shared memory, kept for a while
                     del r
-                if len(kept) > 10:
+                if len(kept) > 6:
                     for _ in range(len(kept) // 2):
                         kept.pop(rng.randrange(len(kept)))
             assert kept and allocated(host) != [0, 0, 0]  # the kept views hold their slots
+            assert c.call("drop_hoard", timeout=T) == 0
             kept.clear()
             del futs, a, f  # the last round's futures hold their results
             gc.collect()

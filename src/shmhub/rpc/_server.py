@@ -11,7 +11,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, TypeVar
 
-from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError
+from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError, ShmTimeout
 from ._codec import Codec
 from ._conn import Connection, connection_for
 from ._protocol import ERR_DEADLINE, ERR_EXCEPTION, ERR_NOT_FOUND, DEFAULT_MAX_FRAME, Incoming, encode_error
@@ -294,9 +294,12 @@ class Server:
 
     def _send(self, st: _Serving, kind: Kind, payload: bytes, oob: Any) -> None:
         try:
-            st.conn.send_frame(kind, st.cid, payload, oob)
+            # Bounded by the call's deadline: after it the caller has given up on the result.
+            st.conn.send_frame(kind, st.cid, payload, oob, deadline_for_send=st.deadline_ns)
         except _GONE:
             pass  # the caller is gone: the result is dropped (its reserved memory was given back)
+        except ShmTimeout:
+            pass  # the deadline passed while waiting for ring room, a slot or a mapping: dropped
 
     def _reply(self, st: _Serving, kind: Kind, value: Any) -> None:
         try:

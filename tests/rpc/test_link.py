@@ -222,3 +222,27 @@ def test_a_caller_killed_mid_call_leaves_the_server_running_and_no_memory_held()
             wait_for(lambda: allocated(host) == [0, 0, 0], "every slot free")
         finally:
             server.close()
+
+
+def test_a_guests_calls_fail_with_host_gone_when_the_host_goes():
+    import subprocess
+    import threading
+
+    ready = threading.Event()
+    release = threading.Event()
+    host = Host(CFG)
+    try:
+        g = host.spawn([sys.executable, os.path.join(HERE, "guests", "rpc_orphan.py")], stdout=subprocess.PIPE, text=True)
+        server = rpc.Server({"stall": lambda: release.wait(T), "ready": rpc.inline(lambda: ready.set())}, max_concurrency=8)
+        server.attach(g.link)
+        assert ready.wait(T)
+        t_close = time.monotonic_ns()
+        host.close()  # says goodbye: the guest's 8 calls in flight must fail at once
+        out, _ = g.process.communicate(timeout=T)
+        done, pending, kinds, later, t_end = out.split()
+        assert (done, pending, kinds, later) == ("8", "0", "HostGone", "HostGone"), out
+        assert (int(t_end) - t_close) / 1e9 < 1.0
+    finally:
+        release.set()
+        host.close()
+        server.close()

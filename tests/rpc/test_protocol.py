@@ -201,3 +201,34 @@ def test_codec_names():
     assert codec_for(None).name == "pickle" and codec_for("bytes").name == "bytes"
     with pytest.raises(ValueError, match="unknown codec"):
         codec_for("json")
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=96), min_size=1, max_size=8), st.randoms(use_true_random=False))
+def test_any_bytes_either_parse_or_raise_the_protocol_error(chunks, rnd):
+    """Fuzz: garbage, truncations and bit flips of valid frames never raise anything else."""
+    valid = [W.encode_frame(W.Kind.REQUEST, 7, b"pp", method="m", buffers=[(0, 2)]), b"xy",
+             W.encode_frame(W.Kind.RESULT, 7, b"r"), W.encode_frame(W.Kind.CREDIT, 7, arg=3)]
+    feed = []
+    for c in chunks:
+        if rnd.random() < 0.5:
+            v = bytearray(rnd.choice(valid))
+            if v and rnd.random() < 0.7:
+                v[rnd.randrange(len(v))] ^= 1 << rnd.randrange(8)
+            c = bytes(v[:rnd.randrange(len(v) + 1)]) if rnd.random() < 0.3 else bytes(v)
+        feed.append(c)
+    a = FrameAssembler(max_frame=200)
+    for c in feed:
+        try:
+            inc = a.feed(msg(c))
+        except RpcProtocolError:
+            continue
+        if inc is not None:
+            try:
+                decode_error(inc.payload(), PickleCodec())
+            except RpcProtocolError:
+                pass
+            inc.release()

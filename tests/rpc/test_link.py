@@ -246,3 +246,23 @@ def test_a_guests_calls_fail_with_host_gone_when_the_host_goes():
         release.set()
         host.close()
         server.close()
+
+
+def test_a_call_past_its_deadline_leaves_no_shared_memory_held():
+    with Host(CFG) as host:
+        g = spawn(host, "rpc_server.py", 1)  # one handler thread: calls run one after another
+        c = rpc.Client(g.link)
+        try:
+            a = np.ones(20_000)  # 160 KB: a slot of the 256 KiB class, each way
+            t0 = time.monotonic()
+            with pytest.raises(rpc.DeadlineExceeded):
+                c.call("sleep_echo", a, 0.3, timeout=0.05)
+            assert time.monotonic() - t0 < 0.25  # raised at the deadline, not when the handler returned
+            # Runs after the late call has finished (one handler thread); the caller's CANCEL made
+            # the server drop its result (or, had it raced ahead, the caller drops the late reply).
+            assert c.call("add", 1, 1, timeout=T) == 2
+            wait_for(lambda: allocated(host) == [0, 0, 0], "no slot held for the expired call")
+        finally:
+            host.close()
+            g.wait(T)
+            c.close()

@@ -299,3 +299,24 @@ def test_msgspec_codec_carries_plain_data_and_errors_as_remote_errors():
 def test_both_ends_must_agree_on_the_codec(pair):
     with pytest.raises(ValueError, match="pickle"):
         rpc.Client(pair.a, codec="bytes")
+
+
+def test_an_objects_public_methods_are_served():
+    class Calculator:
+        def __init__(self):
+            self.inner = H.Model()
+
+        def double(self, x):
+            return 2 * x
+
+        def _hidden(self):
+            return "no"
+
+    p = Pair(handlers=Calculator())
+    try:
+        assert p.client.call("double", 21, timeout=T) == 42
+        assert p.client.call("inner.predict", 2, timeout=T) == 6
+        with pytest.raises(rpc.MethodNotFound, match="double"):  # the message lists what is served
+            p.client.call("_hidden", timeout=T)
+    finally:
+        p.close()

@@ -226,8 +226,12 @@ class Server:
         h = inc.frame.header
         stream = bool(h.flags & FLAG_STREAM)
         st = _Serving(conn, h.call_id, h.deadline_ns, stream)
-        with conn.lock:
-            conn.serving.request(h.call_id, st)
+        try:
+            with conn.lock:
+                conn.serving.request(h.call_id, st)
+        except RpcProtocolError:
+            inc.release()  # a duplicate call id: the connection ends, the frame's memory goes back now
+            raise
         try:
             if st.expired():  # never start an expired call
                 inc.release()

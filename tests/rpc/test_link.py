@@ -266,3 +266,40 @@ def test_a_call_past_its_deadline_leaves_no_shared_memory_held():
             host.close()
             g.wait(T)
             c.close()
+
+
+def test_many_threads_calling_at_once_share_the_read_role():
+    """Blocked callers read for each other and hand the read role on (to another caller or the
+    reader thread): every call gets its own result, nothing stalls."""
+    import threading
+
+    with Host(CFG) as host:
+        g = spawn(host)
+        c = rpc.Client(g.link, max_in_flight=16)
+        errors = []
+
+        def worker(k: int) -> None:
+            try:
+                for i in range(150):
+                    if i % 3 == 0:
+                        f = c.submit("add", k, i, timeout=T)  # a call nobody blocks on, read by someone else
+                        assert f.result(T) == k + i
+                    else:
+                        assert c.call("sleep_echo" if i % 7 == 0 else "add", *((k * 1000 + i, 0.001) if i % 7 == 0 else (k, i)),
+                                      timeout=T) == (k * 1000 + i if i % 7 == 0 else k + i)
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        try:
+            threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads)
+            assert not errors, errors[:3]
+            assert c._conn.limiter.free == 16
+        finally:
+            host.close()
+            g.wait(T)
+            c.close()

@@ -96,8 +96,8 @@ def test_server_killed_with_32_calls_in_flight_fails_them_all_with_peer_dead():
             elapsed = time.monotonic() - t0
             assert not not_done
             assert all(isinstance(f.exception(), PeerDead) for f in futs)
-            # The link's detection is bounded at 100 ms (tests/link/test_crash.py); allow for a loaded machine.
-            assert elapsed < 0.5, f"calls failed {elapsed * 1e3:.0f} ms after the kill"
+            # Issue 13: within 100 ms (the link's detection bound, tests/link/test_crash.py); about 5 ms here.
+            assert elapsed < 0.1, f"calls failed {elapsed * 1e3:.0f} ms after the kill"
             t1 = time.monotonic()
             with pytest.raises(PeerDead):
                 c.call("add", 1, 1, timeout=T)  # later calls fail at once

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 
 BATCH = "shmhub send_many/recv_many"
@@ -302,6 +303,67 @@ def scale_targets(sc) -> list:
     return ["### Targets (issue 12)", "", "| target | measured | |", "|---|---|---|", *rows, ""]
 
 
+def _rpc_table(rows: dict) -> list:
+    def cell(r: dict, *path: str, fmt: str = "{:.1f}") -> str:
+        for k in path:
+            if not isinstance(r, dict) or k not in r:
+                return "n/a"
+            r = r[k]
+        return fmt.format(r)
+
+    out = ["### RPC: one client, one server process (null call, 32 in flight, 64 MiB numpy echo, idle CPU)", "",
+           "| system | null call p50 µs | acall p50 µs | calls/s, 32 in flight | 64 MiB echo ms | "
+           "64 MiB echo ms (link.empty) | idle CPU %: client / server (client with no call) |", "|---|---:|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        if "error" in r:
+            out.append(f"| {name} | {r['error']} | | | | | |")
+            continue
+        null = cell(r, "null_sync", "median_us")
+        if "null_inline_sync" in r:
+            null += f" ({cell(r, 'null_inline_sync', 'median_us')} @rpc.inline)"
+        calls = cell(r, "pipelined_32", "calls_per_s", fmt="{:,.0f}")
+        if "pipelined_32_inline" in r:
+            calls += f" ({cell(r, 'pipelined_32_inline', 'calls_per_s', fmt='{:,.0f}')} @rpc.inline)"
+        out.append(f"| {name} | {null} | {cell(r, 'null_acall', 'median_us')} | {calls} | "
+                   f"{cell(r, 'echo_64MiB_private', 'median_ms', fmt='{:.2f}')} | "
+                   f"{cell(r, 'echo_64MiB_link_empty', 'median_ms', fmt='{:.2f}')} | "
+                   f"{cell(r, 'idle', 'client_cpu_pct')} / {cell(r, 'idle', 'server_cpu_pct')} "
+                   f"({cell(r, 'idle', 'client_cpu_pct_no_call')}) |")
+    return out + [""]
+
+
+def _rpc_targets(rpc: dict) -> list:
+    r = rpc.get("shmhub.rpc") or {}
+    rows = []
+
+    def add(what: str, got: "float | None", limit: float, unit: str, le: bool = True) -> None:
+        if got is not None:
+            ok = got <= limit if le else got >= limit
+            rows.append(f"| {what} | {got:,.2f} {unit} | {'met' if ok else 'NOT met'} |")
+
+    def g(*path: str) -> "float | None":
+        x: Any = r
+        for k in path:
+            if not isinstance(x, dict) or k not in x:
+                return None
+            x = x[k]
+        return x
+
+    add("null call p50 (sync) <= 5 µs", g("null_sync", "median_us"), 5, "µs")
+    add("acall p50 <= 15 µs", g("null_acall", "median_us"), 15, "µs")
+    add(">= 300k calls/s with 32 in flight", g("pipelined_32", "calls_per_s"), 300e3, "calls/s", le=False)
+    add("64 MiB echo, private array <= 10 ms", g("echo_64MiB_private", "median_ms"), 10, "ms")
+    add("64 MiB echo, link.empty <= 0.5 ms", g("echo_64MiB_link_empty", "median_ms"), 0.5, "ms")
+    idle, floor, srv = g("idle", "client_cpu_pct"), g("idle", "client_cpu_pct_no_call"), g("idle", "server_cpu_pct")
+    if idle is not None and floor is not None and srv is not None:
+        # the client's floor (no call outstanding: the Host's own monitor thread) is not the call's doing
+        add("idle with a call outstanding: ~0% CPU (client above its no-call floor, or server; <= 0.5%)",
+            max(idle - floor, srv), 0.5, "%")
+    if not rows:
+        return []
+    return ["### Targets (issue 13)", "", "| target | measured | |", "|---|---|---|", *rows, ""]
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     lines = ["# shmhub benchmarks", "",
@@ -319,9 +381,13 @@ def markdown(results: dict) -> str:
         lines += _stream_table(results["stream"])
     if "ndarray" in results:
         lines += _ndarray_table(results["ndarray"])
+    if "rpc" in results:
+        lines += _rpc_table(results["rpc"])
     if "scale" in results:
         lines += _scale_tables(results["scale"])
     lines += targets(results)
+    if "rpc" in results:
+        lines += _rpc_targets(results["rpc"])
     lines += scale_targets(results.get("scale"))
     return "\n".join(lines)
 

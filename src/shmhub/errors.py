@@ -92,3 +92,41 @@ class PayloadTooLarge(ShmhubError, ValueError):
 
 class ShmTimeout(ShmhubError, TimeoutError):
     """A blocking call did not complete within its timeout."""
+
+
+class RpcError(ShmhubError):
+    """Base class of the errors of shmhub.rpc."""
+
+
+class RpcProtocolError(RpcError, LinkCorrupted):
+    """A malformed RPC frame (truncated header, unknown kind or flags, a call id never issued,
+    oversize): the RPC connection is terminal and every call in flight fails with this error."""
+
+
+class DeadlineExceeded(RpcError, ShmTimeout):
+    """An RPC call did not complete by its deadline (a TimeoutError)."""
+
+
+class RemoteError(RpcError):
+    """A handler raised an exception that cannot be rebuilt here (it does not unpickle, or the
+    codec does not carry Python objects). type_name, message and traceback describe it."""
+
+    def __init__(self, type_name: str, message: str, traceback: str = "") -> None:
+        super().__init__(f"{type_name}: {message}" if message else type_name)
+        self.type_name = type_name
+        self.message = message
+        self.traceback = traceback
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return type(self), (self.type_name, self.message, self.traceback)
+
+    def __str__(self) -> str:
+        base = f"{self.type_name}: {self.message}" if self.message else self.type_name
+        return f"{base}\n\nRemote traceback:\n{self.traceback}" if self.traceback else base
+
+
+class MethodNotFound(RemoteError, LookupError):
+    """The serving end has no handler of that name."""
+
+    def __init__(self, type_name: str, message: str = "", traceback: str = "") -> None:
+        super().__init__(type_name, message, traceback)

@@ -1,0 +1,631 @@
+"""One RPC connection per link: the reader thread, frame sending, the deadline timer and the
+in-flight limit, driving the sans-IO state of _protocol.
+
+Data flow (both ends alike; either may call, serve, or both):
+
+    caller threads / event loop          reader thread (blocks in link.recv(timeout=None))
+    Client.submit -> start_call ---- REQUEST ---->  peer's reader -> Server.dispatch -> handler
+                                                                  (thread pool / event loop)
+    future resolved by reader  <--- RESULT/ERROR/ITEM/END ---- handler's sends
+    fut.cancel / deadline      ---- CANCEL ---->   handler: cancelled() / CancelledError
+    Stream consumer            ---- CREDIT ---->   streaming handler may send more items
+
+Rules: every call resolves exactly once, settled by the future's own state (InvalidStateError is
+caught, never checked beforehand); a frame and its out-of-band buffers go out under one send lock;
+the reader never runs handler code nor waits for a caller; nothing polls on a timer while idle."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError, ShmTimeout
+from ._codec import Codec, codec_for
+from ._protocol import CallTable, FrameAssembler, Incoming, ServingTable, decode_error, DEFAULT_MAX_FRAME
+from ._wire import FLAG_STREAM, Kind, encode_frame
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from ._server import Server
+
+__all__ = ["Connection", "connection_for", "PendingCall", "StreamState", "monotonic_deadline"]
+
+log = logging.getLogger("shmhub.rpc")
+
+_GONE = (PeerDead, HostGone, LinkClosed, LinkCorrupted)
+
+
+def monotonic_deadline(timeout: Optional[float]) -> int:
+    """A timeout in seconds as an absolute CLOCK_MONOTONIC deadline in ns (0: none)."""
+    if timeout is None:
+        return 0
+    if timeout < 0:
+        raise ValueError("timeout must be >= 0 or None")
+    return time.monotonic_ns() + max(1, int(timeout * 1e9))
+
+
+def _remaining(deadline_ns: int) -> Optional[float]:
+    return None if not deadline_ns else max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9)
+
+
+def settle(fut: "cf.Future[Any]", value: Any = None, exc: Optional[BaseException] = None) -> bool:
+    """Resolve a future unless something else already did (its state decides)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+        return True
+    except cf.InvalidStateError:
+        return False
+
+
+class StreamState:
+    """Items of a streamed call, filled by the reader, drained by a sync or async consumer."""
+
+    def __init__(self) -> None:
+        self.items: Deque[Any] = deque()
+        self.cond = threading.Condition(threading.Lock())
+        self.waiters: List[Tuple["asyncio.AbstractEventLoop", "asyncio.Future[None]"]] = []
+        self.consumed = 0  # since the last CREDIT
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+            waiters, self.waiters = self.waiters, []
+        for loop, f in waiters:
+            try:
+                loop.call_soon_threadsafe(_wake_async, f)
+            except RuntimeError:  # that loop is closed
+                pass
+
+    def put(self, item: Any) -> None:
+        with self.cond:
+            self.items.append(item)
+        self.wake()
+
+
+def _fail_async(f: "asyncio.Future[None]", err: BaseException) -> None:
+    if not f.done():
+        f.set_exception(err)
+
+
+def _wake_async(f: "asyncio.Future[None]") -> None:
+    if not f.done():
+        f.set_result(None)
+
+
+class PendingCall:
+    """A call this end issued."""
+
+    __slots__ = ("cid", "future", "stream", "deadline_ns", "conn")
+
+    def __init__(self, conn: "Connection", future: "cf.Future[Any]", deadline_ns: int,
+                 stream: Optional[StreamState]) -> None:
+        self.cid = 0
+        self.conn = conn
+        self.future = future
+        self.deadline_ns = deadline_ns
+        self.stream = stream
+
+
+class _Limiter:
+    """At most n calls in flight: sync callers block, async callers await; both give up at their
+    deadline or when the connection ends."""
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        self.free = n
+        self.cond = threading.Condition(threading.Lock())
+        self.async_waiters: Deque[Tuple["asyncio.AbstractEventLoop", "asyncio.Future[None]"]] = deque()
+        self.error: Optional[BaseException] = None
+
+    def acquire(self, deadline_ns: int) -> None:
+        with self.cond:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if self.free > 0:
+                    self.free -= 1
+                    return
+                rem = _remaining(deadline_ns)
+                if rem is not None and rem <= 0:
+                    raise DeadlineExceeded("deadline passed while waiting for a free in-flight call slot")
+                self.cond.wait(rem)
+
+    async def aacquire(self, deadline_ns: int) -> None:
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        with self.cond:
+            if self.error is not None:
+                raise self.error
+            if self.free > 0:
+                self.free -= 1
+                return
+            f: asyncio.Future[None] = loop.create_future()
+            self.async_waiters.append((loop, f))
+        try:
+            await asyncio.wait_for(f, _remaining(deadline_ns))
+        except asyncio.TimeoutError:
+            self._abandon(loop, f)
+            raise DeadlineExceeded("deadline passed while waiting for a free in-flight call slot") from None
+        except BaseException:
+            self._abandon(loop, f)
+            raise
+
+    def _abandon(self, loop: "asyncio.AbstractEventLoop", f: "asyncio.Future[None]") -> None:
+        """An async waiter gave up: if a permit was handed to it meanwhile, give it back."""
+        with self.cond:
+            try:
+                self.async_waiters.remove((loop, f))
+                return
+            except ValueError:
+                pass  # already handed a permit (or failed by close)
+        if f.done() and not f.cancelled() and f.exception() is None:
+            self.release()
+
+    def release(self) -> None:
+        with self.cond:
+            if self.async_waiters:
+                loop, f = self.async_waiters.popleft()
+                try:
+                    loop.call_soon_threadsafe(self._hand, f)
+                    return
+                except RuntimeError:  # its loop is closed: the permit stays here
+                    pass
+            self.free += 1
+            self.cond.notify()
+
+    def _hand(self, f: "asyncio.Future[None]") -> None:
+        if f.done():  # cancelled meanwhile: the permit is not used
+            self.release()
+        else:
+            f.set_result(None)
+
+    def fail(self, err: BaseException) -> None:
+        with self.cond:
+            self.error = err
+            self.cond.notify_all()
+            waiters, self.async_waiters = list(self.async_waiters), deque()
+        for loop, f in waiters:
+            try:
+                loop.call_soon_threadsafe(_fail_async, f, err)
+            except RuntimeError:
+                pass
+
+
+class Connection:
+    """The RPC state of one link: its reader thread, both call tables and the send lock."""
+
+    def __init__(self, link: Any, codec: Codec, max_in_flight: int, max_frame: int) -> None:
+        self.link = link
+        self.codec = codec
+        self.max_frame = max_frame
+        self.lock = threading.Lock()  # the tables
+        self.send_lock = threading.Lock()  # one frame with its buffers at a time
+        self.calls: CallTable[PendingCall] = CallTable()
+        self.serving: ServingTable[Any] = ServingTable()
+        self.assembler = FrameAssembler(max_frame)
+        self.limiter = _Limiter(max_in_flight)
+        self.server: Optional["Server"] = None
+        self.error: Optional[BaseException] = None  # why the connection ended
+        self._ended = False
+        self.done = threading.Event()
+        self._timer_cond = threading.Condition(self.lock)
+        self._timer: Optional[threading.Thread] = None
+        self._can_reserve = callable(getattr(link, "reserve", None)) and callable(getattr(link, "send_reserved", None))
+        self.reader = threading.Thread(target=self._run, name="shmhub-rpc-reader", daemon=True)
+        self.role: Optional[threading.Thread] = None  # who reads the link now (see _run)
+        self._role_cond = threading.Condition(self.lock)
+
+    def start(self) -> None:
+        self.reader.start()
+
+    # -- reading ----------------------------------------------------------------------------
+    #
+    # One thread at a time holds the read role. A thread blocked in call() takes it when it is
+    # free and reads until its own response came (no thread hand-off: the lowest latency); the
+    # reader thread takes it whenever it is free and something may arrive that nobody else waits
+    # for (a Server is attached, or calls are pending), and gives it up when neither holds. It
+    # parks on a condition meanwhile: nothing polls.
+
+    def _needs_reader(self) -> bool:
+        return self.server is not None or len(self.calls) > 0
+
+    def _release_role(self) -> None:
+        with self.lock:
+            self.role = None
+            if self._needs_reader():
+                self._role_cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                while self.error is None and not (self.role is None and self._needs_reader()):
+                    self._role_cond.wait()
+                if self.error is not None:
+                    return
+                self.role = self.reader
+            while True:
+                if not self.read_one(None):
+                    return
+                with self.lock:
+                    if not self._needs_reader():
+                        self.role = None
+                        break
+
+    def read_until(self, call: PendingCall) -> None:
+        """Read as the role holder until `call` resolves (or its deadline), then hand the role on."""
+        fut = call.future
+        try:
+            while not fut.done():
+                rem = _remaining(call.deadline_ns)
+                if rem is not None and rem <= 0:
+                    self.expire(call)
+                    break
+                if not self.read_one(rem):
+                    break
+        finally:
+            self._release_role()
+
+    def read_one(self, timeout: Optional[float]) -> bool:
+        """Receive and dispatch one message; False once the connection has ended."""
+        try:
+            msg = self.link.recv(timeout=timeout)
+        except _GONE as e:
+            self.terminate(e)
+            return False
+        except ShmTimeout:
+            return True
+        except BaseException as e:  # a broken link object: end the connection, say why
+            if not isinstance(e, Exception):
+                self.terminate(LinkClosed(f"reading interrupted: {e!r}"))
+                raise
+            log.exception("rpc: link.recv failed")
+            self.terminate(e)
+            return False
+        try:
+            inc = self.assembler.feed(msg)
+            if inc is not None:
+                self._dispatch(inc)
+            return True
+        except RpcProtocolError as e:
+            self.terminate(e, close=True)
+        except _GONE as e:
+            self.terminate(e)
+        except BaseException as e:
+            log.exception("rpc: dispatch failed")
+            self.terminate(RpcProtocolError(f"rpc dispatch failed: {e!r}"), close=True)
+            if not isinstance(e, Exception):
+                raise
+        return False
+
+    def _dispatch(self, inc: Incoming) -> None:
+        h = inc.frame.header
+        kind = h.kind
+        if kind is Kind.REQUEST:
+            server = self.server
+            if server is None:
+                from ._server import no_server
+                no_server(self, inc)
+            else:
+                server.dispatch(self, inc)
+            return
+        if kind is Kind.CANCEL or kind is Kind.CREDIT:
+            inc.release()
+            with self.lock:
+                st = self.serving.control(kind, h.call_id)
+            if st is not None and self.server is not None:
+                self.server.control(st, kind, h.arg)
+            return
+        final = kind is not Kind.ITEM
+        with self.lock:
+            call = self.calls.lookup_response(h.call_id)
+            if call is not None and final:
+                self.calls.finish(h.call_id)
+        if call is None:  # a late response (cancelled / expired): its memory goes back now
+            inc.release()
+            return
+        if (kind is Kind.ITEM or kind is Kind.END) and call.stream is None:
+            inc.release()
+            raise RpcProtocolError(f"{kind.name} frame for call {h.call_id}, which is not a stream")
+        try:
+            if kind is Kind.ERROR:
+                settle(call.future, exc=decode_error(inc.payload(), self.codec))
+            elif kind is Kind.END:
+                settle(call.future, None)
+            else:
+                try:
+                    value = self.codec.decode(inc.payload(), inc.views())
+                except RpcProtocolError:
+                    raise
+                except Exception as e:  # this call alone fails (e.g. a class the caller cannot import)
+                    if kind is Kind.ITEM:
+                        with self.lock:
+                            self.calls.finish(h.call_id)
+                    settle(call.future, exc=e)
+                else:
+                    if kind is Kind.ITEM:
+                        call.stream.put(value)  # type: ignore[union-attr]
+                    else:
+                        settle(call.future, value)
+                    del value
+        finally:
+            inc.release()
+
+    # -- ending -----------------------------------------------------------------------------
+
+    def terminate(self, err: BaseException, close: bool = False) -> None:
+        """The connection ended: every call in flight fails with err (once), later ones at once."""
+        with self.lock:
+            if self.error is None:
+                self.error = err
+            err = self.error
+            if self._ended:
+                return
+            self._ended = True
+            calls = self.calls.drain()
+            serving = self.serving.drain()
+            self._timer_cond.notify_all()
+            self._role_cond.notify_all()
+        self.limiter.fail(err)
+        self.assembler.reset()
+        for _, call in calls:
+            settle(call.future, exc=err)
+            if call.stream is not None:
+                call.stream.wake()
+        server = self.server
+        if server is not None:
+            for st in serving:
+                server.control(st, Kind.CANCEL, 0)
+        if close:
+            try:
+                self.link.close()
+            except Exception:
+                log.exception("rpc: closing the link failed")
+        _forget(self)
+        self.done.set()
+
+    def close(self) -> None:
+        """Close the link: the reader ends, calls in flight fail with LinkClosed."""
+        try:
+            self.link.close()
+        finally:
+            self.terminate(LinkClosed("link is closed"))
+            if threading.current_thread() is not self.reader and self.reader.is_alive():
+                # A reader asleep in recv notices the close within the link's close-check time.
+                self.reader.join(1.0)
+
+    def check(self) -> None:
+        err = self.error
+        if err is not None:
+            raise _again(err)
+
+    # -- calls ------------------------------------------------------------------------------
+
+    def start_call(self, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any], deadline_ns: int,
+                   stream: bool = False, read: bool = False) -> Tuple[PendingCall, bool]:
+        """Send a REQUEST (an in-flight permit is held by the caller); the call owns the permit.
+        read: take the read role if it is free; the second value says whether it was taken (the
+        caller must then call read_until)."""
+        try:
+            payload, oob = self.codec.encode_call(args, kwargs)
+        except BaseException:
+            self.limiter.release()  # nothing was sent: the permit goes back
+            raise
+        fut: cf.Future[Any] = cf.Future()
+        call = PendingCall(self, fut, deadline_ns, StreamState() if stream else None)
+        with self.lock:
+            if self.error is not None:
+                self.limiter.release()
+                raise _again(self.error)
+            cid = call.cid = self.calls.start(call, deadline_ns)
+            reading = read and self.role is None
+            if reading:
+                self.role = threading.current_thread()
+            elif self.role is None:
+                self._role_cond.notify()
+            if deadline_ns:
+                self._arm_timer()
+        fut.add_done_callback(self._settled(cid))
+        try:
+            self.send_frame(Kind.REQUEST, cid, payload, oob, flags=FLAG_STREAM if stream else 0,
+                            deadline_ns=deadline_ns, method=method, deadline_for_send=deadline_ns)
+        except BaseException as e:
+            with self.lock:
+                self.calls.finish(cid)
+            if isinstance(e, ShmTimeout) and not isinstance(e, DeadlineExceeded):
+                e = DeadlineExceeded(f"deadline passed while sending the call to {method!r}")
+            settle(fut, exc=e if isinstance(e, Exception) else LinkClosed(f"send interrupted: {e!r}"))
+            if reading:
+                self._release_role()
+            if not isinstance(e, Exception):
+                raise
+            return call, False
+        return call, reading
+
+    def _settled(self, cid: int) -> Callable[["cf.Future[Any]"], None]:
+        def done(fut: "cf.Future[Any]") -> None:
+            # Runs once per call, in whichever thread settled it.
+            if fut.cancelled():
+                # CANCELLED -> CANCELLED_AND_NOTIFIED, as an executor's worker does: until then
+                # concurrent.futures.wait() and as_completed() do not count the future as done.
+                fut.set_running_or_notify_cancel()
+            with self.lock:
+                unanswered = self.calls.finish(cid) is not None
+            self.limiter.release()
+            if unanswered and self.error is None:  # cancelled or expired here: tell the server
+                try:
+                    self.send_frame(Kind.CANCEL, cid, b"", (), deadline_for_send=monotonic_deadline(1.0))
+                except Exception:
+                    pass  # the link is gone or stuck: the server learns from that instead
+            call = None
+        return done
+
+    def expire(self, call: PendingCall) -> None:
+        settle(call.future, exc=DeadlineExceeded(f"call {call.cid} passed its deadline"))
+
+    def _arm_timer(self) -> None:
+        """Deadlines are enforced by one thread per connection, asleep until the earliest (lock held)."""
+        if self._timer is None:
+            self._timer = threading.Thread(target=self._timer_loop, name="shmhub-rpc-deadlines", daemon=True)
+            self._timer.start()
+        else:
+            self._timer_cond.notify()
+
+    def _timer_loop(self) -> None:
+        with self.lock:
+            while self.error is None:
+                nxt = self.calls.next_deadline()
+                now = time.monotonic_ns()
+                if nxt is not None and nxt <= now:
+                    expired = self.calls.expired(now)
+                    self.lock.release()
+                    try:
+                        for cid, call in expired:
+                            # Put back so the done callback sees it unanswered and sends CANCEL.
+                            with self.lock:
+                                self.calls.pending[cid] = call
+                            self.expire(call)
+                    finally:
+                        self.lock.acquire()
+                    continue
+                self._timer_cond.wait(None if nxt is None else (nxt - now) / 1e9)
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def send_frame(self, kind: Kind, cid: int, payload: bytes, oob: Sequence[Any], *, flags: int = 0,
+                   deadline_ns: int = 0, arg: int = 0, method: str = "", deadline_for_send: int = 0) -> None:
+        """A header frame, then its out-of-band buffers, none interleaved with other frames.
+        Buffers are written to shared memory (reserved) before the send lock is taken."""
+        link = self.link
+        descs: List[Tuple[int, int]] = []
+        outs: List[Tuple[Any, int]] = []  # (reserved message, nbytes) or (memoryview, -1)
+        try:
+            for pb in oob:
+                off, n, out = self._stage(pb, deadline_for_send)
+                descs.append((off, n))
+                outs.append(out)
+            head = encode_frame(kind, cid, payload, flags=flags, deadline_ns=deadline_ns, arg=arg, method=method,
+                                buffers=descs)
+            rem = _remaining(deadline_for_send)
+            if not self.send_lock.acquire(timeout=-1 if rem is None else rem):
+                raise DeadlineExceeded("deadline passed waiting to send")
+        except BaseException:
+            for buf, nbytes in outs:
+                if nbytes >= 0 and getattr(buf, "token", None) is not None:
+                    buf.release()
+            raise
+        try:
+            try:
+                link.send(head, timeout=_remaining(deadline_for_send))
+            except BaseException:
+                for buf, nbytes in outs:
+                    if nbytes >= 0 and getattr(buf, "token", None) is not None:
+                        buf.release()
+                raise
+            # The header announced these buffers: from here on only the peer's end stops us.
+            for i, (buf, nbytes) in enumerate(outs):
+                try:
+                    if nbytes >= 0:
+                        link.send_reserved(buf, nbytes, timeout=None)
+                    else:
+                        link.send(buf, timeout=None)
+                except BaseException as e:
+                    for b, nb in outs[i:]:
+                        if nb >= 0 and getattr(b, "token", None) is not None:
+                            b.release()
+                    if not isinstance(e, _GONE):  # the peer now waits for buffers that never come
+                        self.terminate(RpcProtocolError(f"frame broken off mid-buffers: {e!r}"), close=True)
+                    raise
+        finally:
+            self.send_lock.release()
+
+    def _stage(self, pb: Any, deadline_ns: int) -> Tuple[int, int, Tuple[Any, int]]:
+        """(offset, length, what to send) of an out-of-band buffer: a reserved message of this link
+        that already holds it (zero-copy, from link.empty()), a freshly reserved copy, or the
+        buffer itself for links without reserve()."""
+        raw = pb.raw()
+        n = raw.nbytes
+        if not self._can_reserve:
+            return 0, n, (raw, -1)
+        owned = _reserved_by(raw, self.link)
+        if owned is not None:
+            buf, off = owned
+            return off, n, (buf, off + n)
+        buf = self.link.reserve(n, timeout=_remaining(deadline_ns))
+        try:
+            with memoryview(buf) as dst:
+                dst[:n] = raw
+        except BaseException:
+            buf.release()
+            raise
+        return 0, n, (buf, n)
+
+
+def _reserved_by(raw: memoryview, link: Any) -> Optional[Tuple[Any, int]]:
+    """The reserved send buffer of `link` that `raw` (a numpy array's data) lies in, with its offset."""
+    obj: Any = raw.obj
+    if type(obj).__module__ != "numpy":
+        return None
+    from .._native import Message
+
+    base: Any = obj
+    while base is not None and not isinstance(base, Message):
+        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+    buf: Any = base  # a Message (or None)
+    if buf is None or buf.token is None or buf.token[0] is not link or not buf.writable:
+        return None
+    import numpy as np
+
+    start = np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0]
+    addr = obj.__array_interface__["data"][0]
+    off = addr - start
+    if not obj.flags.c_contiguous or off < 0 or off + raw.nbytes > len(buf):
+        return None
+    return buf, off
+
+
+def _again(err: BaseException) -> BaseException:
+    """A fresh exception of the same kind for a call made after the connection ended."""
+    try:
+        return type(err)(*err.args)
+    except Exception:
+        return LinkClosed(f"rpc connection ended: {err!r}")
+
+
+_registry: Dict[int, Connection] = {}
+_registry_lock = threading.Lock()
+
+
+def connection_for(link: Any, codec: "Optional[Codec | str]" = None, max_in_flight: int = 64,
+                   max_frame: int = DEFAULT_MAX_FRAME, server: Optional["Server"] = None) -> Connection:
+    """The connection of a link, created (and its reader started) on first use. Both ends of a
+    link must use the same codec. `server` serves requests from the first frame on."""
+    with _registry_lock:
+        conn = _registry.get(id(link))
+        if conn is not None and conn.link is link and conn.error is None:
+            if codec is not None and codec_for(codec).name != conn.codec.name:
+                raise ValueError(f"this link already speaks the {conn.codec.name} codec")
+            if server is not None:
+                if conn.server is not None and conn.server is not server:
+                    raise ValueError("another Server already serves this link")
+                conn.server = server
+            return conn
+        conn = Connection(link, codec_for(codec), max_in_flight, max_frame)
+        conn.server = server
+        _registry[id(link)] = conn
+    conn.start()
+    return conn
+
+
+def _forget(conn: Connection) -> None:
+    with _registry_lock:
+        if _registry.get(id(conn.link)) is conn:
+            del _registry[id(conn.link)]

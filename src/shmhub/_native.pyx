@@ -95,8 +95,8 @@ cdef extern from "_layout.h":
     const unsigned long long SHMHUB_HDR_HOST_GOODBYE
 
 DEF GIL_FREE_COPY = 1 << 20  # copies at least this large run without the GIL
-DEF SPIN_PROBE_EVERY = 64
-DEF SPIN_MIN_NS = 2000
+DEF SPIN_PROBE_EVERY = 16
+DEF SPIN_MISSES = 3
 
 RELAXED = SHM_RELAXED
 ACQUIRE = SHM_ACQUIRE
@@ -2119,28 +2119,26 @@ cdef class LinkCore:
     cdef public object _on_slot_free  # the bound _slot_freed, made once
     cdef public object _backlog  # frames taken out of the ring (drain_into_backlog) come first
     cdef public SlotShares _shares  # FEATURE_POOL_WAITERS: this side's slots on the link, per class (or None)
-    # Adaptive spinning: the spin budget halves after each spin that caught nothing and drops to 0
-    # (sleep at once: the peer is not running, e.g. more runnable processes than cores), with a
-    # short probe every SPIN_PROBE_EVERY waits; one spin that pays restores spin_ns.
-    cdef public int64_t _spin_budget
-    cdef int _spin_skips
+    # Adaptive spinning: after SPIN_MISSES spins in a row that caught nothing (the peer is not
+    # running: more runnable processes than cores, or a slow peer) waits sleep at once, with a full
+    # probe every SPIN_PROBE_EVERY waits; one spin that pays restores spinning. A single miss
+    # changes nothing: a ping-pong peer preempted once must not cost the next round trips a sleep.
+    cdef int _spin_misses, _spin_skips
 
     cdef inline int64_t c_spin_budget(self) noexcept:
-        if self._spin_budget > 0:
-            return min(self._spin_budget, self.spin_ns)
+        if self._spin_misses < SPIN_MISSES:
+            return self.spin_ns
         self._spin_skips += 1
         if self._spin_skips >= SPIN_PROBE_EVERY:
             self._spin_skips = 0
-            return self.spin_ns >> 2
+            return self.spin_ns
         return 0
 
     cdef inline void c_spin_result(self, bint ok) noexcept:
         if ok:
-            self._spin_budget = self.spin_ns
-        else:
-            self._spin_budget >>= 1
-            if self._spin_budget < SPIN_MIN_NS:
-                self._spin_budget = 0
+            self._spin_misses = 0
+        elif self._spin_misses < SPIN_MISSES:
+            self._spin_misses += 1
 
     def spin_budget(self):
         """How long the next wait of this link may spin (ns), adapted to how recent spins went."""

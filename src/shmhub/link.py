@@ -31,7 +31,8 @@ GUEST = "guest"
 
 # Spin window before sleeping. Waking a sleeping process costs ~50 us here, so a reply that comes
 # within this window is caught without any syscall (issue 3, measured in benchmarks/). The window
-# adapts per link (LinkCore.spin_budget): it shrinks to nothing while spins catch nothing.
+# adapts per link (LinkCore.spin_budget): after a few spins in a row that caught nothing, waits sleep
+# at once (with a probe now and then) until a spin pays again.
 DEFAULT_SPIN_NS = 50_000
 # A v7 segment without FEATURE_POOL_WAITERS has no futex words: slot waits there poll in slices
 # (DECISIONS 10: backpressure, never a busy spin).
@@ -41,7 +42,9 @@ POLL_SLICE = 0.0005
 # A guest asleep on a slot futex is woken by frees and by the host's recovery, but a host that dies
 # wakes nobody: the guest looks at its doorbell for the hang-up this often while it waits.
 HOST_DEATH_CHECK = 1.0
-SPIN_ALLOWED = len(os.sched_getaffinity(0)) > 1  # with one CPU the peer never runs while we spin
+# With one CPU the peer never runs while we spin. (Our own affinity says nothing: a process pinned to
+# one core spins usefully while its peer runs on another.)
+SPIN_ALLOWED = (os.cpu_count() or 1) > 1
 _EXHAUSTED = object()  # _take_slot: a share wait found the pool exhausted instead
 
 
@@ -211,7 +214,6 @@ class Link(LinkCore):
             self._shares = SlotShares(self._pool, segment.region)
         if not SPIN_ALLOWED:
             self.spin_ns = 0
-        self._spin_budget = self.spin_ns
         self._tx_lock = FastLock()
         self._rx_lock = FastLock()
         self._on_slot_free = self._slot_freed

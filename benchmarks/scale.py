@@ -115,21 +115,32 @@ def _sh_fanin(host, handles, idx, secs):
     t0 = start_time(g)
     for h in handles:
         h.link.send(_cmd("fanin", start=t0, until=t0 + secs), TIMEOUT)
-    counts, reports, errors, nbytes = [0] * g, {}, 0, 0
     recv_any = host.recv_any
-    while len(reports) < g:
+
+    def get():
         h, m = recv_any(TIMEOUT)
-        i = idx[h.peer_id]
-        with m:
-            if check(m, i, counts[i], sizes[i]):
+        return idx[h.peer_id], m
+
+    return _collect(get, g, sizes, t0)
+
+
+def _collect(get, g: int, sizes: list, t0: float) -> dict:
+    """Fan-in's receiving side for any transport: get() -> (guest index, message) until every
+    guest's report is in; each message checked in order per guest."""
+    counts, reports, errors, nbytes = [0] * g, {}, 0, 0
+    while len(reports) < g:
+        i, m = get()
+        with memoryview(m) as mv:
+            if check(mv, i, counts[i], sizes[i]):
                 counts[i] += 1
-                nbytes += len(m)
-                continue
-            if kind_of(m) == REPORT:
-                reports[i] = body(m)
+                nbytes += len(mv)
+            elif kind_of(mv) == REPORT:
+                reports[i] = body(mv)
             else:
                 errors += 1
                 counts[i] += 1
+        if hasattr(m, "release"):
+            m.release()
     dt = time.monotonic() - t0
     errors += sum(abs(reports[i]["sent"] - counts[i]) for i in range(g))
     return summary(counts, nbytes, dt, errors)
@@ -290,25 +301,16 @@ def mp_fanin(g: int, secs: float) -> dict:
             if kind_of(q.get(timeout=TIMEOUT)) != HELLO:
                 raise RuntimeError("expected hellos")
         sizes = [size_table(SEED, i, "up") for i in range(g)]
-        counts, reports, errors, nbytes = [0] * g, {}, 0, 0
         t0 = start_time(g)
         times[0], times[1] = t0, t0 + secs
         go.set()
         get = q.get
-        while len(reports) < g:
+
+        def take():
             m = get(timeout=TIMEOUT)
-            i = m[2] | (m[3] << 8)
-            if check(m, i, counts[i], sizes[i]):
-                counts[i] += 1
-                nbytes += len(m)
-            elif kind_of(m) == REPORT:
-                reports[i] = body(m)
-            else:
-                errors += 1
-                counts[i] += 1
-        dt = time.monotonic() - t0
-        errors += sum(abs(reports[i]["sent"] - counts[i]) for i in range(g))
-        return summary(counts, nbytes, dt, errors)
+            return m[2] | (m[3] << 8), m
+
+        return _collect(take, g, sizes, t0)
     finally:
         go.set()
         _join(procs)

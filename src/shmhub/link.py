@@ -575,14 +575,16 @@ class Link(LinkCore):
         link's share. At its share the link waits for its own receiver to free one (it rings us:
         trap 27); on an exhausted pool, for anyone to free one (the class futex,
         FEATURE_POOL_WAITERS). Each wait sleeps until its event, never on a timer."""
-        pool, shares = self._pool, self._shares
-        self.stats.slot_exhaustion_waits += 1
+        pool, shares, counted = self._pool, self._shares, False
         while True:
             self._check()
             try:
                 ref = self._alloc_or_grow(need)
                 if ref is not None:
                     return ref
+                if not counted:  # the first attempt may succeed: the fast path failed on ring room
+                    self.stats.slot_exhaustion_waits += 1
+                    counted = True
                 if shares is not None and shares.over:  # our receiver holds our share: wait for it
                     r = self._wait(lambda: self._alloc_or_grow(need) or (None if shares.over else _EXHAUSTED),
                                    self._tx, True, deadline, None)

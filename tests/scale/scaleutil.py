@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import select
 import sys
 import threading
@@ -14,6 +13,12 @@ if GUESTS not in sys.path:
     sys.path.insert(0, GUESTS)
 
 import scale_proto  # noqa: E402,F401  (tests/guests/scale_proto.py, shared with the guest program)
+
+LINK_TESTS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "link"))
+if LINK_TESTS not in sys.path:
+    sys.path.insert(0, LINK_TESTS)
+
+from linkutil import wait_event  # noqa: E402,F401  (re-exported for the scale tests)
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -60,23 +65,6 @@ def host_threads() -> dict:
     """tid -> Python thread name (or "?") of this process's threads."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     return {int(tid): names.get(int(tid), "?") for tid in os.listdir("/proc/self/task")}
-
-
-def wait_event(host, kind: str, peer_id: int | None = None, timeout: float = 10.0, seen: list | None = None):
-    """The next host event of `kind` (for `peer_id` if given); others go to `seen`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        rem = deadline - time.monotonic()
-        if rem <= 0:
-            raise AssertionError(f"no {kind!r} event for peer {peer_id} within {timeout} s (saw {seen})")
-        try:
-            ev = host.events.get(timeout=rem)
-        except queue.Empty:
-            continue
-        if ev.kind == kind and (peer_id is None or ev.peer_id == peer_id):
-            return ev
-        if seen is not None:
-            seen.append(ev)
 
 
 def read_exact(fd: int, n: int, timeout: float, what: str) -> bytes:

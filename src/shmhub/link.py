@@ -988,10 +988,11 @@ class Link(LinkCore):
         if self._pool.waiters and not self.segment.closed:
             self._pool.wake_all()  # a thread of ours may sleep on a slot futex
         if self.side == HOST:
-            with self._tx_lock, self._rx_lock:  # the sleepers woke above and let go of them
+            # rx before tx, the order Host._recover takes them in (else the two deadlock)
+            with self._rx_lock, self._tx_lock:  # the sleepers woke above and let go of them
                 self._waiter.close()
         if self.side == GUEST:
-            with self._tx_lock, self._rx_lock:
+            with self._rx_lock, self._tx_lock:
                 try:
                     self.segment.peers.detach(self.peer_id)
                 except (ValueError, OSError):

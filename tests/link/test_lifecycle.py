@@ -350,3 +350,28 @@ def test_host_close_wakes_threads_blocked_in_recv_and_recv_any():
     assert issubclass(results["recv"][0], shmhub.LinkError)  # the guest is gone
     assert all(v[1] - t0 < 3 for v in results.values()), {k: v[1] - t0 for k, v in results.items()}
     assert [g.returncode for g in guests] == [0, 0]
+
+
+
+def test_host_close_and_recovery_take_the_link_locks_in_one_order():
+    """close() and the host's recovery both take both locks of a link: in opposite orders they
+    deadlock when a guest dies while the host closes its link (seen in CI with rpc). Here this
+    thread plays recovery, which holds rx and then wants tx, while close() runs."""
+    with Host(CFG) as host:
+        g = spawn(host, "idle.py")
+        link = g.link
+        link._rx_lock.acquire()
+        closer = threading.Thread(target=link.close)
+        try:
+            closer.start()
+            time.sleep(0.05)  # close() is blocked on rx by now; with the wrong order it holds tx
+            got_tx = link._tx_lock.acquire(timeout=2.0)
+            if got_tx:
+                link._tx_lock.release()
+        finally:
+            link._rx_lock.release()
+            closer.join(10)
+        assert got_tx, "close() held tx while waiting for rx"
+        assert not closer.is_alive()
+        g.kill()
+        g.wait(10)

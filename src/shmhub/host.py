@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.context
 import multiprocessing.process
 import os
@@ -191,31 +192,48 @@ class _Prepared:
 
 
 class _MpProcess:
-    """A multiprocessing.Process with the subprocess.Popen surface the host uses."""
+    """A multiprocessing.Process with the subprocess.Popen surface the host uses. Its exit status
+    is read once, under a lock: a forkserver child's status arrives on a pipe, and two threads
+    reading it at once (the monitor's poll, a caller's wait) would lose it."""
 
     def __init__(self, proc: "multiprocessing.process.BaseProcess") -> None:
         self._proc = proc
+        self._lock = threading.Lock()
+        self._code: Optional[int] = None
         self.pid = proc.pid
 
     def poll(self) -> Optional[int]:
-        return self._proc.exitcode
+        with self._lock:
+            if self._code is None:
+                code = self._proc.exitcode
+                if code is not None:
+                    self._code = code
+                    self._proc.close()  # its sentinel pipes, else kept until multiprocessing's next start
+            return self._code
 
-    @property
-    def returncode(self) -> Optional[int]:
-        return self._proc.exitcode
+    returncode = property(poll)
 
     def wait(self, timeout: Optional[float] = None) -> int:
-        self._proc.join(timeout)
-        code = self._proc.exitcode
-        if code is None:
+        if self._code is None:
+            try:  # without the lock: the sentinel becomes readable as the child exits
+                ready = bool(multiprocessing.connection.wait([self._proc.sentinel], timeout))
+            except ValueError:  # closed by another thread's poll(): the status is in
+                ready = True
+            if ready:
+                with self._lock:
+                    if self._code is None:
+                        self._proc.join()  # the status is there or about to be (a spawned child is reaped)
+                        self._code = self._proc.exitcode
+                        self._proc.close()
+        if self._code is None:
             raise subprocess.TimeoutExpired(str(self._proc.name), timeout or 0.0)
-        return code
+        return self._code
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
     def send_signal(self, sig: int) -> None:
-        if self._proc.exitcode is None:
+        if self.poll() is None:
             os.kill(self.pid, sig)  # type: ignore[arg-type]
 
 

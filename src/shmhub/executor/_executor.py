@@ -15,6 +15,7 @@ import multiprocessing.context
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -79,7 +80,6 @@ class Executor(cf.Executor):
         self._pending: Deque[Task] = deque()
         self._workers: Dict[int, Worker] = {}
         self._by_peer: Dict[int, Worker] = {}
-        self._retiring: List[Worker] = []
         self._ids = itertools.count(1)
         self._shutdown = False
         self._broken: Optional[BaseException] = None
@@ -87,10 +87,10 @@ class Executor(cf.Executor):
         self._counts = {"submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "timed_out": 0,
                         "stopped": 0, "retried": 0, "restarts": 0}
         self._regions = Regions()
-        self._regions.on_drop = self._drop_region
+        self._regions.on_drop = weakref.WeakMethod(self._drop_region)
         if config is None:
             config = SegmentConfig(max_guests=min(255, max(8, 2 * max_workers + 2)))
-        self._host = Host(config, on_event=self._on_host_event)
+        self._host = Host(config, on_event=_weak_event(weakref.ref(self)))
         self._manager = Manager(self)
         try:
             with self._lock:
@@ -206,9 +206,9 @@ class Executor(cf.Executor):
     # -- dispatch (any thread) --------------------------------------------------------------
 
     def _room(self, w: Worker, task: Task) -> bool:
-        if w.lost or w.retiring or w.exclusive:
+        if w.lost or w.exclusive:
             return False
-        if self._max_tasks is not None and w.sent >= self._max_tasks:
+        if self._spent(w):
             return False
         load = len(w.tasks) + w.reserved
         return load == 0 if task.timeout is not None else load < self._depth
@@ -305,19 +305,23 @@ class Executor(cf.Executor):
     def _needs_manager(self) -> bool:
         if self._broken is None and not self._shutdown and self._active() < self._max_workers:
             return True
-        if any(not w.tasks for w in self._retiring):
+        if any(self._spent(w) and not w.tasks for w in self._workers.values()):
             return True
         if self._pending and self._pick(self._pending[0]) is not None:
             return True
         return self._finished()
 
     def _active(self) -> int:
-        return sum(1 for w in self._workers.values() if not w.retiring)
+        """Workers that take tasks (or will once started)."""
+        return sum(1 for w in self._workers.values() if not self._spent(w))
+
+    def _spent(self, w: Worker) -> bool:
+        return self._max_tasks is not None and w.sent >= self._max_tasks
 
     def _finished(self) -> bool:
         if not self._shutdown or self._pending:
             return False
-        return not any(w.tasks for w in self._workers.values()) and not any(w.tasks for w in self._retiring)
+        return not any(w.tasks for w in self._workers.values())
 
     def _next_deadline(self) -> float:
         d = math.inf
@@ -341,17 +345,11 @@ class Executor(cf.Executor):
     def _replenish(self) -> None:
         """Retire workers at max_tasks_per_child, start workers up to max_workers."""
         with self._lock:
-            if self._max_tasks is not None:
-                for w in list(self._workers.values()):
-                    if w.sent >= self._max_tasks and not w.retiring:
-                        w.retiring = True
-                        self._retiring.append(w)
-            done = [w for w in self._retiring if not w.tasks]
+            done = [w for w in self._workers.values() if self._spent(w) and not w.tasks and not w.reserved]
             for w in done:
-                self._retiring.remove(w)
                 self._forget(w)
         for w in done:
-            self._close_worker(w)
+            w.close()
         while True:
             with self._lock:
                 if self._broken is not None or self._shutdown or self._active() >= self._max_workers:
@@ -373,11 +371,6 @@ class Executor(cf.Executor):
         if self._by_peer.get(w.handle.peer_id) is w:
             del self._by_peer[w.handle.peer_id]
 
-    def _close_worker(self, w: Worker) -> None:
-        """Say goodbye: the worker's serve() returns and it exits."""
-        w.client.close()
-        w.fd_sock.close()
-
     def _settle_lost(self, w: Worker) -> None:
         """A worker died (or its link broke): its first task failed with it, the others never
         started and go back to the queue; the worker is replaced by _replenish."""
@@ -387,8 +380,6 @@ class Executor(cf.Executor):
                     return
                 w.lost = True
                 self._forget(w)
-                if w in self._retiring:
-                    self._retiring.remove(w)
         w.client.wait_ended(5.0)  # its reader first hands out what the worker answered before dying
         w.handle.kill()  # a broken link but a live process: it must not run on
         try:
@@ -439,7 +430,7 @@ class Executor(cf.Executor):
             settle(first.future, exc=exc)
         for t in stopped:
             settle(t.future, exc=TaskStopped("stopped before it started"))
-        self._close_worker(w)
+        w.close()
 
     def _initialized(self, w: Worker, f: "cf.Future[Any]") -> None:
         """The answer to a worker's init call (rpc reader thread)."""
@@ -468,11 +459,10 @@ class Executor(cf.Executor):
     def _close_workers(self) -> None:
         """The end: every worker says goodbye, the host closes (killing any that linger)."""
         with self._lock:
-            workers = list(self._workers.values()) + self._retiring
+            workers = list(self._workers.values())
             self._workers.clear()
-            self._retiring.clear()
         for w in workers:
-            self._close_worker(w)
+            w.close()
         self._regions.close()
         self._host.close()
 
@@ -493,6 +483,15 @@ class Executor(cf.Executor):
 
     def __repr__(self) -> str:
         return f"<shmhub.Executor workers={len(self._workers)} pending={len(self._pending)}>"
+
+
+def _weak_event(ref: "weakref.ref[Executor]") -> Callable[[HostEvent], None]:
+    """The host's event callback, holding the executor weakly (the host outlives it in the manager)."""
+    def on_event(ev: HostEvent) -> None:
+        ex = ref()
+        if ex is not None:
+            ex._on_host_event(ev)
+    return on_event
 
 
 def _timeout(task: Task, what: str) -> BaseException:

@@ -97,11 +97,15 @@ class Worker:
         self.reserved = 0  # picked for a task not yet appended to tasks
         self.inited: Optional[bool] = None  # the init call's outcome
         self.lost = False
-        self.retiring = False
 
     @property
     def pid(self) -> Optional[int]:
         return self.handle.pid
+
+    def close(self) -> None:
+        """Say goodbye: the worker's serve() returns and it exits."""
+        self.client.close()
+        self.fd_sock.close()
 
     @property
     def exclusive(self) -> bool:
@@ -127,6 +131,7 @@ class Manager:
     def __init__(self, executor: "Executor") -> None:
         self.cond = executor._cond
         self.host = executor._host
+        self.workers = executor._workers  # the same dict: closed here if the executor is dropped
         self._ref = weakref.ref(executor, lambda _: self.wake())
         self.lost: List[Worker] = []
         self.thread = threading.Thread(target=self.run, name="shmhub-executor-manager", daemon=True)
@@ -147,6 +152,8 @@ class Manager:
             raise
         finally:
             if self._ref() is None:  # the executor was dropped without shutdown()
+                for w in list(self.workers.values()):
+                    w.close()
                 self.host.close()
 
     def step(self) -> bool:
@@ -200,11 +207,19 @@ def make_worker(ex: "Executor", wid: int) -> Worker:
     client = Client(handle.link, codec=codec, max_in_flight=ex._depth + 2)
     w = Worker(wid, handle, client, ours, codec)
 
+    regions = ex._regions  # not ex: the rpc reader thread holds the codec, and must not keep ex alive
+
     def send_fd(rid: int) -> None:
-        send_attach(ours, rid, ex._regions.fd_of(rid))
+        send_attach(ours, rid, regions.fd_of(rid))
 
     codec.send_fd = send_fd
-    init = client.submit("init")
-    init.add_done_callback(lambda f: ex._initialized(w, f))
+    ref = weakref.ref(ex)
+
+    def initialized(f: "cf.Future[Any]") -> None:
+        e = ref()
+        if e is not None:
+            e._initialized(w, f)
+
+    client.submit("init").add_done_callback(initialized)
     return w
 

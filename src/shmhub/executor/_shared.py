@@ -125,7 +125,7 @@ class Regions:
 
     def __init__(self) -> None:
         self._finalizers: List[weakref.finalize] = []
-        self.on_drop: Optional[Callable[[int], None]] = None
+        self.on_drop: "Optional[weakref.WeakMethod[Callable[[int], None]]]" = None  # weak: readers hold us
 
     def empty(self, shape: Any, dtype: Any = "float64", fill_zero: bool = False) -> Any:
         np = _numpy()
@@ -153,7 +153,7 @@ class Regions:
         with _table.lock:
             _table.by_id.pop(rid, None)
         os.close(fd)
-        cb = self.on_drop
+        cb = self.on_drop() if self.on_drop is not None else None
         if cb is not None:
             cb(rid)
 

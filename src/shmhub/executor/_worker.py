@@ -8,10 +8,19 @@ import socket
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .. import rpc
+from ..errors import ExecutorBroken
 from ..guest import connect
 from ._shared import TaskCodec, WorkerRegions
 
 __all__ = ["main"]
+
+
+_init_error: Optional[BaseException] = None  # tasks are refused once the initializer failed
+
+
+def _check_init() -> None:
+    if _init_error is not None:
+        raise ExecutorBroken(f"this worker's initializer failed: {_init_error!r}")
 
 
 class _Init:
@@ -23,13 +32,19 @@ class _Init:
     def __call__(self) -> int:
         import os
 
+        global _init_error
         if self.initializer is not None:
-            self.initializer(*self.initargs)
+            try:
+                self.initializer(*self.initargs)
+            except BaseException as e:
+                _init_error = e
+                raise
         return os.getpid()
 
 
 @rpc.inline
 def run(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> Any:
+    _check_init()
     return fn(*args, **kwargs) if kwargs else fn(*args)
 
 
@@ -37,6 +52,7 @@ def run(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Optional[Dict[str
 def run_chunk(fn: Callable[..., Any], chunk: Sequence[Tuple[Any, ...]]) -> List[Any]:
     """A chunk of map(): its results in order (the first exception fails the whole chunk, as in
     ProcessPoolExecutor.map)."""
+    _check_init()
     return [fn(*args) for args in chunk]
 
 

@@ -1,0 +1,275 @@
+"""shmhub.Executor: the concurrent.futures contract, crash isolation, deadlines, stop(), shared arrays."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import multiprocessing
+import os
+import time
+
+import numpy as np
+import pytest
+
+import shmhub
+from shmhub import Executor
+from shmhub.errors import ExecutorBroken, TaskStopped, TaskTimeout, WorkerCrashed
+
+import tasks
+
+T = 20.0
+
+
+@pytest.fixture(scope="module")
+def ex():
+    with Executor(2) as e:
+        yield e
+
+
+def test_submit_map_and_kwargs(ex):
+    assert ex.submit(tasks.add, 1, 2).result(T) == 3
+    assert ex.submit(tasks.add, 1, b=5).result(T) == 6
+    assert list(ex.map(tasks.add, range(10), range(10), timeout=T)) == [2 * i for i in range(10)]
+    n = 10_000  # long enough to be chunked automatically: results stay in order
+    assert list(ex.map(tasks.add, range(n), range(n), timeout=T)) == [2 * i for i in range(n)]
+    assert list(ex.map(tasks.add, range(7), chunksize=3, timeout=T)) == list(range(7))
+    assert list(ex.map(tasks.add, [], timeout=T)) == []
+
+
+def test_exception_keeps_its_type_and_the_remote_traceback(ex):
+    with pytest.raises(ValueError, match="nope") as info:
+        ex.submit(tasks.boom, "nope").result(T)
+    assert "in boom" in str(info.value.__cause__)  # _RemoteTraceback, as concurrent.futures does
+
+
+def test_map_timeout_and_error_cancel_the_rest(ex):
+    it = ex.map(tasks.sleep, [0.0, 5.0], timeout=0.3)
+    assert next(it) is None
+    with pytest.raises(cf.TimeoutError):
+        next(it)
+    with pytest.raises(ValueError):
+        list(ex.map(tasks.boom, ["x", "y"], timeout=T))
+
+
+def test_pickling_errors_fail_that_future_alone(ex):
+    with pytest.raises(Exception, match="pickle|lambda"):
+        ex.submit(tasks.add, lambda: 1, 2).result(T)
+    with pytest.raises(Exception, match="pickle|lambda"):
+        ex.submit(tasks.unpicklable_result).result(T)
+    assert ex.submit(tasks.add, 2, 2).result(T) == 4
+
+
+def test_futures_work_with_wait_as_completed_and_asyncio(ex):
+    fs = [ex.submit(tasks.add, i, i) for i in range(20)]
+    assert sorted(f.result() for f in cf.as_completed(fs, timeout=T)) == [2 * i for i in range(20)]
+    done, _ = cf.wait([ex.submit(tasks.add, 1, 1)], timeout=T)
+    assert len(done) == 1
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        a = await asyncio.wait_for(asyncio.wrap_future(ex.submit(tasks.add, 3, 4)), T)
+        b = await asyncio.wait_for(loop.run_in_executor(ex, tasks.add, 5, 6), T)
+        return a, b
+    assert asyncio.run(go()) == (7, 11)
+
+
+def test_a_dead_worker_fails_only_the_task_it_ran():
+    with Executor(2) as ex:
+        pids = {ex.submit(tasks.pid).result(T) for _ in range(4)}
+        slow = [ex.submit(tasks.sleep, 0.3, i) for i in range(4)]
+        dead = ex.submit(tasks.exit_with, 7)
+        killed = ex.submit(tasks.kill_self)
+        after = [ex.submit(tasks.add, i, 1) for i in range(20)]
+        with pytest.raises(WorkerCrashed, match="exited with status 7"):
+            dead.result(T)
+        with pytest.raises(WorkerCrashed, match="SIGKILL"):
+            killed.result(T)
+        assert [f.result(T) for f in slow] == [0, 1, 2, 3]
+        assert [f.result(T) for f in after] == list(range(1, 21))
+        st = ex.stats()
+        assert st["crashed"] == 2 and st["restarts"] >= 2
+        new_pids = {ex.submit(tasks.pid).result(T) for _ in range(4)}
+        assert len(st["workers"]) == 2 and not (new_pids & pids) or len(pids) > len(new_pids & pids)
+
+
+def test_killed_worker_is_noticed_within_milliseconds():
+    with Executor(2) as ex:
+        worker_pid = ex.submit(tasks.pid).result(T)
+        fut = None
+        for _ in range(50):  # until the sleeping task lands on that worker
+            f = ex.submit(tasks.sleep, 30.0)
+            time.sleep(0.05)
+            running_on = {w["pid"] for w in ex.stats()["workers"] if w["in_flight"]}
+            if worker_pid in running_on:
+                fut = f
+                break
+            ex.stop(f)
+        assert fut is not None
+        t0 = time.monotonic()
+        os.kill(worker_pid, 9)
+        with pytest.raises(WorkerCrashed):
+            fut.result(T)
+        assert time.monotonic() - t0 < 1.0  # ~2-5 ms here: generous for a loaded machine
+        ex.stop(fut)
+
+
+def test_retries_resubmit_a_task_whose_worker_crashed(tmp_path):
+    with Executor(2) as ex:
+        marker = str(tmp_path / "once")
+        assert isinstance(ex.options(retries=1).submit(tasks.crash_once, marker).result(T), int)
+        assert ex.stats()["retried"] == 1
+        os.unlink(marker)
+        with pytest.raises(WorkerCrashed):
+            ex.options(retries=0).submit(tasks.crash_once, marker).result(T)
+
+
+@pytest.mark.parametrize("fn", [tasks.spin, tasks.sleep])
+def test_deadline_stops_the_task_and_nothing_else(fn):
+    with Executor(2) as ex:
+        other = ex.submit(tasks.sleep, 0.6, "other")
+        t0 = time.monotonic()
+        f = ex.options(timeout=0.3).submit(fn, 30.0)
+        with pytest.raises(TaskTimeout) as info:
+            f.result(T)
+        late = time.monotonic() - t0 - 0.3
+        assert isinstance(info.value, TimeoutError)
+        assert late < 0.5, f"stopped {late * 1e3:.0f} ms late"
+        assert other.result(T) == "other"
+        assert ex.options(timeout=5).submit(tasks.add, 1, 1).result(T) == 2
+        assert ex.stats()["timed_out"] == 1
+
+
+def test_stop_a_running_task_and_cancel_a_pending_one():
+    with Executor(1) as ex:
+        running = ex.submit(tasks.sleep, 30.0)
+        queued = ex.submit(tasks.sleep, 30.0)  # sent behind it (queue depth 2)
+        pending = ex.submit(tasks.add, 1, 1)  # still in the executor's queue
+        time.sleep(0.2)
+        assert ex.stop(pending) and pending.cancelled()
+        assert ex.stop(queued)
+        assert ex.stop(running)
+        with pytest.raises(TaskStopped):
+            running.result(T)
+        with pytest.raises(TaskStopped):
+            queued.result(T)
+        assert ex.submit(tasks.add, 2, 2).result(T) == 4
+
+
+def test_shutdown_cancel_futures_and_no_new_work():
+    ex = Executor(1)
+    running = ex.submit(tasks.sleep, 0.3, "done")
+    rest = [ex.submit(tasks.sleep, 0.3) for _ in range(10)]
+    ex.shutdown(wait=True, cancel_futures=True)
+    assert running.result(0) == "done"
+    assert sum(f.cancelled() for f in rest) >= 8  # at most one more was already sent
+    with pytest.raises(RuntimeError, match="shutdown"):
+        ex.submit(tasks.add, 1, 1)
+
+
+def test_initializer_runs_in_every_worker():
+    with Executor(2, initializer=tasks.init_env, initargs=("hello",)) as ex:
+        assert set(ex.map(tasks.state, range(8), timeout=T)) == {"hello"}
+
+
+def test_initializer_failure_breaks_the_executor_without_respawning():
+    ex = Executor(2, initializer=tasks.init_fail)
+    try:
+        fs = [ex.submit(tasks.add, 1, 1) for _ in range(6)]
+        for f in fs:
+            with pytest.raises((ExecutorBroken, RuntimeError)):
+                f.result(T)
+        with pytest.raises(ExecutorBroken, match="initializer"):
+            ex.submit(tasks.add, 1, 1)
+        assert isinstance(ExecutorBroken("x"), cf.BrokenExecutor)
+        assert ex.stats()["restarts"] == 0
+    finally:
+        ex.shutdown()
+
+
+def test_fork_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="fork"):
+        Executor(1, mp_context=multiprocessing.get_context("fork"))
+
+
+def test_spawn_context_works():
+    with Executor(1, mp_context="spawn") as ex:
+        assert ex.submit(tasks.add, 20, 22).result(T) == 42
+
+
+def test_max_tasks_per_child_recycles_workers():
+    with Executor(2, max_tasks_per_child=5) as ex:
+        pids = [ex.submit(tasks.pid).result(T) for _ in range(20)]
+        assert len(set(pids)) >= 4
+        assert list(ex.map(tasks.add, range(100), timeout=T, chunksize=1)) == list(range(100))
+
+
+def test_shared_arrays_travel_by_reference_both_ways(ex):
+    a = ex.zeros(1_000_000)
+    assert ex.submit(tasks.fill, a, 3.0).result(T) is None
+    assert a.sum() == 3_000_000  # the worker wrote into our memory
+    assert ex.submit(tasks.total, a[10:20]).result(T) == 30.0  # a view travels as a view
+    half = ex.submit(tasks.halve, a).result(T)
+    assert half.shape == (500_000,)
+    half[0] = -1.0  # the result is our memory, not a copy
+    assert a[0] == -1.0
+    private = np.arange(8 << 20, dtype=np.float64)  # 64 MiB of private memory: one copy, out of band
+    assert ex.submit(tasks.total, private).result(T) == float(private.sum())
+    big = ex.submit(np.ones, 8 << 20).result(T)  # a 64 MiB result
+    assert big.shape == (8 << 20,) and big[-1] == 1.0
+
+
+def test_a_shared_array_reaches_four_tasks_without_copies():
+    n = 256 << 20  # bytes; the slow variant uses 1 GiB
+    _shared_without_copies(n)
+
+
+@pytest.mark.slow
+def test_a_1gib_shared_array_reaches_four_tasks_without_copies():
+    _shared_without_copies(1 << 30)
+
+
+def _shmem_kib() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("Shmem:"):
+                return int(line.split()[1])
+    raise AssertionError("no Shmem in /proc/meminfo")
+
+
+def _shared_without_copies(nbytes: int) -> None:
+    with Executor(4) as ex:
+        a = ex.empty(nbytes // 8)
+        a[:] = 1.0
+        before = _shmem_kib()
+        fs = [ex.submit(tasks.total, a) for _ in range(4)]
+        assert [f.result(T) for f in fs] == [float(nbytes // 8)] * 4
+        grown = (_shmem_kib() - before) * 1024
+        assert grown < nbytes // 2, f"shared memory grew by {grown >> 20} MiB for 4 tasks"
+
+
+def test_nested_executors_work():
+    with Executor(1) as ex:
+        assert ex.submit(tasks.nested, 5).result(60) == [0, 2, 4, 6, 8]
+
+
+def test_executor_dropped_without_shutdown_stops_its_workers():
+    ex = Executor(1)
+    pid = ex.submit(tasks.pid).result(T)
+    manager = ex._manager.thread
+    del ex
+    import gc
+
+    gc.collect()
+    manager.join(T)
+    assert not manager.is_alive()
+    with pytest.raises(ProcessLookupError):
+        for _ in range(200):
+            os.kill(pid, 0)
+            time.sleep(0.05)
+
+
+def test_dask_runs_the_same_code():
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2) as client:
+        ex = client.get_executor()
+        assert ex.submit(tasks.add, 1, 2).result(T) == 3
+        assert list(ex.map(tasks.add, range(5), range(5))) == [0, 2, 4, 6, 8]

@@ -130,3 +130,13 @@ class MethodNotFound(RemoteError, LookupError):
 
     def __init__(self, type_name: str, message: str = "", traceback: str = "") -> None:
         super().__init__(type_name, message, traceback)
+
+
+class HttpError(ShmhubError):
+    """Base class of the errors of shmhub.http."""
+
+
+class HttpProtocolError(HttpError, RpcProtocolError):
+    """Malformed HTTP metadata (truncated, unknown version, kind, flag or method code, bad
+    lengths, trailing bytes), or a worker answering out of protocol. The front logs it, answers
+    502 for that request and replaces the worker, as a terminal connection would be."""

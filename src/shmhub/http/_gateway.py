@@ -102,12 +102,11 @@ class Gateway:
                 raise _Failed(503, str(e), ((b"retry-after", RETRY_AFTER),)) from None
             except asyncio.TimeoutError:
                 raise _Failed(504, f"no worker had room within {self.timeout} s") from None
-            ok = False
+            lease = _Lease(self.pool, w)
             try:
-                await self._exchange(w, scope, receive, out, deadline)
-                ok = True
+                await self._exchange(lease, scope, receive, out, deadline)
             finally:
-                self.pool.release(w, ok)
+                lease.release(ok=False)
         except _Failed as f:
             if out.status:  # the response had started: all we can do is cut it
                 raise RuntimeError(f"response aborted: {f}") from None
@@ -115,7 +114,8 @@ class Gateway:
         finally:
             _access(scope, out.status or 500, out.sent, t0)
 
-    async def _exchange(self, w: Worker, scope: Scope, receive: Receive, send: Send, deadline: float) -> None:
+    async def _exchange(self, lease: "_Lease", scope: Scope, receive: Receive, send: Send, deadline: float) -> None:
+        w = lease.worker
         msg = await receive()
         if msg["type"] == "http.disconnect":
             return
@@ -131,7 +131,7 @@ class Gateway:
             raise _Failed(502, f"worker pid {w.pid} unavailable: {e}") from None
         pump = asyncio.ensure_future(self._pump(w, rid, receive, rem)) if more else None
         try:
-            await self._relay(w, stream, send)
+            await self._relay(lease, stream, send)
         except DeadlineExceeded:
             if w.interface == "wsgi":  # a sync handler cannot be interrupted: its thread may be stuck
                 self.pool.retire(w, f"a WSGI request passed its deadline of {self.timeout} s")
@@ -151,7 +151,7 @@ class Gateway:
             if pump is not None:
                 pump.cancel()
 
-    async def _relay(self, w: Worker, stream: Any, send: Send) -> None:
+    async def _relay(self, lease: "_Lease", stream: Any, send: Send) -> None:
         started = False
         more = True
         async for item in stream:
@@ -163,10 +163,15 @@ class Gateway:
             else:
                 chunk, more = _item(item, 2)
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            if not more:
+                # The client has it all and may send its next request before the END frame
+                # arrives: the worker's room counts from now, or it would look busier than it is.
+                lease.release(ok=True)
         if not started:
             raise HttpProtocolError("the worker ended the response without sending its metadata")
         if more:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            lease.release(ok=True)
 
     async def _pump(self, w: Worker, rid: int, receive: Receive, timeout: Optional[float]) -> None:
         """Forward the rest of the request body in chunks of about CHUNK bytes: never whole."""
@@ -187,6 +192,22 @@ class Gateway:
             raise
         except Exception as e:  # the response side reports the failure; this only explains it
             log.debug("request body of %d to worker pid %s: %r", rid, w.pid, e)
+
+
+class _Lease:
+    """A request's place on a worker, given back once (when the response is complete, or failed)."""
+
+    __slots__ = ("pool", "worker", "held")
+
+    def __init__(self, pool: WorkerPool, worker: Worker) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.held = True
+
+    def release(self, ok: bool) -> None:
+        if self.held:
+            self.held = False
+            self.pool.release(self.worker, ok)
 
 
 def _item(item: Any, n: int) -> Tuple[Any, ...]:

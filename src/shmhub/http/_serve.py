@@ -57,9 +57,11 @@ class _Front:
 
 def serve(app: str, *, workers: int = 2, bind: str = "127.0.0.1:8000", timeout: Optional[float] = 30.0,
           max_in_flight: int = 32, queue: int = 1024, interface: str = "auto",
-          worker_argv: Optional[Sequence[str]] = None, log_level: str = "info") -> None:
+          http: str = "auto", worker_argv: Optional[Sequence[str]] = None, log_level: str = "info") -> None:
     """Serve the ASGI or WSGI app `app` ('module:attribute') with `workers` worker guests behind
-    uvicorn on `bind`, until SIGTERM or SIGINT. worker_argv replaces the worker command (tests)."""
+    uvicorn on `bind`, until SIGTERM or SIGINT. http: uvicorn's parser ("auto" is httptools when
+    installed: fastest, but it rejects methods llhttp does not know; "h11" accepts any token).
+    worker_argv replaces the worker command (tests)."""
     import uvicorn
 
     if interface not in ("auto", "asgi", "wsgi"):
@@ -74,7 +76,7 @@ def serve(app: str, *, workers: int = 2, bind: str = "127.0.0.1:8000", timeout: 
         sock.listen(2048)
         logging.basicConfig(level=log_level.upper(), format="%(message)s", stream=sys.stderr)
         config = uvicorn.Config(_Front(Gateway(pool, timeout=timeout), sock), lifespan="on", access_log=False,
-                                log_level=log_level, timeout_graceful_shutdown=timeout, server_header=False)
+                                log_level=log_level, timeout_graceful_shutdown=timeout, server_header=False, http=http)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()

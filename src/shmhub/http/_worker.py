@@ -272,6 +272,7 @@ def _environ(meta: RequestMeta, body: _BodyInput) -> Dict[str, Any]:
         "REMOTE_ADDR": meta.client[0] if meta.client else "", "REMOTE_PORT": str(meta.client[1]) if meta.client else "",
         "wsgi.version": (1, 0), "wsgi.url_scheme": meta.scheme, "wsgi.input": io.BufferedReader(body),
         "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": True, "wsgi.run_once": False,
+        "wsgi.input_terminated": True,  # our input ends with the body: a chunked upload needs no length
     }
     for k, v in meta.headers:
         name = k.decode("latin-1").upper().replace("-", "_")

@@ -48,7 +48,7 @@ def count() -> Response:
 def sleep() -> str:
     s = float(request.args.get("s", "1"))
     time.sleep(s)
-    return f"slept {s}"
+    return str(os.getpid())
 
 
 @app.route("/pid")

@@ -60,7 +60,7 @@ async def sleep(request: Request) -> Response:
             with open(mark, "w") as f:
                 f.write("cancelled")
         raise
-    return PlainTextResponse(f"slept {s}")
+    return PlainTextResponse(str(os.getpid()))
 
 
 def cpu(request: Request) -> Response:

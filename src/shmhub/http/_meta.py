@@ -137,8 +137,6 @@ def _put(out: List[bytes], field: bytes) -> None:
 
 
 def _put_pairs(out: List[bytes], pairs: Tuple[Tuple[bytes, bytes], ...]) -> None:
-    if len(pairs) > MAX_HEADERS:
-        raise HttpProtocolError(f"{len(pairs)} headers exceed MAX_HEADERS ({MAX_HEADERS})")
     for k, v in pairs:
         _put(out, bytes(k))
         _put(out, bytes(v))
@@ -157,8 +155,9 @@ def encode_request(meta: RequestMeta) -> bytes:
     except ValueError:
         raise HttpProtocolError(f"unknown HTTP version {meta.http_version!r}") from None
     flags = (FLAG_CLIENT if meta.client else 0) | (FLAG_SERVER if meta.server else 0) | (FLAG_HTTPS if meta.scheme == "https" else 0)
-    if len(meta.path_params) > MAX_HEADERS:
-        raise HttpProtocolError(f"{len(meta.path_params)} path params exceed {MAX_HEADERS}")
+    if max(len(meta.headers), len(meta.path_params)) > MAX_HEADERS:
+        raise HttpProtocolError(f"{len(meta.headers)} headers or {len(meta.path_params)} path params exceed "
+                                f"MAX_HEADERS ({MAX_HEADERS})")
     out = [REQUEST_HEADER.pack(VERSION, Kind.REQUEST, code, flags, len(meta.headers), len(meta.path_params),
                                meta.client[1] if meta.client else 0, meta.server[1] if meta.server else 0, version, 0, 0)]
     if name is not None:
@@ -178,6 +177,8 @@ def encode_response(meta: ResponseMeta) -> bytes:
     """The response metadata as bytes; HttpProtocolError for a status outside 100..999."""
     if not 100 <= meta.status <= 999:
         raise HttpProtocolError(f"status {meta.status} is outside 100..999")
+    if len(meta.headers) > MAX_HEADERS:
+        raise HttpProtocolError(f"{len(meta.headers)} headers exceed MAX_HEADERS ({MAX_HEADERS})")
     out = [RESPONSE_HEADER.pack(VERSION, Kind.RESPONSE, meta.status, len(meta.headers), 0)]
     _put_pairs(out, meta.headers)
     return b"".join(out)

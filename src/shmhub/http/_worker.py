@@ -316,7 +316,7 @@ class WsgiWorker:
         result = self.app(_environ(meta, inp), start_response)
         sent = False
         try:
-            pending: Optional[Chunk] = None
+            pending: Optional[bytes] = None
             for data in result:
                 if written:
                     data = b"".join(written) + data

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, AsyncIterator
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,19 +22,15 @@ class Rogue(AsgiWorker):
         super().__init__(app)
         self.link = link
 
-    async def http(self, rid: int, meta: bytes, body: Any, more: bool, deadline_ns: int = 0) -> AsyncIterator[Any]:
+    async def http(self, rid: int, meta: bytes, body: Any, more: bool, deadline_ns: int = 0) -> Any:
         path = decode_request(meta).path
         if path == "/malformed":
-            yield (b"\x01\x02garbage", b"", False)
-        elif path == "/badshape":
-            yield "not a tuple"
-        elif path == "/unknown-id":
+            return (b"\x01\x02garbage", b"", False)
+        if path == "/badshape":
+            return "not a tuple"
+        if path == "/unknown-id":
             self.link.send(_wire.encode_frame(_wire.Kind.RESULT, 999_999_999, b"\x80\x05N."), timeout=5.0)
-            yield (b"", b"", False)
-        else:
-            async for item in super().http(rid, meta, body, more, deadline_ns):
-                yield item
-
+        return await super().http(rid, meta, body, more, deadline_ns)
 
 link = shmhub.connect()
 try:

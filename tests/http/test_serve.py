@@ -130,3 +130,9 @@ def test_a_busy_worker_gets_no_new_request_while_another_is_idle(star):
             t.join(10)
     assert slow["r"].status_code == 200 and int(slow["r"].text) == busy[0]
     assert busy[0] not in pids and len(pids) == 1
+
+
+def test_an_app_error_is_a_500_and_the_worker_serves_on(server):
+    with httpx.Client(base_url=server.url, timeout=10) as c:
+        assert c.get("/boom").status_code == 500
+        assert c.get("/pid").status_code == 200

@@ -123,55 +123,56 @@ class Gateway:
         rid = next(self._ids)
         rem = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
         deadline_ns = 0 if rem is None else time.monotonic_ns() + int(rem * 1e9)
+        pump = None
+        rest = None
+        started = False
         try:
-            stream = w.client.stream("http", rid, encode_request(request_meta(scope)), body, more, deadline_ns, timeout=rem)
-        except DeadlineExceeded:
-            raise _Failed(504, "the deadline passed before the request reached a worker") from None
-        except (LinkError, RpcError) as e:
-            raise _Failed(502, f"worker pid {w.pid} unavailable: {e}") from None
-        pump = asyncio.ensure_future(self._pump(w, rid, receive, rem)) if more else None
-        try:
-            await self._relay(lease, stream, send)
+            # Sent before the pump starts: the worker must know the request before its body chunks.
+            call = w.client.submit("http", rid, encode_request(request_meta(scope)), body, more, deadline_ns,
+                                   timeout=rem)
+            if more:
+                pump = asyncio.ensure_future(self._pump(w, rid, receive, rem))
+            first = await asyncio.wrap_future(call)  # cancelling this task cancels the call
+            meta_bytes, chunk, more = _item(first, 3)
+            meta = decode_response(meta_bytes)
+            if more:  # a streamed or large response: the rest follows as a stream of chunks
+                rest = w.client.stream("rest", rid, timeout=rem)
+            started = True
+            await send({"type": "http.response.start", "status": meta.status, "headers": list(meta.headers)})
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            if rest is not None:
+                await self._relay(rest, send)
+            # The client has it all and may send its next request before anything else arrives:
+            # the worker's room counts from now, or it would look busier than it is.
+            lease.release(ok=True)
         except DeadlineExceeded:
             if w.interface == "wsgi":  # a sync handler cannot be interrupted: its thread may be stuck
                 self.pool.retire(w, f"a WSGI request passed its deadline of {self.timeout} s")
             raise _Failed(504, f"no response within {self.timeout} s") from None
-        except HttpProtocolError as e:
+        except RpcProtocolError as e:  # HttpProtocolError included: the worker goes, as a terminal connection would
             log.error("protocol error from worker pid %s: %s", w.pid, e)
             self.pool.retire(w, "protocol error")
             raise _Failed(502, "the worker answered out of protocol") from None
-        except RpcProtocolError as e:  # the RPC connection is terminal: the worker goes
-            log.error("protocol error from worker pid %s: %s", w.pid, e)
-            self.pool.retire(w, "RPC protocol error")
-            raise _Failed(502, "the worker answered out of protocol") from None
         except (LinkError, RpcError) as e:
             raise _Failed(502, f"worker pid {w.pid} failed: {type(e).__name__}: {e}") from None
+        except Exception as e:  # raised in the worker, outside the app (which answers 500 itself)
+            if started:  # the client's connection failed mid-response: uvicorn handles that
+                raise
+            log.error("worker pid %s failed a request: %s: %s", w.pid, type(e).__name__, e)
+            raise _Failed(502, f"worker pid {w.pid} failed: {type(e).__name__}") from None
         finally:
-            stream.close()
+            if rest is not None:
+                rest.close()
             if pump is not None:
                 pump.cancel()
 
-    async def _relay(self, lease: "_Lease", stream: Any, send: Send) -> None:
-        started = False
+    async def _relay(self, rest: Any, send: Send) -> None:
         more = True
-        async for item in stream:
-            if not started:
-                meta_bytes, chunk, more = _item(item, 3)
-                meta = decode_response(meta_bytes)
-                await send({"type": "http.response.start", "status": meta.status, "headers": list(meta.headers)})
-                started = True
-            else:
-                chunk, more = _item(item, 2)
+        async for item in rest:
+            chunk, more = _item(item, 2)
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
-            if not more:
-                # The client has it all and may send its next request before the END frame
-                # arrives: the worker's room counts from now, or it would look busier than it is.
-                lease.release(ok=True)
-        if not started:
-            raise HttpProtocolError("the worker ended the response without sending its metadata")
         if more:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            lease.release(ok=True)
 
     async def _pump(self, w: Worker, rid: int, receive: Receive, timeout: Optional[float]) -> None:
         """Forward the rest of the request body in chunks of about CHUNK bytes: never whole."""

@@ -2,9 +2,10 @@
 request (docs/http.md, "Calls").
 
     front                                   worker (this module)
-    stream("http", rid, meta, body, more) -> app(scope, receive, send) / app(environ, start_response)
+    acall("http", rid, meta, body, more)  -> app(scope, receive, send) / app(environ, start_response)
     acall("body", rid, chunk, more)       -> the request body's next chunk (receive() / wsgi.input)
-    <- (response meta, chunk, more), then (chunk, more) ..., END
+    <- (response meta, chunk, more)          the whole response, in the common case: one round trip
+    stream("rest", rid)                   -> only if more: (chunk, more) ..., END
 
 Response chunks larger than CHUNK are sent as slices (memoryviews): each travels through a slot or
 a mapping of its own, so no payload is pickled or held in one piece on the way."""
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures as cf
+import contextvars
 import importlib
 import inspect
 import io
@@ -19,8 +22,9 @@ import os
 import sys
 import threading
 import time
+import traceback
 from collections import deque
-from typing import Any, AsyncIterator, Deque, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, AsyncGenerator, AsyncIterator, Deque, Generator, Dict, Iterator, List, Optional, Set, Tuple, Union
 
 from .. import rpc
 from ..errors import HttpProtocolError, ShmTimeout
@@ -33,6 +37,8 @@ CHUNK = 256 * 1024 - 64  # one slot of the 256 KiB class (less its length prefix
 WINDOW = 4  # response items an app may run ahead of the stream (which has its own credit window)
 
 Chunk = Union[bytes, bytearray, memoryview]
+
+_running: "Set[asyncio.Task[None]]" = set()
 
 
 def load_app(ref: str) -> Any:
@@ -151,12 +157,15 @@ class _AsgiExchange:
             await self.app(self.scope, self.receive, self.send)
         except Exception as e:
             self.error = e
+            traceback.print_exception(e)  # the app's error goes to the worker's log, as uvicorn does
         finally:
             self.done = True
             self.ready.set()
 
-    async def items(self) -> AsyncIterator[Any]:
+    async def items(self) -> AsyncGenerator[Any, None]:
         task = asyncio.ensure_future(self.run())
+        _running.add(task)  # a task that outlives its response (background work) keeps a reference
+        task.add_done_callback(_running.discard)
         try:
             while True:
                 while self.out:
@@ -175,35 +184,94 @@ class _AsgiExchange:
             elif not self.sent_start:
                 raise RuntimeError("the ASGI app returned without sending a response")
         finally:
-            self.over.set()
-            task.cancel()  # the stream was cancelled (deadline, client gone): so is the app
+            if not self.over.is_set():
+                self.over.set()
+                task.cancel()  # abandoned before the response was complete (deadline, client gone)
 
 
-class AsgiWorker:
-    """The handlers of a worker running an ASGI app (all in the server's event loop thread)."""
+class _Handlers:
+    """What both interfaces share: the requests receiving a body (rid -> inbox), the responses
+    still streaming (rid -> the rest of their items, fetched by `rest`), and the ping."""
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.requests: Dict[int, _AsgiExchange] = {}
+    interface = ""
+
+    def __init__(self) -> None:
+        self.inboxes: Dict[int, Any] = {}
+        self.pending: Dict[int, Tuple[int, Any]] = {}  # rid -> (deadline_ns, items)
+        self.lock = threading.Lock()
 
     def ping(self) -> Dict[str, Any]:
-        return {"interface": "asgi", "pid": os.getpid()}
+        return {"interface": self.interface, "pid": os.getpid()}
 
-    async def http(self, rid: int, meta: bytes, body: Chunk, more: bool, deadline_ns: int = 0) -> AsyncIterator[Any]:
+    def _inbox(self, rid: int) -> Any:
+        with self.lock:
+            inbox = self.inboxes.get(rid)
+        if inbox is None:
+            raise HttpProtocolError(f"body chunk for request {rid}, which is not receiving a body here")
+        return inbox
+
+    def _park(self, rid: int, deadline_ns: int, items: Any) -> List[Any]:
+        """Keep a response's remaining items for `rest`; return those abandoned past their deadline
+        (the front gave up between the first item and its `rest` call), for the caller to close."""
+        now = time.monotonic_ns()
+        with self.lock:
+            stale = [r for r, (dl, _) in self.pending.items() if dl and dl < now]
+            dropped = [self.pending.pop(r)[1] for r in stale]
+            self.pending[rid] = (deadline_ns, items)
+        return dropped
+
+    def _unpark(self, rid: int) -> Any:
+        with self.lock:
+            entry = self.pending.pop(rid, None)
+        if entry is None:
+            raise HttpProtocolError(f"rest of request {rid}, which has no response pending here")
+        return entry[1]
+
+    def _forget(self, rid: int) -> None:
+        with self.lock:
+            self.inboxes.pop(rid, None)
+
+
+class AsgiWorker(_Handlers):
+    """The handlers of a worker running an ASGI app (all in the server's event loop thread)."""
+
+    interface = "asgi"
+
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__()
+        self.app = app
+
+    async def http(self, rid: int, meta: bytes, body: Chunk, more: bool, deadline_ns: int = 0) -> Any:
+        """The response's first item; if it says more follows, the rest comes from rest(rid)."""
         ex = _AsgiExchange(self.app, decode_request(meta), body, more)
         if more:
-            self.requests[rid] = ex  # before any await: the body calls follow this call on the link
+            self.inboxes[rid] = ex  # before any await: the body calls follow this call on the link
+        items = ex.items()
         try:
-            async for item in ex.items():
+            first = await items.__anext__()
+        except BaseException:
+            self._forget(rid)
+            await items.aclose()  # cancelled (deadline, front gone): so is the app
+            raise
+        if first[-1]:
+            for stale in self._park(rid, deadline_ns, items):
+                await stale.aclose()
+        else:
+            self._forget(rid)
+            await items.aclose()  # the response is complete: the app finishes on its own
+        return first
+
+    async def rest(self, rid: int) -> AsyncIterator[Any]:
+        items = self._unpark(rid)
+        try:
+            async for item in items:
                 yield item
         finally:
-            self.requests.pop(rid, None)
+            self._forget(rid)
+            await items.aclose()
 
     async def body(self, rid: int, chunk: Optional[Chunk], more: bool) -> None:
-        ex = self.requests.get(rid)
-        if ex is None:
-            raise HttpProtocolError(f"body chunk for request {rid}, which is not receiving a body here")
-        await ex.inbox.put((chunk, more))  # waits while the app is 2 chunks behind: backpressure
+        await self._inbox(rid).inbox.put((chunk, more))  # waits while the app is 2 chunks behind
 
 
 class _BodyInput(io.RawIOBase):
@@ -282,29 +350,57 @@ def _environ(meta: RequestMeta, body: _BodyInput) -> Dict[str, Any]:
     return env
 
 
-class WsgiWorker:
+class WsgiWorker(_Handlers):
     """The handlers of a worker running a WSGI app: each request in a thread of the server's pool."""
 
-    def __init__(self, app: WSGIApp) -> None:
+    interface = "wsgi"
+
+    def __init__(self, app: WSGIApp, max_in_flight: int = 32) -> None:
+        super().__init__()
         self.app = app
-        self.requests: Dict[int, _BodyInput] = {}
-        self.lock = threading.Lock()
+        self.threads = cf.ThreadPoolExecutor(max_in_flight, thread_name_prefix="shmhub-wsgi")
 
-    def ping(self) -> Dict[str, Any]:
-        return {"interface": "wsgi", "pid": os.getpid()}
-
-    def http(self, rid: int, meta: bytes, body: Chunk, more: bool, deadline_ns: int = 0) -> Iterator[Any]:
+    async def http(self, rid: int, meta: bytes, body: Chunk, more: bool, deadline_ns: int = 0) -> Any:
+        """The response's first item; if it says more follows, the rest comes from rest(rid).
+        Registered here, in the loop thread, so the body calls (also run there, in frame order)
+        find the request; the app then runs in a thread (which rpc.cancelled() still reaches)."""
         inp = _BodyInput(body, more, deadline_ns)
         if more:
             with self.lock:
-                self.requests[rid] = inp
-        try:
-            yield from self._run(decode_request(meta), inp)
-        finally:
-            with self.lock:
-                self.requests.pop(rid, None)
+                self.inboxes[rid] = inp
+        ctx = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self.threads, ctx.run, self._first, rid, meta, inp,
+                                                                deadline_ns)
 
-    def _run(self, meta: RequestMeta, inp: _BodyInput) -> Iterator[Any]:
+    def _first(self, rid: int, meta: bytes, inp: "_BodyInput", deadline_ns: int) -> Any:
+        items = self._run(decode_request(meta), inp)
+        try:
+            first = next(items)
+        except Exception:
+            self._forget(rid)
+            traceback.print_exc()  # as a WSGI server does: the app's error goes to its log
+            return (encode_response(ResponseMeta(500, ((b"content-type", b"text/plain; charset=utf-8"),))),
+                    b"Internal Server Error", False)
+        except BaseException:
+            self._forget(rid)
+            raise
+        if first[-1]:
+            for stale in self._park(rid, deadline_ns, items):
+                stale.close()
+        else:
+            self._forget(rid)
+            items.close()
+        return first
+
+    def rest(self, rid: int) -> Iterator[Any]:
+        items = self._unpark(rid)
+        try:
+            yield from items
+        finally:
+            self._forget(rid)
+            items.close()
+
+    def _run(self, meta: RequestMeta, inp: _BodyInput) -> Generator[Any, None, None]:
         started: List[ResponseMeta] = []
         written: List[bytes] = []
 
@@ -340,11 +436,7 @@ class WsgiWorker:
                 close()
 
     async def body(self, rid: int, chunk: Optional[Chunk], more: bool) -> None:
-        with self.lock:
-            inp = self.requests.get(rid)
-        if inp is None:
-            raise HttpProtocolError(f"body chunk for request {rid}, which is not receiving a body here")
-        await inp.put(chunk, more)
+        await self._inbox(rid).put(chunk, more)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -359,7 +451,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     sys.path.insert(0, os.getcwd())  # MODULE:APP is found as `python -m` would find it
     app = load_app(args.app)
     interface = detect_interface(app) if args.interface == "auto" else args.interface
-    handlers: Union[AsgiWorker, WsgiWorker] = AsgiWorker(app) if interface == "asgi" else WsgiWorker(app)
+    handlers: Union[AsgiWorker, WsgiWorker] = AsgiWorker(app) if interface == "asgi" else WsgiWorker(app, args.max_in_flight)
     link = shmhub.connect()
     try:
         rpc.serve(link, handlers, max_concurrency=args.max_in_flight)

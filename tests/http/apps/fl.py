@@ -54,3 +54,8 @@ def sleep() -> str:
 @app.route("/pid")
 def pid() -> str:
     return str(os.getpid())
+
+
+@app.route("/boom")
+def boom() -> str:
+    raise RuntimeError("boom")

@@ -72,6 +72,10 @@ def cpu(request: Request) -> Response:
     return JSONResponse({"spins": x})
 
 
+async def boom(request: Request) -> Response:
+    raise RuntimeError("boom")
+
+
 async def pid(request: Request) -> Response:
     return PlainTextResponse(str(os.getpid()))
 
@@ -85,4 +89,5 @@ app = Starlette(routes=[
     Route("/sleep", sleep),
     Route("/cpu", cpu),
     Route("/pid", pid),
+    Route("/boom", boom),
 ])

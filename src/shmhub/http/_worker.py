@@ -103,7 +103,7 @@ class _AsgiExchange:
         self.scope = _scope(meta)
         self.first: Optional[Tuple[Chunk, bool]] = (body, more)
         self.more = more
-        self.inbox: "asyncio.Queue[Tuple[Optional[Chunk], bool]]" = asyncio.Queue(2)
+        self.inbox: "Optional[asyncio.Queue[Tuple[Optional[Chunk], bool]]]" = asyncio.Queue(2) if more else None
         self.out: Deque[Any] = deque()
         self.ready = asyncio.Event()  # out has something (or the app ended)
         self.drained = asyncio.Event()  # out has room again
@@ -117,7 +117,7 @@ class _AsgiExchange:
         if self.first is not None:
             (body, more), self.first = self.first, None
             return {"type": "http.request", "body": bytes(body), "more_body": more}
-        if self.more:
+        if self.more and self.inbox is not None:
             chunk, self.more = await self.inbox.get()
             if chunk is not None:
                 return {"type": "http.request", "body": bytes(chunk), "more_body": self.more}
@@ -271,7 +271,9 @@ class AsgiWorker(_Handlers):
             await items.aclose()
 
     async def body(self, rid: int, chunk: Optional[Chunk], more: bool) -> None:
-        await self._inbox(rid).inbox.put((chunk, more))  # waits while the app is 2 chunks behind
+        inbox = self._inbox(rid).inbox
+        if inbox is not None:
+            await inbox.put((chunk, more))  # waits while the app is 2 chunks behind
 
 
 class _BodyInput(io.RawIOBase):

@@ -63,13 +63,22 @@ async def sleep(request: Request) -> Response:
     return PlainTextResponse(str(os.getpid()))
 
 
-def cpu(request: Request) -> Response:
-    ms = float(request.query_params.get("ms", "5"))
+def _spin(ms: float) -> int:
     end = time.perf_counter() + ms / 1000
     x = 0
     while time.perf_counter() < end:
         x += 1
-    return JSONResponse({"spins": x})
+    return x
+
+
+def cpu(request: Request) -> Response:
+    """ms of Python in Starlette's thread pool (a sync endpoint)."""
+    return JSONResponse({"spins": _spin(float(request.query_params.get("ms", "5")))})
+
+
+async def cpu_block(request: Request) -> Response:
+    """ms of Python on the event loop itself: every request of this process waits meanwhile."""
+    return JSONResponse({"spins": _spin(float(request.query_params.get("ms", "5")))})
 
 
 async def boom(request: Request) -> Response:
@@ -88,6 +97,7 @@ app = Starlette(routes=[
     Route("/count", count),
     Route("/sleep", sleep),
     Route("/cpu", cpu),
+    Route("/cpu_block", cpu_block),
     Route("/pid", pid),
     Route("/boom", boom),
 ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import threading
 from typing import Any, Dict
 
@@ -136,3 +137,12 @@ def test_an_app_error_is_a_500_and_the_worker_serves_on(server):
     with httpx.Client(base_url=server.url, timeout=10) as c:
         assert c.get("/boom").status_code == 500
         assert c.get("/pid").status_code == 200
+
+
+def test_a_websocket_handshake_is_refused_not_crashed(star):
+    host, port = star.url.rsplit("/", 1)[1].split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        assert s.recv(4096).startswith(b"HTTP/1.1 403")
+    assert httpx.get(star.url + "/", timeout=10).status_code == 200

@@ -67,6 +67,8 @@ class Gateway:
         kind = scope["type"]
         if kind == "lifespan":
             await self._lifespan(receive, send)
+        elif kind == "websocket":  # not carried to the workers: refused at the handshake (403)
+            await send({"type": "websocket.close", "code": 1003})
         elif kind != "http":
             raise RuntimeError(f"shmhub's gateway carries HTTP only, not {kind!r}")
         elif scope["path"] == self.health_path:

@@ -1,12 +1,14 @@
-"""The front's ASGI app: each HTTP request becomes one streamed RPC call to the least-loaded worker.
+"""The front's ASGI app: each HTTP request becomes one RPC call to the least-loaded worker (plus a
+stream for the rest of a response that does not come in one piece, and calls for a request body).
 
     uvicorn -> Gateway(scope, receive, send)
-                 pool.acquire()                 least loaded, <= max_in_flight, else queue / 503
-                 stream("http", meta, first chunk) ---> worker: the user's app
-                 acall("body", chunk) ...       (request bodies in chunks, the worker pulling)
-                 <--- (response meta, chunk), chunks ..., END
-               send(start), send(body) ...      504 at the deadline, 502 if the worker dies or lies
-                 pool.release()
+                 pool.acquire()                    least loaded, <= max_in_flight, else queue / 503
+                 call("http", meta, first chunk) ---> worker: the user's app
+                 acall("body", chunk) ...          the rest of the request body, in chunks
+                 <--- (response meta, chunk, more) the whole response when the app sent it in one piece
+                 stream("rest") <--- (chunk, more) ..., END   only when more follows
+               send(start), send(body) ...         504 at the deadline, 502 if the worker dies or lies
+                 pool.release()                    as soon as the last chunk is sent
 
 Errors of the worker become statuses here, at the edge: nothing a worker sends can crash the front."""
 from __future__ import annotations
@@ -125,13 +127,16 @@ class Gateway:
         rid = next(self._ids)
         rem = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
         deadline_ns = 0 if rem is None else time.monotonic_ns() + int(rem * 1e9)
+        try:
+            meta_in = encode_request(request_meta(scope))
+        except HttpProtocolError as e:  # not the worker's fault: the request itself cannot travel
+            raise _Failed(400, str(e)) from None
         pump = None
         rest = None
         started = False
         try:
             # Sent before the pump starts: the worker must know the request before its body chunks.
-            call = w.client.submit("http", rid, encode_request(request_meta(scope)), body, more, deadline_ns,
-                                   timeout=rem)
+            call = w.client.submit("http", rid, meta_in, body, more, deadline_ns, timeout=rem)
             if more:
                 pump = asyncio.ensure_future(self._pump(w, rid, receive, rem))
             first = await asyncio.wrap_future(call)  # cancelling this task cancels the call

@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Deque, Dict, List, Optional, Sequence
 
 from .. import rpc
@@ -50,7 +50,6 @@ class Worker:
     failed: int = 0
     retiring: bool = False
     dead: bool = False
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def pid(self) -> Optional[int]:

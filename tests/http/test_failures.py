@@ -7,7 +7,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
-import sys
 import time
 
 import httpx
@@ -78,7 +77,6 @@ def test_a_full_queue_answers_503_with_retry_after():
 
 
 ROGUE = f"""
-import sys
 from shmhub.http import serve
 serve("unused:app", workers=1, bind="127.0.0.1:0", timeout=10,
       worker_argv=[sys.executable, {os.path.join(HERE, "rogue_worker.py")!r}])
@@ -108,3 +106,16 @@ def test_reload_under_load_fails_no_request():
         h = s.wait_health(lambda h: h["generation"] == 1 and len(h["workers"]) == 2)
         assert not old & {w["pid"] for w in h["workers"]}
         assert get(s.url, "/").status_code == 200
+
+
+def test_sigterm_lets_requests_in_flight_finish_then_exits():
+    s = Server.cli("apps.star:app", "--workers", "1")
+    try:
+        with cf.ThreadPoolExecutor(1) as ex:
+            fut = ex.submit(get, s.url, "/sleep", s=0.5)
+            s.wait_health(lambda h: h["workers"][0]["in_flight"] == 1)
+            s.proc.send_signal(signal.SIGTERM)
+            assert fut.result(20).status_code == 200
+    finally:
+        code = s.stop()
+    assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in s.log

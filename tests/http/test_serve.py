@@ -146,3 +146,11 @@ def test_a_websocket_handshake_is_refused_not_crashed(star):
                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
         assert s.recv(4096).startswith(b"HTTP/1.1 403")
     assert httpx.get(star.url + "/", timeout=10).status_code == 200
+
+
+def test_a_client_leaving_a_streamed_response_stops_it_in_the_worker(star):
+    with httpx.Client(base_url=star.url, timeout=10) as c:
+        with c.stream("GET", "/count", params={"n": 100000}) as r:  # 1000 s of lines, 10 ms apart
+            lines = r.iter_lines()
+            assert [next(lines) for _ in range(3)] == ["0", "1", "2"]
+    star.wait_health(lambda h: sum(w["in_flight"] for w in h["workers"]) == 0, timeout=5)

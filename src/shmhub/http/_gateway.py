@@ -148,7 +148,7 @@ class Gateway:
             await send({"type": "http.response.start", "status": meta.status, "headers": list(meta.headers)})
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
             if rest is not None:
-                await self._relay(rest, send)
+                await self._relay(rest, send, receive if pump is None else None)
             # The client has it all and may send its next request before anything else arrives:
             # the worker's room counts from now, or it would look busier than it is.
             lease.release(ok=True)
@@ -173,13 +173,23 @@ class Gateway:
             if pump is not None:
                 pump.cancel()
 
-    async def _relay(self, rest: Any, send: Send) -> None:
-        more = True
-        async for item in rest:
-            chunk, more = _item(item, 2)
-            await send({"type": "http.response.body", "body": chunk, "more_body": more})
-        if more:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+    async def _relay(self, rest: Any, send: Send, receive: Optional[Receive]) -> None:
+        """Pass the rest of a response on. uvicorn drops what is sent after the client went away,
+        so with the request body read, receive() watches for that: the stream stops at the next
+        chunk (and the worker's app is cancelled) instead of running on to its end or deadline."""
+        gone = asyncio.ensure_future(receive()) if receive is not None else None
+        try:
+            more = True
+            async for item in rest:
+                if gone is not None and gone.done():
+                    return
+                chunk, more = _item(item, 2)
+                await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            if more:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if gone is not None:
+                gone.cancel()
 
     async def _pump(self, w: Worker, rid: int, receive: Receive, timeout: Optional[float]) -> None:
         """Forward the rest of the request body in chunks of about CHUNK bytes: never whole."""

@@ -9,7 +9,7 @@ import math
 import signal
 import socket
 import sys
-from typing import Any, List, Optional, Sequence
+from typing import Optional, Sequence
 
 from ._gateway import Gateway
 from ._pool import WorkerPool, worker_command

@@ -77,6 +77,7 @@ def test_a_full_queue_answers_503_with_retry_after():
 
 
 ROGUE = f"""
+import sys
 from shmhub.http import serve
 serve("unused:app", workers=1, bind="127.0.0.1:0", timeout=10,
       worker_argv=[sys.executable, {os.path.join(HERE, "rogue_worker.py")!r}])

@@ -7,6 +7,8 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -120,3 +122,11 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits():
     finally:
         code = s.stop()
     assert code in (0, -signal.SIGTERM) and "Application shutdown complete" in s.log
+
+
+def test_an_app_that_does_not_import_stops_the_front_with_a_clear_error():
+    out = subprocess.run([sys.executable, "-m", "shmhub", "serve", "no_such_module:app", "--bind", "127.0.0.1:0"],
+                         cwd=HERE, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert "ModuleNotFoundError: No module named 'no_such_module'" in out.stderr
+    assert "workers did not start" in out.stderr

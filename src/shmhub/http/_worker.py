@@ -1,5 +1,5 @@
-"""A worker guest: runs the user's ASGI or WSGI app behind `rpc.serve`, one streamed call per HTTP
-request (docs/http.md, "Calls").
+"""A worker guest: runs the user's ASGI or WSGI app behind `rpc.serve`, one call per HTTP request,
+plus a stream for the rest of a response that does not come in one piece (docs/http.md, "Calls").
 
     front                                   worker (this module)
     acall("http", rid, meta, body, more)  -> app(scope, receive, send) / app(environ, start_response)

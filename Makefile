@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,numpy]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,numpy,http]'
 	touch $@
 
 demo: $(STAMP)

@@ -94,6 +94,35 @@ def _print_text(info: Dict[str, Any], out) -> None:
               f"  extents {c['extents']}/{c['max_extents']}", file=out)
 
 
+def add_serve_parser(sub: Any) -> None:
+    """`shmhub serve MODULE:APP`: HTTP over the hub (docs/http.md); runs through args.run."""
+    p = sub.add_parser("serve", help="serve an ASGI or WSGI app: uvicorn front, worker guests (docs/http.md)")
+    p.add_argument("app", help="MODULE:APP, e.g. myapp.main:app")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--bind", default="127.0.0.1:8000", help="HOST:PORT (port 0: any free port)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request, then 504")
+    p.add_argument("--max-in-flight", type=int, default=32, help="requests in flight per worker")
+    p.add_argument("--queue", type=int, default=1024, help="requests queued in the front, then 503")
+    p.add_argument("--interface", choices=("auto", "asgi", "wsgi"), default="auto")
+    p.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto",
+                   help="uvicorn's HTTP parser (h11 accepts any method token, httptools is faster)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="warning and above: no access log")
+
+    def run(args: argparse.Namespace) -> int:
+        from .http import serve
+
+        try:
+            serve(args.app, workers=args.workers, bind=args.bind, timeout=args.timeout, max_in_flight=args.max_in_flight,
+                  queue=args.queue, interface=args.interface, http=args.http,
+                  log_level=args.log_level)
+        except (ValueError, OSError, ShmhubError) as e:
+            print(f"shmhub serve: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
+        return 0
+    p.set_defaults(run=run)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shmhub")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -101,7 +130,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     ins.add_argument("path")
     ins.add_argument("--json", action="store_true", help="machine-readable output (docs/inspect.md)")
     sub.add_parser("demo", help="two processes exchanging messages through one segment")
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
+    if hasattr(args, "run"):
+        return int(args.run(args))
     if args.cmd == "demo":
         from .demo import main as demo
 

@@ -153,3 +153,13 @@ class TaskStopped(ExecutorError):
 
 class ExecutorBroken(ExecutorError, concurrent.futures.BrokenExecutor):
     """A worker's initializer failed: the executor takes no more tasks and fails those pending."""
+
+
+class HttpError(ShmhubError):
+    """Base class of the errors of shmhub.http."""
+
+
+class HttpProtocolError(HttpError, RpcProtocolError):
+    """Malformed HTTP metadata (truncated, unknown version, kind, flag or method code, bad
+    lengths, trailing bytes), or a worker answering out of protocol. The front logs it, answers
+    502 for that request and replaces the worker, as a terminal connection would be."""

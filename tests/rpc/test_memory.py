@@ -196,6 +196,38 @@ def test_stream_backpressure_and_early_close(pair):
     assert pair.client.call("add", 1, 2, timeout=T) == 3
 
 
+def test_a_stream_that_ends_after_its_consumer_parked_wakes_it_at_once():
+    """END arriving while the consumer waits on an empty stream ends the iteration then, not at the
+    stream's deadline (found by shmhub.http, whose gateway awaits END after the last item)."""
+    gate = threading.Event()
+
+    def gen():
+        yield 1
+        gate.wait(T)
+
+    p = Pair(handlers={"gen": gen})
+    try:
+        async def consume():
+            s = p.client.stream("gen", timeout=T)
+            first = await s.__anext__()
+            asyncio.get_running_loop().call_later(0.05, gate.set)
+            t0 = time.monotonic()
+            rest = [x async for x in s]
+            return [first, *rest], time.monotonic() - t0
+
+        items, waited = asyncio.run(consume())
+        assert items == [1] and waited < T / 4
+        gate.clear()
+        s = p.client.stream("gen", timeout=T)
+        it = iter(s)
+        assert next(it) == 1
+        threading.Timer(0.05, gate.set).start()
+        t0 = time.monotonic()
+        assert list(it) == [] and time.monotonic() - t0 < T / 4
+    finally:
+        p.close()
+
+
 def test_peer_gone_fails_calls_in_flight_and_later_ones_at_once(pair):
     futs = [pair.client.submit("block", 5.0) for _ in range(8)]
     pair.b.close()  # the serving end goes away

@@ -18,8 +18,8 @@ SIZES = {"u8": 1, "u16": 2, "u32": 4, "u64": 8}
 FMT = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
-def tables() -> list:
-    lines = open(DOC, encoding="utf-8").read().splitlines()
+def tables(doc: str = DOC) -> list:
+    lines = open(doc, encoding="utf-8").read().splitlines()
     out, i, struct_name = [], 0, None
     while i < len(lines):
         m = STRUCT_RE.search(lines[i])

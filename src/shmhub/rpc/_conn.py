@@ -358,6 +358,8 @@ class Connection:
                     del value
         finally:
             inc.release()
+            if call.stream is not None and call.future.done():
+                call.stream.wake()  # a consumer parked on the empty stream learns that it ended
 
     # -- ending -----------------------------------------------------------------------------
 

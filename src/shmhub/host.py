@@ -234,7 +234,10 @@ class _MpProcess:
 
     def send_signal(self, sig: int) -> None:
         if self.poll() is None:
-            os.kill(self.pid, sig)  # type: ignore[arg-type]
+            try:
+                os.kill(self.pid, sig)  # type: ignore[arg-type]
+            except ProcessLookupError:  # a forkserver's child is reaped by the forkserver
+                pass
 
 
 class GuestHandle:

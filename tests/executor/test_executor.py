@@ -19,6 +19,14 @@ import tasks
 T = 20.0
 
 
+def wait_until(pred, what: str, timeout: float = T) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        time.sleep(0.005)
+
+
 @pytest.fixture(scope="module")
 def ex():
     with Executor(2) as e:
@@ -87,8 +95,8 @@ def test_a_dead_worker_fails_only_the_task_it_ran():
         assert [f.result(T) for f in after] == list(range(1, 21))
         st = ex.stats()
         assert st["crashed"] == 2 and st["restarts"] >= 2
-        new_pids = {ex.submit(tasks.pid).result(T) for _ in range(4)}
-        assert len(st["workers"]) == 2 and not (new_pids & pids) or len(pids) > len(new_pids & pids)
+        wait_until(lambda: len(ex.stats()["workers"]) == 2, "both workers replaced")
+        assert not {w["pid"] for w in ex.stats()["workers"]} & pids
 
 
 def test_killed_worker_is_noticed_within_milliseconds():
@@ -173,9 +181,14 @@ def test_initializer_runs_in_every_worker():
 def test_initializer_failure_breaks_the_executor_without_respawning():
     ex = Executor(2, initializer=tasks.init_fail)
     try:
-        fs = [ex.submit(tasks.add, 1, 1) for _ in range(6)]
+        fs = []
+        for _ in range(6):
+            try:
+                fs.append(ex.submit(tasks.add, 1, 1))
+            except ExecutorBroken:  # the first worker's init answered already
+                break
         for f in fs:
-            with pytest.raises((ExecutorBroken, RuntimeError)):
+            with pytest.raises(ExecutorBroken):  # sent ones are refused by the worker, the rest fail here
                 f.result(T)
         with pytest.raises(ExecutorBroken, match="initializer"):
             ex.submit(tasks.add, 1, 1)

@@ -145,11 +145,12 @@ class Manager:
 
     def run(self) -> None:
         try:
-            while self.step():
-                pass
-        except BaseException:
-            log.exception("shmhub.Executor: the manager thread failed")
-            raise
+            while True:
+                try:
+                    if not self.step():
+                        return
+                except Exception:  # a bug: say so, and keep the executor alive
+                    log.exception("shmhub.Executor: the manager's step failed")
         finally:
             if self._ref() is None:  # the executor was dropped without shutdown()
                 for w in list(self.workers.values()):

@@ -109,25 +109,24 @@ def _inspect(args: argparse.Namespace) -> int:
     except (ShmhubError, OSError) as e:
         return _fail("inspect", e)
     with seg:
-        while True:
-            try:
+        try:
+            while True:
                 info = inspect_segment(seg)
-            except (ShmhubError, OSError) as e:
-                return _fail("inspect", e)
-            if args.watch:
-                sys.stdout.write("\x1b[H\x1b[2J")  # home and clear: refresh in place
-            if args.json:
-                json.dump(info, sys.stdout, indent=None if args.watch else 2, sort_keys=True)
-                print()
-            else:
-                _print_text(info, sys.stdout)
-            sys.stdout.flush()
-            if not args.watch:
-                return EXIT_OK
-            try:
+                if args.watch:
+                    sys.stdout.write("\x1b[H\x1b[2J")  # home and clear: refresh in place
+                if args.json:
+                    json.dump(info, sys.stdout, indent=None if args.watch else 2, sort_keys=True)
+                    print()
+                else:
+                    _print_text(info, sys.stdout)
+                sys.stdout.flush()
+                if not args.watch:
+                    return EXIT_OK
                 time.sleep(args.interval)
-            except KeyboardInterrupt:
-                return EXIT_OK
+        except (ShmhubError, OSError) as e:
+            return _fail("inspect", e)
+        except KeyboardInterrupt:  # how --watch ends
+            return EXIT_OK
 
 
 def _top(args: argparse.Namespace) -> int:
@@ -208,6 +207,8 @@ def _bench(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
     argv = (["--quick"] if args.quick else []) + (["--only", *args.only] if args.only else []) \
         + (["--guests", *map(str, args.guests)] if args.guests else [])
+    if args.out:
+        return int(bench.main(argv + ["--out", args.out]) or 0)
     with tempfile.TemporaryDirectory(prefix="shmhub-bench-") as out:
         return int(bench.main(argv + ["--out", out]) or 0)
 
@@ -239,6 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--quick", action="store_true", help="short phases (a smoke run, not for claims)")
     be.add_argument("--only", nargs="+", help="scenarios: pingpong busypoll stream ndarray rpc fanin fanout reqresp spawn")
     be.add_argument("--guests", nargs="+", type=int, help="guest counts of the many-guest scenarios")
+    be.add_argument("--out", help="keep the table, plot and JSON here (default: a temporary directory, removed)")
     sub.add_parser("demo", help="two processes exchanging messages through one segment")
     return parser
 

@@ -33,6 +33,7 @@ POOL_OP_GRACE = 0.05  # how long recovery waits for a dead guest's interrupted p
 MONITOR_TICK = 0.01
 ANY_SPIN_GUESTS = 4  # recv_any spins before sleeping only over this few guests (the scan is O(guests))
 log = logging.getLogger("shmhub")
+log.addHandler(logging.NullHandler())  # a library: records go where the application configures
 # Host events as log records: a death or a failed growth needs attention, a failed recovery is an error.
 EVENT_LEVELS = {"died": logging.WARNING, "growth_failed": logging.WARNING, "recovery_failed": logging.ERROR}
 
@@ -679,7 +680,9 @@ class Host:
     def _emit(self, ev: HostEvent) -> None:
         with self._counts_lock:
             self._event_counts[ev.kind] = self._event_counts.get(ev.kind, 0) + 1
-        log.log(EVENT_LEVELS.get(ev.kind, logging.INFO), "guest %d (pid %s) %s%s%s", ev.peer_id, ev.pid, ev.kind,
+        # After our own goodbye a guest may well exit without one of its own: no cause for alarm.
+        level = logging.INFO if self._closed and ev.kind == "died" else EVENT_LEVELS.get(ev.kind, logging.INFO)
+        log.log(level, "guest %d (pid %s) %s%s%s", ev.peer_id, ev.pid, ev.kind,
                 f": {ev.reason}" if ev.reason else "", f" {ev.detail}" if ev.detail else "",
                 extra={"shmhub_event": ev})
         self.events.put(ev)

@@ -12,6 +12,8 @@ Rules for the documentation (a block that breaks them fails here):
   further column-0 `# NAME.py` line in it (the README puts host.py and worker.py in one block). The
   named files of one document are all written before any runs; a file whose name another file of
   the document quotes (`"worker.py"`) is started by that file; every other one is run.
+* A sentence of the document that starts with "It prints" names output: each backticked string in
+  it must be a whole line of what the document's examples print.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ RUNNABLE = {"python", "sh"}
 FENCE = re.compile(r"^```(\S*)\s*$")
 NOT_RUN = re.compile(r"^<!--\s*not run:\s*\S.*-->\s*$")
 FILE_HEADER = re.compile(r"^# ([\w.-]+\.py)\b")
+PRINTS = re.compile(r"\bIt prints (.*?)\.(?:\s|$)", re.S)
 
 
 class Block(NamedTuple):
@@ -92,6 +95,12 @@ def runs(path: str) -> List[tuple]:
     return out
 
 
+def expected_lines(path: str) -> List[str]:
+    """The backticked strings of the document's "It prints ..." sentences."""
+    text = open(path, encoding="utf-8").read()
+    return [s for m in PRINTS.finditer(text) for s in re.findall(r"`([^`]+)`", m.group(1))]
+
+
 def _params():
     return [pytest.param(p, id=os.path.relpath(p, ROOT)) for p in doc_paths()]
 
@@ -122,13 +131,16 @@ def test_doc_examples_run(path, tmp_path):
         if b.lang == "python":
             for name, text in split_files(b.code).items():
                 (tmp_path / name).write_text(text)
+    printed = []
     for label, kind, text in todo:
         if kind == "file":
-            _run([sys.executable, text], tmp_path, label)
+            printed += _run([sys.executable, text], tmp_path, label).splitlines()
         elif kind == "python":
-            _run([sys.executable, "-c", text], tmp_path, label)
+            printed += _run([sys.executable, "-c", text], tmp_path, label).splitlines()
         else:
-            _run(["bash", "-euo", "pipefail", "-c", text], tmp_path, label)
+            printed += _run(["bash", "-euo", "pipefail", "-c", text], tmp_path, label).splitlines()
+    missing = [s for s in expected_lines(path) if s not in printed]
+    assert not missing, f"the document says it prints {missing}; the examples printed {printed}"
 
 
 def readme_example(tmp_path, first: str) -> list:
@@ -157,3 +169,5 @@ def test_rules_themselves(tmp_path):
     assert [(b.lang, b.marked) for b in bs] == [("python", False), ("sh", True), ("python", False), ("text", False), ("python", False)]
     assert split_files(bs[2].code) == {"h.py": '# h.py\nspawn("g.py")\n', "i.py": "# i.py\nx = 1\n"}
     assert [(kind, text) for _, kind, text in runs(str(doc))] == [("file", "h.py"), ("file", "i.py"), ("python", "print(2)\n")]
+    doc.write_text("Run it. It prints `a b` and\n`c`, in order. Then `d`.\n")
+    assert expected_lines(str(doc)) == ["a b", "c"]

@@ -1,4 +1,5 @@
 """`shmhub` / `python -m shmhub`: inspect, top, clean, bench, demo (exit status 0 ok, 1 failure, 2 usage)."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,21 +38,31 @@ def inspect_segment(seg: Segment) -> Dict[str, Any]:
         entry = {}
         if seg.features & L.FEATURE_MMAP_LEASES:
             entry["mmap"] = seg.peers.mmap_counters(pid)
-        peers.append({
-            **entry,
-            "peer_id": pid,
-            "state": STATE_NAMES.get(state, f"Unknown({state})"),
-            "epoch": seg.peers.epoch(pid),
-            "last_heartbeat": seg.peers.last_heartbeat(pid),
-            "ring_offset": seg.peers.ring_offset(pid),
-            **rings,
-        })
+        peers.append(
+            {
+                **entry,
+                "peer_id": pid,
+                "state": STATE_NAMES.get(state, f"Unknown({state})"),
+                "epoch": seg.peers.epoch(pid),
+                "last_heartbeat": seg.peers.last_heartbeat(pid),
+                "ring_offset": seg.peers.ring_offset(pid),
+                **rings,
+            }
+        )
     classes = pool_stats(seg.pool)
     for c, info in zip(lay.classes, classes):
         tag, head = seg.pool.free_head(info["class"])
-        info.update(header_offset=c.header_offset, meta_offset=c.meta_offset, data_offset=c.data_offset, free_head_index=head, free_head_tag=tag,
-                    extents=seg.extent_count(info["class"]), max_extents=seg.max_extents(info["class"]),
-                    extent_offsets=seg.extent_offsets(info["class"]), waiters=seg.pool.waiting(info["class"]))
+        info.update(
+            header_offset=c.header_offset,
+            meta_offset=c.meta_offset,
+            data_offset=c.data_offset,
+            free_head_index=head,
+            free_head_tag=tag,
+            extents=seg.extent_count(info["class"]),
+            max_extents=seg.max_extents(info["class"]),
+            extent_offsets=seg.extent_offsets(info["class"]),
+            waiters=seg.pool.waiting(info["class"]),
+        )
     return {
         "schema": INSPECT_SCHEMA,
         "header": {
@@ -83,19 +94,26 @@ def inspect_segment(seg: Segment) -> Dict[str, Any]:
 def _print_text(info: Dict[str, Any], out: TextIO) -> None:
     h = info["header"]
     print(f"segment {h['magic']!r} v{h['version']}  size {h['total_size']} (current {h['current_size']})  features {h['features']:#x}", file=out)
-    print(f"  max_guests {h['max_guests']}  ring capacity {h['bipbuf_capacity']}  max_payload {h['max_payload_size']}  "
-          f"inline {h['inline_threshold']} (effective {h['effective_inline_threshold']})  heartbeat {h['heartbeat_interval_ns']} ns  "
-          f"goodbye {h['host_goodbye']}", file=out)
+    print(
+        f"  max_guests {h['max_guests']}  ring capacity {h['bipbuf_capacity']}  max_payload {h['max_payload_size']}  "
+        f"inline {h['inline_threshold']} (effective {h['effective_inline_threshold']})  heartbeat {h['heartbeat_interval_ns']} ns  "
+        f"goodbye {h['host_goodbye']}",
+        file=out,
+    )
     print("peers:", file=out)
     for p in info["peers"]:
         rings = "  ".join(f"{n} w={p[n]['write']} wm={p[n]['watermark']} r={p[n]['read']} used={p[n]['used']}/{p[n]['capacity']}" for n in ("g2h", "h2g"))
         print(f"  {p['peer_id']:3d} {p['state']:<9} epoch {p['epoch']:<5} hb {p['last_heartbeat']:<12} {rings}", file=out)
         if "mmap" in p and any(v for d in p["mmap"].values() for v in d.values()):
-            print("      mmap " + "  ".join(f"{n}: {d['mappings']} mappings, {d['mapped_bytes']} bytes, {d['leases']} leases" for n, d in p["mmap"].items()), file=out)
+            maps = (f"{n}: {d['mappings']} mappings, {d['mapped_bytes']} bytes, {d['leases']} leases" for n, d in p["mmap"].items())
+            print("      mmap " + "  ".join(maps), file=out)
     print("slot classes:", file=out)
     for c in info["slot_classes"]:
-        print(f"  {c['class']:3d} slot_size {c['slot_size']:>9}  count {c['slot_count']:>6}  free {c['free']:>6}  allocated {c['allocated']:>6}"
-              f"  extents {c['extents']}/{c['max_extents']}", file=out)
+        print(
+            f"  {c['class']:3d} slot_size {c['slot_size']:>9}  count {c['slot_count']:>6}  free {c['free']:>6}  allocated {c['allocated']:>6}"
+            f"  extents {c['extents']}/{c['max_extents']}",
+            file=out,
+        )
 
 
 def _fail(cmd: str, e: BaseException) -> int:
@@ -205,8 +223,7 @@ def _bench(args: argparse.Namespace) -> int:
     except ImportError as e:
         print(f"shmhub bench: the benchmarks ship with the source tree (benchmarks/), not found: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    argv = (["--quick"] if args.quick else []) + (["--only", *args.only] if args.only else []) \
-        + (["--guests", *map(str, args.guests)] if args.guests else [])
+    argv = (["--quick"] if args.quick else []) + (["--only", *args.only] if args.only else []) + (["--guests", *map(str, args.guests)] if args.guests else [])
     if args.out:
         return int(bench.main(argv + ["--out", args.out]) or 0)
     with tempfile.TemporaryDirectory(prefix="shmhub-bench-") as out:
@@ -214,8 +231,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shmhub", description="Inspect, watch and clean up shmhub segments; "
-                                     "exit status 0 ok, 1 failure, 2 usage error.")
+    parser = argparse.ArgumentParser(prog="shmhub", description="Inspect, watch and clean up shmhub segments; exit status 0 ok, 1 failure, 2 usage error.")
     sub = parser.add_subparsers(dest="cmd", required=True)
     ins = sub.add_parser("inspect", help="decode a segment file (docs/inspect.md)")
     ins.add_argument("path", help="a named segment, or /proc/PID/fd/N of an anonymous one")

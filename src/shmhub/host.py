@@ -13,7 +13,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import layout as L
 from ._native import Message, spin_any_readable
@@ -692,7 +692,7 @@ class Host:
             except Exception:
                 pass
 
-    def stats(self) -> Dict[str, object]:
+    def stats(self) -> Dict[str, Any]:
         """A plain-dict snapshot: events so far by kind, the slot pool per class, and per guest not yet
         forgotten its pid, this process's link counters (`link.stats.as_dict()`) and its mmap-tier counters."""
         with self._counts_lock:
@@ -702,7 +702,7 @@ class Host:
         seg = self.segment
         guests = {}
         for peer_id, h in handles:
-            g: Dict[str, object] = {"pid": h.pid, "alive": h.alive, "link": h.link.stats.as_dict()}
+            g: Dict[str, Any] = {"pid": h.pid, "alive": h.alive, "link": h.link.stats.as_dict()}
             if seg.features & L.FEATURE_MMAP_LEASES and not h.recovered:
                 g["mmap"] = seg.peers.mmap_counters(peer_id)
             guests[peer_id] = g

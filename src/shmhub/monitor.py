@@ -3,6 +3,7 @@ segment, rates between two samples, the processes that hold a segment, stale nam
 
 Nothing here draws or writes to shared memory; `cli` does the drawing.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -25,8 +26,15 @@ def _ring(ring: Any) -> Dict[str, int]:
     write, watermark, read = ring.indices
     used = (watermark - read) + write if watermark else max(0, write - read)
     producer_waiting, consumer_waiting = ring.waiting
-    return {"write": write, "watermark": watermark, "read": read, "capacity": ring.capacity, "used": used,
-            "producer_waiting": producer_waiting, "consumer_waiting": consumer_waiting}
+    return {
+        "write": write,
+        "watermark": watermark,
+        "read": read,
+        "capacity": ring.capacity,
+        "used": used,
+        "producer_waiting": producer_waiting,
+        "consumer_waiting": consumer_waiting,
+    }
 
 
 def slots_held(seg: Segment) -> Dict[int, List[int]]:
@@ -66,8 +74,16 @@ def sample(seg: Segment) -> Sample:
         "time_ns": time.monotonic_ns(),
         "host_goodbye": bool(seg.host_goodbye),
         "current_size": seg.current_size,
-        "classes": [{"class": c, "slot_size": seg.pool.class_info(c)[0], "free": seg.pool.counts(c)[0],
-                     "allocated": seg.pool.counts(c)[1], "waiters": seg.pool.waiting(c)} for c in range(classes)],
+        "classes": [
+            {
+                "class": c,
+                "slot_size": seg.pool.class_info(c)[0],
+                "free": seg.pool.counts(c)[0],
+                "allocated": seg.pool.counts(c)[1],
+                "waiters": seg.pool.waiting(c),
+            }
+            for c in range(classes)
+        ],
         "host_slots_held": held.get(0, [0] * classes),
         "peers": peers,
     }
@@ -115,7 +131,7 @@ def _guest_peer(pid: int) -> Optional[int]:
     for var in env:
         if var.startswith(prefix):
             try:
-                return int(json.loads(var[len(prefix):])["peer_id"])
+                return int(json.loads(var[len(prefix) :])["peer_id"])
             except (ValueError, KeyError, TypeError):
                 return None
     return None

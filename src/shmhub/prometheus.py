@@ -6,13 +6,13 @@
 Every scrape reads `host.stats()`: per-guest link counters (labels `peer_id`, `pid`), host events
 by kind, and the slot pool per class.
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterator
 
 from ._native import LinkStats
 from .host import Host
-
 
 
 class HostCollector:
@@ -28,8 +28,7 @@ class HostCollector:
         s = self.host.stats()
         p = self.prefix
         for name in LinkStats.FIELDS:
-            fam = CounterMetricFamily(f"{p}_link_{name}", f"LinkStats.{name} of the host's end of each guest's link",
-                                      labels=["peer_id", "pid"])
+            fam = CounterMetricFamily(f"{p}_link_{name}", f"LinkStats.{name} of the host's end of each guest's link", labels=["peer_id", "pid"])
             for peer_id, g in s["guests"].items():
                 fam.add_metric([str(peer_id), str(g["pid"] or "")], g["link"][name])
             yield fam
@@ -41,7 +40,7 @@ class HostCollector:
         alive.add_metric([], sum(1 for g in s["guests"].values() if g["alive"]))
         yield alive
         for what in ("free", "allocated"):
-            fam = GaugeMetricFamily(f"{p}_pool_{what}_slots", f"{what} slots of each slot class", labels=["slot_class", "slot_size"])
+            pool = GaugeMetricFamily(f"{p}_pool_{what}_slots", f"{what} slots of each slot class", labels=["slot_class", "slot_size"])
             for c in s["pool"]:
-                fam.add_metric([str(c["class"]), str(c["slot_size"])], c[what])
-            yield fam
+                pool.add_metric([str(c["class"]), str(c["slot_size"])], c[what])
+            yield pool

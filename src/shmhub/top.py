@@ -1,5 +1,6 @@
 """`shmhub top`: a live, read-only view of a running hub. `Tracker` turns samples into rows
 (plain data, tested on its own); `run` draws them with rich (the `cli` extra) and reads keys."""
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,12 @@ HOLDERS_EVERY = 2.0  # seconds between scans of /proc for the processes of the h
 
 def _waits(p: Dict[str, Any]) -> str:
     """Who sleeps on this link now: G/H (guest/host) waiting to r(eceive) or s(end)."""
-    flags = [("G:r", p["h2g"]["consumer_waiting"]), ("G:s", p["g2h"]["producer_waiting"]),
-             ("H:r", p["g2h"]["consumer_waiting"]), ("H:s", p["h2g"]["producer_waiting"])]
+    flags = [
+        ("G:r", p["h2g"]["consumer_waiting"]),
+        ("G:s", p["g2h"]["producer_waiting"]),
+        ("H:r", p["g2h"]["consumer_waiting"]),
+        ("H:s", p["h2g"]["producer_waiting"]),
+    ]
     return " ".join(name for name, on in flags if on)
 
 
@@ -51,15 +56,25 @@ class Tracker:
         for peer, p in cur["peers"].items():
             if p["state"] == "Empty" and p["epoch"] == 0:
                 continue  # never used
-            rows.append({
-                "peer": peer, "pid": self.pids.get(peer), "state": p["state"], "epoch": p["epoch"],
-                "h2g_Bps": rate[peer]["h2g"], "g2h_Bps": rate[peer]["g2h"],
-                "h2g_fill": p["h2g"]["used"] / p["h2g"]["capacity"], "g2h_fill": p["g2h"]["used"] / p["g2h"]["capacity"],
-                "slots_per_class": list(p["slots_held"]), "slots": sum(p["slots_held"]),
-                "leases": sum(d["leases"] for d in p.get("mmap", {}).values()),
-                "mapped_bytes": sum(d["mapped_bytes"] for d in p.get("mmap", {}).values()),
-                "waits": _waits(p), "left": self.left.get(peer, 0), "recovered": self.recovered.get(peer, 0),
-            })
+            rows.append(
+                {
+                    "peer": peer,
+                    "pid": self.pids.get(peer),
+                    "state": p["state"],
+                    "epoch": p["epoch"],
+                    "h2g_Bps": rate[peer]["h2g"],
+                    "g2h_Bps": rate[peer]["g2h"],
+                    "h2g_fill": p["h2g"]["used"] / p["h2g"]["capacity"],
+                    "g2h_fill": p["g2h"]["used"] / p["g2h"]["capacity"],
+                    "slots_per_class": list(p["slots_held"]),
+                    "slots": sum(p["slots_held"]),
+                    "leases": sum(d["leases"] for d in p.get("mmap", {}).values()),
+                    "mapped_bytes": sum(d["mapped_bytes"] for d in p.get("mmap", {}).values()),
+                    "waits": _waits(p),
+                    "left": self.left.get(peer, 0),
+                    "recovered": self.recovered.get(peer, 0),
+                }
+            )
         return rows
 
 
@@ -90,15 +105,30 @@ def render(title: str, cur: monitor.Sample, rows: List[Dict[str, Any]], sort: st
         table.add_column(name, justify="left" if col in ("state", "waits", "slots") else "right")
     for r in rows:
         style = "red" if r["state"] != "Attached" else None
-        table.add_row(str(r["peer"]), str(r["pid"] or "?"), r["state"], str(r["epoch"]),
-                      human_rate(r["h2g_Bps"]), human_rate(r["g2h_Bps"]),
-                      f"{r['h2g_fill']:.0%}", f"{r['g2h_fill']:.0%}", "/".join(map(str, r["slots_per_class"])),
-                      str(r["leases"]), r["waits"], str(r["left"]), str(r["recovered"]), style=style)
-    pool = "  ".join(f"class {c['class']} ({c['slot_size']} B): {c['allocated']} held, {c['free']} free"
-                     + (" [waiters]" if c["waiters"] else "") for c in cur["classes"])
-    footer = Text(f"pool: {pool}\nhost holds {'/'.join(map(str, cur['host_slots_held']))} slots"
-                  f"{'   host said goodbye' if cur['host_goodbye'] else ''}\n"
-                  "keys: q quit  s next sort column  r reverse   waits: G/H guest/host sleeping to r(eceive)/s(end)")
+        table.add_row(
+            str(r["peer"]),
+            str(r["pid"] or "?"),
+            r["state"],
+            str(r["epoch"]),
+            human_rate(r["h2g_Bps"]),
+            human_rate(r["g2h_Bps"]),
+            f"{r['h2g_fill']:.0%}",
+            f"{r['g2h_fill']:.0%}",
+            "/".join(map(str, r["slots_per_class"])),
+            str(r["leases"]),
+            r["waits"],
+            str(r["left"]),
+            str(r["recovered"]),
+            style=style,
+        )
+    pool = "  ".join(
+        f"class {c['class']} ({c['slot_size']} B): {c['allocated']} held, {c['free']} free" + (" [waiters]" if c["waiters"] else "") for c in cur["classes"]
+    )
+    footer = Text(
+        f"pool: {pool}\nhost holds {'/'.join(map(str, cur['host_slots_held']))} slots"
+        f"{'   host said goodbye' if cur['host_goodbye'] else ''}\n"
+        "keys: q quit  s next sort column  r reverse   waits: G/H guest/host sleeping to r(eceive)/s(end)"
+    )
     return Group(table, footer)
 
 
@@ -119,7 +149,7 @@ class _Keys:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.saved is not None:
+        if self.fd is not None and self.saved is not None:
             import termios
 
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
@@ -132,8 +162,7 @@ class _Keys:
         return os.read(self.fd, 32).decode(errors="replace") if ready else ""
 
 
-def run(path: str, *, interval: float = 1.0, sort: str = "peer", reverse: bool = False,
-        iterations: Optional[int] = None) -> int:
+def run(path: str, *, interval: float = 1.0, sort: str = "peer", reverse: bool = False, iterations: Optional[int] = None) -> int:
     """Draw the hub at `path` every `interval` seconds until `q` (or `iterations` frames)."""
     from rich.console import Console
     from rich.live import Live
@@ -169,8 +198,14 @@ def snapshot(path: str, interval: float) -> Dict[str, Any]:
         time.sleep(interval)
         cur = monitor.sample(seg)
         rows = tracker.update(cur, monitor.holders(path)["guests"])
-    return {"path": path, "interval": interval, "classes": cur["classes"], "host_slots_held": cur["host_slots_held"],
-            "host_goodbye": cur["host_goodbye"], "guests": rows}
+    return {
+        "path": path,
+        "interval": interval,
+        "classes": cur["classes"],
+        "host_slots_held": cur["host_slots_held"],
+        "host_goodbye": cur["host_goodbye"],
+        "guests": rows,
+    }
 
 
 def resolve(path: Optional[str], pid: Optional[int]) -> str:

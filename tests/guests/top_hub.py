@@ -3,6 +3,7 @@
 argv: N. Prints one JSON line {"host": pid, "guests": {peer_id: pid}} once every guest has sent,
 then serves until its stdin closes; exit 0.
 """
+
 import json
 import os
 import sys

@@ -15,6 +15,7 @@ Rules for the documentation (a block that breaks them fails here):
 * A sentence of the document that starts with "It prints" names output: each backticked string in
   it must be a whole line of what the document's examples print.
 """
+
 from __future__ import annotations
 
 import glob
@@ -59,7 +60,7 @@ def blocks(path: str) -> List[Block]:
             j += 1
         assert j < len(lines), f"{path}:{i + 1}: unclosed code fence"
         prev = next((lines[k] for k in range(i - 1, -1, -1) if lines[k].strip()), "")
-        out.append(Block(os.path.relpath(path, ROOT), i + 1, m.group(1), "\n".join(lines[i + 1:j]) + "\n", bool(NOT_RUN.match(prev))))
+        out.append(Block(os.path.relpath(path, ROOT), i + 1, m.group(1), "\n".join(lines[i + 1 : j]) + "\n", bool(NOT_RUN.match(prev))))
         i = j + 1
     return out
 
@@ -110,7 +111,8 @@ def test_every_block_is_runnable_or_marked(path):
     for b in blocks(path):
         assert b.lang, f"{b.doc}:{b.line}: a code block without a language: tag it python/sh to run it, text (or <!-- not run: why -->) not to"
         assert b.lang in RUNNABLE or b.lang == "text" or b.marked, (
-            f"{b.doc}:{b.line}: ```{b.lang} is neither run nor marked: use python/sh, text, or <!-- not run: why --> above it")
+            f"{b.doc}:{b.line}: ```{b.lang} is neither run nor marked: use python/sh, text, or <!-- not run: why --> above it"
+        )
 
 
 def _run(argv, cwd, label):
@@ -156,15 +158,16 @@ def test_readme_first_example_prints_what_it_says(tmp_path):
 
 
 def test_readme_rpc_example_prints_what_it_says(tmp_path):
-    assert readme_example(tmp_path, "rpc_host.py") == [
-        "3", "9900", "[0, 1, 2, 3, 4]", "[2. 2. 2.] False", "remote: division by zero"]
+    assert readme_example(tmp_path, "rpc_host.py") == ["3", "9900", "[0, 1, 2, 3, 4]", "[2. 2. 2.] False", "remote: division by zero"]
 
 
 def test_rules_themselves(tmp_path):
     """The extraction rules on a made-up document: what is run, what is a helper, what is marked."""
     doc = tmp_path / "doc.md"
-    doc.write_text('```python\n# g.py\nprint(1)\n```\n\n<!-- not run: needs a PATH -->\n```sh\nshmhub inspect PATH\n```\n\n'
-                   '```python\n# h.py\nspawn("g.py")\n# i.py\nx = 1\n```\n\n```text\nout\n```\n\n```python\nprint(2)\n```\n')
+    doc.write_text(
+        "```python\n# g.py\nprint(1)\n```\n\n<!-- not run: needs a PATH -->\n```sh\nshmhub inspect PATH\n```\n\n"
+        '```python\n# h.py\nspawn("g.py")\n# i.py\nx = 1\n```\n\n```text\nout\n```\n\n```python\nprint(2)\n```\n'
+    )
     bs = blocks(str(doc))
     assert [(b.lang, b.marked) for b in bs] == [("python", False), ("sh", True), ("python", False), ("text", False), ("python", False)]
     assert split_files(bs[2].code) == {"h.py": '# h.py\nspawn("g.py")\n', "i.py": "# i.py\nx = 1\n"}

@@ -1,5 +1,6 @@
 """Stats for programs: host.stats() and link.stats.as_dict() as plain dicts, host events as records
 of the "shmhub" logger."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,10 @@ def test_host_stats_count_traffic_and_events(caplog):
         assert (link["sent_inline"], link["sent_slot"], link["recv_inline"], link["recv_slot"]) == (1, 1, 1, 1)
         assert link["sent_bytes_slot"] == link["recv_bytes_slot"] == 5000
         assert s["guests"][b.peer_id]["link"]["sent_inline"] == 0
-        assert s["guests"][a.peer_id]["mmap"] == {"g2h": {"mappings": 0, "mapped_bytes": 0, "leases": 0},
-                                                  "h2g": {"mappings": 0, "mapped_bytes": 0, "leases": 0}}
+        assert s["guests"][a.peer_id]["mmap"] == {
+            "g2h": {"mappings": 0, "mapped_bytes": 0, "leases": 0},
+            "h2g": {"mappings": 0, "mapped_bytes": 0, "leases": 0},
+        }
         assert [(c["slot_size"], c["free"] + c["allocated"]) for c in s["pool"]] == [c[:2] for c in host.segment.config.size_classes]
         assert s["segment_size"] == host.segment.current_size
         b.process.send_signal(signal.SIGKILL)

@@ -1,5 +1,6 @@
 """`shmhub top` on a live hub of 3 streaming guests, one of them killed: as data (`--json`) and as
 a person sees it, on a terminal under tmux (`capture-pane`)."""
+
 from __future__ import annotations
 
 import json
@@ -56,8 +57,9 @@ def until(what, check, timeout=TIMEOUT, interval=0.1):
 
 
 def top_json(host_pid):
-    out = subprocess.run([sys.executable, "-m", "shmhub", "top", "--pid", str(host_pid), "--json", "--interval", "0.3"],
-                         capture_output=True, text=True, timeout=TIMEOUT)
+    out = subprocess.run(
+        [sys.executable, "-m", "shmhub", "top", "--pid", str(host_pid), "--json", "--interval", "0.3"], capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert out.returncode == 0, out.stderr
     return {g["peer"]: g for g in json.loads(out.stdout)["guests"]}
 
@@ -82,6 +84,7 @@ def test_top_on_a_terminal(hub, tmp_path):
     cmd = f"env -u COLUMNS -u LINES {sys.executable} -m shmhub top --pid {host_pid} --interval 0.2; echo $? > {tmp_path}/rc; sleep 30"
     subprocess.run(tmux + ["new-session", "-d", "-x", "160", "-y", "30", cmd], check=True, timeout=TIMEOUT)
     try:
+
         def screen():
             return subprocess.run(tmux + ["capture-pane", "-p"], capture_output=True, text=True, timeout=TIMEOUT).stdout
 

@@ -1,5 +1,6 @@
 """`shmhub` commands other than inspect's decoding (tests/unit/test_inspect.py): exit status,
 clean, inspect --watch, and the pure data of top (shmhub.monitor, shmhub.top.Tracker)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -33,8 +34,19 @@ def run(*argv, stdin=""):
     return rc, out.getvalue(), err.getvalue()
 
 
-@pytest.mark.parametrize("argv", [[], ["frobnicate"], ["inspect"], ["top"], ["top", "x", "--pid", "1"], ["inspect", "x", "--watch", "--interval", "0"],
-                                  ["top", "--pid", "x"], ["top", "x", "--sort", "nope"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["frobnicate"],
+        ["inspect"],
+        ["top"],
+        ["top", "x", "--pid", "1"],
+        ["inspect", "x", "--watch", "--interval", "0"],
+        ["top", "--pid", "x"],
+        ["top", "x", "--sort", "nope"],
+    ],
+)
 def test_usage_errors_exit_2(argv):
     assert run(*argv)[0] == 2
 
@@ -45,8 +57,12 @@ def test_help_exits_0():
 
 
 def test_failures_exit_1_with_one_line(tmp_path):
-    for argv in (["top", "--pid", str(2**22 + 1)], ["top", str(tmp_path / "missing")], ["inspect", str(tmp_path / "missing")],
-                 ["top", "--pid", str(os.getpid()), "--json"]):
+    for argv in (
+        ["top", "--pid", str(2**22 + 1)],
+        ["top", str(tmp_path / "missing")],
+        ["inspect", str(tmp_path / "missing")],
+        ["top", "--pid", str(os.getpid()), "--json"],
+    ):
         rc, out, err = run(*argv)
         assert (rc, out) == (1, ""), argv
         assert len(err.splitlines()) == 1 and err.startswith(f"shmhub {argv[0]}: "), err
@@ -62,6 +78,7 @@ def test_top_pid_finds_the_segment_a_process_holds():
 
 
 # -- clean --------------------------------------------------------------------------------------
+
 
 def _abandoned(path):
     """A named segment whose creator closed it without unlinking: what a crashed host leaves."""
@@ -109,11 +126,13 @@ def test_clean_searches_a_directory(tmp_path):
 
 # -- inspect --watch ----------------------------------------------------------------------------
 
+
 def test_inspect_watch_refreshes_in_place_until_interrupted(shm_path):
     with Segment.create(CFG, shm_path) as seg:
         try:
-            p = subprocess.Popen([sys.executable, "-m", "shmhub", "inspect", shm_path, "--watch", "--interval", "0.05"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            p = subprocess.Popen(
+                [sys.executable, "-m", "shmhub", "inspect", shm_path, "--watch", "--interval", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
             try:
                 seen = b""
                 while seen.count(b"\x1b[2J") < 4:  # the screen is cleared before each frame
@@ -135,6 +154,7 @@ def test_inspect_watch_refreshes_in_place_until_interrupted(shm_path):
 
 # -- top's data ---------------------------------------------------------------------------------
 
+
 def ring(read, write=0, watermark=0, capacity=256):
     return {"read": read, "write": write, "watermark": watermark, "capacity": capacity}
 
@@ -151,8 +171,14 @@ def peer(state="Attached", epoch=1, read=0, slots=(0, 0)):
 
 
 def snap(t, **peers):
-    return {"time_ns": t, "host_goodbye": False, "current_size": 0, "classes": [], "host_slots_held": [0, 0],
-            "peers": {int(k[1:]): v for k, v in peers.items()}}
+    return {
+        "time_ns": t,
+        "host_goodbye": False,
+        "current_size": 0,
+        "classes": [],
+        "host_slots_held": [0, 0],
+        "peers": {int(k[1:]): v for k, v in peers.items()},
+    }
 
 
 def test_tracker_rates_departures_and_recoveries():
@@ -196,8 +222,9 @@ def test_sample_reads_slots_held_per_owner_and_peer_state():
 
 
 def test_bench_quick_prints_the_table(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "shmhub", "bench", "--quick", "--only", "pingpong", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "shmhub", "bench", "--quick", "--only", "pingpong", "--out", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert "### Ping-pong, 64 B, blocking receive" in out.stdout
     shm = re.search(r"^\| shmhub \| ([\d.]+) \| ([\d.]+) \| (\d+) \|$", out.stdout, re.M)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, TextIO
@@ -195,8 +194,7 @@ def _clean(args: argparse.Namespace) -> int:
     removed, failed = [], 0
     for s in stale:
         try:
-            if monitor.is_stale(s.path):  # a host may have taken the name again meanwhile
-                os.unlink(s.path)
+            if monitor.remove_if_stale(s.path):  # a host may have taken the name again meanwhile
                 removed.append(s.path)
         except OSError as e:
             failed += 1

@@ -198,19 +198,46 @@ class Stale:
     holders: List[int] = field(default_factory=list)
 
 
-def is_stale(path: str) -> bool:
-    """A segment file whose creating host is gone: the host holds an exclusive flock for its
-    lifetime (DECISIONS 16) and writes the magic only after taking it."""
-    if not has_magic(path):
-        return False
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+def _stale_fd(path: str) -> Optional[int]:
+    """An fd of `path` holding its flock if the segment is stale, else None. A host holds an
+    exclusive flock for its lifetime (DECISIONS 16) and writes the magic only after taking it, so a
+    valid magic with a free lock means the creator is gone (and we never lock a segment being made)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 8, 0) in L.ACCEPTED_MAGICS:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+    except OSError:  # BlockingIOError: a live host holds it
+        pass
+    os.close(fd)
+    return None
+
+
+def is_stale(path: str) -> bool:
+    fd = _stale_fd(path)
+    if fd is None:
         return False
+    os.close(fd)
+    return True
+
+
+def remove_if_stale(path: str) -> bool:
+    """Unlink `path` if it is (still) a stale segment, holding its lock while checking that the
+    name still leads to the same file; True if removed."""
+    fd = _stale_fd(path)
+    if fd is None:
+        return False
+    try:
+        st, now = os.fstat(fd), os.stat(path)
+        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+            return False
+        os.unlink(path)
+        return True
     finally:
         os.close(fd)
-    return True
 
 
 def stale_segments(paths: List[str]) -> List[Stale]:

@@ -23,6 +23,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 from typing import Dict, List, NamedTuple
 
 import pytest
@@ -48,7 +49,7 @@ def doc_paths() -> List[str]:
 
 
 def blocks(path: str) -> List[Block]:
-    lines = open(path, encoding="utf-8").read().splitlines()
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
     out, i = [], 0
     while i < len(lines):
         m = FENCE.match(lines[i])
@@ -98,7 +99,7 @@ def runs(path: str) -> List[tuple]:
 
 def expected_lines(path: str) -> List[str]:
     """The backticked strings of the document's "It prints ..." sentences."""
-    text = open(path, encoding="utf-8").read()
+    text = Path(path).read_text(encoding="utf-8")
     return [s for m in PRINTS.finditer(text) for s in re.findall(r"`([^`]+)`", m.group(1))]
 
 

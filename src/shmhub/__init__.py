@@ -10,6 +10,16 @@ from .segment import Segment
 from .slots import SlotRef
 
 __version__ = "0.1.0"
-__all__ = ["Guest", "GuestHandle", "Host", "HostEvent", "Layout", "Link", "LinkStats", "Message", "Segment",
+
+
+def __getattr__(name: str) -> object:
+    if name == "Executor":  # imported on first use: it pulls in rpc and multiprocessing
+        from .executor import Executor
+
+        return Executor
+    raise AttributeError(f"module 'shmhub' has no attribute {name!r}")
+
+
+__all__ = ["Executor", "Guest", "GuestHandle", "Host", "HostEvent", "Layout", "Link", "LinkStats", "Message", "Segment",
            "SegmentConfig", "SlotRef", "connect", "errors"]
 __all__ += [n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, Exception) and v.__module__ == errors.__name__]

@@ -1,4 +1,5 @@
 """The exception hierarchy of shmhub. Every error raised by the library derives from ShmhubError."""
+import concurrent.futures
 
 
 class ShmhubError(Exception):
@@ -130,3 +131,25 @@ class MethodNotFound(RemoteError, LookupError):
 
     def __init__(self, type_name: str, message: str = "", traceback: str = "") -> None:
         super().__init__(type_name, message, traceback)
+
+
+class ExecutorError(ShmhubError):
+    """Base class of the errors of shmhub.Executor."""
+
+
+class WorkerCrashed(ExecutorError):
+    """The worker running this task died (killed, crashed, exited); the message gives its exit
+    status or signal. Only the task it was running fails: tasks queued behind it run elsewhere."""
+
+
+class TaskTimeout(ExecutorError, ShmTimeout):
+    """The task was still running at its deadline (Executor.options(timeout=...)): its worker was
+    killed and replaced (a TimeoutError)."""
+
+
+class TaskStopped(ExecutorError):
+    """Executor.stop() stopped this task while it ran: its worker was killed and replaced."""
+
+
+class ExecutorBroken(ExecutorError, concurrent.futures.BrokenExecutor):
+    """A worker's initializer failed: the executor takes no more tasks and fails those pending."""

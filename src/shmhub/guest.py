@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 from . import bootstrap
 from .doorbell import Doorbell
@@ -17,6 +17,31 @@ from .segment import Segment
 
 ENV = "SHMHUB_GUEST"  # set by Host.spawn: {"v": 1, "peer_id": N, "segment_fd": N, "doorbell_fd": N, "control_fd": N}
 ENV_VERSION = 1
+
+
+class Handoff:
+    """A guest's peer id and fds on their way into a multiprocessing child (Host.start_process).
+    Pickled only while the child starts: multiprocessing passes the fds (its DupFd), and the child
+    finds them as Host.spawn's children do, in the environment, so connect() works unchanged."""
+
+    def __init__(self, peer_id: int, segment_fd: int, doorbell_fd: int, control_fd: int) -> None:
+        self.peer_id, self.fds = peer_id, (segment_fd, doorbell_fd, control_fd)
+
+    def __reduce__(self) -> tuple:
+        from multiprocessing.reduction import DupFd
+
+        return _install, (self.peer_id, *(DupFd(fd) for fd in self.fds))
+
+
+def _install(peer_id: int, *dups: object) -> None:
+    seg, bell, ctrl = (d.detach() for d in dups)  # type: ignore[attr-defined]
+    os.environ[ENV] = json.dumps({"v": ENV_VERSION, "peer_id": peer_id, "segment_fd": seg,
+                                  "doorbell_fd": bell, "control_fd": ctrl})
+
+
+def _run_target(handoff: None, target: "Callable[..., object]", args: tuple) -> None:
+    """The child's entry point: the handoff was unpickled (and ENV set) before this runs."""
+    target(*args)
 
 
 def _heartbeat_thread(link: Link, interval_ns: int) -> None:

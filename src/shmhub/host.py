@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import multiprocessing.context
+import multiprocessing.process
 import os
 import queue
 import select
@@ -20,7 +23,7 @@ from ._native import Message, spin_any_readable
 from . import bigmap, bootstrap
 from .doorbell import Doorbell
 from .errors import HostGone, LinkClosed, LinkCorrupted, PeerDead, ShmTimeout, ShmhubError
-from .guest import ENV, ENV_VERSION
+from .guest import ENV, ENV_VERSION, Handoff, _run_target
 from .layout import SegmentConfig
 from .link import DEFAULT_SPIN_NS, HOST, POLL_SLICE, Link, _deadline, _remaining
 from .segment import Segment
@@ -193,6 +196,35 @@ class _Prepared:
         self.guest_ctrl.close()
 
 
+class _MpProcess:
+    """A multiprocessing.Process with the subprocess.Popen surface the host uses."""
+
+    def __init__(self, proc: "multiprocessing.process.BaseProcess") -> None:
+        self._proc = proc
+        self.pid = proc.pid
+
+    def poll(self) -> Optional[int]:
+        return self._proc.exitcode
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self._proc.exitcode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        self._proc.join(timeout)
+        code = self._proc.exitcode
+        if code is None:
+            raise subprocess.TimeoutExpired(str(self._proc.name), timeout or 0.0)
+        return code
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def send_signal(self, sig: int) -> None:
+        if self._proc.exitcode is None:
+            os.kill(self.pid, sig)  # type: ignore[arg-type]
+
+
 class GuestHandle:
     """The host's view of one guest."""
 
@@ -300,6 +332,31 @@ class Host:
         finally:
             p.close_guest_ends()  # the child has its copy now (Popen returns after exec)
         handle = self._register(p, proc)
+        self._emit(HostEvent("spawned", p.peer_id, proc.pid))
+        return handle
+
+    def start_process(self, target: Callable[..., object], args: Sequence[object] = (), *,
+                      context: Optional["multiprocessing.context.BaseContext"] = None,
+                      name: Optional[str] = None) -> GuestHandle:
+        """Start a guest with multiprocessing: target(*args) runs in the child, where shmhub.connect()
+        returns its Link. context: a spawn (default) or forkserver context; fork is refused (a
+        forked child would share this process's threads' locks and every other guest's fds)."""
+        self._check_open()
+        ctx = context if context is not None else multiprocessing.get_context("spawn")
+        method = ctx.get_start_method()
+        if method not in ("spawn", "forkserver"):
+            raise ValueError(f"start method {method!r} is not supported: use a 'spawn' or 'forkserver' context")
+        p = self._prepare_peer()
+        try:
+            handoff = Handoff(p.peer_id, self.segment.fd, p.guest_bell.fileno(), p.guest_ctrl.fileno())
+            proc = ctx.Process(target=_run_target, args=(handoff, target, tuple(args)), name=name)  # type: ignore[attr-defined]
+            proc.start()
+        except BaseException:
+            self._abandon(p)
+            raise
+        finally:
+            p.close_guest_ends()  # the child has its copies once start() returned
+        handle = self._register(p, _MpProcess(proc))  # type: ignore[arg-type]
         self._emit(HostEvent("spawned", p.peer_id, proc.pid))
         return handle
 

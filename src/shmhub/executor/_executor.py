@@ -1,0 +1,551 @@
+"""shmhub.Executor: a concurrent.futures process pool whose workers are guests of one Host.
+
+The contract is ProcessPoolExecutor's (constructor arguments, submit, map, shutdown, Futures);
+what differs is failure: a dead worker fails only the task it was running (WorkerCrashed), a task
+can be stopped (a deadline, or stop()), and arrays travel through shared memory."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import itertools
+import logging
+import math
+import multiprocessing
+import multiprocessing.context
+import os
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from ..errors import ExecutorBroken, ShmTimeout, TaskStopped
+from ..host import Host, HostEvent
+from ..layout import SegmentConfig
+from ._pool import _GONE, Manager, Task, Worker, exit_reason, make_worker, settle
+from ._shared import Regions, send_drop
+
+__all__ = ["Executor", "TaskOptions"]
+
+log = logging.getLogger("shmhub.executor")
+
+DEFAULT_DEPTH = 2  # tasks sent to a worker ahead of its answers: one running, one ready to run
+AUTO_CHUNKS_PER_WORKER = 8
+MAX_STARTUP_FAILURES = 3  # consecutive workers lost before answering init: the executor is broken
+_WORKER_MODULE = "shmhub.executor._worker"
+
+
+def _context(mp_context: Any) -> multiprocessing.context.BaseContext:
+    if mp_context is None:
+        methods = multiprocessing.get_all_start_methods()
+        mp_context = "forkserver" if "forkserver" in methods else "spawn"
+    ctx = multiprocessing.get_context(mp_context) if isinstance(mp_context, str) else mp_context
+    method = ctx.get_start_method()
+    if method not in ("spawn", "forkserver"):
+        raise ValueError(f"shmhub.Executor does not support the {method!r} start method: a forked worker "
+                         "inherits the parent's threads' locks and its other workers' fds; use 'spawn' or "
+                         "'forkserver' (the default)")
+    return ctx  # type: ignore[no-any-return]
+
+
+class Executor(cf.Executor):
+    """A process pool on the hub. Accepts ProcessPoolExecutor's arguments; fork is refused.
+
+    preload: modules imported once in the forkserver's template process, so new and replacement
+    workers start without importing them again (forkserver context only). config: the Host's
+    SegmentConfig (ring and pool sizes)."""
+
+    def __init__(self, max_workers: Optional[int] = None, mp_context: Any = None,
+                 initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (), *,
+                 max_tasks_per_child: Optional[int] = None, preload: Sequence[str] = (),
+                 config: Optional[SegmentConfig] = None, queue_depth: int = DEFAULT_DEPTH) -> None:
+        if max_workers is None:
+            max_workers = os.cpu_count() or 1
+        if max_workers < 1:
+            raise ValueError("max_workers must be greater than 0")
+        if max_tasks_per_child is not None and max_tasks_per_child < 1:
+            raise ValueError("max_tasks_per_child must be >= 1")
+        if queue_depth < 1:
+            raise ValueError("queue_depth must be >= 1")
+        self._context = _context(mp_context)
+        self._preload = tuple(preload)
+        if self._context.get_start_method() == "forkserver":
+            self._context.set_forkserver_preload([_WORKER_MODULE, *self._preload])  # type: ignore[attr-defined]
+        self._max_workers = max_workers
+        self._initializer, self._initargs = initializer, tuple(initargs)
+        self._max_tasks = max_tasks_per_child
+        self._depth = queue_depth
+        self._lock = threading.RLock()
+        self._cond = threading.Condition(self._lock)
+        self._pending: Deque[Task] = deque()
+        self._workers: Dict[int, Worker] = {}
+        self._by_peer: Dict[int, Worker] = {}
+        self._retiring: List[Worker] = []
+        self._ids = itertools.count(1)
+        self._shutdown = False
+        self._broken: Optional[BaseException] = None
+        self._startup_failures = 0
+        self._counts = {"submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "timed_out": 0,
+                        "stopped": 0, "retried": 0, "restarts": 0}
+        self._regions = Regions()
+        self._regions.on_drop = self._drop_region
+        if config is None:
+            config = SegmentConfig(max_guests=min(255, max(8, 2 * max_workers + 2)))
+        self._host = Host(config, on_event=self._on_host_event)
+        self._manager = Manager(self)
+        try:
+            with self._lock:
+                for _ in range(max_workers):
+                    self._start_worker()
+        except BaseException:
+            self._host.close()
+            raise
+        self._manager.start()
+
+    # -- the public API ---------------------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> "cf.Future[Any]":
+        """Schedule fn(*args, **kwargs); a concurrent.futures.Future of its result."""
+        return self._submit(Task("run", fn, args, kwargs, None, 0))
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: Optional[float] = None,
+            chunksize: int = 1, progress: bool = False) -> Iterator[Any]:
+        """Results of fn over the iterables, in order. chunksize=1 on a long input is raised
+        automatically (AUTO_CHUNKS_PER_WORKER chunks per worker); progress=True shows a tqdm bar."""
+        return self._map(fn, iterables, timeout, chunksize, progress, None, 0)
+
+    def options(self, timeout: Optional[float] = None, retries: int = 0) -> "TaskOptions":
+        """The same submit/map with a deadline per task (a task still running `timeout` seconds
+        after it started is stopped: its worker is killed and replaced, its future raises
+        TaskTimeout) and `retries` resubmissions of a task whose worker crashed (for idempotent
+        work)."""
+        if timeout is not None and timeout <= 0:
+            raise ValueError("timeout must be > 0 or None")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        return TaskOptions(self, timeout, retries)
+
+    def stop(self, future: "cf.Future[Any]") -> bool:
+        """Stop one task: a pending one is cancelled; a running one is stopped by killing its
+        worker (replaced at once; the future raises TaskStopped); one sent to a worker but not yet
+        running is stopped as soon as it starts. False if the task had already finished."""
+        with self._lock:
+            for w in self._workers.values():
+                for i, task in enumerate(w.tasks):
+                    if task.future is future:
+                        task.stop = True
+                        if i == 0:
+                            w.handle.kill()
+                        return True
+        return future.cancel() or (not future.done())
+
+    def empty(self, shape: Any, dtype: Any = "float64") -> Any:
+        """A numpy array in shared memory: passed to (or returned by) a task, it travels by
+        reference, with no copy, to any worker. Its memory is freed when the array and every
+        view of it are gone."""
+        return self._regions.empty(shape, dtype)
+
+    def zeros(self, shape: Any, dtype: Any = "float64") -> Any:
+        """empty(), filled with zeros (fresh shared memory reads as zeros: no page is touched)."""
+        return self._regions.empty(shape, dtype)
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters (submitted, completed, failed, crashed, timed_out, stopped, retried, restarts),
+        pending tasks, and per worker: id, pid, tasks completed and failed, tasks in flight."""
+        with self._lock:
+            out: Dict[str, Any] = dict(self._counts)
+            out["pending"] = len(self._pending)
+            out["workers"] = [{"id": w.wid, "pid": w.pid, "completed": w.completed, "failed": w.failed,
+                               "in_flight": len(w.tasks)} for w in self._workers.values()]
+            return out
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """No more tasks; with cancel_futures, pending tasks are cancelled; wait: until every
+        task has finished and the workers have exited."""
+        with self._lock:
+            self._shutdown = True
+            if cancel_futures:
+                while self._pending:
+                    task = self._pending.popleft()
+                    if not task.future.cancel():  # requeued after a lost worker: already RUNNING
+                        settle(task.future, exc=cf.CancelledError())
+            self._cond.notify_all()
+        if wait and self._manager.thread.is_alive() and threading.current_thread() is not self._manager.thread:
+            self._manager.thread.join()
+
+    # -- submitting -------------------------------------------------------------------------
+
+    def _submit(self, task: Task) -> "cf.Future[Any]":
+        with self._lock:
+            if self._broken is not None:
+                raise ExecutorBroken(str(self._broken))
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._pending.append(task)
+            self._counts["submitted"] += 1
+        self._pump()  # from the caller's thread: the lowest latency when a worker has room
+        return task.future
+
+    def _map(self, fn: Callable[..., Any], iterables: Sequence[Iterable[Any]], timeout: Optional[float],
+             chunksize: int, progress: bool, task_timeout: Optional[float], retries: int) -> Iterator[Any]:
+        if chunksize < 1:
+            raise ValueError("chunksize must be >= 1")
+        end = None if timeout is None else time.monotonic() + timeout
+        items = list(zip(*iterables))
+        n = len(items)
+        if chunksize == 1 and n > 4 * self._max_workers:
+            chunksize = math.ceil(n / (AUTO_CHUNKS_PER_WORKER * self._max_workers))
+        if chunksize == 1:
+            futures = [self._submit(Task("run", fn, args, None, task_timeout, retries)) for args in items]
+        else:
+            futures = [self._submit(Task("run_chunk", fn, items[i:i + chunksize], None, task_timeout, retries))
+                       for i in range(0, n, chunksize)]
+        del items
+        bar = _progress(n) if progress else None
+        return _results(futures, end, chunksize > 1, bar)
+
+    # -- dispatch (any thread) --------------------------------------------------------------
+
+    def _room(self, w: Worker, task: Task) -> bool:
+        if w.lost or w.retiring or w.exclusive:
+            return False
+        if self._max_tasks is not None and w.sent >= self._max_tasks:
+            return False
+        load = len(w.tasks) + w.reserved
+        return load == 0 if task.timeout is not None else load < self._depth
+
+    def _pick(self, task: Task) -> Optional[Worker]:
+        best: Optional[Worker] = None
+        for w in self._workers.values():
+            if self._room(w, task) and (best is None or len(w.tasks) + w.reserved < len(best.tasks) + best.reserved):
+                best = w
+        return best
+
+    def _pump(self) -> None:
+        """Send pending tasks to workers with room, oldest first."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return
+                w = self._pick(self._pending[0])
+                if w is None:
+                    return
+                task = self._pending.popleft()
+                w.reserved += 1
+                w.sent += 1
+                if self._max_tasks is not None and w.sent >= self._max_tasks:
+                    self._cond.notify_all()  # its replacement starts now, ahead of its retirement
+            self._send(w, task)
+
+    def _send(self, w: Worker, task: Task) -> None:
+        with w.send_lock:
+            with self._lock:
+                w.reserved -= 1
+                if w.lost:  # lost meanwhile: the task goes back, first in line
+                    self._pending.appendleft(task)
+                    self._cond.notify_all()
+                    return
+                if not task.started:
+                    if not task.future.set_running_or_notify_cancel():
+                        return  # cancelled while pending
+                    task.started = True
+                w.tasks.append(task)
+                task.worker = w
+                if task.timeout is not None:
+                    task.deadline = time.monotonic() + task.timeout
+                    self._cond.notify_all()
+            try:
+                f = w.client.submit(task.method, *task.rpc_args())
+            except BaseException as e:
+                with self._lock:
+                    w.tasks.remove(task)
+                    if isinstance(e, _GONE):
+                        self._pending.appendleft(task)
+                    self._cond.notify_all()
+                if isinstance(e, _GONE):
+                    self._manager.worker_lost(w)
+                    return
+                with self._lock:
+                    self._counts["failed"] += 1
+                settle(task.future, exc=e)  # e.g. the arguments do not pickle: this task alone fails
+                if not isinstance(e, Exception):
+                    raise
+                return
+        f.add_done_callback(lambda f: self._answered(w, task, f))
+
+    def _answered(self, w: Worker, task: Task, f: "cf.Future[Any]") -> None:
+        """A worker's answer (rpc reader thread)."""
+        exc = f.exception()
+        if isinstance(exc, _GONE):
+            self._manager.worker_lost(w)  # the task's fate is decided with the worker's other tasks
+            return
+        with self._lock:
+            try:
+                w.tasks.remove(task)
+            except ValueError:
+                return  # settled by the lost-worker path
+            if exc is None:
+                w.completed += 1
+                self._counts["completed"] += 1
+            else:
+                w.failed += 1
+                self._counts["failed"] += 1
+            nxt = w.tasks[0] if w.tasks else None
+            if self._pending or (self._max_tasks is not None and w.sent >= self._max_tasks and not w.tasks) \
+                    or self._shutdown:
+                self._cond.notify_all()
+        if exc is not None:
+            settle(task.future, exc=exc)
+        else:
+            settle(task.future, f.result())
+        if nxt is not None and nxt.stop:
+            w.handle.kill()  # stop() asked for it before it started
+
+    # -- the manager's steps (manager thread) -----------------------------------------------
+
+    def _needs_manager(self) -> bool:
+        if self._broken is None and not self._shutdown and self._active() < self._max_workers:
+            return True
+        if any(not w.tasks for w in self._retiring):
+            return True
+        if self._pending and self._pick(self._pending[0]) is not None:
+            return True
+        return self._finished()
+
+    def _active(self) -> int:
+        return sum(1 for w in self._workers.values() if not w.retiring)
+
+    def _finished(self) -> bool:
+        if not self._shutdown or self._pending:
+            return False
+        return not any(w.tasks for w in self._workers.values()) and not any(w.tasks for w in self._retiring)
+
+    def _next_deadline(self) -> float:
+        d = math.inf
+        for w in self._workers.values():
+            if w.tasks and not w.tasks[0].timed_out:
+                d = min(d, w.tasks[0].deadline)
+        return d
+
+    def _deadline_due(self) -> bool:
+        return self._next_deadline() <= time.monotonic()
+
+    def _enforce_deadlines(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            for w in self._workers.values():
+                head = w.tasks[0] if w.tasks else None
+                if head is not None and not head.timed_out and head.deadline <= now:
+                    head.timed_out = True
+                    w.handle.kill()
+
+    def _replenish(self) -> None:
+        """Retire workers at max_tasks_per_child, start workers up to max_workers."""
+        with self._lock:
+            if self._max_tasks is not None:
+                for w in list(self._workers.values()):
+                    if w.sent >= self._max_tasks and not w.retiring:
+                        w.retiring = True
+                        self._retiring.append(w)
+            done = [w for w in self._retiring if not w.tasks]
+            for w in done:
+                self._retiring.remove(w)
+                self._forget(w)
+        for w in done:
+            self._close_worker(w)
+        while True:
+            with self._lock:
+                if self._broken is not None or self._shutdown or self._active() >= self._max_workers:
+                    return
+                try:
+                    self._start_worker()
+                except Exception as e:
+                    log.exception("shmhub.Executor: starting a worker failed")
+                    self._break(ExecutorBroken(f"starting a worker failed: {e!r}"))
+                    return
+
+    def _start_worker(self) -> None:
+        w = make_worker(self, next(self._ids))
+        self._workers[w.wid] = w
+        self._by_peer[w.handle.peer_id] = w
+
+    def _forget(self, w: Worker) -> None:
+        self._workers.pop(w.wid, None)
+        if self._by_peer.get(w.handle.peer_id) is w:
+            del self._by_peer[w.handle.peer_id]
+
+    def _close_worker(self, w: Worker) -> None:
+        """Say goodbye: the worker's serve() returns and it exits."""
+        w.client.close()
+        w.fd_sock.close()
+
+    def _settle_lost(self, w: Worker) -> None:
+        """A worker died (or its link broke): its first task failed with it, the others never
+        started and go back to the queue; the worker is replaced by _replenish."""
+        with w.send_lock:
+            with self._lock:
+                if w.lost:
+                    return
+                w.lost = True
+                self._forget(w)
+                if w in self._retiring:
+                    self._retiring.remove(w)
+        w.client.wait_ended(5.0)  # its reader first hands out what the worker answered before dying
+        w.handle.kill()  # a broken link but a live process: it must not run on
+        try:
+            code: Optional[int] = w.handle.wait(5.0)
+        except ShmTimeout:
+            code = None
+        reason = exit_reason(code)
+        with self._lock:
+            tasks = list(w.tasks)
+            w.tasks.clear()
+            first: Optional[Task] = tasks[0] if tasks else None
+            requeue = tasks[1:]
+            exc: Optional[BaseException] = None
+            if w.inited is None:
+                self._startup_failures += 1
+                if self._startup_failures >= MAX_STARTUP_FAILURES and not self._shutdown:
+                    self._break(ExecutorBroken(f"{self._startup_failures} workers in a row were lost before they "
+                                               f"started (the last {reason})"))
+            if first is not None:
+                what = f"worker {w.wid} (pid {w.pid}) {reason}"
+                if first.timed_out:
+                    exc = _timeout(first, what)
+                    self._counts["timed_out"] += 1
+                elif first.stop:
+                    exc = TaskStopped(f"stopped: {what}")
+                    self._counts["stopped"] += 1
+                elif first.retries > 0:
+                    first.retries -= 1
+                    requeue.insert(0, first)
+                    self._counts["retried"] += 1
+                else:
+                    from ..errors import WorkerCrashed
+
+                    exc = WorkerCrashed(f"{what} while running this task")
+                    self._counts["crashed"] += 1
+                if exc is not None:
+                    w.failed += 1
+            stopped = [t for t in requeue if t.stop]  # stop() before they started: they never will
+            for t in reversed(requeue):
+                if not t.stop:
+                    self._pending.appendleft(t)
+            if self._broken is not None:
+                self._fail_pending()
+            if not self._shutdown:
+                self._counts["restarts"] += 1
+            self._cond.notify_all()
+        if first is not None and exc is not None:
+            settle(first.future, exc=exc)
+        for t in stopped:
+            settle(t.future, exc=TaskStopped("stopped before it started"))
+        self._close_worker(w)
+
+    def _initialized(self, w: Worker, f: "cf.Future[Any]") -> None:
+        """The answer to a worker's init call (rpc reader thread)."""
+        exc = f.exception()
+        if isinstance(exc, _GONE):
+            return  # lost before it started: _settle_lost counts it
+        with self._lock:
+            w.inited = exc is None
+            if exc is None:
+                self._startup_failures = 0
+                return
+            self._break(ExecutorBroken(f"a worker's initializer failed: {exc!r}"))
+            self._fail_pending()
+            self._cond.notify_all()
+
+    def _break(self, err: BaseException) -> None:
+        if self._broken is None:
+            self._broken = err
+            log.error("shmhub.Executor is broken: %s", err)
+
+    def _fail_pending(self) -> None:
+        while self._pending:
+            task = self._pending.popleft()
+            settle(task.future, exc=ExecutorBroken(str(self._broken)))
+
+    def _close_workers(self) -> None:
+        """The end: every worker says goodbye, the host closes (killing any that linger)."""
+        with self._lock:
+            workers = list(self._workers.values()) + self._retiring
+            self._workers.clear()
+            self._retiring.clear()
+        for w in workers:
+            self._close_worker(w)
+        self._regions.close()
+        self._host.close()
+
+    # -- events from the host (its monitor thread) ------------------------------------------
+
+    def _on_host_event(self, ev: HostEvent) -> None:
+        if ev.kind in ("died", "exited", "recovery_failed"):
+            w = self._by_peer.get(ev.peer_id)
+            if w is not None and w.handle.pid == ev.pid:
+                self._manager.worker_lost(w)
+
+    def _drop_region(self, rid: int) -> None:
+        with self._lock:
+            workers = list(self._workers.values())
+        for w in workers:
+            if rid in w.codec.sent:
+                send_drop(w.fd_sock, rid)
+
+    def __repr__(self) -> str:
+        return f"<shmhub.Executor workers={len(self._workers)} pending={len(self._pending)}>"
+
+
+def _timeout(task: Task, what: str) -> BaseException:
+    from ..errors import TaskTimeout
+
+    return TaskTimeout(f"task still running after its timeout of {task.timeout} s: {what}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskOptions:
+    """Executor.options(...): submit and map with a per-task timeout and retries."""
+
+    executor: Executor
+    timeout: Optional[float]
+    retries: int
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> "cf.Future[Any]":
+        return self.executor._submit(Task("run", fn, args, kwargs, self.timeout, self.retries))
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: Optional[float] = None,
+            chunksize: int = 1, progress: bool = False) -> Iterator[Any]:
+        return self.executor._map(fn, iterables, timeout, chunksize, progress, self.timeout, self.retries)
+
+
+def _progress(total: int) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise ImportError("progress=True needs tqdm: pip install 'shmhub[executor]'") from None
+    return tqdm(total=total)
+
+
+def _results(futures: List["cf.Future[Any]"], end: Optional[float], chunked: bool, bar: Any) -> Iterator[Any]:
+    """Yield results in order, as concurrent.futures' map does; what is left is cancelled when the
+    consumer stops early or a result raises."""
+    futures.reverse()
+    try:
+        while futures:
+            f = futures[-1]
+            value = f.result() if end is None else f.result(end - time.monotonic())
+            futures.pop()
+            del f
+            if chunked:
+                for v in value:
+                    if bar is not None:
+                        bar.update(1)
+                    yield v
+            else:
+                if bar is not None:
+                    bar.update(1)
+                yield value
+    finally:
+        for f in futures:
+            f.cancel()
+        if bar is not None:
+            bar.close()

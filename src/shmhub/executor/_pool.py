@@ -1,0 +1,210 @@
+"""Workers, tasks, and the manager thread that starts, watches and replaces workers.
+
+Data flow:
+
+    submit() --------> pending (deque) --pump--> worker.tasks (sent, unanswered; the first runs)
+                                                     |  rpc "run" / "run_chunk" over the link
+    future settled <-- _answered (rpc reader) <------+
+    host event "died"/"exited", rpc PeerDead --> manager: _lost(worker)
+        first task: WorkerCrashed / TaskTimeout / TaskStopped, or resubmitted (retries)
+        the others never started: back to the front of pending; a new worker is started
+
+A worker runs its tasks one at a time in the order sent (rpc.inline on its side), so the task
+running when it dies is the oldest one sent and not answered: exactly that one fails.
+The manager sleeps on a condition until a worker is lost, a deadline comes, or work is pending
+while a worker has room; it never wakes on a tick."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import math
+import signal
+import threading
+import time
+import weakref
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+
+from ..errors import (ExecutorBroken, HostGone, LinkClosed, LinkCorrupted, PeerDead, ShmTimeout, TaskStopped,
+                      TaskTimeout, WorkerCrashed)
+from ..rpc import Client
+from ._shared import TaskCodec, fd_socketpair, send_attach
+
+if TYPE_CHECKING:
+    import socket
+
+    from ..host import GuestHandle
+    from ._executor import Executor
+
+__all__ = ["Manager", "Task", "Worker", "exit_reason", "make_worker", "settle"]
+
+log = logging.getLogger("shmhub.executor")
+
+_GONE = (PeerDead, HostGone, LinkClosed, LinkCorrupted)
+EXIT_WAIT = 2.0  # how long a lost worker's exit status is waited for (it is dead already)
+
+
+def settle(fut: "cf.Future[Any]", value: Any = None, exc: Optional[BaseException] = None) -> None:
+    """Resolve a future unless it already is (its state decides, never a check beforehand)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+    except cf.InvalidStateError:
+        pass
+
+
+class Task:
+    """One submit() call, or one chunk of map()."""
+
+    __slots__ = ("method", "fn", "args", "kwargs", "future", "timeout", "retries", "deadline", "worker",
+                 "started", "stop", "timed_out")
+
+    def __init__(self, method: str, fn: Callable[..., Any], args: Any, kwargs: Optional[Dict[str, Any]],
+                 timeout: Optional[float], retries: int) -> None:
+        self.method, self.fn, self.args, self.kwargs = method, fn, args, kwargs
+        self.future: cf.Future[Any] = cf.Future()
+        self.timeout = timeout
+        self.retries = retries
+        self.deadline = math.inf  # set when sent (a timeout counts from the start of the task)
+        self.worker: Optional[Worker] = None
+        self.started = False  # set_running_or_notify_cancel() was called
+        self.stop = False  # Executor.stop(): kill the worker once this task runs
+        self.timed_out = False
+
+    def rpc_args(self) -> Tuple[Any, ...]:
+        if self.method == "run":
+            return self.fn, self.args, self.kwargs
+        return self.fn, self.args
+
+
+class Worker:
+    """A worker process, its rpc client and the tasks sent to it (in order)."""
+
+    def __init__(self, wid: int, handle: "GuestHandle", client: Client, fd_sock: "socket.socket",
+                 codec: TaskCodec) -> None:
+        self.wid = wid
+        self.handle = handle
+        self.client = client
+        self.fd_sock = fd_sock
+        self.codec = codec
+        self.tasks: Deque[Task] = deque()
+        self.send_lock = threading.Lock()  # tasks are appended in the order they are sent
+        self.sent = 0  # tasks ever sent (max_tasks_per_child)
+        self.completed = 0
+        self.failed = 0
+        self.reserved = 0  # picked for a task not yet appended to tasks
+        self.inited: Optional[bool] = None  # the init call's outcome
+        self.lost = False
+        self.retiring = False
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.handle.pid
+
+    @property
+    def exclusive(self) -> bool:
+        """Runs a task with a deadline: nothing is queued behind it (a kill must hit it alone)."""
+        return bool(self.tasks) and self.tasks[0].timeout is not None
+
+
+def exit_reason(code: Optional[int]) -> str:
+    if code is None:
+        return "did not exit"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+class Manager:
+    """The executor's thread: starts workers, settles lost workers' tasks, enforces deadlines,
+    sends pending work when a worker has room. Holds the executor by weak reference."""
+
+    def __init__(self, executor: "Executor") -> None:
+        self.cond = executor._cond
+        self.host = executor._host
+        self._ref = weakref.ref(executor, lambda _: self.wake())
+        self.lost: List[Worker] = []
+        self.thread = threading.Thread(target=self.run, name="shmhub-executor-manager", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def run(self) -> None:
+        try:
+            while self.step():
+                pass
+        except BaseException:
+            log.exception("shmhub.Executor: the manager thread failed")
+            raise
+        finally:
+            if self._ref() is None:  # the executor was dropped without shutdown()
+                self.host.close()
+
+    def step(self) -> bool:
+        """Sleep until there is something to do, do it; False when the executor is finished."""
+        ex = self._ref()
+        if ex is None:
+            return False
+        with self.cond:
+            while not self._has_work(ex):
+                timeout = ex._next_deadline() - time.monotonic()
+                del ex
+                self.cond.wait(None if timeout == math.inf else max(0.0, timeout))
+                ex = self._ref()
+                if ex is None:
+                    return False
+            lost, self.lost = self.lost, []
+        for w in lost:
+            ex._settle_lost(w)
+        ex._enforce_deadlines()
+        ex._replenish()
+        ex._pump()
+        if ex._finished():
+            ex._close_workers()
+            return False
+        return True
+
+    def _has_work(self, ex: "Executor") -> bool:
+        return bool(self.lost) or ex._deadline_due() or ex._needs_manager()
+
+    def worker_lost(self, w: Worker) -> None:
+        with self.cond:
+            if not w.lost and w not in self.lost:
+                self.lost.append(w)
+                self.cond.notify()
+
+
+def make_worker(ex: "Executor", wid: int) -> Worker:
+    """Start a worker process and send it its init call (answered before any task it gets)."""
+    from . import _worker
+
+    ours, theirs = fd_socketpair()
+    try:
+        handle = ex._host.start_process(_worker.main, (ex._initializer, ex._initargs, theirs, ex._preload),
+                                        context=ex._context, name=f"shmhub-worker-{wid}")
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    codec = TaskCodec()
+    client = Client(handle.link, codec=codec, max_in_flight=ex._depth + 2)
+    w = Worker(wid, handle, client, ours, codec)
+
+    def send_fd(rid: int) -> None:
+        send_attach(ours, rid, ex._regions.fd_of(rid))
+
+    codec.send_fd = send_fd
+    init = client.submit("init")
+    init.add_done_callback(lambda f: ex._initialized(w, f))
+    return w
+

@@ -1,0 +1,57 @@
+"""The worker process: a guest serving the task protocol (docs/executor.md) until the executor
+closes its link. Tasks run one at a time, in the order they arrive, on the connection's reader
+thread (rpc.inline): no hand-off between threads, and the executor knows which task runs -- the
+oldest it has sent and not had answered."""
+from __future__ import annotations
+
+import socket
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .. import rpc
+from ..guest import connect
+from ._shared import TaskCodec, WorkerRegions
+
+__all__ = ["main"]
+
+
+class _Init:
+    """The worker's initializer, run by the first call the executor makes."""
+
+    def __init__(self, initializer: Optional[Callable[..., Any]], initargs: Tuple[Any, ...]) -> None:
+        self.initializer, self.initargs = initializer, initargs
+
+    def __call__(self) -> int:
+        import os
+
+        if self.initializer is not None:
+            self.initializer(*self.initargs)
+        return os.getpid()
+
+
+@rpc.inline
+def run(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> Any:
+    return fn(*args, **kwargs) if kwargs else fn(*args)
+
+
+@rpc.inline
+def run_chunk(fn: Callable[..., Any], chunk: Sequence[Tuple[Any, ...]]) -> List[Any]:
+    """A chunk of map(): its results in order (the first exception fails the whole chunk, as in
+    ProcessPoolExecutor.map)."""
+    return [fn(*args) for args in chunk]
+
+
+def main(initializer: Optional[Callable[..., Any]], initargs: Tuple[Any, ...], fd_sock: socket.socket,
+         preload: Iterable[str] = ()) -> None:
+    """Entry point in the child (Host.start_process)."""
+    import importlib
+
+    for name in preload:  # already imported in a forkserver's template: then this costs nothing
+        importlib.import_module(name)
+    link = connect()
+    regions = WorkerRegions(fd_sock)
+    regions.install()
+    handlers = {"init": rpc.inline(_Init(initializer, initargs)), "run": run, "run_chunk": run_chunk}
+    with rpc.Server(handlers, codec=TaskCodec(), max_concurrency=1) as server:
+        server.serve(link)
+    link.close()
+    fd_sock.close()

@@ -13,6 +13,7 @@ from .errors import ShmhubError
 from .peers import STATE_NAMES
 from .segment import Segment
 from .slots import pool_stats
+from .top import SORT_KEYS
 
 INSPECT_SCHEMA = 1
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -241,8 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("path", nargs="?", help="a named segment, or /proc/PID/fd/N")
     where.add_argument("--pid", type=int, help="the hub's host (or any guest) process: its anonymous segment")
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
-    from .top import SORT_KEYS
-
     top.add_argument("--sort", choices=SORT_KEYS, default="peer", help="initial sort column (key s cycles)")
     top.add_argument("--reverse", action="store_true", help="sort descending (key r toggles)")
     top.add_argument("--json", action="store_true", help="print one snapshot (two samples --interval apart) and exit")
@@ -268,7 +267,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from .demo import main as demo
 
         return demo()
-    if args.cmd == "top" and args.interval <= 0 or args.cmd == "inspect" and args.interval <= 0:
+    if args.cmd in ("top", "inspect") and args.interval <= 0:
         print(f"shmhub {args.cmd}: --interval must be positive", file=sys.stderr)
         return EXIT_USAGE
     commands: Dict[str, Callable[[argparse.Namespace], int]] = {"inspect": _inspect, "top": _top, "clean": _clean, "bench": _bench}

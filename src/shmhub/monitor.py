@@ -18,6 +18,7 @@ from . import layout as L
 from .guest import ENV
 from .peers import STATE_NAMES
 from .segment import Segment
+from .slots import pool_stats
 
 Sample = Dict[str, Any]
 
@@ -74,16 +75,7 @@ def sample(seg: Segment) -> Sample:
         "time_ns": time.monotonic_ns(),
         "host_goodbye": bool(seg.host_goodbye),
         "current_size": seg.current_size,
-        "classes": [
-            {
-                "class": c,
-                "slot_size": seg.pool.class_info(c)[0],
-                "free": seg.pool.counts(c)[0],
-                "allocated": seg.pool.counts(c)[1],
-                "waiters": seg.pool.waiting(c),
-            }
-            for c in range(classes)
-        ],
+        "classes": [dict(c, waiters=seg.pool.waiting(c["class"])) for c in pool_stats(seg.pool)],
         "host_slots_held": held.get(0, [0] * classes),
         "peers": peers,
     }
@@ -178,15 +170,26 @@ def segment_fds(pid: int) -> List[str]:
     return out
 
 
-def has_magic(path: str) -> bool:
+def _open_segment_file(path: str) -> Optional[int]:
+    """A read-only fd of `path` if it is a regular file starting with a segment magic, else None."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
-        return False
+        return None
     try:
-        return stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 8, 0) in L.ACCEPTED_MAGICS
-    finally:
+        if stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 8, 0) in L.ACCEPTED_MAGICS:
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
+
+
+def has_magic(path: str) -> bool:
+    fd = _open_segment_file(path)
+    if fd is not None:
         os.close(fd)
+    return fd is not None
 
 
 @dataclass
@@ -202,26 +205,22 @@ def _stale_fd(path: str) -> Optional[int]:
     """An fd of `path` holding its flock if the segment is stale, else None. A host holds an
     exclusive flock for its lifetime (DECISIONS 16) and writes the magic only after taking it, so a
     valid magic with a free lock means the creator is gone (and we never lock a segment being made)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
+    fd = _open_segment_file(path)
+    if fd is None:
         return None
     try:
-        if stat.S_ISREG(os.fstat(fd).st_mode) and os.pread(fd, 8, 0) in L.ACCEPTED_MAGICS:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return fd
     except OSError:  # BlockingIOError: a live host holds it
-        pass
-    os.close(fd)
-    return None
+        os.close(fd)
+        return None
 
 
 def is_stale(path: str) -> bool:
     fd = _stale_fd(path)
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
+    if fd is not None:
+        os.close(fd)
+    return fd is not None
 
 
 def remove_if_stale(path: str) -> bool:

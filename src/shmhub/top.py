@@ -162,8 +162,8 @@ class _Keys:
         return os.read(self.fd, 32).decode(errors="replace") if ready else ""
 
 
-def run(path: str, *, interval: float = 1.0, sort: str = "peer", reverse: bool = False, iterations: Optional[int] = None) -> int:
-    """Draw the hub at `path` every `interval` seconds until `q` (or `iterations` frames)."""
+def run(path: str, *, interval: float = 1.0, sort: str = "peer", reverse: bool = False) -> int:
+    """Draw the hub at `path` every `interval` seconds until `q` (or Ctrl-C)."""
     from rich.console import Console
     from rich.live import Live
 
@@ -172,14 +172,12 @@ def run(path: str, *, interval: float = 1.0, sort: str = "peer", reverse: bool =
     scanned = 0.0
     with Segment.attach(path, writable=False) as seg, _Keys() as keys:
         with Live(console=Console(), screen=True, auto_refresh=False) as live:
-            frame = 0
-            while iterations is None or frame < iterations:
+            while True:
                 if time.monotonic() - scanned > HOLDERS_EVERY:
                     guests, scanned = monitor.holders(path)["guests"], time.monotonic()
                 cur = monitor.sample(seg)
                 rows = sort_rows(tracker.update(cur, guests), sort, reverse)
                 live.update(render(f"shmhub top  {path}  {time.strftime('%H:%M:%S')}", cur, rows, sort, reverse), refresh=True)
-                frame += 1
                 for key in keys.read(interval):
                     if key == "q":
                         return 0
@@ -187,7 +185,6 @@ def run(path: str, *, interval: float = 1.0, sort: str = "peer", reverse: bool =
                         sort = SORT_KEYS[(SORT_KEYS.index(sort) + 1) % len(SORT_KEYS)]
                     elif key == "r":
                         reverse = not reverse
-    return 0
 
 
 def snapshot(path: str, interval: float) -> Dict[str, Any]:

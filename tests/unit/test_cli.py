@@ -230,3 +230,12 @@ def test_bench_quick_prints_the_table(tmp_path):
     shm = re.search(r"^\| shmhub \| ([\d.]+) \| ([\d.]+) \| (\d+) \|$", out.stdout, re.M)
     assert shm and float(shm.group(1)) > 0 and int(shm.group(3)) > 0, out.stdout
     assert (tmp_path / "latest.md").read_text() in out.stdout and json.loads((tmp_path / "latest.json").read_text())["pingpong_blocking"]
+
+
+def test_top_without_rich_names_the_extra(monkeypatch):
+    for mod in [m for m in sys.modules if m == "rich" or m.startswith("rich.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setitem(sys.modules, "rich", None)  # import rich -> ImportError
+    with Segment.create(CFG) as seg:
+        rc, out, err = run("top", f"/proc/self/fd/{seg.fd}")
+    assert (rc, out) == (1, "") and "pip install 'shmhub[cli]'" in err

@@ -3,6 +3,7 @@ comments say.
 
 Rules for the documentation (a block that breaks them fails here):
 
+* Code blocks are fenced with ``` in column 0 (indented and ~~~ fences are refused).
 * A fenced block tagged `python` runs with this interpreter; one tagged `sh` runs with
   `bash -euo pipefail`, this interpreter's bin directory first on PATH (so `shmhub` and `python`
   are this package's). Each runs in a fresh directory per document, and must exit 0 within 60 s.
@@ -109,6 +110,8 @@ def _params():
 
 @pytest.mark.parametrize("path", _params())
 def test_every_block_is_runnable_or_marked(path):
+    hidden = [n for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1) if re.match(r"^(\s+```|~~~)", line)]
+    assert not hidden, f"{path}: fences this test does not read (indented, or ~~~) at lines {hidden}: start code blocks with ``` in column 0"
     for b in blocks(path):
         assert b.lang, f"{b.doc}:{b.line}: a code block without a language: tag it python/sh to run it, text (or <!-- not run: why -->) not to"
         assert b.lang in RUNNABLE or b.lang == "text" or b.marked, (

@@ -239,3 +239,22 @@ def test_top_without_rich_names_the_extra(monkeypatch):
     with Segment.create(CFG) as seg:
         rc, out, err = run("top", f"/proc/self/fd/{seg.fd}")
     assert (rc, out) == (1, "") and "pip install 'shmhub[cli]'" in err
+
+
+def test_top_json_on_a_named_segment_with_a_walk_in(shm_path):
+    import shmhub
+
+    with shmhub.Host(CFG, path=shm_path) as host:
+        link = shmhub.Guest.attach(shm_path)
+        try:
+            link.send(b"x" * 100, timeout=5)
+            rc, out, err = run("top", shm_path, "--json", "--interval", "0.05")
+            assert rc == 0, err
+            snap = json.loads(out)
+            (row,) = snap["guests"]
+            assert (row["peer"], row["state"], row["pid"], row["left"]) == (link.peer_id, "Attached", None, 0)  # a walk-in: no pid known
+            assert row["g2h_fill"] > 0 and snap["host_goodbye"] is False
+            assert [c["slot_size"] for c in snap["classes"]] == [64, 256]
+        finally:
+            link.close()
+        host.segment.unlink()

@@ -130,9 +130,9 @@ def _inspect(args: argparse.Namespace) -> int:
         try:
             while True:
                 info = inspect_segment(seg)
-                if args.watch:
+                if args.watch and not args.json:
                     sys.stdout.write("\x1b[H\x1b[2J")  # home and clear: refresh in place
-                if args.json:
+                if args.json:  # with --watch: one object per line, for scripts
                     json.dump(info, sys.stdout, indent=None if args.watch else 2, sort_keys=True)
                     print()
                 else:

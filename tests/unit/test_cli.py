@@ -152,6 +152,24 @@ def test_inspect_watch_refreshes_in_place_until_interrupted(shm_path):
             seg.unlink()
 
 
+def test_inspect_watch_json_prints_one_object_per_line(shm_path):
+    with Segment.create(CFG, shm_path) as seg:
+        try:
+            p = subprocess.Popen([sys.executable, "-m", "shmhub", "inspect", shm_path, "--watch", "--json", "--interval", "0.05"], stdout=subprocess.PIPE)
+            try:
+                lines = [p.stdout.readline() for _ in range(3)]
+                p.send_signal(signal.SIGINT)
+                p.communicate(timeout=10)
+            finally:
+                if p.poll() is None:
+                    p.kill()
+                    p.communicate()
+            assert p.returncode == 0
+            assert [json.loads(line)["header"]["max_guests"] for line in lines] == [2, 2, 2]
+        finally:
+            seg.unlink()
+
+
 # -- top's data ---------------------------------------------------------------------------------
 
 

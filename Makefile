@@ -6,7 +6,12 @@ STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml setup.py src/shmhub/_native.pyx src/shmhub/_atomics.h src/shmhub/layout.py
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow asan bench clean
+# ruff format is enforced on these files only: reformatting the rest would bury its history.
+FORMATTED := src/shmhub/cli.py src/shmhub/monitor.py src/shmhub/top.py src/shmhub/prometheus.py \
+	tests/unit/test_cli.py tests/link/test_top.py tests/link/test_stats.py tests/link/test_doc_examples.py tests/guests/top_hub.py
+TYPED := src/shmhub/_native.pyi src/shmhub/rpc src/shmhub/cli.py src/shmhub/monitor.py src/shmhub/top.py src/shmhub/prometheus.py
+
+.PHONY: demo test test-slow asan bench lint docs clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,9 +37,27 @@ asan:
 	cd tests && LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 		../.venv-asan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. unit $(PYTEST_ARGS)
 
+$(VENV)/.lint-installed: $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,numpy,lint]'
+	touch $@
+
+# ruff (lint everywhere, format on FORMATTED) and mypy --strict on TYPED (the core's stub, rpc, the CLI); settings in pyproject.toml.
+lint: $(VENV)/.lint-installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check $(FORMATTED)
+	$(PY) -m mypy $(TYPED)
+
+$(VENV)/.docs-installed: $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,numpy,docs]'
+	touch $@
+
+# The documentation site (mkdocs.yml) in site/; strict: a broken link or reference fails.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PY) -m benchmarks
 
 clean:
-	rm -rf build $(VENV) .venv-asan src/*.egg-info src/shmhub/_native.c src/shmhub/_layout.h src/shmhub/*.so
+	rm -rf build site $(VENV) .venv-asan src/*.egg-info src/shmhub/_native.c src/shmhub/_layout.h src/shmhub/*.so

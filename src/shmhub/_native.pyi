@@ -1,4 +1,4 @@
-from typing import Callable, List, Literal, Sequence, Optional, Tuple, Union, overload
+from typing import Callable, Dict, List, Literal, Sequence, Optional, Tuple, Union, overload
 
 from collections.abc import Buffer  # type: ignore[attr-defined]  # 3.12+, stubs only
 
@@ -177,7 +177,7 @@ class LinkStats:
     recv_waits: int
     doorbells_rung: int
     doorbells_elided: int
-    def as_dict(self) -> dict: ...
+    def as_dict(self) -> Dict[str, int]: ...
 
 class LinkCore:
     spin_ns: int

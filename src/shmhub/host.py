@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.context
@@ -16,7 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
 
 from . import layout as L
 from ._native import Message, spin_any_readable
@@ -27,6 +28,7 @@ from .guest import ENV, ENV_VERSION, Handoff, _run_target
 from .layout import SegmentConfig
 from .link import DEFAULT_SPIN_NS, HOST, POLL_SLICE, Link, _deadline, _remaining
 from .segment import Segment
+from .slots import pool_stats
 
 POOL_OP_GRACE = 0.05  # how long recovery waits for a dead guest's interrupted pool op to be decidable
 # Doorbell-less peers (walk-ins on a named segment, a v7 segment without FEATURE_POOL_WAITERS) and
@@ -34,6 +36,10 @@ POOL_OP_GRACE = 0.05  # how long recovery waits for a dead guest's interrupted p
 # it sleeps on the header's attention futex until a guest asks for something (growth, goodbye).
 MONITOR_TICK = 0.01
 ANY_SPIN_GUESTS = 4  # recv_any spins before sleeping only over this few guests (the scan is O(guests))
+log = logging.getLogger("shmhub")
+log.addHandler(logging.NullHandler())  # a library: records go where the application configures
+# Host events as log records: a death or a failed growth needs attention, a failed recovery is an error.
+EVENT_LEVELS = {"died": logging.WARNING, "growth_failed": logging.WARNING, "recovery_failed": logging.ERROR}
 
 
 class _AnyQueue:
@@ -294,6 +300,8 @@ class Host:
         self.segment = Segment.create(config, path)
         self.spin_ns = spin_ns
         self.events: "queue.Queue[HostEvent]" = queue.Queue()
+        self._event_counts: Dict[str, int] = {}
+        self._counts_lock = threading.Lock()  # taken alone: _emit runs under other locks
         self._on_event = on_event
         self._lock = threading.RLock()
         self._handles: Dict[int, GuestHandle] = {}
@@ -748,12 +756,35 @@ class Host:
             self._update_share()
 
     def _emit(self, ev: HostEvent) -> None:
+        with self._counts_lock:
+            self._event_counts[ev.kind] = self._event_counts.get(ev.kind, 0) + 1
+        # After our own goodbye a guest may well exit without one of its own: no cause for alarm.
+        level = logging.INFO if self._closed and ev.kind == "died" else EVENT_LEVELS.get(ev.kind, logging.INFO)
+        log.log(level, "guest %d (pid %s) %s%s%s", ev.peer_id, ev.pid, ev.kind,
+                f": {ev.reason}" if ev.reason else "", f" {ev.detail}" if ev.detail else "",
+                extra={"shmhub_event": ev})
         self.events.put(ev)
         if self._on_event is not None:
             try:
                 self._on_event(ev)
             except Exception:
                 pass
+
+    def stats(self) -> Dict[str, Any]:
+        """A plain-dict snapshot: events so far by kind, the slot pool per class, and per guest not yet
+        forgotten its pid, this process's link counters (`link.stats.as_dict()`) and its mmap-tier counters."""
+        with self._counts_lock:
+            events = dict(self._event_counts)
+        with self._lock:
+            handles = sorted(self._handles.items())
+        seg = self.segment
+        guests = {}
+        for peer_id, h in handles:
+            g: Dict[str, Any] = {"pid": h.pid, "alive": h.alive, "link": h.link.stats.as_dict()}
+            if seg.features & L.FEATURE_MMAP_LEASES and not h.recovered:
+                g["mmap"] = seg.peers.mmap_counters(peer_id)
+            guests[peer_id] = g
+        return {"events": events, "guests": guests, "pool": pool_stats(seg.pool), "segment_size": seg.current_size}
 
     # -- lifecycle --------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ import time
 
 import mmap_content as mc
 from shmhub import HostGone, LinkCorrupted, connect
-from shmhub import layout as L
 
 
 def main() -> int:

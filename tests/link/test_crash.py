@@ -686,7 +686,7 @@ def run_crashes_beside_bystanders(trials: int, seed: int) -> str:
             side = Side(h.link, g_nonce, h_nonce)
             side.start()
             bystanders.append((h, side))
-        for h, side in bystanders:
+        for _, side in bystanders:
             assert side.acked.wait(TIMEOUT), side.errors
         victim_id = CONFIG.max_guests - 1  # the first entry the bystanders leave Empty
         recover_started = {}  # pid -> when the monitor began recovering it (for failure messages)
@@ -750,7 +750,7 @@ def run_crashes_beside_bystanders(trials: int, seed: int) -> str:
                 # still streaming (a tiny pool shared by four senders can starve one for a while)
                 wait_for(lambda: sb.received > before, f"bystander {hb.peer_id} to make progress after victim {i}")
         # the bystanders streamed on through every recovery; now they die too, and all is back
-        for hb, sb in bystanders:
+        for hb, _ in bystanders:
             os.kill(hb.pid, signal.SIGKILL)
         for _ in bystanders:
             assert next_event(host).kind == "died"

@@ -275,7 +275,6 @@ def test_close_wakes_threads_blocked_on_the_link():
         results = {}
 
         def blocked(name, fn):
-            t0 = time.monotonic()
             try:
                 fn()
                 results[name] = ("returned", 0.0)

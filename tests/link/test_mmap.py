@@ -287,7 +287,7 @@ def _one_gib(tmp_path, true_echo: bool):
         times["host_rss_mib"] = mc.rss_kib() // 1024
         times["guest_rss_mib"] = gstat["rss_kib"] // 1024
         finish(host, g, tmp_path, "mmap_echo.py")
-    print(f"\n[1 GiB] " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in times.items()))
+    print("\n[1 GiB] " + ", ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in times.items()))
 
 
 def test_one_gib_both_directions(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import shmhub
 from shmhub import Host, SegmentConfig
 
-from linkutil import Stream, allocated, gil_ratio, spawn, wait_until
+from linkutil import Stream, gil_ratio, spawn, wait_until
 
 SEED = 20260
 COUNT = 100_000

@@ -19,7 +19,8 @@ FMT = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
 def tables(doc: str = DOC) -> list:
-    lines = open(doc, encoding="utf-8").read().splitlines()
+    with open(doc, encoding="utf-8") as f:
+        lines = f.read().splitlines()
     out, i, struct_name = [], 0, None
     while i < len(lines):
         m = STRUCT_RE.search(lines[i])
@@ -79,7 +80,8 @@ def test_constants_table_matches(docs):
 
 
 def test_every_wire_constant_is_documented():
-    text = open(DOC, encoding="utf-8").read()
+    with open(DOC, encoding="utf-8") as f:
+        text = f.read()
     names = [n for n, v in vars(W).items() if n.isupper() and isinstance(v, int) and not isinstance(v, bool)]
     missing = [n for n in names if f"`{n}`" not in text]
     assert not missing, f"constants of _wire.py missing from docs/rpc.md: {missing}"

@@ -294,7 +294,7 @@ def test_wrap_not_yet_published_is_not_read_by_read_frame():
 def test_wrap_not_yet_published_is_not_read_after_release():
     seg, ring = _wrap_race_ring()
     with seg:
-        for k in range(2):
+        for _ in range(2):
             frame = ring.read_frame()
             ring.release(frame[1])
         last = ring.read_frame()

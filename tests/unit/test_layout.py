@@ -1,6 +1,8 @@
 """SegmentConfig validation and Layout.compute (format-v7 1.2, 1.7; DECISIONS 5; traps 10, 13, 16)."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -152,7 +154,7 @@ def test_valid_configs(kwargs):
 
 def test_config_is_frozen():
     cfg = SegmentConfig()
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.max_guests = 3  # type: ignore[misc]
 
 
@@ -311,7 +313,7 @@ def test_regions_never_overlap(g, cap, classes):
     cfg = SegmentConfig(max_guests=g, bipbuf_capacity=cap, size_classes=classes)
     lay = Layout.compute(cfg.max_guests, cfg.bipbuf_capacity, cfg.size_classes)
     regions = sorted(_regions(lay, classes), key=lambda r: r[1])
-    for (n1, o1, s1), (n2, o2, s2) in zip(regions, regions[1:]):
+    for (n1, o1, s1), (n2, o2, _) in zip(regions, regions[1:]):
         assert o1 + s1 <= o2, f"{n1} [{o1}, {o1 + s1}) overlaps {n2} at {o2}"
     last = regions[-1]
     assert last[1] + last[2] <= lay.total_size

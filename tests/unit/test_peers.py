@@ -267,7 +267,7 @@ def test_out_of_range_peer_ids_raise(seg, peers, peer_id):
         lambda: seg.g2h(peer_id),
         lambda: seg.h2g(peer_id),
     ]
-    for i, call in enumerate(calls):
+    for call in calls:
         with pytest.raises((ValueError, PeerError)):
             call()
     assert seg.region.read(0, seg.layout.ring_base + 2 * seg.layout.ring_stride) == snapshot

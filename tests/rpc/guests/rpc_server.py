@@ -2,11 +2,8 @@
 argv: [max_concurrency] [codec]"""
 from __future__ import annotations
 
-import asyncio
 import os
-import random
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

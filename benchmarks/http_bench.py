@@ -37,6 +37,12 @@ SCENARIOS: Dict[str, List[Tuple[str, float]]] = {
 }
 
 
+
+def _collector(sent: List[Any]) -> Any:
+    async def send(m: Any) -> None:
+        sent.append(m)
+    return send
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -170,9 +176,7 @@ async def _dispatch_overhead(n: int) -> Dict[str, float]:
         out = []
         for _ in range(n):
             sent: List[Any] = []
-
-            async def send(m: Any) -> None:
-                sent.append(m)
+            send = _collector(sent)
             t0 = time.perf_counter()
             await a(dict(scope), receive, send)
             out.append(time.perf_counter() - t0)

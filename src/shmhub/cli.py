@@ -269,22 +269,31 @@ def add_serve_parser(sub: Any) -> None:
     p.add_argument("--max-in-flight", type=int, default=32, help="requests in flight per worker")
     p.add_argument("--queue", type=int, default=1024, help="requests queued in the front, then 503")
     p.add_argument("--interface", choices=("auto", "asgi", "wsgi"), default="auto")
-    p.add_argument("--http", choices=("auto", "h11", "httptools"), default="auto",
-                   help="uvicorn's HTTP parser (h11 accepts any method token, httptools is faster)")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
-                   help="warning and above: no access log")
+    p.add_argument(
+        "--http", choices=("auto", "h11", "httptools"), default="auto", help="uvicorn's HTTP parser (h11 accepts any method token, httptools is faster)"
+    )
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="warning and above: no access log")
 
     def run(args: argparse.Namespace) -> int:
         from .http import serve
 
         try:
-            serve(args.app, workers=args.workers, bind=args.bind, timeout=args.timeout, max_in_flight=args.max_in_flight,
-                  queue=args.queue, interface=args.interface, http=args.http,
-                  log_level=args.log_level)
+            serve(
+                args.app,
+                workers=args.workers,
+                bind=args.bind,
+                timeout=args.timeout,
+                max_in_flight=args.max_in_flight,
+                queue=args.queue,
+                interface=args.interface,
+                http=args.http,
+                log_level=args.log_level,
+            )
         except (ValueError, OSError, ShmhubError) as e:
             print(f"shmhub serve: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         return 0
+
     p.set_defaults(run=run)
 
 

@@ -31,7 +31,9 @@ def _space_check(fd: int, size: int, where: Optional[str], start: int = 0) -> No
         st = os.statvfs(where)
         avail = st.f_bavail * st.f_frsize
     where = where or "shared memory (memfd)"
-    hint = f"free space in {where} (remove stale segments with `python -m shmhub clean`, or enlarge it: mount -o remount,size=... {where}) or reduce the segment (fewer/smaller size_classes, smaller bipbuf_capacity, fewer max_guests)"
+    hint = (f"free space in {where} (remove stale segments with `python -m shmhub clean`, or enlarge it: "
+            f"mount -o remount,size=... {where}) or reduce the segment (fewer/smaller size_classes, smaller "
+            "bipbuf_capacity, fewer max_guests)")
     if avail is not None and avail < size - start:
         raise InsufficientSharedMemory(f"the segment needs {size} bytes but {where} has only {avail} free; {hint}")
     try:

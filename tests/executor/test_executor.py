@@ -10,7 +10,6 @@ import time
 import numpy as np
 import pytest
 
-import shmhub
 from shmhub import Executor
 from shmhub.errors import ExecutorBroken, TaskStopped, TaskTimeout, WorkerCrashed
 

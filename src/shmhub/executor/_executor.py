@@ -45,7 +45,7 @@ def _context(mp_context: Any) -> multiprocessing.context.BaseContext:
         raise ValueError(f"shmhub.Executor does not support the {method!r} start method: a forked worker "
                          "inherits the parent's threads' locks and its other workers' fds; use 'spawn' or "
                          "'forkserver' (the default)")
-    return ctx  # type: ignore[no-any-return]
+    return ctx
 
 
 class Executor(cf.Executor):
@@ -70,7 +70,7 @@ class Executor(cf.Executor):
         self._context = _context(mp_context)
         self._preload = tuple(preload)
         if self._context.get_start_method() == "forkserver":
-            self._context.set_forkserver_preload([_WORKER_MODULE, *self._preload])  # type: ignore[attr-defined]
+            self._context.set_forkserver_preload([_WORKER_MODULE, *self._preload])
         self._max_workers = max_workers
         self._initializer, self._initargs = initializer, tuple(initargs)
         self._max_tasks = max_tasks_per_child
@@ -518,7 +518,7 @@ class TaskOptions:
 
 def _progress(total: int) -> Any:
     try:
-        from tqdm import tqdm
+        from tqdm import tqdm  # type: ignore[import-untyped]
     except ImportError:
         raise ImportError("progress=True needs tqdm: pip install 'shmhub[executor]'") from None
     return tqdm(total=total)

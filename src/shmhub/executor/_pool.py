@@ -23,10 +23,9 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from ..errors import (ExecutorBroken, HostGone, LinkClosed, LinkCorrupted, PeerDead, ShmTimeout, TaskStopped,
-                      TaskTimeout, WorkerCrashed)
+from ..errors import (HostGone, LinkClosed, LinkCorrupted, PeerDead)
 from ..rpc import Client
 from ._shared import TaskCodec, fd_socketpair, send_attach
 

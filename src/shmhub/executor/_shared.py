@@ -19,7 +19,7 @@ import socket
 import struct
 import threading
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..errors import ShmhubError
 from ..rpc import PickleCodec
@@ -124,7 +124,7 @@ class Regions:
     """The executor's side: allocates regions and sends their fds to workers."""
 
     def __init__(self) -> None:
-        self._finalizers: List[weakref.finalize] = []
+        self._finalizers: "List[weakref.finalize[Any, Any]]" = []
         self.on_drop: "Optional[weakref.WeakMethod[Callable[[int], None]]]" = None  # weak: readers hold us
 
     def empty(self, shape: Any, dtype: Any = "float64", fill_zero: bool = False) -> Any:

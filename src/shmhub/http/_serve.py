@@ -77,7 +77,8 @@ def serve(app: str, *, workers: int = 2, bind: str = "127.0.0.1:8000", timeout: 
         sock.listen(2048)
         logging.basicConfig(level=log_level.upper(), format="%(message)s", stream=sys.stderr)
         config = uvicorn.Config(_Front(Gateway(pool, timeout=timeout), sock), lifespan="on", access_log=False,
-                                log_level=log_level, timeout_graceful_shutdown=None if timeout is None else max(1, math.ceil(timeout)), server_header=False, http=http)
+                                log_level=log_level, server_header=False, http=http,
+                                timeout_graceful_shutdown=None if timeout is None else max(1, math.ceil(timeout)))
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()

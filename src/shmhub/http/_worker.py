@@ -54,7 +54,8 @@ def load_app(ref: str) -> Any:
 
 def detect_interface(app: Any) -> str:
     """'asgi' for a coroutine callable of 3 arguments, 'wsgi' for a callable of 2."""
-    call = app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", app)
+    # an instance's __call__ (or a class's own): inspect looks at the method, not the object
+    call = app if inspect.isfunction(app) or inspect.ismethod(app) else getattr(app, "__call__", app)  # noqa: B004
     if inspect.iscoroutinefunction(call):
         return "asgi"
     try:

@@ -8,7 +8,7 @@ from typing import Any, AsyncIterator, Iterator, Optional
 
 from ..errors import DeadlineExceeded
 from ._codec import Codec
-from ._conn import Connection, PendingCall, connection_for, monotonic_deadline, settle
+from ._conn import Connection, PendingCall, connection_for, monotonic_deadline
 from ._protocol import DEFAULT_MAX_FRAME
 from ._server import STREAM_WINDOW
 from ._wire import Kind

@@ -467,7 +467,6 @@ class Connection:
                     self.send_frame(Kind.CANCEL, cid, b"", (), deadline_for_send=monotonic_deadline(1.0))
                 except Exception:
                     pass  # the link is gone or stuck: the server learns from that instead
-            call = None
         return done
 
     def expire(self, call: PendingCall) -> None:

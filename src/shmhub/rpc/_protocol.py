@@ -20,7 +20,7 @@ from ._codec import Codec
 from ._wire import Frame, Kind, decode_frame
 
 if TYPE_CHECKING:
-    from .._native import Message
+    pass
 
 __all__ = ["Incoming", "FrameAssembler", "CallTable", "ServingTable", "encode_error", "decode_error",
            "ERR_EXCEPTION", "ERR_NOT_FOUND", "ERR_DEADLINE", "ERR_HEADER", "DEFAULT_MAX_FRAME"]

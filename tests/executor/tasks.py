@@ -82,3 +82,8 @@ def nested(n):
 
     with shmhub.Executor(1) as ex:
         return list(ex.map(add, range(n), range(n)))
+
+
+def echo_after(value, delay):
+    time.sleep(delay)
+    return value, os.getpid()

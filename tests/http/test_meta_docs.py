@@ -60,14 +60,16 @@ def test_constants_table_matches(docs):
 
 
 def test_every_constant_is_documented():
-    text = open(DOC, encoding="utf-8").read()
+    with open(DOC, encoding="utf-8") as f:
+        text = f.read()
     names = [n for n, v in vars(M).items() if n.isupper() and isinstance(v, int) and not isinstance(v, bool)]
     missing = [n for n in names if f"`{n}`" not in text]
     assert not missing, f"constants of _meta.py missing from docs/http.md: {missing}"
 
 
 def example(name: str) -> bytes:
-    text = open(DOC, encoding="utf-8").read()
+    with open(DOC, encoding="utf-8") as f:
+        text = f.read()
     m = re.search(rf"<!-- example: {name} -->\s*```\n(.*?)```", text, re.S)
     assert m, f"example {name} not found"
     # Each line: hex bytes, then two spaces and a comment.

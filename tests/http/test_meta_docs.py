@@ -70,7 +70,7 @@ def test_every_constant_is_documented():
 def example(name: str) -> bytes:
     with open(DOC, encoding="utf-8") as f:
         text = f.read()
-    m = re.search(rf"<!-- example: {name} -->\s*```\n(.*?)```", text, re.S)
+    m = re.search(rf"<!-- example: {name} -->\s*```text\n(.*?)```", text, re.S)
     assert m, f"example {name} not found"
     # Each line: hex bytes, then two spaces and a comment.
     return bytes.fromhex(" ".join(line.split("  ")[0] for line in m.group(1).splitlines()))

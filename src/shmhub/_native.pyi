@@ -178,6 +178,7 @@ class LinkStats:
     doorbells_rung: int
     doorbells_elided: int
     def as_dict(self) -> Dict[str, int]: ...
+    def __call__(self) -> Dict[str, int]: ...
 
 class LinkCore:
     spin_ns: int

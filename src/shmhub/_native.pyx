@@ -2090,6 +2090,10 @@ cdef class LinkStats:
     def as_dict(self):
         return {k: getattr(self, k) for k in LinkStats.FIELDS}
 
+    def __call__(self):
+        """link.stats() is the counters as a plain dict (link.stats.sent_inline still reads one)."""
+        return self.as_dict()
+
     def __eq__(self, other):
         return isinstance(other, LinkStats) and self.as_dict() == other.as_dict()
 

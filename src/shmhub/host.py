@@ -772,7 +772,7 @@ class Host:
 
     def stats(self) -> Dict[str, Any]:
         """A plain-dict snapshot: events so far by kind, the slot pool per class, and per guest not yet
-        forgotten its pid, this process's link counters (`link.stats.as_dict()`) and its mmap-tier counters."""
+        forgotten its pid, this process's link counters (`link.stats()`) and its mmap-tier counters."""
         with self._counts_lock:
             events = dict(self._event_counts)
         with self._lock:
@@ -780,7 +780,7 @@ class Host:
         seg = self.segment
         guests = {}
         for peer_id, h in handles:
-            g: Dict[str, Any] = {"pid": h.pid, "alive": h.alive, "link": h.link.stats.as_dict()}
+            g: Dict[str, Any] = {"pid": h.pid, "alive": h.alive, "link": h.link.stats()}
             if seg.features & L.FEATURE_MMAP_LEASES and not h.recovered:
                 g["mmap"] = seg.peers.mmap_counters(peer_id)
             guests[peer_id] = g

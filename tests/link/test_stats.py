@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 
 import shmhub
 from linkutil import spawn, wait_event
@@ -67,3 +68,14 @@ def test_prometheus_exposition():
     assert 'shmhub_host_events_total{kind="spawned"} 1.0' in lines
     assert "shmhub_guests_alive 1.0" in lines
     assert any(line.startswith('shmhub_pool_free_slots{slot_class="0",') for line in lines)
+
+
+def test_link_stats_called_is_a_plain_dict_of_the_same_counters():
+    with shmhub.Host() as host:
+        g = host.spawn([sys.executable, "-c", "import shmhub; l = shmhub.connect(); l.send(b'hi'); l.recv(timeout=10); l.close()"])
+        assert g.link.recv_bytes(timeout=10) == b"hi"
+        d = g.link.stats()
+        assert type(d) is dict and d == g.link.stats.as_dict()
+        assert d["recv_inline"] == g.link.stats.recv_inline == 1
+        g.link.send(b"bye")
+        g.wait(10)

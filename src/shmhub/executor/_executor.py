@@ -206,7 +206,7 @@ class Executor(cf.Executor):
     # -- dispatch (any thread) --------------------------------------------------------------
 
     def _room(self, w: Worker, task: Task) -> bool:
-        if w.lost or w.exclusive:
+        if w.lost or w.gone or w.exclusive:
             return False
         if self._spent(w):
             return False
@@ -255,10 +255,16 @@ class Executor(cf.Executor):
                     self._cond.notify_all()
             try:
                 f = w.client.submit(task.method, *task.rpc_args())
+                if f.done() and isinstance(f.exception(), _GONE):
+                    # rpc settles a call whose send failed instead of raising: the worker never got
+                    # this task (it cannot also have run it, died and been noticed in between)
+                    raise f.exception()  # type: ignore[misc]
+                task.rpc = f
             except BaseException as e:
                 with self._lock:
                     w.tasks.remove(task)
                     if isinstance(e, _GONE):
+                        w.gone = True  # no more tasks for it: the manager settles it soon
                         self._pending.appendleft(task)
                     self._cond.notify_all()
                 if isinstance(e, _GONE):
@@ -276,6 +282,7 @@ class Executor(cf.Executor):
         """A worker's answer (rpc reader thread)."""
         exc = f.exception()
         if isinstance(exc, _GONE):
+            w.gone = True
             self._manager.worker_lost(w)  # the task's fate is decided with the worker's other tasks
             return
         with self._lock:
@@ -380,7 +387,9 @@ class Executor(cf.Executor):
                     return
                 w.lost = True
                 self._forget(w)
-        w.client.wait_ended(5.0)  # its reader first hands out what the worker answered before dying
+        # The reader (it reads while calls are pending) first settles what the worker answered
+        # before it died; calls it answered are gone from w.tasks then.
+        cf.wait([t.rpc for t in list(w.tasks) if t.rpc is not None], timeout=5.0)
         w.handle.kill()  # a broken link but a live process: it must not run on
         try:
             code: Optional[int] = w.handle.wait(5.0)

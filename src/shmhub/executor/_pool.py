@@ -58,7 +58,7 @@ class Task:
     """One submit() call, or one chunk of map()."""
 
     __slots__ = ("method", "fn", "args", "kwargs", "future", "timeout", "retries", "deadline", "worker",
-                 "started", "stop", "timed_out")
+                 "started", "stop", "timed_out", "rpc")
 
     def __init__(self, method: str, fn: Callable[..., Any], args: Any, kwargs: Optional[Dict[str, Any]],
                  timeout: Optional[float], retries: int) -> None:
@@ -71,6 +71,7 @@ class Task:
         self.started = False  # set_running_or_notify_cancel() was called
         self.stop = False  # Executor.stop(): kill the worker once this task runs
         self.timed_out = False
+        self.rpc: "Optional[cf.Future[Any]]" = None  # the call carrying it to its worker
 
     def rpc_args(self) -> Tuple[Any, ...]:
         if self.method == "run":
@@ -95,7 +96,8 @@ class Worker:
         self.failed = 0
         self.reserved = 0  # picked for a task not yet appended to tasks
         self.inited: Optional[bool] = None  # the init call's outcome
-        self.lost = False
+        self.lost = False  # settled by the manager
+        self.gone = False  # a send found its link dead: not picked any more
 
     @property
     def pid(self) -> Optional[int]:

@@ -66,17 +66,6 @@ class Client:
         conn.limiter.acquire(deadline)
         return Stream(conn, conn.start_call(method, args, kwargs, deadline, stream=True)[0])
 
-    def wait_ended(self, timeout: Optional[float] = None) -> bool:
-        """Wait until the connection has ended (peer gone, link closed, protocol error) and every
-        call in flight is settled; frames the peer sent before it died are dispatched first.
-        False if still open after timeout."""
-        return self._conn.done.wait(timeout)
-
-    @property
-    def error(self) -> Optional[BaseException]:
-        """Why the connection ended, or None while it is open."""
-        return self._conn.error
-
     def close(self) -> None:
         """Close the link; calls in flight fail with LinkClosed."""
         self._conn.close()

@@ -19,7 +19,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from ..errors import ExecutorBroken, ShmTimeout, TaskStopped
+from ..errors import ExecutorBroken, ShmTimeout, TaskStopped, TaskTimeout, WorkerCrashed
 from ..host import Host, HostEvent
 from ..layout import SegmentConfig
 from ._pool import _GONE, Manager, Task, Worker, exit_reason, make_worker, settle
@@ -410,7 +410,7 @@ class Executor(cf.Executor):
             if first is not None:
                 what = f"worker {w.wid} (pid {w.pid}) {reason}"
                 if first.timed_out:
-                    exc = _timeout(first, what)
+                    exc = TaskTimeout(f"task still running after its timeout of {first.timeout} s: {what}")
                     self._counts["timed_out"] += 1
                 elif first.stop:
                     exc = TaskStopped(f"stopped: {what}")
@@ -420,8 +420,6 @@ class Executor(cf.Executor):
                     requeue.insert(0, first)
                     self._counts["retried"] += 1
                 else:
-                    from ..errors import WorkerCrashed
-
                     exc = WorkerCrashed(f"{what} while running this task")
                     self._counts["crashed"] += 1
                 if exc is not None:
@@ -501,12 +499,6 @@ def _weak_event(ref: "weakref.ref[Executor]") -> Callable[[HostEvent], None]:
         if ex is not None:
             ex._on_host_event(ev)
     return on_event
-
-
-def _timeout(task: Task, what: str) -> BaseException:
-    from ..errors import TaskTimeout
-
-    return TaskTimeout(f"task still running after its timeout of {task.timeout} s: {what}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,8 +67,9 @@ def run_shmhub(scenario, params):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="short phases (a smoke run, not for claims)")
-    ap.add_argument("--only", nargs="*", default=["pingpong", "busypoll", "stream", "ndarray", "rpc", *scale.SCENARIOS, "spawn"],
-                    help="scenarios to run: pingpong busypoll stream ndarray rpc fanin fanout reqresp spawn (default: all)")
+    ap.add_argument("--only", nargs="*", default=["pingpong", "busypoll", "stream", "ndarray", "rpc", "executor", *scale.SCENARIOS, "spawn"],
+                    help="scenarios to run: pingpong busypoll stream ndarray rpc executor fanin fanout reqresp spawn "
+                         "(default: all)")
     ap.add_argument("--guests", nargs="*", type=int, default=list(scale.GUEST_COUNTS),
                     help="guest counts of the many-guest scenarios (spawn uses the largest)")
     ap.add_argument("--out", default=str(RESULTS))
@@ -135,6 +136,11 @@ def main(argv=None) -> int:
 
         print("rpc: request/response", flush=True)
         results["rpc"] = rpc_bench.run(args.quick)
+    if "executor" in args.only:
+        from . import executor_bench
+
+        print("executor: process pools, 2 workers", flush=True)
+        results["executor"] = executor_bench.run(args.quick)
     many = [s for s in (*scale.SCENARIOS, "spawn") if s in args.only]
     if many:
         if not args.guests or not all(1 <= g <= 255 for g in args.guests):

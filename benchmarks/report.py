@@ -383,6 +383,10 @@ def markdown(results: dict) -> str:
         lines += _ndarray_table(results["ndarray"])
     if "rpc" in results:
         lines += _rpc_table(results["rpc"])
+    if "executor" in results:
+        from .executor_bench import table as executor_table
+
+        lines += executor_table(results["executor"])
     if "scale" in results:
         lines += _scale_tables(results["scale"])
     lines += targets(results)

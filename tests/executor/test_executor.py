@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+import shmhub
 from shmhub import Executor
 from shmhub.errors import ExecutorBroken, TaskStopped, TaskTimeout, WorkerCrashed
 
@@ -208,10 +209,15 @@ def test_spawn_context_works():
 
 
 def test_max_tasks_per_child_recycles_workers():
-    with Executor(2, max_tasks_per_child=5) as ex:
-        pids = [ex.submit(tasks.pid).result(T) for _ in range(20)]
-        assert len(set(pids)) >= 4
+    # 2 workers, 4 peer entries: 40 workers come and go, so retired ones must leave and free theirs
+    with Executor(2, max_tasks_per_child=5, config=shmhub.SegmentConfig(max_guests=4)) as ex:
+        pids = [ex.submit(tasks.pid).result(T) for _ in range(40)]
+        assert len(set(pids)) >= 8
         assert list(ex.map(tasks.add, range(100), timeout=T, chunksize=1)) == list(range(100))
+        live = {w["pid"] for w in ex.stats()["workers"]}
+        for p in set(pids) - live:  # retired workers exited (their peer entries were reused)
+            wait_until(lambda: not os.path.exists(f"/proc/{p}/status") or "zombie" in open(f"/proc/{p}/status").read(),
+                       f"retired worker {p} exits")
 
 
 def test_shared_arrays_travel_by_reference_both_ways(ex):

@@ -19,7 +19,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from ..errors import ExecutorBroken, ShmTimeout, TaskStopped, TaskTimeout, WorkerCrashed
+from ..errors import ExecutorBroken, PeerTableFull, ShmTimeout, TaskStopped, TaskTimeout, WorkerCrashed
 from ..host import Host, HostEvent
 from ..layout import SegmentConfig
 from ._pool import _GONE, Manager, Task, Worker, exit_reason, make_worker, settle
@@ -84,6 +84,7 @@ class Executor(cf.Executor):
         self._shutdown = False
         self._broken: Optional[BaseException] = None
         self._startup_failures = 0
+        self._peers_full = False  # the host's peer table had no entry for a new worker
         self._counts = {"submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "timed_out": 0,
                         "stopped": 0, "retried": 0, "restarts": 0}
         self._regions = Regions()
@@ -310,7 +311,7 @@ class Executor(cf.Executor):
     # -- the manager's steps (manager thread) -----------------------------------------------
 
     def _needs_manager(self) -> bool:
-        if self._broken is None and not self._shutdown and self._active() < self._max_workers:
+        if self._broken is None and not self._shutdown and not self._peers_full and self._active() < self._max_workers:
             return True
         if any(self._spent(w) and not w.tasks for w in self._workers.values()):
             return True
@@ -356,16 +357,20 @@ class Executor(cf.Executor):
             for w in done:
                 self._forget(w)
         for w in done:
-            w.close()
+            w.retire()
         while True:
             with self._lock:
                 if self._broken is not None or self._shutdown or self._active() >= self._max_workers:
                     return
                 try:
                     self._start_worker()
+                except PeerTableFull:  # retired or lost workers free their entries: try again then
+                    self._peers_full = True
+                    return
                 except Exception as e:
                     log.exception("shmhub.Executor: starting a worker failed")
                     self._break(ExecutorBroken(f"starting a worker failed: {e!r}"))
+                    self._fail_pending()
                     return
 
     def _start_worker(self) -> None:
@@ -480,6 +485,10 @@ class Executor(cf.Executor):
             w = self._by_peer.get(ev.peer_id)
             if w is not None and w.handle.pid == ev.pid:
                 self._manager.worker_lost(w)
+            with self._cond:  # its peer entry is free again (a retired worker's too)
+                if self._peers_full:
+                    self._peers_full = False
+                    self._cond.notify_all()
 
     def _drop_region(self, rid: int) -> None:
         with self._lock:

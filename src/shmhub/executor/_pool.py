@@ -103,8 +103,17 @@ class Worker:
     def pid(self) -> Optional[int]:
         return self.handle.pid
 
+    def retire(self) -> None:
+        """max_tasks_per_child reached and nothing in flight: the worker closes its link and exits
+        (the host recovers its peer entry for the next worker)."""
+        try:
+            self.client.submit("retire")
+        except Exception:
+            pass  # gone already
+        self.close()
+
     def close(self) -> None:
-        """Say goodbye: the worker's serve() returns and it exits."""
+        """Close our end (the host's goodbye, at shutdown, ends the worker)."""
         self.client.close()
         self.fd_sock.close()
 

@@ -66,7 +66,12 @@ def main(initializer: Optional[Callable[..., Any]], initargs: Tuple[Any, ...], f
     link = connect()
     regions = WorkerRegions(fd_sock)
     regions.install()
-    handlers = {"init": rpc.inline(_Init(initializer, initargs)), "run": run, "run_chunk": run_chunk}
+
+    @rpc.inline
+    def retire() -> None:
+        link.close()  # serve() returns: the reader's next recv finds the link closed
+
+    handlers = {"init": rpc.inline(_Init(initializer, initargs)), "run": run, "run_chunk": run_chunk, "retire": retire}
     with rpc.Server(handlers, codec=TaskCodec(), max_concurrency=1) as server:
         server.serve(link)
     link.close()

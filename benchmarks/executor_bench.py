@@ -1,5 +1,6 @@
 """Executor scenario of `python -m benchmarks --only executor` (also `python -m benchmarks.executor_bench
-[--quick]`): shmhub.Executor against ProcessPoolExecutor (spawn), loky and mpire, 2 workers each,
+[--quick]`): shmhub.Executor against ProcessPoolExecutor (spawn) and loky, 2 workers each (mpire's map
+failed here on plain functions: not measured),
 one pool at a time, in this one invocation.
 
 Measured per pool: trivial task round trip (`submit(...).result()`, p50), trivial tasks/s submitted
@@ -88,29 +89,6 @@ class Loky(Pool):
         self.ex = get_reusable_executor(WORKERS, reuse=False)
 
 
-class Mpire(Pool):
-    name = "mpire"
-
-    def __init__(self) -> None:
-        from mpire import WorkerPool
-
-        self.pool = WorkerPool(WORKERS, start_method="spawn")
-        self.pool.__enter__()
-        self.pool.map(trivial, range(WORKERS * 4))  # workers started
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> "cf.Future[Any]":
-        fut: cf.Future[Any] = cf.Future()
-        r = self.pool.apply_async(fn, args)
-        fut.set_result(r.get())  # mpire's AsyncResult: the round trip is the get()
-        return fut
-
-    def map(self, fn: Callable[..., Any], items: List[Any], chunksize: int) -> List[Any]:
-        return self.pool.map(fn, items, chunk_size=chunksize)
-
-    def close(self) -> None:
-        self.pool.__exit__(None, None, None)
-
-
 # -- measurements ----------------------------------------------------------------------------------
 
 def _round_trip(p: Pool, seconds: float) -> Dict[str, float]:
@@ -126,8 +104,6 @@ def _round_trip(p: Pool, seconds: float) -> Dict[str, float]:
 
 
 def _submit_rate(p: Pool, n: int) -> float:
-    if isinstance(p, Mpire):
-        return float("nan")  # no submit() returning a future without waiting
     t0 = time.perf_counter()
     fs = [p.submit(trivial, i) for i in range(n)]
     cf.wait(fs)
@@ -219,7 +195,7 @@ def bench_failures(quick: bool) -> Dict[str, Any]:
 
 
 POOLS: Dict[str, Callable[[], Pool]] = {"shmhub.Executor": Shmhub, "ProcessPoolExecutor (spawn)": ProcessPool,
-                                         "loky": Loky, "mpire": Mpire}
+                                         "loky": Loky}
 
 
 def run(quick: bool) -> Dict[str, Any]:
@@ -232,6 +208,10 @@ def run(quick: bool) -> Dict[str, Any]:
             results[name] = {"error": f"not installed ({e.name})"}
         except Exception as e:  # a baseline that breaks is reported, not fatal
             results[name] = {"error": f"{type(e).__name__}: {e}"[:120]}
+    a = np.ones(ARRAY_N)
+    reps = 3 if quick else 7
+    results["in-process reference (no pool)"] = {"array_arg_ms": _ms(lambda: total(a), reps),
+                                                 "array_result_ms": _ms(lambda: make(ARRAY_N), reps)}
     results["shmhub failures"] = bench_failures(quick)
     return results
 
@@ -251,6 +231,9 @@ def table(results: Dict[str, Any]) -> List[str]:
             continue
         if "error" in r:
             lines.append(f"| {name} | {r['error']} | | | | | | |")
+            continue
+        if "start_s" not in r:  # the reference: the task's own work, in this process
+            lines.append(f"| {name} | | | | | {f(r, 'array_arg_ms', '{:.1f}')} | | {f(r, 'array_result_ms', '{:.1f}')} |")
             continue
         lines.append(f"| {name} | {f(r, 'start_s', '{:.2f}')} | {f(r, 'round_trip', '{:.0f}', 'p50_us')} | "
                      f"{f(r, 'submit_per_s', '{:,.0f}')} | {f(r, 'map_items_per_s', '{:,.0f}')} | "

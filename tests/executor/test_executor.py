@@ -291,3 +291,21 @@ def test_dask_runs_the_same_code():
         ex = client.get_executor()
         assert ex.submit(tasks.add, 1, 2).result(T) == 3
         assert list(ex.map(tasks.add, range(5), range(5))) == [0, 2, 4, 6, 8]
+
+
+def test_a_dropped_result_gives_its_shared_memory_back_at_once():
+    """The executor must not keep a result alive after the caller dropped it (it did, through its
+    rpc future, until the cycle collector ran): else every large result needs a fresh mapping."""
+    import gc
+
+    with Executor(1) as ex:
+        gc.disable()
+        try:
+            for _ in range(6):
+                r = ex.submit(np.ones, 4 << 20).result(T)  # 32 MiB: the mmap tier
+                assert r[-1] == 1.0
+                del r
+            link = ex._host.guests[0].link
+            wait_until(lambda: link.mappings["rx_mappings"] <= 2, "mappings reused, not piled up")
+        finally:
+            gc.enable()

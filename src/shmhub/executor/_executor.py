@@ -286,6 +286,7 @@ class Executor(cf.Executor):
             w.gone = True
             self._manager.worker_lost(w)  # the task's fate is decided with the worker's other tasks
             return
+        task.rpc = None  # it holds the result: once the caller drops it, its shared memory goes back
         with self._lock:
             try:
                 w.tasks.remove(task)

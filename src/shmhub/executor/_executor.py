@@ -405,6 +405,8 @@ class Executor(cf.Executor):
         with self._lock:
             tasks = list(w.tasks)
             w.tasks.clear()
+            for t in tasks:
+                t.rpc = None
             first: Optional[Task] = tasks[0] if tasks else None
             requeue = tasks[1:]
             exc: Optional[BaseException] = None

@@ -137,7 +137,13 @@ class Executor(cf.Executor):
                         if i == 0:
                             w.handle.kill()
                         return True
-        return future.cancel() or (not future.done())
+            queued = next((t for t in self._pending if t.future is future), None)
+            if queued is not None:
+                self._pending.remove(queued)
+        if queued is not None and not future.cancel():  # requeued after its worker died: RUNNING
+            settle(future, exc=TaskStopped("stopped before it started"))
+            return True
+        return queued is not None or future.cancel()
 
     def empty(self, shape: Any, dtype: Any = "float64") -> Any:
         """A numpy array in shared memory: passed to (or returned by) a task, it travels by

@@ -22,7 +22,7 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optiona
 from ..errors import ExecutorBroken, PeerTableFull, ShmTimeout, TaskStopped, TaskTimeout, WorkerCrashed
 from ..host import Host, HostEvent
 from ..layout import SegmentConfig
-from ._pool import _GONE, Manager, Task, Worker, exit_reason, make_worker, settle
+from ._pool import _GONE, EXIT_WAIT, Manager, Task, Worker, exit_reason, make_worker, settle
 from ._shared import Regions, send_drop
 
 __all__ = ["Executor", "TaskOptions"]
@@ -401,10 +401,10 @@ class Executor(cf.Executor):
                 self._forget(w)
         # The reader (it reads while calls are pending) first settles what the worker answered
         # before it died; calls it answered are gone from w.tasks then.
-        cf.wait([t.rpc for t in list(w.tasks) if t.rpc is not None], timeout=5.0)
+        cf.wait([t.rpc for t in list(w.tasks) if t.rpc is not None], timeout=EXIT_WAIT)
         w.handle.kill()  # a broken link but a live process: it must not run on
         try:
-            code: Optional[int] = w.handle.wait(5.0)
+            code: Optional[int] = w.handle.wait(EXIT_WAIT)
         except ShmTimeout:
             code = None
         reason = exit_reason(code)

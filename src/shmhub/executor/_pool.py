@@ -5,7 +5,7 @@ Data flow:
     submit() --------> pending (deque) --pump--> worker.tasks (sent, unanswered; the first runs)
                                                      |  rpc "run" / "run_chunk" over the link
     future settled <-- _answered (rpc reader) <------+
-    host event "died"/"exited", rpc PeerDead --> manager: _lost(worker)
+    host event "died"/"exited", rpc PeerDead --> manager: _settle_lost(worker)
         first task: WorkerCrashed / TaskTimeout / TaskStopped, or resubmitted (retries)
         the others never started: back to the front of pending; a new worker is started
 
@@ -25,7 +25,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tuple
 
-from ..errors import (HostGone, LinkClosed, LinkCorrupted, PeerDead)
+from ..errors import HostGone, LinkClosed, LinkCorrupted, PeerDead
 from ..rpc import Client
 from ._shared import TaskCodec, fd_socketpair, send_attach
 
@@ -40,7 +40,7 @@ __all__ = ["Manager", "Task", "Worker", "exit_reason", "make_worker", "settle"]
 log = logging.getLogger("shmhub.executor")
 
 _GONE = (PeerDead, HostGone, LinkClosed, LinkCorrupted)
-EXIT_WAIT = 2.0  # how long a lost worker's exit status is waited for (it is dead already)
+EXIT_WAIT = 5.0  # bound on waiting for a lost worker's last answers and its exit status
 
 
 def settle(fut: "cf.Future[Any]", value: Any = None, exc: Optional[BaseException] = None) -> None:

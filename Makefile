@@ -58,6 +58,7 @@ docs: $(VENV)/.docs-installed
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PY) -m benchmarks
+	$(PY) -m benchmarks.http_bench
 
 clean:
 	rm -rf build site $(VENV) .venv-asan src/*.egg-info src/shmhub/_native.c src/shmhub/_layout.h src/shmhub/*.so

@@ -47,7 +47,8 @@ def test_deadline_gives_504_and_cancels_the_asgi_handler(tmp_path):
         r = get(s.url, "/sleep", s=10, mark=str(mark))
         assert r.status_code == 504 and time.monotonic() - t0 < 5
         deadline = time.monotonic() + 5
-        while not mark.exists() and time.monotonic() < deadline:
+        # the file appears before its text is written: wait for the text
+        while not (mark.exists() and mark.read_text()) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert mark.read_text() == "cancelled"  # the handler saw CancelledError in the worker
         assert s.live_pids() == [pid]  # an ASGI worker is not replaced for a deadline

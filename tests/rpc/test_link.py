@@ -303,3 +303,19 @@ def test_many_threads_calling_at_once_share_the_read_role():
             host.close()
             g.wait(T)
             c.close()
+
+
+def test_a_guest_in_rpc_serve_says_goodbye_when_the_host_leaves():
+    """rpc.serve closes its link when it returns, so the host reports the guest exited, not died."""
+    host = Host(CFG)
+    try:
+        g = host.spawn([sys.executable, "-c", "import shmhub\nfrom shmhub import rpc\n"
+                        "rpc.serve(shmhub.connect(), {'add': lambda a, b: a + b})"])
+        c = rpc.Client(g.link)
+        assert c.call("add", 1, 2, timeout=T) == 3
+    finally:
+        host.close()
+    kinds = []
+    while not host.events.empty():
+        kinds.append(host.events.get_nowait().kind)
+    assert kinds == ["spawned", "exited"]

@@ -425,6 +425,8 @@ def no_server(conn: Connection, inc: Incoming) -> None:
 
 def serve(link: Any, handlers: Any, *, max_concurrency: int = 32, codec: "Optional[Codec | str]" = None,
           timeout: Optional[float] = None) -> None:
-    """Serve handlers on a link until it closes or the peer is gone."""
+    """Serve handlers on a link until it closes or the peer is gone, then close it: a guest says
+    goodbye, so its host reports it exited rather than died."""
     with Server(handlers, max_concurrency=max_concurrency, codec=codec) as server:
         server.serve(link, timeout)
+    link.close()

@@ -10,7 +10,6 @@ A region lives as long as the mmap object its arrays are built on: when the last
 executor closes the fd and tells the workers to unmap it (they do so at their next attach)."""
 from __future__ import annotations
 
-import io
 import itertools
 import mmap
 import os
@@ -180,19 +179,6 @@ class TaskCodec(PickleCodec):
         self.send_fd = send_fd
         self.sent: Set[int] = set()
 
-    def encode(self, obj: Any) -> Tuple[bytes, List[pickle.PickleBuffer]]:
-        if not _table.by_id:
-            return super().encode(obj)  # the fast path: no region exists
-        oob: List[pickle.PickleBuffer] = []
-        threshold = self.threshold
-
-        def keep(pb: pickle.PickleBuffer) -> bool:
-            with pb.raw() as m:
-                if m.nbytes >= threshold:
-                    oob.append(pb)
-                    return False
-            return True
-
         codec = self
 
         class _Pickler(pickle.Pickler):
@@ -202,13 +188,14 @@ class TaskCodec(PickleCodec):
                     return NotImplemented
                 rid = ref[0]
                 if codec.send_fd is not None and rid not in codec.sent:
-                    codec.send_fd(rid)
+                    codec.send_fd(rid)  # the fd goes before the frame that names it
                     codec.sent.add(rid)
                 return _attach, ref
 
-        f = io.BytesIO()
-        _Pickler(f, 5, buffer_callback=keep).dump(obj)
-        return f.getvalue(), oob
+        self._pickler = _Pickler
+
+    def pickler_class(self) -> "Optional[type[pickle.Pickler]]":
+        return self._pickler if _table.by_id else None  # no region: the fast path
 
 
 def send_attach(sock: socket.socket, rid: int, fd: int) -> None:

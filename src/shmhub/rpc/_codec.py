@@ -119,17 +119,25 @@ class PickleCodec(Codec):
                     return False
             return True
 
-        try:
-            return pickle.dumps(obj, 5, buffer_callback=keep), oob
-        except TypeError:
-            # memoryviews and Messages do not pickle by themselves: retry with reducers for them
-            # (a slower Pickler, so only when needed)
-            oob.clear()
-            f = io.BytesIO()
-            p = pickle.Pickler(f, 5, buffer_callback=keep)
-            p.dispatch_table = _VIEW_TABLE
-            p.dump(obj)
-            return f.getvalue(), oob
+        cls = self.pickler_class()
+        if cls is None:
+            try:
+                return pickle.dumps(obj, 5, buffer_callback=keep), oob
+            except TypeError:
+                # memoryviews and Messages do not pickle by themselves: retry with reducers for them
+                # (a slower Pickler, so only when needed)
+                oob.clear()
+                cls = pickle.Pickler
+        f = io.BytesIO()
+        p = cls(f, 5, buffer_callback=keep)
+        p.dispatch_table = _VIEW_TABLE
+        p.dump(obj)
+        return f.getvalue(), oob
+
+    def pickler_class(self) -> "Optional[type[pickle.Pickler]]":
+        """A Pickler subclass to encode with (e.g. one with reducer_override), or None for the
+        fast pickle.dumps."""
+        return None
 
     def decode(self, payload: memoryview, views: Sequence[memoryview]) -> Any:
         return pickle.loads(payload, buffers=views)

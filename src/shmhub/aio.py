@@ -200,6 +200,29 @@ class _Sleep:
         self.helper = None
 
 
+async def _check(link: Link, attempt: Callable[[], Any], producer: bool, deadline: Optional[float]):
+    """link._check() inside a wait, with Link._check_waiting's last look for a receiver: frames the
+    peer committed before it died are delivered before PeerDead / HostGone. Host recovery moves them
+    to the backlog holding the rx lock, so a busy lock (_SLICE) means: look again shortly."""
+    try:
+        link._check()
+        return None
+    except (PeerDead, HostGone) as e:
+        if producer:
+            raise
+        gone = e
+    while True:
+        r = attempt()
+        if r is _WAIT or type(r) is _Futex:
+            raise gone
+        if r is not _SLICE:
+            return r
+        rem = _remaining(deadline)
+        if rem is not None and rem <= 0:
+            raise gone
+        await asyncio.sleep(ASYNC_SLICE if rem is None else min(rem, ASYNC_SLICE))
+
+
 async def _until(link: Link, attempt: Callable[[], Any], ring, producer: bool, deadline: Optional[float]):
     """Run attempt() until it returns something other than _WAIT / _SLICE, sleeping on the doorbell
     in between: announce on the ring's waiting flag, arm the reader, re-check, sleep."""
@@ -209,7 +232,9 @@ async def _until(link: Link, attempt: Callable[[], Any], ring, producer: bool, d
         r = attempt()
         if r is not _WAIT and r is not _SLICE and type(r) is not _Futex:
             return r
-        link._check()
+        r = await _check(link, attempt, producer, deadline)
+        if r is not None:
+            return r
         rem = _remaining(deadline)
         if rem is not None and rem <= 0:
             raise ShmTimeout("timed out")
@@ -228,7 +253,9 @@ async def _until(link: Link, attempt: Callable[[], Any], ring, producer: bool, d
                 sl.limit(ASYNC_SLICE)
             elif type(r) is _Futex:
                 sl.futex(link, r.need, rem)
-            link._check()
+            r = await _check(link, attempt, producer, deadline)
+            if r is not None:
+                return r
             await sl.sleep(rem)
         except ValueError:
             link._check()  # the segment was closed under us: LinkClosed / PeerDead

@@ -586,6 +586,35 @@ def test_async_for_ends_when_the_guest_exits():
     assert tiers.count("slot") == 100
 
 
+def test_async_for_delivers_what_a_dead_guest_left_while_recovery_holds_the_lock():
+    """Recovery marks the link dead, then moves the guest's last frames to the backlog holding the
+    rx lock. A receiver that finds the lock busy and the peer dead must look again once the lock is
+    free, not end the iteration with those frames undelivered (seen once in CI: 0 of 300)."""
+    async def collect(link):
+        got = []
+        async for msg in link:
+            with msg:
+                proto.check_sink_msg(msg.tobytes(), len(got))
+                got.append(msg.tier)
+        return got
+
+    with Host() as host:
+        g = spawn(host, "aio_burst.py", 300)
+        link = g.link
+        link._rx_lock.acquire()  # what recovery holds while it drains
+        try:
+            assert g.wait(T) == 0
+            link._mark_dead("test: recovery under way")
+            threading.Timer(0.05, link._rx_lock.release).start()
+            tiers = asyncio.run(asyncio.wait_for(collect(link), T))
+        except BaseException:
+            if link._rx_lock.locked():
+                link._rx_lock.release()
+            raise
+    assert len(tiers) == 300
+    assert tiers.count("slot") == 100
+
+
 # -- sharing a doorbell with threads (DECISIONS 12, trap 32) ------------------------------------
 
 def test_thread_waits_on_the_condition_while_asyncio_polls_the_doorbell():

@@ -1,0 +1,482 @@
+"""RemoteLink: the surface of a shared-memory Link over one ZeroMQ DEALER socket on TCP.
+
+Rules:
+- A ZeroMQ socket is not thread-safe: every call on it is made under the link's lock, and never
+  a blocking one. A thread that must wait releases the lock and sleeps in poll() on the socket's
+  ZMQ_FD, its monitor's ZMQ_FD and the link's eventfd; nothing polls on a timer while idle.
+- ZMQ_FD is edge-triggered: a zmq call in one thread can consume the wake-up another thread
+  sleeps on. So after each call, if a thread sleeps, ZMQ_EVENTS is read and the sleeper woken
+  through the eventfd when the socket became readable (or writable) under it.
+- Liveness is ZeroMQ's own heartbeat (ZMQ_HEARTBEAT_IVL/TIMEOUT): a peer that stops answering, or
+  whose connection closes, shows as EVENT_DISCONNECTED on the monitor socket; the link is then
+  dead (no reconnect). Frames that arrived before are still delivered, then PeerDead (host side)
+  or HostGone (guest side). Our own close() is LinkClosed, and tells the peer with a BYE.
+- The one algorithm is `_step` (attempt, check, mark waiting); the thread driver sleeps in poll(),
+  the asyncio driver awaits the loop's readers on the same three fds."""
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import select
+import threading
+import time
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+
+import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from .._native import Message
+from ..errors import HostGone, LinkClosed, LinkCorrupted, PeerDead, ShmTimeout
+from . import _wire
+
+if TYPE_CHECKING:
+    from collections.abc import Buffer  # type: ignore[attr-defined]
+
+__all__ = ["RemoteLink", "RemoteStats", "TIER", "DEFAULT_LIVENESS"]
+
+TIER = "tcp"  # Message.tier of a payload received over a remote link
+DEFAULT_LIVENESS = 1.5  # seconds without a heartbeat answer before the peer counts as dead
+ZERO_COPY_MIN = 65536  # payloads this large are sent without a copy (copy=False frames)
+
+MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+_AGAIN: Any = object()  # an attempt found nothing to do yet
+
+
+class RemoteStats:
+    """Counters of a remote link; stats() is them as a plain dict (as LinkStats)."""
+
+    FIELDS = ("sent", "sent_bytes", "sent_zero_copy", "recv", "recv_bytes", "send_waits", "recv_waits")
+    __slots__ = FIELDS
+
+    def __init__(self) -> None:
+        for f in self.FIELDS:
+            setattr(self, f, 0)
+
+    def as_dict(self) -> Dict[str, int]:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+    def __call__(self) -> Dict[str, int]:
+        return self.as_dict()
+
+
+def configure(sock: zmq.Socket[Any], liveness: float) -> None:
+    """Options every remote socket gets: heartbeats, no reconnect (a lost link stays lost)."""
+    if not liveness > 0:
+        raise ValueError("liveness must be > 0 seconds")
+    ms = max(1, int(liveness * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, ms // 3))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, ms)
+    sock.setsockopt(zmq.RECONNECT_IVL, -1)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.setsockopt(zmq.SNDHWM, 0)  # bounded by the peer reading, as with a ring: no drop, no block
+    sock.setsockopt(zmq.RCVHWM, 0)
+
+
+def deadline_of(timeout: Optional[float]) -> float:
+    if timeout is None:
+        return math.inf
+    if timeout < 0:
+        raise ValueError("timeout must be >= 0 or None")
+    return time.monotonic() + timeout
+
+
+def _wake_async(fut: "asyncio.Future[None]") -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class RemoteLink:
+    """A Link's surface over TCP (send, recv, recv_bytes, try_recv, send_many, recv_many,
+    arecv/asend/async for, stats, close). Made by shmhub.connect("tcp://...") in a guest, and by
+    the host's listener for each guest that connects (docs/remote.md)."""
+
+    side: str  # "host" or "guest", as Link.side
+    peer: str  # who is at the other end ("name pid at address")
+
+    def __init__(self, ctx: "zmq.Context[Any]", sock: "zmq.Socket[Any]", side: str, peer: str, *,
+                 connect_deadline: float = math.inf, owns_context: bool = False) -> None:
+        self._ctx = ctx
+        self._sock = sock
+        self._mon: "zmq.Socket[Any]" = sock.get_monitor_socket(MONITOR_EVENTS)
+        self._owns_context = owns_context
+        self.side = side
+        self.peer = peer
+        self.stats = RemoteStats()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)  # close() waits for the sleepers to leave
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._fds = (sock.getsockopt(zmq.FD), self._mon.getsockopt(zmq.FD), self._efd)
+        self._rwait = 0  # threads asleep waiting to receive
+        self._swait = 0  # ... to send
+        self._closed = False
+        self._released = False
+        self._connected = False
+        self._connect_deadline = connect_deadline  # dead if the peer's connection is not up by then
+        self._gone: Optional[str] = None  # why the peer is gone
+
+    # -- state ------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def alive(self) -> bool:
+        """The peer is connected (or still expected) and this end is open."""
+        return not self._closed and self._gone is None
+
+    @property
+    def gone_reason(self) -> Optional[str]:
+        return self._gone
+
+    def _gone_error(self) -> Exception:
+        what = f"{self.peer}: {self._gone}"
+        return PeerDead(f"remote guest {what}") if self.side == "host" else HostGone(f"remote host {what}")
+
+    def _mark_gone(self, reason: str) -> None:
+        """Lock held."""
+        if self._gone is None:
+            self._gone = reason
+            self._wake()  # a sleeper may be on a monitor fd another thread just drained
+
+    def _wake(self) -> None:
+        try:
+            os.eventfd_write(self._efd, 1)
+        except OSError:
+            pass
+
+    def _events(self) -> None:
+        """Read the monitor (lock held): connection up, lost, refused."""
+        while True:
+            try:
+                parts = self._mon.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            ev = parse_monitor_message(parts)["event"]
+            if ev & zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected = True
+            elif ev & _HANDSHAKE_FAILED:
+                self._mark_gone("the security handshake failed (wrong CURVE key?)")
+            elif ev & (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED) and self._connected:
+                self._mark_gone("connection lost (closed, or no heartbeat answer)")
+        if not self._connected and self._gone is None and time.monotonic() >= self._connect_deadline:
+            self._mark_gone("never connected")
+
+    def _after(self) -> None:
+        """After a zmq call (lock held): wake a sleeper whose edge this call may have consumed."""
+        if self._rwait or self._swait:
+            ev = self._sock.getsockopt(zmq.EVENTS)
+            if (self._rwait and ev & zmq.POLLIN) or (self._swait and ev & zmq.POLLOUT):
+                self._wake()
+
+    # -- the one algorithm, two drivers -----------------------------------------------------
+
+    def _step(self, attempt: Callable[[], Any], receiving: bool, deadline: float) -> Any:
+        """One try under the lock: the attempt's result, or _AGAIN with this thread counted as
+        waiting (the caller sleeps, then calls _unwait). Raises when the link is over."""
+        with self._lock:
+            if self._closed:
+                raise LinkClosed("link is closed")
+            if self._gone is None or receiving:
+                r = attempt()
+                if r is not _AGAIN:
+                    self._after()
+                    return r
+            self._events()
+            if self._gone is not None:
+                if receiving:  # one last look: frames that came before the loss was seen
+                    r = attempt()
+                    if r is not _AGAIN:
+                        return r
+                raise self._gone_error()
+            if time.monotonic() >= deadline:
+                raise ShmTimeout("timed out waiting to " + ("receive" if receiving else "send"))
+            if receiving:
+                self._rwait += 1
+                self.stats.recv_waits += 1
+            else:
+                self._swait += 1
+                self.stats.send_waits += 1
+            return _AGAIN
+
+    def _unwait(self, receiving: bool) -> None:
+        with self._lock:
+            if receiving:
+                self._rwait -= 1
+            else:
+                self._swait -= 1
+            if self._closed and not (self._rwait or self._swait):
+                self._idle.notify_all()
+        try:
+            os.eventfd_read(self._efd)
+        except OSError:
+            pass  # nothing to drain (or another sleeper drained it)
+
+    def _sleep_until(self, deadline: float) -> None:
+        if not self._connected:
+            deadline = min(deadline, self._connect_deadline)
+        rem = deadline - time.monotonic()
+        p = select.poll()
+        for fd in self._fds:
+            p.register(fd, select.POLLIN)
+        p.poll(None if rem == math.inf else max(0, math.ceil(rem * 1000)))
+
+    def _run(self, attempt: Callable[[], Any], receiving: bool, timeout: Optional[float]) -> Any:
+        deadline = deadline_of(timeout)
+        while True:
+            r = self._step(attempt, receiving, deadline)
+            if r is not _AGAIN:
+                return r
+            try:
+                self._sleep_until(deadline)
+            finally:
+                self._unwait(receiving)
+
+    async def _arun(self, attempt: Callable[[], Any], receiving: bool, timeout: Optional[float]) -> Any:
+        deadline = deadline_of(timeout)
+        loop = asyncio.get_running_loop()
+        while True:
+            r = self._step(attempt, receiving, deadline)
+            if r is not _AGAIN:
+                return r
+            fut: asyncio.Future[None] = loop.create_future()
+            for fd in self._fds:
+                loop.add_reader(fd, _wake_async, fut)
+            try:
+                until = deadline if self._connected else min(deadline, self._connect_deadline)
+                rem = until - time.monotonic()
+                if rem == math.inf:
+                    await fut
+                else:
+                    await asyncio.wait([fut], timeout=max(0.0, rem))
+            finally:
+                for fd in self._fds:
+                    loop.remove_reader(fd)
+                self._unwait(receiving)
+
+    # -- attempts (lock held) ---------------------------------------------------------------
+
+    def _take(self, as_bytes: bool) -> Any:
+        """The next payload (a Message, or bytes), handling control messages on the way."""
+        sock = self._sock
+        while True:
+            try:
+                if as_bytes:
+                    data: Any = sock.recv(zmq.NOBLOCK)
+                    more = not data and sock.getsockopt(zmq.RCVMORE)
+                else:
+                    data = sock.recv(zmq.NOBLOCK, copy=False)
+                    more = not len(data) and data.more
+            except zmq.Again:
+                return _AGAIN
+            if more:
+                self._control(sock.recv_multipart(zmq.NOBLOCK))
+                continue
+            n = len(data)
+            self.stats.recv += 1
+            self.stats.recv_bytes += n
+            return data if as_bytes else Message(data, 0, n, TIER)
+
+    def _control(self, parts: List[bytes]) -> None:
+        if len(parts) != 1:
+            raise LinkCorrupted(f"remote control message of {len(parts) + 1} parts, not 2")
+        c = _wire.decode(parts[0])
+        if c.kind is _wire.Kind.BYE:
+            self._mark_gone("closed its end" if self.side == "host" else "closed the link")
+        else:
+            raise LinkCorrupted(f"unexpected remote {c.kind.name} on an open link")
+
+    def _put(self, data: Any) -> Any:
+        n = _nbytes(data)
+        try:
+            if n < ZERO_COPY_MIN:
+                self._sock.send(data, zmq.NOBLOCK)
+                tracker = None
+            elif isinstance(data, bytes):  # immutable: zmq may keep it as it is
+                self._sock.send(data, zmq.NOBLOCK, copy=False)
+                tracker = None
+                self.stats.sent_zero_copy += 1
+            else:  # the caller may write to it once send() returns: wait until zmq is done with it
+                tracker = self._sock.send(data, zmq.NOBLOCK, copy=False, track=True)
+                self.stats.sent_zero_copy += 1
+        except zmq.Again:
+            return _AGAIN
+        self.stats.sent += 1
+        self.stats.sent_bytes += n
+        return tracker
+
+    # -- sending ----------------------------------------------------------------------------
+
+    def send(self, data: "Buffer", timeout: Optional[float] = None) -> None:
+        """Send one payload (any buffer); ShmTimeout if the peer's connection is not up in time,
+        PeerDead/HostGone if it is gone, LinkClosed after close(). Large payloads go without a
+        copy; send returns once the buffer may be reused."""
+        tracker = self._run(lambda: self._put(data), False, timeout)
+        if tracker is not None:
+            self._wait_sent(tracker, timeout)
+
+    def _wait_sent(self, tracker: "zmq.MessageTracker", timeout: Optional[float]) -> None:
+        deadline = deadline_of(timeout)
+        while not tracker.done:
+            # zmq frees the frame once it is on the wire: the peer's death cannot hold it past
+            # the heartbeat timeout (the connection is dropped then).
+            try:
+                tracker.wait(1.0 if deadline == math.inf else max(0.0, min(1.0, deadline - time.monotonic())))
+            except zmq.NotDone:
+                if time.monotonic() >= deadline:
+                    raise ShmTimeout("timed out while the payload was being sent") from None
+
+    def try_send(self, data: "Buffer") -> bool:
+        """Send if it can go at once; False otherwise (the peer's connection is not up)."""
+        try:
+            tracker = self._run(lambda: self._put(data), False, 0)
+        except ShmTimeout:
+            return False
+        if tracker is not None:
+            self._wait_sent(tracker, None)
+        return True
+
+    async def asend(self, data: "Buffer", timeout: Optional[float] = None) -> None:
+        tracker = await self._arun(lambda: self._put(data), False, timeout)
+        if tracker is not None:
+            self._wait_sent(tracker, timeout)
+
+    def send_many(self, payloads: Iterable["Buffer"], timeout: Optional[float] = None) -> int:
+        """Send each payload in order; the number sent. The timeout covers the whole batch."""
+        deadline = deadline_of(timeout)
+        n = 0
+        for p in payloads:
+            self.send(p, None if deadline == math.inf else max(0.0, deadline - time.monotonic()))
+            n += 1
+        return n
+
+    # -- receiving --------------------------------------------------------------------------
+
+    def recv(self, timeout: Optional[float] = None) -> Message:
+        """The next payload as a Message (tier "tcp", a zero-copy view of the received frame)."""
+        m: Message = self._run(lambda: self._take(False), True, timeout)
+        return m
+
+    def recv_bytes(self, timeout: Optional[float] = None) -> bytes:
+        b: bytes = self._run(lambda: self._take(True), True, timeout)
+        return b
+
+    def try_recv(self) -> Optional[Message]:
+        """A payload if one is there, else None (PeerDead/HostGone once the peer is gone)."""
+        try:
+            return self.recv(0)
+        except ShmTimeout:
+            return None
+
+    def try_recv_bytes(self) -> Optional[bytes]:
+        try:
+            return self.recv_bytes(0)
+        except ShmTimeout:
+            return None
+
+    def recv_many(self, max_count: int, timeout: Optional[float] = None) -> List[Message]:
+        """Wait for one payload, then take up to max_count - 1 more that are already there."""
+        if max_count < 1:
+            raise ValueError("max_count must be >= 1")
+        out = [self.recv(timeout)]
+        while len(out) < max_count:
+            with self._lock:
+                if self._closed:
+                    break
+                m = self._take(False)
+                self._after()
+            if m is _AGAIN:
+                break
+            out.append(m)
+        return out
+
+    async def arecv(self, timeout: Optional[float] = None) -> Message:
+        m: Message = await self._arun(lambda: self._take(False), True, timeout)
+        return m
+
+    async def arecv_bytes(self, timeout: Optional[float] = None) -> bytes:
+        b: bytes = await self._arun(lambda: self._take(True), True, timeout)
+        return b
+
+    def __iter__(self) -> Iterator[Message]:
+        """Messages until the peer is gone."""
+        while True:
+            try:
+                yield self.recv()
+            except (PeerDead, HostGone):
+                return
+
+    def __aiter__(self) -> AsyncIterator[Message]:
+        return self._aiter()
+
+    async def _aiter(self) -> AsyncIterator[Message]:
+        while True:
+            try:
+                yield await self.arecv()
+            except (PeerDead, HostGone):
+                return
+
+    def fileno(self) -> int:
+        """An fd that becomes readable when the link may have news (the link's eventfd)."""
+        return self._efd
+
+    # -- closing ----------------------------------------------------------------------------
+
+    def close(self, linger: float = 2.0) -> None:
+        """Close this end: the peer gets a BYE (sent within `linger` seconds); callers blocked in
+        this link raise LinkClosed. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._gone is None:
+                try:
+                    self._sock.send_multipart([b"", _wire.encode(_wire.Control(_wire.Kind.BYE))], zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    pass  # no connection: nobody to tell
+            self._wake()
+            end = time.monotonic() + 5.0
+            while self._rwait or self._swait:  # sleepers leave within a wake-up; then the fds go
+                if not self._idle.wait(max(0.0, end - time.monotonic())):
+                    break
+            self._release(linger)
+
+    def _release(self, linger: float) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._sock.setsockopt(zmq.LINGER, max(0, int(linger * 1000)))
+        self._sock.disable_monitor()
+        self._mon.close(0)
+        self._sock.close()
+        os.close(self._efd)
+        if self._owns_context:
+            self._ctx.term()  # waits for the BYE (and anything queued) up to the linger time
+
+    def __enter__(self) -> "RemoteLink":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("gone" if self._gone else "open")
+        return f"<shmhub.RemoteLink {self.side} peer={self.peer!r} {state}>"
+
+
+def _nbytes(data: Any) -> int:
+    if isinstance(data, (bytes, bytearray)):
+        return len(data)
+    with memoryview(data) as mv:
+        return mv.nbytes
+
+
+Payload = Union[bytes, Message]
+AddressPort = Tuple[str, int]

@@ -98,6 +98,7 @@ class RemoteLink:
     the host's listener for each guest that connects (docs/remote.md)."""
 
     side: str  # "host" or "guest", as Link.side
+    shared_clock = False  # the peer's CLOCK_MONOTONIC is not ours (rpc sends budgets, not deadlines)
     peer: str  # who is at the other end ("name pid at address")
 
     def __init__(self, ctx: "zmq.Context[Any]", sock: "zmq.Socket[Any]", side: str, peer: str, *,
@@ -186,8 +187,8 @@ class RemoteLink:
                 raise LinkClosed("link is closed")
             if self._gone is None or receiving:
                 r = attempt()
+                self._after()  # found or not, the call may have taken another sleeper's edge
                 if r is not _AGAIN:
-                    self._after()
                     return r
             self._events()
             if self._gone is not None:

@@ -2,6 +2,9 @@
 processes (guests/*.py)."""
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import subprocess
 import sys
@@ -15,6 +18,12 @@ pytest.importorskip("zmq")
 from zmq.utils.garbage import gc as zmq_gc  # noqa: E402
 
 from shmhub.remote import Listener, RemoteGuest, RemoteLink, connect  # noqa: E402
+
+# Local workers of Executor start through multiprocessing's forkserver, which (with its resource
+# tracker) lives as long as the test process: start both now, as tests/executor/conftest.py does.
+multiprocessing.get_context("forkserver").set_forkserver_preload(["shmhub.executor._worker", "numpy"])
+multiprocessing.resource_tracker.ensure_running()
+multiprocessing.forkserver.ensure_running()
 
 # pyzmq frees zero-copy frames through one thread and context of its own, started on the first
 # large send and kept for the life of the process: start it now, so no_leaks counts it as baseline.

@@ -9,8 +9,8 @@ Rules:
   through the eventfd when the socket became readable (or writable) under it.
 - Liveness is ZeroMQ's own heartbeat (ZMQ_HEARTBEAT_IVL/TIMEOUT): a peer that stops answering, or
   whose connection closes, shows as EVENT_DISCONNECTED on the monitor socket; the link is then
-  dead (no reconnect). Frames that arrived before are still delivered, then PeerDead (host side)
-  or HostGone (guest side). Our own close() is LinkClosed, and tells the peer with a BYE.
+  dead (no reconnect). Frames that arrived before are still delivered (until none came for
+  DRAIN_GRACE, or the peer's BYE), then PeerDead (host side) or HostGone (guest side). Our own close() is LinkClosed, and tells the peer with a BYE.
 - The one algorithm is `_step` (attempt, check, mark waiting); the thread driver sleeps in poll(),
   the asyncio driver awaits the loop's readers on the same three fds."""
 from __future__ import annotations
@@ -38,6 +38,9 @@ __all__ = ["RemoteLink", "RemoteStats", "TIER", "DEFAULT_LIVENESS"]
 TIER = "tcp"  # Message.tier of a payload received over a remote link
 DEFAULT_LIVENESS = 1.5  # seconds without a heartbeat answer before the peer counts as dead
 ZERO_COPY_MIN = 65536  # payloads this large are sent without a copy (copy=False frames)
+# After the connection drops, frames already received still surface one by one: the link is gone
+# once none came for this long (or at once when the peer said BYE, which follows its last frame).
+DRAIN_GRACE = 0.05
 
 MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
                   | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
@@ -66,14 +69,15 @@ class RemoteStats:
 
 
 def configure(sock: zmq.Socket[Any], liveness: float) -> None:
-    """Options every remote socket gets: heartbeats, no reconnect (a lost link stays lost)."""
+    """Options every remote socket gets: heartbeats, no drop. Reconnection stays on: with it off a
+    connecting socket drops the frames it received but not yet read when the connection ends. A
+    lost link stays lost all the same (the monitor's EVENT_DISCONNECTED ends it)."""
     if not liveness > 0:
         raise ValueError("liveness must be > 0 seconds")
     ms = max(1, int(liveness * 1000))
     sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, ms // 3))
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ms)
     sock.setsockopt(zmq.HEARTBEAT_TTL, ms)
-    sock.setsockopt(zmq.RECONNECT_IVL, -1)
     sock.setsockopt(zmq.LINGER, 2000)
     sock.setsockopt(zmq.SNDHWM, 0)  # bounded by the peer reading, as with a ring: no drop, no block
     sock.setsockopt(zmq.RCVHWM, 0)
@@ -121,6 +125,8 @@ class RemoteLink:
         self._connected = False
         self._connect_deadline = connect_deadline  # dead if the peer's connection is not up by then
         self._gone: Optional[str] = None  # why the peer is gone
+        self._lost: Optional[str] = None  # the connection dropped: frames received may still surface
+        self._drain_until = math.inf
 
     # -- state ------------------------------------------------------------------------------
 
@@ -131,14 +137,14 @@ class RemoteLink:
     @property
     def alive(self) -> bool:
         """The peer is connected (or still expected) and this end is open."""
-        return not self._closed and self._gone is None
+        return not self._closed and self._gone is None and self._lost is None
 
     @property
     def gone_reason(self) -> Optional[str]:
         return self._gone
 
     def _gone_error(self) -> Exception:
-        what = f"{self.peer}: {self._gone}"
+        what = f"{self.peer}: {self._gone or self._lost}"
         return PeerDead(f"remote guest {what}") if self.side == "host" else HostGone(f"remote host {what}")
 
     def _mark_gone(self, reason: str) -> None:
@@ -165,8 +171,11 @@ class RemoteLink:
                 self._connected = True
             elif ev & _HANDSHAKE_FAILED:
                 self._mark_gone("the security handshake failed (wrong CURVE key?)")
-            elif ev & (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED) and self._connected:
-                self._mark_gone("connection lost (closed, or no heartbeat answer)")
+            elif ev & (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED) and self._connected and self._lost is None:
+                self._lost = "connection lost (closed, or no heartbeat answer)"
+                self._drain_until = time.monotonic() + DRAIN_GRACE
+        if self._lost is not None and time.monotonic() >= self._drain_until:
+            self._mark_gone(self._lost)
         if not self._connected and self._gone is None and time.monotonic() >= self._connect_deadline:
             self._mark_gone("never connected")
 
@@ -185,13 +194,15 @@ class RemoteLink:
         with self._lock:
             if self._closed:
                 raise LinkClosed("link is closed")
-            if self._gone is None or receiving:
+            if receiving or (self._gone is None and self._lost is None):
                 r = attempt()
                 self._after()  # found or not, the call may have taken another sleeper's edge
                 if r is not _AGAIN:
+                    if self._lost is not None:
+                        self._drain_until = time.monotonic() + DRAIN_GRACE
                     return r
             self._events()
-            if self._gone is not None:
+            if self._gone is not None or (self._lost is not None and not receiving):
                 if receiving:  # one last look: frames that came before the loss was seen
                     r = attempt()
                     if r is not _AGAIN:
@@ -221,13 +232,16 @@ class RemoteLink:
             pass  # nothing to drain (or another sleeper drained it)
 
     def _sleep_until(self, deadline: float) -> None:
-        if not self._connected:
-            deadline = min(deadline, self._connect_deadline)
+        deadline = min(deadline, self._wake_by())
         rem = deadline - time.monotonic()
         p = select.poll()
         for fd in self._fds:
             p.register(fd, select.POLLIN)
         p.poll(None if rem == math.inf else max(0, math.ceil(rem * 1000)))
+
+    def _wake_by(self) -> float:
+        """When a sleeper must look again although nothing woke it: the connect deadline, the drain's end."""
+        return min(self._drain_until, math.inf if self._connected else self._connect_deadline)
 
     def _run(self, attempt: Callable[[], Any], receiving: bool, timeout: Optional[float]) -> Any:
         deadline = deadline_of(timeout)
@@ -251,8 +265,7 @@ class RemoteLink:
             for fd in self._fds:
                 loop.add_reader(fd, _wake_async, fut)
             try:
-                until = deadline if self._connected else min(deadline, self._connect_deadline)
-                rem = until - time.monotonic()
+                rem = min(deadline, self._wake_by()) - time.monotonic()
                 if rem == math.inf:
                     await fut
                 else:

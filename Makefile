@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # ruff format is enforced on these files only: reformatting the rest would bury its history.
 FORMATTED := src/shmhub/cli.py src/shmhub/monitor.py src/shmhub/top.py src/shmhub/prometheus.py \
 	tests/unit/test_cli.py tests/link/test_top.py tests/link/test_stats.py tests/link/test_doc_examples.py tests/guests/top_hub.py
-TYPED := src/shmhub/_native.pyi src/shmhub/rpc src/shmhub/executor src/shmhub/http src/shmhub/cli.py src/shmhub/monitor.py src/shmhub/top.py src/shmhub/prometheus.py
+TYPED := src/shmhub/_native.pyi src/shmhub/rpc src/shmhub/remote src/shmhub/executor src/shmhub/http src/shmhub/cli.py src/shmhub/monitor.py src/shmhub/top.py src/shmhub/prometheus.py
 
 .PHONY: demo test test-slow asan bench lint docs clean
 

@@ -17,7 +17,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
 from ..errors import ExecutorBroken, PeerTableFull, ShmTimeout, TaskStopped, TaskTimeout, WorkerCrashed
 from ..host import Host, HostEvent
@@ -404,12 +404,14 @@ class Executor(cf.Executor):
     def _start_worker(self) -> None:
         w = make_worker(self, next(self._ids))
         self._workers[w.wid] = w
-        self._by_peer[w.handle.peer_id] = w
+        if w.handle.peer_id is not None:
+            self._by_peer[w.handle.peer_id] = w
 
     def _forget(self, w: Worker) -> None:
         self._workers.pop(w.wid, None)
-        if self._by_peer.get(w.handle.peer_id) is w:
-            del self._by_peer[w.handle.peer_id]
+        peer = w.handle.peer_id  # None for a remote worker
+        if peer is not None and self._by_peer.get(peer) is w:
+            del self._by_peer[peer]
 
     def _settle_lost(self, w: Worker) -> None:
         """A worker died (or its link broke): its first task failed with it, the others never
@@ -428,7 +430,10 @@ class Executor(cf.Executor):
             code: Optional[int] = w.handle.wait(EXIT_WAIT)
         except ShmTimeout:
             code = None
-        reason = exit_reason(code) if not w.remote else f"lost its connection ({w.handle.link.gone_reason or 'closed'})"
+        if w.remote:
+            reason = f"lost its connection ({cast('RemoteGuest', w.handle).link.gone_reason or 'closed'})"
+        else:
+            reason = exit_reason(code)
         with self._lock:
             tasks = list(w.tasks)
             w.tasks.clear()

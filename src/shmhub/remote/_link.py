@@ -58,8 +58,9 @@ class RemoteStats:
     __slots__ = FIELDS
 
     def __init__(self) -> None:
-        for f in self.FIELDS:
-            setattr(self, f, 0)
+        self.sent = self.sent_bytes = self.sent_zero_copy = 0
+        self.recv = self.recv_bytes = 0
+        self.send_waits = self.recv_waits = 0
 
     def as_dict(self) -> Dict[str, int]:
         return {f: getattr(self, f) for f in self.FIELDS}
@@ -117,7 +118,7 @@ class RemoteLink:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # close() waits for the sleepers to leave
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._fds = (sock.getsockopt(zmq.FD), self._mon.getsockopt(zmq.FD), self._efd)
+        self._fds = (int(sock.getsockopt(zmq.FD)), int(self._mon.getsockopt(zmq.FD)), self._efd)
         self._rwait = 0  # threads asleep waiting to receive
         self._swait = 0  # ... to send
         self._closed = False
@@ -182,7 +183,7 @@ class RemoteLink:
     def _after(self) -> None:
         """After a zmq call (lock held): wake a sleeper whose edge this call may have consumed."""
         if self._rwait or self._swait:
-            ev = self._sock.getsockopt(zmq.EVENTS)
+            ev = int(self._sock.getsockopt(zmq.EVENTS))
             if (self._rwait and ev & zmq.POLLIN) or (self._swait and ev & zmq.POLLOUT):
                 self._wake()
 

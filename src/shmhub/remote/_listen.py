@@ -140,7 +140,7 @@ class Listener:
         return int(self.endpoint.rpartition(":")[2])
 
     def _socket(self, kind: int) -> "zmq.Socket[Any]":
-        s = self._ctx.socket(kind)
+        s: zmq.Socket[Any] = self._ctx.socket(kind)
         configure(s, self._liveness)
         if self._curve is not None:
             s.curve_server = True
@@ -174,7 +174,7 @@ class Listener:
             except Exception as e:  # not a guest of ours: say why, keep serving
                 self._reply(ident, _wire.Control(_wire.Kind.REFUSE, text=f"bad handshake: {e}"))
                 continue
-            address = frames[2].get("Peer-Address") or "?"
+            address = str(frames[2].get("Peer-Address") or "?")
             try:
                 guest = self._admit(hello, address)
             except Exception as e:
@@ -303,7 +303,7 @@ def connect(url: str, *, timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT, nam
     ctx: zmq.Context[Any] = zmq.Context()
 
     def socket() -> "zmq.Socket[Any]":
-        s = ctx.socket(zmq.DEALER)
+        s: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
         configure(s, liveness)
         if curve is not None:
             s.curve_publickey, s.curve_secretkey, s.curve_serverkey = curve

@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PY) -m benchmarks
 	$(PY) -m benchmarks.http_bench
+	$(PY) -m benchmarks.remote_bench
 
 clean:
 	rm -rf build site $(VENV) .venv-asan src/*.egg-info src/shmhub/_native.c src/shmhub/_layout.h src/shmhub/*.so

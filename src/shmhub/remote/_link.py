@@ -49,6 +49,8 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILE
                      | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
 
 _AGAIN: Any = object()  # an attempt found nothing to do yet
+# Plain ints: pyzmq's enum members cost an enum operation at every test on the hot path.
+_EVENTS, _POLLIN, _POLLOUT, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
 
 
 class RemoteStats:
@@ -118,6 +120,7 @@ class RemoteLink:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)  # close() waits for the sleepers to leave
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._polls: List["select.poll"] = []
         self._fds = (int(sock.getsockopt(zmq.FD)), int(self._mon.getsockopt(zmq.FD)), self._efd)
         self._rwait = 0  # threads asleep waiting to receive
         self._swait = 0  # ... to send
@@ -162,11 +165,9 @@ class RemoteLink:
 
     def _events(self) -> None:
         """Read the monitor (lock held): connection up, lost, refused."""
-        while True:
-            try:
-                parts = self._mon.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        mon = self._mon
+        while mon.getsockopt(_EVENTS) & _POLLIN:  # a check, not a raised zmq.Again, when empty
+            parts = mon.recv_multipart(zmq.NOBLOCK)
             ev = parse_monitor_message(parts)["event"]
             if ev & zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._connected = True
@@ -183,8 +184,8 @@ class RemoteLink:
     def _after(self) -> None:
         """After a zmq call (lock held): wake a sleeper whose edge this call may have consumed."""
         if self._rwait or self._swait:
-            ev = int(self._sock.getsockopt(zmq.EVENTS))
-            if (self._rwait and ev & zmq.POLLIN) or (self._swait and ev & zmq.POLLOUT):
+            ev = int(self._sock.getsockopt(_EVENTS))
+            if (self._rwait and ev & _POLLIN) or (self._swait and ev & _POLLOUT):
                 self._wake()
 
     # -- the one algorithm, two drivers -----------------------------------------------------
@@ -219,7 +220,9 @@ class RemoteLink:
                 self.stats.send_waits += 1
             return _AGAIN
 
-    def _unwait(self, receiving: bool) -> None:
+    def _unwait(self, receiving: bool, woken: bool) -> None:
+        """Count this thread awake again; `woken`: the eventfd fired (drain it, unless it says the
+        link is over: then it stays readable for every other sleeper)."""
         with self._lock:
             if receiving:
                 self._rwait -= 1
@@ -227,18 +230,29 @@ class RemoteLink:
                 self._swait -= 1
             if self._closed and not (self._rwait or self._swait):
                 self._idle.notify_all()
-        try:
-            os.eventfd_read(self._efd)
-        except OSError:
-            pass  # nothing to drain (or another sleeper drained it)
+            over = self._closed or self._gone is not None
+        if woken and not over:
+            try:
+                os.eventfd_read(self._efd)
+            except OSError:
+                pass  # another sleeper drained it
 
-    def _sleep_until(self, deadline: float) -> None:
+    def _sleep_until(self, deadline: float) -> bool:
+        """Sleep until a fd fires or the deadline; True if the eventfd fired."""
         deadline = min(deadline, self._wake_by())
         rem = deadline - time.monotonic()
-        p = select.poll()
-        for fd in self._fds:
-            p.register(fd, select.POLLIN)
-        p.poll(None if rem == math.inf else max(0, math.ceil(rem * 1000)))
+        try:
+            p = self._polls.pop()  # one poll object per concurrent sleeper, kept for the next wait
+        except IndexError:
+            p = select.poll()
+            for fd in self._fds:
+                p.register(fd, select.POLLIN)
+        try:
+            events = p.poll(None if rem == math.inf else max(0, math.ceil(rem * 1000)))
+        finally:
+            self._polls.append(p)
+        efd = self._efd
+        return any(fd == efd for fd, _ in events)
 
     def _wake_by(self) -> float:
         """When a sleeper must look again although nothing woke it: the connect deadline, the drain's end."""
@@ -250,10 +264,11 @@ class RemoteLink:
             r = self._step(attempt, receiving, deadline)
             if r is not _AGAIN:
                 return r
+            woken = True
             try:
-                self._sleep_until(deadline)
+                woken = self._sleep_until(deadline)
             finally:
-                self._unwait(receiving)
+                self._unwait(receiving, woken)
 
     async def _arun(self, attempt: Callable[[], Any], receiving: bool, timeout: Optional[float]) -> Any:
         deadline = deadline_of(timeout)
@@ -274,7 +289,7 @@ class RemoteLink:
             finally:
                 for fd in self._fds:
                     loop.remove_reader(fd)
-                self._unwait(receiving)
+                self._unwait(receiving, True)
 
     # -- attempts (lock held) ---------------------------------------------------------------
 
@@ -282,12 +297,14 @@ class RemoteLink:
         """The next payload (a Message, or bytes), handling control messages on the way."""
         sock = self._sock
         while True:
+            if not sock.getsockopt(_EVENTS) & _POLLIN:  # cheaper than a raised zmq.Again
+                return _AGAIN
             try:
                 if as_bytes:
-                    data: Any = sock.recv(zmq.NOBLOCK)
+                    data: Any = sock.recv(_NOBLOCK)
                     more = not data and sock.getsockopt(zmq.RCVMORE)
                 else:
-                    data = sock.recv(zmq.NOBLOCK, copy=False)
+                    data = sock.recv(_NOBLOCK, copy=False)
                     more = not len(data) and data.more
             except zmq.Again:
                 return _AGAIN
@@ -295,9 +312,13 @@ class RemoteLink:
                 self._control(sock.recv_multipart(zmq.NOBLOCK))
                 continue
             n = len(data)
-            self.stats.recv += 1
-            self.stats.recv_bytes += n
-            return data if as_bytes else Message(data, 0, n, TIER)
+            st = self.stats
+            st.recv += 1
+            st.recv_bytes += n
+            if as_bytes:
+                return data
+            # A small payload is copied out of its frame (cheaper than a view); a large one is viewed.
+            return Message(data.bytes if n < ZERO_COPY_MIN else data, 0, n, TIER)
 
     def _control(self, parts: List[bytes]) -> None:
         if len(parts) != 1:
@@ -309,10 +330,10 @@ class RemoteLink:
             raise LinkCorrupted(f"unexpected remote {c.kind.name} on an open link")
 
     def _put(self, data: Any) -> Any:
-        n = _nbytes(data)
+        n = len(data) if type(data) is bytes else _nbytes(data)
         try:
             if n < ZERO_COPY_MIN:
-                self._sock.send(data, zmq.NOBLOCK)
+                self._sock.send(data, _NOBLOCK)
                 tracker = None
             elif isinstance(data, bytes):  # immutable: zmq may keep it as it is
                 self._sock.send(data, zmq.NOBLOCK, copy=False)
@@ -323,8 +344,9 @@ class RemoteLink:
                 self.stats.sent_zero_copy += 1
         except zmq.Again:
             return _AGAIN
-        self.stats.sent += 1
-        self.stats.sent_bytes += n
+        st = self.stats
+        st.sent += 1
+        st.sent_bytes += n
         return tracker
 
     # -- sending ----------------------------------------------------------------------------
@@ -333,7 +355,15 @@ class RemoteLink:
         """Send one payload (any buffer); ShmTimeout if the peer's connection is not up in time,
         PeerDead/HostGone if it is gone, LinkClosed after close(). Large payloads go without a
         copy; send returns once the buffer may be reused."""
-        tracker = self._run(lambda: self._put(data), False, timeout)
+        with self._lock:  # the fast path: one attempt, when nothing is wrong
+            if self._closed or self._gone is not None or self._lost is not None:
+                tracker = _AGAIN
+            else:
+                tracker = self._put(data)
+                if self._rwait or self._swait:
+                    self._after()
+        if tracker is _AGAIN:
+            tracker = self._run(lambda: self._put(data), False, timeout)
         if tracker is not None:
             self._wait_sent(tracker, timeout)
 
@@ -376,12 +406,26 @@ class RemoteLink:
 
     def recv(self, timeout: Optional[float] = None) -> Message:
         """The next payload as a Message (tier "tcp", a zero-copy view of the received frame)."""
-        m: Message = self._run(lambda: self._take(False), True, timeout)
+        m: Message = self._fast_take(False)
+        if m is _AGAIN:
+            m = self._run(lambda: self._take(False), True, timeout)
         return m
 
     def recv_bytes(self, timeout: Optional[float] = None) -> bytes:
-        b: bytes = self._run(lambda: self._take(True), True, timeout)
+        b: bytes = self._fast_take(True)
+        if b is _AGAIN:
+            b = self._run(lambda: self._take(True), True, timeout)
         return b
+
+    def _fast_take(self, as_bytes: bool) -> Any:
+        """One attempt to receive, when nothing is wrong: a payload, or _AGAIN."""
+        with self._lock:
+            if self._closed or self._gone is not None or self._lost is not None:
+                return _AGAIN
+            r = self._take(as_bytes)
+            if self._rwait or self._swait:
+                self._after()
+            return r
 
     def try_recv(self) -> Optional[Message]:
         """A payload if one is there, else None (PeerDead/HostGone once the peer is gone)."""

@@ -9,7 +9,7 @@ import threading
 import time
 
 import pytest
-from conftest import LIVENESS, T, pair_on, start_guest, stop
+from remoteutil import LIVENESS, T, pair_on, start_guest, stop
 
 import shmhub
 from shmhub import HostGone, LinkClosed, Message, PeerDead, ShmTimeout

@@ -59,3 +59,18 @@ def test_every_example_encodes_and_decodes_as_documented():
 def test_malformed_control_messages_are_link_corrupted(data):
     with pytest.raises(LinkCorrupted):
         W.decode(data)
+
+
+def test_the_public_surface_is_pinned():
+    import shmhub.remote
+
+    assert shmhub.remote.__all__ == sorted(shmhub.remote.__all__)
+    assert shmhub.remote.__all__ == ["DEFAULT_LIVENESS", "Listener", "RemoteGuest", "RemoteLink", "RemoteStats", "connect"]
+
+
+def test_import_shmhub_does_not_import_pyzmq():
+    import subprocess
+    import sys
+
+    code = "import sys, shmhub; assert 'zmq' not in sys.modules and 'shmhub.remote' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import zmq.auth
-from conftest import LIVENESS, T
+from remoteutil import LIVENESS, T
 
 import shmhub
 from shmhub import BootstrapError, BootstrapRefused, ConfigError

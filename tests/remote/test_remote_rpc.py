@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import LIVENESS, T, pair_on, start_guest, stop
+from remoteutil import LIVENESS, T, pair_on, start_guest, stop
 
 from shmhub import PeerDead, rpc
 

@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import HERE, LIVENESS, T
+from remoteutil import HERE, LIVENESS, T
 
 import rtasks
 from shmhub import Executor, WorkerCrashed

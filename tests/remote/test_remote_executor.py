@@ -14,7 +14,7 @@ import pytest
 from remoteutil import HERE, LIVENESS, T
 
 import rtasks
-from shmhub import Executor, WorkerCrashed
+from shmhub import Executor, TaskTimeout, WorkerCrashed
 
 
 def start_worker(url: str) -> "subprocess.Popen[bytes]":
@@ -87,3 +87,16 @@ def test_a_remote_worker_lost_mid_task_fails_only_its_task(pool, how):
         if how == "stop":
             os.kill(proc.pid, signal.SIGCONT)
             proc.kill()
+
+
+def test_a_remote_task_past_its_timeout_fails_with_task_timeout_and_its_worker_leaves(pool):
+    ex, proc = pool
+    first = ex.options(timeout=5).submit(rtasks.hold, 0.1, 0.1)  # a tie goes to the local worker
+    late = ex.options(timeout=0.3).submit(rtasks.hold, 0.1, 1.5)  # the remote one: runs too long
+    t0 = time.monotonic()
+    with pytest.raises(TaskTimeout):
+        late.result(T)
+    assert time.monotonic() - t0 < 2
+    assert first.result(T)[0] == "local"
+    assert proc.wait(T) == 0  # its link closed: it exits once the task returns
+    assert not any(w["remote"] for w in ex.stats()["workers"])

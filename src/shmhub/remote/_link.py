@@ -166,7 +166,7 @@ class RemoteLink:
     def _events(self) -> None:
         """Read the monitor (lock held): connection up, lost, refused."""
         mon = self._mon
-        while mon.getsockopt(_EVENTS) & _POLLIN:  # a check, not a raised zmq.Again, when empty
+        while mon.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]  # an int; a check, not a raised zmq.Again
             parts = mon.recv_multipart(zmq.NOBLOCK)
             ev = parse_monitor_message(parts)["event"]
             if ev & zmq.EVENT_HANDSHAKE_SUCCEEDED:
@@ -297,7 +297,7 @@ class RemoteLink:
         """The next payload (a Message, or bytes), handling control messages on the way."""
         sock = self._sock
         while True:
-            if not sock.getsockopt(_EVENTS) & _POLLIN:  # cheaper than a raised zmq.Again
+            if not sock.getsockopt(_EVENTS) & _POLLIN:  # type: ignore[operator]  # an int; cheaper than a raised zmq.Again
                 return _AGAIN
             try:
                 if as_bytes:

@@ -6,6 +6,8 @@ Both sides pickle the same objects, so the comparison is of transports, not of s
   send_pyobj/recv_pyobj. Also shmhub.rpc's call over the same kind of link, for reference.
 - streaming: N objects one way, then an acknowledgement. shmhub: the same link; raw: PUSH/PULL
   (the acknowledgement on a second PUSH/PULL pair).
+The shmhub receiver uses recv_bytes below 64 KiB and recv (a zero-copy Message) above, as an
+application that knows its sizes would (docs/remote.md); raw pyzmq uses recv_pyobj throughout.
 The peer is a child process (`python -m benchmarks.remote_bench peer SYSTEM ENDPOINT...`); this
 process runs on core 0, the peer on core 1. Systems alternate within each repeat, and each figure is
 the median of the repeats. The goal (issue 18): shmhub's time at most 1.2x raw pyzmq's."""
@@ -32,14 +34,26 @@ GOAL = 1.2
 
 # -- peers (child processes) -----------------------------------------------------------------
 
+def receiver(link: Any, size: int) -> Callable[[], Any]:
+    """What an application that knows its sizes calls: recv_bytes for small payloads, recv (a
+    zero-copy Message) for large ones; either way the object is unpickled from it."""
+    if size < (64 << 10):
+        return lambda: pickle.loads(link.recv_bytes())
+
+    def recv() -> Any:
+        with link.recv() as m:
+            return pickle.loads(m)
+    return recv
+
+
 def peer_shmhub(endpoint: str) -> None:
     import shmhub
 
     link = shmhub.connect(endpoint, name="bench")
+    recv = receiver(link, 0)
     while True:
-        with link.recv() as m:
-            obj = pickle.loads(m)
-        if type(obj) is tuple:
+        obj = recv()
+        if type(obj) is tuple:  # ("size", n), ("stream", n, size), ("rpc",), ("quit",)
             if obj[0] == "quit":
                 break
             if obj[0] == "rpc":
@@ -47,10 +61,12 @@ def peer_shmhub(endpoint: str) -> None:
 
                 rpc.serve(link, {"echo": lambda x: x})
                 return
-            n = obj[1]  # ("stream", n): n objects, then one acknowledgement
+            if obj[0] == "size":
+                recv = receiver(link, obj[1])
+                continue
+            n, each = obj[1], receiver(link, obj[2])
             for _ in range(n):
-                with link.recv() as m:
-                    pickle.loads(m)
+                each()
             link.send(pickle.dumps(n))
         else:
             link.send(pickle.dumps(obj))
@@ -108,22 +124,23 @@ class Shmhub:
         self.link = self.listener.accept(timeout=30).link
 
     def round_trip(self, obj: Any, n: int) -> float:
-        link, dumps, loads = self.link, pickle.dumps, pickle.loads
+        link, dumps = self.link, pickle.dumps
+        link.send(dumps(("size", len(obj))))  # the peer picks its receiver, as an application would
+        recv = receiver(link, len(obj))
         t0 = time.perf_counter()
         for _ in range(n):
             link.send(dumps(obj))
-            with link.recv() as m:
-                loads(m)
+            recv()
         return (time.perf_counter() - t0) / n
 
     def stream(self, obj: Any, n: int) -> float:
         link, dumps = self.link, pickle.dumps
+        link.send(dumps(("size", 0)))
         t0 = time.perf_counter()
-        link.send(dumps(("stream", n)))
+        link.send(dumps(("stream", n, len(obj))))
         for _ in range(n):
             link.send(dumps(obj))
-        with link.recv() as m:
-            assert pickle.loads(m) == n
+        assert pickle.loads(link.recv_bytes()) == n
         return (time.perf_counter() - t0) / n
 
     def close(self) -> None:
@@ -209,7 +226,7 @@ def run(quick: bool) -> Dict[str, Any]:
     samples: Dict[Tuple[str, str, int], List[float]] = {}
     try:
         for s in systems:  # warm up: connections, allocators, pickle
-            s.round_trip(b"x" * SMALL, 200)
+            s.round_trip(os.urandom(SMALL), 200)
         for _ in range(repeats):
             for size in (SMALL, LARGE):
                 obj = os.urandom(size)

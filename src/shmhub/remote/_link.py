@@ -51,6 +51,7 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILE
 _AGAIN: Any = object()  # an attempt found nothing to do yet
 # Plain ints: pyzmq's enum members cost an enum operation at every test on the hot path.
 _EVENTS, _POLLIN, _POLLOUT, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.NOBLOCK)
+_RCVMORE = int(zmq.RCVMORE)
 
 
 class RemoteStats:
@@ -129,6 +130,7 @@ class RemoteLink:
         self._connected = False
         self._connect_deadline = connect_deadline  # dead if the peer's connection is not up by then
         self._gone: Optional[str] = None  # why the peer is gone
+        self._bad = False  # closed, gone or lost: the fast paths step aside
         self._lost: Optional[str] = None  # the connection dropped: frames received may still surface
         self._drain_until = math.inf
 
@@ -155,6 +157,7 @@ class RemoteLink:
         """Lock held."""
         if self._gone is None:
             self._gone = reason
+            self._bad = True
             self._wake()  # a sleeper may be on a monitor fd another thread just drained
 
     def _wake(self) -> None:
@@ -175,6 +178,7 @@ class RemoteLink:
                 self._mark_gone("the security handshake failed (wrong CURVE key?)")
             elif ev & (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED) and self._connected and self._lost is None:
                 self._lost = "connection lost (closed, or no heartbeat answer)"
+                self._bad = True
                 self._drain_until = time.monotonic() + DRAIN_GRACE
         if self._lost is not None and time.monotonic() >= self._drain_until:
             self._mark_gone(self._lost)
@@ -355,11 +359,21 @@ class RemoteLink:
         """Send one payload (any buffer); ShmTimeout if the peer's connection is not up in time,
         PeerDead/HostGone if it is gone, LinkClosed after close(). Large payloads go without a
         copy; send returns once the buffer may be reused."""
+        tracker = _AGAIN
         with self._lock:  # the fast path: one attempt, when nothing is wrong
-            if self._closed or self._gone is not None or self._lost is not None:
-                tracker = _AGAIN
-            else:
-                tracker = self._put(data)
+            if not self._bad:
+                if type(data) is bytes and len(data) < ZERO_COPY_MIN:  # the common case, inline
+                    try:
+                        self._sock.send(data, _NOBLOCK)
+                    except zmq.Again:
+                        pass
+                    else:
+                        st = self.stats
+                        st.sent += 1
+                        st.sent_bytes += len(data)
+                        tracker = None
+                else:
+                    tracker = self._put(data)
                 if self._rwait or self._swait:
                     self._after()
         if tracker is _AGAIN:
@@ -412,7 +426,24 @@ class RemoteLink:
         return m
 
     def recv_bytes(self, timeout: Optional[float] = None) -> bytes:
-        b: bytes = self._fast_take(True)
+        with self._lock:  # the fast path, inline: a payload that is there, when nothing is wrong
+            if not self._bad:
+                try:
+                    b: bytes = self._sock.recv(_NOBLOCK)
+                except zmq.Again:
+                    b = _AGAIN
+                else:
+                    if b or not self._sock.getsockopt(_RCVMORE):  # not a control message
+                        st = self.stats
+                        st.recv += 1
+                        st.recv_bytes += len(b)
+                        if self._rwait or self._swait:
+                            self._after()
+                        return b
+                    self._control(self._sock.recv_multipart(_NOBLOCK))
+                    b = _AGAIN
+            else:
+                b = _AGAIN
         if b is _AGAIN:
             b = self._run(lambda: self._take(True), True, timeout)
         return b
@@ -420,7 +451,7 @@ class RemoteLink:
     def _fast_take(self, as_bytes: bool) -> Any:
         """One attempt to receive, when nothing is wrong: a payload, or _AGAIN."""
         with self._lock:
-            if self._closed or self._gone is not None or self._lost is not None:
+            if self._bad:
                 return _AGAIN
             r = self._take(as_bytes)
             if self._rwait or self._swait:
@@ -495,6 +526,7 @@ class RemoteLink:
             if self._closed:
                 return
             self._closed = True
+            self._bad = True
             if self._gone is None:
                 try:
                     self._sock.send_multipart([b"", _wire.encode(_wire.Control(_wire.Kind.BYE))], zmq.NOBLOCK)

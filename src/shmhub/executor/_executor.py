@@ -529,12 +529,22 @@ class Executor(cf.Executor):
 
     def _remote_joined(self, guest: "RemoteGuest") -> None:
         with self._lock:
+            refused = self._broken is not None or self._shutdown
+            wid = next(self._ids)
+        if refused:
+            guest.kill()
+            return
+        # Its init call waits for the guest's connection (no lock held): tasks come after it.
+        w = make_remote_worker(self, wid, guest)
+        with self._lock:
             if self._broken is not None or self._shutdown:
-                guest.kill()
-                return
-            w = make_remote_worker(self, next(self._ids), guest)
-            self._workers[w.wid] = w
-            self._cond.notify_all()
+                refused = True
+            else:
+                self._workers[w.wid] = w
+                self._cond.notify_all()
+        if refused:
+            w.close()
+            return
         self._pump()
 
     def _drop_region(self, rid: int) -> None:

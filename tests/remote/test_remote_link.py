@@ -276,3 +276,18 @@ def test_a_listener_without_keys_refuses_a_non_loopback_address():
         Listener("tcp://0.0.0.0:0")
     with pytest.raises(shmhub.ConfigError):
         Listener("udp://127.0.0.1:0")
+
+
+def test_many_tasks_of_one_loop_wait_on_one_link_at_once(pair):
+    host, guest = pair
+
+    async def main():
+        readers = [asyncio.ensure_future(guest.arecv_bytes(timeout=T)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        for i in range(3):
+            await host.asend(b"%d" % i, timeout=T)
+        got = await asyncio.wait_for(asyncio.gather(*readers), T)
+        assert not guest._aio  # the last waiter took the loop's readers away
+        return sorted(got)
+
+    assert asyncio.run(main()) == [b"0", b"1", b"2"]

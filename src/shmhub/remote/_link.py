@@ -21,7 +21,7 @@ import os
 import select
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -95,9 +95,10 @@ def deadline_of(timeout: Optional[float]) -> float:
     return time.monotonic() + timeout
 
 
-def _wake_async(fut: "asyncio.Future[None]") -> None:
-    if not fut.done():
-        fut.set_result(None)
+def _wake_all(waiters: "Set[asyncio.Future[None]]") -> None:
+    for fut in list(waiters):
+        if not fut.done():
+            fut.set_result(None)
 
 
 class RemoteLink:
@@ -122,6 +123,7 @@ class RemoteLink:
         self._idle = threading.Condition(self._lock)  # close() waits for the sleepers to leave
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._polls: List["select.poll"] = []
+        self._aio: Dict[asyncio.AbstractEventLoop, Set["asyncio.Future[None]"]] = {}  # per loop (_loop_waiters)
         self._fds = (int(sock.getsockopt(zmq.FD)), int(self._mon.getsockopt(zmq.FD)), self._efd)
         self._rwait = 0  # threads asleep waiting to receive
         self._swait = 0  # ... to send
@@ -282,8 +284,8 @@ class RemoteLink:
             if r is not _AGAIN:
                 return r
             fut: asyncio.Future[None] = loop.create_future()
-            for fd in self._fds:
-                loop.add_reader(fd, _wake_async, fut)
+            waiters = self._loop_waiters(loop)
+            waiters.add(fut)
             try:
                 rem = min(deadline, self._wake_by()) - time.monotonic()
                 if rem == math.inf:
@@ -291,9 +293,22 @@ class RemoteLink:
                 else:
                     await asyncio.wait([fut], timeout=max(0.0, rem))
             finally:
-                for fd in self._fds:
-                    loop.remove_reader(fd)
+                waiters.discard(fut)
+                if not waiters:  # the loop's last waiter on this link: its readers go
+                    del self._aio[loop]
+                    for fd in self._fds:
+                        loop.remove_reader(fd)
                 self._unwait(receiving, True)
+
+    def _loop_waiters(self, loop: asyncio.AbstractEventLoop) -> "Set[asyncio.Future[None]]":
+        """The futures of this loop's tasks waiting on the link, woken together by one reader per
+        fd (a loop has one reader per fd: tasks adding their own would replace each other's)."""
+        waiters = self._aio.get(loop)
+        if waiters is None:
+            waiters = self._aio[loop] = set()
+            for fd in self._fds:
+                loop.add_reader(fd, _wake_all, waiters)
+        return waiters
 
     # -- attempts (lock held) ---------------------------------------------------------------
 

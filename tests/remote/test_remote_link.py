@@ -291,3 +291,19 @@ def test_many_tasks_of_one_loop_wait_on_one_link_at_once(pair):
         return sorted(got)
 
     assert asyncio.run(main()) == [b"0", b"1", b"2"]
+
+
+def test_an_ipv6_loopback_listener():
+    import zmq
+
+    try:
+        lis = Listener("tcp://[::1]:0", liveness=LIVENESS)
+    except zmq.ZMQError:
+        pytest.skip("no IPv6 loopback here")
+    try:
+        g, link = pair_on(lis)
+        link.send(b"six")
+        assert g.link.recv_bytes(timeout=T) == b"six" and g.address == "::1"
+        link.close()
+    finally:
+        lis.close()

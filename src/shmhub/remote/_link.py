@@ -72,7 +72,7 @@ class RemoteStats:
         return self.as_dict()
 
 
-def configure(sock: zmq.Socket[Any], liveness: float) -> None:
+def configure(sock: zmq.Socket[Any], liveness: float, ipv6: bool = False) -> None:
     """Options every remote socket gets: heartbeats, no drop. Reconnection stays on: with it off a
     connecting socket drops the frames it received but not yet read when the connection ends. A
     lost link stays lost all the same (the monitor's EVENT_DISCONNECTED ends it)."""
@@ -83,6 +83,8 @@ def configure(sock: zmq.Socket[Any], liveness: float) -> None:
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, ms)
     sock.setsockopt(zmq.HEARTBEAT_TTL, ms)
     sock.setsockopt(zmq.LINGER, 2000)
+    if ipv6:
+        sock.setsockopt(zmq.IPV6, 1)
     sock.setsockopt(zmq.SNDHWM, 0)  # bounded by the peer reading, as with a ring: no drop, no block
     sock.setsockopt(zmq.RCVHWM, 0)
 

@@ -141,7 +141,7 @@ class Listener:
 
     def _socket(self, kind: int) -> "zmq.Socket[Any]":
         s: zmq.Socket[Any] = self._ctx.socket(kind)
-        configure(s, self._liveness)
+        configure(s, self._liveness, ipv6=":" in self._host)
         if self._curve is not None:
             s.curve_server = True
             s.curve_publickey, s.curve_secretkey = self._curve
@@ -304,7 +304,7 @@ def connect(url: str, *, timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT, nam
 
     def socket() -> "zmq.Socket[Any]":
         s: zmq.Socket[Any] = ctx.socket(zmq.DEALER)
-        configure(s, liveness)
+        configure(s, liveness, ipv6=":" in host)
         if curve is not None:
             s.curve_publickey, s.curve_secretkey, s.curve_serverkey = curve
         return s

@@ -248,11 +248,11 @@ class Listener:
             guests, self._guests = self._guests, []
             self._queue.clear()
             self._cond.notify_all()
+        for g in guests:  # first: an on_guest callback blocked on one of them returns
+            g.link.close()
         os.eventfd_write(self._efd, 1)
         self._thread.join()
         os.close(self._efd)
-        for g in guests:
-            g.link.close()
         self._teardown()
 
     def _teardown(self) -> None:

@@ -307,3 +307,19 @@ def test_an_ipv6_loopback_listener():
         link.close()
     finally:
         lis.close()
+
+
+def test_alive_turns_false_for_an_idle_link_whose_guest_died(listener):
+    proc = start_guest("echo.py", listener.endpoint, LIVENESS)
+    try:
+        g = listener.accept(timeout=T)
+        g.link.send(b"hi", timeout=T)
+        assert g.link.recv_bytes(timeout=T) == b"hi" and g.alive and listener.guests() == [g]
+        proc.kill()
+        t0 = time.monotonic()
+        while g.alive:  # nobody reads the link: alive itself looks at its monitor
+            assert time.monotonic() - t0 < LIVENESS + 1.0
+            time.sleep(0.01)
+        assert listener.guests() == []
+    finally:
+        stop(proc)

@@ -21,7 +21,7 @@ import os
 import select
 import threading
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, Iterable, Iterator, List, Optional, Set
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
@@ -146,8 +146,12 @@ class RemoteLink:
 
     @property
     def alive(self) -> bool:
-        """The peer is connected (or still expected) and this end is open."""
-        return not self._closed and self._gone is None and self._lost is None
+        """The peer is connected (or still expected) and this end is open (the monitor is read
+        now: an idle link's dead peer shows here too)."""
+        with self._lock:
+            if not self._closed:
+                self._events()
+            return not self._closed and self._gone is None and self._lost is None
 
     @property
     def gone_reason(self) -> Optional[str]:
@@ -585,6 +589,3 @@ def _nbytes(data: Any) -> int:
     with memoryview(data) as mv:
         return mv.nbytes
 
-
-Payload = Union[bytes, Message]
-AddressPort = Tuple[str, int]

@@ -142,6 +142,7 @@ class Message:
     writable: bool
     nbytes: int
     token: object
+    owned_by_views: bool
     def __init__(self, owner: Union[Region, bytes, Buffer], offset: int, length: int, tier: str,
                  on_release: Optional[Callable[[], None]] = None, writable: bool = False) -> None: ...
     def __len__(self) -> int: ...

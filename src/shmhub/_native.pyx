@@ -12,6 +12,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 
 import os
+from warnings import warn as _warn  # bound now: usable from __del__ at shutdown
 
 from shmhub.errors import (
     DoubleFree,
@@ -1767,9 +1768,10 @@ cdef const char* _view_ptr(object mv):
 
 cdef class Message:
     """A received payload. Supports the buffer protocol (read-only); slot and mapping payloads
-    are views into shared memory, freed by release(), a with block, or garbage collection.
-    release() refuses while memoryviews of the message are still alive; a with block that ends
-    while some are alive releases the message when the last of them goes."""
+    are views into shared memory, freed by release() or a with block (garbage collection frees
+    them too, with a ResourceWarning, as for an unclosed file). release() refuses while
+    memoryviews of the message are still alive; a with block that ends while some are alive
+    releases the message when the last of them goes."""
     cdef object owner
     cdef const char* ptr
     cdef Py_ssize_t length
@@ -1780,6 +1782,7 @@ cdef class Message:
     cdef bint release_pending  # a with block ended while views were alive: release with the last one
     cdef readonly bint writable
     cdef public object token  # what the link needs to send a reserved buffer
+    cdef public bint owned_by_views  # link.empty(): the array owns it; the collector frees it quietly
     cdef SlotPool slot_pool  # set by recv_next: the slot is freed natively on release
     cdef Ring wake_ring  # with slot_pool: on_release() runs only if this ring's producer waits (claimed here)
     cdef int sc, se
@@ -1900,7 +1903,15 @@ cdef class Message:
             self.release()
 
     def __del__(self):
-        if not self.released:
+        if self.released:
+            return
+        try:
+            if not self.owned_by_views and (self.slot_pool is not None or self.on_release is not None
+                                            or isinstance(self.owner, Region)):  # a remote frame is not shared memory
+                # Shared memory freed by the collector, as a file closed by it: say so (ResourceWarning,
+                # ignored by default; the tests make it an error, raised from here as unraisable).
+                _warn(f"unreleased {self!r}: release() it or use a with block", ResourceWarning, source=self)
+        finally:
             try:
                 self._finish()
             except Exception:

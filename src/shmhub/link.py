@@ -9,6 +9,7 @@ import time
 import weakref
 from collections import deque
 from typing import Callable, Deque, Optional
+from warnings import warn as _warn  # bound now: usable from __del__ at shutdown
 
 from . import layout as L
 from ._native import FastLock, LinkCore, LinkStats, Message, NeedExtent, Ring, SlotShares, recv_next, send_slot
@@ -1029,6 +1030,14 @@ class Link(LinkCore):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        # A guest's unclosed link keeps its peer entry until the process exits, and the host then
+        # reports a death, not a goodbye: say so, as an unclosed file does (ResourceWarning).
+        # Nothing is closed from here: the collector may run in a thread holding this link's locks.
+        # A host's links are the Host's to close.
+        if not getattr(self, "_closed", True) and self.side == GUEST:
+            _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1, source=self)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("dead" if self._dead else "corrupted" if self._corrupt else "open")

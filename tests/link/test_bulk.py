@@ -114,7 +114,8 @@ def test_recv_many_bounds_and_timeout(pair):
     h.send_many([b"a", b"bb", b"c" * 2000, b"dd"])
     first = g.recv_many(3, timeout=TIMEOUT)
     assert [bytes(m) for m in first] == [b"a", b"bb", b"c" * 2000]
-    del first
+    assert [type(m).__name__ for m in first] == ["bytes", "bytes", "Message"]  # inline ones are bytes
+    first[2].release()
     assert [bytes(m) for m in g.recv_many(10, timeout=TIMEOUT)] == [b"dd"]
 
 

@@ -323,3 +323,14 @@ def test_alive_turns_false_for_an_idle_link_whose_guest_died(listener):
         assert listener.guests() == []
     finally:
         stop(proc)
+
+
+def test_a_link_left_to_the_collector_warns_and_is_closed(listener):
+    import gc
+
+    g, link = pair_on(listener)
+    with pytest.warns(ResourceWarning, match="unclosed <shmhub.RemoteLink guest"):
+        del link
+        gc.collect()
+    with pytest.raises(PeerDead):  # the collector's close said goodbye
+        g.link.recv(timeout=T)

@@ -572,6 +572,18 @@ class RemoteLink:
         if self._owns_context:
             self._ctx.term()  # waits for the BYE (and anything queued) up to the linger time
 
+    def __del__(self) -> None:
+        if getattr(self, "_released", True):
+            return
+        # Sockets and (on a guest) a context left to the collector, as a file closed by it: say so.
+        import warnings
+
+        warnings.warn(f"unclosed {self!r}: close() it or use a with block", ResourceWarning, stacklevel=2, source=self)
+        try:
+            self.close(linger=0)
+        except Exception:
+            pass  # interpreter shutdown: zmq may be gone already
+
     def __enter__(self) -> "RemoteLink":
         return self
 

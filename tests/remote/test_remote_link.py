@@ -334,3 +334,28 @@ def test_a_link_left_to_the_collector_warns_and_is_closed(listener):
         gc.collect()
     with pytest.raises(PeerDead):  # the collector's close said goodbye
         g.link.recv(timeout=T)
+
+
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_a_guest_sees_host_gone_when_the_host_process_is_killed_or_stopped(how):
+    import subprocess
+    import sys
+
+    from remoteutil import GUESTS
+
+    proc = subprocess.Popen([sys.executable, os.path.join(GUESTS, "listener.py"), str(LIVENESS)], stdout=subprocess.PIPE)
+    try:
+        link = shmhub.connect(proc.stdout.readline().decode().strip(), timeout=T, liveness=LIVENESS)
+        try:
+            assert link.recv_bytes(timeout=T) == b"ready"
+            os.kill(proc.pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+            t0 = time.monotonic()
+            with pytest.raises(HostGone):
+                link.recv(timeout=T)
+            assert time.monotonic() - t0 < LIVENESS + 1.0
+        finally:
+            link.close()
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        stop(proc)
+        proc.stdout.close()

@@ -184,7 +184,7 @@ class RemoteLink:
                 self._connected = True
             elif ev & _HANDSHAKE_FAILED:
                 self._mark_gone("the security handshake failed (wrong CURVE key?)")
-            elif ev & (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED) and self._connected and self._lost is None:
+            elif ev & (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED) and self._lost is None:
                 self._lost = "connection lost (closed, or no heartbeat answer)"
                 self._bad = True
                 self._drain_until = time.monotonic() + DRAIN_GRACE

@@ -313,12 +313,18 @@ def connect(url: str, *, timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT, nam
         welcome = _handshake(socket(), url, name, deadline)
         sock = socket()
         try:
-            sock.connect(f"tcp://{host}:{welcome}")
-            return RemoteLink(ctx, sock, "guest", url, connect_deadline=min(deadline, time.monotonic() + CONNECT_GRACE),
+            # The link (and its monitor) first: a handshake done before the monitor is attached goes unseen.
+            link = RemoteLink(ctx, sock, "guest", url, connect_deadline=min(deadline, time.monotonic() + CONNECT_GRACE),
                               owns_context=True)
         except BaseException:
             sock.close(0)
             raise
+        try:
+            sock.connect(f"tcp://{host}:{welcome}")
+        except BaseException:
+            link.close(0)
+            raise
+        return link
     except BaseException:
         ctx.term()
         raise

@@ -74,6 +74,7 @@ cdef extern from "_layout.h":
     const unsigned long long SHMHUB_RING_HEADER_SIZE, SHMHUB_RING_WRITE, SHMHUB_RING_WATERMARK
     const unsigned long long SHMHUB_RING_CAPACITY, SHMHUB_RING_READ, SHMHUB_RING_ALIGN
     const unsigned long long SHMHUB_RING_PRODUCER_WAITING, SHMHUB_RING_CONSUMER_WAITING
+    const unsigned long long SHMHUB_RING_SENT_MESSAGES, SHMHUB_RING_SENT_BYTES
     const unsigned long long SHMHUB_FRAME_HEADER_SIZE, SHMHUB_FRAME_TOTAL_LEN, SHMHUB_FRAME_FLAGS
     const unsigned long long SHMHUB_FRAME_INLINE_LEN, SHMHUB_FRAME_ALIGN
     const unsigned long long SHMHUB_FLAG_SLOT_REF, SHMHUB_FLAG_MMAP_REF
@@ -586,6 +587,7 @@ cdef class Ring:
     cdef uint32_t seen_read  # producer: a read index loaded earlier
     cdef bint seen_read_ok
     cdef uint32_t run_end  # consumer: end of the contiguous readable run last found (0: none)
+    cdef public bint counting  # FEATURE_RING_COUNTERS: the producer keeps RING_SENT_* (set by Segment)
 
     def __init__(self, Region region, Py_ssize_t offset):
         cdef char* h = region.ptr(offset, SHMHUB_RING_HEADER_SIZE, SHMHUB_RING_ALIGN)
@@ -1049,6 +1051,32 @@ cdef class Ring:
         shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
         shm_store32(self.hdr + SHMHUB_RING_PRODUCER_WAITING, 0, SHM_RELEASE)
         shm_store32(self.hdr + SHMHUB_RING_CONSUMER_WAITING, 0, SHM_RELEASE)
+        if self.counting:
+            shm_store64(self.hdr + SHMHUB_RING_SENT_MESSAGES, 0, SHM_RELAXED)
+            shm_store64(self.hdr + SHMHUB_RING_SENT_BYTES, 0, SHM_RELAXED)
+
+    cdef inline void c_count(self, uint64_t messages, uint64_t nbytes) noexcept:
+        """Add to the producer's running totals (FEATURE_RING_COUNTERS). The producer's send lock
+        is held: one writer, so a relaxed load and store suffice (no read-modify-write)."""
+        if self.counting:
+            shm_store64(self.hdr + SHMHUB_RING_SENT_MESSAGES,
+                        shm_load64(self.hdr + SHMHUB_RING_SENT_MESSAGES, SHM_RELAXED) + messages, SHM_RELAXED)
+            shm_store64(self.hdr + SHMHUB_RING_SENT_BYTES,
+                        shm_load64(self.hdr + SHMHUB_RING_SENT_BYTES, SHM_RELAXED) + nbytes, SHM_RELAXED)
+
+    def count_sent(self, uint64_t messages, uint64_t nbytes):
+        """Producer (send lock held): `messages` more committed, carrying `nbytes` of payload."""
+        self.wlive()
+        self.c_count(messages, nbytes)
+
+    @property
+    def sent(self):
+        """(messages, payload bytes) the producer has committed (FEATURE_RING_COUNTERS), else None."""
+        if not self.counting:
+            return None
+        self.live()
+        return (shm_load64(self.hdr + SHMHUB_RING_SENT_MESSAGES, SHM_RELAXED),
+                shm_load64(self.hdr + SHMHUB_RING_SENT_BYTES, SHM_RELAXED))
 
     @property
     def waiting(self):
@@ -2366,8 +2394,10 @@ cdef class LinkCore:
                             r = c_send_slot(self._tx, self._pool, p, n, self._owner, self._shares)
                         except NeedExtent:
                             r = -1  # the slow path maps the extent
-                    if r >= 0 and self._elide:
-                        wake = self._tx.c_waiting(False)
+                    if r >= 0:
+                        self._tx.c_count(1, n)
+                        if self._elide:
+                            wake = self._tx.c_waiting(False)
                 finally:
                     self._tx_lock.c_release()
         finally:
@@ -2452,6 +2482,7 @@ cdef class LinkCore:
                     if self._shares is not None:
                         self._shares.hold(m.sc, m.se, m.ss, m.sgen)
                     m.detach()  # committed: the slot now travels with the ref
+                    self._tx.c_count(1, n)
                     sent = True
                     wake = self._elide and self._tx.c_waiting(False)
             finally:

@@ -34,6 +34,8 @@ def inspect_segment(seg: Segment) -> Dict[str, Any]:
             else:
                 used = max(0, write - read)
             rings[name] = {"offset": ring.offset, "capacity": ring.capacity, "write": write, "watermark": watermark, "read": read, "used": used}
+            if ring.sent is not None:  # FEATURE_RING_COUNTERS
+                rings[name]["sent_messages"], rings[name]["sent_bytes"] = ring.sent
         state = seg.region.load_u32(lay.peer_entry_offset(pid) + L.PEER_STATE)
         entry = {}
         if seg.features & L.FEATURE_MMAP_LEASES:

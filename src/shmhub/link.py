@@ -406,6 +406,7 @@ class Link(LinkCore):
                 self._wait(lambda: tx.write_inline(mv), tx, True, deadline, lambda b: tx.spin_room(size, b))
             self.stats.sent_inline += 1
             self.stats.sent_bytes_inline += n
+            self._tx.count_sent(1, n)  # FEATURE_RING_COUNTERS (shmhub top)
         elif n <= self._slot_max:
             self._send_slot(mv, n, deadline)
         else:
@@ -434,6 +435,7 @@ class Link(LinkCore):
                 if k:
                     self.stats.sent_inline += k
                     self.stats.sent_bytes_inline += tx.batch_bytes
+                    self._tx.count_sent(k, tx.batch_bytes)
                     i += k
                     self._notify(False, tx)
                     continue
@@ -470,6 +472,7 @@ class Link(LinkCore):
                 if k:
                     self.stats.sent_inline += k
                     self.stats.sent_bytes_inline += tx.batch_bytes
+                    self._tx.count_sent(k, tx.batch_bytes)
                     i += k
                     self._notify(False, tx)
                     continue
@@ -511,6 +514,7 @@ class Link(LinkCore):
                 return "ring"
             self.stats.sent_inline += 1
             self.stats.sent_bytes_inline += n
+            self._tx.count_sent(1, n)
         elif n <= self._slot_max:
             if not tx.can_grant(L.SLOT_REF_FRAME_SIZE):
                 return "ring"
@@ -530,6 +534,7 @@ class Link(LinkCore):
             self._hold(c, e, s, gen)
             self.stats.sent_slot += 1
             self.stats.sent_bytes_slot += n
+            self._tx.count_sent(1, n)
         else:
             if not tx.can_grant(L.MMAP_REF_FRAME_SIZE):
                 return "ring"
@@ -549,6 +554,7 @@ class Link(LinkCore):
             m.last_used = time.monotonic()
             self.stats.sent_mmap += 1
             self.stats.sent_bytes_mmap += n
+            self._tx.count_sent(1, n)
         self._notify(False, tx)
         return None
 
@@ -558,6 +564,7 @@ class Link(LinkCore):
             if send_slot(tx, self._pool, mv, self._owner, False, self._shares) >= 0:  # the caller notifies
                 self.stats.sent_slot += 1
                 self.stats.sent_bytes_slot += n
+                self._tx.count_sent(1, n)
                 return
         except NeedExtent as err:
             seg._need(err)
@@ -574,6 +581,7 @@ class Link(LinkCore):
         self._hold(c, e, s, gen)
         self.stats.sent_slot += 1
         self.stats.sent_bytes_slot += n
+        self._tx.count_sent(1, n)
 
     def _take_slot(self, need: int, deadline: Optional[float]):
         """A slot for `need` bytes, waiting while the fitting classes are exhausted or hold this
@@ -677,6 +685,7 @@ class Link(LinkCore):
         m.last_used = time.monotonic()
         self.stats.sent_mmap += 1
         self.stats.sent_bytes_mmap += n
+        self._tx.count_sent(1, n)
 
     # -- zero-copy send ---------------------------------------------------------------------
 
@@ -721,6 +730,7 @@ class Link(LinkCore):
                 self._hold(c, e, s, gen)
                 self.stats.sent_slot += 1
                 self.stats.sent_bytes_slot += n
+                self._tx.count_sent(1, n)
             else:
                 m = ref
                 region, leases_off = self.segment.region, self._tx_counters[2]
@@ -736,6 +746,7 @@ class Link(LinkCore):
                 m.last_used = time.monotonic()
                 self.stats.sent_mmap += 1
                 self.stats.sent_bytes_mmap += n
+                self._tx.count_sent(1, n)
             buf.detach()  # committed: the lease / slot now travels with the ref
             self._notify(False, tx)
         finally:

@@ -1771,6 +1771,29 @@ def spin_any_readable(rings, int64_t spin_ns):
 # Message: a received payload exposing the buffer protocol (zero-copy for slot/mmap payloads)
 # ---------------------------------------------------------------------------------------------
 
+cdef object _pinned_view(object owner, Py_ssize_t offset, Py_ssize_t length):
+    """A memoryview holding an export of any C-contiguous buffer: the memory stays put while it lives."""
+    try:
+        mv = memoryview(owner)
+    except TypeError:
+        raise TypeError("owner must be a Region, bytes or a C-contiguous buffer") from None
+    if not mv.c_contiguous:
+        mv.release()
+        raise TypeError("owner must be a Region, bytes or a C-contiguous buffer")
+    if offset < 0 or length < 0 or offset > mv.nbytes - length:
+        mv.release()
+        raise IndexError("message span outside its buffer")
+    return mv
+
+
+cdef const char* _view_ptr(object mv):
+    cdef Py_buffer view
+    PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
+    cdef const char* p = <const char*>view.buf
+    PyBuffer_Release(&view)  # the memoryview keeps its own export, so p stays valid while it lives
+    return p
+
+
 cdef class Message:
     """A received payload. Supports the buffer protocol (read-only); slot and mapping payloads
     are views into shared memory, freed by release() or a with block (garbage collection frees
@@ -1807,7 +1830,8 @@ cdef class Message:
                 raise IndexError("message span outside its bytes")
             self.ptr = PyBytes_AS_STRING(owner) + offset
         else:
-            raise TypeError("owner must be a Region or bytes")
+            owner = _pinned_view(owner, offset, length)  # e.g. a zmq.Frame (shmhub.remote)
+            self.ptr = _view_ptr(owner) + offset
         self.owner = owner
         self.length = length
         self.tier = tier
@@ -1894,6 +1918,8 @@ cdef class Message:
         finally:
             if isinstance(owner, Region):
                 (<Region>owner).unpin()
+            elif isinstance(owner, memoryview):
+                owner.release()  # the exporter (a received zmq frame) may free its memory now
 
     def __enter__(self):
         return self
@@ -1909,7 +1935,7 @@ cdef class Message:
             return
         try:
             if not self.owned_by_views and (self.slot_pool is not None or self.on_release is not None
-                                            or type(self.owner) is not bytes):
+                                            or isinstance(self.owner, Region)):  # a remote frame is not shared memory
                 # Shared memory freed by the collector, as a file closed by it: say so (ResourceWarning,
                 # ignored by default; the tests make it an error, raised from here as unraisable).
                 _warn(f"unreleased {self!r}: release() it or use a with block", ResourceWarning, source=self)

@@ -163,7 +163,7 @@ class MapReceiver:
                 return
             except OSError as e:
                 raise LinkCorrupted(f"mmap control socket failed: {e.strerror}") from None
-            fds = []
+            fds: list[int] = []
             for level, kind, payload in anc:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     usable = len(payload) - len(payload) % 4

@@ -76,7 +76,7 @@ def encode_request() -> bytes:
     return L.BOOTSTRAP_REQUEST
 
 
-def request_incomplete(data: bytes) -> bool:
+def request_incomplete(data: Union[bytes, bytearray]) -> bool:
     """True while `data` is a proper prefix of the request (the host waits for more bytes)."""
     return len(data) < L.BOOTSTRAP_REQUEST_SIZE and L.BOOTSTRAP_REQUEST.startswith(bytes(data))
 
@@ -133,7 +133,7 @@ def clip_diagnostic(text: str) -> str:
 
 def decode_response(data: bytes, ancdata: Sequence[Tuple[int, int, bytes]] = (), flags: int = 0) -> Response:
     """Decode what one recvmsg returned. Every fd that arrived is closed if the frame is refused."""
-    fds = []
+    fds: list[int] = []
     rights = others = 0
     for level, kind, body in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -224,7 +224,7 @@ def recv_response(sock: socket.socket, timeout: Optional[float] = DEFAULT_TIMEOU
     return decode_response(data, anc, flags)
 
 
-def request(socket_path: Union[str, os.PathLike], timeout: Optional[float] = DEFAULT_TIMEOUT) -> Response:
+def request(socket_path: Union[str, os.PathLike[str]], timeout: Optional[float] = DEFAULT_TIMEOUT) -> Response:
     """Guest side: connect, send VSH1, return the host's response (ok or error; raises on a bad frame)."""
     path = os.fspath(socket_path)
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -329,7 +329,7 @@ class Listener:
     `serve(conn)`, which sends the success response (PeerHungUp if the peer is gone); any other
     exception from serve becomes an error response."""
 
-    def __init__(self, path: Union[str, os.PathLike], serve: Callable[[socket.socket], None], *,
+    def __init__(self, path: Union[str, os.PathLike[str]], serve: Callable[[socket.socket], None], *,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT, backlog: int = 128, max_pending: int = 128) -> None:
         if not request_timeout > 0:
             raise ValueError("request_timeout must be > 0")
@@ -399,7 +399,7 @@ class Listener:
                 got = f"{len(p.buf)} of {L.BOOTSTRAP_REQUEST_SIZE} bytes" if p.buf else "nothing"
                 self._guard(self._refuse, p, f"no complete request within {self.request_timeout} s (got {got})")
 
-    def _guard(self, fn, p: _Pending, *args) -> None:
+    def _guard(self, fn: Callable[..., object], p: _Pending, *args: object) -> None:
         """One connection's trouble never stops the loop: on anything unexpected, drop it."""
         try:
             fn(p, *args)

@@ -5,10 +5,17 @@ string (numpy's dtype.str), ndim u64 dimensions, padding, data (C order) at data
 from __future__ import annotations
 
 import struct
-from typing import Optional
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 
 from ._native import Message
 from .errors import ShmhubError
+
+if TYPE_CHECKING:
+    import numpy as _numpy
+    import numpy.typing as npt
+
+    from .link import Link
 
 ARRAY_MAGIC = b"SHNDARR1"
 _HEAD = struct.Struct("<8sIHH")
@@ -21,7 +28,7 @@ class CodecError(ShmhubError, ValueError):
     """A payload is not what the decoder expects (e.g. not an array header)."""
 
 
-def _np():
+def _np() -> ModuleType:
     try:
         import numpy
     except ImportError:  # pragma: no cover - numpy is an optional extra
@@ -29,15 +36,16 @@ def _np():
     return numpy
 
 
-def _header(dtype, shape) -> bytes:
+def _header(dtype: _numpy.dtype[Any], shape: Sequence[int]) -> bytes:
     if dtype.hasobject:
         raise CodecError(f"dtype {dtype} holds Python objects and cannot be sent as raw memory")
-    ds = dtype.str.encode()
+    ds: bytes = dtype.str.encode()
     return _HEAD.pack(ARRAY_MAGIC, 0, len(ds), len(shape)) + ds + struct.pack(f"<{len(shape)}Q", *shape)
 
 
-def _address(np, buf: Message) -> int:
-    return np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0]
+def _address(np: ModuleType, buf: Message) -> int:
+    address: int = np.frombuffer(buf, dtype=np.uint8).__array_interface__["data"][0]
+    return address
 
 
 def _slack(nbytes: int) -> int:
@@ -45,7 +53,7 @@ def _slack(nbytes: int) -> int:
     return PAGE if nbytes >= BIG else ALIGN
 
 
-def _write_header(np, buf: Message, head: bytes, off: Optional[int] = None, phase: int = 0, nbytes: int = 0) -> int:
+def _write_header(np: ModuleType, buf: Message, head: bytes, off: Optional[int] = None, phase: int = 0, nbytes: int = 0) -> int:
     """Write the header; returns the data offset. The data is ALIGN-aligned; a big array's data
     starts `phase` bytes into a page. A copy runs at full speed only when its destination sits
     at or a little before its source's offset within a page: just after it, the stores alias the
@@ -59,59 +67,60 @@ def _write_header(np, buf: Message, head: bytes, off: Optional[int] = None, phas
     return off
 
 
-def empty(link, shape, dtype="float64"):
+def empty(link: Link, shape: Union[int, Sequence[int]], dtype: npt.DTypeLike = "float64") -> npt.NDArray[Any]:
     np = _np()
-    dtype = np.dtype(dtype)
+    dt: _numpy.dtype[Any] = np.dtype(dtype)
     shape = (int(shape),) if isinstance(shape, int) else tuple(int(x) for x in shape)
-    head = _header(dtype, shape)
+    head = _header(dt, shape)
     count = int(np.prod(shape, dtype=np.int64))
-    nbytes = count * dtype.itemsize
+    nbytes = count * dt.itemsize
     buf = link.reserve(len(head) + _slack(nbytes) + nbytes)
     off = _write_header(np, buf, head, nbytes=nbytes)  # page-aligned when big
     # The array's base is the reserved buffer: send_array finds it there. An array dropped unsent
     # gives it back through the collector, which is how arrays end: no ResourceWarning.
     buf.owned_by_views = True
-    return np.frombuffer(buf, dtype=dtype, count=count, offset=off).reshape(shape)
+    array: npt.NDArray[Any] = np.frombuffer(buf, dtype=dt, count=count, offset=off).reshape(shape)
+    return array
 
 
-def _reserved_owner(a) -> Optional[Message]:
-    base = a
+def _reserved_owner(a: object) -> Optional[Message]:
+    base: object = a
     while base is not None and not isinstance(base, Message):
         base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
     return base
 
 
-def send_array(link, a, timeout: Optional[float] = None) -> None:
+def send_array(link: Link, a: npt.ArrayLike, timeout: Optional[float] = None) -> None:
     np = _np()
-    a = np.asarray(a)
-    head = _header(a.dtype, a.shape)
+    arr: npt.NDArray[Any] = np.asarray(a)
+    head = _header(arr.dtype, arr.shape)
     buf = _reserved_owner(a)
-    if buf is not None and buf.token is not None and buf.token[0] is link and a.flags.c_contiguous:
+    if buf is not None and buf.token is not None and buf.token[0] is link and arr.flags.c_contiguous:
         with memoryview(buf) as view:
             off = struct.unpack_from("<I", view, 8)[0]
-        if a.__array_interface__["data"][0] == _address(np, buf) + off and len(head) <= off:
+        if arr.__array_interface__["data"][0] == _address(np, buf) + off and len(head) <= off:
             _write_header(np, buf, head, off)  # the array may have been reshaped since empty()
-            link.send_reserved(buf, off + a.nbytes, timeout)  # zero copy
+            link.send_reserved(buf, off + arr.nbytes, timeout)  # zero copy
             return
-    out = link.reserve(len(head) + _slack(a.nbytes) + a.nbytes, timeout)
+    out = link.reserve(len(head) + _slack(arr.nbytes) + arr.nbytes, timeout)
     try:
-        phase = (a.__array_interface__["data"][0] % PAGE) // ALIGN * ALIGN  # at or just before the source's
-        off = _write_header(np, out, head, phase=phase, nbytes=a.nbytes)
-        dst = np.frombuffer(out, dtype=a.dtype, count=a.size, offset=off).reshape(a.shape)
-        np.copyto(dst, a, casting="no")  # the one memcpy
+        phase = (arr.__array_interface__["data"][0] % PAGE) // ALIGN * ALIGN  # at or just before the source's
+        off = _write_header(np, out, head, phase=phase, nbytes=arr.nbytes)
+        dst = np.frombuffer(out, dtype=arr.dtype, count=arr.size, offset=off).reshape(arr.shape)
+        np.copyto(dst, arr, casting="no")  # the one memcpy
         del dst
-        link.send_reserved(out, off + a.nbytes, timeout)
+        link.send_reserved(out, off + arr.nbytes, timeout)
     except BaseException:
         if out.token is not None:
             out.release()
         raise
 
 
-def recv_array(link, timeout: Optional[float] = None):
+def recv_array(link: Link, timeout: Optional[float] = None) -> npt.NDArray[Any]:
     return decode_array(link.recv(timeout))
 
 
-def decode_array(msg: Message):
+def decode_array(msg: Message) -> npt.NDArray[Any]:
     """A read-only ndarray viewing the message; the message is released when the array goes."""
     np = _np()
     try:
@@ -129,4 +138,5 @@ def decode_array(msg: Message):
         msg.release()
         raise e if isinstance(e, CodecError) else CodecError(f"bad array header: {e}") from None
     with msg:  # released when the array, its last view, goes (not by the collector)
-        return np.frombuffer(msg, dtype=dtype, count=count, offset=off).reshape(shape)
+        array: npt.NDArray[Any] = np.frombuffer(msg, dtype=dtype, count=count, offset=off).reshape(shape)
+        return array

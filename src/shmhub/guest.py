@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional, Tuple, Union
 
 from . import bootstrap
 from .doorbell import Doorbell
@@ -27,7 +27,7 @@ class Handoff:
     def __init__(self, peer_id: int, segment_fd: int, doorbell_fd: int, control_fd: int) -> None:
         self.peer_id, self.fds = peer_id, (segment_fd, doorbell_fd, control_fd)
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> Tuple[Callable[..., None], Tuple[object, ...]]:
         from multiprocessing.reduction import DupFd
 
         return _install, (self.peer_id, *(DupFd(fd) for fd in self.fds))
@@ -39,7 +39,7 @@ def _install(peer_id: int, *dups: object) -> None:
                                   "doorbell_fd": bell, "control_fd": ctrl})
 
 
-def _run_target(handoff: None, target: "Callable[..., object]", args: tuple) -> None:
+def _run_target(handoff: None, target: "Callable[..., object]", args: Tuple[object, ...]) -> None:
     """The child's entry point: the handoff was unpickled (and ENV set) before this runs."""
     target(*args)
 
@@ -57,7 +57,7 @@ def _heartbeat_thread(link: Link, interval_ns: int) -> None:
     threading.Thread(target=run, name=f"shmhub-heartbeat-{link.peer_id}", daemon=True).start()
 
 
-def connect(socket_path: Optional[Union[str, os.PathLike]] = None, *, spin_ns: int = DEFAULT_SPIN_NS,
+def connect(socket_path: Optional[Union[str, os.PathLike[str]]] = None, *, spin_ns: int = DEFAULT_SPIN_NS,
             timeout: Optional[float] = bootstrap.DEFAULT_TIMEOUT, **remote: Any) -> Link:
     """Return this guest's Link.
 
@@ -88,7 +88,7 @@ def connect(socket_path: Optional[Union[str, os.PathLike]] = None, *, spin_ns: i
     return _adopt(peer_id, seg_fd, bell_fd, ctrl_fd, spin_ns, SegmentError)
 
 
-def _connect_socket(socket_path: Union[str, os.PathLike], spin_ns: int, timeout: Optional[float]) -> Link:
+def _connect_socket(socket_path: Union[str, os.PathLike[str]], spin_ns: int, timeout: Optional[float]) -> Link:
     resp = bootstrap.request(socket_path, timeout)
     if not resp.ok:
         raise BootstrapRefused(f"the host at {os.fspath(socket_path)} refused the bootstrap: {resp.payload}")

@@ -326,7 +326,7 @@ class Layout:
     peer_table_offset: int = PEER_TABLE_OFFSET
 
     @classmethod
-    def compute(cls, max_guests: int, bipbuf_capacity: int, size_classes: Sequence[Tuple[int, int]]) -> "Layout":
+    def compute(cls, max_guests: int, bipbuf_capacity: int, size_classes: Sequence[Tuple[int, ...]]) -> "Layout":
         # Python ints do not overflow; "checked arithmetic" (trap 13) means every result is
         # range-checked against what the format can store.
         ring_base = PEER_TABLE_OFFSET + PEER_ENTRY_SIZE * max_guests

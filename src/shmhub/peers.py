@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 from . import layout as L
 from ._native import RELAXED, Region
@@ -90,9 +91,9 @@ class PeerTable:
         now = time.monotonic_ns() if now_ns is None else now_ns
         return max(0, now - last) > 2 * interval_ns
 
-    def mmap_counters(self, peer_id: int) -> dict:
+    def mmap_counters(self, peer_id: int) -> dict[str, dict[str, int]]:
         """The FEATURE_MMAP_LEASES counters of a peer's link, per direction."""
-        u32 = lambda f: self._region.load_u32(self._off(peer_id, f))  # noqa: E731
+        u32: Callable[[int], int] = lambda f: self._region.load_u32(self._off(peer_id, f))  # noqa: E731
         return {"g2h": {"mappings": u32(L.PEER_G2H_MAPPINGS), "mapped_bytes": u32(L.PEER_G2H_MAPPED_KIB) << 10, "leases": u32(L.PEER_G2H_LEASES)},
                 "h2g": {"mappings": u32(L.PEER_H2G_MAPPINGS), "mapped_bytes": u32(L.PEER_H2G_MAPPED_KIB) << 10, "leases": u32(L.PEER_H2G_LEASES)}}
 

@@ -1,11 +1,16 @@
 """Ring entries (format-v7 1.5) as named tuples, over the native BipBuffer and frame codec."""
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Union
 
 from . import _native
 from . import layout as L
 from ._native import Ring, encode_inline, encode_mmap_ref, encode_slot_ref
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
+
+    from ._native import FrameTuple
 
 __all__ = ["Ring", "InlineFrame", "SlotRefFrame", "MmapRefFrame", "Frame", "decode_frame", "encode_frame"]
 
@@ -32,15 +37,15 @@ class MmapRefFrame(NamedTuple):
 
 
 Frame = Union[InlineFrame, SlotRefFrame, MmapRefFrame]
-_TYPES = {L.KIND_INLINE: InlineFrame, L.KIND_SLOT_REF: SlotRefFrame, L.KIND_MMAP_REF: MmapRefFrame}
+_TYPES: Dict[int, Callable[..., Frame]] = {L.KIND_INLINE: InlineFrame, L.KIND_SLOT_REF: SlotRefFrame, L.KIND_MMAP_REF: MmapRefFrame}
 
 
-def as_frame(raw: tuple) -> Frame:
+def as_frame(raw: FrameTuple) -> Frame:
     """Turn a native frame tuple (kind, total_len, ...) into its named tuple."""
     return _TYPES[raw[0]](*raw[1:])
 
 
-def decode_frame(data) -> Frame:
+def decode_frame(data: Buffer) -> Frame:
     """Decode the frame at the start of `data`; LinkCorrupted if it is malformed."""
     return as_frame(_native.decode_frame(data))
 

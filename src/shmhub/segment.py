@@ -5,7 +5,7 @@ import errno
 import fcntl
 import os
 import stat
-from typing import Dict, Optional, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
 
 from . import layout as L
 import threading
@@ -22,6 +22,9 @@ from .errors import (
 from .layout import Layout, SegmentConfig
 from .peers import PeerTable
 from .slots import open_pool
+
+if TYPE_CHECKING:
+    from ._native import SlotRefParts
 
 def _space_check(fd: int, size: int, where: Optional[str], start: int = 0) -> None:
     """Reserve the segment's pages now so a full tmpfs fails here, not as SIGBUS later (DECISIONS 16).
@@ -66,7 +69,7 @@ class Segment:
         self._closed = False
         self._grow_lock = threading.Lock()
         self.growths = 0
-        self.on_grow = None  # the host sets this to ring every guest after a growth
+        self.on_grow: Optional[Callable[[], None]] = None  # the host sets this to ring every guest after a growth
         try:
             size = os.fstat(fd).st_size
             if size < L.HEADER_SIZE:
@@ -128,7 +131,7 @@ class Segment:
         return cls(fd, path, True, owner=True)
 
     @classmethod
-    def attach(cls, path_or_fd: Union[str, os.PathLike, int], *, writable: bool = True) -> "Segment":
+    def attach(cls, path_or_fd: Union[str, os.PathLike[str], int], *, writable: bool = True) -> "Segment":
         """Map an existing segment from a path or an fd (the fd is duplicated) and validate it."""
         if isinstance(path_or_fd, int):
             try:
@@ -160,8 +163,8 @@ class Segment:
         magic = r.read(L.HDR_MAGIC, 8)
         if magic not in L.ACCEPTED_MAGICS:
             raise BadMagic(f"segment magic is {magic!r}; expected {L.MAGIC!r} or {L.MAGIC_TELEX!r}")
-        u32 = lambda off: r.load_u32(off, RELAXED)  # noqa: E731
-        u64 = lambda off: r.load_u64(off, RELAXED)  # noqa: E731
+        u32: Callable[[int], int] = lambda off: r.load_u32(off, RELAXED)  # noqa: E731
+        u64: Callable[[int], int] = lambda off: r.load_u64(off, RELAXED)  # noqa: E731
         version, header_size = u32(L.HDR_VERSION), u32(L.HDR_HEADER_SIZE)
         if version != L.VERSION:
             raise UnsupportedVersion(f"segment version is {version}; this library speaks version {L.VERSION}")
@@ -246,7 +249,7 @@ class Segment:
         cls = self.config.size_classes[c]
         return cls[2] if len(cls) == 3 else 1
 
-    def extent_offsets(self, c: int) -> list:
+    def extent_offsets(self, c: int) -> List[int]:
         h = self.layout.classes[c].header_offset + L.CLS_EXTENT_OFFSETS
         return [self.region.load_u64(h + 8 * (e - 1)) for e in range(1, self.extent_count(c))]
 
@@ -325,13 +328,13 @@ class Segment:
                 return True
         return False
 
-    def growth_requests(self) -> list:
+    def growth_requests(self) -> List[int]:
         """Classes a guest asked to grow."""
         if not self.features & L.FEATURE_EXTENTS:
             return []
         return [c for c in range(len(self.layout.classes)) if self._class_u32(c, L.CLS_GROW_REQUEST)]
 
-    def alloc(self, size: int, owner: int):
+    def alloc(self, size: int, owner: int) -> Optional[SlotRefParts]:
         """pool.alloc, mapping extents published by the host when a free slot lives in one."""
         while True:
             try:
@@ -424,7 +427,7 @@ class Segment:
     def __enter__(self) -> "Segment":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._owner:
             self.unlink()
         self.close()
@@ -434,7 +437,7 @@ class Segment:
         return f"<Segment {where} size={self.region.size} guests={self.config.max_guests}{' closed' if self._closed else ''}>"
 
 
-def _config_unchecked(**fields) -> SegmentConfig:
+def _config_unchecked(**fields: object) -> SegmentConfig:
     """A SegmentConfig read back from a segment: validated by _validate, not by our stricter creation rules."""
     cfg = object.__new__(SegmentConfig)
     for k, v in fields.items():

@@ -22,7 +22,7 @@ def open_pool(region: Region, layout: L.Layout, journal: bool = False) -> SlotPo
                              for c in layout.classes], journals)
 
 
-def pool_stats(pool: SlotPool) -> list[dict]:
+def pool_stats(pool: SlotPool) -> list[dict[str, int]]:
     """Per-class slot_size, slot_count, free and allocated counts."""
     out = []
     for c in range(pool.num_classes):

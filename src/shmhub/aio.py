@@ -34,7 +34,7 @@ import asyncio
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Callable, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, List, Optional, Set, Tuple
 
 from ._native import Message
 from .errors import HostGone, LinkClosed, PeerDead, ShmTimeout
@@ -42,6 +42,9 @@ from .layout import SLOT_LEN_PREFIX
 from .link import POLL_SLICE, Link, _deadline, _remaining
 
 if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
+
+    from ._native import Ring
     from .host import GuestHandle, Host
 
 # Re-check period when the doorbell cannot tell us (another thread polls it, its lock is busy,
@@ -78,7 +81,7 @@ async def _checkpoint() -> None:
         _last.t = time.monotonic()
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)
 
@@ -155,6 +158,7 @@ class _Sleep:
         self.helper.start()
 
     def _on_ring(self, link: Link, fd: int) -> None:
+        assert link.doorbell is not None  # watch() adds this reader only for a link with a doorbell
         try:
             link.doorbell.drain()
         except (PeerDead, OSError) as e:
@@ -200,7 +204,7 @@ class _Sleep:
         self.helper = None
 
 
-async def _check(link: Link, attempt: Callable[[], Any], producer: bool, deadline: Optional[float]):
+async def _check(link: Link, attempt: Callable[[], Any], producer: bool, deadline: Optional[float]) -> Any:
     """link._check() inside a wait, with Link._check_waiting's last look for a receiver: frames the
     peer committed before it died are delivered before PeerDead / HostGone. Host recovery moves them
     to the backlog holding the rx lock, so a busy lock (_SLICE) means: look again shortly."""
@@ -223,7 +227,7 @@ async def _check(link: Link, attempt: Callable[[], Any], producer: bool, deadlin
         await asyncio.sleep(ASYNC_SLICE if rem is None else min(rem, ASYNC_SLICE))
 
 
-async def _until(link: Link, attempt: Callable[[], Any], ring, producer: bool, deadline: Optional[float]):
+async def _until(link: Link, attempt: Callable[[], Any], ring: Ring, producer: bool, deadline: Optional[float]) -> Any:
     """Run attempt() until it returns something other than _WAIT / _SLICE, sleeping on the doorbell
     in between: announce on the ring's waiting flag, arm the reader, re-check, sleep."""
     loop = asyncio.get_running_loop()
@@ -273,7 +277,7 @@ async def arecv(link: Link, timeout: Optional[float] = None) -> Message:
     lock = link._rx_lock
     waited = False
 
-    def attempt():
+    def attempt() -> object:
         nonlocal waited
         if not lock.acquire(blocking=False):
             return _SLICE  # another thread receives from this link right now
@@ -288,18 +292,19 @@ async def arecv(link: Link, timeout: Optional[float] = None) -> Message:
             link.stats.recv_waits += 1
         return _WAIT
 
-    return await _until(link, attempt, link._rx, False, deadline)
+    msg: Message = await _until(link, attempt, link._rx, False, deadline)
+    return msg
 
 
-async def asend(link: Link, data, timeout: Optional[float] = None) -> None:
+async def asend(link: Link, data: Buffer, timeout: Optional[float] = None) -> None:
     """Send a bytes-like object; waits for ring room, a free slot or a free mapping without blocking
     the loop. On ShmTimeout or cancellation nothing was sent and nothing is held."""
     mv, n = link._payload_view(data)
     deadline = _deadline(timeout)
     lock = link._tx_lock
-    counted = set()
+    counted: Set[str] = set()
 
-    def attempt():
+    def attempt() -> object:
         if not lock.acquire(blocking=False):
             return _SLICE  # another thread sends on this link right now
         try:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple, cast
 
 from . import layout as L
 from ._native import Message, spin_any_readable
@@ -29,6 +29,9 @@ from .layout import SegmentConfig
 from .link import DEFAULT_SPIN_NS, HOST, POLL_SLICE, Link, _deadline, _remaining
 from .segment import Segment
 from .slots import pool_stats
+
+if TYPE_CHECKING:
+    from ._native import SlotRefTuple
 
 POOL_OP_GRACE = 0.05  # how long recovery waits for a dead guest's interrupted pool op to be decidable
 # Doorbell-less peers (walk-ins on a named segment, a v7 segment without FEATURE_POOL_WAITERS) and
@@ -113,7 +116,7 @@ class _AnyQueue:
         with self.lock:
             self._queue(events)
 
-    def _queue(self, events) -> None:
+    def _queue(self, events: Iterable[Tuple[int, int]]) -> None:
         for fd, _ in events:
             if fd == self.wake_fd:
                 try:
@@ -249,7 +252,7 @@ class _MpProcess:
 class GuestHandle:
     """The host's view of one guest."""
 
-    def __init__(self, host: "Host", peer_id: int, link: Link, process: Optional[subprocess.Popen]) -> None:
+    def __init__(self, host: "Host", peer_id: int, link: Link, process: Optional[subprocess.Popen[Any]]) -> None:
         self.host = host
         self.peer_id = peer_id
         self.link = link
@@ -306,9 +309,9 @@ class Host:
         self._lock = threading.RLock()
         self._handles: Dict[int, GuestHandle] = {}
         self._by_fd: Dict[int, GuestHandle] = {}
-        self._reap_fds: Dict[int, subprocess.Popen] = {}  # pidfds of recovered guests still exiting
+        self._reap_fds: Dict[int, subprocess.Popen[Any]] = {}  # pidfds of recovered guests still exiting
         self._any = _AnyQueue()
-        self._spawning: set = set()  # reserved peers not yet registered: not walk-ins
+        self._spawning: Set[int] = set()  # reserved peers not yet registered: not walk-ins
         self._closed = False
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -317,7 +320,7 @@ class Host:
         self.segment.on_grow = self._grown
         self._listener: Optional[bootstrap.Listener] = None
         self._remote: Any = None  # a shmhub.remote.Listener (listen("tcp://..."))
-        self._unreaped: List[subprocess.Popen] = []  # recovered guests without a pidfd that had not exited yet
+        self._unreaped: List[subprocess.Popen[Any]] = []  # recovered guests without a pidfd that had not exited yet
         self._futex = bool(self.segment.features & L.FEATURE_POOL_WAITERS)
         self._update_share()
         self._monitor = threading.Thread(target=self._monitor_loop, name="shmhub-host-monitor", daemon=True)
@@ -333,7 +336,7 @@ class Host:
         with self._lock:
             return [h for _, h in sorted(self._handles.items()) if h.alive]
 
-    def spawn(self, argv: Sequence[str], **popen_kwargs) -> GuestHandle:
+    def spawn(self, argv: Sequence[str], **popen_kwargs: Any) -> GuestHandle:
         """Start a guest process: reserve a peer, hand it the segment and its doorbell, return its handle.
         Inside the child, shmhub.connect() returns its Link."""
         self._check_open()
@@ -440,7 +443,7 @@ class Host:
         with self._lock:
             peer_id = self.segment.peers.reserve()
             self._spawning.add(peer_id)
-        made: list = []
+        made: List[Doorbell] = []
         try:
             host_bell, guest_bell = Doorbell.pair()
             made += [host_bell, guest_bell]
@@ -464,7 +467,7 @@ class Host:
             self._spawning.discard(peer_id)
             self.segment.peers.release_reserved(peer_id)
 
-    def _register(self, p: _Prepared, proc: Optional[subprocess.Popen]) -> GuestHandle:
+    def _register(self, p: _Prepared, proc: Optional[subprocess.Popen[Any]]) -> GuestHandle:
         """The guest has its fds: build the host's Link and watch the doorbell (and pidfd) for death."""
         link = Link(self.segment, p.peer_id, p.host_bell, HOST, control=p.host_ctrl, spin_ns=self.spin_ns)
         handle = GuestHandle(self, p.peer_id, link, proc)
@@ -614,7 +617,7 @@ class Host:
             if self._unreaped:
                 self._unreaped = [p for p in self._unreaped if p.poll() is None]
 
-    def _reaped(self, proc: subprocess.Popen) -> None:
+    def _reaped(self, proc: subprocess.Popen[Any]) -> None:
         with self._lock:
             fds = [fd for fd, p in self._reap_fds.items() if p is proc] if self._reap_fds else []
         for fd in fds:
@@ -647,6 +650,7 @@ class Host:
                 if walk_in:
                     h = self._handles[peer_id] = GuestHandle(self, peer_id, Link(seg, peer_id, None, HOST, spin_ns=self.spin_ns), None)
             if walk_in:
+                assert h is not None  # a walk-in's handle was made above
                 if self._any.active:
                     self._any.add(h)
                 self._emit(HostEvent("attached", peer_id, None))
@@ -730,8 +734,9 @@ class Host:
             if frame is None:
                 break
             if frame[0] == L.KIND_SLOT_REF:
+                ref = cast("SlotRefTuple", frame)  # (kind, total_len, class_idx, extent_idx, slot_idx, generation)
                 try:
-                    freed += pool.free_if_current(frame[2], frame[3], frame[4], frame[5])
+                    freed += pool.free_if_current(ref[2], ref[3], ref[4], ref[5])
                 except ShmhubError:
                     pass  # an out-of-range ref frees nothing
             ring.release(frame[1])
@@ -864,5 +869,5 @@ class Host:
     def __enter__(self) -> "Host":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

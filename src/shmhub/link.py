@@ -8,7 +8,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Callable, Deque, Optional
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List, Literal, Optional, Sequence, Set, Tuple, TypeVar, Union, cast, overload
 from warnings import warn as _warn  # bound now: usable from __del__ at shutdown
 
 from . import layout as L
@@ -26,6 +26,13 @@ from .errors import (
     SlotError,
 )
 from .segment import Segment
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
+
+    from ._native import FrameTuple, MmapRefTuple, SlotRefParts, SlotRefTuple
+    from .aio import LinkIterator
 
 HOST = "host"
 GUEST = "guest"
@@ -46,6 +53,7 @@ HOST_DEATH_CHECK = 1.0
 # With one CPU the peer never runs while we spin. (Our own affinity says nothing: a process pinned to
 # one core spins usefully while its peer runs on another.)
 SPIN_ALLOWED = (os.cpu_count() or 1) > 1
+_T = TypeVar("_T")
 _EXHAUSTED = object()  # _take_slot: a share wait found the pool exhausted instead
 
 
@@ -75,14 +83,14 @@ class _Waiter:
         self.doorbell = doorbell
         self._efd: Optional[int] = None  # made at the first sleep: wake_all() (close, death) writes it
         self.on_drain: Optional[Callable[[], None]] = None  # Host.recv_any: we may have eaten its wake byte
-        self._finalizer: Optional[weakref.finalize] = None
+        self._finalizer: Optional[weakref.finalize[[int], _Waiter]] = None
         self._closed = False  # the link is torn down: sleeps return at once (the caller re-checks)
         self.cond = threading.Condition(threading.Lock())
         self.polling = False
         self.gen = 0
-        self.wakers: set = set()  # asyncio sleeps (aio.py): thread-safe callables run by wake_all()
+        self.wakers: Set[Callable[[], None]] = set()  # asyncio sleeps (aio.py): thread-safe callables run by wake_all()
         self.async_poll = False  # an event loop polls the doorbell now; its reader wakes every waiter
-        self._announced: dict = {}  # (ring, producer side) -> waiters of this process that set the flag
+        self._announced: Dict[Tuple[int, bool], int] = {}  # (ring, producer side) -> waiters of this process that set the flag
 
     def try_begin(self) -> bool:
         with self.cond:
@@ -305,14 +313,15 @@ class Link(LinkCore):
 
     # -- waiting ----------------------------------------------------------------------------
 
-    def _wait(self, attempt, ring: Ring, producer: bool, deadline: Optional[float], spin, slice_cap=None):
+    def _wait(self, attempt: Callable[[], Optional[_T]], ring: Ring, producer: bool, deadline: Optional[float],
+              spin: Optional[Callable[[int], bool]], slice_cap: Optional[float] = None) -> _T:
         """Spin, then sleep on the doorbell until attempt() succeeds (returns neither None nor False;
         a zero-length Message is falsy but a success)."""
         r = attempt()
         if r is not None and r is not False:
             return r
         budget = self.spin_budget() if spin is not None else 0
-        if budget:
+        if budget and spin is not None:  # budget is 0 without spin
             rem = _remaining(deadline)
             if rem is not None:
                 budget = min(budget, max(0, int(rem * 1e9)))
@@ -350,7 +359,7 @@ class Link(LinkCore):
             if r is not None and r is not False:
                 return r
 
-    def _check_waiting(self, attempt, producer: bool):
+    def _check_waiting(self, attempt: Callable[[], Optional[_T]], producer: bool) -> Optional[_T]:
         """_check() inside a wait. A receiver that finds the peer gone looks once more before it
         raises: the peer may have committed frames after this thread's last look and then died
         (or said goodbye); it can write nothing more, so one more look sees all it left, and recv
@@ -373,7 +382,7 @@ class Link(LinkCore):
 
     # -- send -------------------------------------------------------------------------------
 
-    def _send_slow(self, data, timeout: Optional[float]) -> None:
+    def _send_slow(self, data: Buffer, timeout: Optional[float]) -> None:
         """send() when the core's fast path could not send at once: waits, the mmap tier, errors."""
         with memoryview(data) as mv:  # released even on error: a Message being sent must stay releasable
             if not mv.c_contiguous:
@@ -396,7 +405,7 @@ class Link(LinkCore):
             raise PayloadTooLarge(f"payload of {n} bytes exceeds the largest slot payload ({self._slot_max} bytes) "
                                   "and this link has no mmap tier (no control socket, or a segment without FEATURE_MMAP_LEASES)")
 
-    def _send_locked(self, mv, n: int, deadline: Optional[float]) -> None:
+    def _send_locked(self, mv: memoryview, n: int, deadline: Optional[float]) -> None:
         """One payload by its tier (tx lock held); the caller notifies the consumer."""
         tx = self._tx
         if n <= self._inline_max:
@@ -412,26 +421,27 @@ class Link(LinkCore):
         else:
             self._send_mmap(mv, n, deadline)
 
-    def send_many(self, payloads, timeout: Optional[float] = None) -> int:
+    def send_many(self, payloads: Union[Iterable[Buffer], Buffer], timeout: Optional[float] = None) -> int:
         """Send every payload of an iterable in order, or every row of a 2-D C-contiguous buffer
         (a numpy array of shape (count, row_bytes), say) as one message each. Small payloads are
         written in batches by the compiled core, with one wake-up check per batch. Returns how
         many were sent."""
         if not isinstance(payloads, (list, tuple)):
             try:
-                rows = memoryview(payloads)
+                rows = memoryview(cast("Buffer", payloads))  # TypeError: not a buffer, an iterable
             except TypeError:
                 rows = None
             if rows is not None:
                 return self._send_rows(rows, timeout)
-        items = payloads if isinstance(payloads, (list, tuple)) else list(payloads)
+        items = payloads if isinstance(payloads, (list, tuple)) else list(cast("Iterable[Buffer]", payloads))
         deadline = _deadline(timeout)
         self._lock(self._tx_lock, deadline)
         try:
             self._check()
             tx, i, n = self._tx, 0, len(items)
             while i < n:
-                k = tx.send_inline_many(items, i, self._inline_max)
+                # BUG kept as is (typing only): the core takes a list, so a tuple of payloads raises TypeError here
+                k = tx.send_inline_many(items, i, self._inline_max)  # type: ignore[arg-type]
                 if k:
                     self.stats.sent_inline += k
                     self.stats.sent_bytes_inline += tx.batch_bytes
@@ -453,6 +463,7 @@ class Link(LinkCore):
         with rows:
             if rows.ndim != 2 or not rows.c_contiguous:
                 raise TypeError("send_many takes an iterable of payloads or a 2-D C-contiguous buffer of rows")
+            assert rows.shape is not None  # None only for a released view
             count, row_len = rows.shape[0], rows.shape[1] * rows.itemsize
             if count == 0:
                 return 0
@@ -483,7 +494,7 @@ class Link(LinkCore):
         finally:
             self._tx_lock.release()
 
-    def _payload_view(self, data):
+    def _payload_view(self, data: Buffer) -> Tuple[memoryview, int]:
         """(contiguous memoryview, length) of a payload, refused if no tier can carry it."""
         mv = memoryview(data)
         if not mv.c_contiguous:
@@ -491,7 +502,7 @@ class Link(LinkCore):
         self._check_size(mv.nbytes)
         return mv, mv.nbytes
 
-    def try_send(self, data) -> bool:
+    def try_send(self, data: Buffer) -> bool:
         """send() without waiting: True if the message went out; False, with nothing sent and nothing
         held, if the ring is full, the slot pool exhausted, every mapping leased, or another thread is
         sending right now. Raises like send() if the link is gone or the payload too large."""
@@ -503,7 +514,7 @@ class Link(LinkCore):
         finally:
             self._tx_lock.release()
 
-    def _try_send_locked(self, mv, n: int) -> Optional[str]:
+    def _try_send_locked(self, mv: memoryview, n: int) -> Optional[str]:
         """One attempt (tx lock held): None if sent, else what was lacking: "ring", "slot" or "map".
         All or nothing: the ring's room is checked before a slot or mapping is taken, so a failed
         attempt holds nothing (this side is the ring's only producer while it holds the lock)."""
@@ -558,7 +569,7 @@ class Link(LinkCore):
         self._notify(False, tx)
         return None
 
-    def _send_slot(self, mv, n: int, deadline: Optional[float]) -> None:
+    def _send_slot(self, mv: memoryview, n: int, deadline: Optional[float]) -> None:
         seg, tx, need = self.segment, self._tx, n + L.SLOT_LEN_PREFIX
         try:
             if send_slot(tx, self._pool, mv, self._owner, False, self._shares) >= 0:  # the caller notifies
@@ -583,7 +594,7 @@ class Link(LinkCore):
         self.stats.sent_bytes_slot += n
         self._tx.count_sent(1, n)
 
-    def _take_slot(self, need: int, deadline: Optional[float]):
+    def _take_slot(self, need: int, deadline: Optional[float]) -> SlotRefParts:
         """A slot for `need` bytes, waiting while the fitting classes are exhausted or hold this
         link's share. At its share the link waits for its own receiver to free one (it rings us:
         trap 27); on an exhausted pool, for anyone to free one (the class futex,
@@ -602,7 +613,7 @@ class Link(LinkCore):
                     r = self._wait(lambda: self._alloc_or_grow(need) or (None if shares.over else _EXHAUSTED),
                                    self._tx, True, deadline, None)
                     if r is not _EXHAUSTED:
-                        return r
+                        return r  # type: ignore[return-value]  # a ref: the attempt returns a ref or _EXHAUSTED
                     continue  # no longer at our share, but the pool is exhausted: wait for anyone's free
                 if not pool.waiters:  # a v7 segment: no futex words to sleep on
                     return self._wait(lambda: self._alloc_or_grow(need), self._tx, True, deadline, None, SLOT_WAIT_SLICE)
@@ -625,7 +636,7 @@ class Link(LinkCore):
         if self._shares is not None:
             self._shares.add(c, e, s, gen)
 
-    def _alloc_or_grow(self, need: int):
+    def _alloc_or_grow(self, need: int) -> Optional[SlotRefParts]:
         """A slot within this link's shares. Exhausted pool: the host grows a growable class
         itself; a guest asks the host to."""
         seg, shares = self.segment, self._shares
@@ -647,6 +658,7 @@ class Link(LinkCore):
         return ref
 
     def _acquire_mapping(self, n: int) -> Optional[Mapping]:
+        assert self._maps_tx is not None  # _check_size() refuses what needs the mmap tier on a link without one
         try:
             return self._maps_tx.acquire(n)
         except PeerDead as e:  # the control socket's peer is gone: so is the peer, not a corruption
@@ -657,6 +669,7 @@ class Link(LinkCore):
         """Take (+1) or give back (-1) a sender's lease on m, keeping the inspect counters current."""
         region, (maps_off, kib_off, leases_off) = self.segment.region, self._tx_counters
         if delta > 0:
+            assert self._maps_tx is not None  # m came from it
             maps = self._maps_tx.maps
             region.store_u32(maps_off, len(maps))
             region.store_u32(kib_off, min(0xFFFFFFFF, sum(x.size for x in maps) >> 10))
@@ -666,7 +679,7 @@ class Link(LinkCore):
             m.drop_lease()
             region.fetch_add_u32(leases_off, 0xFFFFFFFF)
 
-    def _send_mmap(self, mv, n: int, deadline: Optional[float]) -> None:
+    def _send_mmap(self, mv: memoryview, n: int, deadline: Optional[float]) -> None:
         tx = self._tx
         m = self._acquire_mapping(n)
         if m is None:  # every mapping is leased: wait for the receiver to release one
@@ -715,6 +728,7 @@ class Link(LinkCore):
         """send_reserved() (buf and n checked by the core) when the ring is full, for the mmap tier
         and on errors."""
         token = buf.token
+        assert token is not None  # checked by LinkCore.send_reserved
         deadline = _deadline(timeout)
         self._lock(self._tx_lock, deadline)
         try:
@@ -752,19 +766,19 @@ class Link(LinkCore):
         finally:
             self._tx_lock.release()
 
-    def empty(self, shape, dtype="float64"):
+    def empty(self, shape: Union[int, Sequence[int]], dtype: npt.DTypeLike = "float64") -> npt.NDArray[Any]:
         """A numpy array in shared memory (data 64-byte aligned), to fill and send_array() without a copy."""
         from . import codec
 
         return codec.empty(self, shape, dtype)
 
-    def send_array(self, a, timeout: Optional[float] = None) -> None:
+    def send_array(self, a: npt.ArrayLike, timeout: Optional[float] = None) -> None:
         """Send a numpy array: zero-copy if it came from empty() on this link, else one memcpy."""
         from . import codec
 
         codec.send_array(self, a, timeout)
 
-    def recv_array(self, timeout: Optional[float] = None):
+    def recv_array(self, timeout: Optional[float] = None) -> npt.NDArray[Any]:
         """Receive an array sent with send_array: a read-only ndarray viewing shared memory (its
         memory goes back when the array is garbage collected)."""
         from . import codec
@@ -772,10 +786,10 @@ class Link(LinkCore):
         return codec.recv_array(self, timeout)
 
     @property
-    def mappings(self) -> dict:
+    def mappings(self) -> Dict[str, int]:
         """mmap-tier bookkeeping: mappings we send through and mappings we received."""
         tx, rx = self._maps_tx, self._maps_rx
-        if tx is None:
+        if tx is None or rx is None:  # both or neither
             return {}
         return {"tx_mappings": len(tx.maps), "tx_created": tx.created, "tx_reused": tx.reused,
                 "tx_retired": tx.retired, "tx_leases": sum(m.leases for m in tx.maps if not m.region.closed),
@@ -809,18 +823,18 @@ class Link(LinkCore):
             if not self._elide or self._rx.claim_peer_waiting(True):
                 self.doorbell.ring()
 
-    def _take_frame(self, frame) -> Message:
+    def _take_frame(self, frame: FrameTuple) -> Message:
         """Turn a ring frame into a Message and release its ring bytes (rx lock held)."""
         rx = self._rx
         kind = frame[0]
         if kind == L.KIND_INLINE:
-            payload = frame[2]
+            payload = cast(bytes, frame[2])  # an InlineTuple (kind, total_len, payload)
             rx.release(frame[1])
             self.stats.recv_inline += 1
             self.stats.recv_bytes_inline += len(payload)
             return Message(payload, 0, len(payload), "inline")
         if kind == L.KIND_SLOT_REF:
-            _, total, c, e, s, gen = frame
+            _, total, c, e, s, gen = cast("SlotRefTuple", frame)
             try:
                 # DECISIONS 9: become the owner before exposing the data (and before releasing the ring bytes).
                 n = self.segment.take(c, e, s, gen, self._owner)
@@ -831,7 +845,7 @@ class Link(LinkCore):
             self.stats.recv_slot += 1
             self.stats.recv_bytes_slot += n
             return Message(region, off, n, "slot", lambda: self._free_slot(c, e, s, gen))
-        _, total, map_id, gen, off, n = frame
+        _, total, map_id, gen, off, n = cast("MmapRefTuple", frame)
         if self._maps_rx is None:
             raise self._corrupted(LinkCorrupted("mmap-ref frame received, but this link has no mmap tier"))
         try:
@@ -843,7 +857,7 @@ class Link(LinkCore):
         self.stats.recv_bytes_mmap += n
         return Message(m.region, off, n, "mmap", lambda: self._drop_lease(m))
 
-    def _poll_slow(self, as_bytes: bool = False):
+    def _poll_slow(self, as_bytes: bool = False) -> Union[None, Message, bytes]:
         """LinkCore._poll_locked's fallback (rx lock held): backlog, closed links, mmap refs, errors."""
         if self._backlog:
             msg = self._backlog.popleft()
@@ -875,13 +889,13 @@ class Link(LinkCore):
             else:
                 st.doorbells_elided += 1
             if as_bytes:
-                return r if tr is bytes else _as_bytes(r)
-            return Message(r, 0, len(r), "inline") if tr is bytes else r
-        msg = self._take_frame(r)
+                return cast(bytes, r) if tr is bytes else _as_bytes(cast(Message, r))
+            return Message(r, 0, len(r), "inline") if tr is bytes else cast(Message, r)
+        msg = self._take_frame(cast("FrameTuple", r))
         self._notify(True, rx)
         return _as_bytes(msg) if as_bytes else msg
 
-    def _try_recv(self, as_bytes: bool):
+    def _try_recv(self, as_bytes: bool) -> Union[None, Message, bytes]:
         with self._rx_lock:
             msg = self._poll_locked(as_bytes)
             if msg is None and self._watched and self.alive:
@@ -890,11 +904,17 @@ class Link(LinkCore):
                 self._check()
             return msg
 
-    def _rearm_locked(self, as_bytes: bool = False):
+    @overload
+    def _rearm_locked(self, as_bytes: Literal[False] = False) -> Optional[Message]: ...
+    @overload
+    def _rearm_locked(self, as_bytes: bool) -> Union[None, Message, bytes]: ...
+
+    def _rearm_locked(self, as_bytes: bool = False) -> Union[None, Message, bytes]:
         """fileno() users with nothing left to receive: announce we wait (so the peer rings), drain
         the doorbell so the fd stays quiet until then, and re-check (rx lock held)."""
         self._rx.set_waiting(False, 1)
         if self._waiter.try_begin():  # one poller per doorbell (trap 32); else that poller drains
+            assert self.doorbell is not None  # _watched: fileno() found a doorbell
             try:
                 self.doorbell.drain()
             except PeerDead as e:
@@ -908,17 +928,17 @@ class Link(LinkCore):
         from .aio import arecv
         return await arecv(self, timeout)
 
-    async def asend(self, data, timeout: Optional[float] = None) -> None:
+    async def asend(self, data: Buffer, timeout: Optional[float] = None) -> None:
         """send() for asyncio: waits for ring room, a slot or a mapping without blocking the loop."""
         from .aio import asend
         await asend(self, data, timeout)
 
-    def __aiter__(self):
+    def __aiter__(self) -> LinkIterator:
         """`async for msg in link`: messages until the peer is gone."""
         from .aio import LinkIterator
         return LinkIterator(self)
 
-    def _recv(self, timeout: Optional[float], as_bytes: bool, spin: bool = True):
+    def _recv(self, timeout: Optional[float], as_bytes: bool, spin: bool = True) -> Union[Message, bytes]:
         """recv() when the core's fast path found nothing (spin False: it spun already)."""
         lock = self._rx_lock
         deadline = None
@@ -931,13 +951,14 @@ class Link(LinkCore):
                 if deadline is None:
                     deadline = _deadline(timeout)
                 self.stats.recv_waits += 1
-                msg = self._wait(lambda: self._poll_locked(as_bytes), self._rx, False, deadline,
-                                 self._rx.spin_readable if spin else None)
+                # cast: mypy joins Message and bytes into object when it solves _wait's type variable
+                msg = cast("Union[Message, bytes]", self._wait(lambda: self._poll_locked(as_bytes), self._rx, False, deadline,
+                                                               self._rx.spin_readable if spin else None))
             return msg
         finally:
             lock.release()
 
-    def recv_many(self, max_count: int, timeout: Optional[float] = None) -> list:
+    def recv_many(self, max_count: int, timeout: Optional[float] = None) -> List[Union[bytes, Message]]:
         """Wait (up to timeout) for at least one message, then return up to max_count without
         waiting more. Inline payloads come as bytes, slot and mmap payloads as Messages (both
         expose the buffer protocol and len()). Messages hold their shared memory until released:
@@ -947,7 +968,7 @@ class Link(LinkCore):
         deadline = _deadline(timeout)
         self._lock(self._rx_lock, deadline)
         try:
-            out = []
+            out: List[Union[bytes, Message]] = []
             rx = self._rx
             while len(out) < max_count:
                 if not self._backlog and self._ok:
@@ -970,7 +991,7 @@ class Link(LinkCore):
         finally:
             self._rx_lock.release()
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Message]:
         """Messages until the peer is gone (PeerDead on the host, HostGone on a guest) or the link closed."""
         while True:
             try:
@@ -1039,7 +1060,7 @@ class Link(LinkCore):
     def __enter__(self) -> "Link":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:

@@ -1,7 +1,7 @@
 """The VarSlotPool's Python face: slot references and opening the pool of a segment."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from . import layout as L
 from ._native import Region, SlotPool
@@ -22,7 +22,7 @@ def open_pool(region: Region, layout: L.Layout, journal: bool = False) -> SlotPo
                              for c in layout.classes], journals)
 
 
-def pool_stats(pool: SlotPool) -> list[dict[str, int]]:
+def pool_stats(pool: SlotPool) -> list[dict[str, Any]]:  # ints; callers (inspect) add fields of other types
     """Per-class slot_size, slot_count, free and allocated counts."""
     out = []
     for c in range(pool.num_classes):

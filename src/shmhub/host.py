@@ -17,7 +17,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple, cast
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Set, Tuple, Union, cast
 
 from . import layout as L
 from ._native import Message, spin_any_readable
@@ -443,7 +443,7 @@ class Host:
         with self._lock:
             peer_id = self.segment.peers.reserve()
             self._spawning.add(peer_id)
-        made: List[Doorbell] = []
+        made: List[Union[Doorbell, socket.socket]] = []
         try:
             host_bell, guest_bell = Doorbell.pair()
             made += [host_bell, guest_bell]

@@ -69,20 +69,25 @@ class _AnyQueue:
             self.active = True
             for h in handles:
                 if h.link.alive:
-                    self.add(h)
+                    self.add(h, wake=False)  # the caller collects next: it will look at them
 
-    def add(self, h: "GuestHandle") -> None:
+    def add(self, h: "GuestHandle", wake: bool = True) -> None:
+        """Watch a guest, and queue it: it may have sent before we watched, with its consumer flag
+        down, so no doorbell will say so. `wake`: a recv_any may sleep meanwhile (the guest was
+        registered by another thread, e.g. the bootstrap listener): wake it to look."""
         if h.link.doorbell is None:  # a doorbell-less walk-in: looked at on every pass, and waits are sliced
             with self.lock:
                 self.polled.add(h)
                 self._push(h)
-            return
-        fd = h.link.fileno()  # announces the consumer flag for good
-        with self.lock:
-            self.by_fd[fd] = h
-            self.ep.register(fd, select.EPOLLIN)
-            self._push(h)  # it may have sent before we watched
-        h.link._waiter.on_drain = lambda: self.push(h)  # a thread of ours ate its doorbell byte
+        else:
+            fd = h.link.fileno()  # announces the consumer flag for good
+            with self.lock:
+                self.by_fd[fd] = h
+                self.ep.register(fd, select.EPOLLIN)
+                self._push(h)
+            h.link._waiter.on_drain = lambda: self.push(h)  # a thread of ours ate its doorbell byte
+        if wake:
+            os.eventfd_write(self.wake_fd, 1)
 
     def remove(self, h: "GuestHandle", fd: Optional[int]) -> None:
         with self.lock:

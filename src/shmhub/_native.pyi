@@ -1,6 +1,6 @@
 from typing import Any, Callable, Dict, List, Literal, Sequence, Optional, Tuple, Union, overload
 
-from collections.abc import Buffer  # type: ignore[attr-defined]  # 3.12+, stubs only
+from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
 RELAXED: int
 ACQUIRE: int

@@ -890,7 +890,7 @@ class Link(LinkCore):
                 st.doorbells_elided += 1
             if as_bytes:
                 return cast(bytes, r) if tr is bytes else _as_bytes(cast(Message, r))
-            return Message(r, 0, len(r), "inline") if tr is bytes else cast(Message, r)
+            return Message(cast(bytes, r), 0, len(r), "inline") if tr is bytes else cast(Message, r)
         msg = self._take_frame(cast("FrameTuple", r))
         self._notify(True, rx)
         return _as_bytes(msg) if as_bytes else msg

@@ -60,6 +60,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks
 	$(PY) -m benchmarks.http_bench
 	$(PY) -m benchmarks.remote_bench
+	$(PY) -m benchmarks.wake_bench
 
 clean:
 	rm -rf build site $(VENV) .venv-asan src/*.egg-info src/shmhub/_native.c src/shmhub/_layout.h src/shmhub/*.so

@@ -81,35 +81,31 @@ def _pipe_child(conn: Any, out: Any) -> None:
     out.send(receive(conn.recv_bytes))
 
 
-def run_pipe(count: int) -> float:
-    ctx = mp.get_context("fork")
-    a, b = ctx.Pipe()
-    ra, rb = ctx.Pipe()
-    p = ctx.Process(target=_pipe_child, args=(b, rb))
-    p.start()
-    send_paced(a.send_bytes, count)
-    per = ra.recv()
-    p.join(30)
-    return float(per)
-
-
 def _socket_child(sock: socket.socket, out: Any) -> None:
     # One 64-byte message per recv (the sender's pacing keeps them apart); END is one byte.
     out.send(receive(lambda: sock.recv(64)))
 
 
-def run_socketpair(count: int) -> float:
+def _run_forked(child: Callable[[Any, Any], None], send: Callable[[bytes], Any], theirs: Any, count: int) -> float:
     ctx = mp.get_context("fork")
-    a, b = socket.socketpair()
     ra, rb = ctx.Pipe()
-    p = ctx.Process(target=_socket_child, args=(b, rb))
+    p = ctx.Process(target=child, args=(theirs, rb))
     p.start()
-    send_paced(a.sendall, count)
+    send_paced(send, count)
     per = ra.recv()
     p.join(30)
-    a.close()
-    b.close()
     return float(per)
+
+
+def run_pipe(count: int) -> float:
+    a, b = mp.get_context("fork").Pipe()
+    return _run_forked(_pipe_child, a.send_bytes, b, count)
+
+
+def run_socketpair(count: int) -> float:
+    a, b = socket.socketpair()
+    with a, b:
+        return _run_forked(_socket_child, a.sendall, b, count)
 
 
 RUNS: Dict[str, Callable[[int], float]] = {

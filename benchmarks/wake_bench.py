@@ -30,8 +30,10 @@ def cpu_ns() -> int:
         return int(f.read().split()[0])
 
 
-def receive(recv: Callable[[], Any]) -> float:
-    """Receive until END; CPU ns per message between the first and the last."""
+def receive(recv: Callable[[], Any], ready: Callable[[], Any]) -> float:
+    """Say ready (so no message is queued before the receiver runs), receive until END; CPU ns per
+    message between the first and the last."""
+    ready()
     m = recv()
     t0, n = cpu_ns(), 0
     while True:
@@ -58,7 +60,7 @@ def shmhub_guest() -> None:
 
     link = shmhub.connect()
     try:
-        link.send(json.dumps(receive(link.recv)).encode())
+        link.send(json.dumps(receive(link.recv, lambda: link.send(b"ready"))).encode())
     finally:
         link.close()
 
@@ -68,6 +70,8 @@ def run_shmhub(count: int) -> float:
 
     with shmhub.Host(shmhub.SegmentConfig(max_guests=1)) as host:
         g = host.spawn([sys.executable, "-m", "benchmarks.wake_bench", "--guest"])
+        with g.link.recv(30):
+            pass  # ready
         send_paced(lambda b: g.link.send(b, 10), count)
         with g.link.recv(30) as m:
             per = float(json.loads(bytes(m)))
@@ -78,12 +82,12 @@ def run_shmhub(count: int) -> float:
 # -- baselines: a forked receiver ---------------------------------------------------------------
 
 def _pipe_child(conn: Any, out: Any) -> None:
-    out.send(receive(conn.recv_bytes))
+    out.send(receive(conn.recv_bytes, lambda: out.send("ready")))
 
 
 def _socket_child(sock: socket.socket, out: Any) -> None:
     # One 64-byte message per recv (the sender's pacing keeps them apart); END is one byte.
-    out.send(receive(lambda: sock.recv(64)))
+    out.send(receive(lambda: sock.recv(64), lambda: out.send("ready")))
 
 
 def _run_forked(child: Callable[[Any, Any], None], send: Callable[[bytes], Any], theirs: Any, count: int) -> float:
@@ -91,6 +95,7 @@ def _run_forked(child: Callable[[Any, Any], None], send: Callable[[bytes], Any],
     ra, rb = ctx.Pipe()
     p = ctx.Process(target=child, args=(theirs, rb))
     p.start()
+    assert ra.recv() == "ready"
     send_paced(send, count)
     per = ra.recv()
     p.join(30)

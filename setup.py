@@ -49,6 +49,9 @@ sanitize = os.environ.get("SHMHUB_SANITIZE")
 if sanitize:
     cflags = ["-O1", "-g", "-std=gnu11", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}"]
     ldflags = [f"-fsanitize={sanitize}"]
+    if sanitize == "undefined":  # every report is fatal (make ubsan), and alignment is checked too
+        cflags += ["-fno-sanitize-recover=all", "-fsanitize=alignment"]
+        ldflags += ["-fno-sanitize-recover=all"]
 
 from Cython.Build import cythonize  # noqa: E402
 

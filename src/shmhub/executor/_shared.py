@@ -246,6 +246,8 @@ class WorkerRegions:
         try:
             size = os.fstat(fd).st_size
             mm = mmap.mmap(fd, size)
+        except (OSError, ValueError) as e:  # not a mappable file, or an empty one (ValueError)
+            raise ShmhubError(f"shared array region {rid}: cannot map the fd the executor sent: {e}") from None
         finally:
             os.close(fd)
         start = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0]

@@ -1,0 +1,44 @@
+"""Inputs the fuzzers (tests/fuzz, docs/hardening.md) found raising something other than a
+ShmhubError, each reduced to the smallest case: the fix is that they raise a typed error."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+
+import pytest
+
+from shmhub.errors import ShmhubError
+
+
+def _send_fd(sock: socket.socket, data: bytes, fd: int) -> None:
+    try:
+        sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", fd))])
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["empty memfd", "/dev/null", "pipe"])
+def test_executor_fd_socket_unmappable_fd(kind):
+    """fuzz target executor_fds: an ATTACH datagram whose fd cannot be mapped (an empty file:
+    mmap's ValueError; /dev/null or a pipe: OSError) raised those, not a ShmhubError."""
+    pytest.importorskip("numpy")
+    from shmhub.executor._shared import ATTACH, WorkerRegions, _MSG
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        if kind == "empty memfd":
+            fd = os.memfd_create("empty", os.MFD_CLOEXEC)
+        elif kind == "/dev/null":
+            fd = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+        else:
+            fd, w = os.pipe2(os.O_CLOEXEC)
+            os.close(w)
+        _send_fd(a, _MSG.pack(ATTACH, 7), fd)
+        regions = WorkerRegions(b)
+        with pytest.raises(ShmhubError, match="cannot map the fd"):
+            regions.fetch(7)
+        assert not regions.maps
+    finally:
+        a.close()
+        b.close()

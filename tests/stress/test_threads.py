@@ -186,3 +186,29 @@ def test_link_threads_both_sides():
             guest_bell.close()
             bell.close()
         walk_pool(seg.pool)
+
+
+_CANARY = """
+import os, sys, threading
+from shmhub._native import Region
+fd = os.memfd_create("canary", os.MFD_CLOEXEC)
+os.ftruncate(fd, 1 << 22)
+r = Region(fd, 1 << 22, True)
+big = b"x" * (1 << 21)  # a copy this large drops the GIL: two of them race on the same bytes
+sys.setswitchinterval(1e-6)
+ts = [threading.Thread(target=lambda: [r.write(0, big) for _ in range(50)]) for _ in range(2)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+"""
+
+
+@pytest.mark.skipif("libtsan" not in os.environ.get("LD_PRELOAD", ""), reason="make tsan only: checks TSan reports a race")
+def test_tsan_reports_a_race_in_the_core():
+    """Under `make tsan`: two threads copying into the same bytes without synchronisation are
+    reported, so a clean run of the tests above means something."""
+    import subprocess
+
+    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1 exitcode=66")
+    p = subprocess.run([sys.executable, "-c", _CANARY], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 66 and "WARNING: ThreadSanitizer: data race" in p.stderr, p.stderr[-2000:]
+    assert "Region_32write" in p.stderr or "Region" in p.stderr

@@ -42,3 +42,26 @@ def test_executor_fd_socket_unmappable_fd(kind):
     finally:
         a.close()
         b.close()
+
+
+@pytest.mark.parametrize("dtype", ["(,u1", ",.", ".,u1"])
+def test_executor_array_reference_bad_dtype(dtype):
+    """fuzz target executor_fds: a region reference whose dtype string numpy's parser rejects with
+    a SyntaxError (not only TypeError/ValueError) escaped as that SyntaxError."""
+    pytest.importorskip("numpy")
+    import mmap
+    import weakref
+
+    from shmhub.executor._shared import _Region, _table
+
+    mm = mmap.mmap(-1, 4096)
+    rid = -12345  # a worker's region ids are positive: no clash with a real one
+    with _table.lock:
+        _table.by_id[rid] = _Region(rid, -1, 4096, 0, weakref.ref(mm))
+    try:
+        with pytest.raises(ShmhubError, match="bad reference"):
+            _table.array(rid, 0, (1,), dtype, (1,))
+    finally:
+        with _table.lock:
+            del _table.by_id[rid]
+        mm.close()

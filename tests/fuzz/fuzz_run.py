@@ -67,6 +67,8 @@ def main() -> None:
     def one(data: bytes) -> None:
         run_one(name, data, feedback)
 
+    # libFuzzer's -merge=1 and -fork re-run argv[0] through the shell: make it run this target.
+    sys.argv[0] = f"{sys.executable} {os.path.abspath(__file__)} {name}"
     atheris.Setup(sys.argv, one)
     atheris.Fuzz()
 

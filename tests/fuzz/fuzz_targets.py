@@ -17,7 +17,7 @@ import socket
 import struct
 from typing import Callable, Dict, List, Optional
 
-from shmhub import bootstrap, guest
+from shmhub import bootstrap, guest, monitor
 from shmhub import layout as L
 from shmhub._native import Region, Ring, decode_frame
 from shmhub.bigmap import MapReceiver
@@ -269,6 +269,7 @@ def segment(data: bytes) -> None:
 def _exercise(seg: Segment) -> None:
     n = seg.config.max_guests
     links = []
+    monitor.sample(seg)  # what `shmhub inspect` reads
     try:
         for pid in range(1, min(n, 2) + 1):
             seg.peers.state(pid)
@@ -599,3 +600,17 @@ def executor_fds(data: bytes) -> None:
                 _shared._table.by_id.pop(rid, None)
         regions.maps.clear()
         b.close()
+
+
+# -- 9. an array payload (shmhub.codec) ---------------------------------------------------------
+
+@target
+def array_payload(data: bytes) -> None:
+    """decode_array over a received payload (the header's offset, dtype string and shape come
+    from the peer); a decoded array is read whole, so it must lie inside the payload."""
+    from shmhub._native import Message
+    from shmhub.codec import decode_array
+
+    arr = decode_array(Message(data, 0, len(data), "inline"))
+    assert arr.nbytes <= len(data)
+    arr.tobytes()

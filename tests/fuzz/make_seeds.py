@@ -84,12 +84,23 @@ def seeds() -> Dict[str, List[bytes]]:
     att = struct.pack("<BQ", 1, 2)
     out["executor_fds"] = [b"\x00" + bytes([9]) + att + b"\x01" + b"\x02" + b"\x01\x10\x01\x02u1" + b"\x00\x00",
                            b"\x01" + bytes([9]) + att + b"\x01" + bytes([9]) + struct.pack("<BQ", 2, 2) + b"\x00\x02"]
+    from shmhub.codec import _HEAD, ARRAY_MAGIC
+
+    def arr(dtype: bytes, shape: tuple, body: bytes) -> bytes:
+        head = _HEAD.pack(ARRAY_MAGIC, 64, len(dtype), len(shape)) + dtype + struct.pack(f"<{len(shape)}Q", *shape)
+        return head.ljust(64, b"\0") + body
+
+    out["array_payload"] = [arr(b"<f8", (2, 3), bytes(48)), arr(b"|u1", (), b"\x07"), arr(b"<i4", (0, 5), b""),
+                            arr(b"[('a', '<u2'), ('b', '|u1')]", (2,), bytes(6))]
     return out
 
 
 def main() -> None:
     sys.path.insert(0, HERE)
+    only = sys.argv[1:]
     for name, items in seeds().items():
+        if only and name not in only:
+            continue
         d = os.path.join(CORPUS, name)
         os.makedirs(d, exist_ok=True)
         for data in items:

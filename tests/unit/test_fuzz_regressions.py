@@ -65,3 +65,30 @@ def test_executor_array_reference_bad_dtype(dtype):
         with _table.lock:
             del _table.by_id[rid]
         mm.close()
+
+
+def _array_payload(dtype: bytes, shape: tuple, off: int = 64) -> bytes:
+    from shmhub.codec import _HEAD, ARRAY_MAGIC
+
+    head = _HEAD.pack(ARRAY_MAGIC, off, len(dtype), len(shape)) + dtype + struct.pack(f"<{len(shape)}Q", *shape)
+    return head.ljust(off, b"\0") + b"\1" * 64
+
+
+@pytest.mark.parametrize("dtype, shape", [
+    (b"(,u1", (1,)),  # numpy's dtype parser raised SyntaxError
+    (b"<u1", (1 << 32, 1 << 32)),  # numpy's int64 product wrapped to 0: reshape raised ValueError
+    (b"<u1", (1 << 63, 2)),  # ValueError: maximum allowed dimension exceeded
+    (b"<u1", (1,) * 65),  # more dimensions than numpy allows, all of size 1
+    (b"S0", (1 << 40,)),  # zero-sized items: frombuffer refused the count
+])
+def test_decode_array_bad_header(dtype, shape):
+    """fuzz target array_payload: decode_array let numpy's exceptions through (and the overflowed
+    shape product slipped past its size check) instead of raising CodecError."""
+    pytest.importorskip("numpy")
+    from shmhub._native import Message
+    from shmhub.codec import CodecError, decode_array
+
+    data = _array_payload(dtype, shape)
+    msg = Message(data, 0, len(data), "inline")
+    with pytest.raises(CodecError):
+        decode_array(msg)

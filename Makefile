@@ -49,7 +49,7 @@ endef
 # The unit and stress tests against an UndefinedBehaviorSanitizer build: any report aborts the test.
 ubsan:
 	$(call san_venv,.venv-ubsan,undefined)
-	cd tests && UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1 \
+	cd tests && PYTHONPATH=$(CURDIR) UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1 \
 		../.venv-ubsan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. unit stress $(PYTEST_ARGS)
 
 # The threaded tests against a ThreadSanitizer build (gcc's libtsan preloaded). CPython is not
@@ -59,7 +59,7 @@ ubsan:
 TSAN_TESTS ?= stress/test_threads.py unit/test_slots.py unit/test_peers.py unit/test_ring.py
 tsan:
 	$(call san_venv,.venv-tsan,thread)
-	cd tests && LD_PRELOAD=$$(gcc -print-file-name=libtsan.so) \
+	cd tests && PYTHONPATH=$(CURDIR) LD_PRELOAD=$$(gcc -print-file-name=libtsan.so) \
 		TSAN_OPTIONS="halt_on_error=1 abort_on_error=1 report_signal_unsafe=0 second_deadlock_stack=1 suppressions=$(CURDIR)/tests/tsan.supp" \
 		../.venv-tsan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. $(TSAN_TESTS) $(PYTEST_ARGS)
 

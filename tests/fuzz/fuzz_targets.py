@@ -231,7 +231,7 @@ def segment_template() -> bytes:
 
 def _patched(inp: Input, image: bytes) -> bytes:
     """Mode byte: bit 7 replaces the image's prefix with the input; else (u16 offset, u8 len,
-    bytes) patches. Bit 6 then truncates the file to a u16 * 8 bytes."""
+    bytes) patches. Bit 6 then truncates the file to a u16 * 8 bytes. (Bit 5: a read-only attach.)"""
     mode = inp.u8()
     out = bytearray(image)
     if mode & 0x80:
@@ -255,13 +255,17 @@ def segment(data: bytes) -> None:
     rings, slot metadata, journals), then what a host and a guest do with them: receive on every
     ring, allocate and free slots, and the host's recovery of a dead guest."""
     image = _patched(Input(data), segment_template())
+    read_only = bool(data[:1]) and bool(data[0] & 0x20)
     fd = _memfd(image)
     try:
-        seg = Segment.attach(fd)
+        seg = Segment.attach(fd, writable=not read_only)
     finally:
         os.close(fd)
     try:
-        _exercise(seg)
+        if read_only:
+            monitor.sample(seg)  # `shmhub inspect` and `top`: a read-only attach, then a look
+        else:
+            _exercise(seg)
     finally:
         seg.close()
 

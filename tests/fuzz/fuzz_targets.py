@@ -521,12 +521,16 @@ def rpc(data: bytes) -> None:
     """FrameAssembler over a stream of messages (u16 length prefixes), then what the serving and
     calling ends read from a complete frame: the payload, the out-of-band views, an ERROR payload."""
     from shmhub.rpc._codec import BytesCodec
-    from shmhub.rpc._protocol import FrameAssembler, decode_error
+    from shmhub.rpc._protocol import CallTable, FrameAssembler, ServingTable, decode_error
     from shmhub.rpc._wire import Kind
 
     inp = Input(data)
     asm = FrameAssembler(max_frame=1 << 16)
     codec = BytesCodec()
+    calls: CallTable[int] = CallTable()
+    for i in range(3):
+        calls.start(i, deadline_ns=i)
+    serving: ServingTable[int] = ServingTable()
     while inp.left:
         msg = inp.take(inp.u16() % 2048)
         inc = asm.feed(msg)
@@ -534,7 +538,17 @@ def rpc(data: bytes) -> None:
             continue
         views = inc.views()
         payload = inc.payload()
-        if inc.frame.header.kind == Kind.ERROR:
+        h = inc.frame.header
+        # the connection's bookkeeping (_conn.Connection._dispatch) on what the peer sent
+        if h.kind == Kind.REQUEST:
+            serving.request(h.call_id, 0)
+        elif h.kind in (Kind.CANCEL, Kind.CREDIT):
+            if serving.control(h.kind, h.call_id) is not None and h.kind == Kind.CANCEL:
+                serving.done(h.call_id)
+        elif calls.lookup_response(h.call_id) is not None and h.kind != Kind.ITEM:
+            calls.finish(h.call_id)
+        calls.next_deadline()
+        if h.kind == Kind.ERROR:
             decode_error(payload, codec)
         else:
             codec.decode_call(payload, views)

@@ -36,7 +36,7 @@ def main() -> None:
         total += runs
         bad += crashes + hangs + ooms
         rows.append((t, runs, speed, cov[-1] if cov else "?", new, crashes, hangs, ooms))
-    print(f"| target | inputs | inputs/s | coverage | corpus | crashes | hangs | oom |")
+    print("| target | inputs | inputs/s | coverage | corpus | crashes | hangs | oom |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print("| " + " | ".join(str(x) for x in r) + " |")

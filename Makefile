@@ -27,16 +27,6 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# The unit tests against an AddressSanitizer build of the core, in a venv of its own.
-asan:
-	test -x .venv-asan/bin/python || $(PYTHON) -m venv .venv-asan
-	rm -rf build
-	SHMHUB_SANITIZE=address .venv-asan/bin/python -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps .
-	.venv-asan/bin/python -m pip install --quiet --disable-pip-version-check pytest pytest-timeout hypothesis numpy
-	rm -rf build
-	cd tests && LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-		../.venv-asan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. unit $(PYTEST_ARGS)
-
 # A sanitizer build of the core in a venv of its own: $(1) the venv, $(2) SHMHUB_SANITIZE (setup.py).
 define san_venv
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
@@ -46,11 +36,19 @@ define san_venv
 	rm -rf build
 endef
 
-# The unit and stress tests against an UndefinedBehaviorSanitizer build: any report aborts the test.
+# The unit tests and the fuzz corpus (replayed and mutated: hostile bytes) against an
+# AddressSanitizer build of the core, in a venv of its own.
+asan:
+	$(call san_venv,.venv-asan,address)
+	cd tests && PYTHONPATH=$(CURDIR) LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+		../.venv-asan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. unit fuzz $(PYTEST_ARGS)
+
+# The unit and stress tests and the fuzz corpus against an UndefinedBehaviorSanitizer build: any
+# report aborts the test.
 ubsan:
 	$(call san_venv,.venv-ubsan,undefined)
 	cd tests && PYTHONPATH=$(CURDIR) UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1 \
-		../.venv-ubsan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. unit stress $(PYTEST_ARGS)
+		../.venv-ubsan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. unit stress fuzz $(PYTEST_ARGS)
 
 # The threaded tests against a ThreadSanitizer build (gcc's libtsan preloaded). CPython is not
 # instrumented: TSan sees the core's accesses and the libc calls (memcpy, malloc, pthread) of both.

@@ -92,3 +92,55 @@ def test_decode_array_bad_header(dtype, shape):
     msg = Message(data, 0, len(data), "inline")
     with pytest.raises(CodecError):
         decode_array(msg)
+
+
+@pytest.mark.parametrize("gen", [0x7FFFFFFF, 0x80000000, 0xFFFFFFFE, 0xFFFFFFFF])
+def test_pool_pop_generation_past_2_31(gen):
+    """make ubsan (-fno-wrapv) on the fuzz corpus: SlotPool.pop packed the new generation into a
+    signed 64-bit result (gen << 32 | index), undefined for a generation of 2**31 or more. Under
+    CPython's -fwrapv the result was negative, read as "class exhausted": the slot, already
+    popped and marked Allocated, was lost, and alloc returned None. A slot reaches such a
+    generation after 2**31 uses (hours for a hot slot in a small class)."""
+    from shmhub import Segment, SegmentConfig
+    from shmhub import layout as L
+
+    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=256, size_classes=((64, 2),))
+    with Segment.create(cfg) as seg:
+        pool, meta = seg.pool, seg.layout.classes[0].meta_offset
+        for s in range(2):
+            seg.region.store_u32(meta + s * L.SLOT_META_SIZE + L.META_GENERATION, gen)
+        expect = (gen + 1) & 0xFFFFFFFF
+        a = pool.alloc(10, 1)
+        b = pool.alloc_in_class(0, 1)
+        assert a is not None and b is not None and a[3] == b[3] == expect
+        assert pool.alloc(10, 1) is None  # now really exhausted
+        pool.free(*a[:4], by=1)
+        c = pool.wait_alloc(10, 1, 1.0)  # the futex-waiting path pops too
+        assert c is not None and c[:3] == a[:3]
+        pool.free(*b[:4], by=1)
+        pool.free(*c[:4], by=1)
+        assert pool.counts(0) == (2, 0)
+
+
+def test_link_slot_send_generation_past_2_31():
+    """The same through the link's native send path (c_pop_fit): a slot payload still goes out."""
+    from shmhub import Segment, SegmentConfig
+    from shmhub import layout as L
+    from shmhub.link import GUEST, HOST, Link
+
+    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=256, inline_threshold=16, size_classes=((256, 2),))
+    with Segment.create(cfg) as seg:
+        meta = seg.layout.classes[0].meta_offset
+        for s in range(2):
+            seg.region.store_u32(meta + s * L.SLOT_META_SIZE + L.META_GENERATION, 0xFFFFFFF0)
+        pid = seg.peers.attach()
+        host, guest = Link(seg, pid, None, HOST), Link(seg, pid, None, GUEST)
+        try:
+            for i in range(4):
+                guest.send(bytes([i]) * 100, timeout=5)
+                with host.recv(timeout=5) as msg:
+                    assert bytes(msg) == bytes([i]) * 100 and msg.tier == "slot"
+        finally:
+            guest.close()
+            host.close()
+        assert seg.pool.counts(0) == (2, 0)

@@ -68,7 +68,9 @@ def empty(link, shape, dtype="float64"):
     nbytes = count * dtype.itemsize
     buf = link.reserve(len(head) + _slack(nbytes) + nbytes)
     off = _write_header(np, buf, head, nbytes=nbytes)  # page-aligned when big
-    # The array's base is the reserved buffer: send_array finds it there.
+    # The array's base is the reserved buffer: send_array finds it there. An array dropped unsent
+    # gives it back through the collector, which is how arrays end: no ResourceWarning.
+    buf.owned_by_views = True
     return np.frombuffer(buf, dtype=dtype, count=count, offset=off).reshape(shape)
 
 
@@ -126,10 +128,12 @@ def decode_array(msg: Message):
             count *= n
         if dtype.hasobject or off > len(msg) or count * dtype.itemsize > len(msg) - off:
             raise CodecError("array header does not match the payload")
-        return np.frombuffer(msg, dtype=dtype, count=count, offset=off).reshape(shape)
+        arr = np.frombuffer(msg, dtype=dtype, count=count, offset=off).reshape(shape)
     except CodecError:
         msg.release()
         raise
     except Exception as e:  # the header's numbers and dtype string come from the peer: numpy's parser
         msg.release()  # raises TypeError, ValueError, even SyntaxError; reshape refuses > 64 dimensions
         raise CodecError(f"bad array header: {type(e).__name__}: {e}") from None
+    with msg:  # released when the array, its last view, goes (not by the collector)
+        return arr

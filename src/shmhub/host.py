@@ -66,20 +66,25 @@ class _AnyQueue:
             self.active = True
             for h in handles:
                 if h.link.alive:
-                    self.add(h)
+                    self.add(h, wake=False)  # the caller collects next: it will look at them
 
-    def add(self, h: "GuestHandle") -> None:
+    def add(self, h: "GuestHandle", wake: bool = True) -> None:
+        """Watch a guest, and queue it: it may have sent before we watched, with its consumer flag
+        down, so no doorbell will say so. `wake`: a recv_any may sleep meanwhile (the guest was
+        registered by another thread, e.g. the bootstrap listener): wake it to look."""
         if h.link.doorbell is None:  # a doorbell-less walk-in: looked at on every pass, and waits are sliced
             with self.lock:
                 self.polled.add(h)
                 self._push(h)
-            return
-        fd = h.link.fileno()  # announces the consumer flag for good
-        with self.lock:
-            self.by_fd[fd] = h
-            self.ep.register(fd, select.EPOLLIN)
-            self._push(h)  # it may have sent before we watched
-        h.link._waiter.on_drain = lambda: self.push(h)  # a thread of ours ate its doorbell byte
+        else:
+            fd = h.link.fileno()  # announces the consumer flag for good
+            with self.lock:
+                self.by_fd[fd] = h
+                self.ep.register(fd, select.EPOLLIN)
+                self._push(h)
+            h.link._waiter.on_drain = lambda: self.push(h)  # a thread of ours ate its doorbell byte
+        if wake:
+            os.eventfd_write(self.wake_fd, 1)
 
     def remove(self, h: "GuestHandle", fd: Optional[int]) -> None:
         with self.lock:
@@ -316,6 +321,7 @@ class Host:
         self._stopping = False
         self.segment.on_grow = self._grown
         self._listener: Optional[bootstrap.Listener] = None
+        self._remote: Any = None  # a shmhub.remote.Listener (listen("tcp://..."))
         self._unreaped: List[subprocess.Popen] = []  # recovered guests without a pidfd that had not exited yet
         self._futex = bool(self.segment.features & L.FEATURE_POOL_WAITERS)
         self._update_share()
@@ -381,12 +387,26 @@ class Host:
         self._emit(HostEvent("spawned", p.peer_id, proc.pid))
         return handle
 
-    def listen(self, socket_path: str, *, request_timeout: float = bootstrap.DEFAULT_REQUEST_TIMEOUT) -> None:
+    def listen(self, socket_path: str, *, request_timeout: float = bootstrap.DEFAULT_REQUEST_TIMEOUT,
+               **remote: Any) -> Any:
         """Accept walk-in guests on a Unix stream socket (mode 0600, DECISIONS 17, docs/bootstrap.md):
         shmhub.connect(socket_path) in another process gets a peer with its doorbell, the segment and
         its mmap control socket. A stale socket file is replaced, a live one refused. Each connection
-        must deliver its request within request_timeout. close() stops listening and removes the path."""
+        must deliver its request within request_timeout. close() stops listening and removes the path.
+
+        listen("tcp://HOST:PORT", **options) accepts remote guests instead and returns the
+        shmhub.remote.Listener (docs/remote.md); host.close() closes it."""
         self._check_open()
+        if str(socket_path).startswith("tcp://"):
+            from .remote import Listener  # pyzmq is optional: imported only for TCP
+
+            with self._lock:
+                if self._remote is not None:
+                    raise ShmhubError(f"already listening on {self._remote.endpoint}")
+                self._remote = Listener(str(socket_path), **remote)
+                return self._remote
+        if remote:
+            raise TypeError(f"unexpected options for a Unix socket: {sorted(remote)}")
         with self._lock:
             if self._listener is not None:
                 raise ShmhubError(f"already listening on {self._listener.path}")
@@ -799,6 +819,8 @@ class Host:
         self._closed = True
         if self._listener is not None:
             self._listener.close()  # no guest arrives from here on; the socket path is removed
+        if self._remote is not None:
+            self._remote.close()  # remote guests see HostGone
         self.segment.say_goodbye()  # DECISIONS 13
         with self._lock:
             handles = list(self._handles.values())

@@ -772,3 +772,32 @@ def test_close_drops_pending_connections(sock_path):
     finally:
         s.close()
         host.close()
+
+
+def test_recv_any_asleep_is_woken_by_a_walk_in_registered_after_it_sent(sock_path, monkeypatch):
+    """The listener answers a walk-in first and registers it after: a guest that sends at once does
+    so before the host watches it (its consumer flag down: no doorbell). A recv_any already asleep
+    must be woken by the registration, not by its own timeout (seen: 10 s lost, under load)."""
+    real = shmhub.Host._register
+
+    def late_register(self, p, proc):
+        time.sleep(0.2)  # the guest's send lands in between
+        return real(self, p, proc)
+
+    monkeypatch.setattr(shmhub.Host, "_register", late_register)
+    with shmhub.Host(CONFIG) as host:
+        host.listen(sock_path)
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(host.recv_any(timeout=20)))
+        waiter.start()  # activates recv_any with no guest, and sleeps
+        link = shmhub.connect(sock_path, timeout=10)
+        t0 = time.monotonic()
+        link.send(b"early", timeout=10)
+        waiter.join(30)
+        elapsed = time.monotonic() - t0
+        assert got, "recv_any did not return"
+        h, msg = got[0]
+        with msg:
+            assert msg.tobytes() == b"early" and h.peer_id == link.peer_id
+        assert elapsed < 10, f"recv_any slept {elapsed:.1f} s: woken by its timeout, not the registration"
+        link.close()

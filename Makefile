@@ -64,7 +64,7 @@ tsan:
 # Coverage-guided fuzzing (atheris): FUZZ_RUNS inputs for each of FUZZ_TARGETS, one process each,
 # starting from the committed corpus; new inputs and any crash-/timeout- artifact go to FUZZ_DIR.
 # The default is 10^7 inputs in all. `make fuzz-merge` adds what reached new coverage to the corpus.
-FUZZ_TARGETS ?= frame ring segment mmap_attach bootstrap_msgs rpc http_meta executor_fds array_payload
+FUZZ_TARGETS ?= frame ring segment mmap_attach bootstrap_msgs rpc http_meta executor_fds array_payload remote_wire
 FUZZ_RUNS ?= 1250000
 FUZZ_DIR ?= .fuzz
 FUZZ_OPTS ?= -timeout=10 -rss_limit_mb=2048 -print_final_stats=1

@@ -632,3 +632,15 @@ def array_payload(data: bytes) -> None:
     arr = decode_array(Message(data, 0, len(data), "inline"))
     assert arr.nbytes <= len(data)
     arr.tobytes()
+
+
+# -- 10. a remote link's control message (shmhub.remote) ----------------------------------------
+
+@target
+def remote_wire(data: bytes) -> None:
+    """The remote link's control-message decoder (a peer across the network wrote these bytes);
+    a decoded message re-encodes to the same bytes."""
+    from shmhub.remote._wire import decode, encode
+
+    c = decode(data)
+    assert encode(c) == data

@@ -92,6 +92,12 @@ def seeds() -> Dict[str, List[bytes]]:
 
     out["array_payload"] = [arr(b"<f8", (2, 3), bytes(48)), arr(b"|u1", (), b"\x07"), arr(b"<i4", (0, 5), b""),
                             arr(b"[('a', '<u2'), ('b', '|u1')]", (2,), bytes(6))]
+    from shmhub.remote._wire import Control
+    from shmhub.remote._wire import Kind as RKind
+    from shmhub.remote._wire import encode as rencode
+
+    out["remote_wire"] = [rencode(Control(RKind.HELLO, pid=42, text="guest")), rencode(Control(RKind.WELCOME, port=5555)),
+                          rencode(Control(RKind.BYE)), rencode(Control(RKind.REFUSE, text="full"))]
     return out
 
 

@@ -14,7 +14,7 @@ TYPED := src/shmhub/_native.pyi src/shmhub/rpc src/shmhub/remote src/shmhub/exec
 	src/shmhub/layout.py src/shmhub/aio.py src/shmhub/codec.py src/shmhub/doorbell.py src/shmhub/peers.py src/shmhub/slots.py \
 	src/shmhub/ring.py src/shmhub/bigmap.py src/shmhub/bootstrap.py
 
-.PHONY: demo test test-slow asan bench lint docs clean
+.PHONY: demo test test-slow asan ubsan tsan fuzz fuzz-merge bench lint docs clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,15 +30,59 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
-# The unit tests against an AddressSanitizer build of the core, in a venv of its own.
+# A sanitizer build of the core in a venv of its own: $(1) the venv, $(2) SHMHUB_SANITIZE (setup.py).
+define san_venv
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	rm -rf build
+	SHMHUB_SANITIZE=$(2) $(1)/bin/python -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps .
+	$(1)/bin/python -m pip install --quiet --disable-pip-version-check pytest pytest-timeout hypothesis numpy
+	rm -rf build
+endef
+
+# The unit tests and the fuzz corpus (replayed and mutated: hostile bytes) against an
+# AddressSanitizer build of the core, in a venv of its own.
 asan:
-	test -x .venv-asan/bin/python || $(PYTHON) -m venv .venv-asan
-	rm -rf build
-	SHMHUB_SANITIZE=address .venv-asan/bin/python -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps .
-	.venv-asan/bin/python -m pip install --quiet --disable-pip-version-check pytest pytest-timeout hypothesis numpy
-	rm -rf build
-	cd tests && LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
-		../.venv-asan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. unit $(PYTEST_ARGS)
+	$(call san_venv,.venv-asan,address)
+	cd tests && PYTHONPATH=$(CURDIR) LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+		../.venv-asan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. unit fuzz $(PYTEST_ARGS)
+
+# The unit and stress tests and the fuzz corpus against an UndefinedBehaviorSanitizer build: any
+# report aborts the test.
+ubsan:
+	$(call san_venv,.venv-ubsan,undefined)
+	cd tests && PYTHONPATH=$(CURDIR) UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:abort_on_error=1 \
+		../.venv-ubsan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. unit stress fuzz $(PYTEST_ARGS)
+
+# The threaded tests against a ThreadSanitizer build (gcc's libtsan preloaded). CPython is not
+# instrumented: TSan sees the core's accesses and the libc calls (memcpy, malloc, pthread) of both.
+# Not ignore_noninstrumented_modules=1: it also hides the core's own memcpy races (the canary test in
+# tests/stress/test_threads.py checks that a race is reported). Suppressions, explained: tests/tsan.supp.
+TSAN_TESTS ?= stress/test_threads.py unit/test_slots.py unit/test_peers.py unit/test_ring.py
+tsan:
+	$(call san_venv,.venv-tsan,thread)
+	cd tests && PYTHONPATH=$(CURDIR) LD_PRELOAD=$$(gcc -print-file-name=libtsan.so) \
+		TSAN_OPTIONS="halt_on_error=1 abort_on_error=1 report_signal_unsafe=0 second_deadlock_stack=1 suppressions=$(CURDIR)/tests/tsan.supp" \
+		../.venv-tsan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. $(TSAN_TESTS) $(PYTEST_ARGS)
+
+# Coverage-guided fuzzing (atheris): FUZZ_RUNS inputs for each of FUZZ_TARGETS, one process each,
+# starting from the committed corpus; new inputs and any crash-/timeout- artifact go to FUZZ_DIR.
+# The default is 10^7 inputs in all. `make fuzz-merge` adds what reached new coverage to the corpus.
+FUZZ_TARGETS ?= frame ring segment mmap_attach bootstrap_msgs rpc http_meta executor_fds array_payload remote_wire
+FUZZ_RUNS ?= 1250000
+FUZZ_DIR ?= .fuzz
+FUZZ_OPTS ?= -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+fuzz: $(STAMP)
+	mkdir -p $(FUZZ_DIR)
+	rc=0; for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_DIR)/$$t; \
+		PYTHONHASHSEED=0 $(PY) tests/fuzz/fuzz_run.py $$t -runs=$(FUZZ_RUNS) $(FUZZ_OPTS) -artifact_prefix=$(FUZZ_DIR)/$$t- \
+			$(FUZZ_DIR)/$$t tests/fuzz/corpus/$$t > $(FUZZ_DIR)/$$t.log 2>&1 || rc=1; \
+	done; $(PY) tests/fuzz/fuzz_report.py $(FUZZ_DIR) $(FUZZ_TARGETS); exit $$rc
+
+fuzz-merge: $(STAMP)
+	for t in $(FUZZ_TARGETS); do \
+		PYTHONHASHSEED=0 $(PY) tests/fuzz/fuzz_run.py $$t -merge=1 tests/fuzz/corpus/$$t $(FUZZ_DIR)/$$t || exit 1; \
+	done
 
 $(VENV)/.lint-installed: $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,numpy,lint]'
@@ -63,6 +107,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks
 	$(PY) -m benchmarks.http_bench
 	$(PY) -m benchmarks.remote_bench
+	$(PY) -m benchmarks.wake_bench
 
 clean:
-	rm -rf build site $(VENV) .venv-asan src/*.egg-info src/shmhub/_native.c src/shmhub/_layout.h src/shmhub/*.so
+	rm -rf build site $(VENV) .venv-asan .venv-ubsan .venv-tsan .fuzz src/*.egg-info src/shmhub/_native.c src/shmhub/_layout.h src/shmhub/*.so

@@ -49,6 +49,11 @@ sanitize = os.environ.get("SHMHUB_SANITIZE")
 if sanitize:
     cflags = ["-O1", "-g", "-std=gnu11", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}"]
     ldflags = [f"-fsanitize={sanitize}"]
+    if sanitize == "undefined":
+        # Every report is fatal (make ubsan). -fno-wrapv undoes CPython's -fwrapv for this build
+        # only, so a signed overflow in the core is reported instead of being defined to wrap.
+        cflags += ["-fno-sanitize-recover=all", "-fno-wrapv"]
+        ldflags += ["-fno-sanitize-recover=all"]
 
 from Cython.Build import cythonize  # noqa: E402
 

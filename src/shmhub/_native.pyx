@@ -1238,7 +1238,10 @@ cdef class SlotPool:
             chain_meta(self.cls[c].meta[0], self.cls[c].slot_count, 0)
         shm_fence(SHM_RELEASE)
 
-    cdef long long pop(self, int c, uint32_t owner) except -2:
+    cdef long long pop(self, int c, uint32_t owner, uint32_t* gen_out) except -2:
+        """Pop a slot of class c for owner: its global index (and its new generation in *gen_out),
+        or -1 when the class is exhausted. The generation is not packed into the result: one of
+        2**31 or more made it negative, read as exhausted, and the slot popped was lost."""
         cdef ClassInfo* ci = &self.cls[c]
         cdef char* headp = self.wbase() + ci.header + SHMHUB_CLS_FREE_HEAD
         cdef char* j = self.journal(owner)
@@ -1276,7 +1279,8 @@ cdef class SlotPool:
         shm_store64(m + SHMHUB_META_GENERATION, meta_word(gen, <uint32_t>SHMHUB_SLOT_ALLOCATED), SHM_RELEASE)
         if j != NULL:
             shm_store64(j, 0, SHM_RELEASE)
-        return (<long long>gen << 32) | idx
+        gen_out[0] = gen
+        return idx
 
     # -- the pool-op journal (FEATURE_POOL_JOURNAL) ------------------------------------------
 
@@ -1394,9 +1398,9 @@ cdef class SlotPool:
                 return 0
             head = seen
 
-    cdef tuple split(self, int c, long long r):
-        cdef uint32_t idx = <uint32_t>(r & 0xFFFFFFFF)
-        return (c, <int>(idx / self.cls[c].slot_count), <uint32_t>(idx % self.cls[c].slot_count), <uint32_t>(r >> 32))
+    cdef tuple split(self, int c, long long r, uint32_t gen):
+        cdef uint32_t idx = <uint32_t>r
+        return (c, <int>(idx / self.cls[c].slot_count), <uint32_t>(idx % self.cls[c].slot_count), gen)
 
     def alloc(self, Py_ssize_t size, uint32_t owner):
         """Allocate a slot holding at least `size` bytes from the smallest fitting class, then
@@ -1404,21 +1408,23 @@ cdef class SlotPool:
         take() take -- or None when all are exhausted. NeedExtent if the next free slot is in an extent not mapped here yet."""
         cdef long long r
         cdef int c
+        cdef uint32_t gen
         for c in range(self.num_classes):
             if self.cls[c].slot_size < size:
                 continue
-            r = self.pop(c, owner)
+            r = self.pop(c, owner, &gen)
             if r >= 0:
-                return self.split(c, r)
+                return self.split(c, r, gen)
         return None
 
     def alloc_in_class(self, int class_idx, uint32_t owner):
         """Allocate from one class only; (class_idx, extent_idx, slot_idx, generation) or None."""
         self.check_class(class_idx)
-        cdef long long r = self.pop(class_idx, owner)
+        cdef uint32_t gen
+        cdef long long r = self.pop(class_idx, owner, &gen)
         if r < 0:
             return None
-        return self.split(class_idx, r)
+        return self.split(class_idx, r, gen)
 
     cdef int c_free(self, int c, int extent, uint32_t s, uint32_t gen, bint strict, uint32_t by) except -1:
         self.check_ref(c, extent, s)
@@ -1609,6 +1615,7 @@ cdef class SlotPool:
         cdef shm_futex_waitv wv[SHM_FUTEX_WAITV_MAX]
         cdef int n = 0, i, c, r = 0
         cdef long long got = -1
+        cdef uint32_t gen = 0
         cdef timespec ts
         cdef int64_t t
         if not self.waiters:
@@ -1628,7 +1635,7 @@ cdef class SlotPool:
         shm_fence(SHM_SEQ_CST)
         try:
             for i in range(n):
-                got = self.pop(cs[i], owner) if take else (0 if self.c_has_free(cs[i]) else -1)
+                got = self.pop(cs[i], owner, &gen) if take else (0 if self.c_has_free(cs[i]) else -1)
                 if got >= 0:
                     c = cs[i]
                     break
@@ -1649,7 +1656,7 @@ cdef class SlotPool:
                 finally:
                     self.region.unpin()
                 for i in range(n):
-                    got = self.pop(cs[i], owner) if take else (0 if self.c_has_free(cs[i]) else -1)
+                    got = self.pop(cs[i], owner, &gen) if take else (0 if self.c_has_free(cs[i]) else -1)
                     if got >= 0:
                         c = cs[i]
                         break
@@ -1666,7 +1673,7 @@ cdef class SlotPool:
             return got >= 0
         if got < 0:
             return None
-        return self.split(c, got)
+        return self.split(c, got, gen)
 
     def counts(self, int class_idx):
         """(free, allocated) slot counts of a class over its mapped extents, from the slot states."""
@@ -2070,10 +2077,9 @@ cdef int c_pop_fit(SlotPool pool, Py_ssize_t n, uint32_t owner, int* e, uint32_t
         if shares is not None and not shares.may_take(c):
             shares.over = True
             continue
-        r = pool.pop(c, owner)
+        r = pool.pop(c, owner, gen)
         if r >= 0:
-            idx = <uint32_t>(r & 0xFFFFFFFF)
-            gen[0] = <uint32_t>(r >> 32)
+            idx = <uint32_t>r
             e[0] = idx / pool.cls[c].slot_count
             s[0] = idx % pool.cls[c].slot_count
             return c

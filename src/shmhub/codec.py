@@ -121,7 +121,8 @@ def recv_array(link: Link, timeout: Optional[float] = None) -> npt.NDArray[Any]:
 
 
 def decode_array(msg: Message) -> npt.NDArray[Any]:
-    """A read-only ndarray viewing the message; the message is released when the array goes."""
+    """A read-only ndarray viewing the message; the message is released when the array goes.
+    A payload that is not a well-formed array header raises CodecError (the message is released)."""
     np = _np()
     try:
         with memoryview(msg) as view:
@@ -131,12 +132,17 @@ def decode_array(msg: Message) -> npt.NDArray[Any]:
             meta = bytes(view[_HEAD.size:_HEAD.size + dlen + 8 * ndim])
         dtype = np.dtype(meta[:dlen].decode())
         shape = struct.unpack_from(f"<{ndim}Q", meta, dlen)
-        count = int(np.prod(shape, dtype=np.int64)) if ndim else 1
+        count = 1
+        for n in shape:  # Python ints: a product numpy would wrap around at 2**63 cannot pass the check below
+            count *= n
         if dtype.hasobject or off > len(msg) or count * dtype.itemsize > len(msg) - off:
             raise CodecError("array header does not match the payload")
-    except (ValueError, TypeError, UnicodeDecodeError, struct.error) as e:
+        arr: npt.NDArray[Any] = np.frombuffer(msg, dtype=dtype, count=count, offset=off).reshape(shape)
+    except CodecError:
         msg.release()
-        raise e if isinstance(e, CodecError) else CodecError(f"bad array header: {e}") from None
+        raise
+    except Exception as e:  # the header's numbers and dtype string come from the peer: numpy's parser
+        msg.release()  # raises TypeError, ValueError, even SyntaxError; reshape refuses > 64 dimensions
+        raise CodecError(f"bad array header: {type(e).__name__}: {e}") from None
     with msg:  # released when the array, its last view, goes (not by the collector)
-        array: npt.NDArray[Any] = np.frombuffer(msg, dtype=dtype, count=count, offset=off).reshape(shape)
-        return array
+        return arr

@@ -92,6 +92,11 @@ def _connect_socket(socket_path: Union[str, os.PathLike[str]], spin_ns: int, tim
     resp = bootstrap.request(socket_path, timeout)
     if not resp.ok:
         raise BootstrapRefused(f"the host at {os.fspath(socket_path)} refused the bootstrap: {resp.payload}")
+    return adopt_response(resp, spin_ns)
+
+
+def adopt_response(resp: bootstrap.Response, spin_ns: int = DEFAULT_SPIN_NS) -> Link:
+    """The Link of a successful bootstrap response: check and take its 4 fds (all closed on failure)."""
     bell_fd, seg_fd, rx_fd, tx_fd = resp.fds  # the wire's order (format-v7 1.11)
     try:
         rx, tx = os.fstat(rx_fd), os.fstat(tx_fd)

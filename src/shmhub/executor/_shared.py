@@ -75,8 +75,8 @@ class _Table:
             raise ShmhubError(f"shared array region {rid} is unknown here (freed by the executor?)")
         try:  # numpy checks that the view lies inside the mapping (the numbers come from a peer)
             return np.ndarray(shape, dtype=dtype, buffer=mm, offset=offset, strides=strides)
-        except (TypeError, ValueError) as e:
-            raise ShmhubError(f"bad reference into shared array region {rid}: {e}") from None
+        except Exception as e:  # TypeError, ValueError; numpy's dtype parser also raises SyntaxError
+            raise ShmhubError(f"bad reference into shared array region {rid}: {type(e).__name__}: {e}") from None
 
 
 def _extent(a: Any) -> Tuple[int, int]:
@@ -246,6 +246,8 @@ class WorkerRegions:
         try:
             size = os.fstat(fd).st_size
             mm = mmap.mmap(fd, size)
+        except (OSError, ValueError) as e:  # not a mappable file, or an empty one (ValueError)
+            raise ShmhubError(f"shared array region {rid}: cannot map the fd the executor sent: {e}") from None
         finally:
             os.close(fd)
         start = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0]

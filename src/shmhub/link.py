@@ -405,6 +405,21 @@ class Link(LinkCore):
             raise PayloadTooLarge(f"payload of {n} bytes exceeds the largest slot payload ({self._slot_max} bytes) "
                                   "and this link has no mmap tier (no control socket, or a segment without FEATURE_MMAP_LEASES)")
 
+    def _sent(self, tier: str, k: int, nbytes: int) -> None:
+        """Count k messages carrying nbytes of payload sent on `tier` (tx lock held): this process's
+        stats, and the ring's shared totals (FEATURE_RING_COUNTERS, read by shmhub top)."""
+        st = self.stats
+        if tier == "inline":
+            st.sent_inline += k
+            st.sent_bytes_inline += nbytes
+        elif tier == "slot":
+            st.sent_slot += k
+            st.sent_bytes_slot += nbytes
+        else:
+            st.sent_mmap += k
+            st.sent_bytes_mmap += nbytes
+        self._tx.count_sent(k, nbytes)
+
     def _send_locked(self, mv: memoryview, n: int, deadline: Optional[float]) -> None:
         """One payload by its tier (tx lock held); the caller notifies the consumer."""
         tx = self._tx
@@ -413,9 +428,7 @@ class Link(LinkCore):
                 self.stats.ring_full_waits += 1
                 size = (L.FRAME_HEADER_SIZE + n + 3) & ~3
                 self._wait(lambda: tx.write_inline(mv), tx, True, deadline, lambda b: tx.spin_room(size, b))
-            self.stats.sent_inline += 1
-            self.stats.sent_bytes_inline += n
-            self._tx.count_sent(1, n)  # FEATURE_RING_COUNTERS (shmhub top)
+            self._sent("inline", 1, n)
         elif n <= self._slot_max:
             self._send_slot(mv, n, deadline)
         else:
@@ -433,19 +446,17 @@ class Link(LinkCore):
                 rows = None
             if rows is not None:
                 return self._send_rows(rows, timeout)
-        items = payloads if isinstance(payloads, (list, tuple)) else list(cast("Iterable[Buffer]", payloads))
+        # a list: the core's batch writer takes exactly that
+        items = payloads if isinstance(payloads, list) else list(cast("Iterable[Buffer]", payloads))
         deadline = _deadline(timeout)
         self._lock(self._tx_lock, deadline)
         try:
             self._check()
             tx, i, n = self._tx, 0, len(items)
             while i < n:
-                # BUG kept as is (typing only): the core takes a list, so a tuple of payloads raises TypeError here
-                k = tx.send_inline_many(items, i, self._inline_max)  # type: ignore[arg-type]
+                k = tx.send_inline_many(items, i, self._inline_max)
                 if k:
-                    self.stats.sent_inline += k
-                    self.stats.sent_bytes_inline += tx.batch_bytes
-                    self._tx.count_sent(k, tx.batch_bytes)
+                    self._sent("inline", k, tx.batch_bytes)
                     i += k
                     self._notify(False, tx)
                     continue
@@ -481,9 +492,7 @@ class Link(LinkCore):
             while i < count:
                 k = tx.send_rows(flat, i, row_len)
                 if k:
-                    self.stats.sent_inline += k
-                    self.stats.sent_bytes_inline += tx.batch_bytes
-                    self._tx.count_sent(k, tx.batch_bytes)
+                    self._sent("inline", k, tx.batch_bytes)
                     i += k
                     self._notify(False, tx)
                     continue
@@ -523,9 +532,7 @@ class Link(LinkCore):
         if n <= self._inline_max:
             if not tx.write_inline(mv):
                 return "ring"
-            self.stats.sent_inline += 1
-            self.stats.sent_bytes_inline += n
-            self._tx.count_sent(1, n)
+            self._sent("inline", 1, n)
         elif n <= self._slot_max:
             if not tx.can_grant(L.SLOT_REF_FRAME_SIZE):
                 return "ring"
@@ -543,9 +550,7 @@ class Link(LinkCore):
                 self._pool.free_if_current(c, e, s, gen, self._owner)
                 return "ring"
             self._hold(c, e, s, gen)
-            self.stats.sent_slot += 1
-            self.stats.sent_bytes_slot += n
-            self._tx.count_sent(1, n)
+            self._sent("slot", 1, n)
         else:
             if not tx.can_grant(L.MMAP_REF_FRAME_SIZE):
                 return "ring"
@@ -563,9 +568,7 @@ class Link(LinkCore):
                 self._count_lease(m, -1)
                 return "ring"
             m.last_used = time.monotonic()
-            self.stats.sent_mmap += 1
-            self.stats.sent_bytes_mmap += n
-            self._tx.count_sent(1, n)
+            self._sent("mmap", 1, n)
         self._notify(False, tx)
         return None
 
@@ -573,9 +576,7 @@ class Link(LinkCore):
         seg, tx, need = self.segment, self._tx, n + L.SLOT_LEN_PREFIX
         try:
             if send_slot(tx, self._pool, mv, self._owner, False, self._shares) >= 0:  # the caller notifies
-                self.stats.sent_slot += 1
-                self.stats.sent_bytes_slot += n
-                self._tx.count_sent(1, n)
+                self._sent("slot", 1, n)
                 return
         except NeedExtent as err:
             seg._need(err)
@@ -590,9 +591,7 @@ class Link(LinkCore):
             self._pool.free_if_current(c, e, s, gen, self._owner)  # never committed: still ours to free
             raise
         self._hold(c, e, s, gen)
-        self.stats.sent_slot += 1
-        self.stats.sent_bytes_slot += n
-        self._tx.count_sent(1, n)
+        self._sent("slot", 1, n)
 
     def _take_slot(self, need: int, deadline: Optional[float]) -> SlotRefParts:
         """A slot for `need` bytes, waiting while the fitting classes are exhausted or hold this
@@ -696,9 +695,7 @@ class Link(LinkCore):
             self._count_lease(m, -1)
             raise
         m.last_used = time.monotonic()
-        self.stats.sent_mmap += 1
-        self.stats.sent_bytes_mmap += n
-        self._tx.count_sent(1, n)
+        self._sent("mmap", 1, n)
 
     # -- zero-copy send ---------------------------------------------------------------------
 
@@ -742,9 +739,7 @@ class Link(LinkCore):
                     self._wait(lambda: tx.write_slot_ref(c, e, s, gen), tx, True, deadline,
                                lambda b: tx.spin_room(L.SLOT_REF_FRAME_SIZE, b))
                 self._hold(c, e, s, gen)
-                self.stats.sent_slot += 1
-                self.stats.sent_bytes_slot += n
-                self._tx.count_sent(1, n)
+                self._sent("slot", 1, n)
             else:
                 m = ref
                 region, leases_off = self.segment.region, self._tx_counters[2]
@@ -758,9 +753,7 @@ class Link(LinkCore):
                         region.fetch_add_u32(leases_off, 0xFFFFFFFF)
                         raise
                 m.last_used = time.monotonic()
-                self.stats.sent_mmap += 1
-                self.stats.sent_bytes_mmap += n
-                self._tx.count_sent(1, n)
+                self._sent("mmap", 1, n)
             buf.detach()  # committed: the lease / slot now travels with the ref
             self._notify(False, tx)
         finally:

@@ -11,7 +11,7 @@ FORMATTED := src/shmhub/cli.py src/shmhub/monitor.py src/shmhub/top.py src/shmhu
 	tests/unit/test_cli.py tests/link/test_top.py tests/link/test_stats.py tests/link/test_doc_examples.py tests/guests/top_hub.py
 TYPED := src/shmhub/_native.pyi src/shmhub/rpc src/shmhub/executor src/shmhub/http src/shmhub/cli.py src/shmhub/monitor.py src/shmhub/top.py src/shmhub/prometheus.py
 
-.PHONY: demo test test-slow asan bench lint docs clean
+.PHONY: demo test test-slow asan interleave crashpoints bench lint docs clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ asan:
 	rm -rf build
 	cd tests && LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 		../.venv-asan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. unit $(PYTEST_ARGS)
+
+# Every interleaving of the ring, the pool and the waiter protocols at larger sizes (SPIN models in
+# tests/interleave; the test suite checks the smallest sizes). Needs spin (apt-get install spin).
+interleave: $(STAMP)
+	$(PY) tests/interleave/test_interleave.py --full
 
 $(VENV)/.lint-installed: $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,numpy,lint]'

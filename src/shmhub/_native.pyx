@@ -1150,14 +1150,13 @@ cdef class SlotPool:
         """Crash recovery: finish the pop or free a dead guest was in the middle of.
 
         Returns (slots_freed, resolved). resolved is False when it cannot be decided yet (a live
-        peer is itself mid-pop of the very slot, or the free list never held still for a look):
-        call again shortly. Clears the journal once resolved."""
+        peer is itself mid-pop or mid-free of the very slot, or the free list never held still for
+        a look): call again shortly. Clears the journal once resolved."""
         cdef char* j = self.journal(peer)
         cdef uint64_t word, w, seen
-        cdef uint32_t gen, g, other, s
+        cdef uint32_t gen, g, s
         cdef int c, e, op, n, on_list
         cdef char* m
-        cdef char* oj
         if j == NULL:
             return (0, True)
         self.wbase()
@@ -1180,20 +1179,21 @@ cdef class SlotPool:
         elif w == meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE):
             # Free under the journaled generation: still on the list (the pop never happened, or
             # the push did), or orphaned (popped but not yet Allocated / Free but not yet pushed).
+            # Off the list, it is ours to restore -- unless a live guest popped it and is between its
+            # CAS and its Allocated store, or freed it and is between its Free CAS and its push:
+            # its journal names the slot until it is done. Looked at before the walk (a freer
+            # may push the slot and clear its journal before we look after it) and after it (a
+            # popper may take the slot between the first look and the walk). The dead guest's
+            # record may be a stale pop, of a slot another guest has since taken and is freeing.
+            # Both found by tests/interleave/pool.pml (docs/hardening.md).
+            if self.journaled_elsewhere(peer, c, g):
+                return (0, False)
             on_list = self.listed(c, g)
             if on_list < 0:
                 return (0, False)
             if not on_list:
-                # Off the list: ours to restore, unless a live guest popped it and is between its
-                # CAS and its Allocated store (its journal names the slot until it is done).
-                for other in range(1, self.journal_count + 1):
-                    if other == peer:
-                        continue
-                    oj = self.journal(other)
-                    word = shm_load64(oj, SHM_ACQUIRE)
-                    if <int>(word >> 56) == SHMHUB_POOL_OP_POP and <int>((word >> 32) & 0xFF) == c and \
-                            <uint32_t>(word & 0xFFFFFFFF) == g:
-                        return (0, False)
+                if self.journaled_elsewhere(peer, c, g):
+                    return (0, False)
                 # Claim it as a pop would (a CAS: nobody else may hold it), then free it.
                 seen = shm_cas64(m, meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE), meta_word(gen + 1, <uint32_t>SHMHUB_SLOT_ALLOCATED))
                 if seen != meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE):
@@ -1204,6 +1204,21 @@ cdef class SlotPool:
         # has moved on since.
         shm_store64(j, 0, SHM_RELEASE)
         return (n, True)
+
+    cdef bint journaled_elsewhere(self, uint32_t peer, int c, uint32_t g) except -1:
+        """Whether a guest other than `peer` has a pop or a free of class c's global slot g in progress."""
+        cdef uint32_t other
+        cdef uint64_t word
+        cdef int op
+        for other in range(1, self.journal_count + 1):
+            if other == peer:
+                continue
+            word = shm_load64(self.journal(other), SHM_ACQUIRE)
+            op = <int>(word >> 56)
+            if (op == SHMHUB_POOL_OP_POP or op == SHMHUB_POOL_OP_FREE) and \
+                    <int>((word >> 32) & 0xFF) == c and <uint32_t>(word & 0xFFFFFFFF) == g:
+                return True
+        return False
 
     def pool_op(self, uint32_t peer):
         """(op, class_idx, global slot index, generation) journaled by a guest, or None."""

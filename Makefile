@@ -37,6 +37,15 @@ asan:
 	cd tests && LD_PRELOAD=$$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 		../.venv-asan/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. unit $(PYTEST_ARGS)
 
+# The kill-anywhere tests against a build with crash points (SHMHUB_CRASHPOINTS), in a venv of its own.
+crashpoints:
+	test -x .venv-crash/bin/python || $(PYTHON) -m venv .venv-crash
+	rm -rf build
+	SHMHUB_CRASHPOINTS=1 .venv-crash/bin/python -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps .
+	.venv-crash/bin/python -m pip install --quiet --disable-pip-version-check pytest pytest-timeout hypothesis numpy
+	rm -rf build
+	cd tests && ../.venv-crash/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. crashpoints $(PYTEST_ARGS)
+
 # Every interleaving of the ring, the pool and the waiter protocols at larger sizes (SPIN models in
 # tests/interleave; the test suite checks the smallest sizes). Needs spin (apt-get install spin).
 interleave: $(STAMP)
@@ -66,4 +75,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.http_bench
 
 clean:
-	rm -rf build site $(VENV) .venv-asan src/*.egg-info src/shmhub/_native.c src/shmhub/_layout.h src/shmhub/*.so
+	rm -rf build site $(VENV) .venv-asan .venv-crash src/*.egg-info src/shmhub/_native.c src/shmhub/_layout.h src/shmhub/*.so

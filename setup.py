@@ -50,6 +50,9 @@ if sanitize:
     cflags = ["-O1", "-g", "-std=gnu11", "-fno-omit-frame-pointer", f"-fsanitize={sanitize}"]
     ldflags = [f"-fsanitize={sanitize}"]
 
+if os.environ.get("SHMHUB_CRASHPOINTS"):  # the kill-anywhere test build (`make crashpoints`)
+    cflags.append("-DSHMHUB_CRASHPOINTS")
+
 from Cython.Build import cythonize  # noqa: E402
 
 ext = Extension(

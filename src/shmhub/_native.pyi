@@ -8,6 +8,9 @@ RELEASE: int
 ACQ_REL: int
 SEQ_CST: int
 
+CRASHPOINTS: bool
+
+def crashpoint(name: bytes) -> None: ...
 def cpu_relax() -> None: ...
 def fence(order: int = ...) -> None: ...
 

@@ -67,6 +67,8 @@ cdef extern from "_atomics.h":
     enum: FUTEX_32_FLAG "FUTEX_32"
     enum: ENOSYS
     enum: ETIMEDOUT
+    void SHM_CRASHPOINT(const char* name) nogil  # nothing unless built with SHMHUB_CRASHPOINTS
+    enum: SHM_CRASHPOINTS_BUILT
 
 cdef extern from "_layout.h":
     # Generated from layout.py (the single source of truth) by setup.py.
@@ -103,6 +105,15 @@ ACQUIRE = SHM_ACQUIRE
 RELEASE = SHM_RELEASE
 ACQ_REL = SHM_ACQ_REL
 SEQ_CST = SHM_SEQ_CST
+
+CRASHPOINTS = bool(SHM_CRASHPOINTS_BUILT)  # a test build with crash points (docs/hardening.md)
+
+
+def crashpoint(const char* name):
+    """Pass crash point `name` (bytes): in a build with crash points, SHMHUB_CRASH_AT=name:count
+    aborts the process at the count-th pass. Does nothing in a normal build."""
+    SHM_CRASHPOINT(name)
+
 
 def cpu_relax():
     """One CPU pause instruction (for spin loops)."""
@@ -502,6 +513,7 @@ cdef class Ring:
                 return -1  # wrapping would make write == read == 0, which means empty
             # Wrap: watermark before write (trap 1). Never undone, even if the front is too small (trap 3).
             shm_store32(self.hdr + SHMHUB_RING_WATERMARK, w, SHM_RELEASE)
+            SHM_CRASHPOINT("wrap.watermark")
             shm_store32(self.hdr + SHMHUB_RING_WRITE, 0, SHM_RELEASE)
             return 0 if n < r else -1  # strict: write may never reach read (trap 2)
         return w if w + n < r else -1
@@ -511,7 +523,9 @@ cdef class Ring:
         cdef uint32_t w = self.idx(SHMHUB_RING_WRITE, SHM_RELAXED)
         if n > self.capacity - w:
             raise LinkCorrupted(f"commit of {n} bytes at write {w} overruns capacity {self.capacity}")
+        SHM_CRASHPOINT("commit.written")
         shm_store32(self.hdr + SHMHUB_RING_WRITE, w + n, SHM_RELEASE)
+        SHM_CRASHPOINT("commit.published")
         return 0
 
     def grant(self, uint32_t n):
@@ -718,6 +732,7 @@ cdef class Ring:
                 return 0
             self.wlive()
             shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
+            SHM_CRASHPOINT("read.reset")
             shm_store32(self.hdr + SHMHUB_RING_WATERMARK, 0, SHM_RELEASE)
             w = self.idx(SHMHUB_RING_WRITE, SHM_ACQUIRE)
             start[0] = 0
@@ -740,9 +755,11 @@ cdef class Ring:
         cdef uint32_t wm = self.idx(SHMHUB_RING_WATERMARK, SHM_ACQUIRE)
         if wm != 0 and nr >= wm and self.idx(SHMHUB_RING_WRITE, SHM_ACQUIRE) < wm:  # not mid-wrap (see c_readable)
             shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
+            SHM_CRASHPOINT("release.reset")
             shm_store32(self.hdr + SHMHUB_RING_WATERMARK, 0, SHM_RELEASE)
         else:
             shm_store32(self.hdr + SHMHUB_RING_READ, nr, SHM_RELEASE)
+        SHM_CRASHPOINT("release.done")
         return 0
 
     def readable(self):
@@ -1096,6 +1113,7 @@ cdef class SlotPool:
             m = self.meta(c, e, s)
             if j != NULL:  # a guest killed between the CAS and the Allocated store is recoverable
                 journal_set(j, SHMHUB_POOL_OP_POP, c, idx, shm_load32(m + SHMHUB_META_GENERATION, SHM_ACQUIRE))
+                SHM_CRASHPOINT("pop.journaled")
             nxt = shm_load32(m + SHMHUB_META_NEXT_FREE, SHM_ACQUIRE)
             # The ABA tag rides along through EMPTY and is never reset (trap 24).
             new = (((head >> 32) + 1) << 32) | nxt
@@ -1103,9 +1121,12 @@ cdef class SlotPool:
             if seen == head:
                 break
             head = seen
+        SHM_CRASHPOINT("pop.taken")
         gen = shm_load32(m + SHMHUB_META_GENERATION, SHM_RELAXED) + 1
         shm_store32(m + SHMHUB_META_OWNER, owner, SHM_RELAXED)
+        SHM_CRASHPOINT("pop.owned")
         shm_store64(m + SHMHUB_META_GENERATION, meta_word(gen, <uint32_t>SHMHUB_SLOT_ALLOCATED), SHM_RELEASE)
+        SHM_CRASHPOINT("pop.allocated")
         if j != NULL:
             shm_store64(j, 0, SHM_RELEASE)
         return (<long long>gen << 32) | idx
@@ -1279,12 +1300,15 @@ cdef class SlotPool:
             j = self.journal(by)
             if j != NULL:  # a guest killed between the CAS and the push is recoverable
                 journal_set(j, SHMHUB_POOL_OP_FREE, c, g, gen)
+                SHM_CRASHPOINT("free.journaled")
             # DECISIONS 8 / trap 21: only the winner of Allocated->Free clears the owner and pushes
             # the slot (a loser clearing it could clobber the owner of the slot's next allocation).
             seen = shm_cas64(m, expected, meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE))
             if seen == expected:
+                SHM_CRASHPOINT("free.marked")
                 shm_store32(m + SHMHUB_META_OWNER, 0, SHM_RELAXED)
                 self.push_chain(c, g, m)
+                SHM_CRASHPOINT("free.pushed")
             if j != NULL:
                 shm_store64(j, 0, SHM_RELEASE)
             if seen == expected:
@@ -1319,6 +1343,7 @@ cdef class SlotPool:
         if shm_load64(m, SHM_ACQUIRE) != expected:
             self.c_free(class_idx, extent_idx, slot_idx, generation, True, 0)  # raises the precise error
         shm_store32(m + SHMHUB_META_OWNER, new_owner, SHM_RELEASE)
+        SHM_CRASHPOINT("take.owned")
         if shm_load64(m, SHM_ACQUIRE) != expected:
             raise StaleSlotRef(f"slot class {class_idx} idx {slot_idx} changed while being received")
         cdef uint32_t n = shm_get_u32(self.slot_data(class_idx, extent_idx, slot_idx))

@@ -189,3 +189,31 @@ def test_guest_aborted_at_a_crash_point_leaves_nothing_behind(host, point, count
     # the next guest works
     assert _run_guest(host, mode if mode != "rpc" else "traffic", ROUNDS, clean, sock)[0] == 0
     _assert_pristine(host)
+
+
+@pytest.mark.parametrize("point", ["executor.task", "executor.done"])
+def test_worker_aborted_at_a_task_crash_point_fails_that_task_only(point, monkeypatch):
+    """A worker aborts inside a task (before it runs the function, or after, before the result is
+    sent): that task fails with WorkerCrashed, the executor's pool is whole again, a replacement
+    worker runs the next tasks (with payloads big enough for slots and mappings)."""
+    from shmhub import Executor
+    from shmhub.errors import WorkerCrashed
+
+    import crash_tasks
+
+    monkeypatch.setenv("SHMHUB_CRASH_AT", f"{point}:1")
+    with Executor(max_workers=1, mp_context="spawn") as ex:
+        monkeypatch.delenv("SHMHUB_CRASH_AT")  # the replacement worker starts without it
+        first = ex.submit(crash_tasks.double, b"x" * 3000)
+        with pytest.raises(WorkerCrashed) as crashed:
+            first.result(T)
+        assert "SIGABRT" in str(crashed.value)  # the crash point, nothing else
+        for n in (10, 3000, 300_000):
+            value, pid = ex.submit(crash_tasks.double, b"y" * n).result(T)
+            assert value == b"y" * 2 * n
+        host = ex._host
+        _wait_for(lambda: sum(h.alive for h in host.guests) == 1, "one live worker")
+        _wait_for(lambda: all(host.segment.peers.state(p) == L.PEER_EMPTY
+                              for p in range(1, host.segment.config.max_guests + 1) if p not in {h.peer_id for h in host.guests}),
+                  "the dead worker's peer entry to be Empty")
+        _assert_pristine(host)

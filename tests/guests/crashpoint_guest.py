@@ -2,7 +2,8 @@
 of its kind. Run under SHMHUB_CRASH_AT=name:count (a crash-point build), it aborts there; it exits 0
 only if the point was never reached, which the test reports.
 
-argv: mode (traffic | bootstrap SOCKET_PATH | rpc) and the number of rounds."""
+argv: [--sync] mode (traffic | bootstrap SOCKET_PATH | rpc | growth | mmap) and the number of rounds.
+The random-instant kill tests use it too, with --sync and without crash points."""
 import resource
 import sys
 import time
@@ -23,10 +24,33 @@ def payload(i: int) -> bytes:
     return (i.to_bytes(4, "little") * (n // 4 + 1))[:n]
 
 
+def wait_go() -> None:
+    """--sync: say we are ready (a line on stdout), then wait for the host's go (a line on stdin):
+    the random-instant kills land in the phase that follows, not in the interpreter's start-up."""
+    print("ready", flush=True)
+    if sys.stdin.readline() != "go\n":
+        raise SystemExit("no go")
+
+
 def main() -> None:
-    mode, rounds = sys.argv[1], int(sys.argv[-1])
-    link = shmhub.connect(sys.argv[2]) if mode == "bootstrap" else shmhub.connect()
+    sync = "--sync" in sys.argv
+    args = [a for a in sys.argv[1:] if a != "--sync"]
+    mode, rounds = args[0], int(args[-1])
+    if sync and mode == "bootstrap":
+        wait_go()  # the kill lands in the bootstrap
+    link = shmhub.connect(args[1]) if mode == "bootstrap" else shmhub.connect()
+    if sync and mode != "bootstrap":
+        wait_go()
     try:
+        if mode in ("growth", "mmap"):  # slot payloads only (the classes must grow) / mappings only
+            sizes = (3000, 9000) if mode == "growth" else (200_000, 500_000)
+            for i in range(rounds):
+                data = payload(i)[:1] * sizes[i % 2]
+                link.send(data, timeout=T)
+                with link.recv(timeout=T) as msg:
+                    if bytes(msg) != data:
+                        raise SystemExit(f"echo {i} differs")
+            return
         if mode == "rpc":
             client = rpc.Client(link)  # out-of-band buffers: staged in slots / mappings, then the header
             for i in range(rounds):

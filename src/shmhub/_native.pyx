@@ -98,6 +98,7 @@ cdef extern from "_layout.h":
 
 DEF GIL_FREE_COPY = 1 << 20  # copies at least this large run without the GIL
 DEF SPIN_PROBE_EVERY = 16
+DEF SPIN_PROBE_MAX = 1024
 DEF SPIN_MISSES = 3
 
 RELAXED = SHM_RELAXED
@@ -123,6 +124,144 @@ def cpu_relax():
 def fence(int order=SHM_SEQ_CST):
     """A memory fence with the given order."""
     shm_fence(order)
+
+
+# ---------------------------------------------------------------------------------------------
+# Doorbell waits: poll + drain in one call without the GIL (the per-wake cost of every sleeper)
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd* fds, unsigned long nfds, int timeout)
+    enum:
+        POLLIN
+        POLLHUP
+        POLLERR
+        POLLNVAL
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t recv(int fd, void* buf, size_t n, int flags)
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    enum:
+        MSG_DONTWAIT
+        MSG_NOSIGNAL
+
+from posix.unistd cimport read
+from cpython.exc cimport PyErr_CheckSignals
+
+cdef extern from "<errno.h>":
+    enum:
+        EINTR
+        EAGAIN
+        EPIPE
+        ECONNRESET
+        ENOTCONN
+        EBADF
+        ENOBUFS
+
+cdef short BELL_POLLRDHUP = 0x2000  # POLLRDHUP (a GNU extension): the peer closed its end
+
+
+cdef Py_ssize_t c_bell_drain(int fd) except -2:
+    """Consume a doorbell's pending bytes: their count, -1 if the peer is gone (EOF or a dead
+    socket); OSError otherwise. A read shorter than the buffer means nothing more is pending (a
+    stream socket returns all it has), so the usual drain is one recv, with no EAGAIN round."""
+    cdef char buf[4096]
+    cdef Py_ssize_t total = 0
+    cdef ssize_t n
+    cdef int err
+    while True:
+        with nogil:
+            n = recv(fd, buf, sizeof(buf), MSG_DONTWAIT)
+            err = errno
+        if n > 0:
+            total += n
+            if n < <ssize_t>sizeof(buf):
+                return total
+            continue
+        if n == 0:
+            return -1
+        if err == EINTR:  # trap 28
+            continue
+        if err == EAGAIN:  # == EWOULDBLOCK on Linux
+            return total
+        if err == EPIPE or err == ECONNRESET or err == ENOTCONN or err == EBADF:
+            return -1
+        raise OSError(err, os.strerror(err))
+
+
+def bell_drain(int fd):
+    """Consume a doorbell fd's pending bytes: their count, or -1 if the peer is gone."""
+    return c_bell_drain(fd)
+
+
+def bell_ring(int fd):
+    """Send a doorbell's one byte: True if sent or already pending (EAGAIN/ENOBUFS: trap 29),
+    False if the peer is gone; OSError otherwise. MSG_NOSIGNAL: no SIGPIPE in embedders (trap 30)."""
+    cdef ssize_t n
+    cdef int err
+    cdef char one = 1
+    while True:
+        with nogil:  # waking the peer costs the syscall a few microseconds: other threads run
+            n = send(fd, &one, 1, MSG_DONTWAIT | MSG_NOSIGNAL)
+            err = errno
+        if n == 1:
+            return True
+        if err == EINTR:  # trap 28
+            continue
+        if err == EAGAIN or err == ENOBUFS:
+            return True
+        if err == EPIPE or err == ECONNRESET or err == ENOTCONN or err == EBADF:
+            return False
+        raise OSError(err, os.strerror(err))
+
+
+def bell_wait(int fd, int wake_fd, timeout):
+    """Sleep (GIL released) until the doorbell `fd` has bytes or EOF, `wake_fd` (an eventfd, or -1)
+    is readable, or `timeout` seconds pass (None: no limit); then consume the eventfd and the
+    doorbell's bytes. Returns 0 on timeout, 1 when woken, -1 if the doorbell's peer is gone.
+    Signals are handled as Python's poll does (PEP 475): handlers run, the wait resumes."""
+    cdef pollfd fds[2]
+    cdef int nfds = 2 if wake_fd >= 0 else 1
+    cdef int ms, r, err
+    cdef int64_t deadline = -1, left
+    cdef uint64_t count
+    if timeout is not None:
+        if timeout < 0:
+            raise ValueError("timeout must be >= 0 or None")
+        deadline = now_ns() + <int64_t>(timeout * 1e9)
+    fds[0].fd = fd
+    fds[0].events = POLLIN | BELL_POLLRDHUP
+    fds[1].fd = wake_fd
+    fds[1].events = POLLIN
+    while True:
+        if deadline < 0:
+            ms = -1
+        else:
+            left = deadline - now_ns()
+            ms = 0 if left <= 0 else <int>min((left + 999999) // 1000000, 0x7fffffff)
+        fds[0].revents = 0
+        fds[1].revents = 0
+        with nogil:
+            r = poll(fds, nfds, ms)
+            err = errno
+        if r >= 0:
+            break
+        if err != EINTR:
+            raise OSError(err, os.strerror(err))
+        PyErr_CheckSignals()
+    if r == 0:
+        return 0
+    if fds[0].revents & POLLNVAL:
+        raise OSError(EBADF, os.strerror(EBADF))
+    if nfds == 2 and fds[1].revents & POLLIN:
+        with nogil:
+            read(wake_fd, &count, 8)  # EAGAIN (another reader won) is fine
+    if c_bell_drain(fd) < 0:
+        return -1
+    return 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2165,15 +2304,17 @@ cdef class LinkCore:
     cdef public SlotShares _shares  # FEATURE_POOL_WAITERS: this side's slots on the link, per class (or None)
     # Adaptive spinning: after SPIN_MISSES spins in a row that caught nothing (the peer is not
     # running: more runnable processes than cores, or a slow peer) waits sleep at once, with a full
-    # probe every SPIN_PROBE_EVERY waits; one spin that pays restores spinning. A single miss
-    # changes nothing: a ping-pong peer preempted once must not cost the next round trips a sleep.
-    cdef int _spin_misses, _spin_skips
+    # probe after SPIN_PROBE_EVERY waits; each probe that misses doubles that gap (up to
+    # SPIN_PROBE_MAX), so a process among many on few cores stops paying for probes (a missed probe
+    # costs a whole budget, several wake-ups' worth). One spin that pays restores spinning. A single
+    # miss changes nothing: a ping-pong peer preempted once must not cost the next round trips a sleep.
+    cdef int _spin_misses, _spin_skips, _spin_gap
 
     cdef inline int64_t c_spin_budget(self) noexcept:
         if self._spin_misses < SPIN_MISSES:
             return self.spin_ns
         self._spin_skips += 1
-        if self._spin_skips >= SPIN_PROBE_EVERY:
+        if self._spin_skips >= self._spin_gap:
             self._spin_skips = 0
             return self.spin_ns
         return 0
@@ -2181,8 +2322,12 @@ cdef class LinkCore:
     cdef inline void c_spin_result(self, bint ok) noexcept:
         if ok:
             self._spin_misses = 0
+            self._spin_gap = SPIN_PROBE_EVERY
         elif self._spin_misses < SPIN_MISSES:
             self._spin_misses += 1
+            self._spin_gap = SPIN_PROBE_EVERY
+        elif self._spin_gap < SPIN_PROBE_MAX:
+            self._spin_gap *= 2  # a probe missed
 
     def spin_budget(self):
         """How long the next wait of this link may spin (ns), adapted to how recent spins went."""
@@ -2391,30 +2536,33 @@ cdef class LinkCore:
         return self.c_try_recv(True)
 
     cdef object c_recv(self, timeout, bint as_bytes):
-        cdef int64_t t0 = 0, budget = self.c_spin_budget()
-        cdef bint spun = False
+        cdef int64_t t0 = 0, budget
+        cdef bint spun = False, decided = False
         r = SLOW
-        if timeout is not None:
-            if timeout < 0:
-                raise ValueError("timeout must be >= 0 or None")
-            budget = min(budget, <int64_t>(timeout * 1e9))
+        if timeout is not None and timeout < 0:
+            raise ValueError("timeout must be >= 0 or None")
         if self._rx_lock.c_try():
             try:
                 r = self.c_poll(as_bytes)
-                if r is None and budget > 0:
-                    t0 = now_ns()
-                    # GIL released; the rx lock stays ours. A Ring subclass (test instrumentation)
-                    # keeps its own spin_readable.
-                    spun = self._rx._spin(0, budget) if type(self._rx) is Ring else self._rx.spin_readable(budget)
-                    self.c_spin_result(spun)
-                    if spun:
-                        r = self.c_poll(as_bytes)
+                if r is None:
+                    decided = True  # the spin budget is asked once per wait, not per recv
+                    budget = self.c_spin_budget()
+                    if timeout is not None:
+                        budget = min(budget, <int64_t>(timeout * 1e9))
+                    if budget > 0:
+                        t0 = now_ns()
+                        # GIL released; the rx lock stays ours. A Ring subclass (test
+                        # instrumentation) keeps its own spin_readable.
+                        spun = self._rx._spin(0, budget) if type(self._rx) is Ring else self._rx.spin_readable(budget)
+                        self.c_spin_result(spun)
+                        if spun:
+                            r = self.c_poll(as_bytes)
             finally:
                 self._rx_lock.c_release()
         if r is SLOW or r is None:
             if t0 and timeout is not None:
                 timeout = max(0.0, timeout - (now_ns() - t0) / 1e9)
-            return self._recv(timeout, as_bytes, t0 == 0)  # spun already: the slow path only sleeps
+            return self._recv(timeout, as_bytes, not decided)  # decided: the slow path only sleeps
         return r
 
     def recv(self, timeout=None):

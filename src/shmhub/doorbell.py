@@ -1,16 +1,13 @@
 """Doorbells: one socketpair per guest, one byte per signal, EOF = peer dead (DECISIONS 12)."""
 from __future__ import annotations
 
-import errno
 import os
 import select
 import socket
 from typing import Optional, Tuple
 
+from ._native import bell_drain, bell_ring, bell_wait
 from .errors import PeerDead
-
-_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
-_DEAD = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
 
 
 class Doorbell:
@@ -49,59 +46,29 @@ class Doorbell:
 
     def ring(self) -> bool:
         """Send one byte. True if sent or already pending (EAGAIN/ENOBUFS: trap 29); False if the peer is dead."""
-        while True:
-            try:
-                self.sock.send(b"\x01", _SEND_FLAGS)  # MSG_NOSIGNAL: no SIGPIPE in embedders (trap 30)
-                return True
-            except InterruptedError:  # trap 28
-                continue
-            except (BlockingIOError, OSError) as e:
-                if e.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS):
-                    return True
-                if e.errno in _DEAD or isinstance(e, (BrokenPipeError, ConnectionResetError)):
-                    self.dead = True
-                    return False
-                raise
+        if not bell_ring(self.sock.fileno()):  # fileno() is -1 once closed: EBADF, never a reused fd
+            self.dead = True
+            return False
+        return True
 
     def drain(self) -> int:
         """Consume pending bytes without blocking; returns how many. PeerDead on EOF (trap 28)."""
-        total = 0
-        while True:
-            try:
-                data = self.sock.recv(4096)
-            except InterruptedError:
-                continue
-            except BlockingIOError:
-                return total
-            except (ConnectionResetError, OSError) as e:
-                if isinstance(e, ConnectionResetError) or e.errno in _DEAD:
-                    self.dead = True
-                    raise PeerDead("doorbell peer is gone") from None
-                raise
-            if not data:
-                self.dead = True
-                raise PeerDead("doorbell peer closed its end (EOF)")
-            total += len(data)
+        n = bell_drain(self.sock.fileno())  # -1 once closed: EBADF, never a reused fd
+        if n < 0:
+            self.dead = True
+            raise PeerDead("doorbell peer is gone (EOF)")
+        return n
 
     def wait(self, timeout: Optional[float], wake_fd: Optional[int] = None) -> bool:
         """Sleep (GIL released) until a byte or EOF arrives, wake_fd (an eventfd of this process)
-        becomes readable, or timeout passes (None: no limit); drain both. True if woken."""
-        p = select.poll()
-        p.register(self._fd, select.POLLIN | select.POLLRDHUP)
-        if wake_fd is not None:
-            p.register(wake_fd, select.POLLIN)
-        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        events = p.poll(ms)  # PEP 475: EINTR is retried with the remaining time
-        if not events:
-            return False
-        for fd, _ in events:
-            if fd == wake_fd:
-                try:
-                    os.eventfd_read(wake_fd)
-                except BlockingIOError:
-                    pass
-        self.drain()
-        return True
+        becomes readable, or timeout passes (None: no limit); drain both. True if woken; PeerDead
+        on EOF. One call into the core: poll and drain cost a sleeper no Python per wake."""
+        fd = self.sock.fileno()
+        r = bell_wait(fd, -1 if wake_fd is None else wake_fd, timeout) if fd >= 0 else -1
+        if r < 0:
+            self.dead = True
+            raise PeerDead("doorbell peer is gone (EOF)")
+        return r > 0
 
     def hung_up(self) -> bool:
         """Whether the peer closed its end (checked without blocking or eating a wake byte)."""

@@ -121,6 +121,8 @@ class _Waiter:
     def _wake_fd(self) -> Optional[int]:
         """An eventfd beside the doorbell: the peer is the only one who can make the doorbell readable,
         so close() and death in this process wake the poller through this fd instead (no timer)."""
+        if self._efd is not None:
+            return self._efd
         with self.cond:
             if self._efd is None and not self._closed:
                 self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -144,13 +146,15 @@ class _Waiter:
                 self._finalizer()
             self._efd = self._finalizer = None
 
-    def announce(self, ring: Ring, producer: bool) -> None:
+    def announce(self, ring: Ring, producer: bool) -> int:
         """Set the ring's waiting flag (store + fence) for one more waiter of this process. Counted: a
-        thread and an asyncio task may wait on one flag, which drops only when the last one withdraws."""
+        thread and an asyncio task may wait on one flag, which drops only when the last one withdraws.
+        Returns `gen`, the token for sleep()."""
         key = (id(ring), producer)
         with self.cond:
             ring.set_waiting(producer, 1)
             self._announced[key] = self._announced.get(key, 0) + 1
+            return self.gen
 
     def withdraw(self, ring: Ring, producer: bool) -> None:
         key = (id(ring), producer)
@@ -317,18 +321,18 @@ class Link(LinkCore):
                 r = attempt()
                 if r is not None and r is not False:
                     return r
+        waiter = self._waiter
         while True:
-            r = self._check_waiting(attempt, producer)
-            if r is not None and r is not False:
-                return r
             rem = _remaining(deadline)
             if rem is not None and rem <= 0:
+                r = self._check_waiting(attempt, producer)  # a gone peer wins over the timeout
+                if r is not None and r is not False:
+                    return r
                 raise ShmTimeout("timed out")
             if slice_cap is not None:
                 rem = slice_cap if rem is None else min(rem, slice_cap)
-            self._waiter.announce(ring, producer)
+            token = waiter.announce(ring, producer)  # gen before the re-check: a later wake is never missed
             try:
-                token = self._waiter.gen  # taken before the re-check: a wake after it is never missed
                 r = attempt()  # re-check after announcing (no lost wakeup)
                 if r is not None and r is not False:
                     return r
@@ -336,11 +340,11 @@ class Link(LinkCore):
                 if r is not None and r is not False:
                     return r
                 try:
-                    self._waiter.sleep(rem, token)
+                    waiter.sleep(rem, token)
                 except PeerDead as e:
                     self._mark_dead(str(e))
             finally:
-                self._waiter.withdraw(ring, producer)
+                waiter.withdraw(ring, producer)
             r = attempt()
             if r is not None and r is not False:
                 return r

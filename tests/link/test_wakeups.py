@@ -293,3 +293,38 @@ def test_fileno_becomes_readable_when_a_message_arrives():
         assert not r, "fileno() stays readable with nothing to receive"
         assert link.try_recv() is None
     assert g.returncode == 0
+
+
+def test_adaptive_spin_probes_less_often_while_probes_miss():
+    """After SPIN_MISSES spins in a row that caught nothing, waits sleep at once and only every
+    gap-th wait probes with a full spin; each probe that misses doubles the gap (up to 1024), one
+    that pays restores spinning. A recv that finds its message at once is not a wait: it leaves the
+    count alone."""
+    from shmhub.link import GUEST, HOST, Link
+    from shmhub.segment import Segment
+
+    def probes(link, waits):
+        """Indices (1-based) of the waits among `waits` that get a spin budget."""
+        return [i for i in range(1, waits + 1) if link.spin_budget()]
+
+    with Segment.create(SegmentConfig(max_guests=1)) as seg:
+        peer = seg.peers.attach()
+        h, g = Link(seg, peer, None, HOST, spin_ns=1000), Link(seg, peer, None, GUEST, spin_ns=1000)
+        try:
+            for _ in range(3):  # a single miss, or two, change nothing
+                assert g.spin_budget() == 1000
+                g.spin_result(False)
+            for _ in range(100):  # found at once: no wait, no count
+                h.send(b"x")
+                assert g.recv(1.0).tobytes() == b"x"
+            gap = 16
+            while gap <= 1024:
+                assert probes(g, gap) == [gap]
+                g.spin_result(False)  # the probe missed: twice as long until the next
+                gap *= 2
+            assert probes(g, 1024) == [1024]  # capped
+            g.spin_result(True)
+            assert g.spin_budget() == 1000 and g.spin_budget() == 1000  # spinning again
+        finally:
+            g.close()
+            h.close()

@@ -23,12 +23,16 @@
  *   - both sides stuck (SPIN's invalid end state): a side that finds no room / nothing to read
  *     blocks until the other side changes an index (the doorbell, modelled in waiters.pml)
  *
+ * -DKILL: the producer may be killed at any step, and the consumer then drains what is left, as
+ * the host's recovery does (see the killer below).
+ *
  * Injected bugs (each must make SPIN report an error; tests/interleave/test_interleave.py):
  *   BUG_NO_MIDWRAP       the original 2.1 read: no "write >= watermark" mid-wrap check
  *   BUG_WRITE_FIRST      the wrap stores write = 0 before the watermark (trap 1)
  *   BUG_WM_FIRST         the consumer loads the watermark before write (trap 1)
  *   BUG_NONSTRICT        a grant may make write reach read (trap 2)
- *   BUG_STALE_RUN        the consumer trusts its cached run without checking the frame fits
+ *   BUG_NO_LAST_LOOK     with -DKILL: the consumer stops when it learns of the death, without
+ *                        one more look (frames committed just before the death are lost)
  */
 
 #ifndef CAP
@@ -52,6 +56,8 @@ byte rd;               /* RING_READ: stored by the consumer */
 byte data[CAP];
 byte own[CAP];         /* ghost */
 bool pdone;
+bool pdead;            /* -DKILL: the producer was killed */
+byte committed;        /* ghost: frames committed */
 
 /* fits(w, r, n, cap) of _native.pyx: room at w, or at 0 after a wrap (n > 0) */
 #ifdef BUG_NONSTRICT
@@ -66,6 +72,7 @@ active proctype producer() {
     bool seen_ok = false;    /* Ring.seen_read_ok */
     short off;
 
+    {
     do
     :: seq > NFRAMES -> break
     :: else ->
@@ -135,6 +142,7 @@ grant:  /* c_grant(n) */
         assert(n <= CAP - w);                   /* else LinkCorrupted */
         d_step {
             wr = w + n;      /* Release */
+            committed++;
             i = 0;
             do
             :: i < n -> own[w + i] = COMMITTED; i++
@@ -145,27 +153,46 @@ grant:  /* c_grant(n) */
         seq++
     od;
     pdone = true
+#ifdef KILL
+    } unless { pdead }
+#else
+    }
+#endif
 }
+
+#ifdef KILL
+/* The producer (a guest) is killed before any of its steps: then the consumer (the host's
+ * recovery, drain_into_backlog) takes what is left; with nothing readable on a look after the
+ * death, it stops. Every frame committed before the death must be delivered, once, and nothing
+ * else -- no stale frame of the previous lap (a kill between the wrap's two stores leaves write at
+ * the watermark: docs/deviations.md ring 1), no frame granted but not committed. */
+active proctype killer() {
+    if
+    :: pdead = true
+    :: skip
+    fi
+}
+#endif
 
 active proctype consumer() {
     byte r, w, wm_, start, total, nr, i, expect = 1;
     short n;
     byte run_end = 0;        /* Ring.run_end */
+    bool seen_dead = false;
 
     do
     :: expect > NFRAMES -> break
     :: else ->
 readable:   /* c_readable */
+#ifdef KILL
+        seen_dead = pdead;   /* the death as known before this look (Link._check_waiting looks once more) */
+#endif
         r = rd;              /* idx(READ, Relaxed): own index */
         n = run_end - r;
         if
-#ifdef BUG_STALE_RUN
-        :: n >= HDR -> start = r
-#else
         :: n >= HDR && (data[r] <= n) ->        /* the cached run holds the next frame whole */
             assert(own[r] == COMMITTED);
             start = r
-#endif
         :: else ->
             /* c_readable_fresh(r) */
 #ifdef BUG_WM_FIRST
@@ -201,9 +228,21 @@ readable:   /* c_readable */
             run_end = start + n
         fi;
         if
+#if defined(KILL) && defined(BUG_NO_LAST_LOOK)
+        :: n == 0 && pdead -> break          /* gives up on a look from before the death */
+        :: n == 0 && !pdead ->
+            (wr != w || wm != wm_ || pdead);
+            goto readable
+#elif defined(KILL)
+        :: n == 0 && seen_dead -> break      /* a look after the death found nothing: all taken */
+        :: n == 0 && !seen_dead ->
+            (wr != w || wm != wm_ || pdead);
+            goto readable
+#else
         :: n == 0 ->         /* empty: sleep until the producer moves write or the watermark */
             (wr != w || wm != wm_);
             goto readable
+#endif
         :: else
         fi;
         /* check_frame, copy the payload out: a complete, committed frame with the next number */
@@ -244,6 +283,18 @@ readable:   /* c_readable */
             fi
         fi
     od;
+#ifdef KILL
+    (pdone || pdead);
+    d_step {                 /* every committed frame delivered, once; none left behind */
+        assert(expect - 1 == committed);
+        i = 0;
+        do
+        :: i < CAP -> assert(own[i] != COMMITTED); i++
+        :: else -> break
+        od;
+        skip
+    }
+#else
     /* everything delivered once: once the producer is done, nothing is left in the ring */
     pdone;
     d_step {
@@ -254,4 +305,5 @@ readable:   /* c_readable */
         od;
         assert(wm == 0 -> rd == wr : (rd >= wm && wr < rd))
     }
+#endif
 }

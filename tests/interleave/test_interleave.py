@@ -27,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # (model, defines): must verify clean, at the smallest sizes (the quick run) ...
 QUICK: List[Tuple[str, Tuple[str, ...]]] = [
     ("ring.pml", ()),
+    ("ring.pml", ("KILL",)),
     ("pool.pml", ()),
     ("pool.pml", ("DOUBLE",)),
     ("waiters.pml", ()),
@@ -37,9 +38,9 @@ QUICK: List[Tuple[str, Tuple[str, ...]]] = [
 FULL: List[Tuple[str, Tuple[str, ...]]] = QUICK + [
     ("ring.pml", ("CAP=8", "NFRAMES=6", "MAXF=4")),
     ("ring.pml", ("CAP=12", "NFRAMES=8", "MAXF=4")),
+    ("ring.pml", ("KILL", "CAP=8", "NFRAMES=6", "MAXF=4")),
     ("pool.pml", ("NSLOTS=3", "ROUNDS1=2", "ROUNDS2=1")),
     ("pool.pml", ("NSLOTS=2", "ROUNDS1=2", "ROUNDS2=2")),
-    ("pool.pml", ("DOUBLE", "NSLOTS=3")),
     ("waiters.pml", ("K=2", "N=6")),
     ("waiters.pml", ("K=3", "N=10")),
     ("pool_waiters.pml", ("FREES=3",)),
@@ -51,6 +52,7 @@ BUGS: List[Tuple[str, Tuple[str, ...]]] = [
     ("ring.pml", ("BUG_WRITE_FIRST",)),
     ("ring.pml", ("BUG_WM_FIRST",)),
     ("ring.pml", ("BUG_NONSTRICT",)),
+    ("ring.pml", ("KILL", "BUG_NO_LAST_LOOK")),
     ("pool.pml", ("BUG_NO_TAG",)),
     ("pool.pml", ("BUG_NO_JOURNAL",)),
     ("pool.pml", ("BUG_NO_OTHER",)),

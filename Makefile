@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # ruff format is enforced on these files only: reformatting the rest would bury its history.
 FORMATTED := src/shmhub/cli.py src/shmhub/monitor.py src/shmhub/top.py src/shmhub/prometheus.py \
 	tests/unit/test_cli.py tests/link/test_top.py tests/link/test_stats.py tests/link/test_doc_examples.py tests/guests/top_hub.py
-TYPED := src/shmhub/_native.pyi src/shmhub/rpc src/shmhub/executor src/shmhub/http src/shmhub/cli.py src/shmhub/monitor.py src/shmhub/top.py src/shmhub/prometheus.py
+TYPED := src/shmhub/_native.pyi src/shmhub/rpc src/shmhub/remote src/shmhub/executor src/shmhub/http src/shmhub/cli.py src/shmhub/monitor.py src/shmhub/top.py src/shmhub/prometheus.py
 
 .PHONY: demo test test-slow asan interleave crashpoints bench lint docs clean
 
@@ -73,6 +73,7 @@ bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[bench]'
 	$(PY) -m benchmarks
 	$(PY) -m benchmarks.http_bench
+	$(PY) -m benchmarks.remote_bench
 
 clean:
 	rm -rf build site $(VENV) .venv-asan .venv-crash src/*.egg-info src/shmhub/_native.c src/shmhub/_layout.h src/shmhub/*.so

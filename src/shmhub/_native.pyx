@@ -12,6 +12,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.mem cimport PyMem_Malloc, PyMem_Realloc, PyMem_Free
 
 import os
+from warnings import warn as _warn  # bound now: usable from __del__ at shutdown
 
 from shmhub.errors import (
     DoubleFree,
@@ -75,6 +76,7 @@ cdef extern from "_layout.h":
     const unsigned long long SHMHUB_RING_HEADER_SIZE, SHMHUB_RING_WRITE, SHMHUB_RING_WATERMARK
     const unsigned long long SHMHUB_RING_CAPACITY, SHMHUB_RING_READ, SHMHUB_RING_ALIGN
     const unsigned long long SHMHUB_RING_PRODUCER_WAITING, SHMHUB_RING_CONSUMER_WAITING
+    const unsigned long long SHMHUB_RING_SENT_MESSAGES, SHMHUB_RING_SENT_BYTES
     const unsigned long long SHMHUB_FRAME_HEADER_SIZE, SHMHUB_FRAME_TOTAL_LEN, SHMHUB_FRAME_FLAGS
     const unsigned long long SHMHUB_FRAME_INLINE_LEN, SHMHUB_FRAME_ALIGN
     const unsigned long long SHMHUB_FLAG_SLOT_REF, SHMHUB_FLAG_MMAP_REF
@@ -596,6 +598,7 @@ cdef class Ring:
     cdef uint32_t seen_read  # producer: a read index loaded earlier
     cdef bint seen_read_ok
     cdef uint32_t run_end  # consumer: end of the contiguous readable run last found (0: none)
+    cdef public bint counting  # FEATURE_RING_COUNTERS: the producer keeps RING_SENT_* (set by Segment)
 
     def __init__(self, Region region, Py_ssize_t offset):
         cdef char* h = region.ptr(offset, SHMHUB_RING_HEADER_SIZE, SHMHUB_RING_ALIGN)
@@ -1065,6 +1068,32 @@ cdef class Ring:
         shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
         shm_store32(self.hdr + SHMHUB_RING_PRODUCER_WAITING, 0, SHM_RELEASE)
         shm_store32(self.hdr + SHMHUB_RING_CONSUMER_WAITING, 0, SHM_RELEASE)
+        if self.counting:
+            shm_store64(self.hdr + SHMHUB_RING_SENT_MESSAGES, 0, SHM_RELAXED)
+            shm_store64(self.hdr + SHMHUB_RING_SENT_BYTES, 0, SHM_RELAXED)
+
+    cdef inline void c_count(self, uint64_t messages, uint64_t nbytes) noexcept:
+        """Add to the producer's running totals (FEATURE_RING_COUNTERS). The producer's send lock
+        is held: one writer, so a relaxed load and store suffice (no read-modify-write)."""
+        if self.counting:
+            shm_store64(self.hdr + SHMHUB_RING_SENT_MESSAGES,
+                        shm_load64(self.hdr + SHMHUB_RING_SENT_MESSAGES, SHM_RELAXED) + messages, SHM_RELAXED)
+            shm_store64(self.hdr + SHMHUB_RING_SENT_BYTES,
+                        shm_load64(self.hdr + SHMHUB_RING_SENT_BYTES, SHM_RELAXED) + nbytes, SHM_RELAXED)
+
+    def count_sent(self, uint64_t messages, uint64_t nbytes):
+        """Producer (send lock held): `messages` more committed, carrying `nbytes` of payload."""
+        self.wlive()
+        self.c_count(messages, nbytes)
+
+    @property
+    def sent(self):
+        """(messages, payload bytes) the producer has committed (FEATURE_RING_COUNTERS), else None."""
+        if not self.counting:
+            return None
+        self.live()
+        return (shm_load64(self.hdr + SHMHUB_RING_SENT_MESSAGES, SHM_RELAXED),
+                shm_load64(self.hdr + SHMHUB_RING_SENT_BYTES, SHM_RELAXED))
 
     @property
     def waiting(self):
@@ -1782,11 +1811,35 @@ def spin_any_readable(rings, int64_t spin_ns):
 # Message: a received payload exposing the buffer protocol (zero-copy for slot/mmap payloads)
 # ---------------------------------------------------------------------------------------------
 
+cdef object _pinned_view(object owner, Py_ssize_t offset, Py_ssize_t length):
+    """A memoryview holding an export of any C-contiguous buffer: the memory stays put while it lives."""
+    try:
+        mv = memoryview(owner)
+    except TypeError:
+        raise TypeError("owner must be a Region, bytes or a C-contiguous buffer") from None
+    if not mv.c_contiguous:
+        mv.release()
+        raise TypeError("owner must be a Region, bytes or a C-contiguous buffer")
+    if offset < 0 or length < 0 or offset > mv.nbytes - length:
+        mv.release()
+        raise IndexError("message span outside its buffer")
+    return mv
+
+
+cdef const char* _view_ptr(object mv):
+    cdef Py_buffer view
+    PyObject_GetBuffer(mv, &view, PyBUF_SIMPLE)
+    cdef const char* p = <const char*>view.buf
+    PyBuffer_Release(&view)  # the memoryview keeps its own export, so p stays valid while it lives
+    return p
+
+
 cdef class Message:
     """A received payload. Supports the buffer protocol (read-only); slot and mapping payloads
-    are views into shared memory, freed by release(), a with block, or garbage collection.
-    release() refuses while memoryviews of the message are still alive; a with block that ends
-    while some are alive releases the message when the last of them goes."""
+    are views into shared memory, freed by release() or a with block (garbage collection frees
+    them too, with a ResourceWarning, as for an unclosed file). release() refuses while
+    memoryviews of the message are still alive; a with block that ends while some are alive
+    releases the message when the last of them goes."""
     cdef object owner
     cdef const char* ptr
     cdef Py_ssize_t length
@@ -1797,6 +1850,7 @@ cdef class Message:
     cdef bint release_pending  # a with block ended while views were alive: release with the last one
     cdef readonly bint writable
     cdef public object token  # what the link needs to send a reserved buffer
+    cdef public bint owned_by_views  # link.empty(): the array owns it; the collector frees it quietly
     cdef SlotPool slot_pool  # set by recv_next: the slot is freed natively on release
     cdef Ring wake_ring  # with slot_pool: on_release() runs only if this ring's producer waits (claimed here)
     cdef int sc, se
@@ -1816,7 +1870,8 @@ cdef class Message:
                 raise IndexError("message span outside its bytes")
             self.ptr = PyBytes_AS_STRING(owner) + offset
         else:
-            raise TypeError("owner must be a Region or bytes")
+            owner = _pinned_view(owner, offset, length)  # e.g. a zmq.Frame (shmhub.remote)
+            self.ptr = _view_ptr(owner) + offset
         self.owner = owner
         self.length = length
         self.tier = tier
@@ -1903,6 +1958,8 @@ cdef class Message:
         finally:
             if isinstance(owner, Region):
                 (<Region>owner).unpin()
+            elif isinstance(owner, memoryview):
+                owner.release()  # the exporter (a received zmq frame) may free its memory now
 
     def __enter__(self):
         return self
@@ -1914,7 +1971,15 @@ cdef class Message:
             self.release()
 
     def __del__(self):
-        if not self.released:
+        if self.released:
+            return
+        try:
+            if not self.owned_by_views and (self.slot_pool is not None or self.on_release is not None
+                                            or isinstance(self.owner, Region)):  # a remote frame is not shared memory
+                # Shared memory freed by the collector, as a file closed by it: say so (ResourceWarning,
+                # ignored by default; the tests make it an error, raised from here as unraisable).
+                _warn(f"unreleased {self!r}: release() it or use a with block", ResourceWarning, source=self)
+        finally:
             try:
                 self._finish()
             except Exception:
@@ -2369,8 +2434,10 @@ cdef class LinkCore:
                             r = c_send_slot(self._tx, self._pool, p, n, self._owner, self._shares)
                         except NeedExtent:
                             r = -1  # the slow path maps the extent
-                    if r >= 0 and self._elide:
-                        wake = self._tx.c_waiting(False)
+                    if r >= 0:
+                        self._tx.c_count(1, n)
+                        if self._elide:
+                            wake = self._tx.c_waiting(False)
                 finally:
                     self._tx_lock.c_release()
         finally:
@@ -2455,6 +2522,7 @@ cdef class LinkCore:
                     if self._shares is not None:
                         self._shares.hold(m.sc, m.se, m.ss, m.sgen)
                     m.detach()  # committed: the slot now travels with the ref
+                    self._tx.c_count(1, n)
                     sent = True
                     wake = self._elide and self._tx.c_waiting(False)
             finally:

@@ -34,6 +34,8 @@ def inspect_segment(seg: Segment) -> Dict[str, Any]:
             else:
                 used = max(0, write - read)
             rings[name] = {"offset": ring.offset, "capacity": ring.capacity, "write": write, "watermark": watermark, "read": read, "used": used}
+            if ring.sent is not None:  # FEATURE_RING_COUNTERS
+                rings[name]["sent_messages"], rings[name]["sent_bytes"] = ring.sent
         state = seg.region.load_u32(lay.peer_entry_offset(pid) + L.PEER_STATE)
         entry = {}
         if seg.features & L.FEATURE_MMAP_LEASES:
@@ -256,7 +258,31 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--out", help="keep the table, plot and JSON here (default: a temporary directory, removed)")
     sub.add_parser("demo", help="two processes exchanging messages through one segment")
     add_serve_parser(sub)
+    add_worker_parser(sub)
     return parser
+
+
+def add_worker_parser(sub: Any) -> None:
+    """`shmhub worker tcp://HOST:PORT`: a remote worker of an Executor(listen=...) (docs/remote.md)."""
+    p = sub.add_parser("worker", help="join an executor over TCP as a remote worker (needs the remote extra: pyzmq)")
+    p.add_argument("url", help="tcp://HOST:PORT, the executor's address")
+    p.add_argument("--keys", help="this worker's CURVE secret key file")
+    p.add_argument("--server-key", help="the executor's CURVE public key file")
+    p.add_argument("--liveness", type=float, default=1.5, help="seconds without heartbeats before the executor counts as gone")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to reach the executor")
+    p.add_argument("--name", default="worker", help="how the executor names this worker")
+
+    def run(args: argparse.Namespace) -> int:
+        from .executor._worker import serve_remote
+
+        try:
+            serve_remote(args.url, keys=args.keys, server_key=args.server_key, liveness=args.liveness, timeout=args.timeout, name=args.name)
+        except (ValueError, OSError, ShmhubError) as e:
+            print(f"shmhub worker: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
+        return 0
+
+    p.set_defaults(run=run)
 
 
 def add_serve_parser(sub: Any) -> None:
@@ -302,7 +328,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return e.code if isinstance(e.code, int) else EXIT_USAGE
-    if hasattr(args, "run"):  # serve
+    if hasattr(args, "run"):  # serve, worker
         return int(args.run(args))
     if args.cmd == "demo":
         from .demo import main as demo

@@ -68,7 +68,9 @@ def empty(link, shape, dtype="float64"):
     nbytes = count * dtype.itemsize
     buf = link.reserve(len(head) + _slack(nbytes) + nbytes)
     off = _write_header(np, buf, head, nbytes=nbytes)  # page-aligned when big
-    # The array's base is the reserved buffer: send_array finds it there.
+    # The array's base is the reserved buffer: send_array finds it there. An array dropped unsent
+    # gives it back through the collector, which is how arrays end: no ResourceWarning.
+    buf.owned_by_views = True
     return np.frombuffer(buf, dtype=dtype, count=count, offset=off).reshape(shape)
 
 
@@ -126,4 +128,5 @@ def decode_array(msg: Message):
     except (ValueError, TypeError, UnicodeDecodeError, struct.error) as e:
         msg.release()
         raise e if isinstance(e, CodecError) else CodecError(f"bad array header: {e}") from None
-    return np.frombuffer(msg, dtype=dtype, count=count, offset=off).reshape(shape)
+    with msg:  # released when the array, its last view, goes (not by the collector)
+        return np.frombuffer(msg, dtype=dtype, count=count, offset=off).reshape(shape)

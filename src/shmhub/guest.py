@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from . import _crash, bootstrap
 from .doorbell import Doorbell
@@ -58,12 +58,19 @@ def _heartbeat_thread(link: Link, interval_ns: int) -> None:
 
 
 def connect(socket_path: Optional[Union[str, os.PathLike]] = None, *, spin_ns: int = DEFAULT_SPIN_NS,
-            timeout: Optional[float] = bootstrap.DEFAULT_TIMEOUT) -> Link:
+            timeout: Optional[float] = bootstrap.DEFAULT_TIMEOUT, **remote: Any) -> Link:
     """Return this guest's Link.
 
     connect(socket_path): a walk-in guest bootstraps over the host's Host.listen() socket
     (DECISIONS 17, docs/bootstrap.md); `timeout` bounds connect + request + response.
-    connect(): inside a child started by Host.spawn, from the inherited fds."""
+    connect(): inside a child started by Host.spawn, from the inherited fds.
+    connect("tcp://HOST:PORT", **options): a remote guest (docs/remote.md): a shmhub.remote.RemoteLink."""
+    if isinstance(socket_path, str) and socket_path.startswith("tcp://"):
+        from .remote import connect as connect_remote  # pyzmq is optional: imported only for TCP
+
+        return connect_remote(socket_path, timeout=timeout, **remote)  # type: ignore[return-value]
+    if remote:
+        raise TypeError(f"unexpected options for a Unix socket: {sorted(remote)}")
     if socket_path is not None:
         return _connect_socket(socket_path, spin_ns, timeout)
     spec = os.environ.get(ENV)

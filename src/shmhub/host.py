@@ -316,6 +316,7 @@ class Host:
         self._stopping = False
         self.segment.on_grow = self._grown
         self._listener: Optional[bootstrap.Listener] = None
+        self._remote: Any = None  # a shmhub.remote.Listener (listen("tcp://..."))
         self._unreaped: List[subprocess.Popen] = []  # recovered guests without a pidfd that had not exited yet
         self._futex = bool(self.segment.features & L.FEATURE_POOL_WAITERS)
         self._update_share()
@@ -381,12 +382,26 @@ class Host:
         self._emit(HostEvent("spawned", p.peer_id, proc.pid))
         return handle
 
-    def listen(self, socket_path: str, *, request_timeout: float = bootstrap.DEFAULT_REQUEST_TIMEOUT) -> None:
+    def listen(self, socket_path: str, *, request_timeout: float = bootstrap.DEFAULT_REQUEST_TIMEOUT,
+               **remote: Any) -> Any:
         """Accept walk-in guests on a Unix stream socket (mode 0600, DECISIONS 17, docs/bootstrap.md):
         shmhub.connect(socket_path) in another process gets a peer with its doorbell, the segment and
         its mmap control socket. A stale socket file is replaced, a live one refused. Each connection
-        must deliver its request within request_timeout. close() stops listening and removes the path."""
+        must deliver its request within request_timeout. close() stops listening and removes the path.
+
+        listen("tcp://HOST:PORT", **options) accepts remote guests instead and returns the
+        shmhub.remote.Listener (docs/remote.md); host.close() closes it."""
         self._check_open()
+        if str(socket_path).startswith("tcp://"):
+            from .remote import Listener  # pyzmq is optional: imported only for TCP
+
+            with self._lock:
+                if self._remote is not None:
+                    raise ShmhubError(f"already listening on {self._remote.endpoint}")
+                self._remote = Listener(str(socket_path), **remote)
+                return self._remote
+        if remote:
+            raise TypeError(f"unexpected options for a Unix socket: {sorted(remote)}")
         with self._lock:
             if self._listener is not None:
                 raise ShmhubError(f"already listening on {self._listener.path}")
@@ -799,6 +814,8 @@ class Host:
         self._closed = True
         if self._listener is not None:
             self._listener.close()  # no guest arrives from here on; the socket path is removed
+        if self._remote is not None:
+            self._remote.close()  # remote guests see HostGone
         self.segment.say_goodbye()  # DECISIONS 13
         with self._lock:
             handles = list(self._handles.values())

@@ -45,8 +45,9 @@ FEATURE_MMAP_LEASES = 1 << 1  # mmap-tier mappings start with a MAP_HEADER carry
 FEATURE_EXTENTS = 1 << 2  # growable slot classes: CLS_EXTENT_* fields, extents appended to the file
 FEATURE_POOL_JOURNAL = 1 << 3  # guests journal the slot pop/free they are in: PEER_POOL_OP*
 FEATURE_POOL_WAITERS = 1 << 4  # futex waits for free slots (CLS_WAITERS), the host's attention word, slot shares
+FEATURE_RING_COUNTERS = 1 << 5  # RING_SENT_MESSAGES / RING_SENT_BYTES: producers count what they send
 KNOWN_FEATURES = (FEATURE_WAITER_FLAGS | FEATURE_MMAP_LEASES | FEATURE_EXTENTS | FEATURE_POOL_JOURNAL
-                  | FEATURE_POOL_WAITERS)
+                  | FEATURE_POOL_WAITERS | FEATURE_RING_COUNTERS)
 
 DEFAULT_INLINE_THRESHOLD = 256  # header value 0 means this
 MAX_INLINE_LEN = 0xFFFF  # inline_payload_len is a u16
@@ -93,6 +94,10 @@ RING_READ = 64  # AtomicU32, consumer
 # cache line) and the other side rings the doorbell only when it reads 1.
 RING_PRODUCER_WAITING = 12  # AtomicU32 in the producer's pad: producer sleeps for space or a slot
 RING_CONSUMER_WAITING = 68  # AtomicU32 in the consumer's pad: consumer sleeps for data
+# FEATURE_RING_COUNTERS: running totals in the producer's pad, written by the producer alone (relaxed
+# load + store under its send lock), read by anyone (shmhub top): rates without touching the hot path.
+RING_SENT_MESSAGES = 16  # u64: messages committed to the ring since it was created or reset
+RING_SENT_BYTES = 24  # u64: their payload bytes, whatever the tier
 RING_ALIGN = 64
 
 # --- Frames (8-byte header; entries 4-aligned), format-v7 1.5 ----------------------------------

@@ -9,6 +9,7 @@ import time
 import weakref
 from collections import deque
 from typing import Callable, Deque, Optional
+from warnings import warn as _warn  # bound now: usable from __del__ at shutdown
 
 from . import layout as L
 from ._native import FastLock, LinkCore, LinkStats, Message, NeedExtent, Ring, SlotShares, recv_next, send_slot
@@ -405,6 +406,7 @@ class Link(LinkCore):
                 self._wait(lambda: tx.write_inline(mv), tx, True, deadline, lambda b: tx.spin_room(size, b))
             self.stats.sent_inline += 1
             self.stats.sent_bytes_inline += n
+            self._tx.count_sent(1, n)  # FEATURE_RING_COUNTERS (shmhub top)
         elif n <= self._slot_max:
             self._send_slot(mv, n, deadline)
         else:
@@ -433,6 +435,7 @@ class Link(LinkCore):
                 if k:
                     self.stats.sent_inline += k
                     self.stats.sent_bytes_inline += tx.batch_bytes
+                    self._tx.count_sent(k, tx.batch_bytes)
                     i += k
                     self._notify(False, tx)
                     continue
@@ -469,6 +472,7 @@ class Link(LinkCore):
                 if k:
                     self.stats.sent_inline += k
                     self.stats.sent_bytes_inline += tx.batch_bytes
+                    self._tx.count_sent(k, tx.batch_bytes)
                     i += k
                     self._notify(False, tx)
                     continue
@@ -510,6 +514,7 @@ class Link(LinkCore):
                 return "ring"
             self.stats.sent_inline += 1
             self.stats.sent_bytes_inline += n
+            self._tx.count_sent(1, n)
         elif n <= self._slot_max:
             if not tx.can_grant(L.SLOT_REF_FRAME_SIZE):
                 return "ring"
@@ -529,6 +534,7 @@ class Link(LinkCore):
             self._hold(c, e, s, gen)
             self.stats.sent_slot += 1
             self.stats.sent_bytes_slot += n
+            self._tx.count_sent(1, n)
         else:
             if not tx.can_grant(L.MMAP_REF_FRAME_SIZE):
                 return "ring"
@@ -548,6 +554,7 @@ class Link(LinkCore):
             m.last_used = time.monotonic()
             self.stats.sent_mmap += 1
             self.stats.sent_bytes_mmap += n
+            self._tx.count_sent(1, n)
         self._notify(False, tx)
         return None
 
@@ -557,6 +564,7 @@ class Link(LinkCore):
             if send_slot(tx, self._pool, mv, self._owner, False, self._shares) >= 0:  # the caller notifies
                 self.stats.sent_slot += 1
                 self.stats.sent_bytes_slot += n
+                self._tx.count_sent(1, n)
                 return
         except NeedExtent as err:
             seg._need(err)
@@ -573,6 +581,7 @@ class Link(LinkCore):
         self._hold(c, e, s, gen)
         self.stats.sent_slot += 1
         self.stats.sent_bytes_slot += n
+        self._tx.count_sent(1, n)
 
     def _take_slot(self, need: int, deadline: Optional[float]):
         """A slot for `need` bytes, waiting while the fitting classes are exhausted or hold this
@@ -676,6 +685,7 @@ class Link(LinkCore):
         m.last_used = time.monotonic()
         self.stats.sent_mmap += 1
         self.stats.sent_bytes_mmap += n
+        self._tx.count_sent(1, n)
 
     # -- zero-copy send ---------------------------------------------------------------------
 
@@ -720,6 +730,7 @@ class Link(LinkCore):
                 self._hold(c, e, s, gen)
                 self.stats.sent_slot += 1
                 self.stats.sent_bytes_slot += n
+                self._tx.count_sent(1, n)
             else:
                 m = ref
                 region, leases_off = self.segment.region, self._tx_counters[2]
@@ -735,6 +746,7 @@ class Link(LinkCore):
                 m.last_used = time.monotonic()
                 self.stats.sent_mmap += 1
                 self.stats.sent_bytes_mmap += n
+                self._tx.count_sent(1, n)
             buf.detach()  # committed: the lease / slot now travels with the ref
             self._notify(False, tx)
         finally:
@@ -1029,6 +1041,14 @@ class Link(LinkCore):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        # A guest's unclosed link keeps its peer entry until the process exits, and the host then
+        # reports a death, not a goodbye: say so, as an unclosed file does (ResourceWarning).
+        # Nothing is closed from here: the collector may run in a thread holding this link's locks.
+        # A host's links are the Host's to close.
+        if not getattr(self, "_closed", True) and self.side == GUEST:
+            _warn(f"unclosed {self!r}", ResourceWarning, stacklevel=1, source=self)
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("dead" if self._dead else "corrupted" if self._corrupt else "open")

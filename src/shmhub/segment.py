@@ -400,6 +400,7 @@ class Segment:
         ring = self._rings.get(off)
         if ring is None:
             ring = self._rings[off] = Ring(self.region, off)
+            ring.counting = bool(self.features & L.FEATURE_RING_COUNTERS)
         return ring
 
     # -- lifecycle ------------------------------------------------------------------------

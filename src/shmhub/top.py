@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional
 from . import monitor
 from .segment import Segment
 
-COLUMNS = ("peer", "pid", "state", "epoch", "h2g_Bps", "g2h_Bps", "h2g_fill", "g2h_fill", "slots", "leases", "waits", "left", "recovered")
-SORT_KEYS = ("peer", "pid", "state", "h2g_Bps", "g2h_Bps", "h2g_fill", "g2h_fill", "slots", "leases", "left")
+COLUMNS = ("peer", "pid", "state", "epoch", "h2g_mps", "h2g_Bps", "g2h_mps", "g2h_Bps", "h2g_fill", "g2h_fill", "slots", "leases", "waits", "left", "recovered")
+SORT_KEYS = ("peer", "pid", "state", "h2g_mps", "h2g_Bps", "g2h_mps", "g2h_Bps", "h2g_fill", "g2h_fill", "slots", "leases", "left")
 HOLDERS_EVERY = 2.0  # seconds between scans of /proc for the processes of the hub
 
 
@@ -62,7 +62,9 @@ class Tracker:
                     "pid": self.pids.get(peer),
                     "state": p["state"],
                     "epoch": p["epoch"],
+                    "h2g_mps": rate[peer]["h2g_mps"],
                     "h2g_Bps": rate[peer]["h2g"],
+                    "g2h_mps": rate[peer]["g2h_mps"],
                     "g2h_Bps": rate[peer]["g2h"],
                     "h2g_fill": p["h2g"]["used"] / p["h2g"]["capacity"],
                     "g2h_fill": p["g2h"]["used"] / p["g2h"]["capacity"],
@@ -84,6 +86,17 @@ def sort_rows(rows: List[Dict[str, Any]], key: str, reverse: bool = False) -> Li
     return sorted(rows, key=lambda r: (r[key] is None, r[key] if r[key] is not None else 0), reverse=reverse)
 
 
+def human_count(per_s: Optional[float]) -> str:
+    """Messages per second ("-" for a segment without FEATURE_RING_COUNTERS)."""
+    if per_s is None:
+        return "-"
+    for unit in ("", "k", "M"):
+        if per_s < 1000 or unit == "M":
+            return f"{per_s:.0f}" if not unit else f"{per_s:.1f}{unit}"
+        per_s /= 1000
+    raise AssertionError("unreachable")
+
+
 def human_rate(bps: float) -> str:
     for unit in ("B/s", "kB/s", "MB/s", "GB/s"):
         if bps < 1000 or unit == "GB/s":
@@ -99,7 +112,7 @@ def render(title: str, cur: monitor.Sample, rows: List[Dict[str, Any]], sort: st
 
     table = Table(title=title, title_justify="left", expand=False)
     for col in COLUMNS:
-        name = col.replace("_Bps", " B/s").replace("_fill", " fill")
+        name = col.replace("_mps", " msg/s").replace("_Bps", " B/s").replace("_fill", " fill")
         if col == sort:
             name += " v" if reverse else " ^"
         table.add_column(name, justify="left" if col in ("state", "waits", "slots") else "right")
@@ -110,7 +123,9 @@ def render(title: str, cur: monitor.Sample, rows: List[Dict[str, Any]], sort: st
             str(r["pid"] or "?"),
             r["state"],
             str(r["epoch"]),
+            human_count(r["h2g_mps"]),
             human_rate(r["h2g_Bps"]),
+            human_count(r["g2h_mps"]),
             human_rate(r["g2h_Bps"]),
             f"{r['h2g_fill']:.0%}",
             f"{r['g2h_fill']:.0%}",

@@ -114,7 +114,8 @@ def test_recv_many_bounds_and_timeout(pair):
     h.send_many([b"a", b"bb", b"c" * 2000, b"dd"])
     first = g.recv_many(3, timeout=TIMEOUT)
     assert [bytes(m) for m in first] == [b"a", b"bb", b"c" * 2000]
-    del first
+    assert [type(m).__name__ for m in first] == ["bytes", "bytes", "Message"]  # inline ones are bytes
+    first[2].release()
     assert [bytes(m) for m in g.recv_many(10, timeout=TIMEOUT)] == [b"dd"]
 
 
@@ -289,3 +290,50 @@ def test_big_array_copy_lands_at_the_sources_page_offset(pair, shift):
     a = h.empty((600_000,), "u1")
     assert a.__array_interface__["data"][0] % 4096 == 0
     del a
+
+
+def test_ring_counters_count_every_send_path(pair):
+    """FEATURE_RING_COUNTERS: the producer's running totals in the ring header (what `shmhub top`
+    reads from another process) agree with the link's own counters after every kind of send."""
+    h, g = pair
+    ring = h.segment.h2g(h.peer_id)
+    assert ring.counting and ring.sent == (0, 0)
+
+    def check():
+        st = h.stats()
+        sent = (st["sent_inline"] + st["sent_slot"] + st["sent_mmap"],
+                st["sent_bytes_inline"] + st["sent_bytes_slot"] + st["sent_bytes_mmap"])
+        assert ring.sent == sent, (ring.sent, st)
+        while (m := g.try_recv()) is not None:
+            if not isinstance(m, bytes):
+                m.release()
+
+    for n in (0, 100, 5000, 200_000, 1 << 20):  # inline, slot, mmap
+        h.send(b"s" * n, timeout=TIMEOUT)
+        check()
+    h.send_many([b"a", b"bb" * 100, b"c" * 3000], timeout=TIMEOUT)
+    check()
+    buf = h.reserve(4000, timeout=TIMEOUT)
+    h.send_reserved(buf, timeout=TIMEOUT)
+    check()
+    h.send_array(np.arange(1000, dtype=np.uint8), timeout=TIMEOUT)
+    check()
+    assert ring.sent[0] == 10
+    ring.reset()  # what recovery does: a new guest on this peer id starts at zero
+    assert ring.sent == (0, 0)
+    assert g.segment.g2h(g.peer_id).sent == (0, 0)  # the other direction: nothing sent
+
+
+def test_a_v7_segment_has_no_ring_counters():
+    with Segment.create(CONFIG, features=0) as seg:
+        peer = seg.peers.attach()
+        h, g = Link(seg, peer, None, HOST), Link(seg, peer, None, GUEST)
+        try:
+            h.send(b"x" * 10)
+            assert bytes(g.recv(TIMEOUT)) == b"x" * 10
+            ring = seg.h2g(peer)
+            assert not ring.counting and ring.sent is None
+            assert seg.region.read(ring.offset + 16, 16) == bytes(16)  # the v7 padding stays zero
+        finally:
+            g.close()
+            h.close()

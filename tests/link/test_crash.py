@@ -447,6 +447,8 @@ def test_guest_killed_mid_wrap_leaves_no_stale_frames(forge_seg, unread):
             P.check(m, 1, k)
     assert h.try_recv() is None
     assert_pool_pristine(seg.pool, initial)
+    g.close()
+    h.close()
 
 
 class _LastWordsRing(Ring):
@@ -496,6 +498,8 @@ def test_frames_committed_just_before_the_end_are_delivered_first(forge_seg, sid
         receiver.recv(timeout=TIMEOUT)
     receiver._rx = receiver._rx._ring
     assert_pool_pristine(seg.pool, initial)
+    g.close()
+    h.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -66,12 +66,12 @@ def top_json(host_pid):
 
 def test_top_json_sees_three_streaming_guests_and_a_death(hub):
     host_pid, guests = hub
-    rows = until("3 streaming guests", lambda: (r := top_json(host_pid)) and all(r[i]["g2h_Bps"] > 0 for i in (1, 2, 3)) and r)
+    rows = until("3 streaming guests", lambda: (r := top_json(host_pid)) and all(r[i]["g2h_Bps"] > 0 and r[i]["g2h_mps"] > 0 for i in (1, 2, 3)) and r)
     assert {i: (r["pid"], r["state"]) for i, r in rows.items()} == {i: (guests[i], "Attached") for i in (1, 2, 3)}
     assert all(r["h2g_Bps"] > 0 or r["g2h_Bps"] > 0 for r in rows.values())
     os.kill(guests[2], signal.SIGKILL)
     rows = until("guest 2 recovered", lambda: (r := top_json(host_pid)) and r[2]["state"] == "Empty" and r)
-    assert rows[2]["slots"] == 0 and rows[2]["g2h_Bps"] == 0
+    assert rows[2]["slots"] == 0 and rows[2]["g2h_Bps"] == 0 and rows[2]["g2h_mps"] == 0
     assert rows[1]["state"] == rows[3]["state"] == "Attached"
 
 
@@ -89,22 +89,23 @@ def test_top_on_a_terminal(hub, tmp_path):
             return subprocess.run(tmux + ["capture-pane", "-p"], capture_output=True, text=True, timeout=TIMEOUT).stdout
 
         def row(text, peer):
-            """(pid, state, h2g rate, g2h rate, left, recovered) of a peer's row on the screen."""
-            m = re.search(rf"^│\s+{peer} │\s+(\d+) │ (\w+)\s+│\s+\d+ │\s+([\d.]+ \w?B/s) │\s+([\d.]+ \w?B/s) │.*│\s+(\d+) │\s+(\d+) │$", text, re.M)
-            return m and (int(m.group(1)), m.group(2), m.group(3), m.group(4), int(m.group(5)), int(m.group(6)))
+            """(pid, state, h2g rate, g2h rate, left, recovered, g2h msg/s) of a peer's row on the screen."""
+            rate, count = r"([\d.]+ \w?B/s)", r"([\d.]+\w?)"
+            m = re.search(rf"^│\s+{peer} │\s+(\d+) │ (\w+)\s+│\s+\d+ │\s+{count} │\s+{rate} │\s+{count} │\s+{rate} │.*│\s+(\d+) │\s+(\d+) │$", text, re.M)
+            return m and (int(m.group(1)), m.group(2), m.group(4), m.group(6), int(m.group(7)), int(m.group(8)), m.group(5))
 
         def streaming():
             text = screen()
             rows = [row(text, i) for i in (1, 2, 3)]
-            return all(r and r[3] != "0 B/s" for r in rows) and text
+            return all(r and r[3] != "0 B/s" and r[6] != "0" for r in rows) and text
 
         text = until("3 guests streaming on screen", streaming)
         assert f"shmhub top  /proc/{host_pid}/fd/" in text, text
-        assert [row(text, i)[:2] + row(text, i)[4:] for i in (1, 2, 3)] == [(guests[i], "Attached", 0, 0) for i in (1, 2, 3)]
+        assert [row(text, i)[:2] + row(text, i)[4:6] for i in (1, 2, 3)] == [(guests[i], "Attached", 0, 0) for i in (1, 2, 3)]
         os.kill(guests[2], signal.SIGKILL)
         text = until("the killed guest recovered on screen", lambda: (t := screen()) and (row(t, 2) or (0, ""))[1] == "Empty" and t)
-        assert row(text, 2) == (guests[2], "Empty", "0 B/s", "0 B/s", 1, 1)  # left once, recovered once
-        assert row(text, 1)[1] == row(text, 3)[1] == "Attached" and row(text, 1)[4:] == row(text, 3)[4:] == (0, 0)
+        assert row(text, 2) == (guests[2], "Empty", "0 B/s", "0 B/s", 1, 1, "0")  # left once, recovered once
+        assert row(text, 1)[1] == row(text, 3)[1] == "Attached" and row(text, 1)[4:6] == row(text, 3)[4:6] == (0, 0)
         subprocess.run(tmux + ["send-keys", "s"], check=True, timeout=TIMEOUT)  # sort by pid
         until("sorted by pid", lambda: "pid ^" in screen())
         subprocess.run(tmux + ["send-keys", "q"], check=True, timeout=TIMEOUT)

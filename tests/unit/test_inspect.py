@@ -275,7 +275,7 @@ def test_grown_class_reports_its_extents(shm_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("features", [0, L.FEATURE_WAITER_FLAGS, L.FEATURE_MMAP_LEASES, L.FEATURE_EXTENTS])
+@pytest.mark.parametrize("features", [0, L.FEATURE_WAITER_FLAGS, L.FEATURE_MMAP_LEASES, L.FEATURE_EXTENTS, L.FEATURE_RING_COUNTERS])
 def test_keys_follow_the_feature_bits(shm_path, features):
     """A segment with one feature bit or none (features=0: plain v7): peers have an `mmap` key only
     with FEATURE_MMAP_LEASES, and a class configured as growable is growable only with

@@ -17,13 +17,16 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
 from ..errors import ExecutorBroken, PeerTableFull, ShmTimeout, TaskStopped, TaskTimeout, WorkerCrashed
 from ..host import Host, HostEvent
 from ..layout import SegmentConfig
-from ._pool import _GONE, EXIT_WAIT, Manager, Task, Worker, exit_reason, make_worker, settle
+from ._pool import _GONE, EXIT_WAIT, Manager, Task, Worker, exit_reason, make_remote_worker, make_worker, settle
 from ._shared import Regions, send_drop
+
+if TYPE_CHECKING:
+    from ..remote import RemoteGuest
 
 __all__ = ["Executor", "TaskOptions"]
 
@@ -53,12 +56,17 @@ class Executor(cf.Executor):
 
     preload: modules imported once in the forkserver's template process, so new and replacement
     workers start without importing them again (forkserver context only). config: the Host's
-    SegmentConfig (ring and pool sizes)."""
+    SegmentConfig (ring and pool sizes).
+
+    listen: "tcp://HOST:PORT" where remote workers (`shmhub worker URL`, on any machine) join the
+    pool beside the max_workers local ones; listen_options go to shmhub.remote.Listener (CURVE
+    keys, liveness). Remote workers are not started or replaced here (docs/remote.md)."""
 
     def __init__(self, max_workers: Optional[int] = None, mp_context: Any = None,
                  initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (), *,
                  max_tasks_per_child: Optional[int] = None, preload: Sequence[str] = (),
-                 config: Optional[SegmentConfig] = None, queue_depth: int = DEFAULT_DEPTH) -> None:
+                 config: Optional[SegmentConfig] = None, queue_depth: int = DEFAULT_DEPTH,
+                 listen: Optional[str] = None, listen_options: Optional[Dict[str, Any]] = None) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
         if max_workers < 1:
@@ -101,7 +109,18 @@ class Executor(cf.Executor):
             self._host.close()
             raise
         self._manager.start()
+        self._remote: Any = None
+        if listen is not None:
+            try:
+                self._remote = self._host.listen(listen, on_guest=_weak_joined(weakref.ref(self)), **(listen_options or {}))
+            except BaseException:
+                self.shutdown(wait=True, cancel_futures=True)
+                raise
 
+    @property
+    def address(self) -> Optional[str]:
+        """The tcp:// endpoint remote workers join at (listen=...), or None."""
+        return self._remote.endpoint if self._remote is not None else None
     # -- the public API ---------------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> "cf.Future[Any]":
@@ -162,7 +181,7 @@ class Executor(cf.Executor):
             out: Dict[str, Any] = dict(self._counts)
             out["pending"] = len(self._pending)
             out["workers"] = [{"id": w.wid, "pid": w.pid, "completed": w.completed, "failed": w.failed,
-                               "in_flight": len(w.tasks)} for w in self._workers.values()]
+                               "in_flight": len(w.tasks), "remote": w.remote} for w in self._workers.values()]
             return out
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -223,7 +242,9 @@ class Executor(cf.Executor):
     def _pick(self, task: Task) -> Optional[Worker]:
         best: Optional[Worker] = None
         for w in self._workers.values():
-            if self._room(w, task) and (best is None or len(w.tasks) + w.reserved < len(best.tasks) + best.reserved):
+            # The least loaded; on a tie a local worker (a remote link is slower).
+            if self._room(w, task) and (best is None or (len(w.tasks) + w.reserved, w.remote)
+                                        < (len(best.tasks) + best.reserved, best.remote)):
                 best = w
         return best
 
@@ -327,8 +348,8 @@ class Executor(cf.Executor):
         return self._finished()
 
     def _active(self) -> int:
-        """Workers that take tasks (or will once started)."""
-        return sum(1 for w in self._workers.values() if not self._spent(w))
+        """Local workers that take tasks (or will once started); remote ones come and go on their own."""
+        return sum(1 for w in self._workers.values() if not w.remote and not self._spent(w))
 
     def _spent(self, w: Worker) -> bool:
         return self._max_tasks is not None and w.sent >= self._max_tasks
@@ -383,12 +404,14 @@ class Executor(cf.Executor):
     def _start_worker(self) -> None:
         w = make_worker(self, next(self._ids))
         self._workers[w.wid] = w
-        self._by_peer[w.handle.peer_id] = w
+        if w.handle.peer_id is not None:
+            self._by_peer[w.handle.peer_id] = w
 
     def _forget(self, w: Worker) -> None:
         self._workers.pop(w.wid, None)
-        if self._by_peer.get(w.handle.peer_id) is w:
-            del self._by_peer[w.handle.peer_id]
+        peer = w.handle.peer_id  # None for a remote worker
+        if peer is not None and self._by_peer.get(peer) is w:
+            del self._by_peer[peer]
 
     def _settle_lost(self, w: Worker) -> None:
         """A worker died (or its link broke): its first task failed with it, the others never
@@ -407,7 +430,10 @@ class Executor(cf.Executor):
             code: Optional[int] = w.handle.wait(EXIT_WAIT)
         except ShmTimeout:
             code = None
-        reason = exit_reason(code)
+        if w.remote:
+            reason = f"lost its connection ({cast('RemoteGuest', w.handle).link.gone_reason or 'closed'})"
+        else:
+            reason = exit_reason(code)
         with self._lock:
             tasks = list(w.tasks)
             w.tasks.clear()
@@ -416,7 +442,7 @@ class Executor(cf.Executor):
             first: Optional[Task] = tasks[0] if tasks else None
             requeue = tasks[1:]
             exc: Optional[BaseException] = None
-            if w.inited is None:
+            if w.inited is None and not w.remote:  # a remote worker that drops out says nothing of ours
                 self._startup_failures += 1
                 if self._startup_failures >= MAX_STARTUP_FAILURES and not self._shutdown:
                     self._break(ExecutorBroken(f"{self._startup_failures} workers in a row were lost before they "
@@ -499,11 +525,33 @@ class Executor(cf.Executor):
                     self._peers_full = False
                     self._cond.notify_all()
 
+    # -- remote workers (the listener's thread) ----------------------------------------------
+
+    def _remote_joined(self, guest: "RemoteGuest") -> None:
+        with self._lock:
+            refused = self._broken is not None or self._shutdown
+            wid = next(self._ids)
+        if refused:
+            guest.kill()
+            return
+        # Its init call waits for the guest's connection (no lock held): tasks come after it.
+        w = make_remote_worker(self, wid, guest)
+        with self._lock:
+            if self._broken is not None or self._shutdown:
+                refused = True
+            else:
+                self._workers[w.wid] = w
+                self._cond.notify_all()
+        if refused:
+            w.close()
+            return
+        self._pump()
+
     def _drop_region(self, rid: int) -> None:
         with self._lock:
             workers = list(self._workers.values())
         for w in workers:
-            if rid in w.codec.sent:
+            if w.fd_sock is not None and rid in w.codec.sent:
                 send_drop(w.fd_sock, rid)
 
     def __repr__(self) -> str:
@@ -517,6 +565,17 @@ def _weak_event(ref: "weakref.ref[Executor]") -> Callable[[HostEvent], None]:
         if ex is not None:
             ex._on_host_event(ev)
     return on_event
+
+
+def _weak_joined(ref: "weakref.ref[Executor]") -> Callable[["RemoteGuest"], None]:
+    """The listener's on_guest callback, holding the executor weakly."""
+    def on_guest(guest: "RemoteGuest") -> None:
+        ex = ref()
+        if ex is None:
+            guest.kill()
+        else:
+            ex._remote_joined(guest)
+    return on_guest
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 import logging
 import math
+import pickle
 import signal
 import threading
 import time
@@ -33,9 +34,10 @@ if TYPE_CHECKING:
     import socket
 
     from ..host import GuestHandle
+    from ..remote import RemoteGuest
     from ._executor import Executor
 
-__all__ = ["Manager", "Task", "Worker", "exit_reason", "make_worker", "settle"]
+__all__ = ["Manager", "Task", "Worker", "exit_reason", "make_remote_worker", "make_worker", "settle"]
 
 log = logging.getLogger("shmhub.executor")
 
@@ -82,12 +84,13 @@ class Task:
 class Worker:
     """A worker process, its rpc client and the tasks sent to it (in order)."""
 
-    def __init__(self, wid: int, handle: "GuestHandle", client: Client, fd_sock: "socket.socket",
+    def __init__(self, wid: int, handle: "GuestHandle | RemoteGuest", client: Client, fd_sock: "Optional[socket.socket]",
                  codec: TaskCodec) -> None:
         self.wid = wid
         self.handle = handle
         self.client = client
-        self.fd_sock = fd_sock
+        self.fd_sock = fd_sock  # None for a remote worker: no fd passing, shared arrays go by value
+        self.remote = fd_sock is None  # joined over TCP (shmhub worker URL): not started, not replaced here
         self.codec = codec
         self.tasks: Deque[Task] = deque()
         self.send_lock = threading.Lock()  # tasks are appended in the order they are sent
@@ -115,7 +118,8 @@ class Worker:
     def close(self) -> None:
         """Close our end (the host's goodbye, at shutdown, ends the worker)."""
         self.client.close()
-        self.fd_sock.close()
+        if self.fd_sock is not None:
+            self.fd_sock.close()
 
     @property
     def exclusive(self) -> bool:
@@ -224,6 +228,12 @@ def make_worker(ex: "Executor", wid: int) -> Worker:
         send_attach(ours, rid, regions.fd_of(rid))
 
     codec.send_fd = send_fd
+    _send_init(ex, w)
+    return w
+
+
+def _send_init(ex: "Executor", w: Worker, *args: Any) -> None:
+    """The worker's init call, answered before any task it gets (the executor held weakly)."""
     ref = weakref.ref(ex)
 
     def initialized(f: "cf.Future[Any]") -> None:
@@ -231,6 +241,22 @@ def make_worker(ex: "Executor", wid: int) -> Worker:
         if e is not None:
             e._initialized(w, f)
 
-    client.submit("init").add_done_callback(initialized)
-    return w
+    w.client.submit("init", *args).add_done_callback(initialized)
 
+
+
+class RemoteTaskCodec(TaskCodec):
+    """A remote worker's codec: no fd passing across machines, so shared arrays go by value (as
+    out-of-band frames), like any other array."""
+
+    def pickler_class(self) -> "Optional[type[pickle.Pickler]]":
+        return None
+
+
+def make_remote_worker(ex: "Executor", wid: int, guest: "RemoteGuest") -> Worker:
+    """A worker that joined over TCP (`shmhub worker URL`): its init call carries the initializer."""
+    codec = RemoteTaskCodec()
+    client = Client(guest.link, codec=codec, max_in_flight=ex._depth + 2)
+    w = Worker(wid, guest, client, None, codec)
+    _send_init(ex, w, ex._initializer, ex._initargs)
+    return w

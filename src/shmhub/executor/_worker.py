@@ -79,3 +79,28 @@ def main(initializer: Optional[Callable[..., Any]], initargs: Tuple[Any, ...], f
         server.serve(link)
     link.close()
     fd_sock.close()
+
+
+def serve_remote(url: str, **options: Any) -> None:
+    """`shmhub worker URL`: join the executor listening at tcp://HOST:PORT (Executor(listen=...))
+    and run its tasks until it closes the link or is gone. options go to shmhub.connect (CURVE
+    keys, liveness, name, timeout). The initializer comes with the init call."""
+    from ..remote import connect as connect_remote
+
+    options.setdefault("name", "worker")
+    link = connect_remote(url, **options)
+
+    @rpc.inline
+    def init(initializer: Optional[Callable[..., Any]], initargs: Tuple[Any, ...]) -> int:
+        return _Init(initializer, initargs)()
+
+    @rpc.inline
+    def retire() -> None:
+        link.close()
+
+    handlers = {"init": init, "run": run, "run_chunk": run_chunk, "retire": retire}
+    try:
+        with rpc.Server(handlers, codec=TaskCodec(), max_concurrency=1) as server:
+            server.serve(link)
+    finally:
+        link.close()

@@ -221,6 +221,9 @@ class Connection:
         self._timer_cond = threading.Condition(self.lock)
         self._timer: Optional[threading.Thread] = None
         self._can_reserve = callable(getattr(link, "reserve", None)) and callable(getattr(link, "send_reserved", None))
+        # Across machines monotonic clocks differ: a link that says so carries a REQUEST's
+        # remaining budget in deadline_ns, which the receiver anchors to its own clock.
+        self._shared_clock = bool(getattr(link, "shared_clock", True))
         self.reader = threading.Thread(target=self._run, name="shmhub-rpc-reader", daemon=True)
         self.role: Optional[threading.Thread] = None  # who reads the link now (see _run)
         self._role_cond = threading.Condition(self.lock)
@@ -311,6 +314,8 @@ class Connection:
         h = inc.frame.header
         kind = h.kind
         if kind is Kind.REQUEST:
+            if h.deadline_ns and not self._shared_clock:
+                h.deadline_ns += time.monotonic_ns()  # the budget left when sent, from now
             server = self.server
             if server is None:
                 from ._server import no_server
@@ -515,6 +520,8 @@ class Connection:
                 descs.append((off, n))
                 outs.append(out)
                 _crash.point(b"rpc.staged")
+            if deadline_ns and not self._shared_clock:
+                deadline_ns = max(1, deadline_ns - time.monotonic_ns())
             head = encode_frame(kind, cid, payload, flags=flags, deadline_ns=deadline_ns, arg=arg, method=method,
                                 buffers=descs)
             rem = _remaining(deadline_for_send)

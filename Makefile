@@ -14,7 +14,7 @@ TYPED := src/shmhub/_native.pyi src/shmhub/rpc src/shmhub/remote src/shmhub/exec
 	src/shmhub/layout.py src/shmhub/aio.py src/shmhub/codec.py src/shmhub/doorbell.py src/shmhub/peers.py src/shmhub/slots.py \
 	src/shmhub/ring.py src/shmhub/bigmap.py src/shmhub/bootstrap.py
 
-.PHONY: demo test test-slow asan ubsan tsan fuzz fuzz-merge bench lint docs clean
+.PHONY: demo test test-slow asan ubsan tsan fuzz fuzz-merge interleave crashpoints bench lint docs clean
 
 $(STAMP): $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -84,6 +84,20 @@ fuzz-merge: $(STAMP)
 		PYTHONHASHSEED=0 $(PY) tests/fuzz/fuzz_run.py $$t -merge=1 tests/fuzz/corpus/$$t $(FUZZ_DIR)/$$t || exit 1; \
 	done
 
+# The kill-anywhere tests against a build with crash points (SHMHUB_CRASHPOINTS), in a venv of its own.
+crashpoints:
+	test -x .venv-crash/bin/python || $(PYTHON) -m venv .venv-crash
+	rm -rf build
+	SHMHUB_CRASHPOINTS=1 .venv-crash/bin/python -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps .
+	.venv-crash/bin/python -m pip install --quiet --disable-pip-version-check pytest pytest-timeout hypothesis numpy
+	rm -rf build
+	cd tests && ../.venv-crash/bin/python -m pytest -p no:cacheprovider -c ../pyproject.toml --rootdir .. crashpoints $(PYTEST_ARGS)
+
+# Every interleaving of the ring, the pool and the waiter protocols at larger sizes (SPIN models in
+# tests/interleave; the test suite checks the smallest sizes). Needs spin (apt-get install spin).
+interleave: $(STAMP)
+	$(PY) tests/interleave/test_interleave.py --full
+
 $(VENV)/.lint-installed: $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,numpy,lint]'
 	touch $@
@@ -110,4 +124,4 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.wake_bench
 
 clean:
-	rm -rf build site $(VENV) .venv-asan .venv-ubsan .venv-tsan .fuzz src/*.egg-info src/shmhub/_native.c src/shmhub/_layout.h src/shmhub/*.so
+	rm -rf build site $(VENV) .venv-asan .venv-ubsan .venv-tsan .venv-crash .fuzz src/*.egg-info src/shmhub/_native.c src/shmhub/_layout.h src/shmhub/*.so

@@ -55,6 +55,9 @@ if sanitize:
         cflags += ["-fno-sanitize-recover=all", "-fno-wrapv"]
         ldflags += ["-fno-sanitize-recover=all"]
 
+if os.environ.get("SHMHUB_CRASHPOINTS"):  # the kill-anywhere test build (`make crashpoints`)
+    cflags.append("-DSHMHUB_CRASHPOINTS")
+
 from Cython.Build import cythonize  # noqa: E402
 
 ext = Extension(

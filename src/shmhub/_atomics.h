@@ -121,3 +121,37 @@ static inline int shm_futex_wait_any(struct shm_futex_waitv *w, unsigned n, cons
     long r = syscall(SYS_futex_waitv, w, n, 0, abs, CLOCK_MONOTONIC);
     return r < 0 ? -errno : (int)r;
 }
+
+/* Deterministic crash points for the kill-anywhere tests (docs/hardening.md, tests/crashpoints).
+ * Only a build with -DSHMHUB_CRASHPOINTS (SHMHUB_CRASHPOINTS=1 at setup.py time: `make
+ * crashpoints`) has them; elsewhere SHM_CRASHPOINT(name) is nothing at all. In that build,
+ * SHMHUB_CRASH_AT=name:count makes the count-th pass through point `name` abort() the process
+ * (read once, at the first point passed). */
+#ifdef SHMHUB_CRASHPOINTS
+#include <stdlib.h>
+#define SHM_CRASHPOINTS_BUILT 1
+static char shm_crash_name[96];
+static long shm_crash_left = -1; /* -1: SHMHUB_CRASH_AT not read yet; 0: disarmed */
+
+static void shm_crash_arm(void) {
+    const char *at = getenv("SHMHUB_CRASH_AT");
+    const char *colon = at ? strrchr(at, ':') : NULL;
+    shm_crash_left = 0;
+    if (colon == NULL || (size_t)(colon - at) >= sizeof shm_crash_name)
+        return;
+    memcpy(shm_crash_name, at, (size_t)(colon - at));
+    shm_crash_name[colon - at] = 0;
+    shm_crash_left = strtol(colon + 1, NULL, 10);
+}
+
+static inline void shm_crashpoint(const char *name) {
+    if (shm_crash_left < 0)
+        shm_crash_arm();
+    if (shm_crash_left > 0 && strcmp(name, shm_crash_name) == 0 && --shm_crash_left == 0)
+        abort();
+}
+#define SHM_CRASHPOINT(name) shm_crashpoint(name)
+#else
+#define SHM_CRASHPOINTS_BUILT 0
+#define SHM_CRASHPOINT(name) ((void)0)
+#endif

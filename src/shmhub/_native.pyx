@@ -68,6 +68,8 @@ cdef extern from "_atomics.h":
     enum: FUTEX_32_FLAG "FUTEX_32"
     enum: ENOSYS
     enum: ETIMEDOUT
+    void SHM_CRASHPOINT(const char* name) nogil  # nothing unless built with SHMHUB_CRASHPOINTS
+    enum: SHM_CRASHPOINTS_BUILT
 
 cdef extern from "_layout.h":
     # Generated from layout.py (the single source of truth) by setup.py.
@@ -106,6 +108,15 @@ ACQUIRE = SHM_ACQUIRE
 RELEASE = SHM_RELEASE
 ACQ_REL = SHM_ACQ_REL
 SEQ_CST = SHM_SEQ_CST
+
+CRASHPOINTS = bool(SHM_CRASHPOINTS_BUILT)  # a test build with crash points (docs/hardening.md)
+
+
+def crashpoint(const char* name):
+    """Pass crash point `name` (bytes): in a build with crash points, SHMHUB_CRASH_AT=name:count
+    aborts the process at the count-th pass. Does nothing in a normal build."""
+    SHM_CRASHPOINT(name)
+
 
 def cpu_relax():
     """One CPU pause instruction (for spin loops)."""
@@ -644,6 +655,7 @@ cdef class Ring:
                 return -1  # wrapping would make write == read == 0, which means empty
             # Wrap: watermark before write (trap 1). Never undone, even if the front is too small (trap 3).
             shm_store32(self.hdr + SHMHUB_RING_WATERMARK, w, SHM_RELEASE)
+            SHM_CRASHPOINT("wrap.watermark")
             shm_store32(self.hdr + SHMHUB_RING_WRITE, 0, SHM_RELEASE)
             return 0 if n < r else -1  # strict: write may never reach read (trap 2)
         return w if w + n < r else -1
@@ -653,7 +665,9 @@ cdef class Ring:
         cdef uint32_t w = self.idx(SHMHUB_RING_WRITE, SHM_RELAXED)
         if n > self.capacity - w:
             raise LinkCorrupted(f"commit of {n} bytes at write {w} overruns capacity {self.capacity}")
+        SHM_CRASHPOINT("commit.written")
         shm_store32(self.hdr + SHMHUB_RING_WRITE, w + n, SHM_RELEASE)
+        SHM_CRASHPOINT("commit.published")
         return 0
 
     def grant(self, uint32_t n):
@@ -860,6 +874,7 @@ cdef class Ring:
                 return 0
             self.wlive()
             shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
+            SHM_CRASHPOINT("read.reset")
             shm_store32(self.hdr + SHMHUB_RING_WATERMARK, 0, SHM_RELEASE)
             w = self.idx(SHMHUB_RING_WRITE, SHM_ACQUIRE)
             start[0] = 0
@@ -882,9 +897,11 @@ cdef class Ring:
         cdef uint32_t wm = self.idx(SHMHUB_RING_WATERMARK, SHM_ACQUIRE)
         if wm != 0 and nr >= wm and self.idx(SHMHUB_RING_WRITE, SHM_ACQUIRE) < wm:  # not mid-wrap (see c_readable)
             shm_store32(self.hdr + SHMHUB_RING_READ, 0, SHM_RELEASE)
+            SHM_CRASHPOINT("release.reset")
             shm_store32(self.hdr + SHMHUB_RING_WATERMARK, 0, SHM_RELEASE)
         else:
             shm_store32(self.hdr + SHMHUB_RING_READ, nr, SHM_RELEASE)
+        SHM_CRASHPOINT("release.done")
         return 0
 
     def readable(self):
@@ -1267,6 +1284,7 @@ cdef class SlotPool:
             m = self.meta(c, e, s)
             if j != NULL:  # a guest killed between the CAS and the Allocated store is recoverable
                 journal_set(j, SHMHUB_POOL_OP_POP, c, idx, shm_load32(m + SHMHUB_META_GENERATION, SHM_ACQUIRE))
+                SHM_CRASHPOINT("pop.journaled")
             nxt = shm_load32(m + SHMHUB_META_NEXT_FREE, SHM_ACQUIRE)
             # The ABA tag rides along through EMPTY and is never reset (trap 24).
             new = (((head >> 32) + 1) << 32) | nxt
@@ -1274,9 +1292,12 @@ cdef class SlotPool:
             if seen == head:
                 break
             head = seen
+        SHM_CRASHPOINT("pop.taken")
         gen = shm_load32(m + SHMHUB_META_GENERATION, SHM_RELAXED) + 1
         shm_store32(m + SHMHUB_META_OWNER, owner, SHM_RELAXED)
+        SHM_CRASHPOINT("pop.owned")
         shm_store64(m + SHMHUB_META_GENERATION, meta_word(gen, <uint32_t>SHMHUB_SLOT_ALLOCATED), SHM_RELEASE)
+        SHM_CRASHPOINT("pop.allocated")
         if j != NULL:
             shm_store64(j, 0, SHM_RELEASE)
         gen_out[0] = gen
@@ -1322,14 +1343,13 @@ cdef class SlotPool:
         """Crash recovery: finish the pop or free a dead guest was in the middle of.
 
         Returns (slots_freed, resolved). resolved is False when it cannot be decided yet (a live
-        peer is itself mid-pop of the very slot, or the free list never held still for a look):
-        call again shortly. Clears the journal once resolved."""
+        peer is itself mid-pop or mid-free of the very slot, or the free list never held still for
+        a look): call again shortly. Clears the journal once resolved."""
         cdef char* j = self.journal(peer)
         cdef uint64_t word, w, seen
-        cdef uint32_t gen, g, other, s
+        cdef uint32_t gen, g, s
         cdef int c, e, op, n, on_list
         cdef char* m
-        cdef char* oj
         if j == NULL:
             return (0, True)
         self.wbase()
@@ -1352,20 +1372,21 @@ cdef class SlotPool:
         elif w == meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE):
             # Free under the journaled generation: still on the list (the pop never happened, or
             # the push did), or orphaned (popped but not yet Allocated / Free but not yet pushed).
+            # Off the list, it is ours to restore -- unless a live guest popped it and is between its
+            # CAS and its Allocated store, or freed it and is between its Free CAS and its push:
+            # its journal names the slot until it is done. Looked at before the walk (a freer
+            # may push the slot and clear its journal before we look after it) and after it (a
+            # popper may take the slot between the first look and the walk). The dead guest's
+            # record may be a stale pop, of a slot another guest has since taken and is freeing.
+            # Both found by tests/interleave/pool.pml (docs/hardening.md).
+            if self.journaled_elsewhere(peer, c, g):
+                return (0, False)
             on_list = self.listed(c, g)
             if on_list < 0:
                 return (0, False)
             if not on_list:
-                # Off the list: ours to restore, unless a live guest popped it and is between its
-                # CAS and its Allocated store (its journal names the slot until it is done).
-                for other in range(1, self.journal_count + 1):
-                    if other == peer:
-                        continue
-                    oj = self.journal(other)
-                    word = shm_load64(oj, SHM_ACQUIRE)
-                    if <int>(word >> 56) == SHMHUB_POOL_OP_POP and <int>((word >> 32) & 0xFF) == c and \
-                            <uint32_t>(word & 0xFFFFFFFF) == g:
-                        return (0, False)
+                if self.journaled_elsewhere(peer, c, g):
+                    return (0, False)
                 # Claim it as a pop would (a CAS: nobody else may hold it), then free it.
                 seen = shm_cas64(m, meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE), meta_word(gen + 1, <uint32_t>SHMHUB_SLOT_ALLOCATED))
                 if seen != meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE):
@@ -1376,6 +1397,21 @@ cdef class SlotPool:
         # has moved on since.
         shm_store64(j, 0, SHM_RELEASE)
         return (n, True)
+
+    cdef bint journaled_elsewhere(self, uint32_t peer, int c, uint32_t g) except -1:
+        """Whether a guest other than `peer` has a pop or a free of class c's global slot g in progress."""
+        cdef uint32_t other
+        cdef uint64_t word
+        cdef int op
+        for other in range(1, self.journal_count + 1):
+            if other == peer:
+                continue
+            word = shm_load64(self.journal(other), SHM_ACQUIRE)
+            op = <int>(word >> 56)
+            if (op == SHMHUB_POOL_OP_POP or op == SHMHUB_POOL_OP_FREE) and \
+                    <int>((word >> 32) & 0xFF) == c and <uint32_t>(word & 0xFFFFFFFF) == g:
+                return True
+        return False
 
     def pool_op(self, uint32_t peer):
         """(op, class_idx, global slot index, generation) journaled by a guest, or None."""
@@ -1438,12 +1474,15 @@ cdef class SlotPool:
             j = self.journal(by)
             if j != NULL:  # a guest killed between the CAS and the push is recoverable
                 journal_set(j, SHMHUB_POOL_OP_FREE, c, g, gen)
+                SHM_CRASHPOINT("free.journaled")
             # DECISIONS 8 / trap 21: only the winner of Allocated->Free clears the owner and pushes
             # the slot (a loser clearing it could clobber the owner of the slot's next allocation).
             seen = shm_cas64(m, expected, meta_word(gen, <uint32_t>SHMHUB_SLOT_FREE))
             if seen == expected:
+                SHM_CRASHPOINT("free.marked")
                 shm_store32(m + SHMHUB_META_OWNER, 0, SHM_RELAXED)
                 self.push_chain(c, g, m)
+                SHM_CRASHPOINT("free.pushed")
             if j != NULL:
                 shm_store64(j, 0, SHM_RELEASE)
             if seen == expected:
@@ -1478,6 +1517,7 @@ cdef class SlotPool:
         if shm_load64(m, SHM_ACQUIRE) != expected:
             self.c_free(class_idx, extent_idx, slot_idx, generation, True, 0)  # raises the precise error
         shm_store32(m + SHMHUB_META_OWNER, new_owner, SHM_RELEASE)
+        SHM_CRASHPOINT("take.owned")
         if shm_load64(m, SHM_ACQUIRE) != expected:
             raise StaleSlotRef(f"slot class {class_idx} idx {slot_idx} changed while being received")
         cdef uint32_t n = shm_get_u32(self.slot_data(class_idx, extent_idx, slot_idx))

@@ -17,6 +17,7 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 from . import layout as L
+from . import _crash
 from ._native import Region
 from .errors import LinkCorrupted, PayloadTooLarge, PeerDead
 
@@ -91,12 +92,14 @@ class MapSender:
             except OSError as e:
                 raise PayloadTooLarge(f"cannot allocate a {size}-byte mapping for a large payload: {e.strerror}") from None
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            _crash.point(b"mmap.created")
             region = Region(fd, size, True, 0, True)
             m = Mapping(self.next_id, 1, size, region)
             region.write(L.MAP_HDR_MAGIC, L.MAP_MAGIC)
             region.store_u32(L.MAP_HDR_MAP_ID, m.map_id)
             region.store_u32(L.MAP_HDR_GENERATION, m.generation)
             self._send_attach(m, fd)
+            _crash.point(b"mmap.sent")
         finally:
             os.close(fd)  # the mapping stays; the receiver has its own fd
         self.next_id = (self.next_id + 1) & 0xFFFFFFFF or 1
@@ -168,6 +171,7 @@ class MapReceiver:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                     usable = len(payload) - len(payload) % 4
                     fds.extend(array.array("i", payload[:usable]))
+            _crash.point(b"mmap.received")
             try:
                 if not data and not fds:
                     raise LinkCorrupted("mmap control peer closed")
@@ -183,6 +187,7 @@ class MapReceiver:
                     if os.fstat(fds[0]).st_size < length:
                         raise LinkCorrupted(f"mmap attach: map {map_id} fd is smaller than its {length} bytes")
                     region = Region(fds[0], length, True)  # writable: the receiver drops leases
+                    _crash.point(b"mmap.mapped")
                 except OSError as e:
                     raise LinkCorrupted(f"mmap attach: cannot map map {map_id}: {e.strerror}") from None
                 if region.read(L.MAP_HDR_MAGIC, 8) != L.MAP_MAGIC or region.load_u32(L.MAP_HDR_MAP_ID) != map_id \

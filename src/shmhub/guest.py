@@ -9,7 +9,7 @@ import threading
 import time
 from typing import Any, Callable, Optional, Tuple, Union
 
-from . import bootstrap
+from . import _crash, bootstrap
 from .doorbell import Doorbell
 from .errors import BootstrapError, BootstrapRefused, SegmentError, ShmhubError
 from .link import DEFAULT_SPIN_NS, GUEST, Link
@@ -92,6 +92,7 @@ def _connect_socket(socket_path: Union[str, os.PathLike[str]], spin_ns: int, tim
     resp = bootstrap.request(socket_path, timeout)
     if not resp.ok:
         raise BootstrapRefused(f"the host at {os.fspath(socket_path)} refused the bootstrap: {resp.payload}")
+    _crash.point(b"bootstrap.response")
     return adopt_response(resp, spin_ns)
 
 
@@ -119,6 +120,7 @@ def _adopt(peer_id: int, seg_fd: int, bell_fd: int, ctrl_fd: int, spin_ns: int, 
     try:
         try:
             seg = Segment.attach(seg_fd)  # attach through the fd (trap 17), sized by fstat
+            _crash.point(b"bootstrap.attached")
         finally:
             os.close(seg_fd)
         if not 1 <= peer_id <= seg.config.max_guests:  # trap 16
@@ -132,6 +134,7 @@ def _adopt(peer_id: int, seg_fd: int, bell_fd: int, ctrl_fd: int, spin_ns: int, 
         control.setblocking(False)
         os.set_inheritable(control.fileno(), False)
         seg.peers.claim(peer_id)
+        _crash.point(b"bootstrap.claimed")
     except BaseException:
         for x in (control, doorbell, seg):
             if x is not None:

@@ -7,6 +7,7 @@ import os
 import stat
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
 
+from . import _crash
 from . import layout as L
 import threading
 
@@ -270,7 +271,10 @@ class Segment:
                     limit = min(self.current_size, os.fstat(self.fd).st_size)
                     if off % L.EXTENT_ALIGN or off < self.layout.total_size or off + size > limit:
                         raise SegmentCorrupted(f"class {c} extent {e} at {off} (+{size}) lies outside the segment ({limit} bytes)")
-                    self.pool.add_extent(c, Region(self.fd, size, self.region.writable, off), data_off)
+                    region = Region(self.fd, size, self.region.writable, off)
+                    _crash.point(b"growth.mapping")
+                    self.pool.add_extent(c, region, data_off)
+                    _crash.point(b"growth.mapped")
                     mapped += 1
         return mapped
 
@@ -311,6 +315,7 @@ class Segment:
                 off = self.layout.classes[c].header_offset + L.CLS_GROW_REQUEST
                 if self.region.load_u32(off) == 0:
                     self.region.store_u32(off, 1)
+                    _crash.point(b"growth.requested")
                     self.call_host()
                 return True
         return False

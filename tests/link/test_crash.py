@@ -354,6 +354,31 @@ def test_pool_op_recovery_waits_for_a_live_guest_popping_the_same_slot(forge_seg
     assert_pool_pristine(pool, initial)
 
 
+def test_pool_op_recovery_waits_for_a_live_guest_freeing_the_slot_of_a_stale_pop(forge_seg):
+    """Found by the SPIN model (tests/interleave/pool.pml): the dead guest was killed retrying a
+    pop, its journal still naming a slot it lost the race for; a live guest has since popped
+    that slot and is freeing it, between its Free CAS and its push. Recovery used to wait only
+    for a live guest's pop, so it claimed and pushed the slot, and the live guest pushed it
+    again: one slot twice on the free list (handed to two allocators)."""
+    seg, f, initial = forge_seg
+    pool = seg.pool
+    c = 0
+    live = Forge(seg, seg.peers.attach())
+    s = live.free_then_die(c, marked=True)  # the live guest: Free CAS done, push not yet
+    gen = pool.slot_meta(c, s)[0]
+    f.journal(L.POOL_OP_POP, c, s, gen)  # the dead guest's stale record of its lost pop
+    for _ in range(3):
+        assert pool.recover_pool_op(f.peer) == (0, False)
+    assert s not in free_list(pool, c)  # recovery left the slot to its freer
+    # the live guest finishes its free: push, clear its journal
+    head = f.r.load_u64(f.head_off(c))
+    f.r.store_u32(f.meta_off(c, s) + L.META_NEXT_FREE, head & 0xFFFFFFFF)
+    assert f.r.cas_u64(f.head_off(c), head, (((head >> 32) + 1) << 32) | s) == head
+    f.journal(L.POOL_OP_NONE, 0, 0, 0, peer=live.peer)
+    assert pool.recover_pool_op(f.peer) == (0, True)
+    assert_pool_pristine(pool, initial)
+
+
 def test_guest_killed_inside_a_pop_loses_no_slot():
     """End to end: a real guest, stopped, is left in the pop window (as SIGKILL mid-alloc leaves
     it), then killed: the host's recovery puts the slot back and reports it."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import socket
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .. import rpc
+from .. import _crash, rpc
 from ..errors import ExecutorBroken
 from ..guest import connect
 from ._shared import TaskCodec, WorkerRegions
@@ -45,7 +45,10 @@ class _Init:
 @rpc.inline
 def run(fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Optional[Dict[str, Any]]) -> Any:
     _check_init()
-    return fn(*args, **kwargs) if kwargs else fn(*args)
+    _crash.point(b"executor.task")
+    out = fn(*args, **kwargs) if kwargs else fn(*args)
+    _crash.point(b"executor.done")
+    return out
 
 
 @rpc.inline

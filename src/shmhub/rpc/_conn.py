@@ -22,6 +22,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
+from .. import _crash
 from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError, ShmTimeout
 from ._codec import Codec, codec_for
 from ._protocol import CallTable, FrameAssembler, Incoming, ServingTable, decode_error, DEFAULT_MAX_FRAME
@@ -518,6 +519,7 @@ class Connection:
                 off, n, out = self._stage(pb, deadline_for_send)
                 descs.append((off, n))
                 outs.append(out)
+                _crash.point(b"rpc.staged")
             if deadline_ns and not self._shared_clock:
                 deadline_ns = max(1, deadline_ns - time.monotonic_ns())
             head = encode_frame(kind, cid, payload, flags=flags, deadline_ns=deadline_ns, arg=arg, method=method,
@@ -533,6 +535,7 @@ class Connection:
         try:
             try:
                 link.send(head, timeout=_remaining(deadline_for_send))
+                _crash.point(b"rpc.header_sent")
             except BaseException:
                 for buf, nbytes in outs:
                     if nbytes >= 0 and getattr(buf, "token", None) is not None:
@@ -545,6 +548,7 @@ class Connection:
                         link.send_reserved(buf, nbytes, timeout=None)
                     else:
                         link.send(buf, timeout=None)
+                    _crash.point(b"rpc.buffer_sent")
                 except BaseException as e:
                     for b, nb in outs[i:]:
                         if nb >= 0 and getattr(b, "token", None) is not None:

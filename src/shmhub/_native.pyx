@@ -76,7 +76,7 @@ cdef extern from "_layout.h":
     const unsigned long long SHMHUB_RING_HEADER_SIZE, SHMHUB_RING_WRITE, SHMHUB_RING_WATERMARK
     const unsigned long long SHMHUB_RING_CAPACITY, SHMHUB_RING_READ, SHMHUB_RING_ALIGN
     const unsigned long long SHMHUB_RING_PRODUCER_WAITING, SHMHUB_RING_CONSUMER_WAITING
-    const unsigned long long SHMHUB_RING_SENT_MESSAGES, SHMHUB_RING_SENT_BYTES
+    const unsigned long long SHMHUB_RING_SENT_MESSAGES, SHMHUB_RING_SENT_BYTES, SHMHUB_RING_DOORBELLS
     const unsigned long long SHMHUB_FRAME_HEADER_SIZE, SHMHUB_FRAME_TOTAL_LEN, SHMHUB_FRAME_FLAGS
     const unsigned long long SHMHUB_FRAME_INLINE_LEN, SHMHUB_FRAME_ALIGN
     const unsigned long long SHMHUB_FLAG_SLOT_REF, SHMHUB_FLAG_MMAP_REF
@@ -1071,6 +1071,7 @@ cdef class Ring:
         if self.counting:
             shm_store64(self.hdr + SHMHUB_RING_SENT_MESSAGES, 0, SHM_RELAXED)
             shm_store64(self.hdr + SHMHUB_RING_SENT_BYTES, 0, SHM_RELAXED)
+            shm_store64(self.hdr + SHMHUB_RING_DOORBELLS, 0, SHM_RELAXED)
 
     cdef inline void c_count(self, uint64_t messages, uint64_t nbytes) noexcept:
         """Add to the producer's running totals (FEATURE_RING_COUNTERS). The producer's send lock
@@ -1085,6 +1086,20 @@ cdef class Ring:
         """Producer (send lock held): `messages` more committed, carrying `nbytes` of payload."""
         self.wlive()
         self.c_count(messages, nbytes)
+
+    def count_doorbell(self):
+        """The producer's process rang its peer's doorbell (FEATURE_RING_COUNTERS). An atomic add:
+        the ringing thread need not hold the send lock (a doorbell costs a syscall anyway)."""
+        if self.counting and not self.region.closed and self.region.writable:  # never fails a ring
+            shm_fetch_add64(self.hdr + SHMHUB_RING_DOORBELLS, 1, SHM_RELAXED)
+
+    @property
+    def doorbells(self):
+        """Doorbells the producer's process rang its peer (FEATURE_RING_COUNTERS), else None."""
+        if not self.counting:
+            return None
+        self.live()
+        return shm_load64(self.hdr + SHMHUB_RING_DOORBELLS, SHM_RELAXED)
 
     @property
     def sent(self):

@@ -34,8 +34,9 @@ def inspect_segment(seg: Segment) -> Dict[str, Any]:
             else:
                 used = max(0, write - read)
             rings[name] = {"offset": ring.offset, "capacity": ring.capacity, "write": write, "watermark": watermark, "read": read, "used": used}
-            if ring.sent is not None:  # FEATURE_RING_COUNTERS
-                rings[name]["sent_messages"], rings[name]["sent_bytes"] = ring.sent
+            sent, bells = ring.sent, ring.doorbells
+            if sent is not None and bells is not None:  # FEATURE_RING_COUNTERS
+                rings[name].update(sent_messages=sent[0], sent_bytes=sent[1], doorbells=bells)
         state = seg.region.load_u32(lay.peer_entry_offset(pid) + L.PEER_STATE)
         entry = {}
         if seg.features & L.FEATURE_MMAP_LEASES:

@@ -98,6 +98,7 @@ RING_CONSUMER_WAITING = 68  # AtomicU32 in the consumer's pad: consumer sleeps f
 # load + store under its send lock), read by anyone (shmhub top): rates without touching the hot path.
 RING_SENT_MESSAGES = 16  # u64: messages committed to the ring since it was created or reset
 RING_SENT_BYTES = 24  # u64: their payload bytes, whatever the tier
+RING_DOORBELLS = 32  # u64, atomic add (any thread of the producer's process may ring): doorbells it rang its peer
 RING_ALIGN = 64
 
 # --- Frames (8-byte header; entries 4-aligned), format-v7 1.5 ----------------------------------

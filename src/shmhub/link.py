@@ -308,6 +308,7 @@ class Link(LinkCore):
         if self.doorbell is None:
             return
         self.stats.doorbells_rung += 1
+        self._tx.count_doorbell()  # FEATURE_RING_COUNTERS: shmhub top shows doorbells/s
         if not self.doorbell.ring():
             self._mark_dead("doorbell peer closed")
 

@@ -39,6 +39,7 @@ def _ring(ring: Any) -> Dict[str, int]:
     sent = ring.sent  # FEATURE_RING_COUNTERS
     if sent is not None:
         out["sent_messages"], out["sent_bytes"] = sent
+        out["doorbells"] = ring.doorbells
     return out
 
 
@@ -95,30 +96,31 @@ def ring_advance(before: Dict[str, int], after: Dict[str, int]) -> int:
     return max(0, end - before["read"]) + after["read"]
 
 
-def _direction(b: Dict[str, int], a: Dict[str, int], dt: float) -> Tuple[float, Optional[float]]:
-    """(payload bytes/s, messages/s) of one ring: from the producer's counters (FEATURE_RING_COUNTERS),
-    else bytes/s estimated from the read index (frame headers included) and no message rate."""
+def _direction(b: Dict[str, int], a: Dict[str, int], dt: float) -> Tuple[float, Optional[float], Optional[float]]:
+    """(payload bytes/s, messages/s, doorbells/s) of one ring: from the producer's counters
+    (FEATURE_RING_COUNTERS), else bytes/s estimated from the read index (frame headers included)."""
     if "sent_messages" in a and "sent_messages" in b:
-        if a["sent_messages"] < b["sent_messages"]:  # reset by a recovery between the looks
-            return 0.0, 0.0
-        return (a["sent_bytes"] - b["sent_bytes"]) / dt, (a["sent_messages"] - b["sent_messages"]) / dt
-    return ring_advance(b, a) / dt, None
+        if a["sent_messages"] < b["sent_messages"] or a["doorbells"] < b["doorbells"]:  # reset by a recovery
+            return 0.0, 0.0, 0.0
+        return ((a["sent_bytes"] - b["sent_bytes"]) / dt, (a["sent_messages"] - b["sent_messages"]) / dt, (a["doorbells"] - b["doorbells"]) / dt)
+    return ring_advance(b, a) / dt, None, None
 
 
 def rates(before: Sample, after: Sample) -> Dict[int, Dict[str, Any]]:
-    """{peer_id: {"g2h": bytes/s, "h2g": bytes/s, "g2h_mps": messages/s, "h2g_mps": messages/s}}
-    of ring traffic between two samples (message rates None without FEATURE_RING_COUNTERS)."""
+    """{peer_id: {"g2h": bytes/s, "h2g": bytes/s, "g2h_mps": messages/s, "h2g_mps": ..., "g2h_bps":
+    doorbells/s rung by the guest, "h2g_bps": ... by the host}} of ring traffic between two samples
+    (message and doorbell rates None without FEATURE_RING_COUNTERS)."""
     dt = max(1, after["time_ns"] - before["time_ns"]) / 1e9
     out: Dict[int, Dict[str, Any]] = {}
     for pid, a in after["peers"].items():
         b = before["peers"].get(pid)
         if b is None or b["epoch"] != a["epoch"] or a["state"] != "Attached":
-            zero = 0.0 if "sent_messages" in a["g2h"] else None
-            out[pid] = {"g2h": 0.0, "h2g": 0.0, "g2h_mps": zero, "h2g_mps": zero}  # a reset ring: no progress
+            zero = 0.0 if "sent_messages" in a["g2h"] else None  # a reset ring has no progress to measure
+            out[pid] = {"g2h": 0.0, "h2g": 0.0, "g2h_mps": zero, "h2g_mps": zero, "g2h_bps": zero, "h2g_bps": zero}
             continue
         out[pid] = {}
         for d in ("g2h", "h2g"):
-            out[pid][d], out[pid][d + "_mps"] = _direction(b[d], a[d], dt)
+            out[pid][d], out[pid][d + "_mps"], out[pid][d + "_bps"] = _direction(b[d], a[d], dt)
     return out
 
 

@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 from . import monitor
 from .segment import Segment
 
-COLUMNS = ("peer", "pid", "state", "epoch", "h2g_mps", "h2g_Bps", "g2h_mps", "g2h_Bps", "h2g_fill", "g2h_fill", "slots", "leases", "waits", "left", "recovered")
+# Display columns; "fill" and "bells" show both directions (host to guest / guest to host).
+COLUMNS = ("peer", "pid", "state", "epoch", "h2g_mps", "h2g_Bps", "g2h_mps", "g2h_Bps", "fill", "slots", "leases", "waits", "bells", "left", "recovered")
 SORT_KEYS = ("peer", "pid", "state", "h2g_mps", "h2g_Bps", "g2h_mps", "g2h_Bps", "h2g_fill", "g2h_fill", "slots", "leases", "left")
 HOLDERS_EVERY = 2.0  # seconds between scans of /proc for the processes of the hub
 
@@ -66,6 +67,8 @@ class Tracker:
                     "h2g_Bps": rate[peer]["h2g"],
                     "g2h_mps": rate[peer]["g2h_mps"],
                     "g2h_Bps": rate[peer]["g2h"],
+                    "h2g_bells": rate[peer]["h2g_bps"],
+                    "g2h_bells": rate[peer]["g2h_bps"],
                     "h2g_fill": p["h2g"]["used"] / p["h2g"]["capacity"],
                     "g2h_fill": p["g2h"]["used"] / p["g2h"]["capacity"],
                     "slots_per_class": list(p["slots_held"]),
@@ -100,7 +103,7 @@ def human_count(per_s: Optional[float]) -> str:
 def human_rate(bps: float) -> str:
     for unit in ("B/s", "kB/s", "MB/s", "GB/s"):
         if bps < 1000 or unit == "GB/s":
-            return f"{bps:.0f} {unit}" if unit == "B/s" else f"{bps:.1f} {unit}"
+            return f"{bps:.0f} {unit}" if unit == "B/s" or bps >= 100 else f"{bps:.1f} {unit}"
         bps /= 1000
     raise AssertionError("unreachable")
 
@@ -112,10 +115,10 @@ def render(title: str, cur: monitor.Sample, rows: List[Dict[str, Any]], sort: st
 
     table = Table(title=title, title_justify="left", expand=False)
     for col in COLUMNS:
-        name = col.replace("_mps", " msg/s").replace("_Bps", " B/s").replace("_fill", " fill")
-        if col == sort:
+        name = col.replace("_mps", " msg/s").replace("_Bps", " B/s")
+        if col == sort or (col == "fill" and sort.endswith("_fill")):
             name += " v" if reverse else " ^"
-        table.add_column(name, justify="left" if col in ("state", "waits", "slots") else "right")
+        table.add_column(name, justify="left" if col in ("state", "waits", "slots") else "right", no_wrap=True)
     for r in rows:
         style = "red" if r["state"] != "Attached" else None
         table.add_row(
@@ -127,11 +130,11 @@ def render(title: str, cur: monitor.Sample, rows: List[Dict[str, Any]], sort: st
             human_rate(r["h2g_Bps"]),
             human_count(r["g2h_mps"]),
             human_rate(r["g2h_Bps"]),
-            f"{r['h2g_fill']:.0%}",
-            f"{r['g2h_fill']:.0%}",
+            f"{r['h2g_fill']:.0%}/{r['g2h_fill']:.0%}",
             "/".join(map(str, r["slots_per_class"])),
             str(r["leases"]),
             r["waits"],
+            f"{human_count(r['h2g_bells'])}/{human_count(r['g2h_bells'])}",
             str(r["left"]),
             str(r["recovered"]),
             style=style,
@@ -143,6 +146,7 @@ def render(title: str, cur: monitor.Sample, rows: List[Dict[str, Any]], sort: st
         f"pool: {pool}\nhost holds {'/'.join(map(str, cur['host_slots_held']))} slots"
         f"{'   host said goodbye' if cur['host_goodbye'] else ''}\n"
         "keys: q quit  s next sort column  r reverse   waits: G/H guest/host sleeping to r(eceive)/s(end)"
+        "   fill, bells: host->guest / guest->host"
     )
     return Group(table, footer)
 

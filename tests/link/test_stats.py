@@ -30,6 +30,14 @@ def test_host_stats_count_traffic_and_events(caplog):
         assert (link["sent_inline"], link["sent_slot"], link["recv_inline"], link["recv_slot"]) == (1, 1, 1, 1)
         assert link["sent_bytes_slot"] == link["recv_bytes_slot"] == 5000
         assert s["guests"][b.peer_id]["link"]["sent_inline"] == 0
+        # what shmhub top reads from the segment (FEATURE_RING_COUNTERS) agrees with the host's own counts
+        seg = host.segment
+        assert seg.h2g(a.peer_id).sent == (2, 5010) and seg.g2h(a.peer_id).sent == (2, 5010)
+        assert seg.h2g(a.peer_id).doorbells == link["doorbells_rung"]
+        b.link.send(b"z", timeout=10)  # b has slept since it started: this send must ring it
+        with b.link.recv(timeout=10) as msg:
+            assert bytes(msg) == b"z"
+        assert seg.h2g(b.peer_id).doorbells == b.link.stats()["doorbells_rung"] >= 1
         assert s["guests"][a.peer_id]["mmap"] == {
             "g2h": {"mappings": 0, "mapped_bytes": 0, "leases": 0},
             "h2g": {"mappings": 0, "mapped_bytes": 0, "leases": 0},

@@ -94,12 +94,17 @@ def test_top_on_a_terminal(hub, tmp_path):
             m = re.search(rf"^│\s+{peer} │\s+(\d+) │ (\w+)\s+│\s+\d+ │\s+{count} │\s+{rate} │\s+{count} │\s+{rate} │.*│\s+(\d+) │\s+(\d+) │$", text, re.M)
             return m and (int(m.group(1)), m.group(2), m.group(4), m.group(6), int(m.group(7)), int(m.group(8)), m.group(5))
 
+        last = [""]
+
         def streaming():
-            text = screen()
+            text = last[0] = screen()
             rows = [row(text, i) for i in (1, 2, 3)]
             return all(r and r[3] != "0 B/s" and r[6] != "0" for r in rows) and text
 
-        text = until("3 guests streaming on screen", streaming)
+        try:
+            text = until("3 guests streaming on screen", streaming)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\nthe screen:\n{last[0]}") from None
         assert f"shmhub top  /proc/{host_pid}/fd/" in text, text
         assert [row(text, i)[:2] + row(text, i)[4:6] for i in (1, 2, 3)] == [(guests[i], "Attached", 0, 0) for i in (1, 2, 3)]
         os.kill(guests[2], signal.SIGKILL)

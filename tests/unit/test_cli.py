@@ -218,20 +218,20 @@ def test_tracker_rates_departures_and_recoveries():
 
 
 def test_tracker_message_rates_come_from_the_ring_counters():
-    def counted(messages, nbytes, read=0):
+    def counted(messages, nbytes, read=0, bells=0):
         p = peer(read=read)
         for d in ("g2h", "h2g"):
-            p[d] = dict(p[d], sent_messages=messages, sent_bytes=nbytes)
+            p[d] = dict(p[d], sent_messages=messages, sent_bytes=nbytes, doorbells=bells)
         return p
 
     tr = top.Tracker()
     rows = tr.update(snap(0, p1=counted(10, 1000), p2=peer()))
     assert (rows[0]["g2h_mps"], rows[1]["g2h_mps"]) == (0.0, None)  # None: a v7 segment has no counters
-    rows = tr.update(snap(500_000_000, p1=counted(510, 801_000, read=64), p2=peer(read=100)))
+    rows = tr.update(snap(500_000_000, p1=counted(510, 801_000, read=64, bells=7), p2=peer(read=100)))
     one, two = rows
-    # payload bytes from the counters (not the read index's 64 B of frames); messages likewise
-    assert (one["g2h_mps"], one["g2h_Bps"], one["h2g_mps"]) == (1000.0, 1_600_000.0, 1000.0)
-    assert (two["g2h_mps"], two["g2h_Bps"]) == (None, 200.0)
+    # payload bytes from the counters (not the read index's 64 B of frames); messages and doorbells likewise
+    assert (one["g2h_mps"], one["g2h_Bps"], one["h2g_mps"], one["g2h_bells"]) == (1000.0, 1_600_000.0, 1000.0, 14.0)
+    assert (two["g2h_mps"], two["g2h_Bps"], two["h2g_bells"]) == (None, 200.0, None)
     rows = tr.update(snap(10**9, p1=counted(3, 50), p2=peer(read=100)))  # counters fell: a reset ring
     assert (rows[0]["g2h_mps"], rows[0]["g2h_Bps"]) == (0.0, 0.0)
     assert [top.human_count(x) for x in (None, 0.0, 999.0, 12_345.0, 2.5e6)] == ["-", "0", "999", "12.3k", "2.5M"]
@@ -243,7 +243,7 @@ def test_sort_rows_puts_unknown_pids_last():
 
 
 def test_human_rate():
-    assert [top.human_rate(x) for x in (0, 999, 1500, 2.5e6, 7e12)] == ["0 B/s", "999 B/s", "1.5 kB/s", "2.5 MB/s", "7000.0 GB/s"]
+    assert [top.human_rate(x) for x in (0, 999, 1500, 121_000, 2.5e6, 7e12)] == ["0 B/s", "999 B/s", "1.5 kB/s", "121 kB/s", "2.5 MB/s", "7000 GB/s"]
 
 
 def test_sample_reads_slots_held_per_owner_and_peer_state():

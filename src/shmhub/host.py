@@ -631,13 +631,16 @@ class Host:
     def _reap_pidfd(self, fd: int) -> None:
         with self._lock:
             proc = self._reap_fds.pop(fd, None)
+            if proc is None:
+                return  # another thread reaped it
             try:
                 self._epoll.unregister(fd)
             except (OSError, ValueError):
                 pass
-        if proc is not None:
-            proc.poll()
+            # Closed under the lock: GuestHandle.wait (_reaped) may find it popped by the monitor
+            # and return, and its caller must then see the fd gone (seen: an fd-table check raced).
             os.close(fd)
+        proc.poll()
 
     def _scan_peers(self) -> None:
         """Walk-in guests (named segments), walk-ins that left, and stale heartbeats."""

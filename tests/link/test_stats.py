@@ -7,6 +7,7 @@ import json
 import logging
 import signal
 import sys
+import time
 
 import shmhub
 from linkutil import spawn, wait_event
@@ -34,7 +35,12 @@ def test_host_stats_count_traffic_and_events(caplog):
         seg = host.segment
         assert seg.h2g(a.peer_id).sent == (2, 5010) and seg.g2h(a.peer_id).sent == (2, 5010)
         assert seg.h2g(a.peer_id).doorbells == link["doorbells_rung"]
-        b.link.send(b"z", timeout=10)  # b has slept since it started: this send must ring it
+        ring_b = seg.h2g(b.peer_id)
+        deadline = time.monotonic() + 10
+        while not ring_b.waiting[1]:  # b sleeps in recv (its consumer flag is up): a send must ring it
+            assert time.monotonic() < deadline, "guest b never waited for a message"
+            time.sleep(0.001)
+        b.link.send(b"z", timeout=10)
         with b.link.recv(timeout=10) as msg:
             assert bytes(msg) == b"z"
         assert seg.h2g(b.peer_id).doorbells == b.link.stats()["doorbells_rung"] >= 1

@@ -3,6 +3,7 @@
 layout.py stays the single source of truth for the binary format: every upper-case integer
 constant defined at its top level becomes a SHMHUB_<NAME> macro for the C core.
 """
+
 import ast
 import os
 from pathlib import Path

@@ -4,6 +4,7 @@ a Markdown table, a PNG plot and a JSON file (with machine facts) under benchmar
 
 Scenarios: pingpong, busypoll, stream, ndarray (two processes) and fanin, fanout, reqresp, spawn
 (one host and G guests, benchmarks/scale.py; G from --guests, 2 8 64 255 by default)."""
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,12 @@ def run_shmhub(scenario, params):
 
     # One class per streamed size, as a user would configure them; a slot holds its payload plus the
     # u32 length prefix. A few 64 KiB slots keep the ones in flight in the L2 cache.
-    cfg = shmhub.SegmentConfig(max_guests=2, bipbuf_capacity=1 << 20, max_payload_size=(1 << 30) - 1,
-                               size_classes=((1024, 2048), (16 << 10, 256), ((64 << 10) + 4096, 8), ((1 << 20) + 4096, 16)))
+    cfg = shmhub.SegmentConfig(
+        max_guests=2,
+        bipbuf_capacity=1 << 20,
+        max_payload_size=(1 << 30) - 1,
+        size_classes=((1024, 2048), (16 << 10, 256), ((64 << 10) + 4096, 8), ((1 << 20) + 4096, 16)),
+    )
     with shmhub.Host(cfg, spin_ns=params.get("spin_ns", shmhub.link.DEFAULT_SPIN_NS)) as host:
         g = host.spawn([sys.executable, "-m", "benchmarks.child", scenario, json.dumps(params)])
         t = Shmhub(g.link, params.get("size", 0))
@@ -67,18 +72,22 @@ def run_shmhub(scenario, params):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="short phases (a smoke run, not for claims)")
-    ap.add_argument("--only", nargs="*", default=["pingpong", "busypoll", "stream", "ndarray", "rpc", "executor", *scale.SCENARIOS, "spawn"],
-                    help="scenarios to run: pingpong busypoll stream ndarray rpc executor fanin fanout reqresp spawn "
-                         "(default: all)")
-    ap.add_argument("--guests", nargs="*", type=int, default=list(scale.GUEST_COUNTS),
-                    help="guest counts of the many-guest scenarios (spawn uses the largest)")
+    ap.add_argument(
+        "--only",
+        nargs="*",
+        default=["pingpong", "busypoll", "stream", "ndarray", "rpc", "executor", *scale.SCENARIOS, "spawn"],
+        help="scenarios to run: pingpong busypoll stream ndarray rpc executor fanin fanout reqresp spawn (default: all)",
+    )
+    ap.add_argument("--guests", nargs="*", type=int, default=list(scale.GUEST_COUNTS), help="guest counts of the many-guest scenarios (spawn uses the largest)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     secs = 0.3 if args.quick else 2.0
     pin(0)
     baselines = available()
-    results = {"machine": report.machine_facts(), "baselines_missing": sorted(set(
-        ["pipe", "queue", "socketpair", "zmq", "faster-fifo", "iceoryx2"]) - set(baselines))}
+    results = {
+        "machine": report.machine_facts(),
+        "baselines_missing": sorted(set(["pipe", "queue", "socketpair", "zmq", "faster-fifo", "iceoryx2"]) - set(baselines)),
+    }
 
     def both(name, scenario, params, skip=()):
         row = {"shmhub": run_shmhub(scenario, params)}
@@ -98,8 +107,7 @@ def main(argv=None) -> int:
         results["pingpong_blocking"] = both("blocking", "pingpong", {"size": 64, "busy": False, "seconds": secs, "warmup": 0.2, "max_rounds": 200000})
     if "busypoll" in args.only:
         print("ping-pong 64 B, busy-polling", flush=True)
-        results["pingpong_busy"] = both("busy", "pingpong", {"size": 64, "busy": True, "seconds": secs, "warmup": 0.2, "max_rounds": 500000},
-                                        skip=("queue",))
+        results["pingpong_busy"] = both("busy", "pingpong", {"size": 64, "busy": True, "seconds": secs, "warmup": 0.2, "max_rounds": 500000}, skip=("queue",))
     if "stream" in args.only:
         results["stream"] = {}
         for size in SIZES:
@@ -119,8 +127,10 @@ def main(argv=None) -> int:
         n = 256 << 20
         reps = 3 if args.quick else 7
         print("256 MiB ndarray hand-over", flush=True)
-        row = {"shmhub (born in shared memory)": run_shmhub("ndarray", {"nbytes": n, "mode": "shm", "reps": reps}),
-               "shmhub (private array, copied)": run_shmhub("ndarray", {"nbytes": n, "mode": "copy_shmhub", "reps": reps})}
+        row = {
+            "shmhub (born in shared memory)": run_shmhub("ndarray", {"nbytes": n, "mode": "shm", "reps": reps}),
+            "shmhub (private array, copied)": run_shmhub("ndarray", {"nbytes": n, "mode": "copy_shmhub", "reps": reps}),
+        }
         for key in ("pipe", "zmq", "socketpair"):
             if key in baselines:
                 try:
@@ -146,8 +156,7 @@ def main(argv=None) -> int:
         if not args.guests or not all(1 <= g <= 255 for g in args.guests):
             ap.error("--guests takes counts between 1 and 255")
         print(f"many guests, one host: {' '.join(many)} at G = {' '.join(map(str, args.guests))}", flush=True)
-        results["scale"] = scale.run(set(many), sorted(set(args.guests)), 0.5 if args.quick else 2.0,
-                                     log=lambda line: print(line, flush=True))
+        results["scale"] = scale.run(set(many), sorted(set(args.guests)), 0.5 if args.quick else 2.0, log=lambda line: print(line, flush=True))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")

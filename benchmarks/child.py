@@ -1,4 +1,5 @@
 """The child side of a shmhub benchmark pair: `python -m benchmarks.child SCENARIO PARAMS_JSON`."""
+
 import json
 import sys
 

@@ -8,6 +8,7 @@ one by one, items/s through map (the same chunk size for every pool: len / (8 wo
 taking a 64 MiB float64 array and returning its sum (from private memory; shmhub also from
 executor.empty), a task returning a 64 MiB array. shmhub alone: futures failed after a SIGKILL of
 a worker, the lateness of a deadline, and trivial tasks/s with max_tasks_per_child=25."""
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ def sleep(t: float) -> float:
 
 
 # -- pools -----------------------------------------------------------------------------------------
+
 
 class Pool:
     """A common face: submit -> Future, map(fn, items, chunksize) -> list, close."""
@@ -90,6 +92,7 @@ class Loky(Pool):
 
 
 # -- measurements ----------------------------------------------------------------------------------
+
 
 def _round_trip(p: Pool, seconds: float) -> Dict[str, float]:
     for _ in range(50):
@@ -194,8 +197,7 @@ def bench_failures(quick: bool) -> Dict[str, Any]:
     return out
 
 
-POOLS: Dict[str, Callable[[], Pool]] = {"shmhub.Executor": Shmhub, "ProcessPoolExecutor (spawn)": ProcessPool,
-                                         "loky": Loky}
+POOLS: Dict[str, Callable[[], Pool]] = {"shmhub.Executor": Shmhub, "ProcessPoolExecutor (spawn)": ProcessPool, "loky": Loky}
 
 
 def run(quick: bool) -> Dict[str, Any]:
@@ -210,8 +212,7 @@ def run(quick: bool) -> Dict[str, Any]:
             results[name] = {"error": f"{type(e).__name__}: {e}"[:120]}
     a = np.ones(ARRAY_N)
     reps = 3 if quick else 7
-    results["in-process reference (no pool)"] = {"array_arg_ms": _ms(lambda: total(a), reps),
-                                                 "array_result_ms": _ms(lambda: make(ARRAY_N), reps)}
+    results["in-process reference (no pool)"] = {"array_arg_ms": _ms(lambda: total(a), reps), "array_result_ms": _ms(lambda: make(ARRAY_N), reps)}
     results["shmhub failures"] = bench_failures(quick)
     return results
 
@@ -223,9 +224,12 @@ def table(results: Dict[str, Any]) -> List[str]:
             v = v.get(sub)
         return "n/a" if v is None or v != v else fmt.format(v)
 
-    lines = ["### Executor: 2 workers (trivial tasks, 64 MiB arrays)", "",
-             "| pool | start s | round trip p50 µs | submit tasks/s | map items/s | 64 MiB arg ms | "
-             "64 MiB arg ms (executor.empty) | 64 MiB result ms |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "### Executor: 2 workers (trivial tasks, 64 MiB arrays)",
+        "",
+        "| pool | start s | round trip p50 µs | submit tasks/s | map items/s | 64 MiB arg ms | 64 MiB arg ms (executor.empty) | 64 MiB result ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results.items():
         if name == "shmhub failures":
             continue
@@ -235,14 +239,20 @@ def table(results: Dict[str, Any]) -> List[str]:
         if "start_s" not in r:  # the reference: the task's own work, in this process
             lines.append(f"| {name} | | | | | {f(r, 'array_arg_ms', '{:.1f}')} | | {f(r, 'array_result_ms', '{:.1f}')} |")
             continue
-        lines.append(f"| {name} | {f(r, 'start_s', '{:.2f}')} | {f(r, 'round_trip', '{:.0f}', 'p50_us')} | "
-                     f"{f(r, 'submit_per_s', '{:,.0f}')} | {f(r, 'map_items_per_s', '{:,.0f}')} | "
-                     f"{f(r, 'array_arg_ms', '{:.1f}')} | {f(r, 'array_arg_shared_ms', '{:.2f}')} | "
-                     f"{f(r, 'array_result_ms', '{:.1f}')} |")
+        lines.append(
+            f"| {name} | {f(r, 'start_s', '{:.2f}')} | {f(r, 'round_trip', '{:.0f}', 'p50_us')} | "
+            f"{f(r, 'submit_per_s', '{:,.0f}')} | {f(r, 'map_items_per_s', '{:,.0f}')} | "
+            f"{f(r, 'array_arg_ms', '{:.1f}')} | {f(r, 'array_arg_shared_ms', '{:.2f}')} | "
+            f"{f(r, 'array_result_ms', '{:.1f}')} |"
+        )
     fl = results.get("shmhub failures", {})
-    lines += ["", f"shmhub only: a SIGKILLed worker's future failed {f(fl, 'kill_to_failed_ms', '{:.1f}')} ms "
-              f"after the kill (p50); a 50 ms deadline enforced {f(fl, 'deadline_late_ms', '{:.1f}')} ms late (p50); "
-              f"max_tasks_per_child=25 keeps {f(fl, 'recycle_25_ratio', '{:.0%}')} of the trivial-task rate.", ""]
+    lines += [
+        "",
+        f"shmhub only: a SIGKILLed worker's future failed {f(fl, 'kill_to_failed_ms', '{:.1f}')} ms "
+        f"after the kill (p50); a 50 ms deadline enforced {f(fl, 'deadline_late_ms', '{:.1f}')} ms late (p50); "
+        f"max_tasks_per_child=25 keeps {f(fl, 'recycle_25_ratio', '{:.0%}')} of the trivial-task rate.",
+        "",
+    ]
     return lines
 
 

@@ -8,6 +8,7 @@ trivial + 10% ~50 ms of CPU (p99 of the trivial ones), the CPU in Starlette's th
 endpoint) or on the event loop (an async endpoint that blocks); a 1 MiB response (req/s); and the dispatch
 itself: the gateway called in-process (front -> worker -> front, no HTTP) against the app called
 in-process, p50 of each."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,11 +38,12 @@ SCENARIOS: Dict[str, List[Tuple[str, float]]] = {
 }
 
 
-
 def _collector(sent: List[Any]) -> Any:
     async def send(m: Any) -> None:
         sent.append(m)
+
     return send
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -51,15 +53,12 @@ def _free_port() -> int:
 
 def _servers() -> Dict[str, Callable[[int], List[str]]]:
     out: Dict[str, Callable[[int], List[str]]] = {
-        "shmhub": lambda p: [sys.executable, "-m", "shmhub", "serve", APP, "--workers", "2", "--bind", f"127.0.0.1:{p}",
-                             "--log-level", "warning"],
-        "uvicorn": lambda p: [sys.executable, "-m", "uvicorn", APP, "--workers", "2", "--port", str(p),
-                              "--no-access-log", "--log-level", "warning"],
+        "shmhub": lambda p: [sys.executable, "-m", "shmhub", "serve", APP, "--workers", "2", "--bind", f"127.0.0.1:{p}", "--log-level", "warning"],
+        "uvicorn": lambda p: [sys.executable, "-m", "uvicorn", APP, "--workers", "2", "--port", str(p), "--no-access-log", "--log-level", "warning"],
     }
     granian = shutil.which("granian") or os.path.join(os.path.dirname(sys.executable), "granian")
     if os.path.exists(granian):
-        out["granian"] = lambda p: [granian, "--interface", "asgi", "--workers", "2", "--port", str(p),
-                                    "--log-level", "warning", "--no-ws", APP]
+        out["granian"] = lambda p: [granian, "--interface", "asgi", "--workers", "2", "--port", str(p), "--log-level", "warning", "--no-ws", APP]
     return out
 
 
@@ -68,8 +67,7 @@ class Server:
 
     def __init__(self, argv: Sequence[str], port: int, timeout: float = 60.0) -> None:
         self.port = port
-        self.proc = subprocess.Popen(list(argv), cwd=APP_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(list(argv), cwd=APP_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not asyncio.run(_probe(port)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -145,9 +143,12 @@ async def _load(port: int, mix: List[Tuple[str, float]], conns: int, seconds: fl
     await asyncio.gather(*(conn(i) for i in range(conns)))
     elapsed = time.monotonic() - t0
     n = sum(len(v) for v in lat.values())
-    return {"rps": n / elapsed, "errors": errors,
-            "p50_ms": {p: _pct(v, 50) * 1e3 for p, v in lat.items()},
-            "p99_ms": {p: _pct(v, 99) * 1e3 for p, v in lat.items()}}
+    return {
+        "rps": n / elapsed,
+        "errors": errors,
+        "p50_ms": {p: _pct(v, 50) * 1e3 for p, v in lat.items()},
+        "p99_ms": {p: _pct(v, 99) * 1e3 for p, v in lat.items()},
+    }
 
 
 def _pct(xs: List[float], p: float) -> float:
@@ -165,9 +166,20 @@ async def _dispatch_overhead(n: int) -> Dict[str, float]:
 
     from shmhub.http import Gateway, WorkerPool, worker_command
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": "/", "raw_path": b"/", "query_string": b"", "root_path": "", "headers": [(b"host", b"bench")],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "GET",
+        "scheme": "http",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"bench")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
 
     async def receive() -> Dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
@@ -198,11 +210,11 @@ def run(quick: bool, only: Optional[List[str]] = None) -> Dict[str, Any]:
     seconds, conns = (2.0, 16) if quick else (6.0, 32)
     try:
         import uvloop  # the load generator's own overhead, as small as Python allows
+
         uvloop.install()
     except ImportError:
         pass
-    results: Dict[str, Any] = {"quick": quick, "seconds": seconds, "connections": conns, "load": os.getloadavg(),
-                               "servers": {}}
+    results: Dict[str, Any] = {"quick": quick, "seconds": seconds, "connections": conns, "load": os.getloadavg(), "servers": {}}
     for name, argv in _servers().items():
         if only and name not in only:
             continue
@@ -224,17 +236,22 @@ def run(quick: bool, only: Optional[List[str]] = None) -> Dict[str, Any]:
 
 
 def table(res: Dict[str, Any]) -> str:
-    rows = ["| server | trivial GET req/s | CPU 5 ms req/s | mixed: trivial p99 ms | mixed, blocking: trivial p99 ms "
-            "| 1 MiB req/s | errors |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| server | trivial GET req/s | CPU 5 ms req/s | mixed: trivial p99 ms | mixed, blocking: trivial p99 ms | 1 MiB req/s | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in res["servers"].items():
         errors = sum(s["errors"] for s in r.values())
-        rows.append(f"| {name} | {r['trivial']['rps']:,.0f} | {r['cpu5']['rps']:,.0f} | {r['mixed']['p99_ms']['/']:.1f} "
-                    f"| {r['mixed_blocking']['p99_ms']['/']:.1f} | {r['blob1m']['rps']:,.0f} | {errors} |")
+        rows.append(
+            f"| {name} | {r['trivial']['rps']:,.0f} | {r['cpu5']['rps']:,.0f} | {r['mixed']['p99_ms']['/']:.1f} "
+            f"| {r['mixed_blocking']['p99_ms']['/']:.1f} | {r['blob1m']['rps']:,.0f} | {errors} |"
+        )
     d = res["dispatch"]
     rows.append("")
-    rows.append(f"dispatch (in-process, trivial GET, p50): app {d['app_p50_us']:.1f} µs, through the gateway and one "
-                f"worker {d['gateway_p50_us']:.1f} µs: overhead {d['overhead_p50_us']:.1f} µs")
+    rows.append(
+        f"dispatch (in-process, trivial GET, p50): app {d['app_p50_us']:.1f} µs, through the gateway and one "
+        f"worker {d['gateway_p50_us']:.1f} µs: overhead {d['overhead_p50_us']:.1f} µs"
+    )
     rows.append(f"load average at start {res['load'][0]:.2f}; {res['connections']} connections, {res['seconds']} s per scenario")
     return "\n".join(rows)
 

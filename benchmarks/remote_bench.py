@@ -11,6 +11,7 @@ application that knows its sizes would (docs/remote.md); raw pyzmq uses recv_pyo
 The peer is a child process (`python -m benchmarks.remote_bench peer SYSTEM ENDPOINT...`); this
 process runs on core 0, the peer on core 1. Systems alternate within each repeat, and each figure is
 the median of the repeats. The goal (issue 18): shmhub's time at most 1.2x raw pyzmq's."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,7 @@ GOAL = 1.2
 
 # -- peers (child processes) -----------------------------------------------------------------
 
+
 def receiver(link: Any, size: int) -> Callable[[], Any]:
     """What an application that knows its sizes calls: recv_bytes for small payloads, recv (a
     zero-copy Message) for large ones; either way the object is unpickled from it."""
@@ -43,6 +45,7 @@ def receiver(link: Any, size: int) -> Callable[[], Any]:
     def recv() -> Any:
         with link.recv() as m:
             return pickle.loads(m)
+
     return recv
 
 
@@ -112,6 +115,7 @@ def _spawn(*args: str) -> "subprocess.Popen[bytes]":
 
 
 # -- the two sides of this process -----------------------------------------------------------
+
 
 class Shmhub:
     name = "shmhub RemoteLink"
@@ -217,6 +221,7 @@ class RawZmq:
 
 # -- the run ---------------------------------------------------------------------------------
 
+
 def run(quick: bool) -> Dict[str, Any]:
     pin(0)
     repeats = 3 if quick else 7
@@ -247,9 +252,12 @@ def run(quick: bool) -> Dict[str, Any]:
 def table(res: Dict[str, Any]) -> List[str]:
     r = res["results"]
     shm, raw, rpc_ = r["shmhub RemoteLink"], r["pyzmq REQ/REP, PUSH/PULL + pickle"], r.get("shmhub.rpc over TCP", {})
-    lines = [f"Loopback TCP, median of {res['repeats']} repeats, {res['cpus']} CPUs (this process on core 0, the peer on core 1)", "",
-             "| measure | shmhub RemoteLink | raw pyzmq + pickle | ratio (goal <= 1.2) | shmhub.rpc over TCP |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        f"Loopback TCP, median of {res['repeats']} repeats, {res['cpus']} CPUs (this process on core 0, the peer on core 1)",
+        "",
+        "| measure | shmhub RemoteLink | raw pyzmq + pickle | ratio (goal <= 1.2) | shmhub.rpc over TCP |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for kind in ("round trip", "stream"):
         for size in (SMALL, LARGE):
             key = f"{kind} {size}"
@@ -268,8 +276,7 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="short runs (a smoke test, not for claims)")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
-                    help="where remote-DATE.md and .json go")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"), help="where remote-DATE.md and .json go")
     args = ap.parse_args()
     res = run(args.quick)
     lines = table(res)

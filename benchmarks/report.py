@@ -1,4 +1,5 @@
 """Benchmark output: Markdown tables, a PNG plot, a JSON file with the machine facts."""
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,17 @@ def machine_facts() -> dict:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
     except OSError:
         commit = ""
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpu": cpu, "cpus": os.cpu_count(),
-            "affinity": sorted(os.sched_getaffinity(0)), "kernel": platform.release(), "python": sys.version.split()[0],
-            "loadavg_at_start": os.getloadavg(), "versions": versions, "shmhub_commit": commit}
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "kernel": platform.release(),
+        "python": sys.version.split()[0],
+        "loadavg_at_start": os.getloadavg(),
+        "versions": versions,
+        "shmhub_commit": commit,
+    }
 
 
 def short(r: dict) -> str:
@@ -71,8 +80,11 @@ def _latency_table(title: str, rows: dict) -> list:
     base = {k: v for k, v in rows.items() if _is_baseline(k)}
     if "shmhub" in rows and base:
         best = min(base, key=lambda k: base[k]["median_us"])
-        out += ["", f"shmhub / best baseline ({best}): median {rows['shmhub']['median_us'] / base[best]['median_us']:.3f} "
-                    f"(shmhub {base[best]['median_us'] / rows['shmhub']['median_us']:.1f}x faster)"]
+        out += [
+            "",
+            f"shmhub / best baseline ({best}): median {rows['shmhub']['median_us'] / base[best]['median_us']:.3f} "
+            f"(shmhub {base[best]['median_us'] / rows['shmhub']['median_us']:.1f}x faster)",
+        ]
         pipe = rows.get("multiprocessing.Pipe")
         if pipe:
             out.append(f"multiprocessing.Pipe / shmhub: {pipe['median_us'] / rows['shmhub']['median_us']:.1f}x")
@@ -86,8 +98,12 @@ def _stream_table(stream: dict) -> list:
             if k not in names:
                 names.append(k)
     sizes = list(stream)
-    out = ["### One-way streaming (receiver verifies length, sequence number, first and last byte)", "",
-           "| transport | " + " | ".join(f"{int(s):,} B" for s in sizes) + " |", "|---|" + "---:|" * len(sizes)]
+    out = [
+        "### One-way streaming (receiver verifies length, sequence number, first and last byte)",
+        "",
+        "| transport | " + " | ".join(f"{int(s):,} B" for s in sizes) + " |",
+        "|---|" + "---:|" * len(sizes),
+    ]
     for n in names:
         cells = []
         for s in sizes:
@@ -99,8 +115,7 @@ def _stream_table(stream: dict) -> list:
             else:
                 cells.append(f"{r['msgs_per_s'] / 1e6:.3f} M/s · {r['bytes_per_s'] / 1e9:.2f} GB/s" + (" ⚠" if r["errors"] else ""))
         out.append(f"| {n} | " + " | ".join(cells) + " |")
-    out += ["", "| size | shmhub send / best baseline | best shmhub API / best baseline | shmhub send / memcpy | best baseline |",
-            "|---|---:|---:|---:|---|"]
+    out += ["", "| size | shmhub send / best baseline | best shmhub API / best baseline | shmhub send / memcpy | best baseline |", "|---|---:|---:|---:|---|"]
     for s in sizes:
         rows = _ok(stream[s], "bytes_per_s")
         base = {k: v for k, v in rows.items() if _is_baseline(k)}
@@ -109,8 +124,10 @@ def _stream_table(stream: dict) -> list:
             top = max(v["bytes_per_s"] for k, v in rows.items() if k.startswith("shmhub"))
             b = base[best]["bytes_per_s"]
             mc = rows.get(MEMCPY, {}).get("bytes_per_s")
-            out.append(f"| {int(s):,} B | {rows['shmhub']['bytes_per_s'] / b:.2f} | {top / b:.2f} | "
-                       f"{rows['shmhub']['bytes_per_s'] / mc if mc else float('nan'):.2f} | {best} |")
+            out.append(
+                f"| {int(s):,} B | {rows['shmhub']['bytes_per_s'] / b:.2f} | {top / b:.2f} | "
+                f"{rows['shmhub']['bytes_per_s'] / mc if mc else float('nan'):.2f} | {best} |"
+            )
     return out + [""]
 
 
@@ -131,12 +148,10 @@ def targets(results: dict) -> list:
 
     pb, pipe = get("pingpong_blocking", "shmhub", "median_us"), get("pingpong_blocking", "multiprocessing.Pipe", "median_us")
     if pb and pipe:
-        add("ping-pong blocking <= 3 µs and >= 15x faster than multiprocessing.Pipe",
-            f"{pb:.2f} µs, {pipe / pb:.1f}x", pb <= 3 and pipe / pb >= 15)
+        add("ping-pong blocking <= 3 µs and >= 15x faster than multiprocessing.Pipe", f"{pb:.2f} µs, {pipe / pb:.1f}x", pb <= 3 and pipe / pb >= 15)
     bp, iox = get("pingpong_busy", "shmhub", "median_us"), get("pingpong_busy", "iceoryx2", "median_us")
     if bp and iox:
-        add("ping-pong busy-poll <= 1.0 µs and >= 4x faster than iceoryx2", f"{bp:.2f} µs, {iox / bp:.1f}x",
-            bp <= 1.0 and iox / bp >= 4)
+        add("ping-pong busy-poll <= 1.0 µs and >= 4x faster than iceoryx2", f"{bp:.2f} µs, {iox / bp:.1f}x", bp <= 1.0 and iox / bp >= 4)
     for size, key, want in (("64", "shmhub", 3e6), ("64", BATCH, 10e6), ("4096", "shmhub", 2e6)):
         v = get("stream", size, key, "msgs_per_s")
         if v:
@@ -145,8 +160,11 @@ def targets(results: dict) -> list:
         v = get("stream", size, "shmhub", "bytes_per_s")
         mc = get("stream", size, MEMCPY, "bytes_per_s")
         if v:
-            add(f"streaming {int(size):,} B >= {want / 1e9:g} GB/s", f"{v / 1e9:.1f} GB/s (memcpy alone: "
-                f"{mc / 1e9:.1f} GB/s)" if mc else f"{v / 1e9:.1f} GB/s", v >= want)
+            add(
+                f"streaming {int(size):,} B >= {want / 1e9:g} GB/s",
+                f"{v / 1e9:.1f} GB/s (memcpy alone: {mc / 1e9:.1f} GB/s)" if mc else f"{v / 1e9:.1f} GB/s",
+                v >= want,
+            )
     for size, row in (results.get("stream") or {}).items():
         base = [v["bytes_per_s"] for k, v in row.items() if _is_baseline(k) and "bytes_per_s" in v]
         v = get("stream", size, "shmhub", "bytes_per_s")
@@ -164,9 +182,13 @@ def targets(results: dict) -> list:
 
 
 def _ndarray_table(rows: dict) -> list:
-    out = ["### 256 MiB numpy array hand-over (until the receiver holds the ndarray, shape, dtype and 64 "
-           "sampled bytes checked; every byte is compared afterwards, untimed)", "",
-           "| method | median ms |", "|---|---:|"]
+    out = [
+        "### 256 MiB numpy array hand-over (until the receiver holds the ndarray, shape, dtype and 64 "
+        "sampled bytes checked; every byte is compared afterwards, untimed)",
+        "",
+        "| method | median ms |",
+        "|---|---:|",
+    ]
     for k, v in rows.items():
         if "median_ms" in v:
             out.append(f"| {k} | {v['median_ms']:.3f} |")
@@ -222,42 +244,63 @@ def _scale_ratio(rows: dict, gs: list):
 def _scale_tables(sc: dict) -> list:
     gs = sc.get("guest_counts", [])
     cfg = sc.get("config", {})
-    out = ["### Many guests, one host (issue 12)", "",
-           f"Each phase runs {sc.get('seconds')} s: the senders start and stop at shared moments and the rate is what "
-           "the receivers verified (header, length and last byte of every message) divided by the time from the start "
-           "until every guest's report was in. Payload sizes are drawn per guest and direction from a seeded table: half in the "
-           f"inline tier ({cfg.get('inline_sizes', ['?', '?'])[0]}–{cfg.get('inline_sizes', ['?', '?'])[1]} B), "
-           f"half in the slot tier ({cfg.get('slot_sizes', ['?', '?'])[0]}–{cfg.get('slot_sizes', ['?', '?'])[1]} B). "
-           f"shmhub segment for every G: max_guests {cfg.get('max_guests')}, {cfg.get('bipbuf_capacity', 0) >> 10} KiB rings, "
-           f"slot classes {cfg.get('size_classes')}; one host per G runs the three phases in turn on the same guests. "
-           f"No process is pinned: {sc.get('cores')} cores shared by all. A share is a guest's count divided by the "
-           "mean (fair = 1.00).", ""]
+    out = [
+        "### Many guests, one host (issue 12)",
+        "",
+        f"Each phase runs {sc.get('seconds')} s: the senders start and stop at shared moments and the rate is what "
+        "the receivers verified (header, length and last byte of every message) divided by the time from the start "
+        "until every guest's report was in. Payload sizes are drawn per guest and direction from a seeded table: half in the "
+        f"inline tier ({cfg.get('inline_sizes', ['?', '?'])[0]}–{cfg.get('inline_sizes', ['?', '?'])[1]} B), "
+        f"half in the slot tier ({cfg.get('slot_sizes', ['?', '?'])[0]}–{cfg.get('slot_sizes', ['?', '?'])[1]} B). "
+        f"shmhub segment for every G: max_guests {cfg.get('max_guests')}, {cfg.get('bipbuf_capacity', 0) >> 10} KiB rings, "
+        f"slot classes {cfg.get('size_classes')}; one host per G runs the three phases in turn on the same guests. "
+        f"No process is pinned: {sc.get('cores')} cores shared by all. A share is a guest's count divided by the "
+        "mean (fair = 1.00).",
+        "",
+    ]
     for key in ("fanin", "fanout", "reqresp"):
         if key not in sc:
             continue
-        out += [f"#### {SCALE_TITLES[key]}", "", "| transport | " + " | ".join(f"G = {g}" for g in gs) + f" | rate {max(gs)} / 8 |",
-                "|---|" + "---:|" * (len(gs) + 1)]
+        out += [
+            f"#### {SCALE_TITLES[key]}",
+            "",
+            "| transport | " + " | ".join(f"G = {g}" for g in gs) + f" | rate {max(gs)} / 8 |",
+            "|---|" + "---:|" * (len(gs) + 1),
+        ]
         for name, rows in sc[key].items():
             ratio = _scale_ratio(rows, gs)
-            out.append(f"| {SCALE_BASELINE_NOTE.get(name, name)} | " + " | ".join(_scale_cell(rows.get(str(g))) for g in gs)
-                       + f" | {'' if ratio is None else f'{ratio:.2f}'} |")
+            out.append(
+                f"| {SCALE_BASELINE_NOTE.get(name, name)} | "
+                + " | ".join(_scale_cell(rows.get(str(g))) for g in gs)
+                + f" | {'' if ratio is None else f'{ratio:.2f}'} |"
+            )
         out.append("")
     host = sc.get("shmhub_host") or {}
     if host:
-        out += ["shmhub host with the benchmark's guests: " + "; ".join(
-            f"G = {g}: spawned and connected in {v['spawn_s']:.2f} s, closed in {v['close_s']:.2f} s"
-            for g, v in host.items() if v and v.get("spawn_s") is not None and v.get("close_s") is not None), ""]
+        out += [
+            "shmhub host with the benchmark's guests: "
+            + "; ".join(
+                f"G = {g}: spawned and connected in {v['spawn_s']:.2f} s, closed in {v['close_s']:.2f} s"
+                for g, v in host.items()
+                if v and v.get("spawn_s") is not None and v.get("close_s") is not None
+            ),
+            "",
+        ]
     sp = sc.get("spawn")
     if sp:
         out += ["#### Spawning (a minimal guest: import shmhub, connect, send a hello)", ""]
         if "error" in sp:
             out += [f"error: {sp['error']}", ""]
         else:
-            out += ["| guests | all connected | of which the host's spawn() calls | one cold start (median of "
-                    + str(len(sp["cold_starts_s"])) + ") | G x cold start / cores | ratio (goal <= 2) | host.close() |",
-                    "|---:|---:|---:|---:|---:|---:|---:|",
-                    f"| {sp['guests']} | {sp['all_connected_s']:.2f} s | {sp['spawn_calls_s']:.2f} s | {1e3 * sp['cold_start_s']:.0f} ms | "
-                    f"{sp['ideal_s']:.2f} s ({sp['cores']} cores) | {sp['ratio']:.2f} | {sp['close_s']:.2f} s |", ""]
+            out += [
+                "| guests | all connected | of which the host's spawn() calls | one cold start (median of "
+                + str(len(sp["cold_starts_s"]))
+                + ") | G x cold start / cores | ratio (goal <= 2) | host.close() |",
+                "|---:|---:|---:|---:|---:|---:|---:|",
+                f"| {sp['guests']} | {sp['all_connected_s']:.2f} s | {sp['spawn_calls_s']:.2f} s | {1e3 * sp['cold_start_s']:.0f} ms | "
+                f"{sp['ideal_s']:.2f} s ({sp['cores']} cores) | {sp['ratio']:.2f} | {sp['close_s']:.2f} s |",
+                "",
+            ]
     return out
 
 
@@ -279,23 +322,35 @@ def scale_targets(sc) -> list:
         ratio = _scale_ratio(rows_, gs)
         if ratio is not None:
             a, b = _rate(rows_[str(max(gs))]), _rate(rows_["8"])
-            add(f"{label}: rate at {max(gs)} guests >= {SCALE_RATE_GOAL} x rate at 8", f"{ratio:.2f} ({a / 1e3:.1f} k/s vs {b / 1e3:.1f} k/s)",
-                ratio >= SCALE_RATE_GOAL)
+            add(
+                f"{label}: rate at {max(gs)} guests >= {SCALE_RATE_GOAL} x rate at 8",
+                f"{ratio:.2f} ({a / 1e3:.1f} k/s vs {b / 1e3:.1f} k/s)",
+                ratio >= SCALE_RATE_GOAL,
+            )
         ok = [(g, r) for g, r in rows_.items() if isinstance(r, dict) and "share_min" in r]
         if ok:
             worst_lo = min(ok, key=lambda gr: gr[1]["share_min"])
             worst_hi = max(ok, key=lambda gr: gr[1]["share_max"])
             good = worst_lo[1]["share_min"] >= SHARE_LO and worst_hi[1]["share_max"] <= SHARE_HI
-            add(f"{label}: every guest's share within {SHARE_LO}x-{SHARE_HI}x of fair, at every G",
-                f"lowest {worst_lo[1]['share_min']:.2f} (G = {worst_lo[0]}), highest {worst_hi[1]['share_max']:.2f} (G = {worst_hi[0]})", good)
+            add(
+                f"{label}: every guest's share within {SHARE_LO}x-{SHARE_HI}x of fair, at every G",
+                f"lowest {worst_lo[1]['share_min']:.2f} (G = {worst_lo[0]}), highest {worst_hi[1]['share_max']:.2f} (G = {worst_hi[0]})",
+                good,
+            )
         errs = sum(r.get("errors", 0) for r in rows_.values() if isinstance(r, dict))
         failed = [g for g, r in rows_.items() if not isinstance(r, dict) or "error" in r]
-        add(f"{label}: every message verified, every G ran", f"{errs} errors" + (f", failed at G = {', '.join(failed)}" if failed else ""),
-            errs == 0 and not failed)
+        add(
+            f"{label}: every message verified, every G ran",
+            f"{errs} errors" + (f", failed at G = {', '.join(failed)}" if failed else ""),
+            errs == 0 and not failed,
+        )
     sp = sc.get("spawn")
     if sp and "ratio" in sp:
-        add(f"spawning {sp['guests']} guests <= {SPAWN_GOAL} x ({sp['guests']} x one cold start / cores)",
-            f"{sp['all_connected_s']:.2f} s = {sp['ratio']:.2f}x", sp["ratio"] <= SPAWN_GOAL)
+        add(
+            f"spawning {sp['guests']} guests <= {SPAWN_GOAL} x ({sp['guests']} x one cold start / cores)",
+            f"{sp['all_connected_s']:.2f} s = {sp['ratio']:.2f}x",
+            sp["ratio"] <= SPAWN_GOAL,
+        )
     elif sp:
         add("spawning 255 guests", sp.get("error", "?"), False)
     if not rows:
@@ -311,9 +366,13 @@ def _rpc_table(rows: dict) -> list:
             r = r[k]
         return fmt.format(r)
 
-    out = ["### RPC: one client, one server process (null call, 32 in flight, 64 MiB numpy echo, idle CPU)", "",
-           "| system | null call p50 µs | acall p50 µs | calls/s, 32 in flight | 64 MiB echo ms | "
-           "64 MiB echo ms (link.empty) | idle CPU %: client / server (client with no call) |", "|---|---:|---:|---:|---:|---:|---|"]
+    out = [
+        "### RPC: one client, one server process (null call, 32 in flight, 64 MiB numpy echo, idle CPU)",
+        "",
+        "| system | null call p50 µs | acall p50 µs | calls/s, 32 in flight | 64 MiB echo ms | "
+        "64 MiB echo ms (link.empty) | idle CPU %: client / server (client with no call) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
     for name, r in rows.items():
         if "error" in r:
             out.append(f"| {name} | {r['error']} | | | | | |")
@@ -324,11 +383,13 @@ def _rpc_table(rows: dict) -> list:
         calls = cell(r, "pipelined_32", "calls_per_s", fmt="{:,.0f}")
         if "pipelined_32_inline" in r:
             calls += f" ({cell(r, 'pipelined_32_inline', 'calls_per_s', fmt='{:,.0f}')} @rpc.inline)"
-        out.append(f"| {name} | {null} | {cell(r, 'null_acall', 'median_us')} | {calls} | "
-                   f"{cell(r, 'echo_64MiB_private', 'median_ms', fmt='{:.2f}')} | "
-                   f"{cell(r, 'echo_64MiB_link_empty', 'median_ms', fmt='{:.2f}')} | "
-                   f"{cell(r, 'idle', 'client_cpu_pct')} / {cell(r, 'idle', 'server_cpu_pct')} "
-                   f"({cell(r, 'idle', 'client_cpu_pct_no_call')}) |")
+        out.append(
+            f"| {name} | {null} | {cell(r, 'null_acall', 'median_us')} | {calls} | "
+            f"{cell(r, 'echo_64MiB_private', 'median_ms', fmt='{:.2f}')} | "
+            f"{cell(r, 'echo_64MiB_link_empty', 'median_ms', fmt='{:.2f}')} | "
+            f"{cell(r, 'idle', 'client_cpu_pct')} / {cell(r, 'idle', 'server_cpu_pct')} "
+            f"({cell(r, 'idle', 'client_cpu_pct_no_call')}) |"
+        )
     return out + [""]
 
 
@@ -357,8 +418,7 @@ def _rpc_targets(rpc: dict) -> list:
     idle, floor, srv = g("idle", "client_cpu_pct"), g("idle", "client_cpu_pct_no_call"), g("idle", "server_cpu_pct")
     if idle is not None and floor is not None and srv is not None:
         # the client's floor (no call outstanding: the Host's own monitor thread) is not the call's doing
-        add("idle with a call outstanding: ~0% CPU (client above its no-call floor, or server; <= 0.5%)",
-            max(idle - floor, srv), 0.5, "%")
+        add("idle with a call outstanding: ~0% CPU (client above its no-call floor, or server; <= 0.5%)", max(idle - floor, srv), 0.5, "%")
     if not rows:
         return []
     return ["### Targets (issue 13)", "", "| target | measured | |", "|---|---|---|", *rows, ""]
@@ -366,11 +426,16 @@ def _rpc_targets(rpc: dict) -> list:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
-    lines = ["# shmhub benchmarks", "",
-             f"{m['date']} · {m['cpu']} · {m['cpus']} CPUs · Linux {m['kernel']} · Python {m['python']} · "
-             f"shmhub {m['shmhub_commit']} · load average at start {m['loadavg_at_start'][0]:.2f}", "",
-             "Every row was measured in the same invocation, each pair of processes pinned to its own core"
-             + (" (the many-guest scenarios pin nothing)." if "scale" in results else "."), ""]
+    lines = [
+        "# shmhub benchmarks",
+        "",
+        f"{m['date']} · {m['cpu']} · {m['cpus']} CPUs · Linux {m['kernel']} · Python {m['python']} · "
+        f"shmhub {m['shmhub_commit']} · load average at start {m['loadavg_at_start'][0]:.2f}",
+        "",
+        "Every row was measured in the same invocation, each pair of processes pinned to its own core"
+        + (" (the many-guest scenarios pin nothing)." if "scale" in results else "."),
+        "",
+    ]
     if results.get("baselines_missing"):
         lines += [f"Baselines not installed: {', '.join(results['baselines_missing'])}", ""]
     if "pingpong_blocking" in results:
@@ -430,11 +495,9 @@ def _plot_scale(sc: dict, key: str, ax) -> None:
             pts.sort()
             lo = [r["share_min"] for g, r in sorted(rows.items(), key=lambda gr: int(gr[0])) if _rate(r)]
             hi = [r["share_max"] for g, r in sorted(rows.items(), key=lambda gr: int(gr[0])) if _rate(r)]
-            line, = ax.plot(*zip(*pts), marker="o", label=name,
-                            linewidth=2.5 if name.startswith("shmhub") else 1)
+            (line,) = ax.plot(*zip(*pts), marker="o", label=name, linewidth=2.5 if name.startswith("shmhub") else 1)
             for (g, v), a, b in zip(pts, lo, hi):
-                ax.annotate(f"{a:.2f}–{b:.2f}", (g, v), textcoords="offset points", xytext=(0, 6), fontsize=6,
-                            ha="center", color=line.get_color())
+                ax.annotate(f"{a:.2f}–{b:.2f}", (g, v), textcoords="offset points", xytext=(0, 6), fontsize=6, ha="center", color=line.get_color())
     gs = sc.get("guest_counts", [])
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -469,8 +532,7 @@ def _plot_two_process(results: dict, ax, ax2) -> None:
         for n in names:
             pts = [(int(s), row[n]["bytes_per_s"] / 1e9) for s, row in results["stream"].items() if n in row and "bytes_per_s" in row[n]]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=n, linewidth=2.5 if n.startswith("shmhub") else 1,
-                        linestyle="--" if n == MEMCPY else "-")
+                ax.plot(*zip(*pts), marker="o", label=n, linewidth=2.5 if n.startswith("shmhub") else 1, linestyle="--" if n == MEMCPY else "-")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(sizes, [f"{s:,}" for s in sizes], fontsize=7)

@@ -8,6 +8,7 @@ shmhub also with the argument allocated by link.empty), and the CPU both process
 call is outstanding but nothing is ready.
 
 Server side: `python -m benchmarks.rpc_bench serve SYSTEM [ADDRESS]`."""
+
 from __future__ import annotations
 
 import os
@@ -29,6 +30,7 @@ IDLE_SECONDS = 1.0
 
 
 # -- handlers (every server serves the same three) -------------------------------------------------
+
 
 def null() -> None:
     return None
@@ -52,6 +54,7 @@ HANDLERS = {"null": null, "echo": echo, "idle": idle, "cpu": cpu}
 
 
 # -- servers ---------------------------------------------------------------------------------------
+
 
 def serve(system: str, address: Optional[str]) -> None:
     pin(1)
@@ -90,11 +93,11 @@ def serve(system: str, address: Optional[str]) -> None:
             method, args = pickle.loads(body)
             return pickle.dumps(HANDLERS[method](*args), 5)
 
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=WINDOW),
-                             options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=WINDOW), options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+        )
         ident = lambda b: b  # noqa: E731  (raw bytes through)
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "bench", {"call": grpc.unary_unary_rpc_method_handler(handle, ident, ident)}),))
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench", {"call": grpc.unary_unary_rpc_method_handler(handle, ident, ident)}),))
         server.add_insecure_port(address)
         server.start()
         sys.stdin.read()  # until the client closes our stdin
@@ -102,6 +105,7 @@ def serve(system: str, address: Optional[str]) -> None:
 
 
 # -- measurements ----------------------------------------------------------------------------------
+
 
 def _p50_us(call: Callable[[], Any], seconds: float, max_rounds: int = 200_000) -> Dict[str, float]:
     for _ in range(200):
@@ -125,7 +129,7 @@ def _echo_ms(echo_fn: Callable[[Any], Any], make: Callable[[], Any], reps: int) 
         r = echo_fn(a)
         el = time.perf_counter_ns() - t
         assert r.shape == (ECHO_BYTES // 8,) and r[0] == i and r[-1] == -i
-        assert (r[1: -1: 1 << 12] == 1.0).all()  # sampled; the argument is not read again (it was handed over)
+        assert (r[1 : -1 : 1 << 12] == 1.0).all()  # sampled; the argument is not read again (it was handed over)
         del r, a
         if i:
             ts.append(el)
@@ -153,8 +157,7 @@ def _idle_cpu(call_idle: Callable[[float], float], server_cpu: Callable[[], floa
     wall = time.perf_counter() - t
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     me = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
-    return {"client_cpu_pct": 100 * me / wall, "server_cpu_pct": 100 * (after_srv - before_srv) / wall,
-            "client_cpu_pct_no_call": floor}
+    return {"client_cpu_pct": 100 * me / wall, "server_cpu_pct": 100 * (after_srv - before_srv) / wall, "client_cpu_pct_no_call": floor}
 
 
 def bench_shmhub(secs: float, reps: int) -> Dict[str, Any]:
@@ -183,10 +186,12 @@ def bench_shmhub(secs: float, reps: int) -> Dict[str, Any]:
                 await c.acall("null_inline")
                 ts.append(time.perf_counter_ns() - t)
             return {"median_us": statistics.median(ts) / 1e3, "rounds": len(ts)}
+
         out["null_acall"] = asyncio.run(acalls())
 
         def pipelined(method: str) -> Dict[str, float]:
             from collections import deque
+
             n = 0
             q: deque = deque(c.submit(method) for _ in range(WINDOW))
             t = time.perf_counter()
@@ -199,12 +204,11 @@ def bench_shmhub(secs: float, reps: int) -> Dict[str, Any]:
             while q:
                 q.popleft().result()
             return {"calls_per_s": n / el}
+
         out["pipelined_32"] = pipelined("null")
         out["pipelined_32_inline"] = pipelined("null_inline")
-        out["echo_64MiB_private"] = _echo_ms(lambda a: c.call("echo", a, timeout=30),
-                                             lambda: np.ones(ECHO_BYTES // 8), reps)
-        out["echo_64MiB_link_empty"] = _echo_ms(lambda a: c.call("echo", a, timeout=30),
-                                                lambda: _filled(g.link.empty(ECHO_BYTES // 8)), reps)
+        out["echo_64MiB_private"] = _echo_ms(lambda a: c.call("echo", a, timeout=30), lambda: np.ones(ECHO_BYTES // 8), reps)
+        out["echo_64MiB_link_empty"] = _echo_ms(lambda a: c.call("echo", a, timeout=30), lambda: _filled(g.link.empty(ECHO_BYTES // 8)), reps)
         out["idle"] = _idle_cpu(lambda s: c.call("idle", s, timeout=30), lambda: c.call("cpu", timeout=30))
         host.close()
         g.wait(30)
@@ -260,6 +264,7 @@ def bench_manager(secs: float, reps: int) -> Dict[str, Any]:
                 n += 1
             with lock:
                 count[0] += n
+
         th = [threading.Thread(target=worker) for _ in range(WINDOW)]
         t = time.perf_counter()
         for x in th:
@@ -284,6 +289,7 @@ def bench_zmq(secs: float, reps: int) -> Dict[str, Any]:
     req = ctx.socket(zmq.REQ)
     req.connect(addr)
     try:
+
         def call(method: str, *args: Any) -> Any:
             oob: list = []
             body = pickle.dumps((method, args), 5, buffer_callback=oob.append)
@@ -319,7 +325,7 @@ def bench_zmq(secs: float, reps: int) -> Dict[str, Any]:
         ctx.term()
         proc.wait(30)
         try:
-            os.unlink(addr[len("ipc://"):])
+            os.unlink(addr[len("ipc://") :])
         except FileNotFoundError:
             pass
 
@@ -331,8 +337,7 @@ def bench_grpc(secs: float, reps: int) -> Dict[str, Any]:
     path = f"{tempfile.gettempdir()}/shmhub-rpcbench-{uuid.uuid4().hex}.sock"
     addr = f"unix:{path}"
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks.rpc_bench", "serve", "grpc", addr], stdin=subprocess.PIPE)
-    ch = grpc.insecure_channel(addr, options=[("grpc.max_receive_message_length", -1),
-                                              ("grpc.max_send_message_length", -1)])
+    ch = grpc.insecure_channel(addr, options=[("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)])
     try:
         grpc.channel_ready_future(ch).result(timeout=30)
         stub = ch.unary_unary("/bench/call", request_serializer=None, response_deserializer=None)
@@ -344,6 +349,7 @@ def bench_grpc(secs: float, reps: int) -> Dict[str, Any]:
         out: Dict[str, Any] = {"null_sync": _p50_us(lambda: call("null"), secs)}
         body = pickle.dumps(("null", ()), 5)
         from collections import deque
+
         q: deque = deque(stub.future(body) for _ in range(WINDOW))
         n = 0
         t = time.perf_counter()
@@ -369,8 +375,12 @@ def bench_grpc(secs: float, reps: int) -> Dict[str, Any]:
             pass
 
 
-SYSTEMS = {"shmhub.rpc": (bench_shmhub, None), "multiprocessing BaseManager": (bench_manager, None),
-           "pyzmq REQ/REP + pickle 5": (bench_zmq, "zmq"), "grpcio (Unix socket) + pickle": (bench_grpc, "grpc")}
+SYSTEMS = {
+    "shmhub.rpc": (bench_shmhub, None),
+    "multiprocessing BaseManager": (bench_manager, None),
+    "pyzmq REQ/REP + pickle 5": (bench_zmq, "zmq"),
+    "grpcio (Unix socket) + pickle": (bench_grpc, "grpc"),
+}
 
 
 def run(quick: bool) -> Dict[str, Any]:

@@ -10,6 +10,7 @@ share every core.
 
     python -m benchmarks --only fanin fanout reqresp spawn [--guests 2 8 64 255] [--quick]
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -20,8 +21,7 @@ import statistics
 import sys
 import time
 
-from .scale_guest import (CMD, DATA, END, HELLO, REPORT, SLOT, INLINE, Payloads, body, check, command_loop, fanin_guest,
-                          kind_of, message, size_table)
+from .scale_guest import CMD, DATA, END, HELLO, REPORT, SLOT, INLINE, Payloads, body, check, command_loop, fanin_guest, kind_of, message, size_table
 
 GUEST_COUNTS = (2, 8, 64, 255)
 SEED = 12
@@ -31,8 +31,7 @@ SCENARIOS = ("fanin", "fanout", "reqresp")
 BASELINE = {"fanin": "multiprocessing.Queue", "fanout": "multiprocessing.Pipe", "reqresp": "multiprocessing.Pipe"}
 
 # The guest a new user writes first: connect, say hello, wait for the host to go.
-MINIMAL_GUEST = ("import shmhub\nl = shmhub.connect()\nl.send(b'hello')\ntry:\n    l.recv()\n"
-                 "except shmhub.HostGone:\n    pass\nl.close()\n")
+MINIMAL_GUEST = "import shmhub\nl = shmhub.connect()\nl.send(b'hello')\ntry:\n    l.recv()\nexcept shmhub.HostGone:\n    pass\nl.close()\n"
 
 
 def scale_config():
@@ -40,14 +39,12 @@ def scale_config():
     1024 slots in each of four classes up to 16 KiB payloads (31 MB)."""
     import shmhub
 
-    return shmhub.SegmentConfig(max_guests=255, bipbuf_capacity=64 << 10,
-                                size_classes=((1088, 1024), (4160, 1024), (8256, 1024), (16448, 1024)))
+    return shmhub.SegmentConfig(max_guests=255, bipbuf_capacity=64 << 10, size_classes=((1088, 1024), (4160, 1024), (8256, 1024), (16448, 1024)))
 
 
 def describe() -> dict:
     cfg = scale_config()
-    return {"max_guests": cfg.max_guests, "bipbuf_capacity": cfg.bipbuf_capacity, "size_classes": cfg.size_classes,
-            "inline_sizes": INLINE, "slot_sizes": SLOT}
+    return {"max_guests": cfg.max_guests, "bipbuf_capacity": cfg.bipbuf_capacity, "size_classes": cfg.size_classes, "inline_sizes": INLINE, "slot_sizes": SLOT}
 
 
 @contextlib.contextmanager
@@ -65,8 +62,17 @@ def summary(counts: list, nbytes: int, dt: float, errors: int) -> dict:
     total = sum(counts)
     fair = total / len(counts) if counts else 0
     shares = [c / fair for c in counts] if fair else [0.0] * len(counts)
-    return {"guests": len(counts), "seconds": dt, "msgs": total, "msgs_per_s": total / dt, "bytes_per_s": nbytes / dt,
-            "errors": errors, "share_min": min(shares), "share_max": max(shares), "counts": counts}
+    return {
+        "guests": len(counts),
+        "seconds": dt,
+        "msgs": total,
+        "msgs_per_s": total / dt,
+        "bytes_per_s": nbytes / dt,
+        "errors": errors,
+        "share_min": min(shares),
+        "share_max": max(shares),
+        "counts": counts,
+    }
 
 
 def weighted_percentiles(reports: list, qs=(0.5, 0.99)) -> list:
@@ -99,6 +105,7 @@ def rr_summary(rounds: list, reports: list, dt: float, errors: int) -> dict:
 
 
 # -- shmhub --------------------------------------------------------------------------------------
+
 
 def _cmd(op: str, **kw) -> bytes:
     return message(CMD, 0, {"op": op, **kw})
@@ -274,11 +281,21 @@ def run_spawn(g: int = 255, reps: int = COLD_REPS) -> dict:
     cores = len(os.sched_getaffinity(0))
     cold_s = statistics.median(cold)
     ideal = g * cold_s / cores
-    return {"guests": g, "cores": cores, "all_connected_s": all_in, "spawn_calls_s": spawned, "cold_start_s": cold_s,
-            "cold_starts_s": cold, "ideal_s": ideal, "ratio": all_in / ideal, "close_s": close}
+    return {
+        "guests": g,
+        "cores": cores,
+        "all_connected_s": all_in,
+        "spawn_calls_s": spawned,
+        "cold_start_s": cold_s,
+        "cold_starts_s": cold,
+        "ideal_s": ideal,
+        "ratio": all_in / ideal,
+        "close_s": close,
+    }
 
 
 # -- multiprocessing baselines (forked children, the same guest loops) ----------------------------
+
 
 def _mp_fanin_child(q, idx, go, times):
     q.put(message(HELLO, idx))
@@ -429,6 +446,7 @@ def _join(procs) -> None:
 
 # -- the runner ----------------------------------------------------------------------------------
 
+
 def run(selected, guest_counts, secs: float, log=print) -> dict:
     """Every selected scenario at every G, shmhub and baseline side by side."""
     scen = [s for s in SCENARIOS if s in selected]
@@ -479,12 +497,15 @@ def short(r: dict) -> str:
     if "error" in r:
         return "ERROR " + r["error"]
     if "rounds_per_s" in r:
-        return (f"{r['rounds_per_s'] / 1e3:.1f} k round trips/s, p50 {r['p50_us']:.0f} µs, p99 {r['p99_us']:.0f} µs, "
-                f"shares {r['share_min']:.2f}-{r['share_max']:.2f}, errors {r['errors']}")
+        return (
+            f"{r['rounds_per_s'] / 1e3:.1f} k round trips/s, p50 {r['p50_us']:.0f} µs, p99 {r['p99_us']:.0f} µs, "
+            f"shares {r['share_min']:.2f}-{r['share_max']:.2f}, errors {r['errors']}"
+        )
     if "msgs_per_s" in r:
-        return (f"{r['msgs_per_s'] / 1e3:.1f} k msg/s, {r['bytes_per_s'] / 1e6:.0f} MB/s, "
-                f"shares {r['share_min']:.2f}-{r['share_max']:.2f}, errors {r['errors']}")
+        return f"{r['msgs_per_s'] / 1e3:.1f} k msg/s, {r['bytes_per_s'] / 1e6:.0f} MB/s, shares {r['share_min']:.2f}-{r['share_max']:.2f}, errors {r['errors']}"
     if "ratio" in r:
-        return (f"all connected in {r['all_connected_s']:.2f} s; one cold start {1e3 * r['cold_start_s']:.0f} ms "
-                f"x {r['guests']} / {r['cores']} cores = {r['ideal_s']:.2f} s; ratio {r['ratio']:.2f}; close {r['close_s']:.2f} s")
+        return (
+            f"all connected in {r['all_connected_s']:.2f} s; one cold start {1e3 * r['cold_start_s']:.0f} ms "
+            f"x {r['guests']} / {r['cores']} cores = {r['ideal_s']:.2f} s; ratio {r['ratio']:.2f}; close {r['close_s']:.2f} s"
+        )
     return str(r)

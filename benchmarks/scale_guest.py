@@ -5,6 +5,7 @@ Every payload starts with a 16-byte header (kind, guest index, sequence number) 
 sequence number's low byte; its size comes from a seeded table per guest and direction, half of it
 in the inline tier (16-256 B) and half in the slot tier (1-16 KiB). The receiver checks the header,
 the length and the last byte of every message."""
+
 from __future__ import annotations
 
 import json
@@ -60,7 +61,7 @@ def message(kind: int, idx: int, body: dict | None = None) -> bytes:
 
 
 def body(data) -> dict:
-    return json.loads(bytes(memoryview(data)[HDR.size:]))
+    return json.loads(bytes(memoryview(data)[HDR.size :]))
 
 
 def kind_of(data) -> int:
@@ -87,6 +88,7 @@ class Reservoir:
 
 
 # -- the guest loops, over any transport with send(bytes-like) and recv() -> bytes-like ------------
+
 
 def wait_start(start: float) -> None:
     """Every sender starts at the same moment, however late its command came (the command of a

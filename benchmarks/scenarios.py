@@ -1,5 +1,6 @@
 """Benchmark scenarios. Each has a parent side (`a`, measures) and a child side (`b`, serves and
 verifies). Both sides run the same code for every transport."""
+
 from __future__ import annotations
 
 import struct
@@ -10,6 +11,7 @@ REPORT = struct.Struct("<QQ")  # messages seen, errors
 
 
 # -- ping-pong --------------------------------------------------------------------------------
+
 
 def pingpong_a(t, p):
     payload = bytes(p["size"])
@@ -33,8 +35,13 @@ def pingpong_a(t, p):
                 break
     t.send(STOP)
     lat.sort()
-    return {"rounds": len(lat), "median_us": lat[len(lat) // 2] / 1e3, "p99_us": lat[int(len(lat) * 0.99)] / 1e3,
-            "p10_us": lat[len(lat) // 10] / 1e3, "p90_us": lat[int(len(lat) * 0.9)] / 1e3}
+    return {
+        "rounds": len(lat),
+        "median_us": lat[len(lat) // 2] / 1e3,
+        "p99_us": lat[int(len(lat) * 0.99)] / 1e3,
+        "p10_us": lat[len(lat) // 10] / 1e3,
+        "p90_us": lat[int(len(lat) * 0.9)] / 1e3,
+    }
 
 
 def pingpong_b(t, p):
@@ -144,6 +151,7 @@ def stream_b(t, p):
 
 # -- 256 MiB ndarray hand-over ------------------------------------------------------------------
 
+
 def _pattern(np, n):
     return (np.arange(n, dtype=np.uint32) % 251).astype(np.uint8)
 
@@ -182,8 +190,7 @@ def ndarray_a(t, p):
             raise RuntimeError(f"receiver rejected the array (sampled check {bool(ok)}, full check {full!r})")
     t.send(STOP)
     times.sort()
-    return {"reps": reps, "median_ms": times[len(times) // 2] * 1e3, "min_ms": times[0] * 1e3,
-            "max_ms": times[-1] * 1e3}
+    return {"reps": reps, "median_ms": times[len(times) // 2] * 1e3, "min_ms": times[0] * 1e3, "max_ms": times[-1] * 1e3}
 
 
 def ndarray_b(t, p):
@@ -222,7 +229,7 @@ def memcpy_rate(nbytes: int, seconds: float) -> dict:
 
     def paged(fill):  # page-aligned, so the copy runs at full speed (no 4K aliasing)
         raw = np.full(nbytes + 4096, fill, np.uint8)
-        return raw[-raw.__array_interface__["data"][0] % 4096:][:nbytes]
+        return raw[-raw.__array_interface__["data"][0] % 4096 :][:nbytes]
 
     src, dst = paged(1), paged(0)
     count, t0 = 0, time.perf_counter()

@@ -1,6 +1,7 @@
 """The transports compared, behind one interface: send(bytes-like), recv() -> bytes-like (blocking),
 poll() -> bytes-like or None (non-blocking). `pair()` builds both ends before the fork; each side
 calls `open(side)` after it ("a" = parent, "b" = child)."""
+
 from __future__ import annotations
 
 import ctypes
@@ -197,17 +198,28 @@ class Iceoryx2(Transport):
         mine, theirs = ("ab", "ba") if side == "a" else ("ba", "ab")
 
         def pubsub(direction):
-            return (self.node.service_builder(iox2.ServiceName.new(f"{self.tag}/{direction}"))
-                    .publish_subscribe(iox2.Slice[ctypes.c_uint8]).max_publishers(1).max_subscribers(1)
-                    .subscriber_max_buffer_size(4096).history_size(0)
-                    .enable_safe_overflow(False).open_or_create())  # lossless, as every other transport
+            return (
+                self.node.service_builder(iox2.ServiceName.new(f"{self.tag}/{direction}"))
+                .publish_subscribe(iox2.Slice[ctypes.c_uint8])
+                .max_publishers(1)
+                .max_subscribers(1)
+                .subscriber_max_buffer_size(4096)
+                .history_size(0)
+                .enable_safe_overflow(False)
+                .open_or_create()
+            )  # lossless, as every other transport
 
         def event(direction):
             return self.node.service_builder(iox2.ServiceName.new(f"{self.tag}/{direction}/event")).event().open_or_create()
 
-        self.pub = pubsub(mine).publisher_builder().initial_max_slice_len(64) \
-            .allocation_strategy(iox2.AllocationStrategy.PowerOfTwo) \
-            .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered).create()
+        self.pub = (
+            pubsub(mine)
+            .publisher_builder()
+            .initial_max_slice_len(64)
+            .allocation_strategy(iox2.AllocationStrategy.PowerOfTwo)
+            .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
+            .create()
+        )
         self.sub = pubsub(theirs).subscriber_builder().create()
         self.notifier = event(mine).notifier_builder().create()
         self.listener = event(theirs).listener_builder().create()

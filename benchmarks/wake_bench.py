@@ -8,6 +8,7 @@ last and reports it per message. Same sender pacing and count for every transpor
 
     python -m benchmarks.wake_bench [--quick]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,6 +56,7 @@ def send_paced(send: Callable[[bytes], Any], count: int) -> None:
 
 # -- shmhub: the receiver is a guest ------------------------------------------------------------
 
+
 def shmhub_guest() -> None:
     import shmhub
 
@@ -80,6 +82,7 @@ def run_shmhub(count: int) -> float:
 
 
 # -- baselines: a forked receiver ---------------------------------------------------------------
+
 
 def _pipe_child(conn: Any, out: Any) -> None:
     out.send(receive(conn.recv_bytes, lambda: out.send("ready")))
@@ -133,9 +136,14 @@ def main() -> None:
         for name, run in RUNS.items():
             results[name].append(run(count) / 1000)
     med = {name: statistics.median(v) for name, v in results.items()}
-    lines = [f"# CPU per wake-up of a sleeping receiver ({time.strftime('%Y-%m-%d %H:%M')}, `python -m benchmarks.wake_bench`)",
-             "", f"64-byte messages {GAP * 1e6:.0f} µs apart, {count} per run, median of {reps} runs; the receiver's own CPU time.",
-             "", "| receiver | µs of CPU per message | / shmhub |", "|---|---:|---:|"]
+    lines = [
+        f"# CPU per wake-up of a sleeping receiver ({time.strftime('%Y-%m-%d %H:%M')}, `python -m benchmarks.wake_bench`)",
+        "",
+        f"64-byte messages {GAP * 1e6:.0f} µs apart, {count} per run, median of {reps} runs; the receiver's own CPU time.",
+        "",
+        "| receiver | µs of CPU per message | / shmhub |",
+        "|---|---:|---:|",
+    ]
     for name, v in med.items():
         lines.append(f"| {name} | {v:.1f} | {v / med['shmhub (link.recv)']:.2f} |")
     text = "\n".join(lines) + "\n"

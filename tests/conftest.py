@@ -1,4 +1,5 @@
 """Every test leaves nothing behind: no /dev/shm file, no child process, no open fd."""
+
 from __future__ import annotations
 
 import gc
@@ -34,8 +35,7 @@ _OTHER_SESSION = re.compile(r"shmhub-test-(\d+)-")
 def _shm() -> set:
     """/dev/shm entries, less those of other test sessions and of iceoryx2 (a benchmark baseline
     that shmhub never uses, from benchmark runs sharing the machine) appearing at the same time."""
-    return {n for n in os.listdir("/dev/shm") if not n.startswith("iox2_")
-            and not ((m := _OTHER_SESSION.match(n)) and m.group(1) != str(os.getpid()))}
+    return {n for n in os.listdir("/dev/shm") if not n.startswith("iox2_") and not ((m := _OTHER_SESSION.match(n)) and m.group(1) != str(os.getpid()))}
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
 """shmhub: inter-process communication through shared memory (roam v7 layout)."""
+
 from . import errors
 from .errors import *  # noqa: F401,F403
 from .layout import Layout, SegmentConfig
@@ -20,6 +21,20 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'shmhub' has no attribute {name!r}")
 
 
-__all__ = ["Executor", "Guest", "GuestHandle", "Host", "HostEvent", "Layout", "Link", "LinkStats", "Message", "Segment",
-           "SegmentConfig", "SlotRef", "connect", "errors"]
+__all__ = [
+    "Executor",
+    "Guest",
+    "GuestHandle",
+    "Host",
+    "HostEvent",
+    "Layout",
+    "Link",
+    "LinkStats",
+    "Message",
+    "Segment",
+    "SegmentConfig",
+    "SlotRef",
+    "connect",
+    "errors",
+]
 __all__ += [n for n, v in vars(errors).items() if isinstance(v, type) and issubclass(v, Exception) and v.__module__ == errors.__name__]

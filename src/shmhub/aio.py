@@ -28,6 +28,7 @@ here blocks the loop or spins on it:
 * A send is one all-or-nothing attempt (Link._try_send_locked): a cancelled or timed-out asend()
   has sent nothing and holds no slot, lease or flag.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,7 +55,7 @@ ASYNC_SLICE = 0.001
 # Longest stretch a task may run through shmhub calls that complete at once before it yields.
 YIELD_AFTER = 0.001
 
-_WAIT = object()   # not ready; the doorbell (or a wake_all) will tell
+_WAIT = object()  # not ready; the doorbell (or a wake_all) will tell
 _SLICE = object()  # not ready; re-check within ASYNC_SLICE whatever happens
 
 

@@ -5,6 +5,7 @@ Unlike upstream (trap 41) every mapping carries a lease count in its header (FEA
 the sender adds one per payload, the receiver subtracts one when it releases the payload. A mapping
 whose leases are back to zero is reused; idle mappings are retired (flag in the header) and both
 sides unmap them."""
+
 from __future__ import annotations
 
 import array
@@ -158,8 +159,7 @@ class MapReceiver:
         while True:
             try:
                 # MSG_CMSG_CLOEXEC: the fds arrive close-on-exec (trap 33), never inheritable for a moment.
-                data, anc, flags, _ = self.ctrl.recvmsg(256, socket.CMSG_SPACE(4 * 4),
-                                                        socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
+                data, anc, flags, _ = self.ctrl.recvmsg(256, socket.CMSG_SPACE(4 * 4), socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC)
             except InterruptedError:
                 continue
             except BlockingIOError:
@@ -190,8 +190,11 @@ class MapReceiver:
                     _crash.point(b"mmap.mapped")
                 except OSError as e:
                     raise LinkCorrupted(f"mmap attach: cannot map map {map_id}: {e.strerror}") from None
-                if region.read(L.MAP_HDR_MAGIC, 8) != L.MAP_MAGIC or region.load_u32(L.MAP_HDR_MAP_ID) != map_id \
-                        or region.load_u32(L.MAP_HDR_GENERATION) != gen:
+                if (
+                    region.read(L.MAP_HDR_MAGIC, 8) != L.MAP_MAGIC
+                    or region.load_u32(L.MAP_HDR_MAP_ID) != map_id
+                    or region.load_u32(L.MAP_HDR_GENERATION) != gen
+                ):
                     region.close()
                     raise LinkCorrupted(f"mmap attach: map {map_id}/{gen} header does not match")
             finally:

@@ -13,6 +13,7 @@ the duplicate.
 Decoding is strict (exact lengths, known status, exact fd count, no truncated control data) and
 closes every fd that arrived with a frame it refuses (traps 35-37). Sends use MSG_NOSIGNAL (trap 30).
 """
+
 from __future__ import annotations
 
 import array
@@ -72,6 +73,7 @@ def _close_all(fds: Iterable[int]) -> None:
 
 # -- request ----------------------------------------------------------------------------------
 
+
 def encode_request() -> bytes:
     return L.BOOTSTRAP_REQUEST
 
@@ -87,18 +89,17 @@ def decode_request(data: bytes) -> None:
     if data == L.BOOTSTRAP_REQUEST:
         return
     if data.startswith(L.BOOTSTRAP_REQUEST_OLD):
-        raise BootstrapError(f"request uses the older {L.BOOTSTRAP_REQUEST_OLD.decode()} bootstrap; "
-                             f"this host speaks {L.BOOTSTRAP_REQUEST.decode()} (trap 40)")
-    head = data[:L.BOOTSTRAP_REQUEST_SIZE]
+        raise BootstrapError(f"request uses the older {L.BOOTSTRAP_REQUEST_OLD.decode()} bootstrap; this host speaks {L.BOOTSTRAP_REQUEST.decode()} (trap 40)")
+    head = data[: L.BOOTSTRAP_REQUEST_SIZE]
     if not L.BOOTSTRAP_REQUEST.startswith(head):
         raise BootstrapError(f"bad request magic {head!r}; expected {L.BOOTSTRAP_REQUEST!r}")
     if len(data) < L.BOOTSTRAP_REQUEST_SIZE:
         raise BootstrapError(f"short request: {len(data)} of {L.BOOTSTRAP_REQUEST_SIZE} bytes")
-    raise BootstrapError(f"request longer than {L.BOOTSTRAP_REQUEST_SIZE} bytes "
-                         f"({len(data)} or more); it must be exactly {L.BOOTSTRAP_REQUEST!r}")
+    raise BootstrapError(f"request longer than {L.BOOTSTRAP_REQUEST_SIZE} bytes ({len(data)} or more); it must be exactly {L.BOOTSTRAP_REQUEST!r}")
 
 
 # -- response ---------------------------------------------------------------------------------
+
 
 def _utf8(payload: Union[str, bytes]) -> bytes:
     if isinstance(payload, str):
@@ -128,7 +129,7 @@ def encode_response(status: int, peer_id: int, payload: Union[str, bytes] = "") 
 def clip_diagnostic(text: str) -> str:
     """A diagnostic cut to fit the u16 payload_len, never in the middle of a UTF-8 sequence."""
     raw = text.encode("utf-8", "replace")
-    return raw[:L.BOOTSTRAP_MAX_PAYLOAD].decode("utf-8", "ignore")
+    return raw[: L.BOOTSTRAP_MAX_PAYLOAD].decode("utf-8", "ignore")
 
 
 def decode_response(data: bytes, ancdata: Sequence[Tuple[int, int, bytes]] = (), flags: int = 0) -> Response:
@@ -144,8 +145,9 @@ def decode_response(data: bytes, ancdata: Sequence[Tuple[int, int, bytes]] = (),
             others += 1
     try:
         if flags & socket.MSG_CTRUNC:
-            raise BootstrapError(f"bootstrap response control data truncated (MSG_CTRUNC): the host sent more than "
-                                 f"{L.BOOTSTRAP_NUM_FDS} fds; {len(fds)} arrived and were closed")
+            raise BootstrapError(
+                f"bootstrap response control data truncated (MSG_CTRUNC): the host sent more than {L.BOOTSTRAP_NUM_FDS} fds; {len(fds)} arrived and were closed"
+            )
         if flags & socket.MSG_TRUNC:
             raise BootstrapError("bootstrap response truncated (MSG_TRUNC)")
         if others:
@@ -163,10 +165,9 @@ def decode_response(data: bytes, ancdata: Sequence[Tuple[int, int, bytes]] = (),
         if status not in (L.BOOTSTRAP_STATUS_OK, L.BOOTSTRAP_STATUS_ERROR):
             raise BootstrapError(f"bootstrap response has status {status}: protocol error")
         if n != L.BOOTSTRAP_RESPONSE_HEADER_SIZE + plen:
-            raise BootstrapError(f"bootstrap response is {n} bytes but its header announces "
-                                 f"{L.BOOTSTRAP_RESPONSE_HEADER_SIZE} + {plen}")
+            raise BootstrapError(f"bootstrap response is {n} bytes but its header announces {L.BOOTSTRAP_RESPONSE_HEADER_SIZE} + {plen}")
         try:
-            payload = bytes(data[L.BR_PAYLOAD:]).decode("utf-8")
+            payload = bytes(data[L.BR_PAYLOAD :]).decode("utf-8")
         except UnicodeDecodeError as e:
             raise BootstrapError(f"bootstrap response payload is not UTF-8: {e}") from None
         if status == L.BOOTSTRAP_STATUS_ERROR:
@@ -178,16 +179,16 @@ def decode_response(data: bytes, ancdata: Sequence[Tuple[int, int, bytes]] = (),
             if not 1 <= peer_id <= L.MAX_GUESTS_LIMIT:
                 raise BootstrapError(f"bootstrap success response carries peer_id {peer_id}; it must be 1..{L.MAX_GUESTS_LIMIT}")
             if len(fds) != L.BOOTSTRAP_NUM_FDS:
-                raise BootstrapError(f"bootstrap success response carries {len(fds)} fds; it must carry exactly "
-                                     f"{L.BOOTSTRAP_NUM_FDS} (doorbell, segment, mmap_rx, mmap_tx)")
+                raise BootstrapError(
+                    f"bootstrap success response carries {len(fds)} fds; it must carry exactly {L.BOOTSTRAP_NUM_FDS} (doorbell, segment, mmap_rx, mmap_tx)"
+                )
         return Response(status, peer_id, payload, tuple(fds))
     except BaseException:
         _close_all(fds)
         raise
 
 
-def send_response(sock: socket.socket, status: int, peer_id: int, payload: Union[str, bytes] = "",
-                  fds: Sequence[int] = ()) -> None:
+def send_response(sock: socket.socket, status: int, peer_id: int, payload: Union[str, bytes] = "", fds: Sequence[int] = ()) -> None:
     """Send a whole response frame and its fds in ONE sendmsg (trap 35), MSG_NOSIGNAL (trap 30).
     PeerHungUp if the peer is gone or the frame did not go out whole."""
     frame = encode_response(status, peer_id, payload)
@@ -266,6 +267,7 @@ def exchange(sock: socket.socket, timeout: Optional[float] = DEFAULT_TIMEOUT) ->
 
 # -- host side: the listening socket ----------------------------------------------------------
 
+
 def _is_live(path: str) -> bool:
     """Does a process accept connections on this socket path? A refused connect means stale."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -329,8 +331,15 @@ class Listener:
     `serve(conn)`, which sends the success response (PeerHungUp if the peer is gone); any other
     exception from serve becomes an error response."""
 
-    def __init__(self, path: Union[str, os.PathLike[str]], serve: Callable[[socket.socket], None], *,
-                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT, backlog: int = 128, max_pending: int = 128) -> None:
+    def __init__(
+        self,
+        path: Union[str, os.PathLike[str]],
+        serve: Callable[[socket.socket], None],
+        *,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        backlog: int = 128,
+        max_pending: int = 128,
+    ) -> None:
         if not request_timeout > 0:
             raise ValueError("request_timeout must be > 0")
         self.path = os.fspath(path)
@@ -523,6 +532,19 @@ class Listener:
         return f"<Listener {self.path} pending={len(self._pending)} served={self.served} refused={self.refused}>"
 
 
-__all__ = ["Listener", "PeerHungUp", "Response", "clip_diagnostic", "decode_request", "decode_response",
-           "encode_request", "encode_response", "exchange", "recv_response", "request", "request_incomplete",
-           "send_error", "send_response"]
+__all__ = [
+    "Listener",
+    "PeerHungUp",
+    "Response",
+    "clip_diagnostic",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+    "exchange",
+    "recv_response",
+    "request",
+    "request_incomplete",
+    "send_error",
+    "send_response",
+]

@@ -2,6 +2,7 @@
 
 Payload layout: magic "SHNDARR1", u32 data_offset, u16 dtype-string length, u16 ndim, the dtype
 string (numpy's dtype.str), ndim u64 dimensions, padding, data (C order) at data_offset."""
+
 from __future__ import annotations
 
 import struct
@@ -62,7 +63,7 @@ def _write_header(np: ModuleType, buf: Message, head: bytes, off: Optional[int] 
         base = _address(np, buf) + len(head)
         off = len(head) + ((phase - base) % PAGE if nbytes >= BIG else (-base) % ALIGN)
     with memoryview(buf) as view:
-        view[:len(head)] = head
+        view[: len(head)] = head
         struct.pack_into("<I", view, 8, off)
     return off
 
@@ -129,7 +130,7 @@ def decode_array(msg: Message) -> npt.NDArray[Any]:
             if len(view) < _HEAD.size or bytes(view[:8]) != ARRAY_MAGIC:
                 raise CodecError("payload is not an array sent with send_array")
             _, off, dlen, ndim = _HEAD.unpack_from(view)
-            meta = bytes(view[_HEAD.size:_HEAD.size + dlen + 8 * ndim])
+            meta = bytes(view[_HEAD.size : _HEAD.size + dlen + 8 * ndim])
         dtype = np.dtype(meta[:dlen].decode())
         shape = struct.unpack_from(f"<{ndim}Q", meta, dlen)
         count = 1

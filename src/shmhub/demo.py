@@ -1,4 +1,5 @@
 """`make demo`: a host spawns guests, runs a ping-pong and a streaming phase with each, prints a table."""
+
 from __future__ import annotations
 
 import statistics
@@ -44,8 +45,7 @@ def _pct(values, q):
 
 
 def main() -> int:
-    cfg = SegmentConfig(max_guests=4, bipbuf_capacity=256 * 1024,
-                        size_classes=((1024, 256), (16 * 1024, 128), (64 * 1024, 64), (1 << 20, 8)))
+    cfg = SegmentConfig(max_guests=4, bipbuf_capacity=256 * 1024, size_classes=((1024, 256), (16 * 1024, 128), (64 * 1024, 64), (1 << 20, 8)))
     rows = []
     with Host(cfg) as host:
         guests = [host.spawn([sys.executable, "-m", "shmhub.demo", "--guest"]) for _ in range(GUESTS)]
@@ -58,8 +58,7 @@ def main() -> int:
                 link.send(ping, timeout=10)
                 link.recv(timeout=10).release()
                 rtts.append(time.perf_counter_ns() - t0)
-            row = {"guest": g.peer_id, "pid": g.pid, "rtt_median_us": statistics.median(rtts) / 1e3,
-                   "rtt_p99_us": _pct(rtts, 0.99) / 1e3}
+            row = {"guest": g.peer_id, "pid": g.pid, "rtt_median_us": statistics.median(rtts) / 1e3, "rtt_p99_us": _pct(rtts, 0.99) / 1e3}
             for size, count in STREAM.items():
                 payload = DATA + bytes(size - 1)
                 t0 = time.perf_counter()
@@ -88,9 +87,11 @@ def main() -> int:
     for r in rows:
         st = r["stats"]
         sent = st.sent_inline + st.sent_slot
-        print(f"  guest {r['guest']}: sent {st.sent_inline} inline + {st.sent_slot} by slot, received {st.recv_inline + st.recv_slot}; "
-              f"ring-full waits {st.ring_full_waits}, slot waits {st.slot_exhaustion_waits}; "
-              f"doorbells rung {st.doorbells_rung}, elided {st.doorbells_elided} ({st.doorbells_rung / max(1, sent):.4f} per message)")
+        print(
+            f"  guest {r['guest']}: sent {st.sent_inline} inline + {st.sent_slot} by slot, received {st.recv_inline + st.recv_slot}; "
+            f"ring-full waits {st.ring_full_waits}, slot waits {st.slot_exhaustion_waits}; "
+            f"doorbells rung {st.doorbells_rung}, elided {st.doorbells_elided} ({st.doorbells_rung / max(1, sent):.4f} per message)"
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
 """Doorbells: one socketpair per guest, one byte per signal, EOF = peer dead (DECISIONS 12)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The exception hierarchy of shmhub. Every error raised by the library derives from ShmhubError."""
+
 import concurrent.futures
 
 

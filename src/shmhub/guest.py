@@ -1,5 +1,6 @@
 """The guest side: connect() inside a spawned child, connect(socket_path) for a walk-in guest that
 bootstraps over the host's socket, Guest.attach() for a walk-in guest on a named segment."""
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,7 @@ class Handoff:
 
 def _install(peer_id: int, *dups: object) -> None:
     seg, bell, ctrl = (d.detach() for d in dups)  # type: ignore[attr-defined]
-    os.environ[ENV] = json.dumps({"v": ENV_VERSION, "peer_id": peer_id, "segment_fd": seg,
-                                  "doorbell_fd": bell, "control_fd": ctrl})
+    os.environ[ENV] = json.dumps({"v": ENV_VERSION, "peer_id": peer_id, "segment_fd": seg, "doorbell_fd": bell, "control_fd": ctrl})
 
 
 def _run_target(handoff: None, target: "Callable[..., object]", args: Tuple[object, ...]) -> None:
@@ -46,6 +46,7 @@ def _run_target(handoff: None, target: "Callable[..., object]", args: Tuple[obje
 
 def _heartbeat_thread(link: Link, interval_ns: int) -> None:
     """Optional heartbeats (DECISIONS 14): a daemon thread stamps the peer entry while the link lives."""
+
     def run() -> None:
         while not link.closed and link.alive:
             try:
@@ -57,8 +58,13 @@ def _heartbeat_thread(link: Link, interval_ns: int) -> None:
     threading.Thread(target=run, name=f"shmhub-heartbeat-{link.peer_id}", daemon=True).start()
 
 
-def connect(socket_path: Optional[Union[str, os.PathLike[str]]] = None, *, spin_ns: int = DEFAULT_SPIN_NS,
-            timeout: Optional[float] = bootstrap.DEFAULT_TIMEOUT, **remote: Any) -> Link:
+def connect(
+    socket_path: Optional[Union[str, os.PathLike[str]]] = None,
+    *,
+    spin_ns: int = DEFAULT_SPIN_NS,
+    timeout: Optional[float] = bootstrap.DEFAULT_TIMEOUT,
+    **remote: Any,
+) -> Link:
     """Return this guest's Link.
 
     connect(socket_path): a walk-in guest bootstraps over the host's Host.listen() socket

@@ -1,4 +1,5 @@
 """The host: creates the segment, spawns guests, watches them, recovers what a dead guest held."""
+
 from __future__ import annotations
 
 import json
@@ -303,8 +304,14 @@ class GuestHandle:
 class Host:
     """Creates a segment and serves guests over it. Use as a context manager, or call close()."""
 
-    def __init__(self, config: Optional[SegmentConfig] = None, path: Optional[str] = None, *,
-                 spin_ns: int = DEFAULT_SPIN_NS, on_event: Optional[Callable[[HostEvent], None]] = None) -> None:
+    def __init__(
+        self,
+        config: Optional[SegmentConfig] = None,
+        path: Optional[str] = None,
+        *,
+        spin_ns: int = DEFAULT_SPIN_NS,
+        on_event: Optional[Callable[[HostEvent], None]] = None,
+    ) -> None:
         self.segment = Segment.create(config, path)
         self.spin_ns = spin_ns
         self.events: "queue.Queue[HostEvent]" = queue.Queue()
@@ -351,11 +358,19 @@ class Host:
         env = dict(popen_kwargs.pop("env", None) or os.environ)
         p = self._prepare_peer()
         try:
-            env[ENV] = json.dumps({"v": ENV_VERSION, "peer_id": p.peer_id, "segment_fd": self.segment.fd,
-                                   "doorbell_fd": p.guest_bell.fileno(), "control_fd": p.guest_ctrl.fileno()})
+            env[ENV] = json.dumps(
+                {
+                    "v": ENV_VERSION,
+                    "peer_id": p.peer_id,
+                    "segment_fd": self.segment.fd,
+                    "doorbell_fd": p.guest_bell.fileno(),
+                    "control_fd": p.guest_ctrl.fileno(),
+                }
+            )
             # pass_fds makes exactly these fds inheritable, in this child only (trap 33).
-            proc = subprocess.Popen(list(argv), pass_fds=pass_fds + (self.segment.fd, p.guest_bell.fileno(), p.guest_ctrl.fileno()),
-                                    env=env, close_fds=True, **popen_kwargs)
+            proc = subprocess.Popen(
+                list(argv), pass_fds=pass_fds + (self.segment.fd, p.guest_bell.fileno(), p.guest_ctrl.fileno()), env=env, close_fds=True, **popen_kwargs
+            )
         except BaseException:
             self._abandon(p)
             raise
@@ -365,9 +380,14 @@ class Host:
         self._emit(HostEvent("spawned", p.peer_id, proc.pid))
         return handle
 
-    def start_process(self, target: Callable[..., object], args: Sequence[object] = (), *,
-                      context: Optional["multiprocessing.context.BaseContext"] = None,
-                      name: Optional[str] = None) -> GuestHandle:
+    def start_process(
+        self,
+        target: Callable[..., object],
+        args: Sequence[object] = (),
+        *,
+        context: Optional["multiprocessing.context.BaseContext"] = None,
+        name: Optional[str] = None,
+    ) -> GuestHandle:
         """Start a guest with multiprocessing: target(*args) runs in the child, where shmhub.connect()
         returns its Link. context: a spawn (default) or forkserver context; fork is refused (a
         forked child would share this process's threads' locks and every other guest's fds)."""
@@ -390,8 +410,7 @@ class Host:
         self._emit(HostEvent("spawned", p.peer_id, proc.pid))
         return handle
 
-    def listen(self, socket_path: str, *, request_timeout: float = bootstrap.DEFAULT_REQUEST_TIMEOUT,
-               **remote: Any) -> Any:
+    def listen(self, socket_path: str, *, request_timeout: float = bootstrap.DEFAULT_REQUEST_TIMEOUT, **remote: Any) -> Any:
         """Accept walk-in guests on a Unix stream socket (mode 0600, DECISIONS 17, docs/bootstrap.md):
         shmhub.connect(socket_path) in another process gets a peer with its doorbell, the segment and
         its mmap control socket. A stale socket file is replaced, a live one refused. Each connection
@@ -431,8 +450,7 @@ class Host:
         p = self._prepare_peer()
         ctrl = p.guest_ctrl.fileno()  # one DGRAM socket both ways: it is mmap_rx and mmap_tx
         try:
-            bootstrap.send_response(conn, L.BOOTSTRAP_STATUS_OK, p.peer_id, self.segment.path or "",
-                                    [p.guest_bell.fileno(), self.segment.fd, ctrl, ctrl])
+            bootstrap.send_response(conn, L.BOOTSTRAP_STATUS_OK, p.peer_id, self.segment.path or "", [p.guest_bell.fileno(), self.segment.fd, ctrl, ctrl])
         except BaseException:
             self._abandon(p)
             raise
@@ -539,6 +557,7 @@ class Host:
     async def arecv_any(self, timeout: Optional[float] = None) -> Tuple[GuestHandle, Message]:
         """recv_any() for asyncio: waits on the same epoll set through the running loop (shmhub.aio)."""
         from .aio import arecv_any
+
         return await arecv_any(self, timeout)
 
     # -- death detection and recovery -------------------------------------------------------
@@ -653,8 +672,9 @@ class Host:
                 continue
             with self._lock:
                 h = self._handles.get(peer_id)
-                walk_in = (seg.path is not None and state == L.PEER_ATTACHED and peer_id not in self._spawning
-                           and (h is None or h.recovered) and not self._stopping)
+                walk_in = (
+                    seg.path is not None and state == L.PEER_ATTACHED and peer_id not in self._spawning and (h is None or h.recovered) and not self._stopping
+                )
                 if walk_in:
                     h = self._handles[peer_id] = GuestHandle(self, peer_id, Link(seg, peer_id, None, HOST, spin_ns=self.spin_ns), None)
             if walk_in:
@@ -788,9 +808,16 @@ class Host:
             self._event_counts[ev.kind] = self._event_counts.get(ev.kind, 0) + 1
         # After our own goodbye a guest may well exit without one of its own: no cause for alarm.
         level = logging.INFO if self._closed and ev.kind == "died" else EVENT_LEVELS.get(ev.kind, logging.INFO)
-        log.log(level, "guest %d (pid %s) %s%s%s", ev.peer_id, ev.pid, ev.kind,
-                f": {ev.reason}" if ev.reason else "", f" {ev.detail}" if ev.detail else "",
-                extra={"shmhub_event": ev})
+        log.log(
+            level,
+            "guest %d (pid %s) %s%s%s",
+            ev.peer_id,
+            ev.pid,
+            ev.kind,
+            f": {ev.reason}" if ev.reason else "",
+            f" {ev.detail}" if ev.detail else "",
+            extra={"shmhub_event": ev},
+        )
         self.events.put(ev)
         if self._on_event is not None:
             try:

@@ -4,6 +4,7 @@ This module is the single source of truth for the format (format-v7.md). setup.p
 upper-case integer constant below into a SHMHUB_<NAME> macro in _layout.h for the compiled core,
 so the C code and the Python code can never disagree.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -46,8 +47,7 @@ FEATURE_EXTENTS = 1 << 2  # growable slot classes: CLS_EXTENT_* fields, extents 
 FEATURE_POOL_JOURNAL = 1 << 3  # guests journal the slot pop/free they are in: PEER_POOL_OP*
 FEATURE_POOL_WAITERS = 1 << 4  # futex waits for free slots (CLS_WAITERS), the host's attention word, slot shares
 FEATURE_RING_COUNTERS = 1 << 5  # RING_SENT_MESSAGES / RING_SENT_BYTES: producers count what they send
-KNOWN_FEATURES = (FEATURE_WAITER_FLAGS | FEATURE_MMAP_LEASES | FEATURE_EXTENTS | FEATURE_POOL_JOURNAL
-                  | FEATURE_POOL_WAITERS | FEATURE_RING_COUNTERS)
+KNOWN_FEATURES = FEATURE_WAITER_FLAGS | FEATURE_MMAP_LEASES | FEATURE_EXTENTS | FEATURE_POOL_JOURNAL | FEATURE_POOL_WAITERS | FEATURE_RING_COUNTERS
 
 DEFAULT_INLINE_THRESHOLD = 256  # header value 0 means this
 MAX_INLINE_LEN = 0xFFFF  # inline_payload_len is a u16
@@ -235,8 +235,7 @@ class SegmentConfig:
             object.__setattr__(self, "size_classes", tuple(tuple(c) for c in self.size_classes))
         except TypeError:
             raise ConfigError(
-                f"size_classes={self.size_classes!r} must be a sequence of (slot_size, slot_count) pairs, "
-                "for example ((1024, 256), (16384, 128))"
+                f"size_classes={self.size_classes!r} must be a sequence of (slot_size, slot_count) pairs, for example ((1024, 256), (16384, 128))"
             ) from None
         self.validate()
 

@@ -1,5 +1,6 @@
 """A Link joins the host and one guest: send / recv over the pair's two rings, payloads routed
 inline or by slot reference, spin-then-sleep waits on the pair's doorbell."""
+
 from __future__ import annotations
 
 import os
@@ -186,9 +187,17 @@ class Link(LinkCore):
     in the compiled core; they fall back to the methods here for everything but the common case.
     """
 
-    def __init__(self, segment: Segment, peer_id: int, doorbell: Optional[Doorbell], side: str,
-                 *, control: Optional[socket.socket] = None, spin_ns: int = DEFAULT_SPIN_NS,
-                 owns_segment: bool = False) -> None:
+    def __init__(
+        self,
+        segment: Segment,
+        peer_id: int,
+        doorbell: Optional[Doorbell],
+        side: str,
+        *,
+        control: Optional[socket.socket] = None,
+        spin_ns: int = DEFAULT_SPIN_NS,
+        owns_segment: bool = False,
+    ) -> None:
         if side not in (HOST, GUEST):
             raise ValueError(f"side must be {HOST!r} or {GUEST!r}")
         self.segment = segment
@@ -314,8 +323,15 @@ class Link(LinkCore):
 
     # -- waiting ----------------------------------------------------------------------------
 
-    def _wait(self, attempt: Callable[[], Optional[_T]], ring: Ring, producer: bool, deadline: Optional[float],
-              spin: Optional[Callable[[int], bool]], slice_cap: Optional[float] = None) -> _T:
+    def _wait(
+        self,
+        attempt: Callable[[], Optional[_T]],
+        ring: Ring,
+        producer: bool,
+        deadline: Optional[float],
+        spin: Optional[Callable[[int], bool]],
+        slice_cap: Optional[float] = None,
+    ) -> _T:
         """Spin, then sleep on the doorbell until attempt() succeeds (returns neither None nor False;
         a zero-length Message is falsy but a success)."""
         r = attempt()
@@ -403,8 +419,10 @@ class Link(LinkCore):
         if n > self._max_payload:
             raise PayloadTooLarge(f"payload of {n} bytes exceeds max_payload_size {self._max_payload}")
         if n > self._inline_max and n > self._slot_max and self._maps_tx is None:
-            raise PayloadTooLarge(f"payload of {n} bytes exceeds the largest slot payload ({self._slot_max} bytes) "
-                                  "and this link has no mmap tier (no control socket, or a segment without FEATURE_MMAP_LEASES)")
+            raise PayloadTooLarge(
+                f"payload of {n} bytes exceeds the largest slot payload ({self._slot_max} bytes) "
+                "and this link has no mmap tier (no control socket, or a segment without FEATURE_MMAP_LEASES)"
+            )
 
     def _sent(self, tier: str, k: int, nbytes: int) -> None:
         """Count k messages carrying nbytes of payload sent on `tier` (tx lock held): this process's
@@ -481,7 +499,7 @@ class Link(LinkCore):
                 return 0
             with rows.cast("B") as flat:
                 if row_len == 0 or row_len > self._inline_max:  # too large to batch inline: one by one
-                    return self.send_many([flat[i * row_len:(i + 1) * row_len] for i in range(count)], timeout)
+                    return self.send_many([flat[i * row_len : (i + 1) * row_len] for i in range(count)], timeout)
                 return self._send_flat_rows(flat, count, row_len, timeout)
 
     def _send_flat_rows(self, flat: memoryview, count: int, row_len: int, timeout: Optional[float]) -> int:
@@ -497,7 +515,7 @@ class Link(LinkCore):
                     i += k
                     self._notify(False, tx)
                     continue
-                self._send_locked(flat[i * row_len:(i + 1) * row_len], row_len, deadline)  # waits for room
+                self._send_locked(flat[i * row_len : (i + 1) * row_len], row_len, deadline)  # waits for room
                 self._notify(False, tx)
                 i += 1
             return count
@@ -586,8 +604,7 @@ class Link(LinkCore):
             self._pool.write_payload(c, s, mv, e)
             if not tx.write_slot_ref(c, e, s, gen):
                 self.stats.ring_full_waits += 1
-                self._wait(lambda: tx.write_slot_ref(c, e, s, gen), tx, True, deadline,
-                           lambda b: tx.spin_room(L.SLOT_REF_FRAME_SIZE, b))
+                self._wait(lambda: tx.write_slot_ref(c, e, s, gen), tx, True, deadline, lambda b: tx.spin_room(L.SLOT_REF_FRAME_SIZE, b))
         except BaseException:
             self._pool.free_if_current(c, e, s, gen, self._owner)  # never committed: still ours to free
             raise
@@ -610,8 +627,7 @@ class Link(LinkCore):
                     self.stats.slot_exhaustion_waits += 1
                     counted = True
                 if shares is not None and shares.over:  # our receiver holds our share: wait for it
-                    r = self._wait(lambda: self._alloc_or_grow(need) or (None if shares.over else _EXHAUSTED),
-                                   self._tx, True, deadline, None)
+                    r = self._wait(lambda: self._alloc_or_grow(need) or (None if shares.over else _EXHAUSTED), self._tx, True, deadline, None)
                     if r is not _EXHAUSTED:
                         return r  # type: ignore[return-value]  # a ref: the attempt returns a ref or _EXHAUSTED
                     continue  # no longer at our share, but the pool is exhausted: wait for anyone's free
@@ -690,8 +706,13 @@ class Link(LinkCore):
             m.region.write(L.MAP_HEADER_SIZE, mv)  # payload, then (Release) the ref: format-v7 2.9 order
             if not tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n):
                 self.stats.ring_full_waits += 1
-                self._wait(lambda: tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n), tx, True,
-                           deadline, lambda b: tx.spin_room(L.MMAP_REF_FRAME_SIZE, b))
+                self._wait(
+                    lambda: tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n),
+                    tx,
+                    True,
+                    deadline,
+                    lambda b: tx.spin_room(L.MMAP_REF_FRAME_SIZE, b),
+                )
         except BaseException:
             self._count_lease(m, -1)
             raise
@@ -737,8 +758,7 @@ class Link(LinkCore):
                 self._pool.set_payload_len(c, s, n, e)
                 if not tx.write_slot_ref(c, e, s, gen):
                     self.stats.ring_full_waits += 1
-                    self._wait(lambda: tx.write_slot_ref(c, e, s, gen), tx, True, deadline,
-                               lambda b: tx.spin_room(L.SLOT_REF_FRAME_SIZE, b))
+                    self._wait(lambda: tx.write_slot_ref(c, e, s, gen), tx, True, deadline, lambda b: tx.spin_room(L.SLOT_REF_FRAME_SIZE, b))
                 self._hold(c, e, s, gen)
                 self._sent("slot", 1, n)
             else:
@@ -748,8 +768,13 @@ class Link(LinkCore):
                 if not tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n):
                     self.stats.ring_full_waits += 1
                     try:
-                        self._wait(lambda: tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n), tx, True,
-                                   deadline, lambda b: tx.spin_room(L.MMAP_REF_FRAME_SIZE, b))
+                        self._wait(
+                            lambda: tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n),
+                            tx,
+                            True,
+                            deadline,
+                            lambda b: tx.spin_room(L.MMAP_REF_FRAME_SIZE, b),
+                        )
                     except BaseException:
                         region.fetch_add_u32(leases_off, 0xFFFFFFFF)
                         raise
@@ -785,9 +810,14 @@ class Link(LinkCore):
         tx, rx = self._maps_tx, self._maps_rx
         if tx is None or rx is None:  # both or neither
             return {}
-        return {"tx_mappings": len(tx.maps), "tx_created": tx.created, "tx_reused": tx.reused,
-                "tx_retired": tx.retired, "tx_leases": sum(m.leases for m in tx.maps if not m.region.closed),
-                "rx_mappings": len(rx.maps)}
+        return {
+            "tx_mappings": len(tx.maps),
+            "tx_created": tx.created,
+            "tx_reused": tx.reused,
+            "tx_retired": tx.retired,
+            "tx_leases": sum(m.leases for m in tx.maps if not m.region.closed),
+            "rx_mappings": len(rx.maps),
+        }
 
     # -- receive ----------------------------------------------------------------------------
 
@@ -920,16 +950,19 @@ class Link(LinkCore):
     async def arecv(self, timeout: Optional[float] = None) -> Message:
         """recv() for asyncio: waits on the doorbell through the running loop (see shmhub.aio)."""
         from .aio import arecv
+
         return await arecv(self, timeout)
 
     async def asend(self, data: Buffer, timeout: Optional[float] = None) -> None:
         """send() for asyncio: waits for ring room, a slot or a mapping without blocking the loop."""
         from .aio import asend
+
         await asend(self, data, timeout)
 
     def __aiter__(self) -> LinkIterator:
         """`async for msg in link`: messages until the peer is gone."""
         from .aio import LinkIterator
+
         return LinkIterator(self)
 
     def _recv(self, timeout: Optional[float], as_bytes: bool, spin: bool = True) -> Union[Message, bytes]:
@@ -946,8 +979,10 @@ class Link(LinkCore):
                     deadline = _deadline(timeout)
                 self.stats.recv_waits += 1
                 # cast: mypy joins Message and bytes into object when it solves _wait's type variable
-                msg = cast("Union[Message, bytes]", self._wait(lambda: self._poll_locked(as_bytes), self._rx, False, deadline,
-                                                               self._rx.spin_readable if spin else None))
+                msg = cast(
+                    "Union[Message, bytes]",
+                    self._wait(lambda: self._poll_locked(as_bytes), self._rx, False, deadline, self._rx.spin_readable if spin else None),
+                )
             return msg
         finally:
             lock.release()

@@ -1,4 +1,5 @@
 """The peer table: reserve / claim / attach / detach / reset by CAS (algorithms.md 2.4)."""
+
 from __future__ import annotations
 
 import time
@@ -94,8 +95,10 @@ class PeerTable:
     def mmap_counters(self, peer_id: int) -> dict[str, dict[str, int]]:
         """The FEATURE_MMAP_LEASES counters of a peer's link, per direction."""
         u32: Callable[[int], int] = lambda f: self._region.load_u32(self._off(peer_id, f))  # noqa: E731
-        return {"g2h": {"mappings": u32(L.PEER_G2H_MAPPINGS), "mapped_bytes": u32(L.PEER_G2H_MAPPED_KIB) << 10, "leases": u32(L.PEER_G2H_LEASES)},
-                "h2g": {"mappings": u32(L.PEER_H2G_MAPPINGS), "mapped_bytes": u32(L.PEER_H2G_MAPPED_KIB) << 10, "leases": u32(L.PEER_H2G_LEASES)}}
+        return {
+            "g2h": {"mappings": u32(L.PEER_G2H_MAPPINGS), "mapped_bytes": u32(L.PEER_G2H_MAPPED_KIB) << 10, "leases": u32(L.PEER_G2H_LEASES)},
+            "h2g": {"mappings": u32(L.PEER_H2G_MAPPINGS), "mapped_bytes": u32(L.PEER_H2G_MAPPED_KIB) << 10, "leases": u32(L.PEER_H2G_LEASES)},
+        }
 
     def state_name(self, peer_id: int) -> str:
         return STATE_NAMES.get(self._region.load_u32(self._off(peer_id, L.PEER_STATE)), "Unknown")

@@ -1,4 +1,5 @@
 """Ring entries (format-v7 1.5) as named tuples, over the native BipBuffer and frame codec."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Union

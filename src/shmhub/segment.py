@@ -1,4 +1,5 @@
 """Creating, attaching and validating a v7 segment (format-v7 1.1-1.7, DECISIONS 1-3, 16)."""
+
 from __future__ import annotations
 
 import errno
@@ -27,6 +28,7 @@ from .slots import open_pool
 if TYPE_CHECKING:
     from ._native import SlotRefParts
 
+
 def _space_check(fd: int, size: int, where: Optional[str], start: int = 0) -> None:
     """Reserve the segment's pages now so a full tmpfs fails here, not as SIGBUS later (DECISIONS 16).
     `where` is the directory of a named segment; a memfd has no filesystem limit but memory."""
@@ -35,9 +37,11 @@ def _space_check(fd: int, size: int, where: Optional[str], start: int = 0) -> No
         st = os.statvfs(where)
         avail = st.f_bavail * st.f_frsize
     where = where or "shared memory (memfd)"
-    hint = (f"free space in {where} (remove stale segments with `python -m shmhub clean`, or enlarge it: "
-            f"mount -o remount,size=... {where}) or reduce the segment (fewer/smaller size_classes, smaller "
-            "bipbuf_capacity, fewer max_guests)")
+    hint = (
+        f"free space in {where} (remove stale segments with `python -m shmhub clean`, or enlarge it: "
+        f"mount -o remount,size=... {where}) or reduce the segment (fewer/smaller size_classes, smaller "
+        "bipbuf_capacity, fewer max_guests)"
+    )
     if avail is not None and avail < size - start:
         raise InsufficientSharedMemory(f"the segment needs {size} bytes but {where} has only {avail} free; {hint}")
     try:

@@ -1,4 +1,5 @@
 """The VarSlotPool's Python face: slot references and opening the pool of a segment."""
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -18,8 +19,7 @@ def open_pool(region: Region, layout: L.Layout, journal: bool = False) -> SlotPo
     """The native pool over the classes of `layout` (ranges checked against the mapping).
     `journal`: guests record free-list operations in their peer entries (FEATURE_POOL_JOURNAL)."""
     journals = (layout.peer_table_offset, layout.max_guests) if journal else None
-    return SlotPool(region, [(c.slot_size, c.slot_count, c.header_offset, c.meta_offset, c.data_offset, c.max_extents)
-                             for c in layout.classes], journals)
+    return SlotPool(region, [(c.slot_size, c.slot_count, c.header_offset, c.meta_offset, c.data_offset, c.max_extents) for c in layout.classes], journals)
 
 
 def pool_stats(pool: SlotPool) -> list[dict[str, Any]]:  # ints; callers (inspect) add fields of other types

@@ -1,4 +1,5 @@
 """Golden vectors of ../shared/conformance/vox-v7 (copied under tests/conformance/vox-v7)."""
+
 import hashlib
 import json
 import os
@@ -12,8 +13,12 @@ from shmhub import layout as L
 from shmhub.ring import InlineFrame, MmapRefFrame, SlotRefFrame, decode_frame, encode_frame
 
 GOLDEN = SegmentConfig(
-    max_guests=2, bipbuf_capacity=128, max_payload_size=1024, inline_threshold=256,
-    heartbeat_interval_ns=1_000_000, size_classes=((1024, 4), (16384, 2)),
+    max_guests=2,
+    bipbuf_capacity=128,
+    max_payload_size=1024,
+    inline_threshold=256,
+    heartbeat_interval_ns=1_000_000,
+    size_classes=((1024, 4), (16384, 2)),
 )
 SHA256 = {
     "segment_header.bin": "fb4d08e218fc5e48fa6d91d368176c118160086f381f72c11146b598eb5e6358",
@@ -71,7 +76,10 @@ def test_golden_segment_attaches_and_reports(vectors):
 def test_inspect_json_reports_golden_fields(vectors):
     out = subprocess.run(
         [sys.executable, "-m", "shmhub", "inspect", "--json", os.path.join(vectors, "segment_layout.bin")],
-        capture_output=True, text=True, timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     info = json.loads(out)
     h = info["header"]

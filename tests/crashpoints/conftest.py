@@ -1,6 +1,7 @@
 """The kill-anywhere tests' host. The executor's spawned workers start multiprocessing's resource
 tracker, which lives as long as the test process: it is started before the first test, so
 no_leaks counts it as baseline."""
+
 import multiprocessing.resource_tracker
 
 import pytest

@@ -1,4 +1,5 @@
 """Tasks for the executor crash points (importable by the spawned workers)."""
+
 import os
 
 

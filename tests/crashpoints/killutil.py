@@ -1,5 +1,6 @@
 """Shared by the kill-anywhere tests: a host-side echo of crashpoint_guest.py's workloads, and the
 checks that a dead guest left nothing behind (docs/hardening.md)."""
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,7 @@ T = 20.0
 # A small ring (wraps within a run), growable slot classes (the host takes their free slots before
 # the guest under test starts, so it must ask for growth), a largest slot of 16 KiB (bigger
 # payloads take the mmap tier).
-CONFIG = SegmentConfig(max_guests=2, bipbuf_capacity=256, inline_threshold=64,
-                       size_classes=((256, 16), (4096, 4, 4), (16384, 4, 4)))
+CONFIG = SegmentConfig(max_guests=2, bipbuf_capacity=256, inline_threshold=64, size_classes=((256, 16), (4096, 4, 4), (16384, 4, 4)))
 
 
 def fds() -> List[str]:
@@ -83,8 +83,7 @@ def hog(host: Host) -> list:
     return refs
 
 
-def run_guest(host: Host, mode: str, rounds: int, env: dict, sock: str, *, take_slots: bool = False,
-              kill_after: Optional[float] = None) -> int:
+def run_guest(host: Host, mode: str, rounds: int, env: dict, sock: str, *, take_slots: bool = False, kill_after: Optional[float] = None) -> int:
     """Start a crashpoint_guest in `mode` and serve it until it ends; its return code. kill_after:
     SIGKILL it that many seconds after its go (it waits for the go once started: --sync)."""
     taken = hog(host) if take_slots else []
@@ -140,8 +139,7 @@ def assert_pristine(host: Host) -> None:
     for c in range(pool.num_classes):
         free, allocated = pool.counts(c)
         _, count = pool.class_info(c)
-        held = {(e, s): pool.slot_meta(c, s, e) for e in range(pool.mapped_extents(c)) for s in range(count)
-                if pool.slot_meta(c, s, e)[1] != L.SLOT_FREE}
+        held = {(e, s): pool.slot_meta(c, s, e) for e in range(pool.mapped_extents(c)) for s in range(count) if pool.slot_meta(c, s, e)[1] != L.SLOT_FREE}
         assert allocated == 0, f"class {c}: {allocated} slots still allocated: (gen, state, owner, next) {held}"
         _, idx = pool.free_head(c)
         seen = set()
@@ -149,20 +147,17 @@ def assert_pristine(host: Host) -> None:
             assert idx not in seen, f"class {c}: slot {idx} twice on the free list"
             seen.add(idx)
             idx = pool.slot_meta(c, idx % count, idx // count)[3]
-        assert len(seen) == free == count * pool.mapped_extents(c), \
-            f"class {c}: {len(seen)} slots listed, {free} free, {count * pool.mapped_extents(c)} in all"
+        assert len(seen) == free == count * pool.mapped_extents(c), f"class {c}: {len(seen)} slots listed, {free} free, {count * pool.mapped_extents(c)} in all"
 
 
 def assert_left_nothing(host: Host, fds_before: List[str], maps_before: int) -> None:
     """After a guest's death: every peer Empty, the pool whole, its mappings and fds gone."""
     seg = host.segment
-    wait_for(lambda: all(seg.peers.state(p) == L.PEER_EMPTY for p in range(1, seg.config.max_guests + 1)),
-             "every peer entry to be Empty")
+    wait_for(lambda: all(seg.peers.state(p) == L.PEER_EMPTY for p in range(1, seg.config.max_guests + 1)), "every peer entry to be Empty")
     assert_pristine(host)
     wait_for(lambda: mappings() == maps_before, "the dead guest's mappings to be closed")
     try:  # (one open at the baseline may be gone since: the previous guest's, closed late)
         wait_for(lambda: set(fds()) <= set(fds_before), "the host to hold no fd it did not hold before")
     except AssertionError:
-        extra = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in set(fds()) - set(fds_before)
-                 if os.path.lexists(f"/proc/self/fd/{fd}")}
+        extra = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in set(fds()) - set(fds_before) if os.path.lexists(f"/proc/self/fd/{fd}")}
         raise AssertionError(f"the host holds fds it did not hold before the guest: {extra}") from None

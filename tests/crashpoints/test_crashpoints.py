@@ -11,6 +11,7 @@ through it under SHMHUB_CRASH_AT=point:count and aborts there. Then:
   - no mapping of the mmap tier is left in the host, and the host has the fds it had before;
   - a next guest on the recovered segment runs the whole workload.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,14 +27,25 @@ pytestmark = pytest.mark.skipif(not _native.CRASHPOINTS, reason="not a crash-poi
 
 ROUNDS = int(os.environ.get("CRASHPOINT_ROUNDS", "120"))
 
-CORE = ["pop.journaled", "pop.taken", "pop.owned", "pop.allocated",
-        "free.journaled", "free.marked", "free.pushed",
-        "commit.written", "commit.published", "wrap.watermark",
-        "read.reset", "release.reset", "release.done", "take.owned"]
+CORE = [
+    "pop.journaled",
+    "pop.taken",
+    "pop.owned",
+    "pop.allocated",
+    "free.journaled",
+    "free.marked",
+    "free.pushed",
+    "commit.written",
+    "commit.published",
+    "wrap.watermark",
+    "read.reset",
+    "release.reset",
+    "release.done",
+    "take.owned",
+]
 POINTS = (
     [(p, n, "traffic") for p in CORE for n in (1, 3)]
-    + [(p, 1, "traffic") for p in ("growth.requested", "growth.mapping", "growth.mapped",
-                                   "mmap.created", "mmap.sent", "mmap.received", "mmap.mapped")]
+    + [(p, 1, "traffic") for p in ("growth.requested", "growth.mapping", "growth.mapped", "mmap.created", "mmap.sent", "mmap.received", "mmap.mapped")]
     + [(p, 1, mode) for p in ("bootstrap.attached", "bootstrap.claimed") for mode in ("traffic", "bootstrap")]
     + [("bootstrap.response", 1, "bootstrap")]
     + [(p, n, "rpc") for p in ("rpc.staged", "rpc.header_sent", "rpc.buffer_sent") for n in (1, 2)]
@@ -78,7 +90,10 @@ def test_worker_aborted_at_a_task_crash_point_fails_that_task_only(point, monkey
             assert value == b"y" * 2 * n
         host = ex._host
         wait_for(lambda: sum(h.alive for h in host.guests) == 1, "one live worker")
-        wait_for(lambda: all(host.segment.peers.state(p) == L.PEER_EMPTY
-                              for p in range(1, host.segment.config.max_guests + 1) if p not in {h.peer_id for h in host.guests}),
-                  "the dead worker's peer entry to be Empty")
+        wait_for(
+            lambda: all(
+                host.segment.peers.state(p) == L.PEER_EMPTY for p in range(1, host.segment.config.max_guests + 1) if p not in {h.peer_id for h in host.guests}
+            ),
+            "the dead worker's peer entry to be Empty",
+        )
         assert_pristine(host)

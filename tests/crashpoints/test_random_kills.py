@@ -13,6 +13,7 @@ growth trial has a host of its own (a class never shrinks); the other phases sha
 
 A few trials per phase run by default; `make test-slow` runs 1000 per phase.
 """
+
 from __future__ import annotations
 
 import os
@@ -47,8 +48,7 @@ def trials(tmp_path, phase: str, n: int, seed: int) -> dict:
                     host.listen(sock)
                     assert run_guest(host, "traffic", 3, env, sock) == 0
                     fds_before, maps_before = fds(), mappings()
-                rc = run_guest(host, phase, rounds, env, sock, take_slots=phase == "growth",
-                               kill_after=rng.uniform(0.0, span))
+                rc = run_guest(host, phase, rounds, env, sock, take_slots=phase == "growth", kill_after=rng.uniform(0.0, span))
                 assert rc in (0, -signal.SIGKILL), f"trial {i}: the guest exited {rc}"
                 outcome["killed" if rc else "finished"] += 1
                 assert_left_nothing(host, fds_before, maps_before)

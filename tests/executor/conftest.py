@@ -1,5 +1,6 @@
 """Workers start through multiprocessing's forkserver, which (with its resource tracker) lives as
 long as the test process: start both before the first test, so no_leaks counts them as baseline."""
+
 import multiprocessing
 import multiprocessing.forkserver
 import multiprocessing.resource_tracker

@@ -1,4 +1,5 @@
 """Task functions for the executor tests (importable by workers: they are not in __main__)."""
+
 from __future__ import annotations
 
 import os

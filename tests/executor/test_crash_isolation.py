@@ -2,6 +2,7 @@
 random instants (seeded). Exactly the tasks that were running on a killed worker fail, with
 WorkerCrashed (or succeed on retry); every other result is correct; afterwards no slot is held, no
 mapping or fd is left (the autouse no_leaks fixture) and no process is left (no zombie)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """shmhub.Executor: the concurrent.futures contract, crash isolation, deadlines, stop(), shared arrays."""
+
 from __future__ import annotations
 
 import asyncio
@@ -77,6 +78,7 @@ def test_futures_work_with_wait_as_completed_and_asyncio(ex):
         a = await asyncio.wait_for(asyncio.wrap_future(ex.submit(tasks.add, 3, 4)), T)
         b = await asyncio.wait_for(loop.run_in_executor(ex, tasks.add, 5, 6), T)
         return a, b
+
     assert asyncio.run(go()) == (7, 11)
 
 
@@ -216,8 +218,7 @@ def test_max_tasks_per_child_recycles_workers():
         assert list(ex.map(tasks.add, range(100), timeout=T, chunksize=1)) == list(range(100))
         live = {w["pid"] for w in ex.stats()["workers"]}
         for p in set(pids) - live:  # retired workers exited (their peer entries were reused)
-            wait_until(lambda: not os.path.exists(f"/proc/{p}/status") or "zombie" in open(f"/proc/{p}/status").read(),
-                       f"retired worker {p} exits")
+            wait_until(lambda: not os.path.exists(f"/proc/{p}/status") or "zombie" in open(f"/proc/{p}/status").read(), f"retired worker {p} exits")
 
 
 def test_shared_arrays_travel_by_reference_both_ways(ex):

@@ -3,6 +3,7 @@ crashes, hangs (libFuzzer timeouts) and out-of-memory artifacts, read from FUZZ_
 
     python tests/fuzz/fuzz_report.py FUZZ_DIR TARGET...
 """
+
 from __future__ import annotations
 
 import os

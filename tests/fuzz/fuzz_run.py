@@ -8,6 +8,7 @@ raises anything but a ShmhubError is a crash: libFuzzer writes the input to -art
 `make fuzz` runs every target; `--list` prints their names. The target `any` is all of them in
 one (the input's first byte picks one): the test suite's smoke run uses it, one process for all.
 """
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@ exception, a crash, a hang or a leaked fd is a bug.
 The targets are plain functions (no atheris here), so the test suite replays the committed
 corpus without the fuzzer, and fuzz_run.py drives them under atheris for coverage-guided runs.
 """
+
 from __future__ import annotations
 
 import array
@@ -58,7 +59,7 @@ class Input:
         self.pos = 0
 
     def take(self, n: int) -> bytes:
-        out = self.data[self.pos:self.pos + n]
+        out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -76,7 +77,7 @@ class Input:
         return int.from_bytes(self.take(8).ljust(8, b"\0"), "little")
 
     def rest(self) -> bytes:
-        out = self.data[self.pos:]
+        out = self.data[self.pos :]
         self.pos = len(self.data)
         return out
 
@@ -99,6 +100,7 @@ def _memfd(content: bytes, size: Optional[int] = None, seal: bool = False) -> in
 
 
 # -- 1. the frame decoder -----------------------------------------------------------------------
+
 
 @target
 def frame(data: bytes) -> None:
@@ -236,13 +238,13 @@ def _patched(inp: Input, image: bytes) -> bytes:
     out = bytearray(image)
     if mode & 0x80:
         body = inp.rest()
-        out[:len(body)] = body
+        out[: len(body)] = body
     else:
         while inp.left >= 3:
             off = inp.u16() % len(out)
             n = inp.u8() % 17
             chunk = inp.take(n)
-            out[off:off + len(chunk)] = chunk
+            out[off : off + len(chunk)] = chunk
     if mode & 0x40:
         cut = int.from_bytes(out[-2:], "little") * 8
         del out[cut:]
@@ -350,7 +352,7 @@ def _drain_raw(sock: socket.socket) -> None:
             return
         for level, kind, body in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                for fd in array.array("i", body[:len(body) - len(body) % 4]):
+                for fd in array.array("i", body[: len(body) - len(body) % 4]):
                     os.close(fd)
 
 
@@ -365,6 +367,7 @@ def _make_fd(kind: int, content: bytes, size: int) -> int:
         fd = _memfd(content, size, seal=True)
         if kind == 0:
             import fcntl
+
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         return fd
     if kind == 2:
@@ -431,6 +434,7 @@ def mmap_attach(data: bytes) -> None:
 
 # -- 5. bootstrap: the request (host side), the response and its fds (guest side) ---------------
 
+
 @target
 def bootstrap_msgs(data: bytes) -> None:
     """decode_request on the host; on the guest decode_response over the data, flags and control
@@ -457,7 +461,7 @@ def bootstrap_msgs(data: bytes) -> None:
         opened += fds
         body = array.array("i", fds).tobytes()
         if spec & 0x08:
-            body = body[:len(body) - 2]  # a truncated cmsg
+            body = body[: len(body) - 2]  # a truncated cmsg
         level = socket.SOL_SOCKET if not spec & 0x10 else socket.IPPROTO_IP
         kind = socket.SCM_RIGHTS if not spec & 0x20 else socket.SCM_CREDENTIALS
         if not (level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS):
@@ -516,6 +520,7 @@ def _check_closed(fds: List[int], keep: tuple) -> None:
 
 # -- 6. RPC frames ------------------------------------------------------------------------------
 
+
 @target
 def rpc(data: bytes) -> None:
     """FrameAssembler over a stream of messages (u16 length prefixes), then what the serving and
@@ -560,6 +565,7 @@ def rpc(data: bytes) -> None:
 
 # -- 7. HTTP metadata ---------------------------------------------------------------------------
 
+
 @target
 def http_meta(data: bytes) -> None:
     """The HTTP gateway's request and response metadata decoders; a decoded request re-encodes
@@ -578,6 +584,7 @@ def http_meta(data: bytes) -> None:
 
 
 # -- 8. the executor's fd socket ----------------------------------------------------------------
+
 
 @target
 def executor_fds(data: bytes) -> None:
@@ -622,6 +629,7 @@ def executor_fds(data: bytes) -> None:
 
 # -- 9. an array payload (shmhub.codec) ---------------------------------------------------------
 
+
 @target
 def array_payload(data: bytes) -> None:
     """decode_array over a received payload (the header's offset, dtype string and shape come
@@ -635,6 +643,7 @@ def array_payload(data: bytes) -> None:
 
 
 # -- 10. a remote link's control message (shmhub.remote) ----------------------------------------
+
 
 @target
 def remote_wire(data: bytes) -> None:

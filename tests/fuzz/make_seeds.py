@@ -5,6 +5,7 @@
 The committed corpus is these seeds plus what `make fuzz-merge` kept from long runs (inputs that
 reached new coverage, minimized by libFuzzer's -merge=1).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,13 @@ def seeds() -> Dict[str, List[bytes]]:
     from shmhub.rpc._wire import Kind, encode_frame
 
     out: Dict[str, List[bytes]] = {}
-    out["frame"] = [encode_inline(b"abc"), encode_inline(b"legacy!", legacy=True), encode_slot_ref(1, 2, 3, 4),
-                    encode_mmap_ref(1, 2, 4096, 100), encode_inline(b"")]
+    out["frame"] = [
+        encode_inline(b"abc"),
+        encode_inline(b"legacy!", legacy=True),
+        encode_slot_ref(1, 2, 3, 4),
+        encode_mmap_ref(1, 2, 4096, 100),
+        encode_inline(b""),
+    ]
 
     fd = os.memfd_create("seed", os.MFD_CLOEXEC)
     os.ftruncate(fd, 4096)
@@ -47,21 +53,29 @@ def seeds() -> Dict[str, List[bytes]]:
     finally:
         region.close()
         os.close(fd)
-    out["ring"] = [bytes([0, 1, 2, 3, 4, 0x35, 0x46, 7, 0x18, 9, 10, 11, 12, 13, 0, 1]) + image,
-                   bytes([2] * 16) + image, bytes([0x55, 0x66, 0x88] * 5 + [0]) + image]
+    out["ring"] = [
+        bytes([0, 1, 2, 3, 4, 0x35, 0x46, 7, 0x18, 9, 10, 11, 12, 13, 0, 1]) + image,
+        bytes([2] * 16) + image,
+        bytes([0x55, 0x66, 0x88] * 5 + [0]) + image,
+    ]
 
-    out["segment"] = [b"", b"\x00" + struct.pack("<HB", L.HDR_FEATURES, 1) + b"\x00",
-                      b"\x80" + L.MAGIC + struct.pack("<II", 7, 128)]
+    out["segment"] = [b"", b"\x00" + struct.pack("<HB", L.HDR_FEATURES, 1) + b"\x00", b"\x80" + L.MAGIC + struct.pack("<II", 7, 128)]
 
     mp = L.MAP_MAGIC + struct.pack("<IIII", 1, 1, 0, 0)
     attach = struct.pack("<IIQ", 1, 1, 8192)
-    out["mmap_attach"] = [b"\x00" + bytes([16]) + attach + b"\x01\x02" + mp + struct.pack("<IIQI", 1, 1, 4096, 100),
-                          b"\x01" + bytes([16]) + attach + b"\x01\x02" + mp + bytes([16]) + attach + b"\x01\x02" + mp]
+    out["mmap_attach"] = [
+        b"\x00" + bytes([16]) + attach + b"\x01\x02" + mp + struct.pack("<IIQI", 1, 1, 4096, 100),
+        b"\x01" + bytes([16]) + attach + b"\x01\x02" + mp + bytes([16]) + attach + b"\x01\x02" + mp,
+    ]
 
     ok = bootstrap.encode_response(L.BOOTSTRAP_STATUS_OK, 3, "")
     err = bootstrap.encode_response(L.BOOTSTRAP_STATUS_ERROR, 0, "no room")
-    out["bootstrap_msgs"] = [b"\x01" + L.BOOTSTRAP_REQUEST, b"\x01RSH0\x00\x01x", b"\x00" + b"\0" * 4 + err,
-                             b"\x08" + b"\x04" + bytes([5, 5, 6, 6]) + bytes([5, 0, 6, 6]) + ok]
+    out["bootstrap_msgs"] = [
+        b"\x01" + L.BOOTSTRAP_REQUEST,
+        b"\x01RSH0\x00\x01x",
+        b"\x00" + b"\0" * 4 + err,
+        b"\x08" + b"\x04" + bytes([5, 5, 6, 6]) + bytes([5, 0, 6, 6]) + ok,
+    ]
 
     def msgs(*parts: bytes) -> bytes:
         return b"".join(struct.pack("<H", len(p)) + p for p in parts)
@@ -75,29 +89,41 @@ def seeds() -> Dict[str, List[bytes]]:
         msgs(encode_frame(Kind.CREDIT, 4, arg=8), encode_frame(Kind.END, 4), encode_frame(Kind.CANCEL, 5)),
     ]
 
-    req = RequestMeta("GET", "/a", b"/a", b"q=1", ((b"host", b"x"),), "/a", (("k", "v"),), "", "https", "1.1",
-                      ("127.0.0.1", 5), ("::1", 80))
+    req = RequestMeta("GET", "/a", b"/a", b"q=1", ((b"host", b"x"),), "/a", (("k", "v"),), "", "https", "1.1", ("127.0.0.1", 5), ("::1", 80))
     req2 = RequestMeta("PATCH", "/", b"/", b"", (), "", (), "/root", "http", "2", None, None)
-    out["http_meta"] = [b"\x00" + encode_request(req), b"\x00" + encode_request(req2),
-                        b"\x01" + encode_response(ResponseMeta(200, ((b"content-type", b"text/plain"),)))]
+    out["http_meta"] = [
+        b"\x00" + encode_request(req),
+        b"\x00" + encode_request(req2),
+        b"\x01" + encode_response(ResponseMeta(200, ((b"content-type", b"text/plain"),))),
+    ]
 
     att = struct.pack("<BQ", 1, 2)
-    out["executor_fds"] = [b"\x00" + bytes([9]) + att + b"\x01" + b"\x02" + b"\x01\x10\x01\x02u1" + b"\x00\x00",
-                           b"\x01" + bytes([9]) + att + b"\x01" + bytes([9]) + struct.pack("<BQ", 2, 2) + b"\x00\x02"]
+    out["executor_fds"] = [
+        b"\x00" + bytes([9]) + att + b"\x01" + b"\x02" + b"\x01\x10\x01\x02u1" + b"\x00\x00",
+        b"\x01" + bytes([9]) + att + b"\x01" + bytes([9]) + struct.pack("<BQ", 2, 2) + b"\x00\x02",
+    ]
     from shmhub.codec import _HEAD, ARRAY_MAGIC
 
     def arr(dtype: bytes, shape: tuple, body: bytes) -> bytes:
         head = _HEAD.pack(ARRAY_MAGIC, 64, len(dtype), len(shape)) + dtype + struct.pack(f"<{len(shape)}Q", *shape)
         return head.ljust(64, b"\0") + body
 
-    out["array_payload"] = [arr(b"<f8", (2, 3), bytes(48)), arr(b"|u1", (), b"\x07"), arr(b"<i4", (0, 5), b""),
-                            arr(b"[('a', '<u2'), ('b', '|u1')]", (2,), bytes(6))]
+    out["array_payload"] = [
+        arr(b"<f8", (2, 3), bytes(48)),
+        arr(b"|u1", (), b"\x07"),
+        arr(b"<i4", (0, 5), b""),
+        arr(b"[('a', '<u2'), ('b', '|u1')]", (2,), bytes(6)),
+    ]
     from shmhub.remote._wire import Control
     from shmhub.remote._wire import Kind as RKind
     from shmhub.remote._wire import encode as rencode
 
-    out["remote_wire"] = [rencode(Control(RKind.HELLO, pid=42, text="guest")), rencode(Control(RKind.WELCOME, port=5555)),
-                          rencode(Control(RKind.BYE)), rencode(Control(RKind.REFUSE, text="full"))]
+    out["remote_wire"] = [
+        rencode(Control(RKind.HELLO, pid=42, text="guest")),
+        rencode(Control(RKind.WELCOME, port=5555)),
+        rencode(Control(RKind.BYE)),
+        rencode(Control(RKind.REFUSE, text="full")),
+    ]
     return out
 
 

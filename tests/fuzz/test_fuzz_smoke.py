@@ -2,6 +2,7 @@
 or raises a ShmhubError, and leaks nothing: conftest checks fds and /dev/shm), then seeded
 random mutations of it in-process, then one short coverage-guided atheris run over all targets
 (`make fuzz` runs the long ones, one process per target)."""
+
 from __future__ import annotations
 
 import os
@@ -62,14 +63,14 @@ def _mutate(rng: random.Random, data: bytes, pool: list) -> bytes:
         elif op == 2:
             b[i:i] = bytes(rng.randrange(256) for _ in range(rng.randint(1, 8)))
         elif op == 3 and b:
-            del b[i:i + rng.randint(1, 8)]
+            del b[i : i + rng.randint(1, 8)]
         elif op == 4:
             other = rng.choice(pool)
             j = rng.randrange(len(other) + 1)
             b[i:] = other[j:]
         elif b:
             j = i % len(b)
-            b[j:j + 4] = rng.choice((0, 0xFFFFFFFF, 0x7FFFFFFF, 8, 4096)).to_bytes(4, "little")
+            b[j : j + 4] = rng.choice((0, 0xFFFFFFFF, 0x7FFFFFFF, 8, 4096)).to_bytes(4, "little")
     return bytes(b)
 
 
@@ -105,8 +106,18 @@ def test_atheris_smoke(tmp_path):
     work = tmp_path / "new"
     work.mkdir()
     runs = SMOKE_RUNS * len(names)
-    cmd = [sys.executable, os.path.join(HERE, "fuzz_run.py"), "any", f"-runs={runs}", "-seed=1", "-timeout=10",
-           "-rss_limit_mb=2048", f"-artifact_prefix={tmp_path}/", str(work), str(seeds)]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "fuzz_run.py"),
+        "any",
+        f"-runs={runs}",
+        "-seed=1",
+        "-timeout=10",
+        "-rss_limit_mb=2048",
+        f"-artifact_prefix={tmp_path}/",
+        str(work),
+        str(seeds),
+    ]
     env = dict(os.environ, PYTHONHASHSEED="0")
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     tail = "\n".join(p.stderr.splitlines()[-40:])

@@ -1,6 +1,7 @@
 """asyncio guest: after a b"HELLO" (arecv), answers every request (aio_proto) with asend from an
 `async for` over its link; b"END" gets the number served. The loop ends when the host is gone, and
 the guest exits 0 only then."""
+
 import asyncio
 import sys
 

@@ -1,4 +1,5 @@
 """Blocking guest: sends argv[1] numbered messages, then closes its link and exits 0."""
+
 import sys
 
 import shmhub

@@ -1,5 +1,6 @@
 """Blocking guest: sends N requests (keeping up to W in flight), checks every reply, exits 0.
 argv: N W"""
+
 import sys
 
 import shmhub

@@ -1,4 +1,5 @@
 """Blocking guest: echoes every message until the host is gone, then exits 0."""
+
 import sys
 
 import shmhub

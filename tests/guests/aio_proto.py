@@ -1,4 +1,5 @@
 """Shared by the asyncio tests and their guests: request / reply encoding with checkable content."""
+
 import struct
 
 HDR = struct.Struct("<cIQ")  # tag, peer id, sequence number
@@ -9,7 +10,7 @@ def body(seq: int) -> bytes:
     """Deterministic payload of request `seq`: mostly inline sizes, every 64th one slot-sized."""
     n = 3000 if seq % 64 == 63 else 16 + (seq % 13) * 4
     off = seq % 251
-    return _BLOCK[off:off + n]
+    return _BLOCK[off : off + n]
 
 
 def request(peer: int, seq: int) -> bytes:
@@ -18,17 +19,17 @@ def request(peer: int, seq: int) -> bytes:
 
 def reply_to(data: bytes) -> bytes:
     """The host's answer to a request: tag A, same header, body reversed."""
-    return b"A" + data[1:HDR.size] + data[HDR.size:][::-1]
+    return b"A" + data[1 : HDR.size] + data[HDR.size :][::-1]
 
 
 def check_request(data: bytes, peer: int, seq: int) -> None:
     if data != request(peer, seq):
-        raise AssertionError(f"request {seq} of peer {peer} corrupted: {data[:HDR.size]!r}... ({len(data)} bytes)")
+        raise AssertionError(f"request {seq} of peer {peer} corrupted: {data[: HDR.size]!r}... ({len(data)} bytes)")
 
 
 def check_reply(data: bytes, peer: int, seq: int) -> None:
     if data != reply_to(request(peer, seq)):
-        raise AssertionError(f"reply {seq} to peer {peer} corrupted: {data[:HDR.size]!r}... ({len(data)} bytes)")
+        raise AssertionError(f"reply {seq} to peer {peer} corrupted: {data[: HDR.size]!r}... ({len(data)} bytes)")
 
 
 def sink_msg(seq: int, size: int) -> bytes:

@@ -1,6 +1,7 @@
 """Blocking guest that reads nothing until the host writes a line to its stdin, so the host can fill
 its ring or exhaust the slot pool. Then it receives numbered messages (aio_proto.sink_msg) until
 b"END", checks each one, answers with the count, and exits 0 once the host is gone."""
+
 import select
 import sys
 

@@ -2,6 +2,7 @@
 host, another receives and checks the host's stream (seed), both blocking, until HostGone: the
 receiver drains what the host sent before its goodbye. Writes {"received", "sent", "errors"}
 to the result file; exit 0 when both threads ended on HostGone and nothing was wrong."""
+
 import json
 import sys
 import threading

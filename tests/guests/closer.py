@@ -1,6 +1,7 @@
 """close() while other threads block: argv = JSON timeouts. A receiver thread blocks in recv() and
 a sender thread in send() into a full ring (the host never reads); the main thread closes the
 link: close() must return and both threads must get LinkClosed within 1 s. Exit 0 if so."""
+
 import sys
 import threading
 import time
@@ -25,8 +26,10 @@ def blocked(name, fn):
         results[name] = (type(e).__name__, time.monotonic() - t0)
 
 
-threads = [threading.Thread(target=blocked, args=("recv", lambda: link.recv(timeout=20))),
-           threading.Thread(target=blocked, args=("send", lambda: link.send(b"x", timeout=20)))]
+threads = [
+    threading.Thread(target=blocked, args=("recv", lambda: link.recv(timeout=20))),
+    threading.Thread(target=blocked, args=("send", lambda: link.send(b"x", timeout=20))),
+]
 for t in threads:
     t.start()
 time.sleep(0.3)  # both are asleep by now

@@ -1,4 +1,5 @@
 """Helpers shared by the guest programs and the link tests: deterministic payloads and sizes."""
+
 from __future__ import annotations
 
 import random
@@ -21,14 +22,15 @@ class Stream:
     def __init__(self, seed: int, count: int, inline_max: int, slot_max: int, slot_every: int = 50) -> None:
         rng = random.Random(seed)
         self.blob = rng.randbytes(2 * max(slot_max, inline_max) + 4096)
-        self.sizes = [rng.randint(inline_max + 1, slot_max) if slot_every and rng.randrange(slot_every) == 0
-                      else rng.randint(SEQ.size, inline_max) for _ in range(count)]
+        self.sizes = [
+            rng.randint(inline_max + 1, slot_max) if slot_every and rng.randrange(slot_every) == 0 else rng.randint(SEQ.size, inline_max) for _ in range(count)
+        ]
         self.count = count
 
     def message(self, seq: int) -> bytes:
         n = self.sizes[seq]
         off = (seq * 7919) % 4096
-        return SEQ.pack(seq) + self.blob[off:off + n - SEQ.size]
+        return SEQ.pack(seq) + self.blob[off : off + n - SEQ.size]
 
     def check(self, expected_seq: int, data) -> str | None:
         """None if `data` is message expected_seq, else what is wrong with it."""

@@ -4,6 +4,7 @@ Its first message to the host is JSON: {"pid", "env" (the SHMHUB_GUEST spec), "a
 readlink target, listed before anything else runs), "connected" (the same after connect())}.
 Then it waits for the host to go away (exit 0); any other end exits 4.
 """
+
 import os
 
 

@@ -5,6 +5,7 @@ Once both guests' streams run both ways it writes OUTDIR/host.json with its pid,
 pids and the segment path, and goes on streaming. It exits by itself (code 5) only if nobody
 kills it within 30 s; a wrong guest message exits 3.
 """
+
 import json
 import os
 import sys

@@ -5,6 +5,7 @@ The first thread to get HostGone / PeerDead records the instant (time.monotonic_
 clock in every process) in OUTDIR/guest-<pid>.json, then the guest exits 0. Anything else
 (a wrong host message, a timeout, another exception) is recorded and exits 4.
 """
+
 import json
 import os
 import sys

@@ -6,6 +6,7 @@ over everything else. Size and body are functions of (nonce, seq), so the receiv
 only the CRC but that the message is exactly the one expected next in its stream: a stale frame
 from an earlier guest on the same peer id, a duplicate, a gap or a torn slot all fail.
 """
+
 from __future__ import annotations
 
 import random
@@ -37,7 +38,7 @@ def is_slot(nonce: int, seq: int) -> bool:
 
 def _body(nonce: int, seq: int, n: int) -> bytes:
     off = (seq * 131 + nonce * 7) % (len(_POOL) - MAX_SIZE)
-    return _POOL[off:off + n]
+    return _POOL[off : off + n]
 
 
 def make(nonce: int, seq: int, ack: int = 0) -> bytes:
@@ -63,16 +64,16 @@ def _check(mv: memoryview, nonce: int, seq: int) -> int:
     if n < HDR.size:
         raise BadMessage(f"stream {nonce:#x} seq {seq}: {n} bytes, shorter than the header")
     got_nonce, length, got_seq, ack, crc = HDR.unpack_from(mv, 0)
-    calc = zlib.crc32(mv[HDR.size:], zlib.crc32(mv[:_CRC_OFF]))
+    calc = zlib.crc32(mv[HDR.size :], zlib.crc32(mv[:_CRC_OFF]))
     if crc != calc:
-        raise BadMessage(f"stream {nonce:#x} seq {seq}: crc {crc:#010x} != computed {calc:#010x} "
-                         f"(header nonce {got_nonce:#x} seq {got_seq} len {length}, {n} bytes)")
+        raise BadMessage(
+            f"stream {nonce:#x} seq {seq}: crc {crc:#010x} != computed {calc:#010x} (header nonce {got_nonce:#x} seq {got_seq} len {length}, {n} bytes)"
+        )
     if got_nonce != nonce or got_seq != seq:
-        raise BadMessage(f"stream {nonce:#x}: expected seq {seq}, got nonce {got_nonce:#x} seq {got_seq} "
-                         "(stale, duplicate or missing message)")
+        raise BadMessage(f"stream {nonce:#x}: expected seq {seq}, got nonce {got_nonce:#x} seq {got_seq} (stale, duplicate or missing message)")
     want = size_for(nonce, seq)
     if length != n or n != want:
         raise BadMessage(f"stream {nonce:#x} seq {seq}: length field {length}, {n} bytes received, expected {want}")
-    if mv[HDR.size:] != _body(nonce, seq, n - HDR.size):
+    if mv[HDR.size :] != _body(nonce, seq, n - HDR.size):
         raise BadMessage(f"stream {nonce:#x} seq {seq}: body differs from the expected content")
     return ack

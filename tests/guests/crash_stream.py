@@ -10,6 +10,7 @@ Exit codes: 0 done / host gone, 3 a host message was wrong, 4 anything unexpecte
 A receiving thread keeps the last two received messages unreleased, so at any instant the guest
 owns slots the host sent it (trap 22) besides the slots it is filling itself.
 """
+
 import os
 import sys
 import threading

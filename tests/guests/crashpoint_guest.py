@@ -4,6 +4,7 @@ only if the point was never reached, which the test reports.
 
 argv: [--sync] mode (traffic | bootstrap SOCKET_PATH | rpc | growth | mmap) and the number of rounds.
 The random-instant kill tests use it too, with --sync and without crash points."""
+
 import resource
 import sys
 import time

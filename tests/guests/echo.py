@@ -1,6 +1,7 @@
 """Echo every message back until the host says goodbye.
 --copy: recv_bytes() (the received slot is freed before the echo is sent); default: send the
 zero-copy Message itself, then release it."""
+
 import sys
 
 import shmhub

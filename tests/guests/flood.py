@@ -1,4 +1,5 @@
 """Stream to the host as fast as the ring allows until HostGone: argv = seed (the guest stream)."""
+
 import sys
 
 import shmhub

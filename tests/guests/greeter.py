@@ -1,5 +1,6 @@
 """Send argv[1] messages b"hello <i>", one every 0.2 s, without being asked; then wait for the
 host's goodbye."""
+
 import sys
 import time
 

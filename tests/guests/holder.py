@@ -1,5 +1,6 @@
 """Receive two slot messages, close the link while still holding them, then release one
 explicitly and one by leaving a with block: neither may raise. Exit 0 if all holds."""
+
 import sys
 
 import shmhub

@@ -1,4 +1,5 @@
 """Attach, never read or send, leave when the host says goodbye (a consumer that never consumes)."""
+
 import time
 
 import shmhub

@@ -2,6 +2,7 @@
 PayloadTooLarge. Phase 1 sends each payload and waits for its echo (ping-pong); phase 2 sends
 them all from a second thread while the main thread receives the echoes. Every echo is checked
 byte for byte; a JSON report goes to the host last. Exit 0 after the host's goodbye."""
+
 import json
 import sys
 import threading

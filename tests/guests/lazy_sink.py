@@ -1,5 +1,6 @@
 """Consume nothing until SIGUSR1, then drain every message there is, then idle (no sends) until
 the host says goodbye. Exit 2 if no signal comes within 30 s."""
+
 import signal
 import sys
 import time

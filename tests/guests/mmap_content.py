@@ -4,6 +4,7 @@ that are cheap to build at any size, their digests, and /proc probes.
 content(seed, n): a random 1 MiB block (from the seed), repeated; the first 8 bytes of every
 1 MiB chunk are replaced by the chunk index, so a dropped, repeated or swapped chunk changes the
 digest. digest(seed, n) computes the same digest chunk by chunk without building the payload."""
+
 from __future__ import annotations
 
 import hashlib
@@ -31,9 +32,9 @@ def content(seed: int, n: int) -> bytearray:
     blk = _block(seed)
     for i, off in enumerate(range(0, n, CHUNK)):
         k = min(CHUNK, n - off)
-        mv[off:off + k] = blk[:k]
+        mv[off : off + k] = blk[:k]
         h = min(8, k)
-        mv[off:off + h] = struct.pack("<Q", i)[:h]
+        mv[off : off + h] = struct.pack("<Q", i)[:h]
     mv.release()
     return buf
 
@@ -51,6 +52,7 @@ def digest(seed: int, n: int) -> str:
 
 
 # -- /proc probes (any pid of the same user) ----------------------------------------------------
+
 
 def rss_kib(pid="self") -> int:
     with open(f"/proc/{pid}/status") as f:

@@ -9,6 +9,7 @@ a data message follows "echo" and "digest". Every reply is an inline JSON report
   {"op": "stat"}            RSS, fd count, mmap bookkeeping
 
 Exits 0 when the host says goodbye."""
+
 import json
 import sys
 import time
@@ -25,8 +26,7 @@ def classes_in_use(link):
 def describe(link, msg):
     t0 = time.perf_counter()
     h = mc.hash_of(msg)
-    return {"n": len(msg), "tier": msg.tier, "digest": h, "hash_s": time.perf_counter() - t0,
-            "slots_in_use": classes_in_use(link), "mappings": link.mappings}
+    return {"n": len(msg), "tier": msg.tier, "digest": h, "hash_s": time.perf_counter() - t0, "slots_in_use": classes_in_use(link), "mappings": link.mappings}
 
 
 def main() -> int:
@@ -56,8 +56,7 @@ def main() -> int:
                 del data
                 report = {"digest": mine, "gen_s": t1 - t0, "hash_s": t2 - t1, "send_s": t3 - t2}
             elif op == "stat":
-                report = {"rss_kib": mc.rss_kib(), "fds": mc.fd_count(), "mappings": link.mappings,
-                          "map_inodes": sorted(mc.map_inodes())}
+                report = {"rss_kib": mc.rss_kib(), "fds": mc.fd_count(), "mappings": link.mappings, "map_inodes": sorted(mc.map_inodes())}
             else:
                 raise SystemExit(f"unknown op {op!r}")
             link.send(json.dumps(report).encode(), timeout=60)

@@ -1,11 +1,12 @@
 """Guest for the cross-process control-channel fault tests of tests/link/test_mmap.py.
 
-  mmap_fault.py victim    report our fd count, then receive: the host has put a malformed attach
-                          datagram (two fds) before a real one. Expect LinkCorrupted; print a JSON
-                          result line on stdout and exit 0.
-  mmap_fault.py attacker  on {"op": "attack"}: put an attach datagram whose mapping has a bad magic
-                          on our control socket, then send a real 2 MiB payload (its attach follows
-                          the bad one). Wait for the host to go."""
+mmap_fault.py victim    report our fd count, then receive: the host has put a malformed attach
+                        datagram (two fds) before a real one. Expect LinkCorrupted; print a JSON
+                        result line on stdout and exit 0.
+mmap_fault.py attacker  on {"op": "attack"}: put an attach datagram whose mapping has a bad magic
+                        on our control socket, then send a real 2 MiB payload (its attach follows
+                        the bad one). Wait for the host to go."""
+
 import array
 import json
 import os

@@ -13,6 +13,7 @@ bytes; the receiver checks both and compares everything in between with its own 
   {"op": "hold", "k": k, "send_back": false}   the same without sending anything back
 
 Exits 0 when the host says goodbye."""
+
 import json
 import struct
 import sys
@@ -87,9 +88,16 @@ def main() -> int:
                 expect_mid = np.frombuffer(base, np.uint64)[1:-1].copy()
                 report = {"ok": True}
             elif op == "stat":
-                report = {"got": got, "got_bytes": got_bytes, "errors": errors, "rss_kib": mc.rss_kib(),
-                          "fds": mc.fd_count(), "mappings": link.mappings, "map_inodes": len(mc.map_inodes()),
-                          "stats": link.stats.as_dict()}
+                report = {
+                    "got": got,
+                    "got_bytes": got_bytes,
+                    "errors": errors,
+                    "rss_kib": mc.rss_kib(),
+                    "fds": mc.fd_count(),
+                    "mappings": link.mappings,
+                    "map_inodes": len(mc.map_inodes()),
+                    "stats": link.stats.as_dict(),
+                }
             elif op == "source":
                 t0 = time.monotonic()
                 sent = 0

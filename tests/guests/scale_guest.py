@@ -16,6 +16,7 @@ Modes
 
 Every guest leaves when the host goes away (HostGone); after its work it waits for that. Exit codes:
 0 done, 3 the host went away mid-work, 4 a blocking call timed out, 5 a check failed."""
+
 import json
 import os
 import select

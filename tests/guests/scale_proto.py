@@ -3,6 +3,7 @@
 Every payload starts with an 8-byte header: kind (u8), pad (u8), guest index (u16), sequence
 number (u32); the rest is one fill byte derived from (index, seq), so a receiver can check the
 length, the header and the content of every message cheaply. Sizes are seeded per guest."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ def command(op: str, **params) -> bytes:
 
 
 def parse_command(data) -> dict:
-    return json.loads(bytes(memoryview(data)[HDR.size:]))
+    return json.loads(bytes(memoryview(data)[HDR.size :]))
 
 
 def header(data) -> tuple:

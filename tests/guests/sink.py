@@ -1,5 +1,6 @@
 """Consume a stream: argv = seed, count, inline_max, slot_max, slot_every. Checks every message in
 order, then sends its link stats as JSON and waits for the host's goodbye."""
+
 import json
 import sys
 

@@ -3,6 +3,7 @@ recv(timeout=t) on an empty link, send(timeout=t) with every slot taken, send(ti
 full ring: each raises ShmTimeout (a TimeoutError) after t and before 2t; and during 0.2 s waits
 of each kind a counting thread keeps >= 30% of the speed it has during time.sleep(0.2).
 Exit 0 if all hold; the failures on stderr."""
+
 import json
 import sys
 import time

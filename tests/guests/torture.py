@@ -2,6 +2,7 @@
 guest stream (seed + 1), another receives and checks the host's stream (seed), both with blocking
 calls that time out. Exit 0 only if everything arrived, in order, once, and the host then said
 goodbye with nothing extra in between."""
+
 import json
 import sys
 import threading
@@ -49,6 +50,7 @@ for t in threads:
         errors.append(f"guest thread {t.name} hung")
         sys.stderr.write("\n".join(errors) + "\n")
         import os
+
         os._exit(4)
 try:
     if not errors:

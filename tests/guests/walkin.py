@@ -1,5 +1,6 @@
 """A walk-in guest: argv = segment path. Attach by path, echo until the message b"bye" or the
 host's goodbye, then leave."""
+
 import sys
 
 import shmhub

@@ -1,6 +1,7 @@
 """A worker that breaks the protocol on some paths (the front must survive it):
 /malformed: response metadata that does not decode; /badshape: a stream item of the wrong shape;
 /unknown-id: an RPC result for a call id the front never issued. Other paths: the Starlette app."""
+
 from __future__ import annotations
 
 import os
@@ -31,6 +32,7 @@ class Rogue(AsgiWorker):
         if path == "/unknown-id":
             self.link.send(_wire.encode_frame(_wire.Kind.RESULT, 999_999_999, b"\x80\x05N."), timeout=5.0)
         return await super().http(rid, meta, body, more, deadline_ns)
+
 
 link = shmhub.connect()
 try:

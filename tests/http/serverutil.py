@@ -1,4 +1,5 @@
 """A real `shmhub serve` in a child process on 127.0.0.1 (an ephemeral port), for the HTTP tests."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,7 @@ class Server:
     """Starts the front, waits for its ready line (stderr), keeps its log; stop() sends SIGTERM."""
 
     def __init__(self, argv: Sequence[str], start_timeout: float = 30.0) -> None:
-        self.proc = subprocess.Popen(list(argv), cwd=HERE, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(list(argv), cwd=HERE, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: List[str] = []
         self.url = ""
         self._ready = threading.Event()

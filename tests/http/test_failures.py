@@ -2,6 +2,7 @@
 deadlines (504, the ASGI handler cancelled, a stuck WSGI worker replaced), a full queue (503 with
 Retry-After), a worker that breaks the protocol (logged, 502, replaced; the front lives on), and
 a reload under load with no failed request."""
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -60,15 +61,13 @@ def test_deadline_on_a_stuck_wsgi_handler_replaces_the_worker():
     with Server.cli("apps.fl:app", "--workers", "1", "--timeout", "0.5") as s:
         pid = s.live_pids()[0]
         assert get(s.url, "/sleep", s=30).status_code == 504
-        h = s.wait_health(lambda h: [w["pid"] for w in h["workers"]] not in ([pid], []) and
-                          pid not in [w["pid"] for w in h["workers"]])
+        h = s.wait_health(lambda h: [w["pid"] for w in h["workers"]] not in ([pid], []) and pid not in [w["pid"] for w in h["workers"]])
         assert len(h["workers"]) == 1 and h["replaced"] == 1
         assert get(s.url, "/sleep", s=0).status_code == 200
 
 
 def test_a_full_queue_answers_503_with_retry_after():
-    with Server.cli("apps.star:app", "--workers", "1", "--max-in-flight", "1", "--queue", "1") as s, \
-            cf.ThreadPoolExecutor(2) as ex:
+    with Server.cli("apps.star:app", "--workers", "1", "--max-in-flight", "1", "--queue", "1") as s, cf.ThreadPoolExecutor(2) as ex:
         first = ex.submit(get, s.url, "/sleep", s=1.0)
         s.wait_health(lambda h: h["workers"][0]["in_flight"] == 1)
         queued = ex.submit(get, s.url, "/sleep", s=0)
@@ -126,8 +125,9 @@ def test_sigterm_lets_requests_in_flight_finish_then_exits():
 
 
 def test_an_app_that_does_not_import_stops_the_front_with_a_clear_error():
-    out = subprocess.run([sys.executable, "-m", "shmhub", "serve", "no_such_module:app", "--bind", "127.0.0.1:0"],
-                         cwd=HERE, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "shmhub", "serve", "no_such_module:app", "--bind", "127.0.0.1:0"], cwd=HERE, capture_output=True, text=True, timeout=60
+    )
     assert out.returncode != 0
     assert "ModuleNotFoundError: No module named 'no_such_module'" in out.stderr
     assert "workers did not start" in out.stderr

@@ -1,5 +1,6 @@
 """The pure metadata encoding, with bytes: round trips, exact layouts, and every malformed input
 raising HttpProtocolError (never another exception, never a hang)."""
+
 from __future__ import annotations
 
 import struct
@@ -11,13 +12,22 @@ from hypothesis import strategies as st
 import shmhub
 from shmhub import errors, http
 from shmhub.http import _meta as M
-from shmhub.http import (HttpProtocolError, Method, RequestMeta, ResponseMeta, decode_request, decode_response,
-                         encode_request, encode_response)
+from shmhub.http import HttpProtocolError, Method, RequestMeta, ResponseMeta, decode_request, decode_response, encode_request, encode_response
 
-FULL = RequestMeta(method="PATCH", path="/items/42/é", raw_path=b"/items/42/%C3%A9", query=b"a=1&a=2&b",
-                   headers=((b"host", b"h"), (b"x-a", b"1"), (b"x-a", b"2"), (b"cookie", b"")),
-                   route_pattern="/items/{id}/{name}", path_params=(("id", "42"), ("name", "é")), root_path="/api",
-                   scheme="https", http_version="2", client=("10.0.0.1", 51234), server=("::1", 443))
+FULL = RequestMeta(
+    method="PATCH",
+    path="/items/42/é",
+    raw_path=b"/items/42/%C3%A9",
+    query=b"a=1&a=2&b",
+    headers=((b"host", b"h"), (b"x-a", b"1"), (b"x-a", b"2"), (b"cookie", b"")),
+    route_pattern="/items/{id}/{name}",
+    path_params=(("id", "42"), ("name", "é")),
+    root_path="/api",
+    scheme="https",
+    http_version="2",
+    client=("10.0.0.1", 51234),
+    server=("::1", 443),
+)
 
 
 def test_a_full_request_round_trips():
@@ -35,7 +45,7 @@ def test_standard_methods_travel_as_one_byte(method):
 def test_other_methods_travel_by_name_never_as_get(method):
     data = encode_request(RequestMeta(method, "/"))
     assert data[M.REQ_OFF_METHOD] == Method.NAMED
-    assert data[M.REQUEST_HEADER_SIZE:M.REQUEST_HEADER_SIZE + 4] == struct.pack("<I", len(method))
+    assert data[M.REQUEST_HEADER_SIZE : M.REQUEST_HEADER_SIZE + 4] == struct.pack("<I", len(method))
     assert decode_request(data).method == method
 
 
@@ -47,7 +57,7 @@ def test_a_method_that_is_not_a_token_cannot_be_encoded(method):
 
 def test_the_request_header_bytes():
     data = encode_request(FULL)
-    assert data[:M.REQUEST_HEADER_SIZE] == struct.pack("<BBBBHHHHBBH", 1, 1, Method.PATCH, 0x7, 4, 2, 51234, 443, 2, 0, 0)
+    assert data[: M.REQUEST_HEADER_SIZE] == struct.pack("<BBBBHHHHBBH", 1, 1, Method.PATCH, 0x7, 4, 2, 51234, 443, 2, 0, 0)
 
 
 def test_the_response_bytes_keep_repeated_headers_in_order():
@@ -69,8 +79,7 @@ def test_a_status_outside_100_999_is_refused_both_ways(status):
 
 
 def test_every_truncation_is_a_protocol_error():
-    for data, decode in ((encode_request(FULL), decode_request),
-                         (encode_response(ResponseMeta(200, ((b"a", b"b"),))), decode_response)):
+    for data, decode in ((encode_request(FULL), decode_request), (encode_response(ResponseMeta(200, ((b"a", b"b"),))), decode_response)):
         for n in range(len(data)):
             with pytest.raises(HttpProtocolError):
                 decode(data[:n])
@@ -85,21 +94,24 @@ def _patched(data: bytes, off: int, value: int) -> bytes:
 REQ = encode_request(RequestMeta("GET", "/", headers=((b"a", b"b"),)))
 
 
-@pytest.mark.parametrize("data, match", [
-    (_patched(REQ, M.REQ_OFF_VERSION, 2), "version 2"),
-    (_patched(REQ, M.REQ_OFF_KIND, 2), "expected REQUEST"),
-    (_patched(REQ, M.REQ_OFF_METHOD, 10), "unknown method code 10"),
-    (_patched(REQ, M.REQ_OFF_FLAGS, 0x8), "unknown flags"),
-    (_patched(REQ, M.REQ_OFF_HTTP_VERSION, 4), "http_version"),
-    (_patched(REQ, M.REQ_OFF_RESERVED, 1), "reserved"),
-    (_patched(REQ, M.REQ_OFF_RESERVED2 + 1, 1), "reserved"),
-    (_patched(REQ, M.REQ_OFF_N_HEADERS, 2), "overruns|truncated"),
-    (REQ + b"\0", "trailing"),
-    (REQ[:M.REQUEST_HEADER_SIZE] + struct.pack("<I", 0xFFFFFFFF) + REQ[M.REQUEST_HEADER_SIZE + 4:], "overruns"),
-    (_patched(REQ, M.REQ_OFF_METHOD, 0), "token"),  # the path "/" read as a method name
-    (encode_response(ResponseMeta(200, ((b"a", b"b"),))), "expected REQUEST"),
-    (b"", "shorter"),
-])
+@pytest.mark.parametrize(
+    "data, match",
+    [
+        (_patched(REQ, M.REQ_OFF_VERSION, 2), "version 2"),
+        (_patched(REQ, M.REQ_OFF_KIND, 2), "expected REQUEST"),
+        (_patched(REQ, M.REQ_OFF_METHOD, 10), "unknown method code 10"),
+        (_patched(REQ, M.REQ_OFF_FLAGS, 0x8), "unknown flags"),
+        (_patched(REQ, M.REQ_OFF_HTTP_VERSION, 4), "http_version"),
+        (_patched(REQ, M.REQ_OFF_RESERVED, 1), "reserved"),
+        (_patched(REQ, M.REQ_OFF_RESERVED2 + 1, 1), "reserved"),
+        (_patched(REQ, M.REQ_OFF_N_HEADERS, 2), "overruns|truncated"),
+        (REQ + b"\0", "trailing"),
+        (REQ[: M.REQUEST_HEADER_SIZE] + struct.pack("<I", 0xFFFFFFFF) + REQ[M.REQUEST_HEADER_SIZE + 4 :], "overruns"),
+        (_patched(REQ, M.REQ_OFF_METHOD, 0), "token"),  # the path "/" read as a method name
+        (encode_response(ResponseMeta(200, ((b"a", b"b"),))), "expected REQUEST"),
+        (b"", "shorter"),
+    ],
+)
 def test_malformed_request_metadata(data, match):
     with pytest.raises(HttpProtocolError, match=match):
         decode_request(data)
@@ -107,8 +119,13 @@ def test_malformed_request_metadata(data, match):
 
 def test_malformed_response_metadata():
     ok = encode_response(ResponseMeta(200))
-    for data, match in ((_patched(ok, 0, 9), "version"), (_patched(ok, 1, 1), "expected RESPONSE"),
-                        (_patched(ok, 6, 1), "reserved"), (ok + b"x", "trailing"), (REQ, "expected RESPONSE")):
+    for data, match in (
+        (_patched(ok, 0, 9), "version"),
+        (_patched(ok, 1, 1), "expected RESPONSE"),
+        (_patched(ok, 6, 1), "reserved"),
+        (ok + b"x", "trailing"),
+        (REQ, "expected RESPONSE"),
+    ):
         with pytest.raises(HttpProtocolError, match=match):
             decode_response(data)
 
@@ -128,9 +145,24 @@ def test_the_error_is_typed_under_the_hierarchy():
 
 def test_public_surface_is_pinned():
     assert http.__all__ == sorted(http.__all__)
-    assert http.__all__ == ["Gateway", "HttpError", "HttpProtocolError", "Method", "QueueFull", "RequestMeta",
-                            "ResponseMeta", "Worker", "WorkerPool", "decode_request", "decode_response",
-                            "encode_request", "encode_response", "request_meta", "serve", "worker_command"]
+    assert http.__all__ == [
+        "Gateway",
+        "HttpError",
+        "HttpProtocolError",
+        "Method",
+        "QueueFull",
+        "RequestMeta",
+        "ResponseMeta",
+        "Worker",
+        "WorkerPool",
+        "decode_request",
+        "decode_response",
+        "encode_request",
+        "encode_response",
+        "request_meta",
+        "serve",
+        "worker_command",
+    ]
 
 
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=20)
@@ -140,12 +172,21 @@ addr = st.one_of(st.none(), st.tuples(text, st.integers(0, 65535)))
 
 
 @settings(max_examples=200, deadline=None)
-@given(method=st.sampled_from(["GET", "POST", "PURGE", "X-Y"]), path=text, raw_path=raw, query=raw, headers=pairs,
-       route=text, params=st.lists(st.tuples(text, text), max_size=3).map(tuple), client=addr, server=addr,
-       https=st.booleans(), version=st.sampled_from(M.HTTP_VERSIONS))
+@given(
+    method=st.sampled_from(["GET", "POST", "PURGE", "X-Y"]),
+    path=text,
+    raw_path=raw,
+    query=raw,
+    headers=pairs,
+    route=text,
+    params=st.lists(st.tuples(text, text), max_size=3).map(tuple),
+    client=addr,
+    server=addr,
+    https=st.booleans(),
+    version=st.sampled_from(M.HTTP_VERSIONS),
+)
 def test_any_request_round_trips(method, path, raw_path, query, headers, route, params, client, server, https, version):
-    meta = RequestMeta(method, path, raw_path, query, headers, route, params, "", "https" if https else "http", version,
-                       client, server)
+    meta = RequestMeta(method, path, raw_path, query, headers, route, params, "", "https" if https else "http", version, client, server)
     assert decode_request(encode_request(meta)) == meta
 
 

@@ -1,6 +1,7 @@
 """docs/http.md cannot drift from src/shmhub/http/_meta.py: every table row is checked against the
 constant it names, every constant is documented, and the byte-by-byte examples are what the
 encoder writes (the table parser is the one of tests/rpc/test_wire_docs.py)."""
+
 from __future__ import annotations
 
 import importlib.util

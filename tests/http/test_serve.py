@@ -1,5 +1,6 @@
 """A real HTTP client (httpx) against a real `shmhub serve` on 127.0.0.1: methods, headers, query
 strings, path params, bodies both ways (empty and large), streaming, load-aware dispatch."""
+
 from __future__ import annotations
 
 import hashlib
@@ -85,7 +86,8 @@ def test_large_request_body_streams_to_the_app(server):
 
     def chunks():  # a chunked upload: the front never learns the size in advance
         for i in range(0, len(body), 1 << 20):
-            yield body[i:i + (1 << 20)]
+            yield body[i : i + (1 << 20)]
+
     with httpx.Client(base_url=server.url, timeout=30) as c:
         got = echo(c.post("/echo", content=body))
         streamed = echo(c.post("/echo", content=chunks()))
@@ -142,8 +144,10 @@ def test_an_app_error_is_a_500_and_the_worker_serves_on(server):
 def test_a_websocket_handshake_is_refused_not_crashed(star):
     host, port = star.url.rsplit("/", 1)[1].split(":")
     with socket.create_connection((host, int(port)), timeout=10) as s:
-        s.sendall(b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+        s.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
         assert s.recv(4096).startswith(b"HTTP/1.1 403")
     assert httpx.get(star.url + "/", timeout=10).status_code == 200
 

@@ -1,4 +1,5 @@
 """shmhub.http stays mypy --strict clean; `shmhub serve` refuses bad arguments with a clear message."""
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_http_package_is_strictly_typed():
     pytest.importorskip("mypy")
-    out = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--follow-imports=silent", "--ignore-missing-imports",
-                          "--cache-dir", os.path.join(ROOT, ".mypy_cache"), "src/shmhub/http"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--follow-imports=silent",
+            "--ignore-missing-imports",
+            "--cache-dir",
+            os.path.join(ROOT, ".mypy_cache"),
+            "src/shmhub/http",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 

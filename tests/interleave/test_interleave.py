@@ -7,6 +7,7 @@ injected bug is found (a checker that finds nothing proves nothing). `make inter
 the larger sizes: python tests/interleave/test_interleave.py --full. docs/hardening.md has the
 counts.
 """
+
 from __future__ import annotations
 
 import os
@@ -108,8 +109,9 @@ def verify(model: str, defines: Sequence[str] = (), optimise: bool = True) -> Re
         seconds = time.monotonic() - t0
     out = pan.stdout + pan.stderr
     num = lambda pat: int(m.group(1)) if (m := re.search(pat, out)) else -1  # noqa: E731
-    return Result(model, tuple(defines), num(r"errors: (\d+)"), num(r"(\d+) states, stored"),
-                  num(r"(\d+) transitions"), num(r"depth reached (\d+)"), seconds, out)
+    return Result(
+        model, tuple(defines), num(r"errors: (\d+)"), num(r"(\d+) states, stored"), num(r"(\d+) transitions"), num(r"depth reached (\d+)"), seconds, out
+    )
 
 
 def assert_clean(r: Result) -> None:
@@ -144,7 +146,7 @@ def main(argv: List[str]) -> int:
     if not tools_present():
         print("SPIN or a C compiler is absent (apt-get install spin gcc)", file=sys.stderr)
         return 2
-    runs = (FULL if "--full" in argv else QUICK)
+    runs = FULL if "--full" in argv else QUICK
     failed = 0
     print(f"{'model':<48} {'states':>12} {'transitions':>12} {'depth':>6} {'s':>7}  result")
     for model, defines in runs:

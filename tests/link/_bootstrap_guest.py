@@ -6,6 +6,7 @@ Connects over the bootstrap socket, sends one payload per size in SIZES (comma-s
 that each reply is the payload reversed, prints its link stats as JSON and leaves (link.close()).
 With "hang": sends one message, then blocks on recv until it is killed.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Helpers for the link tests: spawning guest programs of tests/guests, events, pool counts."""
+
 from __future__ import annotations
 
 import os

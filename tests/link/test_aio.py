@@ -1,4 +1,5 @@
 """asyncio support (shmhub.aio) against real guest processes (tests/guests/aio_*.py)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -174,6 +175,7 @@ class Ticker:
 
 # -- one task serves many guests ----------------------------------------------------------------
 
+
 def spin(seconds: float) -> None:
     """Burn CPU for `seconds` of this thread's CPU time."""
     end = time.thread_time() + seconds
@@ -205,7 +207,7 @@ def test_one_task_serves_8_guests_without_blocking_the_loop(slow_callbacks, monk
             done = loop.create_future()
             loop.call_soon(lambda: (block(), done.set_result(None)))
             await done
-        control = slow_callbacks.messages[len(during):]
+        control = slow_callbacks.messages[len(during) :]
         assert len(control) == 2 and all("<lambda>" in m for m in control), control
         return expected, tiers, during
 
@@ -234,6 +236,7 @@ def test_one_task_serves_8_guests_without_blocking_the_loop(slow_callbacks, monk
 
 # -- an asyncio guest ---------------------------------------------------------------------------
 
+
 def test_async_guest_serves_with_arecv_asend_and_async_for():
     n = 3000
 
@@ -260,6 +263,7 @@ def test_async_guest_serves_with_arecv_asend_and_async_for():
 
 
 # -- timeouts and cancellation ------------------------------------------------------------------
+
 
 def test_arecv_timeout_raises_shmtimeout_and_leaves_nothing_behind():
     async def main(link):
@@ -383,6 +387,7 @@ def test_cancelled_arecv_any_leaves_every_link_idle():
     """arecv_any waits on the host's one epoll set (one reader, whatever the guest count); the guests'
     consumer flags stay announced by design (recv_any watches them, like fileno()); a cancelled
     wait leaves no reader, no waker and no doorbell taken."""
+
     async def main(host, guests):
         loop = asyncio.get_running_loop()
         readers = len(loop._selector.get_map())
@@ -411,6 +416,7 @@ def test_cancelled_arecv_any_leaves_every_link_idle():
 def test_close_wakes_waiting_tasks_without_deadlock():
     """Threading locks are never held across an await: close() and Host.close() called from the
     loop's own thread while tasks wait complete, and the tasks get the right error."""
+
     async def main(host, guests):
         loop = asyncio.get_running_loop()
         readers = len(loop._selector.get_map())
@@ -437,6 +443,7 @@ def test_close_wakes_waiting_tasks_without_deadlock():
 
 
 # -- the loop stays responsive ------------------------------------------------------------------
+
 
 def test_loop_keeps_ticking_while_arecv_any_waits():
     async def main(host, guests):
@@ -580,6 +587,7 @@ def test_a_task_draining_a_full_ring_lets_other_tasks_run():
 
 # -- async iteration ----------------------------------------------------------------------------
 
+
 async def collect(link):
     """The sink messages of `async for msg in link`, checked in order; their tiers."""
     got = []
@@ -622,9 +630,11 @@ def test_async_for_delivers_what_a_dead_guest_left_while_recovery_holds_the_lock
 
 # -- sharing a doorbell with threads (DECISIONS 12, trap 32) ------------------------------------
 
+
 def test_thread_waits_on_the_condition_while_asyncio_polls_the_doorbell():
     """asyncio owns the doorbell (arecv waits); a thread's blocking send on a full ring must be woken
     through the waiter's condition when the guest frees ring space and rings."""
+
     async def main(g):
         link = g.link
         loop = asyncio.get_running_loop()
@@ -667,6 +677,7 @@ def test_thread_waits_on_the_condition_while_asyncio_polls_the_doorbell():
 def test_asyncio_rechecks_while_a_thread_polls_the_doorbell():
     """A thread owns the doorbell (blocking recv); asend on a full ring must not compete for the fd
     but still complete when the guest drains the ring."""
+
     async def main(g):
         link = g.link
         result = []
@@ -702,6 +713,7 @@ def test_asyncio_rechecks_while_a_thread_polls_the_doorbell():
 
 
 # -- walk-in guests (no doorbell): iteration ends when the host says goodbye ---------------------
+
 
 def _walk_in(host: Host, path: str):
     """A walk-in guest link in this process, and the host's handle of it."""
@@ -756,6 +768,7 @@ def test_async_for_on_a_walk_in_guest_ends_when_the_host_says_goodbye(shm_path):
             async for msg in link:  # no doorbell: waits re-check in short slices
                 with msg:
                     got.append(msg.tobytes())
+
         asyncio.run(asyncio.wait_for(run(), T))
 
     got, errors = _iterate_until_goodbye(Host(path=shm_path), shm_path, consume)

@@ -4,6 +4,7 @@ Wire: encode/decode round trips and every malformed form, fds closed whenever a 
 Host.listen: 20 guest processes at once (inline, slot and mmap payloads verified both ways), death by
 doorbell hang-up, malformed and silent peers answered or dropped without leaking fds or peer entries.
 """
+
 from __future__ import annotations
 
 import array
@@ -34,14 +35,14 @@ guest_mod = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(guest_mod)
 
 # Largest slot payload is 64 KiB - 4: SLOT_SIZE goes through a slot, MMAP_SIZE through the mmap tier.
-CONFIG = shmhub.SegmentConfig(max_guests=24, bipbuf_capacity=64 * 1024,
-                              size_classes=((1024, 64), (16 * 1024, 32), (64 * 1024, 48)))
+CONFIG = shmhub.SegmentConfig(max_guests=24, bipbuf_capacity=64 * 1024, size_classes=((1024, 64), (16 * 1024, 32), (64 * 1024, 48)))
 INLINE_SIZE, SLOT_SIZE, MMAP_SIZE = 100, 40_000, 300_000
 assert INLINE_SIZE <= CONFIG.effective_inline_threshold < SLOT_SIZE <= CONFIG.max_slot_payload < MMAP_SIZE
 OK, ERR = L.BOOTSTRAP_STATUS_OK, L.BOOTSTRAP_STATUS_ERROR
 
 
 # -- helpers ----------------------------------------------------------------------------------
+
 
 def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
@@ -131,6 +132,7 @@ def echo_once(host, link, data: bytes) -> None:
 
 # -- the wire ---------------------------------------------------------------------------------
 
+
 class TestWire:
     def test_request(self):
         assert bootstrap.encode_request() == b"VSH1" == L.BOOTSTRAP_REQUEST
@@ -138,17 +140,20 @@ class TestWire:
         assert bootstrap.request_incomplete(b"") and bootstrap.request_incomplete(b"VSH")
         assert not bootstrap.request_incomplete(b"VSX") and not bootstrap.request_incomplete(b"VSH1")
 
-    @pytest.mark.parametrize("data, needle", [
-        (b"", "short request: 0 of 4"),
-        (b"VS", "short request: 2 of 4"),
-        (b"VSH2", "bad request magic"),
-        (b"vsh1", "bad request magic"),
-        (b"\x00\x00\x00\x00", "bad request magic"),
-        (b"VSH1\x00", "longer than 4"),
-        (b"VSH1VSH1", "longer than 4"),
-        (b"RSH0\x02\x00ab", "older RSH0"),
-        (b"GET / HTTP/1.1\r\n", "bad request magic"),
-    ])
+    @pytest.mark.parametrize(
+        "data, needle",
+        [
+            (b"", "short request: 0 of 4"),
+            (b"VS", "short request: 2 of 4"),
+            (b"VSH2", "bad request magic"),
+            (b"vsh1", "bad request magic"),
+            (b"\x00\x00\x00\x00", "bad request magic"),
+            (b"VSH1\x00", "longer than 4"),
+            (b"VSH1VSH1", "longer than 4"),
+            (b"RSH0\x02\x00ab", "older RSH0"),
+            (b"GET / HTTP/1.1\r\n", "bad request magic"),
+        ],
+    )
     def test_request_malformed(self, data, needle):
         with pytest.raises(BootstrapError, match=needle):
             bootstrap.decode_request(data)
@@ -159,9 +164,15 @@ class TestWire:
         assert bootstrap.encode_response(ERR, 0, "no") == b"VSP1\x01\x00\x00\x00\x00\x02\x00no"
         assert bootstrap.encode_response(OK, 255, "") == b"VSP1\x00\xff\x00\x00\x00\x00\x00"
 
-    @pytest.mark.parametrize("status, peer_id, payload", [
-        (OK, 1, ""), (OK, 200, "/dev/shm/hub-ü"), (ERR, 0, "peer table full"), (ERR, 0, "x" * 65535),
-    ])
+    @pytest.mark.parametrize(
+        "status, peer_id, payload",
+        [
+            (OK, 1, ""),
+            (OK, 200, "/dev/shm/hub-ü"),
+            (ERR, 0, "peer table full"),
+            (ERR, 0, "x" * 65535),
+        ],
+    )
     def test_response_round_trip(self, status, peer_id, payload):
         frame = bootstrap.encode_response(status, peer_id, payload)
         assert len(frame) == 11 + len(payload.encode())
@@ -176,10 +187,19 @@ class TestWire:
                 os.close(r)
                 os.close(w)
 
-    @pytest.mark.parametrize("args", [
-        (2, 0, ""), (255, 0, ""), (ERR, 3, "x"), (OK, 0, ""), (OK, 256, ""), (OK, -1, ""),
-        (ERR, 0, "x" * 65536), (ERR, 0, b"\xff\xfe"),
-    ])
+    @pytest.mark.parametrize(
+        "args",
+        [
+            (2, 0, ""),
+            (255, 0, ""),
+            (ERR, 3, "x"),
+            (OK, 0, ""),
+            (OK, 256, ""),
+            (OK, -1, ""),
+            (ERR, 0, "x" * 65536),
+            (ERR, 0, b"\xff\xfe"),
+        ],
+    )
     def test_encode_refuses(self, args):
         with pytest.raises(ValueError):
             bootstrap.encode_response(*args)
@@ -189,27 +209,30 @@ class TestWire:
         assert len(clipped.encode()) <= 65535 and clipped == "é" * (65535 // 2)
         bootstrap.encode_response(ERR, 0, clipped)
 
-    @pytest.mark.parametrize("name, frame, nfds, flags, needle", [
-        ("empty", b"", 0, 0, "without a response"),
-        ("short header", b"VSP1\x00\x01\x00", 0, 0, "truncated: 7 bytes"),
-        ("bad magic", b"VSP2\x01\x00\x00\x00\x00\x00\x00", 0, 0, "bad bootstrap response magic"),
-        ("old magic", b"RSP0\x00\x01\x00\x00\x00\x00\x00", 4, 0, "bad bootstrap response magic"),
-        ("status 2", b"VSP1\x02\x00\x00\x00\x00\x00\x00", 0, 0, "status 2"),
-        ("status 255", b"VSP1\xff\x01\x00\x00\x00\x00\x00", 4, 0, "status 255"),
-        ("payload short", b"VSP1\x01\x00\x00\x00\x00\x05\x00abc", 0, 0, "announces 11 \\+ 5"),
-        ("payload long", b"VSP1\x01\x00\x00\x00\x00\x01\x00abc", 0, 0, "announces 11 \\+ 1"),
-        ("trailing on ok", b"VSP1\x00\x01\x00\x00\x00\x00\x00X", 4, 0, "announces 11 \\+ 0"),
-        ("not utf-8", b"VSP1\x01\x00\x00\x00\x00\x02\x00\xc3\x28", 0, 0, "not UTF-8"),
-        ("error with peer", b"VSP1\x01\x02\x00\x00\x00\x00\x00", 0, 0, "peer_id 2; it must be 0"),
-        ("error with fds", b"VSP1\x01\x00\x00\x00\x00\x00\x00", 1, 0, "carries 1 fds; it must carry none"),
-        ("ok peer 0", b"VSP1\x00\x00\x00\x00\x00\x00\x00", 4, 0, "peer_id 0"),
-        ("ok peer 256", b"VSP1\x00\x00\x01\x00\x00\x00\x00", 4, 0, "peer_id 256"),
-        ("ok no fds", b"VSP1\x00\x01\x00\x00\x00\x00\x00", 0, 0, "carries 0 fds"),
-        ("ok 3 fds", b"VSP1\x00\x01\x00\x00\x00\x00\x00", 3, 0, "carries 3 fds"),
-        ("ok 5 fds", b"VSP1\x00\x01\x00\x00\x00\x00\x00", 5, 0, "carries 5 fds"),
-        ("ctrunc", b"VSP1\x00\x01\x00\x00\x00\x00\x00", 4, socket.MSG_CTRUNC, "MSG_CTRUNC"),
-        ("trunc", b"VSP1\x00\x01\x00\x00\x00\x00\x00", 4, socket.MSG_TRUNC, "MSG_TRUNC"),
-    ])
+    @pytest.mark.parametrize(
+        "name, frame, nfds, flags, needle",
+        [
+            ("empty", b"", 0, 0, "without a response"),
+            ("short header", b"VSP1\x00\x01\x00", 0, 0, "truncated: 7 bytes"),
+            ("bad magic", b"VSP2\x01\x00\x00\x00\x00\x00\x00", 0, 0, "bad bootstrap response magic"),
+            ("old magic", b"RSP0\x00\x01\x00\x00\x00\x00\x00", 4, 0, "bad bootstrap response magic"),
+            ("status 2", b"VSP1\x02\x00\x00\x00\x00\x00\x00", 0, 0, "status 2"),
+            ("status 255", b"VSP1\xff\x01\x00\x00\x00\x00\x00", 4, 0, "status 255"),
+            ("payload short", b"VSP1\x01\x00\x00\x00\x00\x05\x00abc", 0, 0, "announces 11 \\+ 5"),
+            ("payload long", b"VSP1\x01\x00\x00\x00\x00\x01\x00abc", 0, 0, "announces 11 \\+ 1"),
+            ("trailing on ok", b"VSP1\x00\x01\x00\x00\x00\x00\x00X", 4, 0, "announces 11 \\+ 0"),
+            ("not utf-8", b"VSP1\x01\x00\x00\x00\x00\x02\x00\xc3\x28", 0, 0, "not UTF-8"),
+            ("error with peer", b"VSP1\x01\x02\x00\x00\x00\x00\x00", 0, 0, "peer_id 2; it must be 0"),
+            ("error with fds", b"VSP1\x01\x00\x00\x00\x00\x00\x00", 1, 0, "carries 1 fds; it must carry none"),
+            ("ok peer 0", b"VSP1\x00\x00\x00\x00\x00\x00\x00", 4, 0, "peer_id 0"),
+            ("ok peer 256", b"VSP1\x00\x00\x01\x00\x00\x00\x00", 4, 0, "peer_id 256"),
+            ("ok no fds", b"VSP1\x00\x01\x00\x00\x00\x00\x00", 0, 0, "carries 0 fds"),
+            ("ok 3 fds", b"VSP1\x00\x01\x00\x00\x00\x00\x00", 3, 0, "carries 3 fds"),
+            ("ok 5 fds", b"VSP1\x00\x01\x00\x00\x00\x00\x00", 5, 0, "carries 5 fds"),
+            ("ctrunc", b"VSP1\x00\x01\x00\x00\x00\x00\x00", 4, socket.MSG_CTRUNC, "MSG_CTRUNC"),
+            ("trunc", b"VSP1\x00\x01\x00\x00\x00\x00\x00", 4, socket.MSG_TRUNC, "MSG_TRUNC"),
+        ],
+    )
     def test_decode_refuses_and_closes_fds(self, name, frame, nfds, flags, needle):
         pipes = [pipe_fds() for _ in range(nfds)]
         anc = [rights(*[r for r, _ in pipes])] if pipes else []
@@ -321,6 +344,7 @@ class TestWire:
 
 # -- the listening socket -----------------------------------------------------------------------
 
+
 def test_listen_socket_mode_stale_live_and_close(tmp_path):
     path = str(tmp_path / "a.sock")
     stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -415,6 +439,7 @@ def test_named_segment_attach_and_bootstrap_side_by_side(shm_path, sock_path):
 
 # -- the guest refuses wrong fds (a host that does not follow the wire) ---------------------------
 
+
 def _fake_host_once(path: str, peer_id: int, fds: list) -> threading.Thread:
     """Serve one connection: read the request, answer success with these fds, close."""
     lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -437,14 +462,17 @@ def _fake_host_once(path: str, peer_id: int, fds: list) -> threading.Thread:
     return t
 
 
-@pytest.mark.parametrize("case, error, needle", [
-    ("rx and tx differ", BootstrapError, "different sockets"),
-    ("doorbell is a pipe", shmhub.PeerDead, "not a socket"),
-    ("segment is a socket", shmhub.SegmentError, "not a regular file"),
-    ("control is a stream socket", BootstrapError, "not a Unix datagram socket"),
-    ("peer_id beyond max_guests", BootstrapError, "peer_id 30 out of range 1..24"),
-    ("peer not reserved", shmhub.PeerStateError, "is Empty, not Reserved"),
-])
+@pytest.mark.parametrize(
+    "case, error, needle",
+    [
+        ("rx and tx differ", BootstrapError, "different sockets"),
+        ("doorbell is a pipe", shmhub.PeerDead, "not a socket"),
+        ("segment is a socket", shmhub.SegmentError, "not a regular file"),
+        ("control is a stream socket", BootstrapError, "not a Unix datagram socket"),
+        ("peer_id beyond max_guests", BootstrapError, "peer_id 30 out of range 1..24"),
+        ("peer not reserved", shmhub.PeerStateError, "is Empty, not Reserved"),
+    ],
+)
 def test_guest_refuses_wrong_fds_and_closes_them(tmp_path, case, error, needle):
     path = str(tmp_path / "fake.sock")
     baseline = fd_count()
@@ -486,6 +514,7 @@ def test_guest_refuses_wrong_fds_and_closes_them(tmp_path, case, error, needle):
 
 # -- 20 guest processes at once -----------------------------------------------------------------
 
+
 def _serve(host, expected: int, errors: list, served: collections.Counter, stop: threading.Event) -> None:
     """Host side: verify every payload from its header, answer it reversed."""
     while sum(served.values()) < expected and not stop.is_set():
@@ -518,8 +547,10 @@ def test_twenty_guest_processes(host, sock_path):
     stop = threading.Event()
     server = threading.Thread(target=_serve, args=(host, n * len(sizes), errors, served, stop), daemon=True)
     server.start()
-    procs = [subprocess.Popen([sys.executable, GUEST, sock_path, str(i), ",".join(map(str, sizes))],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+    procs = [
+        subprocess.Popen([sys.executable, GUEST, sock_path, str(i), ",".join(map(str, sizes))], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(n)
+    ]
     outs = []
     try:
         for p in procs:
@@ -556,8 +587,7 @@ def test_twenty_guest_processes(host, sock_path):
 
 def test_killed_guest_is_recovered_by_doorbell_hang_up(host, sock_path):
     baseline = fd_count()
-    proc = subprocess.Popen([sys.executable, GUEST, sock_path, "7", str(SLOT_SIZE), "hang"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, GUEST, sock_path, "7", str(SLOT_SIZE), "hang"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         h, msg = host.recv_any(timeout=30)
         with msg:

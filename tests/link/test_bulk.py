@@ -1,5 +1,6 @@
 """Batch and zero-copy APIs: send_many / recv_many, reserve / send_reserved, empty / send_array /
 recv_array. Both ends live in this process (one mapping), so zero copy shows as equal addresses."""
+
 from __future__ import annotations
 
 import random
@@ -16,8 +17,7 @@ from shmhub.link import GUEST, HOST, Link
 
 pytestmark = pytest.mark.timeout(60)
 TIMEOUT = 10.0
-CONFIG = SegmentConfig(max_guests=2, bipbuf_capacity=16 * 1024,
-                       size_classes=((1024, 32), (16 * 1024, 8), (256 * 1024, 4)))
+CONFIG = SegmentConfig(max_guests=2, bipbuf_capacity=16 * 1024, size_classes=((1024, 32), (16 * 1024, 8), (256 * 1024, 4)))
 
 
 @pytest.fixture
@@ -244,8 +244,14 @@ def test_empty_send_array_is_zero_copy_and_aligned(pair, shape, dtype):
 def test_send_array_copies_private_and_strided_arrays(pair):
     h, g = pair
     rng = np.random.default_rng(2)
-    for a in (rng.random((50, 40)), rng.random((50, 40))[::2, ::3], np.asfortranarray(rng.random((9, 5))),
-              np.arange(12, dtype="<i8").reshape(3, 4), np.float32(2.5) * np.ones(()), rng.random((600, 600))):
+    for a in (
+        rng.random((50, 40)),
+        rng.random((50, 40))[::2, ::3],
+        np.asfortranarray(rng.random((9, 5))),
+        np.arange(12, dtype="<i8").reshape(3, 4),
+        np.float32(2.5) * np.ones(()),
+        rng.random((600, 600)),
+    ):
         h.send_array(a, timeout=TIMEOUT)
         b = g.recv_array(timeout=TIMEOUT)
         assert b.shape == a.shape and b.dtype == a.dtype and np.array_equal(a, b)
@@ -281,7 +287,7 @@ def test_big_array_copy_lands_at_the_sources_page_offset(pair, shift):
     """A copy whose destination sits just after its source's page offset runs several times
     slower (4K aliasing): big arrays are placed at the source's offset rounded down to 64."""
     h, g = pair
-    src = np.arange(200_000 + shift, dtype=np.uint32).view(np.uint8)[shift:shift + 600_000]
+    src = np.arange(200_000 + shift, dtype=np.uint32).view(np.uint8)[shift : shift + 600_000]
     h.send_array(src, timeout=TIMEOUT)
     b = g.recv_array(timeout=TIMEOUT)
     assert np.array_equal(b, src)
@@ -301,8 +307,7 @@ def test_ring_counters_count_every_send_path(pair):
 
     def check():
         st = h.stats()
-        sent = (st["sent_inline"] + st["sent_slot"] + st["sent_mmap"],
-                st["sent_bytes_inline"] + st["sent_bytes_slot"] + st["sent_bytes_mmap"])
+        sent = (st["sent_inline"] + st["sent_slot"] + st["sent_mmap"], st["sent_bytes_inline"] + st["sent_bytes_slot"] + st["sent_bytes_mmap"])
         assert ring.sent == sent, (ring.sent, st)
         while (m := g.try_recv()) is not None:
             if not isinstance(m, bytes):

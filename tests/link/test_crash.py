@@ -30,6 +30,7 @@ whose EOF tells when the kernel closed its files (the doorbell hang-up comes fro
 a failure message says whether detection or the machine (an overloaded one takes long to tear a
 killed process down) was slow.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -65,8 +66,7 @@ GUEST = os.path.join(GUESTS, "crash_stream.py")
 HOST_SCRIPT = os.path.join(GUESTS, "crash_host.py")
 
 # Small rings and pools so that wraps, full rings and slot exhaustion all happen within a trial.
-CONFIG = SegmentConfig(max_guests=4, bipbuf_capacity=16 * 1024,
-                       size_classes=((512, 48), (4096, 24), (16 * 1024, 16)))
+CONFIG = SegmentConfig(max_guests=4, bipbuf_capacity=16 * 1024, size_classes=((512, 48), (4096, 24), (16 * 1024, 16)))
 DETECT_NS = 100_000_000  # the host (or a guest) must notice a death within 100 ms
 
 
@@ -96,6 +96,7 @@ KILL_DELAY_MAX = 0.030
 # ---------------------------------------------------------------------------------------------
 # helpers
 # ---------------------------------------------------------------------------------------------
+
 
 def free_list(pool, c: int) -> List[int]:
     """Walk a class's free list (quiescent pool only); every entry must be a distinct Free slot."""
@@ -154,8 +155,7 @@ class Side:
     resume: threading.Event = field(default_factory=threading.Event)
 
     def start(self) -> None:
-        self.threads = [threading.Thread(target=self._send, daemon=True),
-                        threading.Thread(target=self._recv, daemon=True)]
+        self.threads = [threading.Thread(target=self._send, daemon=True), threading.Thread(target=self._recv, daemon=True)]
         for t in self.threads:
             t.start()
 
@@ -248,6 +248,7 @@ def wait_for(pred, what: str, timeout: float = TIMEOUT) -> None:
 # and not Allocated -- counts() still calls it free, but nobody can ever allocate it again. The
 # random trials below hit this about once in 3000 kills; these tests put a segment in exactly
 # those states, the way the dying guest would have left them.
+
 
 class Forge:
     """Drive a peer's free-list operations step by step, as the library's pop/free do them."""
@@ -506,6 +507,7 @@ def test_frames_committed_just_before_the_end_are_delivered_first(forge_seg, sid
 # guest crash
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Stats:
     event_latency_ns: List[int] = field(default_factory=list)
@@ -525,15 +527,17 @@ class Stats:
         ev = sorted(self.event_latency_ns)
         rx = sorted(self.rx_latency_ns)
         ms = lambda ns: f"{ns / 1e6:.2f} ms"  # noqa: E731
-        return (f"{title}: {sum(self.kinds.values())} trials {dict(self.kinds)} in {elapsed:.1f} s; "
-                f"kill->died event median {ms(statistics.median(ev))} max {ms(ev[-1])} (kill->guest's fds closed "
-                f"median {ms(statistics.median(self.closed_ns))} max {ms(max(self.closed_ns))}; "
-                f"{self.over_100ms} trial(s) over 100 ms); "
-                + (f"kill->host receiver PeerDead median {ms(statistics.median(rx))} max {ms(rx[-1])}; " if rx else "")
-                + f"noticed by {dict(self.reasons)}; host received {self.host_received} / sent {self.host_sent} messages; "
-                f"recovered {self.delivered_after_death} from the ring after death, freed {self.h2g_slots_freed} "
-                f"in-flight host slots, {self.owned_slots_freed} guest-owned slots and {self.pool_op_slots_freed} "
-                "slots of a pop/free the guest died inside")
+        return (
+            f"{title}: {sum(self.kinds.values())} trials {dict(self.kinds)} in {elapsed:.1f} s; "
+            f"kill->died event median {ms(statistics.median(ev))} max {ms(ev[-1])} (kill->guest's fds closed "
+            f"median {ms(statistics.median(self.closed_ns))} max {ms(max(self.closed_ns))}; "
+            f"{self.over_100ms} trial(s) over 100 ms); "
+            + (f"kill->host receiver PeerDead median {ms(statistics.median(rx))} max {ms(rx[-1])}; " if rx else "")
+            + f"noticed by {dict(self.reasons)}; host received {self.host_received} / sent {self.host_sent} messages; "
+            f"recovered {self.delivered_after_death} from the ring after death, freed {self.h2g_slots_freed} "
+            f"in-flight host slots, {self.owned_slots_freed} guest-owned slots and {self.pool_op_slots_freed} "
+            "slots of a pop/free the guest died inside"
+        )
 
 
 def crash_trial(host: Host, rng: random.Random, index: int, kind: str, initial, stats: Stats) -> None:
@@ -560,8 +564,7 @@ def crash_trial(host: Host, rng: random.Random, index: int, kind: str, initial, 
     assert (ev.kind, ev.peer_id, ev.pid) == ("spawned", 1, h.pid)
     # the recovered peer id is reused: first Empty entry, one more epoch
     assert h.peer_id == 1 and seg.peers.epoch(1) == epoch + 1
-    side = Side(h.link, g_nonce, h_nonce, stall_at=stall_at if stall_at >= 0 else None,
-                tx_count=tx_count if stall_at >= 0 else None)
+    side = Side(h.link, g_nonce, h_nonce, stall_at=stall_at if stall_at >= 0 else None, tx_count=tx_count if stall_at >= 0 else None)
     side.start()
     try:
         # two-way traffic is up: the guest has verified host messages and the host has its reports
@@ -600,7 +603,8 @@ def crash_trial(host: Host, rng: random.Random, index: int, kind: str, initial, 
         f"trial {index} ({kind}): host noticed the death after {latency / 1e6:.1f} ms ({ev.reason}): the kernel "
         f"closed the guest's files {(t_closed - t_kill) / 1e6:.1f} ms after the kill, the host receiver saw PeerDead "
         f"after {(side.rx_dead_ns - t_kill) / 1e6:.1f} ms, the monitor thread waited {queued / 1e6:.1f} ms for a CPU "
-        f"meanwhile; load average {os.getloadavg()}")
+        f"meanwhile; load average {os.getloadavg()}"
+    )
     stats.event_latency_ns.append(latency)
     stats.closed_ns.append(t_closed - t_kill)
     stats.over_100ms += latency >= DETECT_NS
@@ -620,8 +624,9 @@ def crash_trial(host: Host, rng: random.Random, index: int, kind: str, initial, 
     stats.host_sent += side.sent
     if kind == "host_stall":
         assert d["delivered_after_death"] > 0, f"trial {index}: committed G2H frames were not recovered: {d}"
-        assert side.after_resume == d["delivered_after_death"], \
+        assert side.after_resume == d["delivered_after_death"], (
             f"trial {index}: {side.after_resume} messages delivered after death, recovery found {d['delivered_after_death']}"
+        )
     if kind == "guest_stall":
         assert d["h2g_slots_freed"] > 0, f"trial {index}: host slots in flight to the dead guest not freed: {d}"
         assert d["owned_slots_freed"] > 0, f"trial {index}: slots the dead guest held were not freed: {d}"
@@ -637,11 +642,17 @@ def crash_trial(host: Host, rng: random.Random, index: int, kind: str, initial, 
     free_now = sum(seg.pool.counts(c)[0] for c in range(seg.pool.num_classes))
     held_slots = sum(m.tier == "slot" for _, m in side.held)
     if free_now != sum(f for f, _ in initial) - held_slots:
-        allocated = [(c, s, *seg.pool.slot_meta(c, s)) for c in range(seg.pool.num_classes)
-                     for s in range(seg.pool.class_info(c)[1]) if seg.pool.slot_meta(c, s)[1] != L.SLOT_FREE]
-        raise AssertionError(f"trial {index} ({kind}): {free_now} free slots, host holds {held_slots} of "
-                             f"{sum(f for f, _ in initial)}; recovery {d}; allocated (class, slot, gen, state, "
-                             f"owner, next): {allocated}")
+        allocated = [
+            (c, s, *seg.pool.slot_meta(c, s))
+            for c in range(seg.pool.num_classes)
+            for s in range(seg.pool.class_info(c)[1])
+            if seg.pool.slot_meta(c, s)[1] != L.SLOT_FREE
+        ]
+        raise AssertionError(
+            f"trial {index} ({kind}): {free_now} free slots, host holds {held_slots} of "
+            f"{sum(f for f, _ in initial)}; recovery {d}; allocated (class, slot, gen, state, "
+            f"owner, next): {allocated}"
+        )
     side.release_held()
     assert_pool_pristine(seg.pool, initial)
     assert host.events.empty(), f"unexpected events: {list(host.events.queue)}"
@@ -752,10 +763,11 @@ def run_crashes_beside_bystanders(trials: int, seed: int) -> str:
             side.join()
             assert not side.errors, "\n".join(side.errors)
             assert (ev.kind, ev.pid) == ("died", h.pid), ev
-            assert detected_in_time(t_kill, t_closed, ev.time_ns, DETECT_BUSY_NS), \
-                (f"victim {i}: noticed {(ev.time_ns - t_kill) / 1e6:.1f} ms after the kill: the kernel closed its files "
-                 f"after {(t_closed - t_kill) / 1e6:.1f} ms, the monitor thread began recovery after "
-                 f"{(recover_started[h.pid] - t_kill) / 1e6:.1f} ms; load average {os.getloadavg()}")
+            assert detected_in_time(t_kill, t_closed, ev.time_ns, DETECT_BUSY_NS), (
+                f"victim {i}: noticed {(ev.time_ns - t_kill) / 1e6:.1f} ms after the kill: the kernel closed its files "
+                f"after {(t_closed - t_kill) / 1e6:.1f} ms, the monitor thread began recovery after "
+                f"{(recover_started[h.pid] - t_kill) / 1e6:.1f} ms; load average {os.getloadavg()}"
+            )
             assert "pool_op_unresolved" not in ev.detail, ev.detail
             assert h.wait(TIMEOUT) == -signal.SIGKILL
             stats.event_latency_ns.append(ev.time_ns - t_kill)
@@ -770,8 +782,9 @@ def run_crashes_beside_bystanders(trials: int, seed: int) -> str:
             # recovered while the pool is busy: the victim's entry and rings, and no slot in its name
             assert seg.peers.state(victim_id) == L.PEER_EMPTY
             assert seg.h2g(victim_id).indices == (0, 0, 0) and seg.g2h(victim_id).indices == (0, 0, 0)
-            left = [(c, s_) for c in range(pool.num_classes) for s_ in range(pool.class_info(c)[1])
-                    if pool.slot_meta(c, s_)[1:3] == (L.SLOT_ALLOCATED, victim_id)]
+            left = [
+                (c, s_) for c in range(pool.num_classes) for s_ in range(pool.class_info(c)[1]) if pool.slot_meta(c, s_)[1:3] == (L.SLOT_ALLOCATED, victim_id)
+            ]
             assert not left, f"victim {i}: slots still allocated to its peer id: {left}"
             side.release_held()
             for (hb, sb), before in zip(bystanders, progress):
@@ -894,7 +907,8 @@ def host_crash_trial(outdir: str, path: Optional[str], delay: float) -> List[int
             latency = res["noticed_ns"] - t_kill
             assert detected_in_time(t_kill, t_closed, res["noticed_ns"]), (
                 f"guest {pid} noticed the host's death after {latency / 1e6:.1f} ms (the kernel closed the host's "
-                f"files {(t_closed - t_kill) / 1e6:.1f} ms after the kill; load average {os.getloadavg()}): {res}")
+                f"files {(t_closed - t_kill) / 1e6:.1f} ms after the kill; load average {os.getloadavg()}): {res}"
+            )
             latencies.append(latency)
         return latencies
     finally:
@@ -947,5 +961,7 @@ def test_host_sigkill_orphans_guests(tmp_path, shm_path, named):
         _set_subreaper(False)
     assert not (set(os.listdir("/dev/shm")) - before)
     lat = sorted(latencies)
-    print(f"host SIGKILL ({'named' if named else 'anonymous'}): {len(lat)} guests noticed; "
-          f"median {statistics.median(lat) / 1e6:.2f} ms, max {lat[-1] / 1e6:.2f} ms")
+    print(
+        f"host SIGKILL ({'named' if named else 'anonymous'}): {len(lat)} guests noticed; "
+        f"median {statistics.median(lat) / 1e6:.2f} ms, max {lat[-1] / 1e6:.2f} ms"
+    )

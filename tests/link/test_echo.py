@@ -1,5 +1,6 @@
 """Echo between host and guest across every payload tier boundary, both directions, with
 content checks; bytes-like inputs of every shape; Message zero-copy and release semantics."""
+
 from __future__ import annotations
 
 import gc
@@ -15,8 +16,7 @@ from shmhub import Host, SegmentConfig
 
 from linkutil import allocated, allocated_slots, class_for, payload, spawn, wait_event, wait_until
 
-CFG = SegmentConfig(max_guests=2, bipbuf_capacity=64 * 1024, max_payload_size=4 << 20,
-                    size_classes=((1024, 8), (16 * 1024, 8), (256 * 1024, 8), (1 << 20, 8)))
+CFG = SegmentConfig(max_guests=2, bipbuf_capacity=64 * 1024, max_payload_size=4 << 20, size_classes=((1024, 8), (16 * 1024, 8), (256 * 1024, 8), (1 << 20, 8)))
 MAX = CFG.max_payload_size
 INLINE = CFG.effective_inline_threshold
 SLOT_PAYLOADS = [size - 4 for size, _ in CFG.size_classes]  # slot_size - u32 length prefix
@@ -169,8 +169,7 @@ def test_payload_above_max_payload_size_leaves_the_link_unharmed():
 
 def test_payload_above_max_payload_size_raises_both_directions():
     """max_payload_size below the largest slot: one byte more raises although a slot would fit."""
-    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=4096, max_payload_size=3000,
-                        size_classes=((1024, 4), (16 * 1024, 4)))
+    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=4096, max_payload_size=3000, size_classes=((1024, 4), (16 * 1024, 4)))
     sizes = [0, cfg.effective_inline_threshold, 1020, 1021, 3000]
     too_large = [3001, 16380, 16381]
     with Host(cfg) as host:

@@ -8,6 +8,7 @@
   inheritable fd the host process had open).
 Socket peers come from the kernel (NETLINK_SOCK_DIAG, UDIAG_SHOW_PEER), fds from /proc/<pid>/fd.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,7 @@ def fd_table(pid="self") -> dict:
 
 def socket_inode(target: str) -> int:
     assert target.startswith("socket:["), target
-    return int(target[len("socket:["):-1])
+    return int(target[len("socket:[") : -1])
 
 
 def unix_peers() -> dict:
@@ -96,8 +97,9 @@ def check_report(h, host: Host, report: dict, peers: dict) -> None:
     stdio = {str(fd): t for fd, t in fd_table().items() if fd <= 2}
     seg_target = os.readlink(f"/proc/self/fd/{host.segment.fd}")
     inherited = report["at_start"]
-    assert inherited == {**stdio, seg_fd: seg_target, bell_fd: f"socket:[{own_bell}]", ctrl_fd: f"socket:[{own_ctrl}]"}, \
+    assert inherited == {**stdio, seg_fd: seg_target, bell_fd: f"socket:[{own_bell}]", ctrl_fd: f"socket:[{own_ctrl}]"}, (
         f"guest {h.peer_id} inherited {inherited}; expected stdio, the segment ({seg_fd}), its doorbell ({bell_fd}) and control socket ({ctrl_fd})"
+    )
     held = report["connected"]
     sockets = [t for t in held.values() if t.startswith("socket:")]
     assert sorted(sockets) == sorted([f"socket:[{own_bell}]", f"socket:[{own_ctrl}]"]), f"guest {h.peer_id} holds sockets {sockets}"
@@ -167,8 +169,9 @@ def test_live_guests_hold_only_their_own_fds():
             for h in handles:
                 table = fd_table(h.pid)
                 sockets = [socket_inode(t) for t in table.values() if t.startswith("socket:")]
-                assert sorted(sockets) == own_sockets(h, peers), \
+                assert sorted(sockets) == own_sockets(h, peers), (
                     f"guest {h.peer_id} (pid {h.pid}) holds sockets {sockets}, not the peers of its own doorbell and control socket: {table}"
+                )
                 assert not set(sockets) & host_bells
                 guest_sockets[h.peer_id] = tuple(sorted(sockets))
                 inodes = [os.stat(f"/proc/{h.pid}/fd/{fd}").st_ino for fd in table if fd > 2]

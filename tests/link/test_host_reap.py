@@ -1,5 +1,6 @@
 """A guest that closes its link before it exits is recovered on the doorbell hang-up while still
 running; the host must still reap it once it exits (no zombie children)."""
+
 from __future__ import annotations
 
 import os

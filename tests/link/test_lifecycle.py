@@ -1,5 +1,6 @@
 """Host goodbye with busy guests, fairness of recv_any, walk-in guests, heartbeats, spawn
 failure, connect() outside a spawned child."""
+
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ def _run(target, errors):
             target()
         except BaseException as e:  # reported by the test
             errors.append(f"{type(e).__name__}: {e}")
+
     t = threading.Thread(target=body)
     t.start()
     return t
@@ -58,8 +60,7 @@ def test_goodbye_with_busy_guests(named, shm_path, tmp_path):
     try:
         for i in range(3):
             guests.append(spawn(host, "busy.py", tmp_path / f"g{i}.json", 100 * i))
-        streams = {g.peer_id: (Stream(100 * i, 50_000, INLINE, SLOT_MAX), Stream(100 * i + 1, 50_000, INLINE, SLOT_MAX))
-                   for i, g in enumerate(guests)}
+        streams = {g.peer_id: (Stream(100 * i, 50_000, INLINE, SLOT_MAX), Stream(100 * i + 1, 50_000, INLINE, SLOT_MAX)) for i, g in enumerate(guests)}
         errors: list = []
 
         def send_all():  # a thread of its own: the slot pool is shared, so a host that stopped
@@ -70,8 +71,7 @@ def test_goodbye_with_busy_guests(named, shm_path, tmp_path):
 
         sender = _run(send_all, errors)
         deadline = time.monotonic() + 60
-        while ((sender.is_alive() and max(got.values(), default=0) < 45_000) or sum(got.values()) < 3000) \
-                and time.monotonic() < deadline:
+        while ((sender.is_alive() and max(got.values(), default=0) < 45_000) or sum(got.values()) < 3000) and time.monotonic() < deadline:
             h, msg = host.recv_any(timeout=10)
             with msg:
                 err = streams[h.peer_id][1].check(got[h.peer_id], msg)
@@ -123,7 +123,7 @@ def test_recv_any_is_fair_across_streaming_guests():
         assert sorted(counts) == sorted(g.peer_id for g in guests)
         assert max(counts.values()) - min(counts.values()) <= 1, counts
         # strictly round robin: every window of n_guests consecutive messages has one of each
-        assert all(len(set(order[k:k + n_guests])) == n_guests for k in range(first_n - n_guests)), order[:40]
+        assert all(len(set(order[k : k + n_guests])) == n_guests for k in range(first_n - n_guests)), order[:40]
     assert all(g.returncode == 0 for g in guests), [g.returncode for g in guests]
 
 
@@ -179,8 +179,7 @@ def test_heartbeat_detects_a_stopped_guest():
     """With heartbeat_interval_ns set, a SIGSTOPped guest (its process lives, its doorbell stays
     open) is declared stale after 2 intervals, killed and recovered, slots in flight included."""
     interval = 200_000_000  # stale after 400 ms without a heartbeat; the guest stamps every 100 ms
-    cfg = SegmentConfig(max_guests=2, bipbuf_capacity=8192, heartbeat_interval_ns=interval,
-                        size_classes=((1024, 8),))
+    cfg = SegmentConfig(max_guests=2, bipbuf_capacity=8192, heartbeat_interval_ns=interval, size_classes=((1024, 8),))
     host = Host(cfg)
     g = None
     try:
@@ -229,8 +228,7 @@ def test_spawn_failure_releases_the_reservation(tmp_path):
     with Host(cfg) as host:
         fds = set(os.listdir("/proc/self/fd"))
         epoch = host.segment.peers.epoch(1)
-        for argv, err in [(["/nonexistent/shmhub-guest"], FileNotFoundError),
-                          ([str(not_executable)], PermissionError)] * 2:
+        for argv, err in [(["/nonexistent/shmhub-guest"], FileNotFoundError), ([str(not_executable)], PermissionError)] * 2:
             with pytest.raises(err):
                 host.spawn(argv)
             assert _states(host) == [L.PEER_EMPTY]
@@ -250,8 +248,7 @@ def test_connect_outside_a_spawned_child(monkeypatch):
     with pytest.raises(shmhub.SegmentError) as ei:
         shmhub.connect()
     assert isinstance(ei.value, shmhub.ShmhubError) and "SHMHUB_GUEST" in str(ei.value)
-    for bad in ("not json", json.dumps({"v": 99, "peer_id": 1, "segment_fd": 0, "doorbell_fd": 0}),
-                json.dumps({"v": 1, "peer_id": 1})):
+    for bad in ("not json", json.dumps({"v": 99, "peer_id": 1, "segment_fd": 0, "doorbell_fd": 0}), json.dumps({"v": 1, "peer_id": 1})):
         monkeypatch.setenv("SHMHUB_GUEST", bad)
         with pytest.raises(shmhub.SegmentError):
             shmhub.connect()
@@ -281,8 +278,10 @@ def test_close_wakes_threads_blocked_on_the_link():
             except BaseException as e:
                 results[name] = (type(e).__name__, time.monotonic())
 
-        threads = [threading.Thread(target=blocked, args=("recv", lambda: link.recv(timeout=20))),
-                   threading.Thread(target=blocked, args=("send", lambda: link.send(b"x", timeout=20)))]
+        threads = [
+            threading.Thread(target=blocked, args=("recv", lambda: link.recv(timeout=20))),
+            threading.Thread(target=blocked, args=("send", lambda: link.send(b"x", timeout=20))),
+        ]
         for t in threads:
             t.start()
         wait_until(lambda: link._waiter.polling, what="a thread asleep on the doorbell")
@@ -335,8 +334,10 @@ def test_host_close_wakes_threads_blocked_in_recv_and_recv_any():
         except BaseException as e:
             results[name] = (type(e), time.monotonic())
 
-    threads = [threading.Thread(target=blocked, args=("recv_any", lambda: host.recv_any(timeout=20))),
-               threading.Thread(target=blocked, args=("recv", lambda: guests[1].link.recv(timeout=20)))]
+    threads = [
+        threading.Thread(target=blocked, args=("recv_any", lambda: host.recv_any(timeout=20))),
+        threading.Thread(target=blocked, args=("recv", lambda: guests[1].link.recv(timeout=20))),
+    ]
     for t in threads:
         t.start()
     time.sleep(0.3)
@@ -349,7 +350,6 @@ def test_host_close_wakes_threads_blocked_in_recv_and_recv_any():
     assert issubclass(results["recv"][0], shmhub.LinkError)  # the guest is gone
     assert all(v[1] - t0 < 3 for v in results.values()), {k: v[1] - t0 for k, v in results.items()}
     assert [g.returncode for g in guests] == [0, 0]
-
 
 
 def test_host_close_and_recovery_take_the_link_locks_in_one_order():

@@ -10,6 +10,7 @@ algorithms 2.9; traps 37-39, 41).
 
 Guests live in tests/guests/mmap_*.py; tests/guests/mmap_content.py is shared with them.
 """
+
 from __future__ import annotations
 
 import array
@@ -50,8 +51,9 @@ mc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mc)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-CONFIG = SegmentConfig(max_guests=2, bipbuf_capacity=256 * KiB, max_payload_size=GiB, inline_threshold=256,
-                       size_classes=((1024, 256), (16 * KiB, 128), (256 * KiB, 16), (MiB, 8)))
+CONFIG = SegmentConfig(
+    max_guests=2, bipbuf_capacity=256 * KiB, max_payload_size=GiB, inline_threshold=256, size_classes=((1024, 256), (16 * KiB, 128), (256 * KiB, 16), (MiB, 8))
+)
 INLINE_MAX = CONFIG.effective_inline_threshold
 SLOT_MAX = CONFIG.max_slot_payload  # largest slot - 4: the last slot-routed size
 SEQ = struct.Struct("<Q")
@@ -97,6 +99,7 @@ def test_size_list_covers_the_boundaries():
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
 
 def spawn(host: Host, script: str, tmp_path, *args):
     """Spawn tests/guests/<script> with stderr in a file (read by guest_err)."""
@@ -153,6 +156,7 @@ def finish(host: Host, g, tmp_path, script: str) -> None:
 
 
 # -- 1. sizes ---------------------------------------------------------------------------------------
+
 
 def _check_echo(host: Host, link: Link, n: int, seed: int, problems: list) -> None:
     data = mc.content(seed, n)
@@ -220,8 +224,10 @@ def test_sizes_guest_initiated(tmp_path):
                 held = slots_in_use(host.segment)
             want = mc.digest(seed, n)
             if (size, tier, got, rep["digest"]) != (n, expected_tier(n), want, want):
-                problems.append(f"guest->host {n}: got {size} B tier {tier} digest ok={got == want} "
-                                f"guest digest ok={rep['digest'] == want}, expected tier {expected_tier(n)}")
+                problems.append(
+                    f"guest->host {n}: got {size} B tier {tier} digest ok={got == want} "
+                    f"guest digest ok={rep['digest'] == want}, expected tier {expected_tier(n)}"
+                )
             if held != expected_slots(n):
                 problems.append(f"guest->host {n}: slots in use {held}, expected {expected_slots(n)}")
         command(link, op="stat")
@@ -320,9 +326,18 @@ class Sampler:
         if force or t >= self.next:
             self.next = t + 0.25
             maps, g_maps = len(mc.map_inodes()), len(mc.map_inodes(self.pid))
-            self.rows.append({"t": t, "maps": maps, "rss": mc.rss_kib(), "fds": mc.fd_count(),
-                              "g_maps": g_maps, "g_rss": mc.rss_kib(self.pid), "g_fds": mc.fd_count(self.pid),
-                              **self.link.mappings})
+            self.rows.append(
+                {
+                    "t": t,
+                    "maps": maps,
+                    "rss": mc.rss_kib(),
+                    "fds": mc.fd_count(),
+                    "g_maps": g_maps,
+                    "g_rss": mc.rss_kib(self.pid),
+                    "g_fds": mc.fd_count(self.pid),
+                    **self.link.mappings,
+                }
+            )
 
     def after(self, warmup: float) -> list:
         rows = [r for r in self.rows if r["t"] >= warmup]
@@ -345,8 +360,9 @@ class Sampler:
             for r, m in zip(rss, maps):
                 # a mapping is the payload plus its header page rounded up to 1 MiB, allocated up front
                 allowed = rss_slack_kib + max(0, m - maps[0]) * ((STREAM_N + MiB) // KiB)
-                assert r - rss[0] <= allowed, (f"{label}: {who or 'host '}RSS grew {r - rss[0]} KiB after warm-up "
-                                               f"with {m - maps[0]} more mappings (allowed {allowed}): {rss}, {maps}")
+                assert r - rss[0] <= allowed, (
+                    f"{label}: {who or 'host '}RSS grew {r - rss[0]} KiB after warm-up with {m - maps[0]} more mappings (allowed {allowed}): {rss}, {maps}"
+                )
             out[who + "rss_mib"] = (rss[0] // 1024, max(rss) // 1024, rss[-1] // 1024)
             out[who + "fds"] = (min(fds), max(fds))
             out[who + "maps"] = (min(maps), max(maps))
@@ -396,9 +412,14 @@ def _stream_and_kill(tmp_path, h2g_seconds: float, g2h_seconds: float) -> None:
             assert gstat["errors"] == [] and gstat["got"] == sent, gstat
             assert gstat["mappings"]["rx_mappings"] <= MAX_MAPPINGS, gstat["mappings"]
             assert max(r["tx_mappings"] for r in s.rows) <= MAX_MAPPINGS
-            results["h2g"] = {"sent": sent, "seconds": round(dt, 1), "MiB_per_s": round(sent * STREAM_N / MiB / dt),
-                              "host_mappings": link.mappings, "guest_rx_mappings": gstat["mappings"]["rx_mappings"],
-                              **s.check_bounded(min(2.0, h2g_seconds / 4), 32 * 1024, "host->guest stream")}
+            results["h2g"] = {
+                "sent": sent,
+                "seconds": round(dt, 1),
+                "MiB_per_s": round(sent * STREAM_N / MiB / dt),
+                "host_mappings": link.mappings,
+                "guest_rx_mappings": gstat["mappings"]["rx_mappings"],
+                **s.check_bounded(min(2.0, h2g_seconds / 4), 32 * 1024, "host->guest stream"),
+            }
 
             # guest -> host for g2h_seconds; the host checks every payload and releases it.
             s = Sampler(link, g.pid)
@@ -419,9 +440,14 @@ def _stream_and_kill(tmp_path, h2g_seconds: float, g2h_seconds: float) -> None:
             dt = time.monotonic() - t0
             s.maybe(force=True)
             assert rep["sent"] == got and rep["mappings"]["tx_mappings"] <= MAX_MAPPINGS, rep
-            results["g2h"] = {"received": got, "seconds": round(dt, 1), "MiB_per_s": round(got * STREAM_N / MiB / dt),
-                              "guest_tx_mappings": rep["mappings"], "host_rx_mappings": link.mappings["rx_mappings"],
-                              **s.check_bounded(min(1.0, g2h_seconds / 4), 32 * 1024, "guest->host stream")}
+            results["g2h"] = {
+                "received": got,
+                "seconds": round(dt, 1),
+                "MiB_per_s": round(got * STREAM_N / MiB / dt),
+                "guest_tx_mappings": rep["mappings"],
+                "host_rx_mappings": link.mappings["rx_mappings"],
+                **s.check_bounded(min(1.0, g2h_seconds / 4), 32 * 1024, "guest->host stream"),
+            }
 
             # Both sides hold leases on the other's mappings, then the guest is killed.
             k = 3
@@ -475,6 +501,7 @@ def test_stream_bounded_then_kill_long(tmp_path):
 
 # -- 3. control-channel faults, grace period, PayloadTooLarge ------------------------------------
 
+
 class Pair:
     """An in-process host/guest Link pair over one segment, doorbell and control socketpair."""
 
@@ -511,14 +538,24 @@ def pair():
 EVIL = "shmhub-evil"
 
 
-def make_memfd(size: int, map_id: int, gen: int, *, magic: bytes = L.MAP_MAGIC, hdr_id=None, hdr_gen=None,
-               leases: int = 0, name: str = EVIL, payload: bytes = b"", seal: bool = True) -> int:
+def make_memfd(
+    size: int,
+    map_id: int,
+    gen: int,
+    *,
+    magic: bytes = L.MAP_MAGIC,
+    hdr_id=None,
+    hdr_gen=None,
+    leases: int = 0,
+    name: str = EVIL,
+    payload: bytes = b"",
+    seal: bool = True,
+) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     if seal:  # receivers require the shrink seal (a shrunk mapping would SIGBUS them)
         fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-    os.pwrite(fd, magic + struct.pack("<IIII", map_id if hdr_id is None else hdr_id,
-                                      gen if hdr_gen is None else hdr_gen, leases, 0), 0)
+    os.pwrite(fd, magic + struct.pack("<IIII", map_id if hdr_id is None else hdr_id, gen if hdr_gen is None else hdr_gen, leases, 0), 0)
     if payload:
         os.pwrite(fd, payload, L.MAP_HEADER_SIZE)
     return fd
@@ -594,9 +631,24 @@ def _fault(case: str, ctrl: socket.socket) -> None:
             os.close(fd)
 
 
-FAULTS = ["short_body", "long_body", "empty_body_with_fd", "oversized_datagram", "no_fd", "two_fds", "five_fds",
-          "bad_magic", "header_map_id_differs", "header_generation_differs", "smaller_than_announced",
-          "header_only_length", "absurd_length", "unsealed", "not_a_memfd", "duplicate"]
+FAULTS = [
+    "short_body",
+    "long_body",
+    "empty_body_with_fd",
+    "oversized_datagram",
+    "no_fd",
+    "two_fds",
+    "five_fds",
+    "bad_magic",
+    "header_map_id_differs",
+    "header_generation_differs",
+    "smaller_than_announced",
+    "header_only_length",
+    "absurd_length",
+    "unsealed",
+    "not_a_memfd",
+    "duplicate",
+]
 
 
 @pytest.mark.parametrize("direction", ["h2g", "g2h"])
@@ -629,8 +681,7 @@ def test_guest_link_corrupted_by_malformed_datagram_cross_process(tmp_path):
     with Host(CONFIG) as host:
         out = tmp_path / "victim.out"
         with open(out, "w") as f:
-            g = host.spawn([sys.executable, os.path.join(GUESTS, "mmap_fault.py"), "victim"], stdout=f,
-                           stderr=subprocess.STDOUT, cwd=GUESTS)
+            g = host.spawn([sys.executable, os.path.join(GUESTS, "mmap_fault.py"), "victim"], stdout=f, stderr=subprocess.STDOUT, cwd=GUESTS)
         link = g.link
         assert "fds" in report(link, timeout=30)
         a, b = make_memfd(MiB, 1, 1), make_memfd(MiB, 1, 1)
@@ -735,14 +786,17 @@ def test_ref_overtaking_its_attach_is_delivered_within_grace(pair):
         os.close(fd)
 
 
-@pytest.mark.parametrize("offset,length,ok", [
-    (L.MAP_HEADER_SIZE, MiB - L.MAP_HEADER_SIZE, True),  # ends exactly at the end of the mapping
-    (L.MAP_HEADER_SIZE, MiB - L.MAP_HEADER_SIZE + 1, False),  # one byte past it
-    (MiB - 8, 16, False),
-    (0, 16, False),  # inside the mapping header
-    (L.MAP_HEADER_SIZE - 1, 16, False),
-    ((1 << 64) - 8, 16, False),  # offset + length overflows 64 bits
-])
+@pytest.mark.parametrize(
+    "offset,length,ok",
+    [
+        (L.MAP_HEADER_SIZE, MiB - L.MAP_HEADER_SIZE, True),  # ends exactly at the end of the mapping
+        (L.MAP_HEADER_SIZE, MiB - L.MAP_HEADER_SIZE + 1, False),  # one byte past it
+        (MiB - 8, 16, False),
+        (0, 16, False),  # inside the mapping header
+        (L.MAP_HEADER_SIZE - 1, 16, False),
+        ((1 << 64) - 8, 16, False),  # offset + length overflows 64 bits
+    ],
+)
 def test_ref_bounds_checked_against_the_mapping(pair, offset, length, ok):
     _, receiver, ctrl, ring = pair.side("g2h")
     fd = make_memfd(MiB, 5, 1, leases=1)
@@ -763,8 +817,7 @@ def test_ref_bounds_checked_against_the_mapping(pair, offset, length, ok):
 
 
 def test_payload_above_max_payload_size():
-    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=64 * KiB, max_payload_size=4 * MiB,
-                        size_classes=((1024, 16), (64 * KiB, 4)))
+    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=64 * KiB, max_payload_size=4 * MiB, size_classes=((1024, 16), (64 * KiB, 4)))
     p = Pair(cfg)
     try:
         for sender, receiver in ((p.host, p.guest), (p.guest, p.host)):
@@ -781,8 +834,7 @@ def test_payload_above_max_payload_size():
 
 @pytest.mark.parametrize("why", ["no_control_socket", "segment_without_mmap_leases"])
 def test_no_mmap_tier_means_payload_too_large_above_the_largest_slot(why):
-    p = Pair(control=why != "no_control_socket",
-             features=L.KNOWN_FEATURES & ~L.FEATURE_MMAP_LEASES if why != "no_control_socket" else L.KNOWN_FEATURES)
+    p = Pair(control=why != "no_control_socket", features=L.KNOWN_FEATURES & ~L.FEATURE_MMAP_LEASES if why != "no_control_socket" else L.KNOWN_FEATURES)
     try:
         for sender, receiver in ((p.host, p.guest), (p.guest, p.host)):
             assert sender.mappings == {}
@@ -818,6 +870,7 @@ def test_walk_in_guest_has_no_mmap_tier(shm_path):
 
 
 # -- leases, reuse, backpressure, retirement (in-process) ----------------------------------------
+
 
 @pytest.mark.parametrize("direction", ["h2g", "g2h"])
 def test_leases_reuse_and_backpressure(pair, direction):

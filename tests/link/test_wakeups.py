@@ -1,5 +1,6 @@
 """No lost wakeups under concurrent blocking traffic on tiny rings; doorbell elision under
 streaming; every blocking call honours its timeout and releases the GIL while it waits."""
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ def _run(target, errors, name):
             target()
         except BaseException as e:  # reported by the test
             errors.append(f"{name}: {type(e).__name__}: {e}")
+
     t = threading.Thread(target=body, name=name)
     t.start()
     return t
@@ -212,8 +214,7 @@ def test_host_waits_release_the_gil():
     host, g = _idle_host()
     try:
         link = g.link
-        ratios = {"recv": _gil_case(lambda t: link.recv(timeout=t)),
-                  "recv_any": _gil_case(lambda t: host.recv_any(timeout=t))}
+        ratios = {"recv": _gil_case(lambda t: link.recv(timeout=t)), "recv_any": _gil_case(lambda t: host.recv_any(timeout=t))}
         _take_all_slots(link)
         ratios["send (no free slot)"] = _gil_case(lambda t: link.send(bytes(SLOT_N), timeout=t))
         _fill_ring(link)

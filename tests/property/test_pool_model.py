@@ -6,6 +6,7 @@ head, every slot's generation/state/owner and every next_free link.
 
 Class 1 is growable (FEATURE_EXTENTS): `grow` appends an extent, whose slots are pushed onto the
 class's one free list under global indices extent * slot_count + slot, in a single push."""
+
 from __future__ import annotations
 
 import pytest

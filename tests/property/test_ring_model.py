@@ -6,6 +6,7 @@ indices must equal the model's, every frame in flight must still be intact in sh
 grant over unread data, trap 2, shows up here), and the index arithmetic must account for exactly
 the bytes in flight. A refused write must be one the free space really cannot hold.
 """
+
 from __future__ import annotations
 
 from collections import deque

@@ -1,4 +1,5 @@
 """Remote links over TCP on 127.0.0.1 (random free ports): fixtures; helpers in remoteutil.py."""
+
 from __future__ import annotations
 
 import multiprocessing

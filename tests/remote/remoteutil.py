@@ -1,4 +1,5 @@
 """Helpers of the remote tests: guests in threads or processes (guests/*.py), on random free ports."""
+
 from __future__ import annotations
 
 import os

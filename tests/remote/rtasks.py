@@ -1,4 +1,5 @@
 """Task functions for the remote executor tests (importable by local and remote workers)."""
+
 from __future__ import annotations
 
 import os

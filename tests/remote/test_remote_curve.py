@@ -1,5 +1,6 @@
 """CURVE: keys from files (zmq.auth certificates); an authorized guest gets in, a guest whose key is
 not authorized, or who has the wrong listener key, is refused."""
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,7 @@ def secure(keys):
 
 def test_an_authorized_guest_talks_over_curve(keys, secure):
     out = []
-    t = threading.Thread(target=lambda: out.append(shmhub.connect(
-        secure.endpoint, keys=keys / "client.key_secret", server_key=keys / "server.key", timeout=T)))
+    t = threading.Thread(target=lambda: out.append(shmhub.connect(secure.endpoint, keys=keys / "client.key_secret", server_key=keys / "server.key", timeout=T)))
     t.start()
     g = secure.accept(timeout=T)
     t.join(T)

@@ -1,6 +1,7 @@
 """Executor(listen=...) with remote workers (`shmhub worker URL`) beside local ones: tasks run on
 both, a remote worker killed or stopped mid-task fails only its own task (WorkerCrashed), and
 shutdown ends the remote worker."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """A remote link behaves as a shared-memory Link: echo, large payloads, timeouts, asyncio, stats,
 close, and a peer's death (killed, stopped, closed) noticed within the heartbeat timeout."""
+
 from __future__ import annotations
 
 import asyncio

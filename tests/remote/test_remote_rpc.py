@@ -1,5 +1,6 @@
 """shmhub.rpc over a remote link, unchanged: calls, streams, asyncio, errors, out-of-band arrays,
 deadlines (sent as budgets: the ends' clocks are not shared), and PeerDead for calls in flight."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,6 +35,7 @@ def test_calls_streams_errors_and_asyncio(served):
 
     async def go():
         return await asyncio.gather(*(c.acall("add", i, 1, timeout=T) for i in range(50)))
+
     assert asyncio.run(go()) == [i + 1 for i in range(50)]
 
 

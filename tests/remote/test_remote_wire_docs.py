@@ -1,5 +1,6 @@
 """docs/remote.md's wire format cannot drift from src/shmhub/remote/_wire.py: the header table,
 the kinds, and each byte-by-byte example (encoded and decoded)."""
+
 from __future__ import annotations
 
 import os
@@ -21,7 +22,7 @@ def table_after(marker: str) -> list:
     while not lines[i].startswith("|"):
         i += 1
     rows = []
-    for line in lines[i + 2:]:
+    for line in lines[i + 2 :]:
         if not line.startswith("|"):
             break
         rows.append([c.strip() for c in line.strip().strip("|").split("|")])
@@ -54,8 +55,10 @@ def test_every_example_encodes_and_decodes_as_documented():
         assert W.decode(data) == EXAMPLES[name], name
 
 
-@pytest.mark.parametrize("data", [b"", b"SHMR\x01", b"XXXX\x01\x03", b"SHMR\x02\x03", b"SHMR\x01\x09", b"SHMR\x01\x03x",
-                                  b"SHMR\x01\x02\x01", b"SHMR\x01\x01\x01\x00", b"SHMR\x01\x04\xff"])
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"SHMR\x01", b"XXXX\x01\x03", b"SHMR\x02\x03", b"SHMR\x01\x09", b"SHMR\x01\x03x", b"SHMR\x01\x02\x01", b"SHMR\x01\x01\x01\x00", b"SHMR\x01\x04\xff"],
+)
 def test_malformed_control_messages_are_link_corrupted(data):
     with pytest.raises(LinkCorrupted):
         W.decode(data)

@@ -1,4 +1,5 @@
 """Handlers served by the test servers (in-process and in guest processes)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -136,6 +137,7 @@ def array_info(a):
 
 def make_array(n, value):
     import numpy as np
+
     return np.full(n, value, dtype=np.float64)
 
 
@@ -161,6 +163,7 @@ def hoard(a, keep, drop):
 def drop_hoard():
     _hoard.clear()
     import gc
+
     gc.collect()
     return 0
 
@@ -176,8 +179,28 @@ class Model:
         return "secret"
 
 
-HANDLERS = {"add": add, "null": null, "now": now, "echo": echo, "sleep_echo": sleep_echo, "asleep_echo": asleep_echo, "boom": boom,
-            "unpicklable": unpicklable, "count": count, "acount": acount, "fail_after": fail_after,
-            "spin_until_cancelled": spin_until_cancelled, "await_until_cancelled": await_until_cancelled,
-            "event": event, "wait_event": wait_event, "block": block, "pid": pid, "array_info": array_info,
-            "make_array": make_array, "hoard": hoard, "drop_hoard": drop_hoard, "nbytes": nbytes, "model": Model()}
+HANDLERS = {
+    "add": add,
+    "null": null,
+    "now": now,
+    "echo": echo,
+    "sleep_echo": sleep_echo,
+    "asleep_echo": asleep_echo,
+    "boom": boom,
+    "unpicklable": unpicklable,
+    "count": count,
+    "acount": acount,
+    "fail_after": fail_after,
+    "spin_until_cancelled": spin_until_cancelled,
+    "await_until_cancelled": await_until_cancelled,
+    "event": event,
+    "wait_event": wait_event,
+    "block": block,
+    "pid": pid,
+    "array_info": array_info,
+    "make_array": make_array,
+    "hoard": hoard,
+    "drop_hoard": drop_hoard,
+    "nbytes": nbytes,
+    "model": Model(),
+}

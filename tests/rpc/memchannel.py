@@ -1,5 +1,6 @@
 """An in-memory channel pair with the Link's surface (send / recv returning shmhub.Message /
 close), for testing the RPC protocol without shared memory."""
+
 from __future__ import annotations
 
 import threading

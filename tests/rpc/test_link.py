@@ -1,5 +1,6 @@
 """The RPC drivers over real links to spawned guests: both directions at once, peer death with
 calls in flight, out-of-band buffers through slots and mappings, and what shared memory is left."""
+
 from __future__ import annotations
 
 import asyncio
@@ -20,8 +21,7 @@ from shmhub.errors import PeerDead
 HERE = os.path.dirname(os.path.abspath(__file__))
 T = 10.0
 # Small pools, so that a leaked slot shows, and the mmap tier from 256 KiB up.
-CFG = SegmentConfig(max_guests=2, bipbuf_capacity=64 * 1024,
-                    size_classes=((1024, 64), (16 * 1024, 32), (256 * 1024, 128)))
+CFG = SegmentConfig(max_guests=2, bipbuf_capacity=64 * 1024, size_classes=((1024, 64), (16 * 1024, 32), (256 * 1024, 128)))
 
 
 def spawn(host: Host, script: str = "rpc_server.py", *args: object) -> shmhub.GuestHandle:
@@ -54,6 +54,7 @@ def test_calls_streams_and_asyncio_over_a_link():
                 vals = await asyncio.gather(*(c.acall("add", i, i, timeout=T) for i in range(100)))
                 items = [x async for x in c.stream("acount", 50, timeout=T)]
                 return vals, items
+
             vals, items = asyncio.run(go())
             assert vals == [2 * i for i in range(100)] and items == list(range(50))
             with pytest.raises(rpc.MethodNotFound, match="'nope'"):
@@ -285,8 +286,9 @@ def test_many_threads_calling_at_once_share_the_read_role():
                         f = c.submit("add", k, i, timeout=T)  # a call nobody blocks on, read by someone else
                         assert f.result(T) == k + i
                     else:
-                        assert c.call("sleep_echo" if i % 7 == 0 else "add", *((k * 1000 + i, 0.001) if i % 7 == 0 else (k, i)),
-                                      timeout=T) == (k * 1000 + i if i % 7 == 0 else k + i)
+                        assert c.call("sleep_echo" if i % 7 == 0 else "add", *((k * 1000 + i, 0.001) if i % 7 == 0 else (k, i)), timeout=T) == (
+                            k * 1000 + i if i % 7 == 0 else k + i
+                        )
             except BaseException as e:  # reported below
                 errors.append(e)
 
@@ -309,8 +311,7 @@ def test_a_guest_in_rpc_serve_says_goodbye_when_the_host_leaves():
     """rpc.serve closes its link when it returns, so the host reports the guest exited, not died."""
     host = Host(CFG)
     try:
-        g = host.spawn([sys.executable, "-c", "import shmhub\nfrom shmhub import rpc\n"
-                        "rpc.serve(shmhub.connect(), {'add': lambda a, b: a + b})"])
+        g = host.spawn([sys.executable, "-c", "import shmhub\nfrom shmhub import rpc\nrpc.serve(shmhub.connect(), {'add': lambda a, b: a + b})"])
         c = rpc.Client(g.link)
         assert c.call("add", 1, 2, timeout=T) == 3
     finally:

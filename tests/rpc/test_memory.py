@@ -1,5 +1,6 @@
 """The drivers over an in-memory channel pair (no shared memory): calls, streams, asyncio,
 ordering, deadlines, cancellation, limits, errors, the connection's end and malformed input."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,8 +26,7 @@ T = 10.0  # a bound on anything that should happen at once; tests normally take 
 class Pair:
     def __init__(self, max_concurrency: int = 32, max_in_flight: int = 64, handlers=None, codec=None) -> None:
         self.a, self.b = channel_pair()
-        self.server = rpc.Server(handlers if handlers is not None else H.HANDLERS, max_concurrency=max_concurrency,
-                                 codec=codec)
+        self.server = rpc.Server(handlers if handlers is not None else H.HANDLERS, max_concurrency=max_concurrency, codec=codec)
         self.conn = self.server.attach(self.b)
         self.client = rpc.Client(self.a, max_in_flight=max_in_flight, codec=codec)
 
@@ -100,9 +100,11 @@ def test_64_in_flight_complete_out_of_order_and_match_their_calls():
         assert [f.result(T) for f in futs] == list(range(64))
         assert sorted(order) == list(range(64))
         assert order != list(range(64))  # completion followed the latencies, not the call order
+
         # the async handlers too
         async def many():
             return await asyncio.gather(*(p.client.acall("asleep_echo", i, d, timeout=T) for i, d in enumerate(delays)))
+
         assert asyncio.run(many()) == list(range(64))
     finally:
         p.close()
@@ -122,6 +124,7 @@ def test_a_client_at_its_limit_blocks_until_a_call_completes():
 
         async def limited():
             return await p.client.acall("add", 2, 2, timeout=T)
+
         p.client.submit("block", 0.1, timeout=T)
         p.client.submit("block", 0.1, timeout=T)
         assert asyncio.run(limited()) == 4
@@ -141,6 +144,7 @@ def test_deadline_raises_on_time_even_if_the_server_is_stuck(pair):
 
     async def late():
         return await pair.client.acall("asleep_echo", 1, 1.0, timeout=0.1)
+
     with pytest.raises(rpc.DeadlineExceeded):
         asyncio.run(late())
     assert pair.client.call("add", 1, 2, timeout=T) == 3
@@ -180,6 +184,7 @@ def test_cancel_drops_a_queued_call_and_reaches_running_handlers():
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
+
         asyncio.run(cancel_async())
         assert c.call("wait_event", "async", T, timeout=T) == "CancelledError"
     finally:
@@ -207,6 +212,7 @@ def test_a_stream_that_ends_after_its_consumer_parked_wakes_it_at_once():
 
     p = Pair(handlers={"gen": gen})
     try:
+
         async def consume():
             s = p.client.stream("gen", timeout=T)
             first = await s.__anext__()
@@ -249,15 +255,18 @@ def test_closing_the_client_fails_calls_with_link_closed(pair):
         pair.client.call("add", 1, 2, timeout=T)
 
 
-@pytest.mark.parametrize("to, frame, words", [
-    ("server", b"\x01\x02", "truncated"),
-    ("client", b"\x01\x02", "truncated"),
-    ("server", W.HEADER.pack(1, 42, 0, 0, 1, 0, 0, 0, 0), "unknown frame kind"),
-    ("client", W.encode_frame(W.Kind.RESULT, 999, b""), "never issued"),
-    ("server", W.encode_frame(W.Kind.CANCEL, 999, b""), "never requested"),
-    ("server", W.encode_frame(W.Kind.REQUEST, 1, b"", method="x" * 60), "oversize"),
-    ("client", W.encode_frame(W.Kind.ITEM, 1, b""), "not a stream"),
-])
+@pytest.mark.parametrize(
+    "to, frame, words",
+    [
+        ("server", b"\x01\x02", "truncated"),
+        ("client", b"\x01\x02", "truncated"),
+        ("server", W.HEADER.pack(1, 42, 0, 0, 1, 0, 0, 0, 0), "unknown frame kind"),
+        ("client", W.encode_frame(W.Kind.RESULT, 999, b""), "never issued"),
+        ("server", W.encode_frame(W.Kind.CANCEL, 999, b""), "never requested"),
+        ("server", W.encode_frame(W.Kind.REQUEST, 1, b"", method="x" * 60), "oversize"),
+        ("client", W.encode_frame(W.Kind.ITEM, 1, b""), "not a stream"),
+    ],
+)
 def test_malformed_frames_end_the_connection_with_a_protocol_error(to, frame, words):
     p = Pair()
     p.conn.assembler.max_frame = 80

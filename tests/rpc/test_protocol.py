@@ -1,4 +1,5 @@
 """The sans-IO core: wire frames, call tables, error encoding and codecs, with bytes and lists only."""
+
 from __future__ import annotations
 
 import pickle
@@ -11,8 +12,7 @@ from shmhub import Message
 from shmhub.errors import DeadlineExceeded, LinkCorrupted, MethodNotFound, RemoteError, RpcProtocolError
 from shmhub.rpc import _wire as W
 from shmhub.rpc._codec import BytesCodec, PickleCodec, codec_for
-from shmhub.rpc._protocol import (ERR_DEADLINE, ERR_NOT_FOUND, CallTable, FrameAssembler, ServingTable,
-                                  decode_error, encode_error)
+from shmhub.rpc._protocol import ERR_DEADLINE, ERR_NOT_FOUND, CallTable, FrameAssembler, ServingTable, decode_error, encode_error
 
 from handlers import Boom, Unpicklable
 
@@ -22,14 +22,22 @@ def msg(b: bytes) -> Message:
 
 
 def test_frame_round_trips_every_field():
-    f = W.encode_frame(W.Kind.REQUEST, 2**64 - 1, b"payload", flags=W.FLAG_STREAM, deadline_ns=123456789,
-                       arg=7, method="model.predict", buffers=[(0, 10), (64, 2**40)])
+    f = W.encode_frame(
+        W.Kind.REQUEST, 2**64 - 1, b"payload", flags=W.FLAG_STREAM, deadline_ns=123456789, arg=7, method="model.predict", buffers=[(0, 10), (64, 2**40)]
+    )
     d = W.decode_frame(f, 1 << 20)
     h = d.header
-    assert (h.kind, h.call_id, h.flags, h.deadline_ns, h.arg, h.method, h.n_buffers) == \
-        (W.Kind.REQUEST, 2**64 - 1, W.FLAG_STREAM, 123456789, 7, "model.predict", 2)
+    assert (h.kind, h.call_id, h.flags, h.deadline_ns, h.arg, h.method, h.n_buffers) == (
+        W.Kind.REQUEST,
+        2**64 - 1,
+        W.FLAG_STREAM,
+        123456789,
+        7,
+        "model.predict",
+        2,
+    )
     assert d.descriptors == ((0, 10), (64, 2**40))
-    assert f[d.payload_offset:] == b"payload"
+    assert f[d.payload_offset :] == b"payload"
     assert len(f) == W.HEADER_SIZE + len("model.predict") + 2 * W.DESCRIPTOR_SIZE + len(b"payload")
 
 
@@ -37,24 +45,27 @@ def test_response_fast_path_matches_the_general_encoding():
     f = W.encode_frame(W.Kind.RESULT, 5, b"xyz")
     assert f == W.HEADER.pack(W.VERSION, W.Kind.RESULT, 0, 0, 5, 0, 0, 0, 0) + b"xyz"
     d = W.decode_frame(f, 100)
-    assert d.header.kind is W.Kind.RESULT and d.header.call_id == 5 and f[d.payload_offset:] == b"xyz"
+    assert d.header.kind is W.Kind.RESULT and d.header.call_id == 5 and f[d.payload_offset :] == b"xyz"
 
 
 GOOD = W.encode_frame(W.Kind.REQUEST, 1, b"p", method="add", buffers=[(0, 4)])
 
 
-@pytest.mark.parametrize("data, words", [
-    (b"", "truncated"),
-    (GOOD[:W.HEADER_SIZE - 1], "truncated"),
-    (GOOD[:W.HEADER_SIZE + 2], "truncated"),  # method name cut
-    (bytes([2]) + GOOD[1:], "version"),
-    (GOOD[:1] + bytes([0]) + GOOD[2:], "unknown frame kind 0"),
-    (GOOD[:1] + bytes([99]) + GOOD[2:], "unknown frame kind 99"),
-    (GOOD[:2] + struct.pack("<H", 0x80) + GOOD[4:], "unknown frame flags"),
-    (GOOD[:4] + struct.pack("<I", W.MAX_BUFFERS + 1) + GOOD[8:], "oversize"),
-    (GOOD[:28] + struct.pack("<H", W.MAX_METHOD_LEN + 1) + GOOD[30:], "oversize"),
-    (GOOD[:W.HEADER_SIZE] + b"\xff\xfe\xfd" + GOOD[W.HEADER_SIZE + 3:], "UTF-8"),
-])
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        (b"", "truncated"),
+        (GOOD[: W.HEADER_SIZE - 1], "truncated"),
+        (GOOD[: W.HEADER_SIZE + 2], "truncated"),  # method name cut
+        (bytes([2]) + GOOD[1:], "version"),
+        (GOOD[:1] + bytes([0]) + GOOD[2:], "unknown frame kind 0"),
+        (GOOD[:1] + bytes([99]) + GOOD[2:], "unknown frame kind 99"),
+        (GOOD[:2] + struct.pack("<H", 0x80) + GOOD[4:], "unknown frame flags"),
+        (GOOD[:4] + struct.pack("<I", W.MAX_BUFFERS + 1) + GOOD[8:], "oversize"),
+        (GOOD[:28] + struct.pack("<H", W.MAX_METHOD_LEN + 1) + GOOD[30:], "oversize"),
+        (GOOD[: W.HEADER_SIZE] + b"\xff\xfe\xfd" + GOOD[W.HEADER_SIZE + 3 :], "UTF-8"),
+    ],
+)
 def test_malformed_frames_raise_one_typed_error(data, words):
     with pytest.raises(RpcProtocolError, match=words) as ei:
         W.decode_frame(data, 1 << 20)
@@ -147,8 +158,7 @@ def test_non_pickle_codecs_never_unpickle_errors():
 
 
 def test_not_found_and_deadline_codes():
-    assert isinstance(decode_error(encode_error(LookupError("no method 'zap'"), PickleCodec(), ERR_NOT_FOUND),
-                                   PickleCodec()), MethodNotFound)
+    assert isinstance(decode_error(encode_error(LookupError("no method 'zap'"), PickleCodec(), ERR_NOT_FOUND), PickleCodec()), MethodNotFound)
     e = decode_error(encode_error(DeadlineExceeded("late"), PickleCodec(), ERR_DEADLINE), PickleCodec())
     assert isinstance(e, DeadlineExceeded) and isinstance(e, TimeoutError)
     with pytest.raises(RpcProtocolError):
@@ -210,15 +220,19 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 @given(st.lists(st.binary(max_size=96), min_size=1, max_size=8), st.randoms(use_true_random=False))
 def test_any_bytes_either_parse_or_raise_the_protocol_error(chunks, rnd):
     """Fuzz: garbage, truncations and bit flips of valid frames never raise anything else."""
-    valid = [W.encode_frame(W.Kind.REQUEST, 7, b"pp", method="m", buffers=[(0, 2)]), b"xy",
-             W.encode_frame(W.Kind.RESULT, 7, b"r"), W.encode_frame(W.Kind.CREDIT, 7, arg=3)]
+    valid = [
+        W.encode_frame(W.Kind.REQUEST, 7, b"pp", method="m", buffers=[(0, 2)]),
+        b"xy",
+        W.encode_frame(W.Kind.RESULT, 7, b"r"),
+        W.encode_frame(W.Kind.CREDIT, 7, arg=3),
+    ]
     feed = []
     for c in chunks:
         if rnd.random() < 0.5:
             v = bytearray(rnd.choice(valid))
             if v and rnd.random() < 0.7:
                 v[rnd.randrange(len(v))] ^= 1 << rnd.randrange(8)
-            c = bytes(v[:rnd.randrange(len(v) + 1)]) if rnd.random() < 0.3 else bytes(v)
+            c = bytes(v[: rnd.randrange(len(v) + 1)]) if rnd.random() < 0.3 else bytes(v)
         feed.append(c)
     a = FrameAssembler(max_frame=200)
     for c in feed:

@@ -1,6 +1,7 @@
 """docs/rpc.md cannot drift from src/shmhub/rpc/_wire.py: every documented row is checked
 against the constant it names, and every wire constant is documented (as tests/unit/test_docs.py
 does for docs/format.md)."""
+
 from __future__ import annotations
 
 import os
@@ -89,12 +90,27 @@ def test_every_wire_constant_is_documented():
 
 def test_public_surface_is_pinned():
     assert rpc.__all__ == sorted(rpc.__all__)
-    assert rpc.__all__ == ["BytesCodec", "Client", "Codec", "DeadlineExceeded", "MethodNotFound", "MsgspecCodec",
-                           "PickleCodec", "RemoteError", "RpcError", "RpcProtocolError", "Server", "Stream",
-                           "cancelled", "inline", "serve"]
+    assert rpc.__all__ == [
+        "BytesCodec",
+        "Client",
+        "Codec",
+        "DeadlineExceeded",
+        "MethodNotFound",
+        "MsgspecCodec",
+        "PickleCodec",
+        "RemoteError",
+        "RpcError",
+        "RpcProtocolError",
+        "Server",
+        "Stream",
+        "cancelled",
+        "inline",
+        "serve",
+    ]
     for name in rpc.__all__:
         assert getattr(rpc, name) is not None
     import shmhub
+
     assert issubclass(rpc.DeadlineExceeded, shmhub.ShmTimeout) and issubclass(rpc.DeadlineExceeded, TimeoutError)
     assert issubclass(rpc.RpcProtocolError, shmhub.LinkCorrupted)
     for name in ("RpcError", "RpcProtocolError", "DeadlineExceeded", "RemoteError", "MethodNotFound"):

@@ -1,4 +1,5 @@
 """Helpers of the scale tests: guest programs, CPU time from /proc, waiting on events and fds."""
+
 from __future__ import annotations
 
 import json
@@ -35,7 +36,7 @@ def spawn(host, mode: str, idx: int, popen_kwargs: dict | None = None, **params)
 def _stat_fields(path: str) -> list:
     with open(path) as f:
         data = f.read()
-    return data[data.rindex(")") + 2:].split()  # fields from 3 (state) on; comm may hold spaces
+    return data[data.rindex(")") + 2 :].split()  # fields from 3 (state) on; comm may hold spaces
 
 
 def proc_state(pid: int) -> str:

@@ -1,6 +1,7 @@
 """One host with 255 guests (issue 12): what the hub costs while everyone is idle, and recv_any's
 fairness when every guest is backlogged. Both tests share one module-scoped hub (spawning 255
 Python processes is the slow part); SHMHUB_SCALE_GUESTS=8 runs them small for a smoke test."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +13,7 @@ from collections import Counter
 import pytest
 
 import shmhub
-from scaleutil import (cpu_seconds, host_threads, proc_state, read_exact, sched_seconds, scale_proto as P,
-                       spawn)
+from scaleutil import cpu_seconds, host_threads, proc_state, read_exact, sched_seconds, scale_proto as P, spawn
 
 GUESTS = int(os.environ.get("SHMHUB_SCALE_GUESTS", "255"))
 IDLE_WINDOW = 10.0  # seconds sampled
@@ -111,15 +111,16 @@ def test_idle_hub_costs_under_5_percent_of_a_core(hub):
     mine_sched = sum(v[2] - threads0[t][2] for t, v in threads1.items() if t in threads0)
     total = (guests + mine) / wall
     busiest = sorted(((procs1[p][0] - procs0[p][0], i) for i, p in enumerate(pids)), reverse=True)[:3]
-    lines = [f"idle cost of 1 host + {GUESTS} guests over {wall:.1f} s: {100 * total:.2f} % of one core "
-             f"(utime+stime; schedstat: {100 * (guests_sched + mine_sched) / wall:.2f} %)",
-             f"  guests {100 * guests / wall:.2f} % (schedstat {100 * guests_sched / wall:.2f} %), "
-             f"busiest guests (s, index): {busiest}, guest states {dict(states)}",
-             f"  host {100 * mine / wall:.2f} % (schedstat {100 * mine_sched / wall:.2f} %), by thread:"]
+    lines = [
+        f"idle cost of 1 host + {GUESTS} guests over {wall:.1f} s: {100 * total:.2f} % of one core "
+        f"(utime+stime; schedstat: {100 * (guests_sched + mine_sched) / wall:.2f} %)",
+        f"  guests {100 * guests / wall:.2f} % (schedstat {100 * guests_sched / wall:.2f} %), "
+        f"busiest guests (s, index): {busiest}, guest states {dict(states)}",
+        f"  host {100 * mine / wall:.2f} % (schedstat {100 * mine_sched / wall:.2f} %), by thread:",
+    ]
     for tid, (name, cpu, sch) in sorted(threads1.items()):
         if tid in threads0:
-            lines.append(f"    {name} ({tid}): {100 * (cpu - threads0[tid][1]) / wall:.2f} % "
-                         f"(schedstat {100 * (sch - threads0[tid][2]) / wall:.2f} %)")
+            lines.append(f"    {name} ({tid}): {100 * (cpu - threads0[tid][1]) / wall:.2f} % (schedstat {100 * (sch - threads0[tid][2]) / wall:.2f} %)")
     print("\n" + "\n".join(lines))
     assert total < IDLE_LIMIT, "\n".join(lines)
 
@@ -145,13 +146,14 @@ def _check_fair(hub, got: list, seed: int, K: int, k: int, lo: int, hi: int, wha
     assert not errors, errors[:10]
     assert all(nxt[i] == K for i in range(GUESTS))
     order = [i for i, _ in got]
-    first = Counter(order[:GUESTS * k])
+    first = Counter(order[: GUESTS * k])
     unfair = {i: first[i] for i in range(GUESTS) if first[i] != k}
     assert not unfair, f"{what}: the first {GUESTS * k} receptions should take exactly {k} from each guest; off: {unfair}"
     # not asserted, for the report: how far from strict rotation the order is
-    windows = sum(len(set(order[j:j + GUESTS])) != GUESTS for j in range(0, GUESTS * K, GUESTS))
-    print(f"\n{what} over {GUESTS} backlogged guests: the first {GUESTS * k} take {k} each; "
-          f"{windows} of {K} consecutive windows of {GUESTS} not a full rotation")
+    windows = sum(len(set(order[j : j + GUESTS])) != GUESTS for j in range(0, GUESTS * K, GUESTS))
+    print(
+        f"\n{what} over {GUESTS} backlogged guests: the first {GUESTS * k} take {k} each; {windows} of {K} consecutive windows of {GUESTS} not a full rotation"
+    )
 
 
 @pytest.mark.timeout(300)

@@ -1,5 +1,6 @@
 """The slot pool under many guests (issue 12): exhaustion with 64 waiting guests and no lost wakeup,
 a guest killed while it waits for a slot, a guest that hoards slots while 16 others keep flowing."""
+
 from __future__ import annotations
 
 import queue
@@ -27,8 +28,10 @@ def _serve_streams(host, handles, count, lo, hi, deadline, *, on_message=None, t
         rem = deadline - time.monotonic()
         missing = sorted(set(range(len(handles))) - done)
         if rem <= 0:
-            raise AssertionError(f"guests {missing[:20]} did not finish: at seq {[nxt[i] for i in missing[:20]]} of {count} "
-                                 f"(lost wakeup or starvation); exit codes {[handles[i].returncode for i in missing[:20]]}")
+            raise AssertionError(
+                f"guests {missing[:20]} did not finish: at seq {[nxt[i] for i in missing[:20]]} of {count} "
+                f"(lost wakeup or starvation); exit codes {[handles[i].returncode for i in missing[:20]]}"
+            )
         if tick is not None:
             tick()
         try:
@@ -61,8 +64,10 @@ def _exhaustion(guests: int, count: int, slots: int, timeout: float) -> None:
         t0 = time.monotonic()
         _serve_streams(host, handles, count, lo, hi, t0 + timeout)
         dt = time.monotonic() - t0
-        print(f"\npool exhaustion: {guests} guests x {count} slot messages through {slots} slots: "
-              f"{guests * count / dt:,.0f} msg/s ({dt:.1f} s, spawning included)")
+        print(
+            f"\npool exhaustion: {guests} guests x {count} slot messages through {slots} slots: "
+            f"{guests * count / dt:,.0f} msg/s ({dt:.1f} s, spawning included)"
+        )
         assert free_counts(host) == [(slots, 0)], "a slot is still allocated after every message was released"
     assert [h.returncode for h in handles] == [0] * guests, [h.returncode for h in handles]
 
@@ -149,8 +154,10 @@ def test_guest_killed_while_waiting_for_a_slot():
         _serve_streams(host, handles, count, lo, hi, time.monotonic() + 60, tick=lambda: look_for_death(0), poll=0.05)
         while st["died"] is None:
             look_for_death(1.0)
-        print(f"\nvictim blocked after {st['seq']} sends, holding {len(held)} slots; recovery: {st['died'].reason} "
-              f"{st['died'].detail}; the others finished {time.monotonic() - st['killed']:.2f} s after the kill")
+        print(
+            f"\nvictim blocked after {st['seq']} sends, holding {len(held)} slots; recovery: {st['died'].reason} "
+            f"{st['died'].detail}; the others finished {time.monotonic() - st['killed']:.2f} s after the kill"
+        )
         assert free_counts(host) == [(slots, 0)], "slots still allocated after the victim's recovery"
         assert victim.returncode == -9
     assert [h.returncode for h in handles] == [0] * others, [h.returncode for h in handles]
@@ -218,8 +225,10 @@ def _hoarding(mode: str, slots: int, feed_limit: int | None = None) -> None:
             deadline = t0 + 20  # ~3200 round trips take well under a second without a hoarder
 
             def stalled(where: str) -> str:
-                return (f"round trips stalled ({where}) with the hoarder holding slots ({fed[0]} sent to it): "
-                        f"{others - len(done)} guests unfinished, at {dict(nxt)}; pool (free, allocated) {free_counts(host)}")
+                return (
+                    f"round trips stalled ({where}) with the hoarder holding slots ({fed[0]} sent to it): "
+                    f"{others - len(done)} guests unfinished, at {dict(nxt)}; pool (free, allocated) {free_counts(host)}"
+                )
 
             while len(done) < others:
                 rem = deadline - time.monotonic()
@@ -242,8 +251,10 @@ def _hoarding(mode: str, slots: int, feed_limit: int | None = None) -> None:
                 except shmhub.ShmTimeout:
                     raise AssertionError(stalled(f"the host's reply to guest {i} found no slot")) from None
                 nxt[i] += 1
-            print(f"\nhoarder ({mode}) was sent {fed[0]} slot messages (then refused: {fed[2]!r}); {others} guests x {count} round trips "
-                  f"in {time.monotonic() - t0:.2f} s")
+            print(
+                f"\nhoarder ({mode}) was sent {fed[0]} slot messages (then refused: {fed[2]!r}); {others} guests x {count} round trips "
+                f"in {time.monotonic() - t0:.2f} s"
+            )
         finally:
             stop.set()
             if feeder is not None:

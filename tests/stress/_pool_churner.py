@@ -8,6 +8,7 @@ pass, then in random order checks that every stamp and slot meta (generation, Al
 is still its own and frees the slot. A slot handed out twice shows up as a foreign stamp, a moved
 generation or a failing free. Prints one JSON line; exit status 1 if anything was wrong.
 """
+
 import json
 import os
 import random
@@ -68,7 +69,7 @@ def main() -> int:
             meta = pool.slot_meta(c, s)
             if meta[:3] != (gen, ALLOCATED, peer):
                 fail(f"fresh slot {c}/{s} gen {gen}: meta (gen, state, owner, next) = {meta}")
-            data = STAMP.pack(pid, peer, counter) + filler[:size - 4 - STAMP.size]
+            data = STAMP.pack(pid, peer, counter) + filler[: size - 4 - STAMP.size]
             counter += 1
             pool.write_payload(c, s, data)
             held.append((c, e, s, gen, data))
@@ -102,8 +103,22 @@ def main() -> int:
         if not pairs & 0x3FFF:
             dog.check("churning")
     t_end = time.monotonic()
-    print(json.dumps({"peer": peer, "pid": pid, "pairs": pairs, "exhausted": exhausted, "per_class": per_class,
-                      "n_failures": n_failures, "failures": failures, "t_start": t_start, "t_end": t_end}), flush=True)
+    print(
+        json.dumps(
+            {
+                "peer": peer,
+                "pid": pid,
+                "pairs": pairs,
+                "exhausted": exhausted,
+                "per_class": per_class,
+                "n_failures": n_failures,
+                "failures": failures,
+                "t_start": t_start,
+                "t_end": t_end,
+            }
+        ),
+        flush=True,
+    )
     seg.peers.detach(peer)
     seg.close()
     return 1 if n_failures else 0

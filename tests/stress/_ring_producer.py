@@ -6,6 +6,7 @@ computed; "die:K" exits with status 7 right after committing frame K-1 (a crashe
 "hang:K" stops (sleeps, alive) after committing frame K-1 (a stuck producer).
 Prints one line of JSON stats on success; exit status 0 = all frames committed.
 """
+
 import json
 import os
 import sys

@@ -6,6 +6,7 @@ A payload of n >= 8 bytes is `[u32 seq][u32 crc32(body, seq)][body]`, the body b
 a seeded random buffer (cheap: no per-frame random generation). A payload shorter than 8 bytes is
 the first n bytes of that 8-byte header (the consumer compares it whole).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -68,7 +69,7 @@ class PayloadPlan:
         seq = i & 0xFFFFFFFF
         if size < 8:
             return HDR.pack(seq, zlib.crc32(b"", seq))[:size]
-        body = self.buf[off:off + size - 8]
+        body = self.buf[off : off + size - 8]
         return HDR.pack(seq, zlib.crc32(body, seq)) + body
 
     def check(self, i: int, size: int, off: int, payload) -> str | None:
@@ -119,11 +120,15 @@ def walk_pool(pool) -> list[dict]:
 
 # -- child processes ---------------------------------------------------------------------------
 
+
 def spawn(script: str, args, pass_fds=(), stdin=None) -> subprocess.Popen:
     """Start tests/stress/<script> with this interpreter; stdout and stderr piped."""
     return subprocess.Popen(
         [sys.executable, os.path.join(HERE, script), *map(str, args)],
-        pass_fds=tuple(pass_fds), stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        pass_fds=tuple(pass_fds),
+        stdin=stdin,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
 
 

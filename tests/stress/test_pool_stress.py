@@ -4,6 +4,7 @@ and checking, just before freeing it, that the stamp and the slot's meta are sti
 slot handed out twice is caught. Afterwards every class must be full again with an intact free
 list, and the allocation counts the children report must match the generations and ABA tags.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,7 @@ def churn(n: int, max_hold: int, seeds=(SEED, SEED + 1), *, sabotage=None, stop_
     with Segment.create(cfg) as seg:
         if sabotage:
             sabotage(seg)
-        procs = [spawn("_pool_churner.py", [seg.fd, n, seed, max_hold, int(stop_on_failure)], pass_fds=(seg.fd,),
-                       stdin=subprocess.PIPE) for seed in seeds]
+        procs = [spawn("_pool_churner.py", [seg.fd, n, seed, max_hold, int(stop_on_failure)], pass_fds=(seg.fd,), stdin=subprocess.PIPE) for seed in seeds]
         with children(*procs):
             peers = sorted(int(read_line(p, 60).split()[1]) for p in procs)
             assert peers == list(range(1, len(seeds) + 1)), peers
@@ -76,8 +76,10 @@ def test_two_processes_churn_one_slot_at_a_time():
     n = 100_000
     t0 = time.perf_counter()
     reports, codes, pool, states = churn(n, max_hold=1)
-    print(f"\n2 x {n} alloc/free pairs in {time.perf_counter() - t0:.2f} s: "
-          + "; ".join(f"peer {r['peer']} per class {r['per_class']} exhausted {r['exhausted']}" for r in reports))
+    print(
+        f"\n2 x {n} alloc/free pairs in {time.perf_counter() - t0:.2f} s: "
+        + "; ".join(f"peer {r['peer']} per class {r['per_class']} exhausted {r['exhausted']}" for r in reports)
+    )
     check_clean_run(n, reports, codes, pool, states)
     # The single 128-byte slot is wanted by both: somebody found the pool without a fitting slot.
     assert sum(r["exhausted"] for r in reports) > 0
@@ -88,8 +90,10 @@ def test_two_processes_churn_holding_several_slots_freed_in_random_order():
     n = 100_000
     t0 = time.perf_counter()
     reports, codes, pool, states = churn(n, max_hold=4, seeds=(SEED + 2, SEED + 3))
-    print(f"\n2 x {n} alloc/free pairs holding up to 4 in {time.perf_counter() - t0:.2f} s: "
-          + "; ".join(f"peer {r['peer']} per class {r['per_class']} exhausted {r['exhausted']}" for r in reports))
+    print(
+        f"\n2 x {n} alloc/free pairs holding up to 4 in {time.perf_counter() - t0:.2f} s: "
+        + "; ".join(f"peer {r['peer']} per class {r['per_class']} exhausted {r['exhausted']}" for r in reports)
+    )
     check_clean_run(n, reports, codes, pool, states)
     # 2 x 4 wanted, 3 exist: both hit exhaustion (backpressure, not an error).
     assert all(r["exhausted"] > 0 for r in reports), reports
@@ -104,8 +108,7 @@ def test_churners_detect_a_slot_handed_out_twice():
         meta = seg.layout.classes[0].meta_offset + 1 * L.SLOT_META_SIZE + L.META_NEXT_FREE
         seg.region.store_u32(meta, 0)
 
-    reports, codes, pool, _ = churn(20_000, max_hold=4, seeds=(SEED + 4, SEED + 5), sabotage=make_cycle,
-                                    stop_on_failure=True)
+    reports, codes, pool, _ = churn(20_000, max_hold=4, seeds=(SEED + 4, SEED + 5), sabotage=make_cycle, stop_on_failure=True)
     assert any(r["n_failures"] for r in reports), reports
     assert 1 in codes, codes
     assert any("0/0" in f for r in reports for f in r["failures"]), reports  # class 0, slot 0

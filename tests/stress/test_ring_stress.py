@@ -8,6 +8,7 @@ failed polls, see _stressutil.backoff). The consumer polls the child whenever th
 so a dead producer fails the test instead of hanging it, and a live producer that stops sending
 fails it after a stall timeout; every test also has a pytest timeout.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,8 +99,7 @@ def consume(seg: Segment, peer: int, plan: PayloadPlan, proc, stall_timeout: flo
         release(total)
         total_bytes += total
         got += 1
-    return {"got": got, "wraps": wraps, "bytes": total_bytes, "slot_per_class": slot_per_class,
-            "min_inline": inline_sizes[0], "max_inline": inline_sizes[1]}
+    return {"got": got, "wraps": wraps, "bytes": total_bytes, "slot_per_class": slot_per_class, "min_inline": inline_sizes[0], "max_inline": inline_sizes[1]}
 
 
 def run_stream(cfg: SegmentConfig, n: int, slot_per_256: int, seed: int = SEED):
@@ -158,12 +158,13 @@ def check_stream(cfg, n, stats, prod, facts):
 def test_million_frames_through_a_4k_ring_inline_and_slot_refs():
     """10^6 frames, 1..2040-byte inline payloads (cap/2 - 8, the effective inline threshold of a
     4096-byte ring) and 1/16 of them by slot reference (1..4092 bytes) from a 12-slot pool."""
-    cfg = SegmentConfig(max_guests=2, bipbuf_capacity=4096, inline_threshold=L.MAX_INLINE_LEN,
-                        size_classes=((256, 8), (4096, 4)))
+    cfg = SegmentConfig(max_guests=2, bipbuf_capacity=4096, inline_threshold=L.MAX_INLINE_LEN, size_classes=((256, 8), (4096, 4)))
     n = 1_000_000
     stats, prod, facts = run_stream(cfg, n, slot_per_256=16)
-    print(f"\n{n} frames in {stats['seconds']:.2f} s, {stats['wraps']} wraps, {stats['bytes']} ring bytes, "
-          f"slot refs per class {stats['slot_per_class']}, producer stats {prod}")
+    print(
+        f"\n{n} frames in {stats['seconds']:.2f} s, {stats['wraps']} wraps, {stats['bytes']} ring bytes, "
+        f"slot refs per class {stats['slot_per_class']}, producer stats {prod}"
+    )
     check_stream(cfg, n, stats, prod, facts)
 
 
@@ -171,12 +172,10 @@ def test_million_frames_through_a_4k_ring_inline_and_slot_refs():
 def test_slot_heavy_stream_through_a_1k_ring():
     """Half of 300k frames by slot reference through a 1024-byte ring and a 6-slot pool: the
     producer keeps running out of slots (backpressure) while frames keep wrapping."""
-    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=1024, inline_threshold=L.MAX_INLINE_LEN,
-                        size_classes=((64, 4), (1024, 2)))
+    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=1024, inline_threshold=L.MAX_INLINE_LEN, size_classes=((64, 4), (1024, 2)))
     n = 300_000
     stats, prod, facts = run_stream(cfg, n, slot_per_256=128, seed=SEED + 1)
-    print(f"\n{n} frames in {stats['seconds']:.2f} s, {stats['wraps']} wraps, slot refs per class "
-          f"{stats['slot_per_class']}, producer stats {prod}")
+    print(f"\n{n} frames in {stats['seconds']:.2f} s, {stats['wraps']} wraps, slot refs per class {stats['slot_per_class']}, producer stats {prod}")
     check_stream(cfg, n, stats, prod, facts)
     assert prod["pool_empty"] > 0, "the producer never ran out of slots"
 
@@ -185,8 +184,7 @@ def test_slot_heavy_stream_through_a_1k_ring():
 def test_consumer_detects_a_dead_producer():
     """A producer that dies after 5000 frames makes the consumer fail with its exit status,
     after exactly the frames it committed, instead of spinning forever."""
-    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=1024, inline_threshold=L.MAX_INLINE_LEN,
-                        size_classes=((64, 4), (1024, 2)))
+    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=1024, inline_threshold=L.MAX_INLINE_LEN, size_classes=((64, 4), (1024, 2)))
     n, die_at = 50_000, 5_000
     with Segment.create(cfg) as seg:
         peer = seg.peers.reserve()
@@ -206,8 +204,7 @@ def test_consumer_detects_a_dead_producer():
 def test_consumer_detects_a_stuck_producer():
     """A producer that stays alive but stops sending makes the consumer fail after its stall
     timeout, not hang."""
-    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=1024, inline_threshold=L.MAX_INLINE_LEN,
-                        size_classes=((64, 4), (1024, 2)))
+    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=1024, inline_threshold=L.MAX_INLINE_LEN, size_classes=((64, 4), (1024, 2)))
     n = 50_000
     with Segment.create(cfg) as seg:
         peer = seg.peers.reserve()
@@ -223,8 +220,7 @@ def test_consumer_detects_a_stuck_producer():
 @pytest.mark.timeout(60)
 def test_consumer_detects_a_corrupted_payload():
     """The checksum catches one flipped byte: the verification is not vacuous."""
-    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=4096, inline_threshold=L.MAX_INLINE_LEN,
-                        size_classes=((256, 8), (4096, 4)))
+    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=4096, inline_threshold=L.MAX_INLINE_LEN, size_classes=((256, 8), (4096, 4)))
     n, bad = 20_000, 12_345
     with Segment.create(cfg) as seg:
         peer = seg.peers.reserve()
@@ -244,6 +240,7 @@ def test_consumer_detects_a_corrupted_payload():
 # overwrite them. The stress runs above hit this under load ("frame 84182: total_len 272 for
 # 1119 bytes" = frame 84179 delivered a second time). These tests put a ring into the exact state
 # "watermark stored, write = 0 not yet stored" and check the consumer waits instead.
+
 
 def _wrap_half_done(seg, ring):
     """Simulate the producer preempted after the first of its two wrap stores."""

@@ -7,6 +7,7 @@ cannot see: the other side of a mapping in another process.
 
 Every wait has a deadline; every thread is joined with a timeout and its exception re-raised.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,6 +41,7 @@ def _run(threads: list) -> None:
                 fn(*args)
             except BaseException as e:  # re-raised in the main thread
                 errors.append(e)
+
         return body
 
     ts = [threading.Thread(target=wrap(fn, *args), daemon=True) for fn, *args in threads]
@@ -54,7 +56,7 @@ def _run(threads: list) -> None:
 
 def _payload(tag: int, seq: int, size: int) -> bytes:
     head = struct.pack("<II", tag, seq)
-    body = (head * (size // 8 + 1))[:max(0, size - 12)]
+    body = (head * (size // 8 + 1))[: max(0, size - 12)]
     return head + body + struct.pack("<I", zlib.crc32(head + body))
 
 
@@ -138,8 +140,7 @@ def test_link_threads_both_sides():
     side, inline and slot payloads: every message arrives once and intact, and each receiver sees
     each sender's messages in the order sent."""
     per_sender = int(1500 * SCALE)
-    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=2048, inline_threshold=64,
-                        size_classes=((256, 16), (2048, 8)))
+    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=2048, inline_threshold=64, size_classes=((256, 16), (2048, 8)))
     with Segment.create(cfg) as seg:
         pid = seg.peers.attach()
         bell, guest_sock = Doorbell.pair()
@@ -171,8 +172,18 @@ def test_link_threads_both_sides():
                     with lock:
                         out.append((me, tag, seq))
 
-            _run([(send, host, 10), (send, host, 11), (send, guest, 20), (send, guest, 21),
-                  (recv, guest, GUEST, 0), (recv, guest, GUEST, 1), (recv, host, HOST, 0), (recv, host, HOST, 1)])
+            _run(
+                [
+                    (send, host, 10),
+                    (send, host, 11),
+                    (send, guest, 20),
+                    (send, guest, 21),
+                    (recv, guest, GUEST, 0),
+                    (recv, guest, GUEST, 1),
+                    (recv, host, HOST, 0),
+                    (recv, host, HOST, 1),
+                ]
+            )
             for side, tags in ((GUEST, (10, 11)), (HOST, (20, 21))):
                 got = received[side]
                 assert sorted((t, s) for _, t, s in got) == sorted((t, s) for t in tags for s in range(per_sender))

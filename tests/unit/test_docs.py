@@ -3,6 +3,7 @@
 The doc keeps its tables machine-readable (docs/format.md, introduction); this module parses them
 and checks every row against the constant it names.
 """
+
 from __future__ import annotations
 
 import ast
@@ -81,8 +82,19 @@ def format_constants() -> dict:
 def test_doc_has_the_expected_tables(tables):
     offsets = by_kind(tables, "Off")
     assert {t["struct"][0] for t in offsets if t["struct"]} == {
-        "segment-header", "peer-entry", "ring-header", "frame-header", "slot-ref-body", "mmap-ref-body",
-        "class-header", "slot-meta", "slot-data-prefix", "mmap-attach", "mapping-header", "bootstrap-response"}
+        "segment-header",
+        "peer-entry",
+        "ring-header",
+        "frame-header",
+        "slot-ref-body",
+        "mmap-ref-body",
+        "class-header",
+        "slot-meta",
+        "slot-data-prefix",
+        "mmap-attach",
+        "mapping-header",
+        "bootstrap-response",
+    }
     assert {t["struct"][0] for t in offsets if t["struct"] and t["struct"][3]} == {"bootstrap-response"}
     assert len(by_kind(tables, "Constant")) >= 1
     assert len(by_kind(tables, "Expression (golden config)")) == 1
@@ -179,8 +191,14 @@ def test_header_table_decodes_a_real_segment(tables):
     """Read a freshly created segment through the documented offsets and sizes: every field
     agrees with what inspect reports (so the Size column is right, not only the offsets)."""
     (header,) = [t for t in by_kind(tables, "Off") if t["struct"] and t["struct"][0] == "segment-header"]
-    cfg = SegmentConfig(max_guests=3, bipbuf_capacity=192, max_payload_size=0x01020304, inline_threshold=0x0506,
-                        heartbeat_interval_ns=0x0A0B0C0D0E0F, size_classes=((64, 3), (320, 2)))
+    cfg = SegmentConfig(
+        max_guests=3,
+        bipbuf_capacity=192,
+        max_payload_size=0x01020304,
+        inline_threshold=0x0506,
+        heartbeat_interval_ns=0x0A0B0C0D0E0F,
+        size_classes=((64, 3), (320, 2)),
+    )
     with Segment.create(cfg) as seg:
         raw = seg.region.read(0, L.HEADER_SIZE)
         info = inspect_segment(seg)["header"]
@@ -189,7 +207,7 @@ def test_header_table_decodes_a_real_segment(tables):
     checked = 0
     for _, cells in header["rows"]:
         off, size, field = _int(cells[0]), _int(cells[1]), cells[2]
-        chunk = raw[off:off + size]
+        chunk = raw[off : off + size]
         if field == "magic":
             assert chunk == L.MAGIC
         elif field == "reserved":
@@ -208,7 +226,7 @@ def _decode(raw: bytes, table: dict) -> dict:
     for _, cells in table["rows"]:
         off, size, field = _int(cells[0]), _int(cells[1]), cells[2]
         assert field not in out, field
-        chunk = raw[off:off + size]
+        chunk = raw[off : off + size]
         out[field] = chunk if size not in fmt or re.search(r"pad|reserved", field) else struct.unpack(fmt[size], chunk)[0]
     return out
 

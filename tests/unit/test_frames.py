@@ -4,6 +4,7 @@ Malformed frames are checked twice: as bytes through `decode_frame`, and written
 with grant/write_data/commit, where `read_frame()` must raise `LinkCorrupted` instead of returning
 None (a silent stall, trap 9).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -42,6 +43,7 @@ def put_raw(ring, data: bytes) -> None:
 
 # --- An independent transcription of format-v7 1.5 / algorithms.md 2.2, the fuzz oracle ----------
 
+
 class Bad(Exception):
     pass
 
@@ -66,12 +68,13 @@ def ref_decode(data: bytes):
         return (MMAP, total, map_id, gen, off, plen)
     if ilen > total - 8:
         raise Bad("inline_payload_len")
-    return (INLINE, total, bytes(data[8:8 + ilen] if ilen else data[8:total]))
+    return (INLINE, total, bytes(data[8 : 8 + ilen] if ilen else data[8:total]))
 
 
 # --------------------------------------------------------------------------------------------
 # Well-formed frames
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", list(range(0, 13)) + [255, 256, 1000, L.MAX_INLINE_LEN])
 def test_inline_roundtrip(n):
@@ -80,8 +83,8 @@ def test_inline_roundtrip(n):
     total = L.align(8 + n, 4)
     assert len(raw) == total
     assert raw[:8] == header(total, 0, n)  # inline_payload_len filled, flags and reserved 0
-    assert raw[8:8 + n] == p
-    assert raw[8 + n:] == bytes(total - 8 - n), "padding must be zero"
+    assert raw[8 : 8 + n] == p
+    assert raw[8 + n :] == bytes(total - 8 - n), "padding must be zero"
     assert _native.decode_frame(raw) == (INLINE, total, p)
     assert decode_frame(raw) == InlineFrame(total, p)
     assert encode_frame(InlineFrame(total, p)) == raw
@@ -118,9 +121,7 @@ def test_inline_payload_len_may_fill_the_whole_body():
             assert decode_frame(raw).payload == bytes(range(ilen))
 
 
-@pytest.mark.parametrize(
-    "cls,ext,slot,gen", [(0, 0, 0, 0), (3, 0, 0x01020304, 0xDEADBEEF), (255, 255, U32, U32)]
-)
+@pytest.mark.parametrize("cls,ext,slot,gen", [(0, 0, 0, 0), (3, 0, 0x01020304, 0xDEADBEEF), (255, 255, U32, U32)])
 def test_slot_ref_roundtrip(cls, ext, slot, gen):
     raw = _native.encode_slot_ref(cls, ext, slot, gen)
     assert raw == header(20, L.FLAG_SLOT_REF, 0) + struct.pack("<BBHII", cls, ext, 0, slot, gen)
@@ -129,9 +130,7 @@ def test_slot_ref_roundtrip(cls, ext, slot, gen):
     assert encode_frame(SlotRefFrame(20, cls, ext, slot, gen)) == raw
 
 
-@pytest.mark.parametrize(
-    "map_id,gen,off,plen", [(0, 0, 0, 0), (7, 1, 0x0102030405060708, 4096), (U32, U32, U64, U32)]
-)
+@pytest.mark.parametrize("map_id,gen,off,plen", [(0, 0, 0, 0), (7, 1, 0x0102030405060708, 4096), (U32, U32, U64, U32)])
 def test_mmap_ref_roundtrip(map_id, gen, off, plen):
     raw = _native.encode_mmap_ref(map_id, gen, off, plen)
     assert raw == header(32, L.FLAG_MMAP_REF, 0) + struct.pack("<IIQII", map_id, gen, off, plen, 0)
@@ -189,8 +188,7 @@ def test_ring_bytes_equal_the_encoder_output():
         assert ring.write_slot_ref(2, 0, 5, 6)
         assert ring.write_mmap_ref(1, 0, 2**40 + 3, 99)
         data = ring.read_data(0, 16 + 20 + 32)
-        assert data == (_native.encode_inline(b"abcde") + _native.encode_slot_ref(2, 0, 5, 6)
-                        + _native.encode_mmap_ref(1, 0, 2**40 + 3, 99))
+        assert data == (_native.encode_inline(b"abcde") + _native.encode_slot_ref(2, 0, 5, 6) + _native.encode_mmap_ref(1, 0, 2**40 + 3, 99))
 
 
 def test_inline_padding_in_the_ring_is_zeroed():
@@ -266,8 +264,7 @@ def test_fewer_than_8_bytes_raise(raw):
 
 
 def test_truncated_good_frames_raise():
-    for good in (_native.encode_inline(b"payload!"), _native.encode_slot_ref(1, 0, 2, 3),
-                 _native.encode_mmap_ref(1, 2, 3, 4)):
+    for good in (_native.encode_inline(b"payload!"), _native.encode_slot_ref(1, 0, 2, 3), _native.encode_mmap_ref(1, 2, 3, 4)):
         for cut in range(len(good)):
             with pytest.raises(LinkCorrupted):
                 decode_frame(good[:cut])
@@ -359,6 +356,7 @@ def test_exact_boundaries_are_accepted():
 # --------------------------------------------------------------------------------------------
 # Fuzz: seeded random bytes never produce anything but a bounded frame or LinkCorrupted
 # --------------------------------------------------------------------------------------------
+
 
 def _fuzz_inputs(seed: int, count: int):
     rng = random.Random(seed)

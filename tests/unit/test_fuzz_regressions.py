@@ -1,5 +1,6 @@
 """Inputs the fuzzers (tests/fuzz, docs/hardening.md) found raising something other than a
 ShmhubError, each reduced to the smallest case: the fix is that they raise a typed error."""
+
 from __future__ import annotations
 
 import os
@@ -74,13 +75,16 @@ def _array_payload(dtype: bytes, shape: tuple, off: int = 64) -> bytes:
     return head.ljust(off, b"\0") + b"\1" * 64
 
 
-@pytest.mark.parametrize("dtype, shape", [
-    (b"(,u1", (1,)),  # numpy's dtype parser raised SyntaxError
-    (b"<u1", (1 << 32, 1 << 32)),  # numpy's int64 product wrapped to 0: reshape raised ValueError
-    (b"<u1", (1 << 63, 2)),  # ValueError: maximum allowed dimension exceeded
-    (b"<u1", (1,) * 65),  # more dimensions than numpy allows, all of size 1
-    (b"S0", (1 << 40,)),  # zero-sized items: frombuffer refused the count
-])
+@pytest.mark.parametrize(
+    "dtype, shape",
+    [
+        (b"(,u1", (1,)),  # numpy's dtype parser raised SyntaxError
+        (b"<u1", (1 << 32, 1 << 32)),  # numpy's int64 product wrapped to 0: reshape raised ValueError
+        (b"<u1", (1 << 63, 2)),  # ValueError: maximum allowed dimension exceeded
+        (b"<u1", (1,) * 65),  # more dimensions than numpy allows, all of size 1
+        (b"S0", (1 << 40,)),  # zero-sized items: frombuffer refused the count
+    ],
+)
 def test_decode_array_bad_header(dtype, shape):
     """fuzz target array_payload: decode_array let numpy's exceptions through (and the overflowed
     shape product slipped past its size check) instead of raising CodecError."""

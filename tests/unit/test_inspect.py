@@ -1,6 +1,7 @@
 """`python -m shmhub inspect PATH [--json]` (docs/inspect.md) on a segment with traffic in flight:
 the JSON and the text report must match the state, the documented schema must match the JSON,
 and broken inputs must give exit status 1 with a one-line error."""
+
 from __future__ import annotations
 
 import contextlib
@@ -23,14 +24,14 @@ from shmhub.link import GUEST, HOST, Link
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DOC = os.path.join(ROOT, "docs", "inspect.md")
-CFG = SegmentConfig(max_guests=4, bipbuf_capacity=256, max_payload_size=1 << 20, inline_threshold=100,
-                    heartbeat_interval_ns=5_000_000, size_classes=((64, 4), (256, 2)))
+CFG = SegmentConfig(
+    max_guests=4, bipbuf_capacity=256, max_payload_size=1 << 20, inline_threshold=100, heartbeat_interval_ns=5_000_000, size_classes=((64, 4), (256, 2))
+)
 TYPES = {"int": int, "string": str, "object": dict, "array of object": (list, dict), "array of int": (list, int)}
 
 
 def run_cli(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "shmhub", "inspect", *args], capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run([sys.executable, "-m", "shmhub", "inspect", *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 def documented_objects() -> dict:
@@ -98,8 +99,7 @@ def make_traffic(seg: Segment) -> dict:
     return {
         "states": ["Attached", "Reserved", "Goodbye", "Empty"],
         "epochs": [1, 1, 1, 0],
-        "used": {(1, "g2h"): 68, (1, "h2g"): 20, (2, "g2h"): 0, (2, "h2g"): 164, (3, "g2h"): 0, (3, "h2g"): 0,
-                 (4, "g2h"): 0, (4, "h2g"): 0},
+        "used": {(1, "g2h"): 68, (1, "h2g"): 20, (2, "g2h"): 0, (2, "h2g"): 164, (3, "g2h"): 0, (3, "h2g"): 0, (4, "g2h"): 0, (4, "h2g"): 0},
         "indices": {(2, "h2g"): (100, 192, 128), (1, "g2h"): (88, 0, 20), (1, "h2g"): (20, 0, 0)},
         "counts": [(2, 2), (1, 1)],  # (free, allocated) per class
         "tags": [4, 1],  # class 0: 3 allocs + 1 free; class 1: 1 alloc
@@ -126,12 +126,24 @@ def test_json_matches_the_segment_state(busy_segment):
     h = info["header"]
     assert seg.features == L.KNOWN_FEATURES  # Segment.create's default: every known bit
     assert h == {
-        "magic": "ROAMHUB\x07", "version": 7, "header_size": 128, "total_size": lay.total_size,
-        "current_size": lay.total_size, "max_payload_size": 1 << 20, "inline_threshold": 100,
-        "effective_inline_threshold": 100, "max_guests": 4, "bipbuf_capacity": 256,
-        "peer_table_offset": 128, "var_pool_offset": lay.var_pool_offset, "heartbeat_interval_ns": 5_000_000,
-        "host_goodbye": 1, "num_var_slot_classes": 2, "features": L.KNOWN_FEATURES,
-        "attention": 0, "share_links": 0,  # no host set shares on this hand-made segment
+        "magic": "ROAMHUB\x07",
+        "version": 7,
+        "header_size": 128,
+        "total_size": lay.total_size,
+        "current_size": lay.total_size,
+        "max_payload_size": 1 << 20,
+        "inline_threshold": 100,
+        "effective_inline_threshold": 100,
+        "max_guests": 4,
+        "bipbuf_capacity": 256,
+        "peer_table_offset": 128,
+        "var_pool_offset": lay.var_pool_offset,
+        "heartbeat_interval_ns": 5_000_000,
+        "host_goodbye": 1,
+        "num_var_slot_classes": 2,
+        "features": L.KNOWN_FEATURES,
+        "attention": 0,
+        "share_links": 0,  # no host set shares on this hand-made segment
         "file_size": os.path.getsize(path),
     }
     assert h["file_size"] == lay.total_size
@@ -223,16 +235,18 @@ def test_text_output_reports_the_same_numbers(busy_segment):
         for name in ("g2h", "h2g"):
             w, wm, r = exp["indices"].get((pid, name), (0, 0, 0))
             assert f"{name} w={w} wm={wm} r={r} used={exp['used'][pid, name]}/256" in ln, (name, ln)
-    class_lines = re.findall(r"^\s+(\d+) slot_size\s+(\d+)\s+count\s+(\d+)\s+free\s+(\d+)\s+allocated\s+(\d+)"
-                             r"\s+extents\s+(\d+)/(\d+)$", out, re.M)
+    class_lines = re.findall(
+        r"^\s+(\d+) slot_size\s+(\d+)\s+count\s+(\d+)\s+free\s+(\d+)\s+allocated\s+(\d+)"
+        r"\s+extents\s+(\d+)/(\d+)$",
+        out,
+        re.M,
+    )
     assert [tuple(map(int, m)) for m in class_lines] == [
-        (c, cls.slot_size, cls.slot_count, free, allocated, 1, 1)
-        for c, (cls, (free, allocated)) in enumerate(zip(seg.layout.classes, exp["counts"]))
+        (c, cls.slot_size, cls.slot_count, free, allocated, 1, 1) for c, (cls, (free, allocated)) in enumerate(zip(seg.layout.classes, exp["counts"]))
     ]
 
 
-GROW_CFG = SegmentConfig(max_guests=2, bipbuf_capacity=256, max_payload_size=1 << 20,
-                         size_classes=((64, 4), (256, 2, 3), (1024, 1, 2)))
+GROW_CFG = SegmentConfig(max_guests=2, bipbuf_capacity=256, max_payload_size=1 << 20, size_classes=((64, 4), (256, 2, 3), (1024, 1, 2)))
 
 
 def _inspect_json(path: str) -> dict:
@@ -291,8 +305,11 @@ def test_keys_follow_the_feature_bits(shm_path, features):
     assert f"features {features:#x}" in text
     assert [("mmap" in p) for p in info["peers"]] == [bool(features & L.FEATURE_MMAP_LEASES)] * 2
     growable = bool(features & L.FEATURE_EXTENTS)
-    assert [(c["extents"], c["max_extents"], c["extent_offsets"]) for c in info["slot_classes"]] == \
-        [(1, 1, []), (1, 3 if growable else 1, []), (1, 2 if growable else 1, [])]
+    assert [(c["extents"], c["max_extents"], c["extent_offsets"]) for c in info["slot_classes"]] == [
+        (1, 1, []),
+        (1, 3 if growable else 1, []),
+        (1, 2 if growable else 1, []),
+    ]
 
 
 @pytest.mark.timeout(120)
@@ -421,7 +438,7 @@ def test_corrupted_segments_never_crash_inspect(tmp_path):
             pos = rnd.randrange(len(data)) if rnd.random() < 0.5 else rnd.randrange(L.HEADER_SIZE + 4 * L.PEER_ENTRY_SIZE)
             data[pos] = rnd.randrange(256)
         if rnd.random() < 0.1:
-            data = data[:rnd.randrange(len(data))]
+            data = data[: rnd.randrange(len(data))]
         path.write_bytes(bytes(data))
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):

@@ -1,4 +1,5 @@
 """SegmentConfig validation and Layout.compute (format-v7 1.2, 1.7; DECISIONS 5; traps 10, 13, 16)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -301,9 +302,9 @@ def _regions(lay, classes):
     return out
 
 
-classes_st = st.lists(
-    st.tuples(st.integers(1, 4096), st.integers(1, 300)), min_size=1, max_size=12
-).map(lambda cs: tuple((s * 64, n) for s, n in sorted({s: n for s, n in cs}.items())))
+classes_st = st.lists(st.tuples(st.integers(1, 4096), st.integers(1, 300)), min_size=1, max_size=12).map(
+    lambda cs: tuple((s * 64, n) for s, n in sorted({s: n for s, n in cs}.items()))
+)
 
 
 @settings(max_examples=300, derandomize=True, database=None, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,5 @@
 """The peer table (format-v7 1.3, algorithms.md 2.4, traps 16 and 34)."""
+
 from __future__ import annotations
 
 import json
@@ -39,13 +40,13 @@ def entry(seg, peer_id):
     """(state, epoch, last_heartbeat, ring_offset) read straight from the entry bytes (format-v7 1.3)."""
     off = L.PEER_TABLE_OFFSET + (peer_id - 1) * L.PEER_ENTRY_SIZE
     raw = seg.region.read(off, L.PEER_ENTRY_SIZE)
-    u32 = lambda o: int.from_bytes(raw[o:o + 4], "little")  # noqa: E731
-    u64 = lambda o: int.from_bytes(raw[o:o + 8], "little")  # noqa: E731
+    u32 = lambda o: int.from_bytes(raw[o : o + 4], "little")  # noqa: E731
+    u64 = lambda o: int.from_bytes(raw[o : o + 8], "little")  # noqa: E731
     # bytes 24..56 carry a link's mmap-tier counters (FEATURE_MMAP_LEASES): only links write
     # them, never the peer table, and no link exists in these tests
     ext = L.PEER_EXT_END - L.PEER_G2H_MAPPINGS
-    assert raw[L.PEER_G2H_MAPPINGS:L.PEER_EXT_END] == bytes(ext), "the peer table must not write the mmap counters or the pool journal"
-    assert raw[L.PEER_EXT_END:] == bytes(L.PEER_ENTRY_SIZE - L.PEER_EXT_END), "reserved bytes of a peer entry must stay zero"
+    assert raw[L.PEER_G2H_MAPPINGS : L.PEER_EXT_END] == bytes(ext), "the peer table must not write the mmap counters or the pool journal"
+    assert raw[L.PEER_EXT_END :] == bytes(L.PEER_ENTRY_SIZE - L.PEER_EXT_END), "reserved bytes of a peer entry must stay zero"
     return u32(0), u32(4), u64(8), u64(16)
 
 
@@ -151,17 +152,18 @@ def test_reset_zeroes_the_mmap_counters_and_nothing_else(seg, peers):
     r.store_u32(base + L.PEER_H2G_MAPPED_KIB, 8)
     r.store_u64(base + L.PEER_POOL_OP, (L.POOL_OP_POP << 56) | 5)
     r.store_u32(base + L.PEER_POOL_OP_GEN, 9)
-    assert peers.mmap_counters(p) == {"g2h": {"mappings": 3, "mapped_bytes": 7 << 30, "leases": 5},
-                                      "h2g": {"mappings": 4, "mapped_bytes": 8 << 10, "leases": 6}}
+    assert peers.mmap_counters(p) == {
+        "g2h": {"mappings": 3, "mapped_bytes": 7 << 30, "leases": 5},
+        "h2g": {"mappings": 4, "mapped_bytes": 8 << 10, "leases": 6},
+    }
     r.write(base + L.PEER_EXT_END, b"\xee" * (L.PEER_ENTRY_SIZE - L.PEER_EXT_END))
     others = [r.read(seg.layout.peer_entry_offset(q), L.PEER_ENTRY_SIZE) for q in range(1, GUESTS + 1) if q != p]
     peers.detach(p)
     peers.reset(p)
     raw = r.read(base, L.PEER_ENTRY_SIZE)
-    assert raw[L.PEER_G2H_MAPPINGS:L.PEER_EXT_END] == bytes(L.PEER_EXT_END - L.PEER_G2H_MAPPINGS)
-    assert raw[L.PEER_EXT_END:] == b"\xee" * (L.PEER_ENTRY_SIZE - L.PEER_EXT_END)
-    assert peers.mmap_counters(p) == {"g2h": {"mappings": 0, "mapped_bytes": 0, "leases": 0},
-                                      "h2g": {"mappings": 0, "mapped_bytes": 0, "leases": 0}}
+    assert raw[L.PEER_G2H_MAPPINGS : L.PEER_EXT_END] == bytes(L.PEER_EXT_END - L.PEER_G2H_MAPPINGS)
+    assert raw[L.PEER_EXT_END :] == b"\xee" * (L.PEER_ENTRY_SIZE - L.PEER_EXT_END)
+    assert peers.mmap_counters(p) == {"g2h": {"mappings": 0, "mapped_bytes": 0, "leases": 0}, "h2g": {"mappings": 0, "mapped_bytes": 0, "leases": 0}}
     assert (peers.state(p), peers.epoch(p), peers.last_heartbeat(p)) == (EMPTY, 1, 0)
     assert peers.ring_offset(p) == seg.layout.ring_offset(p)
     assert [r.read(seg.layout.peer_entry_offset(q), L.PEER_ENTRY_SIZE) for q in range(1, GUESTS + 1) if q != p] == others
@@ -328,7 +330,7 @@ def _fork_grab(seg, op, go_r):
             os.read(go_r, 1)
             data = json.dumps(_grab_all(seg.peers, op)).encode()
             while data:
-                data = data[os.write(w, data):]
+                data = data[os.write(w, data) :]
         except BaseException:
             code = 1
         os._exit(code)

@@ -4,6 +4,7 @@ Every edge case listed in algorithms.md 2.1 has a test here. Index states that t
 reach in one thread (a wrap seen half-way, corrupted indices) are stored directly into the ring
 header through `seg.region`, the same shared memory the other process would write.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,7 +45,7 @@ _PATTERN = bytes(1 + (i * 7) % 251 for i in range(L.MAX_INLINE_LEN + 1024))
 def payload(n: int, seed: int = 0) -> bytes:
     # Never zero, so payload bytes cannot be mistaken for padding or an empty ring.
     s = (seed * 31) % 251
-    return _PATTERN[s:s + n]
+    return _PATTERN[s : s + n]
 
 
 def put_raw(ring, data: bytes) -> int:
@@ -75,6 +76,7 @@ def drive_to(ring, x: int) -> None:
 
 
 # --- An independent transcription of algorithms.md 2.1, used as the oracle of the table tests ---
+
 
 def spec_grant(cap, w, wm, r, n):
     """(offset or None, (write, watermark, read) afterwards) per algorithms.md 2.1."""
@@ -123,6 +125,7 @@ def valid_states(cap, step=4):
 # --------------------------------------------------------------------------------------------
 # Edge cases of algorithms.md 2.1
 # --------------------------------------------------------------------------------------------
+
 
 def test_fresh_ring_is_empty():
     with ring_of(128) as (seg, ring):
@@ -389,6 +392,7 @@ def test_trap2_would_be_corruption_is_refused_from_a_synthetic_state():
 # (a settled wrap always has write < read <= watermark). The bytes in [0, W) are the previous
 # lap's, already consumed: like an undone wrap (trap 3), reading them is stale data exposure.
 
+
 def _stale_lap(ring):
     """Three frames at [0, 96) of a 128-byte ring, all consumed: (write=96, watermark=0, read=96)."""
     for i in range(3):
@@ -440,6 +444,7 @@ def test_mid_wrap_tail_drained_exposes_no_stale_frame():
 # Bounds (trap 4 and DECISIONS 3): indices and lengths are checked, never trusted
 # --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("n", [65, 68, 2**31, 2**32 - 1, 2**32 - 64])
 def test_trap4_commit_past_capacity(n):
     # 2**32 - 64 would wrap a naive u32 `write + n` to 0.
@@ -480,11 +485,25 @@ def test_trap4_index_in_shared_memory_beyond_capacity(field, value):
         set_indices(seg, ring, **state)
         before = ring.indices
         calls = {
-            "write": [lambda: ring.grant(4), lambda: ring.can_grant(4), lambda: ring.commit(4),
-                      ring.readable, ring.read_frame, ring.recv_inline, lambda: ring.write_inline(b"x")],
+            "write": [
+                lambda: ring.grant(4),
+                lambda: ring.can_grant(4),
+                lambda: ring.commit(4),
+                ring.readable,
+                ring.read_frame,
+                ring.recv_inline,
+                lambda: ring.write_inline(b"x"),
+            ],
             "watermark": [ring.readable, ring.read_frame, ring.recv_inline, lambda: ring.release(4)],
-            "read": [lambda: ring.grant(4), lambda: ring.can_grant(4), ring.readable, ring.read_frame,
-                     ring.recv_inline, lambda: ring.release(4), lambda: ring.write_inline(b"x")],
+            "read": [
+                lambda: ring.grant(4),
+                lambda: ring.can_grant(4),
+                ring.readable,
+                ring.read_frame,
+                ring.recv_inline,
+                lambda: ring.release(4),
+                lambda: ring.write_inline(b"x"),
+            ],
         }[field]
         for call in calls:
             with pytest.raises(LinkCorrupted):
@@ -520,6 +539,7 @@ def test_write_data_and_read_data_stay_inside_the_ring():
 # --------------------------------------------------------------------------------------------
 # n = 0, n > capacity, can_grant, reset
 # --------------------------------------------------------------------------------------------
+
 
 def test_zero_grant_is_trivially_ok_and_never_wraps():
     with ring_of(128) as (seg, ring):
@@ -620,6 +640,7 @@ def test_closed_segment_refuses_ring_access():
 # --------------------------------------------------------------------------------------------
 # Trap 10 / DECISIONS 5: the clamped inline threshold can never deadlock an empty ring
 # --------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("header", [0, 1, 256, 4096, L.MAX_INLINE_LEN])
 @pytest.mark.parametrize("cap", [64, 128, 192, 256, 512, 576, 1024, 65536, 1 << 20])

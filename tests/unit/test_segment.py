@@ -1,5 +1,6 @@
 """Creating, attaching and validating segments (format-v7 1.1-1.3, 1.7; DECISIONS 1-3, 16;
 traps 11, 12, 23)."""
+
 from __future__ import annotations
 
 import fcntl
@@ -80,8 +81,11 @@ SMALL_GROW = SegmentConfig(max_guests=2, bipbuf_capacity=64, size_classes=((64, 
 
 
 def test_known_feature_bits():
-    assert L.KNOWN_FEATURES == (L.FEATURE_WAITER_FLAGS | L.FEATURE_MMAP_LEASES | L.FEATURE_EXTENTS | L.FEATURE_POOL_JOURNAL
-                                | L.FEATURE_POOL_WAITERS | L.FEATURE_RING_COUNTERS) == 0x3F
+    assert (
+        L.KNOWN_FEATURES
+        == (L.FEATURE_WAITER_FLAGS | L.FEATURE_MMAP_LEASES | L.FEATURE_EXTENTS | L.FEATURE_POOL_JOURNAL | L.FEATURE_POOL_WAITERS | L.FEATURE_RING_COUNTERS)
+        == 0x3F
+    )
     assert not (1 << 6) & L.KNOWN_FEATURES  # what the "unknown feature bit" cases below rely on
 
 
@@ -119,8 +123,7 @@ def test_create_rejects_unknown_feature_bits(shm_path, features):
     assert not os.path.exists(shm_path)
 
 
-@pytest.mark.parametrize("features", [0, L.FEATURE_WAITER_FLAGS, L.FEATURE_MMAP_LEASES, L.FEATURE_EXTENTS,
-                                      L.FEATURE_POOL_JOURNAL, L.KNOWN_FEATURES])
+@pytest.mark.parametrize("features", [0, L.FEATURE_WAITER_FLAGS, L.FEATURE_MMAP_LEASES, L.FEATURE_EXTENTS, L.FEATURE_POOL_JOURNAL, L.KNOWN_FEATURES])
 def test_known_feature_bits_attach(tmp_path, features):
     path = str(tmp_path / "seg")
     Segment.create(SMALL_GROW, path=path, features=features).close()
@@ -425,8 +428,7 @@ def test_readonly_attach_cannot_grow(shm_path, how, op):
         else:
             guest = Segment.attach(shm_path, writable=False)
         with guest:
-            call = {"grow_class": lambda: guest.grow_class(1), "grow_for": lambda: guest.grow_for(100),
-                    "request_growth": lambda: guest.request_growth(100)}[op]
+            call = {"grow_class": lambda: guest.grow_class(1), "grow_for": lambda: guest.grow_for(100), "request_growth": lambda: guest.request_growth(100)}[op]
             with pytest.raises(PermissionError):
                 call()
         assert host.file_size == size
@@ -623,12 +625,14 @@ CORRUPTIONS = {
     "max_extents u32 max": (_u32(CLAY.classes[1].header_offset + L.CLS_MAX_EXTENTS, L.U32_MAX), SegmentCorrupted),
     "extent_count beyond max_extents": (_u32(CLAY.classes[1].header_offset + L.CLS_EXTENT_COUNT, 2), SegmentCorrupted),
     "extent past the file": (
-        _u32(CLAY.classes[0].header_offset + L.CLS_MAX_EXTENTS, 2) + _u32(CLAY.classes[0].header_offset + L.CLS_EXTENT_COUNT, 2)
+        _u32(CLAY.classes[0].header_offset + L.CLS_MAX_EXTENTS, 2)
+        + _u32(CLAY.classes[0].header_offset + L.CLS_EXTENT_COUNT, 2)
         + _u64(CLAY.classes[0].header_offset + L.CLS_EXTENT_OFFSETS, 1 << 50),
         SegmentCorrupted,
     ),
     "extent over the v7 area": (
-        _u32(CLAY.classes[0].header_offset + L.CLS_MAX_EXTENTS, 2) + _u32(CLAY.classes[0].header_offset + L.CLS_EXTENT_COUNT, 2)
+        _u32(CLAY.classes[0].header_offset + L.CLS_MAX_EXTENTS, 2)
+        + _u32(CLAY.classes[0].header_offset + L.CLS_EXTENT_COUNT, 2)
         + _u64(CLAY.classes[0].header_offset + L.CLS_EXTENT_OFFSETS, 0),
         SegmentCorrupted,
     ),
@@ -667,9 +671,19 @@ def _make_corrupt(tmp_path, patch):
 
 # Attached also by fd and read-only (the same validation must run whatever the way in).
 OTHER_WAYS = [
-    "empty file", "100 bytes", "header only", "cut in pool data", "magic garbage", "version 8",
-    "feature bit 6", "var_pool_offset near 2^64", "total_size > file", "zero classes",
-    "slot class beyond any mapping", "h2g capacity disagrees", "peer ring_offset disagrees",
+    "empty file",
+    "100 bytes",
+    "header only",
+    "cut in pool data",
+    "magic garbage",
+    "version 8",
+    "feature bit 6",
+    "var_pool_offset near 2^64",
+    "total_size > file",
+    "zero classes",
+    "slot class beyond any mapping",
+    "h2g capacity disagrees",
+    "peer ring_offset disagrees",
     "max_guests 256",
 ]
 

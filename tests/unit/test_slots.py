@@ -1,4 +1,5 @@
 """The VarSlotPool (format-v7 1.6-1.7, algorithms.md 2.3, DECISIONS 8-9, traps 21-24)."""
+
 from __future__ import annotations
 
 import json
@@ -525,7 +526,7 @@ def _fork(child_fn):
             os.close(r)
             data = json.dumps(child_fn()).encode()
             while data:
-                data = data[os.write(w, data):]
+                data = data[os.write(w, data) :]
         except BaseException:
             code = 1
         os._exit(code)
@@ -549,9 +550,9 @@ def _lockstep_frees(flags, me, pool, refs):
     other = 1 - me
     out = []
     for i, ref in enumerate(refs, 1):
-        flags[8 * me:8 * me + 8] = i.to_bytes(8, "little")
+        flags[8 * me : 8 * me + 8] = i.to_bytes(8, "little")
         spins = 0
-        while int.from_bytes(flags[8 * other:8 * other + 8], "little") < i:
+        while int.from_bytes(flags[8 * other : 8 * other + 8], "little") < i:
             spins += 1
             if spins > 100:
                 os.sched_yield()
@@ -639,12 +640,23 @@ def test_growable_class_starts_with_one_extent(gseg):
     assert gseg.region.read(h0 + L.CLS_EXTENT_COUNT, L.CLASS_HEADER_SIZE - L.CLS_EXTENT_COUNT) == bytes(48)
     # an extent below the maximum but not mapped (not even published) is NeedExtent, one at or
     # beyond the maximum is simply invalid; neither changes anything
-    for call in (lambda: pool.free(1, 1, 0, 1), lambda: pool.take(1, 2, 0, 1, 0), lambda: pool.slot_meta(1, 0, 1),
-                 lambda: pool.read_payload(1, 0, 2), lambda: pool.write_payload(1, 0, b"x", 1)):
+    for call in (
+        lambda: pool.free(1, 1, 0, 1),
+        lambda: pool.take(1, 2, 0, 1, 0),
+        lambda: pool.slot_meta(1, 0, 1),
+        lambda: pool.read_payload(1, 0, 2),
+        lambda: pool.write_payload(1, 0, b"x", 1),
+    ):
         with pytest.raises(NeedExtent):
             call()
-    for call in (lambda: pool.free(1, 3, 0, 1), lambda: pool.take(1, 3, 0, 1, 0), lambda: pool.slot_meta(1, 0, 3),
-                 lambda: pool.free(1, L.MAX_EXTENTS, 0, 1), lambda: pool.free(0, 1, 0, 1), lambda: pool.free(1, 1, 3, 1)):
+    for call in (
+        lambda: pool.free(1, 3, 0, 1),
+        lambda: pool.take(1, 3, 0, 1, 0),
+        lambda: pool.slot_meta(1, 0, 3),
+        lambda: pool.free(1, L.MAX_EXTENTS, 0, 1),
+        lambda: pool.free(0, 1, 0, 1),
+        lambda: pool.free(1, 1, 3, 1),
+    ):
         with pytest.raises(InvalidSlotRef):
             call()
     assert all_counts(pool) == [(2, 0), (3, 0)]

@@ -5,8 +5,8 @@
 
 A worker that dies fails only the task it was running (WorkerCrashed); options(timeout=...) stops
 a task that runs too long; arrays from ex.empty() reach any worker without a copy."""
+
 from ..errors import ExecutorBroken, ExecutorError, TaskStopped, TaskTimeout, WorkerCrashed
 from ._executor import Executor, TaskOptions
 
-__all__ = ["Executor", "ExecutorBroken", "ExecutorError", "TaskOptions", "TaskStopped", "TaskTimeout",
-           "WorkerCrashed"]
+__all__ = ["Executor", "ExecutorBroken", "ExecutorError", "TaskOptions", "TaskStopped", "TaskTimeout", "WorkerCrashed"]

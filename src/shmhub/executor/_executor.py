@@ -3,6 +3,7 @@
 The contract is ProcessPoolExecutor's (constructor arguments, submit, map, shutdown, Futures);
 what differs is failure: a dead worker fails only the task it was running (WorkerCrashed), a task
 can be stopped (a deadline, or stop()), and arrays travel through shared memory."""
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -45,9 +46,11 @@ def _context(mp_context: Any) -> multiprocessing.context.BaseContext:
     ctx = multiprocessing.get_context(mp_context) if isinstance(mp_context, str) else mp_context
     method = ctx.get_start_method()
     if method not in ("spawn", "forkserver"):
-        raise ValueError(f"shmhub.Executor does not support the {method!r} start method: a forked worker "
-                         "inherits the parent's threads' locks and its other workers' fds; use 'spawn' or "
-                         "'forkserver' (the default)")
+        raise ValueError(
+            f"shmhub.Executor does not support the {method!r} start method: a forked worker "
+            "inherits the parent's threads' locks and its other workers' fds; use 'spawn' or "
+            "'forkserver' (the default)"
+        )
     return ctx
 
 
@@ -62,11 +65,20 @@ class Executor(cf.Executor):
     pool beside the max_workers local ones; listen_options go to shmhub.remote.Listener (CURVE
     keys, liveness). Remote workers are not started or replaced here (docs/remote.md)."""
 
-    def __init__(self, max_workers: Optional[int] = None, mp_context: Any = None,
-                 initializer: Optional[Callable[..., Any]] = None, initargs: Tuple[Any, ...] = (), *,
-                 max_tasks_per_child: Optional[int] = None, preload: Sequence[str] = (),
-                 config: Optional[SegmentConfig] = None, queue_depth: int = DEFAULT_DEPTH,
-                 listen: Optional[str] = None, listen_options: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        max_workers: Optional[int] = None,
+        mp_context: Any = None,
+        initializer: Optional[Callable[..., Any]] = None,
+        initargs: Tuple[Any, ...] = (),
+        *,
+        max_tasks_per_child: Optional[int] = None,
+        preload: Sequence[str] = (),
+        config: Optional[SegmentConfig] = None,
+        queue_depth: int = DEFAULT_DEPTH,
+        listen: Optional[str] = None,
+        listen_options: Optional[Dict[str, Any]] = None,
+    ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
         if max_workers < 1:
@@ -93,8 +105,7 @@ class Executor(cf.Executor):
         self._broken: Optional[BaseException] = None
         self._startup_failures = 0
         self._peers_full = False  # the host's peer table had no entry for a new worker
-        self._counts = {"submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "timed_out": 0,
-                        "stopped": 0, "retried": 0, "restarts": 0}
+        self._counts = {"submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "timed_out": 0, "stopped": 0, "retried": 0, "restarts": 0}
         self._regions = Regions()
         self._regions.on_drop = weakref.WeakMethod(self._drop_region)
         if config is None:
@@ -121,14 +132,16 @@ class Executor(cf.Executor):
     def address(self) -> Optional[str]:
         """The tcp:// endpoint remote workers join at (listen=...), or None."""
         return self._remote.endpoint if self._remote is not None else None
+
     # -- the public API ---------------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> "cf.Future[Any]":
         """Schedule fn(*args, **kwargs); a concurrent.futures.Future of its result."""
         return self._submit(Task("run", fn, args, kwargs, None, 0))
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: Optional[float] = None,
-            chunksize: int = 1, progress: bool = False) -> Iterator[Any]:
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: Optional[float] = None, chunksize: int = 1, progress: bool = False
+    ) -> Iterator[Any]:
         """Results of fn over the iterables, in order. chunksize=1 on a long input is raised
         automatically (AUTO_CHUNKS_PER_WORKER chunks per worker); progress=True shows a tqdm bar."""
         return self._map(fn, iterables, timeout, chunksize, progress, None, 0)
@@ -180,8 +193,10 @@ class Executor(cf.Executor):
         with self._lock:
             out: Dict[str, Any] = dict(self._counts)
             out["pending"] = len(self._pending)
-            out["workers"] = [{"id": w.wid, "pid": w.pid, "completed": w.completed, "failed": w.failed,
-                               "in_flight": len(w.tasks), "remote": w.remote} for w in self._workers.values()]
+            out["workers"] = [
+                {"id": w.wid, "pid": w.pid, "completed": w.completed, "failed": w.failed, "in_flight": len(w.tasks), "remote": w.remote}
+                for w in self._workers.values()
+            ]
             return out
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
@@ -211,8 +226,16 @@ class Executor(cf.Executor):
         self._pump()  # from the caller's thread: the lowest latency when a worker has room
         return task.future
 
-    def _map(self, fn: Callable[..., Any], iterables: Sequence[Iterable[Any]], timeout: Optional[float],
-             chunksize: int, progress: bool, task_timeout: Optional[float], retries: int) -> Iterator[Any]:
+    def _map(
+        self,
+        fn: Callable[..., Any],
+        iterables: Sequence[Iterable[Any]],
+        timeout: Optional[float],
+        chunksize: int,
+        progress: bool,
+        task_timeout: Optional[float],
+        retries: int,
+    ) -> Iterator[Any]:
         if chunksize < 1:
             raise ValueError("chunksize must be >= 1")
         end = None if timeout is None else time.monotonic() + timeout
@@ -223,8 +246,7 @@ class Executor(cf.Executor):
         if chunksize == 1:
             futures = [self._submit(Task("run", fn, args, None, task_timeout, retries)) for args in items]
         else:
-            futures = [self._submit(Task("run_chunk", fn, items[i:i + chunksize], None, task_timeout, retries))
-                       for i in range(0, n, chunksize)]
+            futures = [self._submit(Task("run_chunk", fn, items[i : i + chunksize], None, task_timeout, retries)) for i in range(0, n, chunksize)]
         del items
         bar = _progress(n) if progress else None
         return _results(futures, end, chunksize > 1, bar)
@@ -243,8 +265,7 @@ class Executor(cf.Executor):
         best: Optional[Worker] = None
         for w in self._workers.values():
             # The least loaded; on a tie a local worker (a remote link is slower).
-            if self._room(w, task) and (best is None or (len(w.tasks) + w.reserved, w.remote)
-                                        < (len(best.tasks) + best.reserved, best.remote)):
+            if self._room(w, task) and (best is None or (len(w.tasks) + w.reserved, w.remote) < (len(best.tasks) + best.reserved, best.remote)):
                 best = w
         return best
 
@@ -326,8 +347,7 @@ class Executor(cf.Executor):
                 w.failed += 1
                 self._counts["failed"] += 1
             nxt = w.tasks[0] if w.tasks else None
-            if self._pending or (self._max_tasks is not None and w.sent >= self._max_tasks and not w.tasks) \
-                    or self._shutdown:
+            if self._pending or (self._max_tasks is not None and w.sent >= self._max_tasks and not w.tasks) or self._shutdown:
                 self._cond.notify_all()
         if exc is not None:
             settle(task.future, exc=exc)
@@ -445,8 +465,7 @@ class Executor(cf.Executor):
             if w.inited is None and not w.remote:  # a remote worker that drops out says nothing of ours
                 self._startup_failures += 1
                 if self._startup_failures >= MAX_STARTUP_FAILURES and not self._shutdown:
-                    self._break(ExecutorBroken(f"{self._startup_failures} workers in a row were lost before they "
-                                               f"started (the last {reason})"))
+                    self._break(ExecutorBroken(f"{self._startup_failures} workers in a row were lost before they started (the last {reason})"))
             if first is not None:
                 what = f"worker {w.wid} (pid {w.pid}) {reason}"
                 if first.timed_out:
@@ -560,21 +579,25 @@ class Executor(cf.Executor):
 
 def _weak_event(ref: "weakref.ref[Executor]") -> Callable[[HostEvent], None]:
     """The host's event callback, holding the executor weakly (the host outlives it in the manager)."""
+
     def on_event(ev: HostEvent) -> None:
         ex = ref()
         if ex is not None:
             ex._on_host_event(ev)
+
     return on_event
 
 
 def _weak_joined(ref: "weakref.ref[Executor]") -> Callable[["RemoteGuest"], None]:
     """The listener's on_guest callback, holding the executor weakly."""
+
     def on_guest(guest: "RemoteGuest") -> None:
         ex = ref()
         if ex is None:
             guest.kill()
         else:
             ex._remote_joined(guest)
+
     return on_guest
 
 
@@ -589,8 +612,9 @@ class TaskOptions:
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> "cf.Future[Any]":
         return self.executor._submit(Task("run", fn, args, kwargs, self.timeout, self.retries))
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: Optional[float] = None,
-            chunksize: int = 1, progress: bool = False) -> Iterator[Any]:
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: Optional[float] = None, chunksize: int = 1, progress: bool = False
+    ) -> Iterator[Any]:
         return self.executor._map(fn, iterables, timeout, chunksize, progress, self.timeout, self.retries)
 
 

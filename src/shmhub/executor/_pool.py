@@ -13,6 +13,7 @@ A worker runs its tasks one at a time in the order sent (rpc.inline on its side)
 running when it dies is the oldest one sent and not answered: exactly that one fails.
 The manager sleeps on a condition until a worker is lost, a deadline comes, or work is pending
 while a worker has room; it never wakes on a tick."""
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -59,11 +60,9 @@ def settle(fut: "cf.Future[Any]", value: Any = None, exc: Optional[BaseException
 class Task:
     """One submit() call, or one chunk of map()."""
 
-    __slots__ = ("method", "fn", "args", "kwargs", "future", "timeout", "retries", "deadline", "worker",
-                 "started", "stop", "timed_out", "rpc")
+    __slots__ = ("method", "fn", "args", "kwargs", "future", "timeout", "retries", "deadline", "worker", "started", "stop", "timed_out", "rpc")
 
-    def __init__(self, method: str, fn: Callable[..., Any], args: Any, kwargs: Optional[Dict[str, Any]],
-                 timeout: Optional[float], retries: int) -> None:
+    def __init__(self, method: str, fn: Callable[..., Any], args: Any, kwargs: Optional[Dict[str, Any]], timeout: Optional[float], retries: int) -> None:
         self.method, self.fn, self.args, self.kwargs = method, fn, args, kwargs
         self.future: cf.Future[Any] = cf.Future()
         self.timeout = timeout
@@ -84,8 +83,7 @@ class Task:
 class Worker:
     """A worker process, its rpc client and the tasks sent to it (in order)."""
 
-    def __init__(self, wid: int, handle: "GuestHandle | RemoteGuest", client: Client, fd_sock: "Optional[socket.socket]",
-                 codec: TaskCodec) -> None:
+    def __init__(self, wid: int, handle: "GuestHandle | RemoteGuest", client: Client, fd_sock: "Optional[socket.socket]", codec: TaskCodec) -> None:
         self.wid = wid
         self.handle = handle
         self.client = client
@@ -211,8 +209,7 @@ def make_worker(ex: "Executor", wid: int) -> Worker:
 
     ours, theirs = fd_socketpair()
     try:
-        handle = ex._host.start_process(_worker.main, (ex._initializer, ex._initargs, theirs, ex._preload),
-                                        context=ex._context, name=f"shmhub-worker-{wid}")
+        handle = ex._host.start_process(_worker.main, (ex._initializer, ex._initargs, theirs, ex._preload), context=ex._context, name=f"shmhub-worker-{wid}")
     except BaseException:
         ours.close()
         raise
@@ -242,7 +239,6 @@ def _send_init(ex: "Executor", w: Worker, *args: Any) -> None:
             e._initialized(w, f)
 
     w.client.submit("init", *args).add_done_callback(initialized)
-
 
 
 class RemoteTaskCodec(TaskCodec):

@@ -8,6 +8,7 @@ a worker's result that is a view of a region comes back the same way.
 
 A region lives as long as the mmap object its arrays are built on: when the last array is gone the
 executor closes the fd and tells the workers to unmap it (they do so at their next attach)."""
+
 from __future__ import annotations
 
 import itertools

@@ -2,6 +2,7 @@
 closes its link. Tasks run one at a time, in the order they arrive, on the connection's reader
 thread (rpc.inline): no hand-off between threads, and the executor knows which task runs -- the
 oldest it has sent and not had answered."""
+
 from __future__ import annotations
 
 import socket
@@ -59,8 +60,7 @@ def run_chunk(fn: Callable[..., Any], chunk: Sequence[Tuple[Any, ...]]) -> List[
     return [fn(*args) for args in chunk]
 
 
-def main(initializer: Optional[Callable[..., Any]], initargs: Tuple[Any, ...], fd_sock: socket.socket,
-         preload: Iterable[str] = ()) -> None:
+def main(initializer: Optional[Callable[..., Any]], initargs: Tuple[Any, ...], fd_sock: socket.socket, preload: Iterable[str] = ()) -> None:
     """Entry point in the child (Host.start_process)."""
     import importlib
 

@@ -3,6 +3,7 @@ shmhub.rpc to the least-loaded of N worker guests running the user's ASGI or WSG
 
     shmhub serve myapp:app --workers 4 --bind 127.0.0.1:8000
     shmhub.http.serve("myapp:app", workers=4, bind="127.0.0.1:8000")"""
+
 from __future__ import annotations
 
 from ..errors import HttpError, HttpProtocolError
@@ -11,6 +12,21 @@ from ._meta import Method, RequestMeta, ResponseMeta, decode_request, decode_res
 from ._pool import QueueFull, Worker, WorkerPool, worker_command
 from ._serve import serve
 
-__all__ = ["Gateway", "HttpError", "HttpProtocolError", "Method", "QueueFull", "RequestMeta", "ResponseMeta", "Worker",
-           "WorkerPool", "decode_request", "decode_response", "encode_request", "encode_response", "request_meta",
-           "serve", "worker_command"]
+__all__ = [
+    "Gateway",
+    "HttpError",
+    "HttpProtocolError",
+    "Method",
+    "QueueFull",
+    "RequestMeta",
+    "ResponseMeta",
+    "Worker",
+    "WorkerPool",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+    "request_meta",
+    "serve",
+    "worker_command",
+]

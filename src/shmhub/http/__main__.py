@@ -1,4 +1,5 @@
 """`python -m shmhub.http APP ...`: a worker guest (the front spawns these; see _worker.py)."""
+
 from ._worker import main
 
 main()

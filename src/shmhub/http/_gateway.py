@@ -11,6 +11,7 @@ stream for the rest of a response that does not come in one piece, and calls for
                  pool.release()                    as soon as the last chunk is sent
 
 Errors of the worker become statuses here, at the edge: nothing a worker sends can crash the front."""
+
 from __future__ import annotations
 
 import asyncio
@@ -39,12 +40,17 @@ def request_meta(scope: Scope) -> RequestMeta:
     """The metadata of an ASGI http scope."""
     client, server = scope.get("client"), scope.get("server")
     return RequestMeta(
-        method=scope["method"], path=scope["path"], raw_path=scope.get("raw_path") or b"",
-        query=scope.get("query_string", b""), headers=tuple((bytes(k), bytes(v)) for k, v in scope["headers"]),
-        root_path=scope.get("root_path", ""), scheme=scope.get("scheme", "http"),
+        method=scope["method"],
+        path=scope["path"],
+        raw_path=scope.get("raw_path") or b"",
+        query=scope.get("query_string", b""),
+        headers=tuple((bytes(k), bytes(v)) for k, v in scope["headers"]),
+        root_path=scope.get("root_path", ""),
+        scheme=scope.get("scheme", "http"),
         http_version=scope.get("http_version", "1.1"),
         client=(str(client[0]), int(client[1])) if client else None,
-        server=(str(server[0]), int(server[1] or 0)) if server else None)
+        server=(str(server[0]), int(server[1] or 0)) if server else None,
+    )
 
 
 class _Failed(Exception):
@@ -230,10 +236,8 @@ class _Lease:
 
 def _item(item: Any, n: int) -> Tuple[Any, ...]:
     """A stream item of the expected shape, else HttpProtocolError."""
-    if not isinstance(item, tuple) or len(item) != n or not isinstance(item[-1], bool) \
-            or not isinstance(item[-2], (bytes, bytearray, memoryview)):
-        raise HttpProtocolError(f"malformed response item from the worker: {type(item).__name__} "
-                                f"{repr(item)[:80]}")
+    if not isinstance(item, tuple) or len(item) != n or not isinstance(item[-1], bool) or not isinstance(item[-2], (bytes, bytearray, memoryview)):
+        raise HttpProtocolError(f"malformed response item from the worker: {type(item).__name__} {repr(item)[:80]}")
     if n == 3 and not isinstance(item[0], (bytes, bytearray, memoryview)):
         raise HttpProtocolError("malformed response item from the worker: metadata is not bytes")
     return item
@@ -257,8 +261,7 @@ class _Counting:
         await self.send(msg)
 
 
-async def _simple(send: Send, status: int, body: bytes, ctype: bytes,
-                  headers: Tuple[Tuple[bytes, bytes], ...] = ()) -> None:
+async def _simple(send: Send, status: int, body: bytes, ctype: bytes, headers: Tuple[Tuple[bytes, bytes], ...] = ()) -> None:
     hdrs = [(b"content-type", ctype), (b"content-length", str(len(body)).encode()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
     await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -273,7 +276,15 @@ def _access(scope: Scope, status: int, size: int, t0: float) -> None:
     target = scope.get("raw_path") or scope["path"].encode()
     if scope.get("query_string"):
         target += b"?" + scope["query_string"]
-    access_log.info('%s - - [%s] "%s %s HTTP/%s" %d %s "%s" "%s"', client[0] if client else "-",
-                    time.strftime("%d/%b/%Y:%H:%M:%S %z"), scope["method"], target.decode("latin-1"),
-                    scope.get("http_version", "1.1"), status, size or "-",
-                    headers.get(b"referer", b"-").decode("latin-1"), headers.get(b"user-agent", b"-").decode("latin-1"))
+    access_log.info(
+        '%s - - [%s] "%s %s HTTP/%s" %d %s "%s" "%s"',
+        client[0] if client else "-",
+        time.strftime("%d/%b/%Y:%H:%M:%S %z"),
+        scope["method"],
+        target.decode("latin-1"),
+        scope.get("http_version", "1.1"),
+        status,
+        size or "-",
+        headers.get(b"referer", b"-").decode("latin-1"),
+        headers.get(b"user-agent", b"-").decode("latin-1"),
+    )

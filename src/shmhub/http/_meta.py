@@ -2,6 +2,7 @@
 u32-length-prefixed byte strings. docs/http.md documents it byte by byte (tests/http/test_meta_docs.py
 checks it against this module). Pure functions over bytes: no I/O, no clock, no shared memory.
 The bodies never travel here: they go as their own chunks (out-of-band buffers of the RPC layer)."""
+
 from __future__ import annotations
 
 import enum
@@ -15,8 +16,19 @@ from .types import Address, Headers
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
-__all__ = ["Kind", "Method", "RequestMeta", "ResponseMeta", "decode_request", "decode_response",
-           "encode_request", "encode_response", "VERSION", "REQUEST_HEADER", "RESPONSE_HEADER"]
+__all__ = [
+    "Kind",
+    "Method",
+    "RequestMeta",
+    "ResponseMeta",
+    "decode_request",
+    "decode_response",
+    "encode_request",
+    "encode_response",
+    "VERSION",
+    "REQUEST_HEADER",
+    "RESPONSE_HEADER",
+]
 
 VERSION = 1
 # u8 version, u8 kind, u8 method, u8 flags, u16 n_headers, u16 n_params, u16 client_port, u16 server_port,
@@ -156,10 +168,22 @@ def encode_request(meta: RequestMeta) -> bytes:
         raise HttpProtocolError(f"unknown HTTP version {meta.http_version!r}") from None
     flags = (FLAG_CLIENT if meta.client else 0) | (FLAG_SERVER if meta.server else 0) | (FLAG_HTTPS if meta.scheme == "https" else 0)
     if max(len(meta.headers), len(meta.path_params)) > MAX_HEADERS:
-        raise HttpProtocolError(f"{len(meta.headers)} headers or {len(meta.path_params)} path params exceed "
-                                f"MAX_HEADERS ({MAX_HEADERS})")
-    out = [REQUEST_HEADER.pack(VERSION, Kind.REQUEST, code, flags, len(meta.headers), len(meta.path_params),
-                               meta.client[1] if meta.client else 0, meta.server[1] if meta.server else 0, version, 0, 0)]
+        raise HttpProtocolError(f"{len(meta.headers)} headers or {len(meta.path_params)} path params exceed MAX_HEADERS ({MAX_HEADERS})")
+    out = [
+        REQUEST_HEADER.pack(
+            VERSION,
+            Kind.REQUEST,
+            code,
+            flags,
+            len(meta.headers),
+            len(meta.path_params),
+            meta.client[1] if meta.client else 0,
+            meta.server[1] if meta.server else 0,
+            version,
+            0,
+            0,
+        )
+    ]
     if name is not None:
         _put(out, name)
     for field in (_text(meta.path), meta.raw_path, meta.query, _text(meta.root_path), _text(meta.route_pattern)):
@@ -201,10 +225,9 @@ class _Reader:
         (n,) = LENGTH.unpack_from(view, pos)
         end = pos + LENGTH_SIZE + n
         if n > MAX_FIELD or end > len(view):
-            raise HttpProtocolError(f"{self.what} metadata: a field of {n} bytes at byte {pos} overruns the "
-                                    f"{len(view)} bytes given")
+            raise HttpProtocolError(f"{self.what} metadata: a field of {n} bytes at byte {pos} overruns the {len(view)} bytes given")
         self.pos = end
-        return bytes(view[pos + LENGTH_SIZE:end])
+        return bytes(view[pos + LENGTH_SIZE : end])
 
     def text(self) -> str:
         try:
@@ -223,8 +246,7 @@ class _Reader:
 def _header(data: "Buffer", packer: struct.Struct, kind: Kind) -> Tuple[int, ...]:
     view = memoryview(data).cast("B")
     if len(view) < packer.size:
-        raise HttpProtocolError(f"{kind.name.lower()} metadata of {len(view)} bytes is shorter than its "
-                                f"{packer.size}-byte header")
+        raise HttpProtocolError(f"{kind.name.lower()} metadata of {len(view)} bytes is shorter than its {packer.size}-byte header")
     fields = packer.unpack_from(view, 0)
     if fields[0] != VERSION:
         raise HttpProtocolError(f"{kind.name.lower()} metadata version {fields[0]} (this end speaks {VERSION})")
@@ -258,8 +280,9 @@ def decode_request(data: "Buffer") -> RequestMeta:
     headers = rd.pairs(n_headers)
     params = tuple((k.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape")) for k, v in rd.pairs(n_params))
     rd.finish()
-    return RequestMeta(method, path, raw_path, query, headers, route, params, root_path,
-                       "https" if flags & FLAG_HTTPS else "http", HTTP_VERSIONS[version], client, server)
+    return RequestMeta(
+        method, path, raw_path, query, headers, route, params, root_path, "https" if flags & FLAG_HTTPS else "http", HTTP_VERSIONS[version], client, server
+    )
 
 
 def decode_response(data: "Buffer") -> ResponseMeta:

@@ -4,6 +4,7 @@ a worker that dies or is retired, and roll to a new generation on reload.
 
 Runs in the front's event loop; the Host's monitor thread only posts "a guest died" into it.
 Nothing here polls: waiters are futures resolved when a worker has room."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,8 +34,7 @@ class QueueFull(HttpError):
 
 def worker_command(app: str, interface: str, max_in_flight: int) -> List[str]:
     """The argv that starts one worker guest running `app`."""
-    return [sys.executable, "-m", "shmhub.http", app, "--interface", interface,
-            "--max-in-flight", str(max_in_flight)]
+    return [sys.executable, "-m", "shmhub.http", app, "--interface", interface, "--max-in-flight", str(max_in_flight)]
 
 
 @dataclass(eq=False)
@@ -56,8 +56,15 @@ class Worker:
         return self.handle.pid
 
     def stats(self) -> Dict[str, Any]:
-        return {"pid": self.pid, "generation": self.generation, "interface": self.interface,
-                "in_flight": self.in_flight, "served": self.served, "failed": self.failed, "retiring": self.retiring}
+        return {
+            "pid": self.pid,
+            "generation": self.generation,
+            "interface": self.interface,
+            "in_flight": self.in_flight,
+            "served": self.served,
+            "failed": self.failed,
+            "retiring": self.retiring,
+        }
 
 
 class WorkerPool:
@@ -86,8 +93,7 @@ class WorkerPool:
         """Spawn the workers and wait until each answers (raises if one cannot start)."""
         self.loop = asyncio.get_running_loop()
         # Room for a whole new generation beside the old one (reload), and for replacements.
-        cfg = SegmentConfig(max_guests=min(255, 2 * self.size + 4),
-                            size_classes=((1024, 512), (16 * 1024, 256), (256 * 1024, 64), (1 << 20, 8)))
+        cfg = SegmentConfig(max_guests=min(255, 2 * self.size + 4), size_classes=((1024, 512), (16 * 1024, 256), (256 * 1024, 64), (1 << 20, 8)))
         self.host = Host(cfg, on_event=self._on_event)
         await asyncio.gather(*(self._spawn() for _ in range(self.size)))
 
@@ -145,6 +151,7 @@ class WorkerPool:
         def done(t: "asyncio.Task[None]") -> None:
             if not t.cancelled() and t.exception() is not None:
                 log.error("could not start a replacement worker (%s): %s", why, t.exception())
+
         task.add_done_callback(done)
 
     # -- death and retirement -------------------------------------------------------------------
@@ -202,8 +209,7 @@ class WorkerPool:
             w.in_flight += 1
             return w
         if len(self.waiters) >= self.queue_limit:
-            raise QueueFull(f"{len(self.waiters)} requests queued (the limit): every worker has "
-                            f"{self.max_in_flight} in flight")
+            raise QueueFull(f"{len(self.waiters)} requests queued (the limit): every worker has {self.max_in_flight} in flight")
         fut: "asyncio.Future[Worker]" = asyncio.get_running_loop().create_future()
         self.waiters.append(fut)
         try:
@@ -248,5 +254,10 @@ class WorkerPool:
     def stats(self) -> Dict[str, Any]:
         """Readiness and per-worker counters (the health endpoint's body)."""
         live = [w for w in self.workers if not w.dead and not w.retiring]
-        return {"ready": bool(live), "generation": self.generation, "queued": len(self.waiters),
-                "replaced": self.replaced, "workers": [w.stats() for w in self.workers]}
+        return {
+            "ready": bool(live),
+            "generation": self.generation,
+            "queued": len(self.waiters),
+            "replaced": self.replaced,
+            "workers": [w.stats() for w in self.workers],
+        }

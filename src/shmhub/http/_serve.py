@@ -1,6 +1,7 @@
 """`shmhub serve`: uvicorn in the front process with the gateway as its app, N worker guests.
 SIGHUP starts a new generation of workers and drains the old; SIGTERM / SIGINT drain and exit
 (uvicorn's own graceful shutdown, then the pool's)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -43,6 +44,7 @@ class _Front:
             if msg["type"] == "lifespan.startup.complete":
                 self._started()
             await send(msg)
+
         await self.gateway(scope, receive, sent)
 
     def _started(self) -> None:
@@ -52,13 +54,22 @@ class _Front:
         except (RuntimeError, ValueError):
             pass  # not the main thread: reload through pool.reload() only
         host, port = self.sock.getsockname()[:2]
-        log.warning("shmhub serve: http://%s:%d with %d workers (pids %s)", host, port, pool.size,
-                    " ".join(str(w.pid) for w in pool.workers))
+        log.warning("shmhub serve: http://%s:%d with %d workers (pids %s)", host, port, pool.size, " ".join(str(w.pid) for w in pool.workers))
 
 
-def serve(app: str, *, workers: int = 2, bind: str = "127.0.0.1:8000", timeout: Optional[float] = 30.0,
-          max_in_flight: int = 32, queue: int = 1024, interface: str = "auto",
-          http: str = "auto", worker_argv: Optional[Sequence[str]] = None, log_level: str = "info") -> None:
+def serve(
+    app: str,
+    *,
+    workers: int = 2,
+    bind: str = "127.0.0.1:8000",
+    timeout: Optional[float] = 30.0,
+    max_in_flight: int = 32,
+    queue: int = 1024,
+    interface: str = "auto",
+    http: str = "auto",
+    worker_argv: Optional[Sequence[str]] = None,
+    log_level: str = "info",
+) -> None:
     """Serve the ASGI or WSGI app `app` ('module:attribute') with `workers` worker guests behind
     uvicorn on `bind`, until SIGTERM or SIGINT. http: uvicorn's parser ("auto" is httptools when
     installed: fastest, but it rejects methods llhttp does not know; "h11" accepts any token).
@@ -76,11 +87,15 @@ def serve(app: str, *, workers: int = 2, bind: str = "127.0.0.1:8000", timeout: 
         sock.bind((host, port))
         sock.listen(2048)
         logging.basicConfig(level=log_level.upper(), format="%(message)s", stream=sys.stderr)
-        config = uvicorn.Config(_Front(Gateway(pool, timeout=timeout), sock), lifespan="on", access_log=False,
-                                log_level=log_level, server_header=False, http=http,
-                                timeout_graceful_shutdown=None if timeout is None else max(1, math.ceil(timeout)))
+        config = uvicorn.Config(
+            _Front(Gateway(pool, timeout=timeout), sock),
+            lifespan="on",
+            access_log=False,
+            log_level=log_level,
+            server_header=False,
+            http=http,
+            timeout_graceful_shutdown=None if timeout is None else max(1, math.ceil(timeout)),
+        )
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
-
-

@@ -9,6 +9,7 @@ plus a stream for the rest of a response that does not come in one piece (docs/h
 
 Response chunks larger than CHUNK are sent as slices (memoryviews): each travels through a slot or
 a mapping of its own, so no payload is pickled or held in one piece on the way."""
+
 from __future__ import annotations
 
 import argparse
@@ -59,8 +60,7 @@ def detect_interface(app: Any) -> str:
     if inspect.iscoroutinefunction(call):
         return "asgi"
     try:
-        params = [p for p in inspect.signature(call).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [p for p in inspect.signature(call).parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     except (TypeError, ValueError):
         raise ValueError(f"cannot tell whether {app!r} is ASGI or WSGI: pass interface='asgi' or 'wsgi'") from None
     if len(params) == 2:
@@ -78,15 +78,23 @@ def _slices(body: Chunk, more: bool) -> Iterator[Tuple[Chunk, bool]]:
         return
     view = memoryview(body)
     for i in range(0, n, CHUNK):
-        yield view[i:i + CHUNK], more or i + CHUNK < n
+        yield view[i : i + CHUNK], more or i + CHUNK < n
 
 
 def _scope(meta: RequestMeta) -> Scope:
     scope: Scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": meta.http_version,
-        "method": meta.method, "scheme": meta.scheme, "path": meta.path, "raw_path": meta.raw_path or None,
-        "query_string": meta.query, "root_path": meta.root_path, "headers": [list(h) for h in meta.headers],
-        "client": list(meta.client) if meta.client else None, "server": list(meta.server) if meta.server else None,
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": meta.http_version,
+        "method": meta.method,
+        "scheme": meta.scheme,
+        "path": meta.path,
+        "raw_path": meta.raw_path or None,
+        "query_string": meta.query,
+        "root_path": meta.root_path,
+        "headers": [list(h) for h in meta.headers],
+        "client": list(meta.client) if meta.client else None,
+        "server": list(meta.server) if meta.server else None,
     }
     if meta.route_pattern:
         scope["shmhub.route"] = meta.route_pattern
@@ -178,8 +186,7 @@ class _AsgiExchange:
                 self.ready.clear()
                 await self.ready.wait()
             if self.error is not None and not self.sent_start:
-                yield (encode_response(ResponseMeta(500, ((b"content-type", b"text/plain; charset=utf-8"),))),
-                       b"Internal Server Error", False)
+                yield (encode_response(ResponseMeta(500, ((b"content-type", b"text/plain; charset=utf-8"),))), b"Internal Server Error", False)
             elif self.error is not None:
                 raise self.error
             elif not self.sent_start:
@@ -335,14 +342,22 @@ def _resolve(fut: "asyncio.Future[None]") -> None:
 
 def _environ(meta: RequestMeta, body: _BodyInput) -> Dict[str, Any]:
     env: Dict[str, Any] = {
-        "REQUEST_METHOD": meta.method, "SCRIPT_NAME": meta.root_path,
+        "REQUEST_METHOD": meta.method,
+        "SCRIPT_NAME": meta.root_path,
         "PATH_INFO": meta.path.encode("utf-8", "surrogateescape").decode("latin-1"),
-        "QUERY_STRING": meta.query.decode("latin-1"), "SERVER_PROTOCOL": f"HTTP/{meta.http_version}",
+        "QUERY_STRING": meta.query.decode("latin-1"),
+        "SERVER_PROTOCOL": f"HTTP/{meta.http_version}",
         "SERVER_NAME": meta.server[0] if meta.server else "localhost",
         "SERVER_PORT": str(meta.server[1]) if meta.server else "80",
-        "REMOTE_ADDR": meta.client[0] if meta.client else "", "REMOTE_PORT": str(meta.client[1]) if meta.client else "",
-        "wsgi.version": (1, 0), "wsgi.url_scheme": meta.scheme, "wsgi.input": io.BufferedReader(body),
-        "wsgi.errors": sys.stderr, "wsgi.multithread": True, "wsgi.multiprocess": True, "wsgi.run_once": False,
+        "REMOTE_ADDR": meta.client[0] if meta.client else "",
+        "REMOTE_PORT": str(meta.client[1]) if meta.client else "",
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": meta.scheme,
+        "wsgi.input": io.BufferedReader(body),
+        "wsgi.errors": sys.stderr,
+        "wsgi.multithread": True,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
         "wsgi.input_terminated": True,  # our input ends with the body: a chunked upload needs no length
     }
     for k, v in meta.headers:
@@ -372,8 +387,7 @@ class WsgiWorker(_Handlers):
             with self.lock:
                 self.inboxes[rid] = inp
         ctx = contextvars.copy_context()
-        return await asyncio.get_running_loop().run_in_executor(self.threads, ctx.run, self._first, rid, meta, inp,
-                                                                deadline_ns)
+        return await asyncio.get_running_loop().run_in_executor(self.threads, ctx.run, self._first, rid, meta, inp, deadline_ns)
 
     def _first(self, rid: int, meta: bytes, inp: "_BodyInput", deadline_ns: int) -> Any:
         items = self._run(decode_request(meta), inp)
@@ -382,8 +396,7 @@ class WsgiWorker(_Handlers):
         except Exception:
             self._forget(rid)
             traceback.print_exc()  # as a WSGI server does: the app's error goes to its log
-            return (encode_response(ResponseMeta(500, ((b"content-type", b"text/plain; charset=utf-8"),))),
-                    b"Internal Server Error", False)
+            return (encode_response(ResponseMeta(500, ((b"content-type", b"text/plain; charset=utf-8"),))), b"Internal Server Error", False)
         except BaseException:
             self._forget(rid)
             raise
@@ -460,5 +473,3 @@ def main(argv: Optional[List[str]] = None) -> None:
         rpc.serve(link, handlers, max_concurrency=args.max_in_flight)
     finally:
         link.close()
-
-

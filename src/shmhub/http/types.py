@@ -1,4 +1,5 @@
 """ASGI and WSGI type aliases, named once (as starlette/types.py does)."""
+
 from __future__ import annotations
 
 from typing import Any, Awaitable, Callable, Iterable, MutableMapping, Optional, Tuple

@@ -6,6 +6,7 @@
 
 This package sits beside link: it imports only errors and the core's Message, so host and guest
 may import it (lazily: pyzmq is the optional extra shmhub[remote])."""
+
 from __future__ import annotations
 
 try:

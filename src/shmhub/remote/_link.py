@@ -13,6 +13,7 @@ Rules:
   DRAIN_GRACE, or the peer's BYE), then PeerDead (host side) or HostGone (guest side). Our own close() is LinkClosed, and tells the peer with a BYE.
 - The one algorithm is `_step` (attempt, check, mark waiting); the thread driver sleeps in poll(),
   the asyncio driver awaits the loop's readers on the same three fds."""
+
 from __future__ import annotations
 
 import asyncio
@@ -42,11 +43,15 @@ ZERO_COPY_MIN = 65536  # payloads this large are sent without a copy (copy=False
 # once none came for this long (or at once when the peer said BYE, which follows its last frame).
 DRAIN_GRACE = 0.05
 
-MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
-                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
-_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
-                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+MONITOR_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CLOSED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+_HANDSHAKE_FAILED = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
 
 _AGAIN: Any = object()  # an attempt found nothing to do yet
 # Plain ints: pyzmq's enum members cost an enum operation at every test on the hot path.
@@ -112,8 +117,9 @@ class RemoteLink:
     shared_clock = False  # the peer's CLOCK_MONOTONIC is not ours (rpc sends budgets, not deadlines)
     peer: str  # who is at the other end ("name pid at address")
 
-    def __init__(self, ctx: "zmq.Context[Any]", sock: "zmq.Socket[Any]", side: str, peer: str, *,
-                 connect_deadline: float = math.inf, owns_context: bool = False) -> None:
+    def __init__(
+        self, ctx: "zmq.Context[Any]", sock: "zmq.Socket[Any]", side: str, peer: str, *, connect_deadline: float = math.inf, owns_context: bool = False
+    ) -> None:
         self._ctx = ctx
         self._sock = sock
         self._mon: "zmq.Socket[Any]" = sock.get_monitor_socket(MONITOR_EVENTS)
@@ -600,4 +606,3 @@ def _nbytes(data: Any) -> int:
         return len(data)
     with memoryview(data) as mv:
         return mv.nbytes
-

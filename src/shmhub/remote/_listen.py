@@ -6,6 +6,7 @@ RemoteLink of its own (docs/remote.md).
            <-- WELCOME(port) ------  (or REFUSE(reason))
     DEALER ====== payloads and BYE, heartbeats ======  the guest's DEALER  (a RemoteLink each end)
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -97,13 +98,21 @@ class Listener:
     listener's public key). Without keys, HOST must be a loopback address unless public=True.
     on_guest(guest) is called (in the listener's thread) for each guest; without it, accept()."""
 
-    def __init__(self, url: str, *, keys: Optional[PathLike] = None, authorized: Optional[PathLike] = None,
-                 public: bool = False, liveness: float = DEFAULT_LIVENESS,
-                 on_guest: Optional[Callable[[RemoteGuest], None]] = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        keys: Optional[PathLike] = None,
+        authorized: Optional[PathLike] = None,
+        public: bool = False,
+        liveness: float = DEFAULT_LIVENESS,
+        on_guest: Optional[Callable[[RemoteGuest], None]] = None,
+    ) -> None:
         host, port = split_url(url)
         if keys is None and not public and not is_loopback(host):
-            raise ConfigError(f"listening on {host} without CURVE keys would let anyone on the network in: "
-                              "pass keys= (docs/remote.md), or public=True on a trusted network")
+            raise ConfigError(
+                f"listening on {host} without CURVE keys would let anyone on the network in: pass keys= (docs/remote.md), or public=True on a trusted network"
+            )
         if authorized is not None and keys is None:
             raise ConfigError("authorized= needs keys= (the listener's own CURVE keys)")
         if not liveness > 0:
@@ -280,9 +289,15 @@ class _Admitted:
         self.guest, self.port = guest, port
 
 
-def connect(url: str, *, timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT, name: str = "",
-            keys: Optional[PathLike] = None, server_key: Optional[PathLike] = None,
-            liveness: float = DEFAULT_LIVENESS) -> RemoteLink:
+def connect(
+    url: str,
+    *,
+    timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT,
+    name: str = "",
+    keys: Optional[PathLike] = None,
+    server_key: Optional[PathLike] = None,
+    liveness: float = DEFAULT_LIVENESS,
+) -> RemoteLink:
     """A guest's link to the host listening on tcp://HOST:PORT (shmhub.connect("tcp://...")).
 
     keys: this guest's CURVE secret key file; server_key: the listener's public key file (both or
@@ -314,8 +329,7 @@ def connect(url: str, *, timeout: Optional[float] = DEFAULT_CONNECT_TIMEOUT, nam
         sock = socket()
         try:
             # The link (and its monitor) first: a handshake done before the monitor is attached goes unseen.
-            link = RemoteLink(ctx, sock, "guest", url, connect_deadline=min(deadline, time.monotonic() + CONNECT_GRACE),
-                              owns_context=True)
+            link = RemoteLink(ctx, sock, "guest", url, connect_deadline=min(deadline, time.monotonic() + CONNECT_GRACE), owns_context=True)
         except BaseException:
             sock.close(0)
             raise

@@ -14,6 +14,7 @@ whose first part is empty is a control message; its second part is
     BYE      empty: the sender closed its end; nothing follows
     REFUSE   the reason in UTF-8 (the rest)
 """
+
 from __future__ import annotations
 
 import enum
@@ -68,11 +69,11 @@ def decode(data: Union[bytes, memoryview]) -> Control:
         k = Kind(kind)
     except ValueError:
         raise LinkCorrupted(f"remote control message of unknown kind {kind}") from None
-    body = b[_HEAD.size:]
+    body = b[_HEAD.size :]
     try:
         if k is Kind.HELLO:
             (pid,) = _PID.unpack_from(body)
-            return Control(k, pid=pid, text=body[_PID.size:].decode())
+            return Control(k, pid=pid, text=body[_PID.size :].decode())
         if k is Kind.WELCOME:
             if len(body) != _PORT.size:
                 raise ValueError("WELCOME body is 2 bytes")

@@ -1,4 +1,5 @@
 """The calling side: call / submit / acall / stream over a link's connection."""
+
 from __future__ import annotations
 
 import asyncio
@@ -22,8 +23,7 @@ class Client:
 
     The client's connection owns the link: close() closes it."""
 
-    def __init__(self, link: Any, *, codec: "Optional[Codec | str]" = None, max_in_flight: int = 64,
-                 max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(self, link: Any, *, codec: "Optional[Codec | str]" = None, max_in_flight: int = 64, max_frame: int = DEFAULT_MAX_FRAME) -> None:
         self._conn: Connection = connection_for(link, codec, max_in_flight, max_frame)
         self.link = link
 
@@ -126,8 +126,7 @@ class Stream:
                 return
             n, st.consumed = st.consumed, 0
         try:
-            self._conn.send_frame(Kind.CREDIT, self._call.cid, b"", (), arg=n,
-                                  deadline_for_send=monotonic_deadline(1.0))
+            self._conn.send_frame(Kind.CREDIT, self._call.cid, b"", (), arg=n, deadline_for_send=monotonic_deadline(1.0))
         except Exception:
             pass  # the link is gone: the future fails from the reader
 

@@ -8,6 +8,7 @@ alive exactly as long as it lives. Pickle runs code chosen by the sender: only f
 
 BytesCodec: one bytes-like argument and a bytes-like result, no pickle. MsgspecCodec: msgpack
 through msgspec (optional dependency). Neither executes code from the peer."""
+
 from __future__ import annotations
 
 import copyreg

@@ -13,6 +13,7 @@ Data flow (both ends alike; either may call, serve, or both):
 Rules: every call resolves exactly once, settled by the future's own state (InvalidStateError is
 caught, never checked beforehand); a frame and its out-of-band buffers go out under one send lock;
 the reader never runs handler code nor waits for a caller; nothing polls on a timer while idle."""
+
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -105,8 +106,7 @@ class PendingCall:
 
     __slots__ = ("cid", "future", "stream", "deadline_ns", "conn")
 
-    def __init__(self, conn: "Connection", future: "cf.Future[Any]", deadline_ns: int,
-                 stream: Optional[StreamState]) -> None:
+    def __init__(self, conn: "Connection", future: "cf.Future[Any]", deadline_ns: int, stream: Optional[StreamState]) -> None:
         self.cid = 0
         self.conn = conn
         self.future = future
@@ -319,6 +319,7 @@ class Connection:
             server = self.server
             if server is None:
                 from ._server import no_server
+
                 no_server(self, inc)
             else:
                 server.dispatch(self, inc)
@@ -417,8 +418,9 @@ class Connection:
 
     # -- calls ------------------------------------------------------------------------------
 
-    def start_call(self, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any], deadline_ns: int,
-                   stream: bool = False, read: bool = False) -> Tuple[PendingCall, bool]:
+    def start_call(
+        self, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any], deadline_ns: int, stream: bool = False, read: bool = False
+    ) -> Tuple[PendingCall, bool]:
         """Send a REQUEST (an in-flight permit is held by the caller); the call owns the permit.
         read: take the read role if it is free; the second value says whether it was taken (the
         caller must then call read_until)."""
@@ -443,8 +445,9 @@ class Connection:
                 self._arm_timer()
         fut.add_done_callback(self._settled(cid))
         try:
-            self.send_frame(Kind.REQUEST, cid, payload, oob, flags=FLAG_STREAM if stream else 0,
-                            deadline_ns=deadline_ns, method=method, deadline_for_send=deadline_ns)
+            self.send_frame(
+                Kind.REQUEST, cid, payload, oob, flags=FLAG_STREAM if stream else 0, deadline_ns=deadline_ns, method=method, deadline_for_send=deadline_ns
+            )
         except BaseException as e:
             with self.lock:
                 self.calls.finish(cid)
@@ -473,6 +476,7 @@ class Connection:
                     self.send_frame(Kind.CANCEL, cid, b"", (), deadline_for_send=monotonic_deadline(1.0))
                 except Exception:
                     pass  # the link is gone or stuck: the server learns from that instead
+
         return done
 
     def expire(self, call: PendingCall) -> None:
@@ -507,8 +511,19 @@ class Connection:
 
     # -- sending ----------------------------------------------------------------------------
 
-    def send_frame(self, kind: Kind, cid: int, payload: bytes, oob: Sequence[Any], *, flags: int = 0,
-                   deadline_ns: int = 0, arg: int = 0, method: str = "", deadline_for_send: int = 0) -> None:
+    def send_frame(
+        self,
+        kind: Kind,
+        cid: int,
+        payload: bytes,
+        oob: Sequence[Any],
+        *,
+        flags: int = 0,
+        deadline_ns: int = 0,
+        arg: int = 0,
+        method: str = "",
+        deadline_for_send: int = 0,
+    ) -> None:
         """A header frame, then its out-of-band buffers, none interleaved with other frames.
         Buffers are written to shared memory (reserved) before the send lock is taken."""
         link = self.link
@@ -522,8 +537,7 @@ class Connection:
                 _crash.point(b"rpc.staged")
             if deadline_ns and not self._shared_clock:
                 deadline_ns = max(1, deadline_ns - time.monotonic_ns())
-            head = encode_frame(kind, cid, payload, flags=flags, deadline_ns=deadline_ns, arg=arg, method=method,
-                                buffers=descs)
+            head = encode_frame(kind, cid, payload, flags=flags, deadline_ns=deadline_ns, arg=arg, method=method, buffers=descs)
             rem = _remaining(deadline_for_send)
             if not self.send_lock.acquire(timeout=-1 if rem is None else rem):
                 raise DeadlineExceeded("deadline passed waiting to send")
@@ -616,8 +630,9 @@ _registry: Dict[int, Connection] = {}
 _registry_lock = threading.Lock()
 
 
-def connection_for(link: Any, codec: "Optional[Codec | str]" = None, max_in_flight: int = 64,
-                   max_frame: int = DEFAULT_MAX_FRAME, server: Optional["Server"] = None) -> Connection:
+def connection_for(
+    link: Any, codec: "Optional[Codec | str]" = None, max_in_flight: int = 64, max_frame: int = DEFAULT_MAX_FRAME, server: Optional["Server"] = None
+) -> Connection:
     """The connection of a link, created (and its reader started) on first use. Both ends of a
     link must use the same codec. `server` serves requests from the first frame on."""
     with _registry_lock:

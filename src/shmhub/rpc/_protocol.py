@@ -7,6 +7,7 @@ feeds received messages and passes the time, in the manner of h11.
     encode_error / decode_error   exceptions on the wire, whatever the codec
 
 Every malformed input raises RpcProtocolError (a LinkCorrupted): anything else is a bug."""
+
 from __future__ import annotations
 
 import heapq
@@ -22,8 +23,19 @@ from ._wire import Frame, Kind, decode_frame
 if TYPE_CHECKING:
     pass
 
-__all__ = ["Incoming", "FrameAssembler", "CallTable", "ServingTable", "encode_error", "decode_error",
-           "ERR_EXCEPTION", "ERR_NOT_FOUND", "ERR_DEADLINE", "ERR_HEADER", "DEFAULT_MAX_FRAME"]
+__all__ = [
+    "Incoming",
+    "FrameAssembler",
+    "CallTable",
+    "ServingTable",
+    "encode_error",
+    "decode_error",
+    "ERR_EXCEPTION",
+    "ERR_NOT_FOUND",
+    "ERR_DEADLINE",
+    "ERR_HEADER",
+    "DEFAULT_MAX_FRAME",
+]
 
 DEFAULT_MAX_FRAME = 1 << 30  # a header message (in-band payload) larger than this is an oversize frame
 
@@ -43,7 +55,7 @@ class Incoming:
 
     def payload(self) -> memoryview:
         with memoryview(self.message) as mv:
-            return mv[self.frame.payload_offset:]
+            return mv[self.frame.payload_offset :]
 
     def views(self) -> List[memoryview]:
         """Zero-copy views of the out-of-band buffers (each one's exporter is its message, which
@@ -53,7 +65,7 @@ class Incoming:
         out = []
         for (off, n), msg in zip(self.frame.descriptors, self.buffers):
             with memoryview(msg) as whole:
-                out.append(whole[off:off + n])
+                out.append(whole[off : off + n])
         return out
 
     def release(self) -> None:
@@ -263,9 +275,9 @@ def decode_error(payload: Sequence[int] | memoryview, codec: Codec) -> BaseExcep
     if end > mv.nbytes:
         raise RpcProtocolError("truncated ERROR payload")
     o = ERR_HEADER.size
-    tname = bytes(mv[o:o + lt]).decode("utf-8", "replace")
-    msg = bytes(mv[o + lt:o + lt + lm]).decode("utf-8", "replace")
-    tb = bytes(mv[o + lt + lm:end]).decode("utf-8", "replace")
+    tname = bytes(mv[o : o + lt]).decode("utf-8", "replace")
+    msg = bytes(mv[o + lt : o + lt + lm]).decode("utf-8", "replace")
+    tb = bytes(mv[o + lt + lm : end]).decode("utf-8", "replace")
     if code == ERR_NOT_FOUND:
         return MethodNotFound("MethodNotFound", msg)
     if code == ERR_DEADLINE:

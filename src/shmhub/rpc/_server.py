@@ -1,5 +1,6 @@
 """The serving side: handler lookup, sync handlers in a bounded thread pool, async handlers in
 the server's event loop thread, streaming with credits, cancellation and deadlines."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,7 @@ _GONE = (PeerDead, HostGone, LinkClosed, LinkCorrupted)
 class _Serving:
     """One call being served."""
 
-    __slots__ = ("conn", "cid", "deadline_ns", "stream", "cancelled", "task", "loop", "credit", "cond",
-                 "async_credit")
+    __slots__ = ("conn", "cid", "deadline_ns", "stream", "cancelled", "task", "loop", "credit", "cond", "async_credit")
 
     def __init__(self, conn: Connection, cid: int, deadline_ns: int, stream: bool) -> None:
         self.conn = conn
@@ -102,6 +102,7 @@ def inline(fn: F) -> F:
 def _resolve(handlers: Any) -> Callable[[str], Optional[Callable[..., Any]]]:
     """Name -> callable: mapping keys (a dotted name reaches into a mapped object's public
     attributes), or an object's public methods."""
+
     def walk(obj: Any, parts: List[str]) -> Optional[Callable[..., Any]]:
         for p in parts:
             if not p or p.startswith("_"):
@@ -122,6 +123,7 @@ def _resolve(handlers: Any) -> Callable[[str], Optional[Callable[..., Any]]]:
             if rest and head in table:
                 return walk(table[head], rest.split("."))
             return None
+
         return find
     return lambda name: walk(handlers, name.split("."))
 
@@ -139,8 +141,9 @@ class Server:
     """Serves handlers over links: `Server(handlers).serve(link)`. Sync handlers run in a pool of
     max_concurrency threads (more calls queue), async ones in the server's own event loop thread."""
 
-    def __init__(self, handlers: Any, *, max_concurrency: int = 32, codec: "Optional[Codec | str]" = None,
-                 max_in_flight: int = 64, max_frame: int = DEFAULT_MAX_FRAME) -> None:
+    def __init__(
+        self, handlers: Any, *, max_concurrency: int = 32, codec: "Optional[Codec | str]" = None, max_in_flight: int = 64, max_frame: int = DEFAULT_MAX_FRAME
+    ) -> None:
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
         self.handlers = handlers
@@ -239,8 +242,7 @@ class Server:
             fn = self._find(h.method)
             if fn is None:
                 inc.release()
-                return self._fail(st, LookupError(
-                    f"no method {h.method!r} on the serving end (it has: {_names(self.handlers)})"), ERR_NOT_FOUND)
+                return self._fail(st, LookupError(f"no method {h.method!r} on the serving end (it has: {_names(self.handlers)})"), ERR_NOT_FOUND)
             try:
                 args, kwargs = conn.codec.decode_call(inc.payload(), inc.views())
             except Exception as e:  # this call alone fails
@@ -417,14 +419,14 @@ def no_server(conn: Connection, inc: Incoming) -> None:
         conn.serving.request(h.call_id, None)
         conn.serving.done(h.call_id)
     try:
-        conn.send_frame(Kind.ERROR, h.call_id, encode_error(
-            LookupError(f"no method {h.method!r}: nothing serves on this end of the link"), conn.codec, ERR_NOT_FOUND), ())
+        conn.send_frame(
+            Kind.ERROR, h.call_id, encode_error(LookupError(f"no method {h.method!r}: nothing serves on this end of the link"), conn.codec, ERR_NOT_FOUND), ()
+        )
     except _GONE:
         pass
 
 
-def serve(link: Any, handlers: Any, *, max_concurrency: int = 32, codec: "Optional[Codec | str]" = None,
-          timeout: Optional[float] = None) -> None:
+def serve(link: Any, handlers: Any, *, max_concurrency: int = 32, codec: "Optional[Codec | str]" = None, timeout: Optional[float] = None) -> None:
     """Serve handlers on a link until it closes or the peer is gone, then close it: a guest says
     goodbye, so its host reports it exited rather than died."""
     with Server(handlers, max_concurrency=max_concurrency, codec=codec) as server:

@@ -3,6 +3,7 @@ descriptors and the codec's payload, in one message; the out-of-band buffers fol
 of their own. docs/rpc.md documents it byte by byte (tests/rpc/test_wire_docs.py checks it).
 
 Pure functions over bytes: no I/O, no clock, no shared memory."""
+
 from __future__ import annotations
 
 import enum
@@ -14,8 +15,21 @@ from ..errors import RpcProtocolError
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
 
-__all__ = ["Kind", "Header", "HEADER", "HEADER_SIZE", "DESCRIPTOR", "DESCRIPTOR_SIZE", "VERSION", "FLAG_STREAM",
-           "MAX_BUFFERS", "MAX_METHOD_LEN", "encode_frame", "decode_frame", "Frame"]
+__all__ = [
+    "Kind",
+    "Header",
+    "HEADER",
+    "HEADER_SIZE",
+    "DESCRIPTOR",
+    "DESCRIPTOR_SIZE",
+    "VERSION",
+    "FLAG_STREAM",
+    "MAX_BUFFERS",
+    "MAX_METHOD_LEN",
+    "encode_frame",
+    "decode_frame",
+    "Frame",
+]
 
 VERSION = 1
 # u8 version, u8 kind, u16 flags, u32 n_buffers, u64 call_id, u64 deadline_ns, u32 arg, u16 method_len, u16 reserved
@@ -65,8 +79,7 @@ class Header:
 
     __slots__ = ("kind", "call_id", "flags", "deadline_ns", "arg", "method", "n_buffers")
 
-    def __init__(self, kind: Kind, call_id: int, flags: int = 0, deadline_ns: int = 0, arg: int = 0,
-                 method: str = "", n_buffers: int = 0) -> None:
+    def __init__(self, kind: Kind, call_id: int, flags: int = 0, deadline_ns: int = 0, arg: int = 0, method: str = "", n_buffers: int = 0) -> None:
         self.kind = kind
         self.call_id = call_id
         self.flags = flags
@@ -76,8 +89,10 @@ class Header:
         self.n_buffers = n_buffers
 
     def __repr__(self) -> str:
-        return (f"Header({self.kind.name}, call_id={self.call_id}, flags={self.flags:#x}, "
-                f"deadline_ns={self.deadline_ns}, arg={self.arg}, method={self.method!r}, n_buffers={self.n_buffers})")
+        return (
+            f"Header({self.kind.name}, call_id={self.call_id}, flags={self.flags:#x}, "
+            f"deadline_ns={self.deadline_ns}, arg={self.arg}, method={self.method!r}, n_buffers={self.n_buffers})"
+        )
 
 
 class Frame:
@@ -96,12 +111,20 @@ _pack = HEADER.pack
 _unpack = HEADER.unpack_from
 
 
-def encode_frame(kind: Kind, call_id: int, payload: "Buffer" = b"", *, flags: int = 0, deadline_ns: int = 0,
-                 arg: int = 0, method: str = "", buffers: Sequence[Tuple[int, int]] = ()) -> bytes:
+def encode_frame(
+    kind: Kind,
+    call_id: int,
+    payload: "Buffer" = b"",
+    *,
+    flags: int = 0,
+    deadline_ns: int = 0,
+    arg: int = 0,
+    method: str = "",
+    buffers: Sequence[Tuple[int, int]] = (),
+) -> bytes:
     """One header message. `buffers`: (offset, length) of each out-of-band buffer, sent after it."""
     if not buffers and not method:  # responses: the common case, kept short
-        return _pack(VERSION, kind, flags, 0, call_id, deadline_ns, arg, 0, 0) + (
-            payload if isinstance(payload, bytes) else bytes(payload))
+        return _pack(VERSION, kind, flags, 0, call_id, deadline_ns, arg, 0, 0) + (payload if isinstance(payload, bytes) else bytes(payload))
     m = method.encode()
     if len(m) > MAX_METHOD_LEN:
         raise ValueError(f"method name of {len(m)} bytes exceeds {MAX_METHOD_LEN}")
@@ -139,7 +162,7 @@ def decode_frame(data: "Buffer", max_frame: int) -> Frame:
         if end > n:
             raise RpcProtocolError(f"truncated frame: {n} bytes, its header announces {end}")
         try:
-            method = str(mv[HEADER_SIZE:HEADER_SIZE + mlen], "utf-8")
+            method = str(mv[HEADER_SIZE : HEADER_SIZE + mlen], "utf-8")
         except UnicodeDecodeError:
             raise RpcProtocolError("method name is not UTF-8") from None
         descs = tuple(DESCRIPTOR.unpack_from(mv, HEADER_SIZE + mlen + i * DESCRIPTOR_SIZE) for i in range(nbuf))

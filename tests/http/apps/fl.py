@@ -1,4 +1,5 @@
 """The Flask (WSGI) example app of the HTTP tests."""
+
 from __future__ import annotations
 
 import hashlib
@@ -23,10 +24,17 @@ def echo(item_id: int = 0, tag: str = "") -> Response:
             break
         h.update(chunk)
         n += len(chunk)
-    return jsonify(method=request.method, path=request.path, query=request.query_string.decode(),
-                   query_items=list(request.args.items(multi=True)), params={"item_id": item_id, "tag": tag},
-                   headers=[[k.lower(), v] for k, v in request.headers.items()], body_len=n, body_sha256=h.hexdigest(),
-                   pid=os.getpid())
+    return jsonify(
+        method=request.method,
+        path=request.path,
+        query=request.query_string.decode(),
+        query_items=list(request.args.items(multi=True)),
+        params={"item_id": item_id, "tag": tag},
+        headers=[[k.lower(), v] for k, v in request.headers.items()],
+        body_len=n,
+        body_sha256=h.hexdigest(),
+        pid=os.getpid(),
+    )
 
 
 @app.route("/blob/<int:n>")
@@ -41,6 +49,7 @@ def count() -> Response:
     def gen() -> Iterator[bytes]:
         for i in range(n):
             yield f"{i}\n".encode()
+
     return Response(gen(), mimetype="text/plain")
 
 

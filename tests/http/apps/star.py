@@ -1,4 +1,5 @@
 """The Starlette example app of the HTTP tests (and the benchmark)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -24,10 +25,19 @@ async def echo(request: Request) -> Response:
     async for chunk in request.stream():
         h.update(chunk)
         n += len(chunk)
-    return JSONResponse({"method": request.method, "path": request.url.path, "query": request.url.query,
-                         "query_items": list(request.query_params.multi_items()),
-                         "params": request.path_params, "headers": [[k.decode(), v.decode()] for k, v in request.headers.raw],
-                         "body_len": n, "body_sha256": h.hexdigest(), "pid": os.getpid()})
+    return JSONResponse(
+        {
+            "method": request.method,
+            "path": request.url.path,
+            "query": request.url.query,
+            "query_items": list(request.query_params.multi_items()),
+            "params": request.path_params,
+            "headers": [[k.decode(), v.decode()] for k, v in request.headers.raw],
+            "body_len": n,
+            "body_sha256": h.hexdigest(),
+            "pid": os.getpid(),
+        }
+    )
 
 
 async def blob(request: Request) -> Response:
@@ -47,6 +57,7 @@ async def count(request: Request) -> Response:
         for i in range(n):
             yield f"{i}\n".encode()
             await asyncio.sleep(0.01)
+
     return StreamingResponse(gen(), media_type="text/plain")
 
 
@@ -89,15 +100,17 @@ async def pid(request: Request) -> Response:
     return PlainTextResponse(str(os.getpid()))
 
 
-app = Starlette(routes=[
-    Route("/", hello),
-    Route("/items/{item_id:int}/tags/{tag}", echo, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "PURGE"]),
-    Route("/echo", echo, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "PURGE", "BREW"]),
-    Route("/blob/{n:int}", blob),
-    Route("/count", count),
-    Route("/sleep", sleep),
-    Route("/cpu", cpu),
-    Route("/cpu_block", cpu_block),
-    Route("/pid", pid),
-    Route("/boom", boom),
-])
+app = Starlette(
+    routes=[
+        Route("/", hello),
+        Route("/items/{item_id:int}/tags/{tag}", echo, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "PURGE"]),
+        Route("/echo", echo, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD", "PURGE", "BREW"]),
+        Route("/blob/{n:int}", blob),
+        Route("/count", count),
+        Route("/sleep", sleep),
+        Route("/cpu", cpu),
+        Route("/cpu_block", cpu_block),
+        Route("/pid", pid),
+        Route("/boom", boom),
+    ]
+)

@@ -1,4 +1,5 @@
 """A remote guest: connects to argv[1], echoes every payload until the host is gone."""
+
 import sys
 
 import shmhub

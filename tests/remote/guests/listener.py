@@ -1,5 +1,6 @@
 """A host in a process of its own: listens on 127.0.0.1, prints its endpoint, accepts one guest,
 sends it b"ready", then waits to be killed. argv: LIVENESS"""
+
 import sys
 import time
 

@@ -1,4 +1,5 @@
 """A remote guest serving the rpc tests' handlers over TCP until the host is gone. argv: URL LIVENESS"""
+
 from __future__ import annotations
 
 import os

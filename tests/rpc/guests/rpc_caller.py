@@ -1,4 +1,5 @@
 """A guest that calls the host: argv[1] calls of "big" in flight, then it waits to be killed."""
+
 from __future__ import annotations
 
 import sys

@@ -1,5 +1,6 @@
 """A guest with calls to the host in flight when the host goes: prints how each call ended and
 how long after the host's goodbye, then exits."""
+
 from __future__ import annotations
 
 import concurrent.futures as cf

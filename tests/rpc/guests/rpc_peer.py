@@ -1,4 +1,5 @@
 """A guest that serves the test handlers and calls the host back over the same link."""
+
 from __future__ import annotations
 
 import os

@@ -1,5 +1,6 @@
 """A guest that serves the test handlers over its link until the host is gone.
 argv: [max_concurrency] [codec]"""
+
 from __future__ import annotations
 
 import os

@@ -439,6 +439,13 @@ class Link(LinkCore):
             st.sent_bytes_mmap += nbytes
         self._tx.count_sent(k, nbytes)
 
+    def _put_ref(self, write: Callable[[], bool], frame_size: int, deadline: Optional[float]) -> None:
+        """Commit a slot- or mmap-reference frame with write(), waiting for ring room (tx lock held)."""
+        if not write():
+            tx = self._tx
+            self.stats.ring_full_waits += 1
+            self._wait(write, tx, True, deadline, lambda b: tx.spin_room(frame_size, b))
+
     def _send_locked(self, mv: memoryview, n: int, deadline: Optional[float]) -> None:
         """One payload by its tier (tx lock held); the caller notifies the consumer."""
         tx = self._tx
@@ -602,9 +609,7 @@ class Link(LinkCore):
         c, e, s, gen = self._take_slot(need, deadline)
         try:
             self._pool.write_payload(c, s, mv, e)
-            if not tx.write_slot_ref(c, e, s, gen):
-                self.stats.ring_full_waits += 1
-                self._wait(lambda: tx.write_slot_ref(c, e, s, gen), tx, True, deadline, lambda b: tx.spin_room(L.SLOT_REF_FRAME_SIZE, b))
+            self._put_ref(lambda: tx.write_slot_ref(c, e, s, gen), L.SLOT_REF_FRAME_SIZE, deadline)
         except BaseException:
             self._pool.free_if_current(c, e, s, gen, self._owner)  # never committed: still ours to free
             raise
@@ -704,15 +709,7 @@ class Link(LinkCore):
         self._count_lease(m, 1)  # before the ref is visible: the receiver may release at once
         try:
             m.region.write(L.MAP_HEADER_SIZE, mv)  # payload, then (Release) the ref: format-v7 2.9 order
-            if not tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n):
-                self.stats.ring_full_waits += 1
-                self._wait(
-                    lambda: tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n),
-                    tx,
-                    True,
-                    deadline,
-                    lambda b: tx.spin_room(L.MMAP_REF_FRAME_SIZE, b),
-                )
+            self._put_ref(lambda: tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n), L.MMAP_REF_FRAME_SIZE, deadline)
         except BaseException:
             self._count_lease(m, -1)
             raise
@@ -756,28 +753,18 @@ class Link(LinkCore):
             if buf.tier == "slot":
                 c, e, s, gen = ref
                 self._pool.set_payload_len(c, s, n, e)
-                if not tx.write_slot_ref(c, e, s, gen):
-                    self.stats.ring_full_waits += 1
-                    self._wait(lambda: tx.write_slot_ref(c, e, s, gen), tx, True, deadline, lambda b: tx.spin_room(L.SLOT_REF_FRAME_SIZE, b))
+                self._put_ref(lambda: tx.write_slot_ref(c, e, s, gen), L.SLOT_REF_FRAME_SIZE, deadline)
                 self._hold(c, e, s, gen)
                 self._sent("slot", 1, n)
             else:
                 m = ref
                 region, leases_off = self.segment.region, self._tx_counters[2]
                 region.fetch_add_u32(leases_off, 1)  # the inspect counter; the mapping's lease came with reserve()
-                if not tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n):
-                    self.stats.ring_full_waits += 1
-                    try:
-                        self._wait(
-                            lambda: tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n),
-                            tx,
-                            True,
-                            deadline,
-                            lambda b: tx.spin_room(L.MMAP_REF_FRAME_SIZE, b),
-                        )
-                    except BaseException:
-                        region.fetch_add_u32(leases_off, 0xFFFFFFFF)
-                        raise
+                try:
+                    self._put_ref(lambda: tx.write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, n), L.MMAP_REF_FRAME_SIZE, deadline)
+                except BaseException:
+                    region.fetch_add_u32(leases_off, 0xFFFFFFFF)
+                    raise
                 m.last_used = time.monotonic()
                 self._sent("mmap", 1, n)
             buf.detach()  # committed: the lease / slot now travels with the ref

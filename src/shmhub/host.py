@@ -632,8 +632,8 @@ class Host:
         with self._lock:
             handles = list(self._handles.values())
         for h in handles:
-            if not h.recovered:
-                h.link._ring()  # counted like every other ring (stats, FEATURE_RING_COUNTERS)
+            if h.link.doorbell is not None and not h.recovered:
+                h.link.doorbell.ring()
 
     def _reap(self) -> None:
         """Collect guests without a pidfd recovered before they exited: no zombies."""

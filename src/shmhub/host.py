@@ -401,6 +401,11 @@ class Host:
             handoff = Handoff(p.peer_id, self.segment.fd, p.guest_bell.fileno(), p.guest_ctrl.fileno())
             proc = ctx.Process(target=_run_target, args=(handoff, target, tuple(args)), name=name)  # type: ignore[attr-defined]
             proc.start()
+            # Out of multiprocessing's child list: its _cleanup() (run by every Process.start() and
+            # active_children(), in any thread) polls each child without our lock, and two polls at
+            # once lose the exit status (forkserver: one reads it, the other gets EOF and records 255;
+            # spawn: waitpid ECHILD, never an exit). _MpProcess is the only reader.
+            getattr(multiprocessing.process, "_children", set()).discard(proc)
         except BaseException:
             self._abandon(p)
             raise

@@ -6,13 +6,15 @@ import asyncio
 import concurrent.futures as cf
 import multiprocessing
 import os
+import signal
+import threading
 import time
 
 import numpy as np
 import pytest
 
 import shmhub
-from shmhub import Executor
+from shmhub import Executor, Host
 from shmhub.errors import ExecutorBroken, TaskStopped, TaskTimeout, WorkerCrashed
 
 import tasks
@@ -310,3 +312,27 @@ def test_a_dropped_result_gives_its_shared_memory_back_at_once():
             wait_until(lambda: link.mappings["rx_mappings"] <= 2, "mappings reused, not piled up")
         finally:
             gc.enable()
+
+
+def test_exit_status_survives_concurrent_active_children():
+    # multiprocessing's own child polling (active_children(), every Process.start()) raced the host's
+    # and lost a SIGKILLed worker's status: "exited with status 255" (forkserver EOF). The host's
+    # guest processes are no longer on multiprocessing's child list.
+    stop = threading.Event()
+
+    def hammer():
+        while not stop.is_set():
+            multiprocessing.active_children()
+
+    ctx = multiprocessing.get_context("forkserver")
+    with Host() as host:
+        g = host.start_process(tasks.sleep, (30,), context=ctx)
+        assert g.process._proc not in multiprocessing.active_children()
+        t = threading.Thread(target=hammer)
+        t.start()
+        try:
+            g.kill()
+            assert g.wait(T) == -signal.SIGKILL
+        finally:
+            stop.set()
+            t.join(T)

@@ -336,3 +336,32 @@ def test_exit_status_survives_concurrent_active_children():
         finally:
             stop.set()
             t.join(T)
+
+
+def test_quick_tasks_go_several_to_a_call_and_each_keeps_its_own_outcome():
+    # A burst of trivial tasks queues faster than 2 workers answer: they are sent in run_batch
+    # calls. Within them a failing task fails alone (with its remote traceback) and a worker that
+    # dies fails only the task it was running; the rest of its batch runs elsewhere.
+    n = 3000
+    with Executor(2) as ex:
+        futures = []
+        for i in range(n):
+            if i == 1000:
+                futures.append(ex.submit(tasks.boom, "task 1000"))
+            elif i == 2000:
+                futures.append(ex.submit(tasks.kill_self))
+            else:
+                futures.append(ex.submit(tasks.add, i, 1))
+        for i, f in enumerate(futures):
+            if i == 1000:
+                with pytest.raises(ValueError, match="task 1000") as info:
+                    f.result(T)
+                assert "in boom" in str(info.value.__cause__)
+            elif i == 2000:
+                with pytest.raises(WorkerCrashed, match="SIGKILL"):
+                    f.result(T)
+            else:
+                assert f.result(T) == i + 1
+        st = ex.stats()
+        assert st["batched"] > n // 2, st
+        assert (st["completed"], st["failed"], st["crashed"]) == (n - 2, 1, 1), st

@@ -365,3 +365,43 @@ def test_an_objects_public_methods_are_served():
             p.client.call("_hidden", timeout=T)
     finally:
         p.close()
+
+
+def test_submit_stream_hands_items_to_a_callback_with_credit_past_the_window(pair, caplog):
+    # 10x the window: the reader thread grants credit as the callback takes items, or it stalls.
+    n = 10 * rpc._server.STREAM_WINDOW
+    got = []
+    f = pair.client.submit_stream("count", n, on_item=got.append, timeout=T)
+    assert f.result(T) is None
+    assert got == list(range(n))
+    # The handler's error after its items: the items first, then the Future fails.
+    got.clear()
+    f = pair.client.submit_stream("fail_after", 3, on_item=got.append, timeout=T)
+    with pytest.raises(Boom, match="after 3"):
+        f.result(T)
+    assert got == [0, 1, 2]
+
+    # A callback that raises is logged; the stream and the connection go on.
+    def picky(item):
+        if item == 1:
+            raise ValueError("not this one")
+        got.append(item)
+
+    got.clear()
+    assert pair.client.submit_stream("count", 3, on_item=picky, timeout=T).result(T) is None
+    assert got == [0, 2]
+    assert "on_item callback failed" in caplog.text
+    assert pair.client.call("add", 1, 2, timeout=T) == 3
+
+
+def test_submit_stream_cancel_stops_the_handler(pair):
+    got = []
+    f = pair.client.submit_stream("count", 10**9, on_item=got.append, timeout=T)
+    deadline = time.monotonic() + T
+    while len(got) < 100 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert f.cancel()
+    assert pair.client.call("add", 1, 2, timeout=T) == 3  # the reader is free and the link in order
+    n = len(got)
+    time.sleep(0.05)
+    assert len(got) <= n + 2 * rpc._server.STREAM_WINDOW  # at most what was already granted

@@ -20,9 +20,11 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, cast
 
-from ..errors import ExecutorBroken, PeerTableFull, ShmTimeout, TaskStopped, TaskTimeout, WorkerCrashed
+from ..errors import ExecutorBroken, PeerTableFull, RpcProtocolError, ShmTimeout, TaskStopped, TaskTimeout, WorkerCrashed
 from ..host import Host, HostEvent
 from ..layout import SegmentConfig
+from ..rpc._protocol import decode_error
+from ..rpc._server import STREAM_WINDOW
 from ._pool import _GONE, EXIT_WAIT, Manager, Task, Worker, exit_reason, make_remote_worker, make_worker, settle
 from ._shared import Regions, send_drop
 
@@ -34,6 +36,12 @@ __all__ = ["Executor", "TaskOptions"]
 log = logging.getLogger("shmhub.executor")
 
 DEFAULT_DEPTH = 2  # tasks sent to a worker ahead of its answers: one running, one ready to run
+# Quick tasks are queued deeper, several to a run_batch call: as many as the worker runs in
+# BATCH_BUDGET (its measured time per task), so a task waits at most about that long behind
+# others on a busy worker while another could take it. A batch is at most STREAM_WINDOW tasks:
+# the worker answers each as an ITEM without waiting for credit (its reader thread runs them).
+BATCH_BUDGET = 0.001
+MAX_QUEUE = 2 * STREAM_WINDOW
 AUTO_CHUNKS_PER_WORKER = 8
 MAX_STARTUP_FAILURES = 3  # consecutive workers lost before answering init: the executor is broken
 _WORKER_MODULE = "shmhub.executor._worker"
@@ -105,7 +113,7 @@ class Executor(cf.Executor):
         self._broken: Optional[BaseException] = None
         self._startup_failures = 0
         self._peers_full = False  # the host's peer table had no entry for a new worker
-        self._counts = {"submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "timed_out": 0, "stopped": 0, "retried": 0, "restarts": 0}
+        self._counts = {"submitted": 0, "completed": 0, "failed": 0, "crashed": 0, "timed_out": 0, "stopped": 0, "retried": 0, "restarts": 0, "batched": 0}
         self._regions = Regions()
         self._regions.on_drop = weakref.WeakMethod(self._drop_region)
         if config is None:
@@ -188,8 +196,9 @@ class Executor(cf.Executor):
         return self._regions.empty(shape, dtype)
 
     def stats(self) -> Dict[str, Any]:
-        """Counters (submitted, completed, failed, crashed, timed_out, stopped, retried, restarts),
-        pending tasks, and per worker: id, pid, tasks completed and failed, tasks in flight."""
+        """Counters (submitted, completed, failed, crashed, timed_out, stopped, retried, restarts,
+        batched: tasks sent several to a call), pending tasks, and per worker: id, pid, tasks
+        completed and failed, tasks in flight."""
         with self._lock:
             out: Dict[str, Any] = dict(self._counts)
             out["pending"] = len(self._pending)
@@ -253,13 +262,22 @@ class Executor(cf.Executor):
 
     # -- dispatch (any thread) --------------------------------------------------------------
 
+    def _limit(self, w: Worker) -> int:
+        """Tasks a worker may hold: the queue depth, deeper for quick tasks (BATCH_BUDGET)."""
+        if w.service is None:
+            return self._depth
+        return max(self._depth, min(MAX_QUEUE, int(BATCH_BUDGET / max(w.service, 1e-6))))
+
     def _room(self, w: Worker, task: Task) -> bool:
         if w.lost or w.gone or w.exclusive:
             return False
         if self._spent(w):
             return False
         load = len(w.tasks) + w.reserved
-        return load == 0 if task.timeout is not None else load < self._depth
+        if task.timeout is not None:
+            return load == 0
+        # Below the depth, or down to half a deep queue: refilled by batches, not task by task.
+        return load < self._depth or load <= self._limit(w) // 2
 
     def _pick(self, task: Task) -> Optional[Worker]:
         best: Optional[Worker] = None
@@ -270,7 +288,7 @@ class Executor(cf.Executor):
         return best
 
     def _pump(self) -> None:
-        """Send pending tasks to workers with room, oldest first."""
+        """Send pending tasks to workers with room, oldest first; quick ones several to a call."""
         while True:
             with self._lock:
                 if not self._pending:
@@ -278,30 +296,51 @@ class Executor(cf.Executor):
                 w = self._pick(self._pending[0])
                 if w is None:
                     return
-                task = self._pending.popleft()
-                w.reserved += 1
-                w.sent += 1
+                n = min(self._limit(w) - len(w.tasks) - w.reserved, STREAM_WINDOW)
+                if self._max_tasks is not None:
+                    n = min(n, self._max_tasks - w.sent)
+                batch = [self._pending.popleft()]
+                if batch[0].timeout is None:  # one with a deadline runs alone (a kill must hit it alone)
+                    while len(batch) < n and self._pending and self._pending[0].timeout is None:
+                        batch.append(self._pending.popleft())
+                w.reserved += len(batch)
+                w.sent += len(batch)
                 if self._max_tasks is not None and w.sent >= self._max_tasks:
                     self._cond.notify_all()  # its replacement starts now, ahead of its retirement
-            self._send(w, task)
+            if len(batch) == 1:
+                self._send(w, batch[0])
+            else:
+                self._send_batch(w, batch)
+
+    def _take(self, w: Worker, tasks: List[Task]) -> List[Task]:
+        """Under the lock: tasks reserved for w become its tasks (those not cancelled meanwhile);
+        none if w was lost meanwhile (they go back, first in line)."""
+        w.reserved -= len(tasks)
+        if w.lost:
+            self._pending.extendleft(reversed(tasks))
+            self._cond.notify_all()
+            return []
+        live = []
+        now = time.monotonic()
+        for task in tasks:
+            if not task.started:
+                if not task.future.set_running_or_notify_cancel():
+                    continue  # cancelled while pending
+                task.started = True
+            task.worker = w
+            task.sent_at = now
+            if task.timeout is not None:
+                task.deadline = now + task.timeout
+                self._cond.notify_all()
+            live.append(task)
+        w.tasks.extend(live)
+        return live
 
     def _send(self, w: Worker, task: Task) -> None:
         with w.send_lock:
             with self._lock:
-                w.reserved -= 1
-                if w.lost:  # lost meanwhile: the task goes back, first in line
-                    self._pending.appendleft(task)
-                    self._cond.notify_all()
+                if not self._take(w, [task]):
                     return
-                if not task.started:
-                    if not task.future.set_running_or_notify_cancel():
-                        return  # cancelled while pending
-                    task.started = True
-                w.tasks.append(task)
-                task.worker = w
-                if task.timeout is not None:
-                    task.deadline = time.monotonic() + task.timeout
-                    self._cond.notify_all()
             try:
                 f = w.client.submit(task.method, *task.rpc_args())
                 if f.done() and isinstance(f.exception(), _GONE):
@@ -310,14 +349,7 @@ class Executor(cf.Executor):
                     raise f.exception()  # type: ignore[misc]
                 task.rpc = f
             except BaseException as e:
-                with self._lock:
-                    w.tasks.remove(task)
-                    if isinstance(e, _GONE):
-                        w.gone = True  # no more tasks for it: the manager settles it soon
-                        self._pending.appendleft(task)
-                    self._cond.notify_all()
-                if isinstance(e, _GONE):
-                    self._manager.worker_lost(w)
+                if self._unsent(w, [task], e):
                     return
                 with self._lock:
                     self._counts["failed"] += 1
@@ -327,19 +359,91 @@ class Executor(cf.Executor):
                 return
         f.add_done_callback(lambda f: self._answered(w, task, f))
 
+    def _send_batch(self, w: Worker, tasks: List[Task]) -> None:
+        """Several tasks in one run_batch call, answered one ITEM per task, in order."""
+        with w.send_lock:
+            with self._lock:
+                live = self._take(w, tasks)
+            if not live:
+                return
+            answers = iter(live)
+            try:
+                f = w.client.submit_stream("run_batch", [t.batch_entry() for t in live], on_item=lambda item: self._item(w, next(answers), item))
+                if f.done() and isinstance(f.exception(), _GONE):
+                    raise f.exception()  # type: ignore[misc]
+            except BaseException as e:
+                if self._unsent(w, live, e) or not isinstance(e, Exception):
+                    if not isinstance(e, Exception):
+                        raise
+                    return
+                f = None  # e.g. one task's arguments do not pickle: one by one below, so it alone fails
+            else:
+                for t in live:
+                    t.rpc = f
+                with self._lock:
+                    self._counts["batched"] += len(live)
+        if f is None:
+            for t in live:
+                with self._lock:
+                    w.reserved += 1
+                self._send(w, t)
+            return
+        f.add_done_callback(lambda f: self._batch_done(w, live, f))
+
+    def _unsent(self, w: Worker, tasks: List[Task], e: BaseException) -> bool:
+        """Tasks whose call was not sent are w's no more. True if w's link is gone: they go back
+        first in line and the manager settles w."""
+        gone = isinstance(e, _GONE)
+        with self._lock:
+            for t in tasks:
+                w.tasks.remove(t)
+            if gone:
+                w.gone = True  # no more tasks for it: the manager settles it soon
+                self._pending.extendleft(reversed(tasks))
+            self._cond.notify_all()
+        if gone:
+            self._manager.worker_lost(w)
+        return gone
+
     def _answered(self, w: Worker, task: Task, f: "cf.Future[Any]") -> None:
-        """A worker's answer (rpc reader thread)."""
+        """A worker's answer to a lone task (rpc reader thread)."""
         exc = f.exception()
         if isinstance(exc, _GONE):
             w.gone = True
             self._manager.worker_lost(w)  # the task's fate is decided with the worker's other tasks
             return
         task.rpc = None  # it holds the result: once the caller drops it, its shared memory goes back
+        self._done(w, task, exc, None if exc is not None else f.result())
+
+    def _item(self, w: Worker, task: Task, item: Any) -> None:
+        """One task's answer in a run_batch stream (rpc reader thread)."""
+        task.rpc = None
+        ok, value = item
+        if ok:
+            self._done(w, task, None, value)
+        else:
+            self._done(w, task, decode_error(value, w.codec), None)
+
+    def _batch_done(self, w: Worker, tasks: List[Task], f: "cf.Future[Any]") -> None:
+        """A run_batch call ended: every task was answered, or the call failed as a whole."""
+        exc = f.exception()
+        if isinstance(exc, _GONE):
+            w.gone = True
+            self._manager.worker_lost(w)
+            return
+        with self._lock:
+            left = [t for t in tasks if t in w.tasks]
+        for t in left:  # e.g. the worker's initializer failed: the batch's tasks fail with it
+            t.rpc = None
+            self._done(w, t, exc if exc is not None else RpcProtocolError("run_batch ended without answering every task"), None)
+
+    def _done(self, w: Worker, task: Task, exc: Optional[BaseException], value: Any) -> None:
         with self._lock:
             try:
                 w.tasks.remove(task)
             except ValueError:
                 return  # settled by the lost-worker path
+            w.answered(task, time.monotonic())
             if exc is None:
                 w.completed += 1
                 self._counts["completed"] += 1
@@ -347,12 +451,16 @@ class Executor(cf.Executor):
                 w.failed += 1
                 self._counts["failed"] += 1
             nxt = w.tasks[0] if w.tasks else None
-            if self._pending or (self._max_tasks is not None and w.sent >= self._max_tasks and not w.tasks) or self._shutdown:
+            if (
+                (self._pending and self._room(w, self._pending[0]))
+                or (self._max_tasks is not None and w.sent >= self._max_tasks and not w.tasks)
+                or self._shutdown
+            ):
                 self._cond.notify_all()
         if exc is not None:
             settle(task.future, exc=exc)
         else:
-            settle(task.future, f.result())
+            settle(task.future, value)
         if nxt is not None and nxt.stop:
             w.handle.kill()  # stop() asked for it before it started
 

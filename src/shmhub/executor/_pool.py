@@ -60,7 +60,7 @@ def settle(fut: "cf.Future[Any]", value: Any = None, exc: Optional[BaseException
 class Task:
     """One submit() call, or one chunk of map()."""
 
-    __slots__ = ("method", "fn", "args", "kwargs", "future", "timeout", "retries", "deadline", "worker", "started", "stop", "timed_out", "rpc")
+    __slots__ = ("method", "fn", "args", "kwargs", "future", "timeout", "retries", "deadline", "worker", "started", "stop", "timed_out", "rpc", "sent_at")
 
     def __init__(self, method: str, fn: Callable[..., Any], args: Any, kwargs: Optional[Dict[str, Any]], timeout: Optional[float], retries: int) -> None:
         self.method, self.fn, self.args, self.kwargs = method, fn, args, kwargs
@@ -73,11 +73,20 @@ class Task:
         self.stop = False  # Executor.stop(): kill the worker once this task runs
         self.timed_out = False
         self.rpc: "Optional[cf.Future[Any]]" = None  # the call carrying it to its worker
+        self.sent_at = 0.0
 
     def rpc_args(self) -> Tuple[Any, ...]:
         if self.method == "run":
             return self.fn, self.args, self.kwargs
         return self.fn, self.args
+
+    def batch_entry(self) -> Tuple[Any, ...]:
+        """(fn, args, kwargs) of this task in a run_batch call."""
+        if self.method == "run":
+            return self.fn, self.args, self.kwargs
+        from ._worker import run_chunk
+
+        return run_chunk, (self.fn, self.args), None
 
 
 class Worker:
@@ -99,6 +108,8 @@ class Worker:
         self.inited: Optional[bool] = None  # the init call's outcome
         self.lost = False  # settled by the manager
         self.gone = False  # a send found its link dead: not picked any more
+        self.service: Optional[float] = None  # seconds per task, a moving average of its answers
+        self.last_answer = 0.0
 
     @property
     def pid(self) -> Optional[int]:
@@ -118,6 +129,12 @@ class Worker:
         self.client.close()
         if self.fd_sock is not None:
             self.fd_sock.close()
+
+    def answered(self, task: Task, now: float) -> None:
+        """Count a task's service time: from when it could start (sent, or the previous answer) to its answer."""
+        sample = now - max(task.sent_at, self.last_answer)
+        self.last_answer = now
+        self.service = sample if self.service is None else 0.8 * self.service + 0.2 * sample
 
     @property
     def exclusive(self) -> bool:

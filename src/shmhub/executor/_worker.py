@@ -6,17 +6,19 @@ oldest it has sent and not had answered."""
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from .. import _crash, rpc
 from ..errors import ExecutorBroken
 from ..guest import connect
+from ..rpc._protocol import encode_error
 from ._shared import TaskCodec, WorkerRegions
 
 __all__ = ["main"]
 
 
 _init_error: Optional[BaseException] = None  # tasks are refused once the initializer failed
+_ERRORS = TaskCodec()  # how run_batch encodes a task's exception (pickled, with its traceback)
 
 
 def _check_init() -> None:
@@ -60,6 +62,24 @@ def run_chunk(fn: Callable[..., Any], chunk: Sequence[Tuple[Any, ...]]) -> List[
     return [fn(*args) for args in chunk]
 
 
+@rpc.inline
+def run_batch(tasks: Sequence[Tuple[Callable[..., Any], Tuple[Any, ...], Optional[Dict[str, Any]]]]) -> Iterator[Tuple[bool, Any]]:
+    """Several tasks in one call (docs/executor.md): one item per task, in order, as each ends --
+    (True, result) or (False, its ERROR payload) -- so the executor still knows which task runs.
+    At most STREAM_WINDOW tasks: an inline stream never waits for credit (its reader runs it)."""
+    _check_init()
+    for fn, args, kwargs in tasks:
+        _crash.point(b"executor.task")
+        try:
+            out = fn(*args, **kwargs) if kwargs else fn(*args)
+        except BaseException as e:  # as the server answers a lone task's: this task alone fails
+            yield False, encode_error(e, _ERRORS)
+            continue
+        _crash.point(b"executor.done")
+        yield True, out
+        del out
+
+
 def main(initializer: Optional[Callable[..., Any]], initargs: Tuple[Any, ...], fd_sock: socket.socket, preload: Iterable[str] = ()) -> None:
     """Entry point in the child (Host.start_process)."""
     import importlib
@@ -74,7 +94,7 @@ def main(initializer: Optional[Callable[..., Any]], initargs: Tuple[Any, ...], f
     def retire() -> None:
         link.close()  # serve() returns: the reader's next recv finds the link closed
 
-    handlers = {"init": rpc.inline(_Init(initializer, initargs)), "run": run, "run_chunk": run_chunk, "retire": retire}
+    handlers = {"init": rpc.inline(_Init(initializer, initargs)), "run": run, "run_chunk": run_chunk, "run_batch": run_batch, "retire": retire}
     with rpc.Server(handlers, codec=TaskCodec(), max_concurrency=1) as server:
         server.serve(link)
     link.close()
@@ -98,7 +118,7 @@ def serve_remote(url: str, **options: Any) -> None:
     def retire() -> None:
         link.close()
 
-    handlers = {"init": init, "run": run, "run_chunk": run_chunk, "retire": retire}
+    handlers = {"init": init, "run": run, "run_chunk": run_chunk, "run_batch": run_batch, "retire": retire}
     try:
         with rpc.Server(handlers, codec=TaskCodec(), max_concurrency=1) as server:
             server.serve(link)

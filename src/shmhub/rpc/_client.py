@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import time
-from typing import Any, AsyncIterator, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
 from ..errors import DeadlineExceeded
 from ._codec import Codec
-from ._conn import Connection, PendingCall, connection_for, monotonic_deadline
+from ._conn import CallbackStream, Connection, PendingCall, connection_for, monotonic_deadline
 from ._protocol import DEFAULT_MAX_FRAME
 from ._server import STREAM_WINDOW
 from ._wire import Kind
@@ -65,6 +65,16 @@ class Client:
         conn.check()
         conn.limiter.acquire(deadline)
         return Stream(conn, conn.start_call(method, args, kwargs, deadline, stream=True)[0])
+
+    def submit_stream(self, method: str, /, *args: Any, on_item: Callable[[Any], None], timeout: Optional[float] = None, **kwargs: Any) -> "cf.Future[None]":
+        """Call a generator handler with no consumer thread: on_item(item) runs in the connection's
+        reader thread for each item, in order (keep it quick: reading waits for it). The Future
+        resolves with None after the last item, or with the handler's error; cancel() stops it."""
+        deadline = monotonic_deadline(timeout)
+        conn = self._conn
+        conn.check()
+        conn.limiter.acquire(deadline)
+        return conn.start_call(method, args, kwargs, deadline, stream=CallbackStream(on_item, STREAM_WINDOW))[0].future
 
     def close(self) -> None:
         """Close the link; calls in flight fail with LinkClosed."""

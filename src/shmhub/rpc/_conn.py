@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from ._server import Server
 
-__all__ = ["Connection", "connection_for", "PendingCall", "StreamState", "monotonic_deadline"]
+__all__ = ["CallbackStream", "Connection", "connection_for", "PendingCall", "StreamState", "monotonic_deadline"]
 
 log = logging.getLogger("shmhub.rpc")
 
@@ -89,6 +89,34 @@ class StreamState:
         with self.cond:
             self.items.append(item)
         self.wake()
+
+
+class CallbackStream(StreamState):
+    """Items of a streamed call handed to a callback in the reader thread (Client.submit_stream):
+    no consumer thread, credit granted as they are taken."""
+
+    def __init__(self, on_item: Callable[[Any], None], window: int) -> None:
+        super().__init__()
+        self.on_item = on_item
+        self.window = window
+        self.call: Optional["PendingCall"] = None
+
+    def put(self, item: Any) -> None:
+        try:
+            self.on_item(item)
+        except Exception:  # the caller's bug: the stream and the connection go on
+            log.exception("rpc: a stream's on_item callback failed")
+        self.consumed += 1
+        call = self.call
+        if self.consumed >= self.window // 2 and call is not None and not call.future.done():
+            n, self.consumed = self.consumed, 0
+            try:  # from the reader thread: bounded, as a CANCEL from a done callback is
+                call.conn.send_frame(Kind.CREDIT, call.cid, b"", (), arg=n, deadline_for_send=monotonic_deadline(1.0))
+            except Exception:
+                pass  # the link is gone or stuck: the call fails from the reader
+
+    def wake(self) -> None:
+        pass  # nobody waits on it
 
 
 def _fail_async(f: "asyncio.Future[None]", err: BaseException) -> None:
@@ -419,18 +447,28 @@ class Connection:
     # -- calls ------------------------------------------------------------------------------
 
     def start_call(
-        self, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any], deadline_ns: int, stream: bool = False, read: bool = False
+        self,
+        method: str,
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+        deadline_ns: int,
+        stream: "bool | StreamState" = False,
+        read: bool = False,
     ) -> Tuple[PendingCall, bool]:
         """Send a REQUEST (an in-flight permit is held by the caller); the call owns the permit.
-        read: take the read role if it is free; the second value says whether it was taken (the
-        caller must then call read_until)."""
+        stream: True (or the StreamState to fill) for a streamed call. read: take the read role if
+        it is free; the second value says whether it was taken (the caller must then call
+        read_until)."""
         try:
             payload, oob = self.codec.encode_call(args, kwargs)
         except BaseException:
             self.limiter.release()  # nothing was sent: the permit goes back
             raise
         fut: cf.Future[Any] = cf.Future()
-        call = PendingCall(self, fut, deadline_ns, StreamState() if stream else None)
+        st = stream if isinstance(stream, StreamState) else StreamState() if stream else None
+        call = PendingCall(self, fut, deadline_ns, st)
+        if isinstance(st, CallbackStream):
+            st.call = call
         with self.lock:
             if self.error is not None:
                 self.limiter.release()

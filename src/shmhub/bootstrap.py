@@ -12,11 +12,15 @@ the duplicate.
 
 Decoding is strict (exact lengths, known status, exact fd count, no truncated control data) and
 closes every fd that arrived with a frame it refuses (traps 35-37). Sends use MSG_NOSIGNAL (trap 30).
+
+The listener admits a connection only if its SO_PEERCRED uid is ours or allowed (docs/guides/security.md);
+a refusal is an ordinary error response whose diagnostic starts with CREDENTIALS_REFUSED.
 """
 
 from __future__ import annotations
 
 import array
+import logging
 import os
 import select
 import socket
@@ -25,7 +29,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, FrozenSet, Iterable, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import layout as L
 from .errors import BootstrapError, ShmTimeout
@@ -39,6 +43,11 @@ RECV_ANCSIZE = socket.CMSG_SPACE(L.BOOTSTRAP_NUM_FDS * 4)  # room for exactly 4 
 _SEND_FLAGS = socket.MSG_NOSIGNAL | socket.MSG_DONTWAIT
 DEFAULT_REQUEST_TIMEOUT = 2.0  # host: a connection must deliver its request within this
 DEFAULT_TIMEOUT = 5.0  # guest: connect + request + response
+# A shmhub convention inside the diagnostic, not a wire field: the guest raises PeerCredentialsRefused for it.
+CREDENTIALS_REFUSED = "peer credentials refused"
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid (Linux)
+
+log = logging.getLogger("shmhub")
 
 
 class PeerHungUp(BootstrapError):
@@ -268,6 +277,29 @@ def exchange(sock: socket.socket, timeout: Optional[float] = DEFAULT_TIMEOUT) ->
 # -- host side: the listening socket ----------------------------------------------------------
 
 
+class PeerCred(NamedTuple):
+    """SO_PEERCRED of a connected Unix socket: the peer's pid, euid and egid when it called connect()."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> PeerCred:
+    """The kernel's record of who is at the other end (not spoofable by the peer)."""
+    return PeerCred(*_UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)))
+
+
+def _ids(name: str, ids: Iterable[int]) -> FrozenSet[int]:
+    if isinstance(ids, (str, bytes, int)):
+        raise TypeError(f"{name} must be an iterable of ints, got {ids!r}")
+    out = frozenset(ids)
+    for i in out:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise ValueError(f"{name} must hold non-negative ints, got {i!r}")
+    return out
+
+
 def _is_live(path: str) -> bool:
     """Does a process accept connections on this socket path? A refused connect means stale."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -283,7 +315,7 @@ def _is_live(path: str) -> bool:
         probe.close()
 
 
-def _bind(path: str, backlog: int) -> Tuple[socket.socket, Tuple[int, int]]:
+def _bind(path: str, backlog: int, mode: int = 0o600) -> Tuple[socket.socket, Tuple[int, int]]:
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -302,7 +334,7 @@ def _bind(path: str, backlog: int) -> Tuple[socket.socket, Tuple[int, int]]:
         sock.bind(path)
         try:
             # Until listen() every connect is refused, so the umask's wider mode is never usable.
-            os.chmod(path, 0o600)
+            os.chmod(path, mode)
             sock.listen(backlog)
             sock.setblocking(False)
             st = os.stat(path)
@@ -329,7 +361,8 @@ class Listener:
     """Accepts bootstrap connections in one thread. Each connection has its own deadline and is read
     without blocking, so a silent or slow peer never holds up another. For a valid request it calls
     `serve(conn)`, which sends the success response (PeerHungUp if the peer is gone); any other
-    exception from serve becomes an error response."""
+    exception from serve becomes an error response. A peer whose SO_PEERCRED uid is not ours, not in
+    allow_uids and whose gid is not in allow_gids is refused at accept, before it holds anything."""
 
     def __init__(
         self,
@@ -339,9 +372,17 @@ class Listener:
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         backlog: int = 128,
         max_pending: int = 128,
+        allow_uids: Iterable[int] = (),
+        allow_gids: Iterable[int] = (),
     ) -> None:
         if not request_timeout > 0:
             raise ValueError("request_timeout must be > 0")
+        # Who may bootstrap: our own euid, plus these uids, plus peers whose egid is in allow_gids.
+        self.allow_uids = _ids("allow_uids", allow_uids) | {os.geteuid()}
+        self.allow_gids = _ids("allow_gids", allow_gids)
+        # Another user must be able to connect() for the allow-list to mean anything: then the file
+        # mode stops being the gate and SO_PEERCRED is (root ignores the mode, so uid 0 needs no widening).
+        self.mode = 0o666 if self.allow_gids or self.allow_uids - {os.geteuid(), 0} else 0o600
         self.path = os.fspath(path)
         self.request_timeout = request_timeout
         self.max_pending = max_pending
@@ -350,7 +391,7 @@ class Listener:
         self._pending: Dict[int, _Pending] = {}
         self._stopping = False
         self._closed = False
-        self._sock, self._ident = _bind(self.path, backlog)
+        self._sock, self._ident = _bind(self.path, backlog, self.mode)
         try:
             self._epoll = select.epoll()
             try:
@@ -429,6 +470,10 @@ class Listener:
                 return
             self.accepted += 1
             conn.setblocking(False)
+            if not self._admit(conn):
+                conn.close()
+                self.refused += 1
+                continue
             p = _Pending(conn, time.monotonic() + self.request_timeout)
             if len(self._pending) >= self.max_pending:
                 send_error(conn, f"too many bootstrap connections pending ({self.max_pending}); try again")
@@ -442,6 +487,31 @@ class Listener:
                 self.dropped += 1
                 continue
             self._pending[p.fd] = p
+
+    def _admit(self, conn: socket.socket) -> bool:
+        """SO_PEERCRED policy. Refused here, the peer never reaches _pending nor a peer entry; the
+        socket's 0600 mode already keeps other users out, so this catches root peers (who ignore the
+        mode) and sockets whose mode or directory someone widened."""
+        try:
+            cred = peer_credentials(conn)
+        except OSError as e:
+            log.warning("bootstrap on %s: cannot read the peer's credentials (%s); refused", self.path, e.strerror or e)
+            send_error(conn, f"{CREDENTIALS_REFUSED}: the host cannot read them")
+            return False
+        if cred.uid in self.allow_uids or cred.gid in self.allow_gids:
+            return True
+        log.warning(
+            "bootstrap on %s: refused pid %d uid %d gid %d (allowed uids %s, gids %s; see Host.listen(allow_uids=...))",
+            self.path,
+            cred.pid,
+            cred.uid,
+            cred.gid,
+            sorted(self.allow_uids),
+            sorted(self.allow_gids),
+        )
+        # The allow-lists stay in the host's log: a refused peer learns only that it is refused.
+        send_error(conn, f"{CREDENTIALS_REFUSED}: uid {cred.uid} (gid {cred.gid}) is not allowed to attach to this host (Host.listen(allow_uids=...))")
+        return False
 
     def _readable(self, p: _Pending) -> None:
         try:
@@ -533,7 +603,9 @@ class Listener:
 
 
 __all__ = [
+    "CREDENTIALS_REFUSED",
     "Listener",
+    "PeerCred",
     "PeerHungUp",
     "Response",
     "clip_diagnostic",
@@ -542,6 +614,7 @@ __all__ = [
     "encode_request",
     "encode_response",
     "exchange",
+    "peer_credentials",
     "recv_response",
     "request",
     "request_incomplete",

@@ -31,6 +31,16 @@ class UnsupportedVersion(SegmentCorrupted):
     """The segment has a version, header size or feature bit this library does not speak."""
 
 
+class CredentialsRefused(ShmhubError, PermissionError):
+    """Another user is at the other end: a bootstrap peer's SO_PEERCRED uid or a named segment's owner
+    is not this process's euid nor explicitly allowed (docs/guides/security.md)."""
+
+
+class ForeignSegment(SegmentError, CredentialsRefused):
+    """A named segment opened for writing is owned by another uid (and not in allow_uids), or is
+    writable by every user."""
+
+
 class PeerError(ShmhubError):
     """A peer-table operation failed."""
 
@@ -86,6 +96,11 @@ class BootstrapError(ShmhubError):
 
 class BootstrapRefused(BootstrapError):
     """The host answered the bootstrap request with an error response; the message is its diagnostic."""
+
+
+class PeerCredentialsRefused(BootstrapRefused, CredentialsRefused):
+    """The host refused this process's credentials (SO_PEERCRED uid and gid not allowed by its
+    Host.listen(allow_uids=, allow_gids=)); the message is its diagnostic."""
 
 
 class PayloadTooLarge(ShmhubError, ValueError):

@@ -8,11 +8,11 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Callable, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, Optional, Tuple, Union
 
 from . import _crash, bootstrap
 from .doorbell import Doorbell
-from .errors import BootstrapError, BootstrapRefused, SegmentError, ShmhubError
+from .errors import BootstrapError, BootstrapRefused, PeerCredentialsRefused, SegmentError, ShmhubError
 from .link import DEFAULT_SPIN_NS, GUEST, Link
 from .segment import Segment
 
@@ -97,7 +97,8 @@ def connect(
 def _connect_socket(socket_path: Union[str, os.PathLike[str]], spin_ns: int, timeout: Optional[float]) -> Link:
     resp = bootstrap.request(socket_path, timeout)
     if not resp.ok:
-        raise BootstrapRefused(f"the host at {os.fspath(socket_path)} refused the bootstrap: {resp.payload}")
+        err = PeerCredentialsRefused if resp.payload.startswith(bootstrap.CREDENTIALS_REFUSED) else BootstrapRefused
+        raise err(f"the host at {os.fspath(socket_path)} refused the bootstrap: {resp.payload}")
     _crash.point(b"bootstrap.response")
     return adopt_response(resp, spin_ns)
 
@@ -162,10 +163,11 @@ class Guest:
     """Walk-in guests on a named segment."""
 
     @staticmethod
-    def attach(path: str, *, spin_ns: int = DEFAULT_SPIN_NS) -> Link:
+    def attach(path: str, *, spin_ns: int = DEFAULT_SPIN_NS, allow_uids: Iterable[int] = ()) -> Link:
         """Attach to a named segment, take an Empty peer entry, return the Link.
-        Without a doorbell, waits poll in short slices and the host finds the guest by scanning."""
-        seg = Segment.attach(path)
+        Without a doorbell, waits poll in short slices and the host finds the guest by scanning.
+        A segment owned by another uid raises ForeignSegment unless that uid is in allow_uids."""
+        seg = Segment.attach(path, allow_uids=allow_uids)
         try:
             if seg.host_goodbye:
                 raise SegmentError(f"the host of {path} has said goodbye")

@@ -415,16 +415,29 @@ class Host:
         self._emit(HostEvent("spawned", p.peer_id, proc.pid))
         return handle
 
-    def listen(self, socket_path: str, *, request_timeout: float = bootstrap.DEFAULT_REQUEST_TIMEOUT, **remote: Any) -> Any:
+    def listen(
+        self,
+        socket_path: str,
+        *,
+        request_timeout: float = bootstrap.DEFAULT_REQUEST_TIMEOUT,
+        allow_uids: Iterable[int] = (),
+        allow_gids: Iterable[int] = (),
+        **remote: Any,
+    ) -> Any:
         """Accept walk-in guests on a Unix stream socket (mode 0600, DECISIONS 17, docs/bootstrap.md):
         shmhub.connect(socket_path) in another process gets a peer with its doorbell, the segment and
         its mmap control socket. A stale socket file is replaced, a live one refused. Each connection
         must deliver its request within request_timeout. close() stops listening and removes the path.
+        Only peers whose SO_PEERCRED uid is our euid, in allow_uids, or whose gid is in allow_gids are
+        served; an allow-list naming another user makes the socket 0666, so that it can connect at
+        all (docs/guides/security.md).
 
         listen("tcp://HOST:PORT", **options) accepts remote guests instead and returns the
         shmhub.remote.Listener (docs/remote.md); host.close() closes it."""
         self._check_open()
         if str(socket_path).startswith("tcp://"):
+            if allow_uids or allow_gids:
+                raise TypeError("allow_uids and allow_gids apply to a Unix socket (SO_PEERCRED); remote guests authenticate with CURVE keys")
             from .remote import Listener  # pyzmq is optional: imported only for TCP
 
             with self._lock:
@@ -437,7 +450,9 @@ class Host:
         with self._lock:
             if self._listener is not None:
                 raise ShmhubError(f"already listening on {self._listener.path}")
-            self._listener = bootstrap.Listener(socket_path, self._bootstrap_guest, request_timeout=request_timeout)
+            self._listener = bootstrap.Listener(
+                socket_path, self._bootstrap_guest, request_timeout=request_timeout, allow_uids=allow_uids, allow_gids=allow_gids
+            )
 
     @property
     def socket_path(self) -> Optional[str]:

@@ -6,7 +6,7 @@ import errno
 import fcntl
 import os
 import stat
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, List, Optional, Union
 
 from . import _crash
 from . import layout as L
@@ -16,6 +16,7 @@ from ._native import RELAXED, NeedExtent, Region, Ring, SlotPool, fence, format_
 from .errors import (
     BadMagic,
     ConfigError,
+    ForeignSegment,
     InsufficientSharedMemory,
     SegmentCorrupted,
     SegmentError,
@@ -52,6 +53,22 @@ def _space_check(fd: int, size: int, where: Optional[str], start: int = 0) -> No
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
         os.ftruncate(fd, size)
+
+
+def _check_owner(path: str, st: os.stat_result, allow_uids: Iterable[int]) -> None:
+    """Refuse a segment another user controls: its owner (or anyone, if world-writable) can write
+    frames into our rings, and an RPC peer with the pickle codec runs the code they choose. fstat of
+    the opened fd, not stat of the path, so the file checked is the file mapped (no TOCTOU)."""
+    if isinstance(allow_uids, (str, bytes, int)):
+        raise TypeError(f"allow_uids must be an iterable of ints, got {allow_uids!r}")
+    allowed = {os.geteuid(), *allow_uids}
+    if st.st_uid not in allowed:
+        raise ForeignSegment(
+            f"segment {path} is owned by uid {st.st_uid}, not by this process (euid {os.geteuid()}); "
+            f"attach with allow_uids=({st.st_uid},) if that user is trusted"
+        )
+    if st.st_mode & stat.S_IWOTH:
+        raise ForeignSegment(f"segment {path} is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}); `chmod o-w {path}` first")
 
 
 class Segment:
@@ -136,8 +153,10 @@ class Segment:
         return cls(fd, path, True, owner=True)
 
     @classmethod
-    def attach(cls, path_or_fd: Union[str, os.PathLike[str], int], *, writable: bool = True) -> "Segment":
-        """Map an existing segment from a path or an fd (the fd is duplicated) and validate it."""
+    def attach(cls, path_or_fd: Union[str, os.PathLike[str], int], *, writable: bool = True, allow_uids: Iterable[int] = ()) -> "Segment":
+        """Map an existing segment from a path or an fd (the fd is duplicated) and validate it.
+        A path opened writable must be owned by our euid or a uid in allow_uids, and not be writable
+        by every user (ForeignSegment); an fd was handed to us by its owner and is not checked."""
         if isinstance(path_or_fd, int):
             try:
                 fd = os.dup(path_or_fd)
@@ -159,6 +178,12 @@ class Segment:
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise SegmentError(f"{path_or_fd!r} is not a regular file or memfd")
+        if path is not None and writable:
+            try:
+                _check_owner(path, st, allow_uids)
+            except BaseException:
+                os.close(fd)
+                raise
         return cls(fd, path, writable, owner=False)
 
     # -- validation (DECISIONS 1-3, trap 12: everything is read from the segment) -------------

@@ -38,10 +38,12 @@ log = logging.getLogger("shmhub.executor")
 DEFAULT_DEPTH = 2  # tasks sent to a worker ahead of its answers: one running, one ready to run
 # Quick tasks are queued deeper, several to a run_batch call: as many as the worker runs in
 # BATCH_BUDGET (its measured time per task), so a task waits at most about that long behind
-# others on a busy worker while another could take it. A batch is at most STREAM_WINDOW tasks:
-# the worker answers each as an ITEM without waiting for credit (its reader thread runs them).
+# others on a busy worker while another could take it. A batch stays under STREAM_WINDOW tasks:
+# the worker answers each as an ITEM without waiting for credit (its reader thread runs them, so
+# it could not read one), and the caller sends none (submit_stream grants a whole window at a time).
 BATCH_BUDGET = 0.001
-MAX_QUEUE = 2 * STREAM_WINDOW
+MAX_BATCH = STREAM_WINDOW // 2
+MAX_QUEUE = 4 * MAX_BATCH
 AUTO_CHUNKS_PER_WORKER = 8
 MAX_STARTUP_FAILURES = 3  # consecutive workers lost before answering init: the executor is broken
 _WORKER_MODULE = "shmhub.executor._worker"
@@ -232,7 +234,11 @@ class Executor(cf.Executor):
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._pending.append(task)
             self._counts["submitted"] += 1
-        self._pump()  # from the caller's thread: the lowest latency when a worker has room
+            first = len(self._pending) == 1
+        # From the caller's thread: the lowest latency when a worker has room. Behind other pending
+        # tasks it would find none: a worker with room again wakes the manager, which sends them.
+        if first:
+            self._pump()
         return task.future
 
     def _map(
@@ -296,7 +302,7 @@ class Executor(cf.Executor):
                 w = self._pick(self._pending[0])
                 if w is None:
                     return
-                n = min(self._limit(w) - len(w.tasks) - w.reserved, STREAM_WINDOW)
+                n = min(self._limit(w) - len(w.tasks) - w.reserved, MAX_BATCH)
                 if self._max_tasks is not None:
                     n = min(n, self._max_tasks - w.sent)
                 batch = [self._pending.popleft()]

@@ -93,7 +93,8 @@ class StreamState:
 
 class CallbackStream(StreamState):
     """Items of a streamed call handed to a callback in the reader thread (Client.submit_stream):
-    no consumer thread, credit granted as they are taken."""
+    no consumer thread. Credit is granted a window at a time, once the handler has used it up, so
+    a stream of at most a window (the executor's batches) costs no CREDIT frame at all."""
 
     def __init__(self, on_item: Callable[[Any], None], window: int) -> None:
         super().__init__()
@@ -108,7 +109,7 @@ class CallbackStream(StreamState):
             log.exception("rpc: a stream's on_item callback failed")
         self.consumed += 1
         call = self.call
-        if self.consumed >= self.window // 2 and call is not None and not call.future.done():
+        if self.consumed >= self.window and call is not None and not call.future.done():
             n, self.consumed = self.consumed, 0
             try:  # from the reader thread: bounded, as a CANCEL from a done callback is
                 call.conn.send_frame(Kind.CREDIT, call.cid, b"", (), arg=n, deadline_for_send=monotonic_deadline(1.0))

@@ -342,6 +342,7 @@ class Host:
         self._remote: Any = None  # a shmhub.remote.Listener (listen("tcp://..."))
         self._unreaped: List[subprocess.Popen[Any]] = []  # recovered guests without a pidfd that had not exited yet
         self._isolate_lock = threading.Lock()
+        self._goodbye_lock = threading.Lock()  # a leaf: recovery's _restore_goodbye against close()
         self._isolating: Deque[GuestHandle] = deque()  # walk-ins to recover, from the monitor thread
         self._futex = bool(self.segment.features & L.FEATURE_POOL_WAITERS)
         self._update_share()
@@ -777,6 +778,7 @@ class Host:
                     step("", seg.h2g(pid).reset)  # after the scan (trap 20)
                     step("", seg.g2h(pid).reset)
                     step("", seg.restore_fixed)  # the guest may have written over its ring capacities, the header
+                    step("", self._restore_goodbye)
                     step("", seg.refresh_extents)  # the journal and reclaim may name slots in any extent
                     step("pool_op_slots_freed", lambda: self._recover_pool_op(pid, detail))
                     step("owned_slots_freed", lambda: seg.pool.reclaim(pid))
@@ -796,6 +798,13 @@ class Host:
                 self._any.push(h)  # its last frames are still to be received
             kind = "exited" if said_goodbye else "died"
             self._emit(HostEvent(kind, pid, h.pid, reason, detail))
+
+    def _restore_goodbye(self) -> None:
+        """Clear a host_goodbye the host did not store (a guest's write): else no new guest could
+        stay attached. Under a lock close() stores it under, so a real goodbye is never undone."""
+        with self._goodbye_lock:
+            if not self._closed and self.segment.host_goodbye:
+                self.segment.region.store_u32(L.HDR_HOST_GOODBYE, 0)
 
     def _recover_pool_op(self, peer_id: int, detail: Dict[str, int]) -> int:
         """Finish the free-list pop or push the guest died inside, if any (FEATURE_POOL_JOURNAL):
@@ -919,7 +928,8 @@ class Host:
             self._listener.close()  # no guest arrives from here on; the socket path is removed
         if self._remote is not None:
             self._remote.close()  # remote guests see HostGone
-        self.segment.say_goodbye()  # DECISIONS 13
+        with self._goodbye_lock:
+            self.segment.say_goodbye()  # DECISIONS 13
         with self._lock:
             handles = list(self._handles.values())
         self.ring_all()

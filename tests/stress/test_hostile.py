@@ -286,6 +286,7 @@ def _drain_queue(q) -> List:
 def run_trials(seeds, report) -> None:
     outcomes: Counter = Counter()
     errors: Counter = Counter()
+    events: Counter = Counter()  # host events of the scribblers' recoveries, over every host
     failures: List[str] = []
     rounds = ran = 0
     late: Optional[str] = "not reached"
@@ -302,8 +303,10 @@ def run_trials(seeds, report) -> None:
                 break  # the host is suspect: stop here (close() below is still checked)
             errors.update(r["errors"])
             kind = "isolated" if r["isolated"] else "undetected"
-            if r["harmed"] or r["pool_damaged"]:
-                kind += "+shared-damage"
+            kind += "+pool-damaged" if r["pool_damaged"] else ""
+            kind += "+bystander-harmed" if r["harmed"] else ""
+            events.update(ev.kind for ev in bench.events)
+            bench.events.clear()
             outcomes[(t.target, kind)] += 1
             outcomes[kind] += 1
             if r["harmed"] or r["pool_damaged"]:
@@ -325,6 +328,7 @@ def run_trials(seeds, report) -> None:
             f"  outcomes: {dict(sorted((k, v) for k, v in outcomes.items() if isinstance(k, str)))}\n"
             f"  by target: {dict(sorted((f'{k[0]}/{k[1]}', v) for k, v in outcomes.items() if isinstance(k, tuple)))}\n"
             f"  typed errors seen by host calls: {dict(errors)}\n"
+            f"  host events around the scribblers' recoveries: {dict(events)}\n"
             f"  final exchange with the last echo guest: {late or 'ok'}\n"
             f"  host failures: {len(failures)}"
         )
@@ -445,3 +449,29 @@ def test_growth_ignores_a_scribbled_current_size():
         assert second >= first + size, f"second extent at {second} overlaps the first ({first}..{first + size})"
     finally:
         seg.close()
+
+
+def test_corrupt_walk_in_is_recovered(tmp_path):
+    """A guest without a process handle (a socket walk-in, here in this very process) cannot be
+    killed: isolating it recovers it from the monitor thread (recovery takes the link's receive
+    lock, which the detecting receive holds)."""
+    import shmhub
+
+    with Host(CONFIG) as host:
+        host.listen(str(tmp_path / "hub.sock"))
+        link = shmhub.connect(str(tmp_path / "hub.sock"), timeout=5)
+        try:
+            _events_until(host, "attached", link.peer_id)
+            (g,) = host.guests
+            assert g.process is None
+            ring_off = host.segment.layout.g2h_offset(g.peer_id)
+            r = host.segment.region
+            r.write(ring_off + L.RING_HEADER_SIZE, (3).to_bytes(4, "little") + bytes(4))
+            r.store_u32(ring_off + L.RING_WRITE, 8)
+            with pytest.raises(LinkCorrupted):
+                g.link.try_recv()
+            seen = _events_until(host, "died", g.peer_id)
+            assert "isolated" in [ev.kind for ev in seen]
+            assert host.segment.peers.state(g.peer_id) == L.PEER_EMPTY
+        finally:
+            link.close()

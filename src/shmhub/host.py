@@ -43,7 +43,7 @@ ANY_SPIN_GUESTS = 4  # recv_any spins before sleeping only over this few guests 
 log = logging.getLogger("shmhub")
 log.addHandler(logging.NullHandler())  # a library: records go where the application configures
 # Host events as log records: a death or a failed growth needs attention, a failed recovery is an error.
-EVENT_LEVELS = {"died": logging.WARNING, "growth_failed": logging.WARNING, "recovery_failed": logging.ERROR}
+EVENT_LEVELS = {"died": logging.WARNING, "isolated": logging.WARNING, "growth_failed": logging.WARNING, "recovery_failed": logging.ERROR}
 
 
 class _AnyQueue:
@@ -180,7 +180,8 @@ class _AnyQueue:
 
 @dataclass
 class HostEvent:
-    """Something that happened to a guest: spawned, attached, exited (said goodbye), died, recovery_failed."""
+    """Something that happened to a guest: spawned, attached, exited (said goodbye), died, isolated
+    (its shared structures failed validation: it is killed, then recovered), recovery_failed."""
 
     kind: str
     peer_id: int
@@ -266,6 +267,7 @@ class GuestHandle:
         self.pidfd: Optional[int] = None
         self.recovered = False
         self.stale = False  # its heartbeat went stale: being stopped and recovered
+        self.isolated: Optional[str] = None  # why Host.isolate cut it off
         self._recover_lock = threading.Lock()
 
     @property
@@ -296,6 +298,12 @@ class GuestHandle:
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.kill()
+
+    def _cause(self, reason: str) -> str:
+        """Why recovery runs: what the host decided first (isolation, a stale heartbeat), else reason."""
+        if self.isolated:
+            return f"isolated: {self.isolated}"
+        return "heartbeat stale" if self.stale else reason
 
     def __repr__(self) -> str:
         return f"<GuestHandle peer={self.peer_id} pid={self.pid} {'alive' if self.alive else 'gone'}>"
@@ -333,6 +341,9 @@ class Host:
         self._listener: Optional[bootstrap.Listener] = None
         self._remote: Any = None  # a shmhub.remote.Listener (listen("tcp://..."))
         self._unreaped: List[subprocess.Popen[Any]] = []  # recovered guests without a pidfd that had not exited yet
+        self._isolate_lock = threading.Lock()
+        self._goodbye_lock = threading.Lock()  # a leaf: recovery's _restore_goodbye against close()
+        self._isolating: Deque[GuestHandle] = deque()  # walk-ins to recover, from the monitor thread
         self._futex = bool(self.segment.features & L.FEATURE_POOL_WAITERS)
         self._update_share()
         self._monitor = threading.Thread(target=self._monitor_loop, name="shmhub-host-monitor", daemon=True)
@@ -514,6 +525,7 @@ class Host:
         """The guest has its fds: build the host's Link and watch the doorbell (and pidfd) for death."""
         link = Link(self.segment, p.peer_id, p.host_bell, HOST, control=p.host_ctrl, spin_ns=self.spin_ns)
         handle = GuestHandle(self, p.peer_id, link, proc)
+        link.on_corrupt = lambda why: self.isolate(handle, why)
         if proc is not None:
             try:
                 handle.pidfd = os.pidfd_open(proc.pid)
@@ -597,6 +609,9 @@ class Host:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
+                    while self._isolating:
+                        iso = self._isolating.popleft()
+                        self._recover(iso, iso._cause(""))
                     continue
                 # An event may be stale: another thread (GuestHandle.wait) can close an fd after
                 # epoll reported it, and a new guest's fd reuse the number. Each is re-checked.
@@ -616,7 +631,7 @@ class Host:
                     if h.link.doorbell is None or not h.link.doorbell.hung_up():
                         continue
                     reason = "doorbell hang-up"
-                self._recover(h, "heartbeat stale" if h.stale else reason)
+                self._recover(h, h._cause(reason))
 
     def _attention_loop(self) -> None:
         """Growth requests (and, where peers cannot ring, walk-ins, goodbyes and heartbeats): sleeps
@@ -697,6 +712,7 @@ class Host:
                 )
                 if walk_in:
                     h = self._handles[peer_id] = GuestHandle(self, peer_id, Link(seg, peer_id, None, HOST, spin_ns=self.spin_ns), None)
+                    h.link.on_corrupt = lambda why, h=h: self.isolate(h, why)
             if walk_in:
                 assert h is not None  # a walk-in's handle was made above
                 if self._any.active:
@@ -718,44 +734,92 @@ class Host:
                         continue
                 self._recover(h, "heartbeat stale")
             elif h.process is not None and h.pidfd is None and h.process.poll() is not None:
-                self._recover(h, "process exited")
+                self._recover(h, h._cause("process exited"))
+
+    def isolate(self, h: GuestHandle, reason: str) -> None:
+        """Cut a guest off: kill its process, then recover it as a dead guest (its slots freed, its
+        peer entry reusable), and emit an "isolated" event (a WARNING). The host calls this itself
+        when a receive from the guest finds its ring, a slot it sent or its mappings malformed
+        (LinkCorrupted); an application may call it when its own checks fail (a payload checksum).
+        Idempotent; never blocks. A walk-in guest without a process handle cannot be stopped: it
+        is only recovered (docs/guides/security.md, trust model)."""
+        with self._isolate_lock:  # not self._lock: recv_any calls this holding its queue's lock, which _register takes under self._lock
+            if h.isolated or h.recovered:
+                return
+            h.isolated = reason
+        self._emit(HostEvent("isolated", h.peer_id, h.pid, reason))
+        if h.process is not None and h.process.poll() is None:
+            # Recovered once it is gone (pidfd or doorbell hang-up, as any death): recovering a
+            # live guest would hand its slots and peer entry to others while it still writes.
+            h.kill()
+        else:
+            self._isolating.append(h)  # the caller may hold the link's rx lock, which recovery takes
+            try:
+                os.write(self._wake_w, b"i")
+            except OSError:
+                pass  # closing: close() recovers every guest
 
     def _recover(self, h: GuestHandle, reason: str) -> None:
         """DECISIONS 15, idempotent, never raises: Goodbye -> free slot refs in H2G -> reset rings ->
-        reclaim the guest's slots -> Empty. Frames the guest committed before dying stay receivable."""
+        reclaim the guest's slots -> Empty. Frames the guest committed before dying stay receivable.
+        A step that fails (a guest may have scribbled over anything, docs/guides/security.md) is
+        reported in a recovery_failed event; the steps after it still run."""
         with h._recover_lock:
             if h.recovered:
                 return
             link, seg, pid = h.link, self.segment, h.peer_id
             said_goodbye = False
             detail: Dict[str, int] = {}
+            errors: List[str] = []
+
+            def step(key: str, fn: Callable[[], Any]) -> None:
+                try:
+                    n = fn()
+                    if key:
+                        detail[key] = n
+                except Exception as e:  # never out of the host's loop
+                    errors.append(f"{key or getattr(fn, '__name__', 'step')}: {type(e).__name__}: {e}")
+
             try:
-                said_goodbye = seg.peers.state(pid) == L.PEER_GOODBYE
+                said_goodbye = seg.peers.state(pid) == L.PEER_GOODBYE and not h.isolated
+            except (ShmhubError, ValueError, OSError):
+                pass  # an unknown state a guest wrote over its entry: recovered all the same
+            try:
                 link._mark_dead(reason)
                 with link._rx_lock, link._tx_lock:  # callers release them at once: the link is dead
-                    seg.peers.detach(pid)
-                    detail["delivered_after_death"] = link.drain_into_backlog()
-                    detail["h2g_slots_freed"] = self._free_inflight(pid)
-                    seg.h2g(pid).reset()  # after the scan (trap 20)
-                    seg.g2h(pid).reset()
-                    seg.refresh_extents()  # the journal and reclaim may name slots in any extent
-                    detail["pool_op_slots_freed"] = self._recover_pool_op(pid, detail)
-                    detail["owned_slots_freed"] = seg.pool.reclaim(pid)
-                    link._close_maps()  # the dead guest's leases go with its mappings (DECISIONS 11)
-                    seg.peers.reset(pid)
+                    step("", lambda: seg.peers.detach(pid))
+                    step("delivered_after_death", link.drain_into_backlog)
+                    step("h2g_slots_freed", lambda: self._free_inflight(pid))
+                    step("", seg.h2g(pid).reset)  # after the scan (trap 20)
+                    step("", seg.g2h(pid).reset)
+                    step("", seg.restore_fixed)  # the guest may have written over its ring capacities, the header
+                    step("", self._restore_goodbye)
+                    step("", seg.refresh_extents)  # the journal and reclaim may name slots in any extent
+                    step("pool_op_slots_freed", lambda: self._recover_pool_op(pid, detail))
+                    step("owned_slots_freed", lambda: seg.pool.reclaim(pid))
+                    step("", link._close_maps)  # the dead guest's leases go with its mappings (DECISIONS 11)
+                    step("", lambda: seg.peers.reset(pid))
                     link._recovered = True
                     if seg.pool.waiters:
-                        seg.pool.wake_all()  # slot waiters of every process: slots came back
-
-            except Exception as e:  # never out of the host's loop
-                self._emit(HostEvent("recovery_failed", pid, h.pid, f"{reason}: {type(e).__name__}: {e}"))
+                        step("", seg.pool.wake_all)  # slot waiters of every process: slots came back
+            except Exception as e:
+                errors.append(f"{type(e).__name__}: {e}")
             finally:
                 h.recovered = True
                 self._forget(h)
+            if errors:
+                self._emit(HostEvent("recovery_failed", pid, h.pid, f"{reason}: {'; '.join(errors)}"))
             if link._backlog:
                 self._any.push(h)  # its last frames are still to be received
             kind = "exited" if said_goodbye else "died"
             self._emit(HostEvent(kind, pid, h.pid, reason, detail))
+
+    def _restore_goodbye(self) -> None:
+        """Clear a host_goodbye the host did not store (a guest's write): else no new guest could
+        stay attached. Under a lock close() stores it under, so a real goodbye is never undone."""
+        with self._goodbye_lock:
+            if not self._closed and self.segment.host_goodbye:
+                self.segment.region.store_u32(L.HDR_HOST_GOODBYE, 0)
 
     def _recover_pool_op(self, peer_id: int, detail: Dict[str, int]) -> int:
         """Finish the free-list pop or push the guest died inside, if any (FEATURE_POOL_JOURNAL):
@@ -787,7 +851,10 @@ class Host:
                     freed += pool.free_if_current(ref[2], ref[3], ref[4], ref[5])
                 except ShmhubError:
                     pass  # an out-of-range ref frees nothing
-            ring.release(frame[1])
+            try:
+                ring.release(frame[1])
+            except LinkCorrupted:
+                break  # the guest wrote over the ring's indices: the reset that follows clears them
         return freed
 
     def _forget(self, h: GuestHandle) -> None:
@@ -876,7 +943,8 @@ class Host:
             self._listener.close()  # no guest arrives from here on; the socket path is removed
         if self._remote is not None:
             self._remote.close()  # remote guests see HostGone
-        self.segment.say_goodbye()  # DECISIONS 13
+        with self._goodbye_lock:
+            self.segment.say_goodbye()  # DECISIONS 13
         with self._lock:
             handles = list(self._handles.values())
         self.ring_all()

@@ -244,6 +244,7 @@ class Link(LinkCore):
         self._dead: Optional[str] = None
         self._recovered = False  # host side: the peer entry may be reused, never touch its rings again
         self._corrupt: Optional[str] = None
+        self.on_corrupt: Optional[Callable[[str], None]] = None  # the host's isolation (Host._isolate)
         self._closed = False
         self._ok = True  # not closed, dead or corrupted: the hot paths check only this
         self._watched = False  # fileno() was called: keep the receive side announced (see fileno)
@@ -300,6 +301,8 @@ class Link(LinkCore):
         self._ok = False
         self._corrupt = f"link to peer {self.peer_id} is corrupted: {e}"  # DECISIONS 6: terminal
         self._waiter.wake_all()
+        if self.on_corrupt is not None:
+            self.on_corrupt(self._corrupt)  # called with the rx lock held: it must not take it
         return e if isinstance(e, LinkCorrupted) else LinkCorrupted(self._corrupt)
 
     # -- waking the peer --------------------------------------------------------------------

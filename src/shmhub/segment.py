@@ -91,6 +91,7 @@ class Segment:
         self._closed = False
         self._grow_lock = threading.Lock()
         self.growths = 0
+        self._grown_at: Dict[int, List[int]] = {}  # host: class -> file offsets of the extents it appended
         self.on_grow: Optional[Callable[[], None]] = None  # the host sets this to ring every guest after a growth
         try:
             size = os.fstat(fd).st_size
@@ -321,13 +322,16 @@ class Segment:
                 return False
             cl = self.layout.classes[c]
             data_off, size = L.extent_layout(cl.slot_size, cl.slot_count)
-            off = L.align(self.current_size, L.EXTENT_ALIGN)
+            # After the file's end, not current_size: a guest can overwrite that word, and an
+            # extent placed by it could land over the rings (docs/guides/security.md, trust model).
+            off = L.align(os.fstat(self.fd).st_size, L.EXTENT_ALIGN)
             _space_check(self.fd, off + size, os.path.dirname(os.path.abspath(self.path)) if self.path else None, start=off)
             region = Region(self.fd, size, True, off)
             format_extent(region, cl.slot_count, e * cl.slot_count)
             r = self.region
             r.store_u64(L.HDR_CURRENT_SIZE, off + size)
             r.store_u64(cl.header_offset + L.CLS_EXTENT_OFFSETS + 8 * (e - 1), off)
+            self._grown_at.setdefault(c, []).append(off)
             r.store_u32(cl.header_offset + L.CLS_EXTENT_COUNT, e + 1)
             self.pool.add_extent(c, region, data_off)
             self.pool.publish_extent(c)
@@ -336,6 +340,26 @@ class Segment:
         if self.on_grow is not None:
             self.on_grow()
         return True
+
+    def restore_fixed(self) -> None:
+        """Host: rewrite what only the host writes -- the fields fixed at creation, current_size and
+        the extents it appended -- from its own record. A guest's stray write to them would otherwise
+        make every later attach fail (recovery calls this)."""
+        if not self.region.writable:
+            raise PermissionError("segment is attached read-only")
+        r = self.region
+        with self._grow_lock:
+            _write_fixed(r, self.config, self.layout, self.features)
+            r.store_u64(L.HDR_CURRENT_SIZE, os.fstat(self.fd).st_size, RELAXED)
+            if self.features & L.FEATURE_EXTENTS:
+                for c, cl in enumerate(self.layout.classes):
+                    grown = self._grown_at.get(c, [])
+                    for e, off in enumerate(grown, 1):
+                        r.store_u64(cl.header_offset + L.CLS_EXTENT_OFFSETS + 8 * (e - 1), off, RELAXED)
+                    r.store_u32(cl.header_offset + L.CLS_EXTENT_COUNT, 1 + len(grown) if self.max_extents(c) > 1 else 0, RELAXED)
+            fence()
+            if r.read(L.HDR_MAGIC, 8) != self.magic:
+                r.write(L.HDR_MAGIC, self.magic)
 
     def request_growth(self, size: int) -> bool:
         """Guest: ask the host to grow the smallest growable class that fits `size`; False if none can."""
@@ -479,9 +503,9 @@ def _config_unchecked(**fields: object) -> SegmentConfig:
     return cfg
 
 
-def _format(r: Region, config: SegmentConfig, layout: Layout, features: int) -> None:
-    """Write a fresh segment. The magic goes last, after a Release fence, so an attacher by path
-    never sees a valid magic over half-written contents."""
+def _write_fixed(r: Region, config: SegmentConfig, layout: Layout, features: int) -> None:
+    """The fields nothing changes after creation, which every attach validates: header, class
+    sizes, peer ring offsets, ring capacities."""
     r.store_u32(L.HDR_VERSION, L.VERSION, RELAXED)
     r.store_u32(L.HDR_HEADER_SIZE, L.HEADER_SIZE, RELAXED)
     r.store_u64(L.HDR_TOTAL_SIZE, layout.total_size, RELAXED)
@@ -492,18 +516,28 @@ def _format(r: Region, config: SegmentConfig, layout: Layout, features: int) -> 
     r.store_u64(L.HDR_PEER_TABLE_OFFSET, layout.peer_table_offset, RELAXED)
     r.store_u64(L.HDR_VAR_POOL_OFFSET, layout.var_pool_offset, RELAXED)
     r.store_u64(L.HDR_HEARTBEAT_INTERVAL, config.heartbeat_interval_ns, RELAXED)
-    r.store_u32(L.HDR_HOST_GOODBYE, 0, RELAXED)
     r.store_u32(L.HDR_NUM_CLASSES, len(config.size_classes), RELAXED)
-    r.store_u64(L.HDR_CURRENT_SIZE, layout.total_size, RELAXED)
     r.store_u32(L.HDR_FEATURES, features, RELAXED)
     for peer_id in range(1, config.max_guests + 1):
         r.store_u64(layout.peer_entry_offset(peer_id) + L.PEER_RING_OFFSET, layout.ring_offset(peer_id), RELAXED)
         for off in (layout.g2h_offset(peer_id), layout.h2g_offset(peer_id)):
             r.store_u32(off + L.RING_CAPACITY, config.bipbuf_capacity, RELAXED)
+    for c, cls in zip(layout.classes, config.size_classes):
+        r.store_u32(c.header_offset + L.CLS_SLOT_SIZE, cls[0], RELAXED)
+        r.store_u32(c.header_offset + L.CLS_SLOT_COUNT, cls[1], RELAXED)
+        if features & L.FEATURE_EXTENTS:
+            r.store_u32(c.header_offset + L.CLS_MAX_EXTENTS, cls[2] if len(cls) == 3 and cls[2] > 1 else 0, RELAXED)
+
+
+def _format(r: Region, config: SegmentConfig, layout: Layout, features: int) -> None:
+    """Write a fresh segment. The magic goes last, after a Release fence, so an attacher by path
+    never sees a valid magic over half-written contents."""
+    _write_fixed(r, config, layout, features)
+    r.store_u32(L.HDR_HOST_GOODBYE, 0, RELAXED)
+    r.store_u64(L.HDR_CURRENT_SIZE, layout.total_size, RELAXED)
     open_pool(r, layout).format()
     for c, cls in zip(layout.classes, config.size_classes):
         if len(cls) == 3 and cls[2] > 1 and features & L.FEATURE_EXTENTS:
             r.store_u32(c.header_offset + L.CLS_EXTENT_COUNT, 1, RELAXED)
-            r.store_u32(c.header_offset + L.CLS_MAX_EXTENTS, cls[2], RELAXED)
     fence()
     r.write(L.HDR_MAGIC, L.MAGIC)

@@ -701,19 +701,22 @@ def test_guest_link_corrupted_by_malformed_datagram_cross_process(tmp_path):
 
 def test_host_link_corrupted_by_guest_datagram_cross_process(tmp_path):
     """A real guest puts an attach whose mapping has a bad magic before a genuine one: the host's
-    link to it becomes terminal, the host's fd count is unchanged, and the host still closes cleanly."""
+    link to it becomes terminal, the host's fd count is unchanged, the host isolates the guest
+    (kills and recovers it: docs/guides/security.md, trust model), and still closes cleanly."""
     with Host(CONFIG) as host:
+        before = mc.fd_count()
         g = spawn(host, "mmap_fault.py", tmp_path, "attacker")
         link = g.link
-        baseline = mc.fd_count()
         command(link, op="attack")
         with pytest.raises(LinkCorrupted):  # (skipping the bad datagram would deliver the payload)
             link.recv(timeout=30)
-        assert mc.fd_count() == baseline
         assert mc.map_inodes(name="memfd:" + EVIL) == set()
         with pytest.raises(LinkCorrupted):
             link.send(b"x", timeout=1)
-        finish(host, g, tmp_path, "mmap_fault.py")
+        assert g.wait(30) == -9, f"guest exited with {g.returncode}, not killed: {guest_err(tmp_path, 'mmap_fault.py')}"
+        assert wait_event(host, "died", g.peer_id).reason.startswith("isolated: ")
+        assert mc.fd_count() == before  # the bad mapping's fd and every fd of the recovered guest are closed
+        host.close()
 
 
 def test_received_attach_fds_are_close_on_exec(pair, monkeypatch):

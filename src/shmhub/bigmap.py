@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 from . import layout as L
 from . import _crash
 from ._native import Region
-from .errors import LinkCorrupted, PayloadTooLarge, PeerDead
+from .errors import LinkCorrupted, LinkExhausted, PayloadTooLarge, PeerDead, ResourceExhausted
 
 _ATTACH = struct.Struct("<IIQ")  # map_id, map_generation, mapping_length (format-v7 1.10)
 assert _ATTACH.size == L.MMAP_ATTACH_SIZE
@@ -29,6 +29,7 @@ MAX_MAPPING = 1 << 40
 SEND_RETRIES = 2000  # trap 39: the control datagram may meet a full queue; retry, bounded
 _PEER_GONE = (errno.ECONNREFUSED, errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET)
 GRACE_S = 2.0  # trap 38: a ref may overtake its attach message; wait this long before LinkCorrupted
+_EXHAUSTED = (errno.ENOMEM, errno.EMFILE, errno.ENFILE)
 
 
 class Mapping:
@@ -84,7 +85,13 @@ class MapSender:
         return self._create(max(MIN_MAPPING, -(-need // MIN_MAPPING) * MIN_MAPPING))
 
     def _create(self, size: int) -> Mapping:
-        fd = os.memfd_create("shmhub-map", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            fd = os.memfd_create("shmhub-map", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except OSError as e:
+            if e.errno in _EXHAUSTED:
+                raise ResourceExhausted(e.errno, f"cannot create a mapping for a large payload: {e.strerror}") from None
+            raise
+        region = None
         try:
             # Pages are allocated now and the mapping pre-faulted, so the first payload does not pay
             # a fault per page; the size is sealed so a receiver can never SIGBUS on a shrunk file.
@@ -94,13 +101,22 @@ class MapSender:
                 raise PayloadTooLarge(f"cannot allocate a {size}-byte mapping for a large payload: {e.strerror}") from None
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
             _crash.point(b"mmap.created")
-            region = Region(fd, size, True, 0, True)
+            try:
+                region = Region(fd, size, True, 0, True)
+            except OSError as e:
+                if e.errno in _EXHAUSTED:
+                    raise ResourceExhausted(e.errno, f"cannot map a {size}-byte mapping for a large payload: {e.strerror}") from None
+                raise
             m = Mapping(self.next_id, 1, size, region)
             region.write(L.MAP_HDR_MAGIC, L.MAP_MAGIC)
             region.store_u32(L.MAP_HDR_MAP_ID, m.map_id)
             region.store_u32(L.MAP_HDR_GENERATION, m.generation)
             self._send_attach(m, fd)
             _crash.point(b"mmap.sent")
+        except BaseException:
+            if region is not None:
+                region.close()  # never announced (or the peer is gone): no one else maps it
+            raise
         finally:
             os.close(fd)  # the mapping stays; the receiver has its own fd
         self.next_id = (self.next_id + 1) & 0xFFFFFFFF or 1
@@ -175,6 +191,13 @@ class MapReceiver:
             try:
                 if not data and not fds:
                     raise LinkCorrupted("mmap control peer closed")
+                if flags & socket.MSG_CTRUNC and not fds and len(data) == L.MMAP_ATTACH_SIZE:
+                    # The kernel drops a passed fd this process has no room for (EMFILE): the
+                    # mapping, and every payload it will carry, is lost for good.
+                    raise LinkExhausted(
+                        errno.EMFILE,
+                        "mmap attach: the mapping's fd was dropped on arrival; this process is out of file descriptors (raise RLIMIT_NOFILE)",
+                    )
                 if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC) or len(data) != L.MMAP_ATTACH_SIZE or len(fds) != 1:
                     raise LinkCorrupted(f"malformed mmap attach message: {len(data)} bytes, {len(fds)} fds, flags {flags:#x}")
                 map_id, gen, length = _ATTACH.unpack(data)
@@ -189,6 +212,8 @@ class MapReceiver:
                     region = Region(fds[0], length, True)  # writable: the receiver drops leases
                     _crash.point(b"mmap.mapped")
                 except OSError as e:
+                    if e.errno in _EXHAUSTED:
+                        raise LinkExhausted(e.errno, f"mmap attach: cannot map map {map_id}: {e.strerror}") from None
                     raise LinkCorrupted(f"mmap attach: cannot map map {map_id}: {e.strerror}") from None
                 if (
                     region.read(L.MAP_HDR_MAGIC, 8) != L.MAP_MAGIC

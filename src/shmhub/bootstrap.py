@@ -20,6 +20,7 @@ a refusal is an ordinary error response whose diagnostic starts with CREDENTIALS
 from __future__ import annotations
 
 import array
+import errno
 import logging
 import os
 import select
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Iterable, NamedTuple, Optional, Sequence, Tuple, Union
 
 from . import layout as L
-from .errors import BootstrapError, ShmTimeout
+from .errors import BootstrapError, BootstrapExhausted, ShmTimeout
 
 _HDR = struct.Struct("<4sBIH")  # magic, status, peer_id, payload_len
 assert _HDR.size == L.BOOTSTRAP_RESPONSE_HEADER_SIZE == L.BR_PAYLOAD
@@ -153,6 +154,13 @@ def decode_response(data: bytes, ancdata: Sequence[Tuple[int, int, bytes]] = (),
         else:
             others += 1
     try:
+        if flags & socket.MSG_CTRUNC and len(fds) < L.BOOTSTRAP_NUM_FDS and not others:
+            # The kernel drops the fds this process has no room for (EMFILE): not a protocol error.
+            raise BootstrapExhausted(
+                errno.EMFILE,
+                f"only {len(fds)} of the host's {L.BOOTSTRAP_NUM_FDS} fds arrived (closed again): "
+                "this process is out of file descriptors (raise RLIMIT_NOFILE)",
+            )
         if flags & socket.MSG_CTRUNC:
             raise BootstrapError(
                 f"bootstrap response control data truncated (MSG_CTRUNC): the host sent more than {L.BOOTSTRAP_NUM_FDS} fds; {len(fds)} arrived and were closed"
@@ -238,7 +246,12 @@ def request(socket_path: Union[str, os.PathLike[str]], timeout: Optional[float] 
     """Guest side: connect, send VSH1, return the host's response (ok or error; raises on a bad frame)."""
     path = os.fspath(socket_path)
     deadline = None if timeout is None else time.monotonic() + timeout
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec
+    except OSError as e:
+        if e.errno in (errno.EMFILE, errno.ENFILE):
+            raise BootstrapExhausted(e.errno, f"cannot open a socket to {path}: {e.strerror}") from None
+        raise
     try:
         sock.settimeout(timeout)
         try:

@@ -15,8 +15,14 @@ class SegmentError(ShmhubError):
     """A segment cannot be created or attached."""
 
 
-class InsufficientSharedMemory(SegmentError):
-    """The shared-memory filesystem lacks room for the segment."""
+class ResourceExhausted(ShmhubError, OSError):
+    """The system refused a resource (errno ENOSPC, ENOMEM, EFBIG, EMFILE or ENFILE). Nothing was
+    left half-done: the call may succeed once the resource is back. Built as (errno, message)."""
+
+
+class InsufficientSharedMemory(SegmentError, ResourceExhausted):
+    """The segment, or its growth, does not fit: no room in the shared-memory filesystem
+    (ENOSPC, EFBIG past RLIMIT_FSIZE), no memory to map it (ENOMEM), or no fd to hold it (EMFILE)."""
 
 
 class SegmentCorrupted(SegmentError):
@@ -77,6 +83,11 @@ class LinkCorrupted(LinkError):
     """A frame in a ring is malformed; the link is terminal (DECISIONS 6)."""
 
 
+class LinkExhausted(LinkCorrupted, ResourceExhausted):
+    """An mmap-tier mapping was lost because this process had no fd (EMFILE) or memory (ENOMEM) to
+    take it: the payloads it carries can never be read, so the link is terminal like LinkCorrupted."""
+
+
 class LinkClosed(LinkError):
     """The link was closed by this process."""
 
@@ -92,6 +103,11 @@ class HostGone(LinkError):
 class BootstrapError(ShmhubError):
     """The socket bootstrap of a walk-in guest failed: connection, malformed frame, or wrong fds
     (format-v7 1.11, DECISIONS 17)."""
+
+
+class BootstrapExhausted(BootstrapError, ResourceExhausted):
+    """This process ran out of file descriptors (or memory) during the bootstrap: the host's fds
+    were lost in transit and closed, and the host recovers the peer it reserved."""
 
 
 class BootstrapRefused(BootstrapError):

@@ -49,6 +49,11 @@ def _heartbeat_thread(link: Link, interval_ns: int) -> None:
 
     def run() -> None:
         while not link.closed and link.alive:
+            if link.doorbell is not None and link.doorbell.hung_up():
+                # Checked before stamping: a guest resumed after SIGSTOP may have been declared stale
+                # and recovered, its peer entry reset (or handed to another guest) meanwhile.
+                link._mark_dead("doorbell hang-up (the host recovered this guest, or died)")
+                return
             try:
                 link.segment.peers.heartbeat(link.peer_id)
             except (ValueError, ShmhubError):

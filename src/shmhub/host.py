@@ -39,6 +39,7 @@ POOL_OP_GRACE = 0.05  # how long recovery waits for a dead guest's interrupted p
 # heartbeats can only be watched by looking: the attention thread then scans this often. Otherwise
 # it sleeps on the header's attention futex until a guest asks for something (growth, goodbye).
 MONITOR_TICK = 0.01
+GROWTH_RETRY = 0.5  # a failed growth (no space or memory) is retried this often while a guest's request is pending
 ANY_SPIN_GUESTS = 4  # recv_any spins before sleeping only over this few guests (the scan is O(guests))
 log = logging.getLogger("shmhub")
 log.addHandler(logging.NullHandler())  # a library: records go where the application configures
@@ -345,6 +346,7 @@ class Host:
         self._goodbye_lock = threading.Lock()  # a leaf: recovery's _restore_goodbye against close()
         self._isolating: Deque[GuestHandle] = deque()  # walk-ins to recover, from the monitor thread
         self._futex = bool(self.segment.features & L.FEATURE_POOL_WAITERS)
+        self._growth_retry_at = 0.0  # after a failed growth: not before this (no event every scan)
         self._update_share()
         self._monitor = threading.Thread(target=self._monitor_loop, name="shmhub-host-monitor", daemon=True)
         self._monitor.start()
@@ -652,14 +654,28 @@ class Host:
             if self._stopping:
                 return
             if self._futex:
-                seg.region.futex_wait(L.HDR_ATTENTION, seen, MONITOR_TICK if scan else -1)
+                # A request left pending by a failed growth is retried once space may be back.
+                wait = GROWTH_RETRY if self._growth_retry_at else -1
+                seg.region.futex_wait(L.HDR_ATTENTION, seen, MONITOR_TICK if scan else wait)
             else:
                 time.sleep(MONITOR_TICK)
 
     def _serve_growth(self) -> None:
         """Grow classes guests asked for, then ring every guest so waiters retry (FEATURE_EXTENTS)."""
-        for c in self.segment.growth_requests():
-            if self.segment.grow_class(c):
+        requests = self.segment.growth_requests()
+        if not requests:
+            self._growth_retry_at = 0.0  # nobody waits for growth any more
+            return
+        if time.monotonic() < self._growth_retry_at:
+            return
+        for c in requests:
+            try:
+                grown = self.segment.grow_class(c)
+            except ShmhubError:
+                self._growth_retry_at = time.monotonic() + GROWTH_RETRY
+                raise
+            self._growth_retry_at = 0.0
+            if grown:
                 self._emit(HostEvent("grown", 0, None, f"class {c}: segment is {self.segment.current_size} bytes"))
 
     def ring_all(self) -> None:

@@ -22,6 +22,7 @@ from .errors import (
     LinkCorrupted,
     PayloadTooLarge,
     PeerDead,
+    ResourceExhausted,
     SegmentCorrupted,
     ShmTimeout,
     SlotError,
@@ -135,7 +136,10 @@ class _Waiter:
             return self._efd
         with self.cond:
             if self._efd is None and not self._closed:
-                self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                try:
+                    self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+                except OSError as e:  # EMFILE at the first wait: typed, nothing consumed, retry later
+                    raise ResourceExhausted(e.errno, f"cannot wait: no fd for the waiter's eventfd: {e.strerror}") from None
                 self._finalizer = weakref.finalize(self, os.close, self._efd)
             return self._efd
 
@@ -208,6 +212,7 @@ class Link(LinkCore):
         self.stats = LinkStats()
         self._hdr = segment.region
         self._is_guest = side == GUEST
+        self._epoch = segment.peers.epoch(peer_id) if side == GUEST else 0  # whose entry close() may leave
         self._has_bell = doorbell is not None
         self._owns_segment = owns_segment
         self._owner = L.HOST_OWNER if side == HOST else peer_id
@@ -297,7 +302,12 @@ class Link(LinkCore):
         if self._dead or (self.side == GUEST and self.segment.host_goodbye):  # DECISIONS 13
             raise self._gone_error()
 
-    def _corrupted(self, e: Exception) -> LinkCorrupted:
+    def _corrupted(self, e: Exception) -> Exception:
+        if self._is_guest and self.doorbell is not None and self.doorbell.hung_up():
+            # The host recovered us (a stale heartbeat while we were SIGSTOPped) and reset our
+            # rings under our cached indices: garbage to us, but the cause is the hang-up.
+            self._mark_dead("doorbell hang-up (the host recovered this guest, or died)")
+            return self._gone_error()
         self._ok = False
         self._corrupt = f"link to peer {self.peer_id} is corrupted: {e}"  # DECISIONS 6: terminal
         self._waiter.wake_all()
@@ -1050,7 +1060,7 @@ class Link(LinkCore):
         if self.side == GUEST:
             with self._rx_lock, self._tx_lock:
                 try:
-                    self.segment.peers.detach(self.peer_id)
+                    self.segment.peers.leave(self.peer_id, self._epoch)
                 except (ValueError, OSError):
                     pass
                 self._release_backlog()

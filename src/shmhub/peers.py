@@ -74,6 +74,14 @@ class PeerTable:
         """Goodbye: the guest leaves (or the host starts recovering it)."""
         self._region.store_u32(self._off(peer_id, L.PEER_STATE), L.PEER_GOODBYE)
 
+    def leave(self, peer_id: int, epoch: int) -> bool:
+        """Guest goodbye, only while the entry is still ours: Attached at our epoch. A guest the host
+        recovered meanwhile (a stale heartbeat while SIGSTOPped) must not mark the entry's next
+        owner as gone. State and epoch are one u64 (little-endian), so one CAS checks both."""
+        off = self._off(peer_id, L.PEER_STATE)
+        mine = L.PEER_ATTACHED | epoch << 32
+        return self._region.cas_u64(off, mine, L.PEER_GOODBYE | epoch << 32) == mine
+
     def reset(self, peer_id: int) -> None:
         """Host, after recovery: heartbeat 0, extension counters 0, state Empty. The epoch is never reset."""
         self._region.store_u64(self._off(peer_id, L.PEER_LAST_HEARTBEAT), 0)

@@ -44,12 +44,14 @@ def _space_check(fd: int, size: int, where: Optional[str], start: int = 0) -> No
         "bipbuf_capacity, fewer max_guests)"
     )
     if avail is not None and avail < size - start:
-        raise InsufficientSharedMemory(f"the segment needs {size} bytes but {where} has only {avail} free; {hint}")
+        raise InsufficientSharedMemory(errno.ENOSPC, f"the segment needs {size} bytes but {where} has only {avail} free; {hint}")
     try:
         os.posix_fallocate(fd, start, size - start)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
-            raise InsufficientSharedMemory(f"cannot reserve {size} bytes in {where}: {e.strerror}; {hint}") from None
+        if e.errno == errno.EFBIG:  # past RLIMIT_FSIZE (SIGXFSZ ignored), not a full filesystem
+            raise InsufficientSharedMemory(e.errno, f"cannot reserve {size} bytes in {where}: {e.strerror} (the file size limit, ulimit -f)") from None
+        if e.errno in (errno.ENOSPC, errno.ENOMEM):
+            raise InsufficientSharedMemory(e.errno, f"cannot reserve {size} bytes in {where}: {e.strerror}; {hint}") from None
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
             raise
         os.ftruncate(fd, size)
@@ -71,6 +73,19 @@ def _check_owner(path: str, st: os.stat_result, allow_uids: Iterable[int]) -> No
         raise ForeignSegment(f"segment {path} is writable by every user (mode {stat.S_IMODE(st.st_mode):04o}); `chmod o-w {path}` first")
 
 
+_EXHAUSTED = (errno.ENOMEM, errno.EMFILE, errno.ENFILE)
+
+
+def _map(fd: int, size: int, writable: bool, offset: int = 0, populate: bool = False) -> Region:
+    """Region(...), with out-of-memory (an mmap refused under RLIMIT_AS or overcommit) typed."""
+    try:
+        return Region(fd, size, writable, offset, populate)
+    except OSError as e:
+        if e.errno in _EXHAUSTED:
+            raise InsufficientSharedMemory(e.errno, f"cannot map {size} bytes of the segment at offset {offset}: {e.strerror}") from None
+        raise
+
+
 class Segment:
     """One mapped v7 segment: header, peer table, rings and slot pool."""
 
@@ -88,6 +103,7 @@ class Segment:
         self.path = path
         self._owner = owner
         self._rings: Dict[int, Ring] = {}
+        self._extents: List[Region] = []  # unmapped by close(), not left to the garbage collector
         self._closed = False
         self._grow_lock = threading.Lock()
         self.growths = 0
@@ -101,7 +117,9 @@ class Segment:
                 # Writable attaches pre-fault the page tables: no minor fault on a slot's first use.
                 # Extents added later are not: growth runs in-band (an event loop's step), and
                 # populating a whole extent there would block it for milliseconds.
-                self.region = Region(fd, size, writable, 0, writable)
+                self.region = _map(fd, size, writable, 0, writable)
+            except InsufficientSharedMemory:
+                raise
             except OSError as e:
                 raise SegmentError(f"cannot map the segment ({size} bytes, {'read-write' if writable else 'read-only'}): {e.strerror}") from e
             self._validate(size)
@@ -141,7 +159,7 @@ class Segment:
                 # A live host holds this lock; `clean` treats an unlocked file as stale (DECISIONS 16).
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _space_check(fd, layout.total_size, where)
-            region = Region(fd, layout.total_size, True)
+            region = _map(fd, layout.total_size, True)
             try:
                 _format(region, config, layout, features)
             finally:
@@ -151,7 +169,12 @@ class Segment:
             if path is not None:
                 os.unlink(path)
             raise
-        return cls(fd, path, True, owner=True)
+        try:
+            return cls(fd, path, True, owner=True)  # closes fd on failure
+        except BaseException:
+            if path is not None:
+                os.unlink(path)  # the second mapping can fail too (ENOMEM): leave no file behind
+            raise
 
     @classmethod
     def attach(cls, path_or_fd: Union[str, os.PathLike[str], int], *, writable: bool = True, allow_uids: Iterable[int] = ()) -> "Segment":
@@ -162,6 +185,8 @@ class Segment:
             try:
                 fd = os.dup(path_or_fd)
             except OSError as e:
+                if e.errno in _EXHAUSTED:
+                    raise InsufficientSharedMemory(e.errno, f"cannot duplicate the segment fd {path_or_fd}: {e.strerror}") from None
                 raise SegmentError(f"fd {path_or_fd} is not an open file: {e.strerror}") from None
             path = None
         else:
@@ -301,7 +326,8 @@ class Segment:
                     limit = min(self.current_size, os.fstat(self.fd).st_size)
                     if off % L.EXTENT_ALIGN or off < self.layout.total_size or off + size > limit:
                         raise SegmentCorrupted(f"class {c} extent {e} at {off} (+{size}) lies outside the segment ({limit} bytes)")
-                    region = Region(self.fd, size, self.region.writable, off)
+                    region = _map(self.fd, size, self.region.writable, off)
+                    self._extents.append(region)
                     _crash.point(b"growth.mapping")
                     self.pool.add_extent(c, region, data_off)
                     _crash.point(b"growth.mapped")
@@ -324,15 +350,27 @@ class Segment:
             data_off, size = L.extent_layout(cl.slot_size, cl.slot_count)
             # After the file's end, not current_size: a guest can overwrite that word, and an
             # extent placed by it could land over the rings (docs/guides/security.md, trust model).
-            off = L.align(os.fstat(self.fd).st_size, L.EXTENT_ALIGN)
-            _space_check(self.fd, off + size, os.path.dirname(os.path.abspath(self.path)) if self.path else None, start=off)
-            region = Region(self.fd, size, True, off)
-            format_extent(region, cl.slot_count, e * cl.slot_count)
+            file_size = os.fstat(self.fd).st_size
+            off = L.align(file_size, L.EXTENT_ALIGN)
+            region = None
+            try:
+                _space_check(self.fd, off + size, os.path.dirname(os.path.abspath(self.path)) if self.path else None, start=off)
+                region = _map(self.fd, size, True, off)
+                format_extent(region, cl.slot_count, e * cl.slot_count)
+            except BaseException:
+                # Nothing is published yet: undo the resize, so no half-grown segment is left. A
+                # guest's grow_request stays set: the host retries it (Host._serve_growth).
+                if region is not None:
+                    region.close()
+                if os.fstat(self.fd).st_size != file_size:
+                    os.ftruncate(self.fd, file_size)
+                raise
             r = self.region
             r.store_u64(L.HDR_CURRENT_SIZE, off + size)
             r.store_u64(cl.header_offset + L.CLS_EXTENT_OFFSETS + 8 * (e - 1), off)
             self._grown_at.setdefault(c, []).append(off)
             r.store_u32(cl.header_offset + L.CLS_EXTENT_COUNT, e + 1)
+            self._extents.append(region)
             self.pool.add_extent(c, region, data_off)
             self.pool.publish_extent(c)
             r.store_u32(cl.header_offset + L.CLS_GROW_REQUEST, 0)
@@ -468,6 +506,8 @@ class Segment:
         self._closed = True
         self._rings.clear()
         self.region.close()
+        for region in self._extents:  # a view still exported keeps its mapping until released
+            region.close()
         os.close(self.fd)
 
     def unlink(self) -> None:

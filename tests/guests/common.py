@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import resource
 import struct
 
 SEQ = struct.Struct("<I")
@@ -93,3 +95,22 @@ def gil_ratio(wait, t: float, rounds: int = 3) -> tuple:
         meas, meas_s = meas + rate * el, meas_s + el
         waits.append((el, err))
     return (meas / meas_s) / (base / base_s), waits
+
+
+def leave_free(n: int) -> tuple:
+    """Lower this process's RLIMIT_NOFILE so that exactly n more fds can be opened (the kernel
+    takes the lowest free numbers); returns the old limits, for setrlimit to restore."""
+    old = resource.getrlimit(resource.RLIMIT_NOFILE)
+    used = set()
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            os.fstat(fd)  # listdir's own fd is listed, and closed again
+            used.add(fd)
+        except OSError:
+            pass
+    limit = free = 0
+    while free < n or limit in used:
+        free += limit not in used
+        limit += 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, old[1]))
+    return old

@@ -208,6 +208,26 @@ class _Prepared:
         self.guest_ctrl.close()
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """A pidfd is readable once its process has exited."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(int(timeout * 1000)))
+
+
+def _peer_pidfd(conn: socket.socket) -> Tuple[int, Optional[int]]:
+    """A bootstrapping guest's pid (SO_PEERCRED) and a pidfd of it, so that the host can stop it
+    like a spawned guest (DECISIONS 14: a stale heartbeat; an isolated guest). The peer is connected
+    and waiting for our answer, so the pid is its own (pids are not reused while it lives)."""
+    try:
+        pid = bootstrap.peer_credentials(conn).pid
+        if pid == os.getpid():  # a guest in the host's own process: stopping it would stop the host
+            return pid, None
+        return pid, os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return 0, None  # no pidfd: it is only recovered, as a walk-in on a named segment
+
+
 class _MpProcess:
     """A multiprocessing.Process with the subprocess.Popen surface the host uses. Its exit status
     is read once, under a lock: a forkserver child's status arrives on a pipe, and two threads
@@ -266,6 +286,8 @@ class GuestHandle:
         self.link = link
         self.process = process
         self.pidfd: Optional[int] = None
+        self.walk_in_pid: Optional[int] = None  # a bootstrapped guest's pid (SO_PEERCRED): killed through pidfd
+        self._pidfd_lock = threading.Lock()  # kill() against _forget closing it (the number could be reused)
         self.recovered = False
         self.stale = False  # its heartbeat went stale: being stopped and recovered
         self.isolated: Optional[str] = None  # why Host.isolate cut it off
@@ -273,13 +295,20 @@ class GuestHandle:
 
     @property
     def pid(self) -> Optional[int]:
-        return self.process.pid if self.process is not None else None
+        return self.process.pid if self.process is not None else self.walk_in_pid
 
     @property
     def alive(self) -> bool:
         if self.recovered or not self.link.alive:
             return False
         return self.process is None or self.process.poll() is None
+
+    def _running(self) -> bool:
+        """Its process (spawned, or a bootstrapped walk-in's through its pidfd) has not exited."""
+        if self.process is not None:
+            return self.process.poll() is None
+        fd = self.pidfd
+        return fd is not None and not _readable(fd, 0)
 
     @property
     def returncode(self) -> Optional[int]:
@@ -297,8 +326,16 @@ class GuestHandle:
         return code
 
     def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.kill()
+        else:
+            with self._pidfd_lock:
+                if self.pidfd is not None:
+                    try:
+                        signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                    except OSError:
+                        pass  # exited already
 
     def _cause(self, reason: str) -> str:
         """Why recovery runs: what the host decided first (isolation, a stale heartbeat), else reason."""
@@ -480,18 +517,26 @@ class Host:
         (Empty -> Reserved); the guest claims it (Reserved -> Attached) once it has mapped the segment.
         A guest that dies before claiming hangs up its doorbell, and recovery resets the entry to Empty."""
         self._check_open()
-        p = self._prepare_peer()
+        pid, pidfd = _peer_pidfd(conn)
+        try:
+            p = self._prepare_peer()
+        except BaseException:
+            if pidfd is not None:
+                os.close(pidfd)
+            raise
         ctrl = p.guest_ctrl.fileno()  # one DGRAM socket both ways: it is mmap_rx and mmap_tx
         try:
             bootstrap.send_response(conn, L.BOOTSTRAP_STATUS_OK, p.peer_id, self.segment.path or "", [p.guest_bell.fileno(), self.segment.fd, ctrl, ctrl])
         except BaseException:
             self._abandon(p)
+            if pidfd is not None:
+                os.close(pidfd)
             raise
         finally:
             p.close_guest_ends()  # the guest has its own copies now (or never will)
         with self._lock:  # "attached" is out before recovery (which needs the lock) can report the guest gone
-            self._register(p, None)
-            self._emit(HostEvent("attached", p.peer_id, None))
+            h = self._register(p, None, (pid, pidfd) if pidfd is not None else None)
+            self._emit(HostEvent("attached", p.peer_id, h.pid))
 
     def _prepare_peer(self) -> _Prepared:
         """Reserve a peer (Empty -> Reserved) and make its doorbell and mmap-control pairs. The peer is
@@ -523,11 +568,14 @@ class Host:
             self._spawning.discard(peer_id)
             self.segment.peers.release_reserved(peer_id)
 
-    def _register(self, p: _Prepared, proc: Optional[subprocess.Popen[Any]]) -> GuestHandle:
-        """The guest has its fds: build the host's Link and watch the doorbell (and pidfd) for death."""
+    def _register(self, p: _Prepared, proc: Optional[subprocess.Popen[Any]], walk_in: Optional[Tuple[int, int]] = None) -> GuestHandle:
+        """The guest has its fds: build the host's Link and watch the doorbell (and pidfd) for death.
+        walk_in: a bootstrapped guest's (pid, pidfd); the handle owns the pidfd."""
         link = Link(self.segment, p.peer_id, p.host_bell, HOST, control=p.host_ctrl, spin_ns=self.spin_ns)
         handle = GuestHandle(self, p.peer_id, link, proc)
         link.on_corrupt = lambda why: self.isolate(handle, why)
+        if walk_in is not None:
+            handle.walk_in_pid, handle.pidfd = walk_in
         if proc is not None:
             try:
                 handle.pidfd = os.pidfd_open(proc.pid)
@@ -626,7 +674,7 @@ class Host:
                 if h is None:
                     continue
                 if fd == h.pidfd:
-                    if h.process is None or h.process.poll() is None:
+                    if h._running():
                         continue
                     reason = "process exited"
                 else:
@@ -748,6 +796,10 @@ class Host:
                         h.process.wait(1.0)
                     except subprocess.TimeoutExpired:
                         continue
+                elif h.pidfd is not None:  # a bootstrapped walk-in: resumed, it would write into the next guest's rings
+                    h.kill()
+                    if not _readable(h.pidfd, 1.0):
+                        continue
                 self._recover(h, "heartbeat stale")
             elif h.process is not None and h.pidfd is None and h.process.poll() is not None:
                 self._recover(h, h._cause("process exited"))
@@ -757,14 +809,15 @@ class Host:
         peer entry reusable), and emit an "isolated" event (a WARNING). The host calls this itself
         when a receive from the guest finds its ring, a slot it sent or its mappings malformed
         (LinkCorrupted); an application may call it when its own checks fail (a payload checksum).
-        Idempotent; never blocks. A walk-in guest without a process handle cannot be stopped: it
-        is only recovered (docs/guides/security.md, trust model)."""
+        Idempotent; never blocks. A guest that bootstrapped over listen() is killed through a pidfd
+        of its SO_PEERCRED pid; a walk-in on a named segment cannot be stopped: it is only recovered
+        (docs/guides/security.md, trust model)."""
         with self._isolate_lock:  # not self._lock: recv_any calls this holding its queue's lock, which _register takes under self._lock
             if h.isolated or h.recovered:
                 return
             h.isolated = reason
         self._emit(HostEvent("isolated", h.peer_id, h.pid, reason))
-        if h.process is not None and h.process.poll() is None:
+        if h._running():
             # Recovered once it is gone (pidfd or doorbell hang-up, as any death): recovering a
             # live guest would hand its slots and peer entry to others while it still writes.
             h.kill()
@@ -888,15 +941,16 @@ class Host:
                         except (OSError, ValueError):
                             pass
             if h.pidfd is not None:
-                if h.process is not None and h.process.poll() is None and not self._stopping:
-                    self._reap_fds[h.pidfd] = h.process  # still registered: EPOLLIN when it exits
-                else:
-                    try:
-                        self._epoll.unregister(h.pidfd)
-                    except (OSError, ValueError):
-                        pass
-                    os.close(h.pidfd)
-                h.pidfd = None
+                with h._pidfd_lock:
+                    if h.process is not None and h.process.poll() is None and not self._stopping:
+                        self._reap_fds[h.pidfd] = h.process  # still registered: EPOLLIN when it exits
+                    else:
+                        try:
+                            self._epoll.unregister(h.pidfd)
+                        except (OSError, ValueError):
+                            pass
+                        os.close(h.pidfd)
+                    h.pidfd = None
             elif h.process is not None and h.process.poll() is None:
                 self._unreaped.append(h.process)
             h.link._waiter.close()

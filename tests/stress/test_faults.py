@@ -384,12 +384,19 @@ def test_bootstrap_host_out_of_fds(tmp_path):
 # -- a SIGSTOPped walk-in guest --------------------------------------------------------------
 
 
-def test_sigstopped_walkin_guest_is_recovered_and_sees_an_error_on_sigcont(tmp_path):
-    """A bootstrapped guest (no process handle: the host cannot kill it) is SIGSTOPped with
-    heartbeats on: the host declares it stale within the heartbeat timeout and recovers it, while
-    a second guest keeps working. SIGCONT: the stopped guest's blocked recv fails with HostGone
-    (its doorbell hung up; before: LinkCorrupted from its reset ring, or a goodbye written over
-    the entry's next owner), a later send fails too, and its close() leaves the entry alone."""
+@pytest.mark.parametrize("killable", [True, False], ids=["pidfd", "no-pidfd"])
+def test_sigstopped_walkin_guest_is_stopped_or_recovered_and_sees_an_error_on_sigcont(tmp_path, monkeypatch, killable):
+    """A bootstrapped guest is SIGSTOPped with heartbeats on: the host declares it stale within the
+    heartbeat timeout, kills it through the pidfd it took from SO_PEERCRED at the bootstrap
+    (DECISIONS 14: resumed, it could write into the rings of its entry's next owner), and recovers
+    it, while a second guest keeps working.
+
+    Without a pidfd (no-pidfd: pidfd_open unavailable) the host can only recover it. SIGCONT: the
+    stopped guest's blocked recv fails with HostGone (its doorbell hung up; before: LinkCorrupted
+    from its reset ring, or a goodbye written over the entry's next owner), a later send fails
+    too, and its close() leaves the entry alone."""
+    if not killable:
+        monkeypatch.setattr(shmhub.host, "_peer_pidfd", lambda conn: (0, None))
     interval = 200_000_000
     cfg = SegmentConfig(max_guests=2, bipbuf_capacity=8192, heartbeat_interval_ns=interval, size_classes=((1024, 16),))
     sock = str(tmp_path / "hub.sock")
@@ -417,6 +424,10 @@ def test_sigstopped_walkin_guest_is_recovered_and_sees_an_error_on_sigcont(tmp_p
             for i in range(20):  # the other guest never noticed
                 b.link.send(b"b%d" % i, timeout=TIMEOUT)
                 assert b.link.recv_bytes(timeout=TIMEOUT) == b"b%d" % i
+            if killable:
+                assert old.wait(TIMEOUT) == -signal.SIGKILL
+                assert h.pid == old.pid and ev.pid == old.pid
+                return
             old.send_signal(signal.SIGCONT)
             res = read_report(outs[0], old)
             assert old.wait(TIMEOUT) == 0

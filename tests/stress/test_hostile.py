@@ -451,10 +451,36 @@ def test_growth_ignores_a_scribbled_current_size():
         seg.close()
 
 
+def test_isolating_a_bootstrapped_guest_kills_it_through_its_pidfd(tmp_path):
+    """A socket walk-in in another process has no process handle, but the host took a pidfd of its
+    SO_PEERCRED pid at the bootstrap: isolation kills it (as a spawned guest), then recovers it."""
+    sock = str(tmp_path / "hub.sock")
+    with Host(CONFIG) as host:
+        host.listen(sock)
+        proc = subprocess.Popen([sys.executable, os.path.join(GUESTS, "fault_guest.py"), "echo", str(tmp_path / "out.json"), sock])
+        try:
+            ev = host.events.get(timeout=HANG)
+            while ev.kind != "attached":
+                ev = host.events.get(timeout=HANG)
+            (g,) = host.guests
+            assert g.process is None and g.pid == ev.pid == proc.pid
+            g.link.send(b"ping", timeout=5)
+            assert g.link.recv_bytes(timeout=5) == b"ping"
+            host.isolate(g, "application checksum failed")
+            assert proc.wait(HANG) == -9
+            died = _events_until(host, "died", g.peer_id)[-1]
+            assert died.reason == "isolated: application checksum failed" and died.pid == proc.pid
+            assert host.segment.peers.state(g.peer_id) == L.PEER_EMPTY
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(HANG)
+
+
 def test_corrupt_walk_in_is_recovered(tmp_path):
-    """A guest without a process handle (a socket walk-in, here in this very process) cannot be
-    killed: isolating it recovers it from the monitor thread (recovery takes the link's receive
-    lock, which the detecting receive holds)."""
+    """A guest whose process the host cannot stop (a socket walk-in here in this very process: no
+    pidfd of our own pid) is only recovered, from the monitor thread (recovery takes the link's
+    receive lock, which the detecting receive holds)."""
     import shmhub
 
     with Host(CONFIG) as host:

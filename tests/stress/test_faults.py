@@ -397,7 +397,7 @@ def test_sigstopped_walkin_guest_is_stopped_or_recovered_and_sees_an_error_on_si
     too, and its close() leaves the entry alone."""
     if not killable:
         monkeypatch.setattr(shmhub.host, "_peer_pidfd", lambda conn: (0, None))
-    interval = 200_000_000
+    interval = 500_000_000  # stale after 1 s: the working guest must never look stale on a loaded machine
     cfg = SegmentConfig(max_guests=2, bipbuf_capacity=8192, heartbeat_interval_ns=interval, size_classes=((1024, 16),))
     sock = str(tmp_path / "hub.sock")
     outs = [str(tmp_path / f"g{i}.json") for i in range(2)]

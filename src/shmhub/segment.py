@@ -114,10 +114,12 @@ class Segment:
             if size < L.HEADER_SIZE:
                 raise SegmentCorrupted(f"segment is truncated: {size} bytes, the header alone needs {L.HEADER_SIZE}")
             try:
-                # Writable attaches pre-fault the page tables: no minor fault on a slot's first use.
-                # Extents added later are not: growth runs in-band (an event loop's step), and
-                # populating a whole extent there would block it for milliseconds.
-                self.region = _map(fd, size, writable, 0, writable)
+                # The creator pre-faults the page tables: no minor fault on a slot's first use. A
+                # guest does not: populating the whole segment cost each attach 1-3 ms (19 MiB by
+                # default), most of a forkserver worker's start, while a guest touches only its
+                # rings and the slots it uses. Extents added later are not populated either: growth
+                # runs in-band (an event loop's step), and populating there would block it.
+                self.region = _map(fd, size, writable, 0, writable and owner)
             except InsufficientSharedMemory:
                 raise
             except OSError as e:

@@ -378,10 +378,12 @@ class Executor(cf.Executor):
                 if f.done() and isinstance(f.exception(), _GONE):
                     raise f.exception()  # type: ignore[misc]
             except BaseException as e:
-                if self._unsent(w, live, e) or not isinstance(e, Exception):
-                    if not isinstance(e, Exception):
-                        raise
+                if self._unsent(w, live, e):
                     return
+                if not isinstance(e, Exception):  # interrupted: as _send does, the tasks fail with it
+                    for t in live:
+                        settle(t.future, exc=e)
+                    raise
                 f = None  # e.g. one task's arguments do not pickle: one by one below, so it alone fails
             else:
                 for t in live:

@@ -144,7 +144,7 @@ class Segment:
             raise ConfigError(f"config must be a SegmentConfig, got {type(config).__name__}")
         layout = Layout.compute(config.max_guests, config.bipbuf_capacity, config.size_classes)
         if path is None:
-            fd = os.memfd_create("shmhub", os.MFD_CLOEXEC)
+            fd = os.memfd_create("shmhub", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             where = None
         else:
             path = os.fspath(path)
@@ -161,6 +161,11 @@ class Segment:
                 # A live host holds this lock; `clean` treats an unlocked file as stale (DECISIONS 16).
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _space_check(fd, layout.total_size, where)
+            if path is None:
+                # Nobody can shrink it: a guest's ftruncate would kill every process touching the
+                # lost pages with SIGBUS, the host included (docs/guides/security.md). Growth stays
+                # possible; a named file cannot be sealed.
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
             region = _map(fd, layout.total_size, True)
             try:
                 _format(region, config, layout, features)
@@ -356,8 +361,11 @@ class Segment:
             off = L.align(file_size, L.EXTENT_ALIGN)
             region = None
             try:
-                _space_check(self.fd, off + size, os.path.dirname(os.path.abspath(self.path)) if self.path else None, start=off)
+                # Mapped before the file grows (nothing is touched until it covers the extent): a
+                # mapping refused (ENOMEM) leaves the file as it was, which a sealed memfd needs,
+                # as it cannot shrink back.
                 region = _map(self.fd, size, True, off)
+                _space_check(self.fd, off + size, os.path.dirname(os.path.abspath(self.path)) if self.path else None, start=off)
                 format_extent(region, cl.slot_count, e * cl.slot_count)
             except BaseException:
                 # Nothing is published yet: undo the resize, so no half-grown segment is left. A
@@ -365,7 +373,10 @@ class Segment:
                 if region is not None:
                     region.close()
                 if os.fstat(self.fd).st_size != file_size:
-                    os.ftruncate(self.fd, file_size)
+                    try:
+                        os.ftruncate(self.fd, file_size)
+                    except PermissionError:
+                        pass  # a sealed memfd cannot shrink: the tail stays unused (growth appends after it)
                 raise
             r = self.region
             r.store_u64(L.HDR_CURRENT_SIZE, off + size)

@@ -451,6 +451,31 @@ def test_growth_ignores_a_scribbled_current_size():
         seg.close()
 
 
+def test_nobody_can_shrink_an_anonymous_segment():
+    """Every guest holds the segment's fd: an ftruncate to less would kill every process touching
+    the lost pages with SIGBUS, the host's included. The memfd is sealed against shrinking; growth
+    still works (and a growth whose mapping fails leaves the file as it was)."""
+    import errno
+
+    cfg = SegmentConfig(max_guests=1, bipbuf_capacity=4096, size_classes=((4096, 4, 3),))
+    seg = Segment.create(cfg)
+    try:
+        size = os.fstat(seg.fd).st_size
+        peer_fd = os.open(f"/proc/self/fd/{seg.fd}", os.O_RDWR)  # as a guest's own descriptor
+        try:
+            with pytest.raises(PermissionError) as ei:
+                os.ftruncate(peer_fd, 4096)
+            assert ei.value.errno == errno.EPERM
+        finally:
+            os.close(peer_fd)
+        assert os.fstat(seg.fd).st_size == size
+        assert seg.grow_class(0) and os.fstat(seg.fd).st_size > size
+        slot = seg.pool.alloc_in_class(0, 1)  # the pool still works across the grown file
+        assert slot is not None
+    finally:
+        seg.close()
+
+
 def test_isolating_a_bootstrapped_guest_kills_it_through_its_pidfd(tmp_path):
     """A socket walk-in in another process has no process handle, but the host took a pidfd of its
     SO_PEERCRED pid at the bootstrap: isolation kills it (as a spawned guest), then recovers it."""

@@ -2461,6 +2461,8 @@ cdef class LinkCore:
                             wake = self._tx.c_waiting(False)
                 finally:
                     self._tx_lock.c_release()
+        except LinkCorrupted as e:  # our ring's indices out of range: the Python half ends the link (and the host isolates the guest)
+            raise self._corrupted(e) from None
         finally:
             if view:
                 PyBuffer_Release(&b)
@@ -2546,6 +2548,8 @@ cdef class LinkCore:
                     self._tx.c_count(1, n)
                     sent = True
                     wake = self._elide and self._tx.c_waiting(False)
+            except LinkCorrupted as e:
+                raise self._corrupted(e) from None
             finally:
                 self._tx_lock.c_release()
         if not sent:

@@ -425,6 +425,8 @@ class Link(LinkCore):
                 self._check()
                 self._send_locked(mv, n, deadline)
                 self._notify(False, self._tx)
+            except LinkCorrupted as e:
+                raise self._corrupted(e) from None
             finally:
                 self._tx_lock.release()
 
@@ -506,6 +508,8 @@ class Link(LinkCore):
                 self._notify(False, tx)
                 i += 1
             return n
+        except LinkCorrupted as e:
+            raise self._corrupted(e) from None
         finally:
             self._tx_lock.release()
 
@@ -539,6 +543,8 @@ class Link(LinkCore):
                 self._notify(False, tx)
                 i += 1
             return count
+        except LinkCorrupted as e:
+            raise self._corrupted(e) from None
         finally:
             self._tx_lock.release()
 
@@ -559,6 +565,8 @@ class Link(LinkCore):
             return False
         try:
             return self._try_send_locked(mv, n) is None
+        except LinkCorrupted as e:
+            raise self._corrupted(e) from None
         finally:
             self._tx_lock.release()
 
@@ -782,6 +790,8 @@ class Link(LinkCore):
                 self._sent("mmap", 1, n)
             buf.detach()  # committed: the lease / slot now travels with the ref
             self._notify(False, tx)
+        except LinkCorrupted as e:
+            raise self._corrupted(e) from None
         finally:
             self._tx_lock.release()
 

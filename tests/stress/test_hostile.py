@@ -434,6 +434,30 @@ def test_corrupt_frame_isolates_the_guest(caplog):
             g.link.recv(timeout=0)  # the link stays corrupted (DECISIONS 6)
 
 
+@pytest.mark.parametrize("how", ["send", "try_send", "send_many"])
+def test_a_send_that_finds_the_ring_scribbled_isolates_the_guest(how):
+    """The guest wrote its H2G ring's read index out of range: the host's next send that looks at
+    it raises LinkCorrupted, and the host isolates the guest as a receive would (the core's fast
+    path and the Python paths alike)."""
+    with Host(CONFIG) as host:
+        g = _spawn_idle(host)
+        ring_off = host.segment.layout.h2g_offset(g.peer_id)
+        host.segment.region.store_u32(ring_off + L.RING_READ, CONFIG.bipbuf_capacity + 64)
+        payload = b"x" * 1000
+        with pytest.raises(LinkCorrupted):
+            for _ in range(4 * CONFIG.bipbuf_capacity // len(payload)):  # until it refreshes the read index
+                if how == "send":
+                    g.link.send(payload, timeout=1.0)
+                elif how == "try_send":
+                    g.link.try_send(payload)
+                else:
+                    g.link.send_many([payload, payload], timeout=1.0)
+        died = _events_until(host, "died", g.peer_id)[-1]
+        assert died.reason.startswith("isolated: "), died
+        assert g.wait(10) == -9
+        assert host.segment.peers.state(g.peer_id) == L.PEER_EMPTY
+
+
 def test_growth_ignores_a_scribbled_current_size():
     """A guest that wrote a smaller current_size made the next growth place its extent over live
     data (the first extent, or the rings): growth now appends after the file's end."""

@@ -32,7 +32,7 @@ define san_venv
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	rm -rf build
 	SHMHUB_SANITIZE=$(2) $(1)/bin/python -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps .
-	$(1)/bin/python -m pip install --quiet --disable-pip-version-check pytest pytest-timeout hypothesis numpy
+	$(1)/bin/python -m pip install --quiet --disable-pip-version-check pytest pytest-timeout hypothesis numpy pyzmq
 	rm -rf build
 endef
 

@@ -1,7 +1,7 @@
 """`python -m benchmarks.http_bench [--quick]`: `shmhub serve` against `uvicorn --workers 2` and
 `granian --workers 2` (when installed), same Starlette app (tests/http/apps/star.py), 2 workers
 each, driven by a bounded Python load generator (asyncio, raw HTTP/1.1 keep-alive connections) on
-the same machine. Not part of `make bench` (run it by hand; docs/http.md has the results).
+the same machine. Part of `make bench`; docs/http.md has the results.
 
 Scenarios: trivial JSON GET (req/s); CPU-bound GET, ~5 ms of Python (req/s); mixed load, 90%
 trivial + 10% ~50 ms of CPU (p99 of the trivial ones), the CPU in Starlette's thread pool (a sync

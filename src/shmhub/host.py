@@ -798,7 +798,8 @@ class Host:
                         continue
                 elif h.pidfd is not None:  # a bootstrapped walk-in: resumed, it would write into the next guest's rings
                     h.kill()
-                    if not _readable(h.pidfd, 1.0):
+                    fd = h.pidfd  # None once the monitor recovered it meanwhile (its exit seen first)
+                    if fd is not None and not _readable(fd, 1.0):
                         continue
                 self._recover(h, "heartbeat stale")
             elif h.process is not None and h.pidfd is None and h.process.poll() is not None:

@@ -68,8 +68,12 @@ def class_for(config, n: int) -> int:
 
 
 def wait_until(pred, timeout: float = 5.0, what: str = "condition"):
+    """pred()'s first truthy value, checked every 2 ms; AssertionError after timeout s."""
     deadline = time.monotonic() + timeout
-    while not pred():
+    while True:
+        got = pred()
+        if got:
+            return got
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {timeout} s")
         time.sleep(0.002)

@@ -31,7 +31,7 @@ from shmhub.errors import InsufficientSharedMemory, ResourceExhausted
 
 sys.path.insert(0, os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "link")))
 from linkutil import GUESTS  # noqa: E402  (tests/link/linkutil.py: also puts tests/guests on sys.path)
-from linkutil import wait_event as events  # noqa: E402
+from linkutil import wait_event as events, wait_until  # noqa: E402
 
 from common import leave_free  # noqa: E402
 
@@ -48,24 +48,13 @@ def fds() -> set:
     return set(os.listdir("/proc/self/fd"))
 
 
-def wait_for(pred, what: str, timeout: float = TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.005)
-
-
 def read_report(path: str, proc: subprocess.Popen | None = None, timeout: float = TIMEOUT) -> dict:
     def ready():
         if proc is not None and proc.poll() not in (None, 0):
             raise AssertionError(f"{path}: the guest exited {proc.returncode} without a report")
         return os.path.exists(path)
 
-    wait_for(ready, f"report {path}", timeout)
+    wait_until(ready, timeout, f"report {path}")
     with open(path) as f:
         return json.load(f)
 
@@ -197,7 +186,7 @@ def test_guest_growth_on_full_tmpfs_waits_then_completes(tmp_path):
             size0 = seg.file_size
             filler = fill(mnt)
             link = shmhub.Guest.attach(seg.path)
-            h = wait_for(lambda: next(iter(host.guests), None), "walk-in seen")
+            h = wait_until(lambda: next(iter(host.guests), None), TIMEOUT, "walk-in seen")
             msgs = [bytes([i]) * 3000 for i in range(40)]  # slot tier: 40 slots, the class has 16
             errors: list = []
 
@@ -217,7 +206,7 @@ def test_guest_growth_on_full_tmpfs_waits_then_completes(tmp_path):
             assert t.is_alive() and not errors
             os.unlink(filler)
             filler = None
-            wait_for(lambda: seg.extent_count(0) > 1, "growth retried once space is back")  # we read nothing yet
+            wait_until(lambda: seg.extent_count(0) > 1, TIMEOUT, "growth retried once space is back")  # we read nothing yet
             got = [h.link.recv_bytes(timeout=TIMEOUT) for _ in msgs]
             t.join(TIMEOUT)
             assert not t.is_alive() and not errors, errors
@@ -240,7 +229,7 @@ def test_host_growth_enomem_is_typed_and_segment_stays_usable(monkeypatch, shm_p
     with Host(GROWABLE, path=shm_path) as host:
         link = shmhub.Guest.attach(shm_path)  # a walk-in in this process: it reads when we say
         try:
-            h = wait_for(lambda: next(iter(host.guests), None), "walk-in seen")
+            h = wait_until(lambda: next(iter(host.guests), None), TIMEOUT, "walk-in seen")
             seg = host.segment
             size0 = seg.file_size
             monkeypatch.setattr(segment_mod, "Region", _Enomem(segment_mod.Region, range(1, 100)))
@@ -337,7 +326,7 @@ def test_bootstrap_guest_out_of_fds(tmp_path):
             ev = events(host, "died", first.peer_id, seen=seen)
             assert "hang-up" in ev.reason, ev
             second = next((e for e in seen if e.kind == "attached"), None) or events(host, "attached")
-            h2 = wait_for(lambda: next((x for x in host.guests if x.peer_id == second.peer_id), None), "second guest")
+            h2 = wait_until(lambda: next((x for x in host.guests if x.peer_id == second.peer_id), None), TIMEOUT, "second guest")
             h2.link.send(b"echo me", timeout=TIMEOUT)
             assert h2.link.recv_bytes(timeout=TIMEOUT) == b"echo me"
             res = read_report(out, proc)
@@ -364,7 +353,7 @@ def test_bootstrap_host_out_of_fds(tmp_path):
         try:
             with free_fds(1):  # reading the report needs an fd: only its existence is checked here
                 os.write(proc.stdin.fileno(), b"go\n")
-                wait_for(lambda: os.path.exists(outs[0]) or proc.poll() is not None, "first guest's report")
+                wait_until(lambda: os.path.exists(outs[0]) or proc.poll() is not None, TIMEOUT, "first guest's report")
             res = read_report(outs[0], proc)
         finally:
             proc.stdin.close()
@@ -373,7 +362,7 @@ def test_bootstrap_host_out_of_fds(tmp_path):
         assert host.segment.peers.state(1) == L.PEER_EMPTY and not host._spawning
         proc = subprocess.Popen(script("fault_guest.py", "connect", outs[1], sock))
         try:
-            h = wait_for(lambda: next(iter(host.guests), None), "second guest")
+            h = wait_until(lambda: next(iter(host.guests), None), TIMEOUT, "second guest")
             h.link.send(b"ok", timeout=TIMEOUT)
             assert h.link.recv_bytes(timeout=TIMEOUT) == b"ok"
             assert read_report(outs[1], proc) == {"error": None}
@@ -406,10 +395,10 @@ def test_sigstopped_walkin_guest_is_stopped_or_recovered_and_sees_an_error_on_si
         other = subprocess.Popen(script("fault_guest.py", "stop", outs[1], sock))
         old = None
         try:
-            b = wait_for(lambda: next(iter(host.guests), None), "other guest attached")
+            b = wait_until(lambda: next(iter(host.guests), None), TIMEOUT, "other guest attached")
             assert b.link.recv_bytes(timeout=TIMEOUT) == b"ready"
             old = subprocess.Popen(script("fault_guest.py", "stop", outs[0], sock))
-            h = wait_for(lambda: next((x for x in host.guests if x is not b), None), "stopped guest attached")
+            h = wait_until(lambda: next((x for x in host.guests if x is not b), None), TIMEOUT, "stopped guest attached")
             assert h.link.recv_bytes(timeout=TIMEOUT) == b"ready"
             for i in range(3):  # both links carry traffic (frames pass through every ring position)
                 for x in (h, b):
@@ -470,7 +459,7 @@ def test_host_sigkill_with_guests_mid_send(tmp_path, shm_path):
             assert res["error"] in ("HostGone", "PeerDead"), res
             assert res["noticed_ns"] > t_kill and res["sent"] > 0, res
         for fd in pidfds.values():  # both exit by themselves (reparented: not ours to reap)
-            wait_for(lambda fd=fd: select_readable(fd), "guest exit")
+            wait_until(lambda fd=fd: select_readable(fd), TIMEOUT, "guest exit")
         assert os.path.exists(shm_path)
         clean = subprocess.run([sys.executable, "-m", "shmhub", "clean", "--yes", shm_path], capture_output=True, text=True, timeout=TIMEOUT)
         assert clean.returncode == 0, clean.stderr

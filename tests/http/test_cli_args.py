@@ -1,10 +1,8 @@
-"""shmhub.http stays mypy --strict clean; `shmhub serve` refuses bad arguments with a clear message."""
+"""`shmhub serve` refuses bad arguments with a clear message."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
@@ -12,30 +10,6 @@ from shmhub import cli
 from shmhub.http import WorkerPool
 from shmhub.http._serve import parse_bind
 from shmhub.http._worker import detect_interface, load_app
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def test_http_package_is_strictly_typed():
-    pytest.importorskip("mypy")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mypy",
-            "--strict",
-            "--follow-imports=silent",
-            "--ignore-missing-imports",
-            "--cache-dir",
-            os.path.join(ROOT, ".mypy_cache"),
-            "src/shmhub/http",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("bind", ["8000", "host:", "host:port", "h:70000", ""])

@@ -29,6 +29,7 @@ import os
 import queue
 import random
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -389,6 +390,9 @@ def test_recovery_restores_what_only_the_host_writes():
     header left a segment no new guest could attach to (every attach validates them all)."""
     with Host(CONFIG) as host:
         g = _spawn_idle(host)
+        # Stopped while we play the guest's part: the idle guest polls host_goodbye and would leave
+        # (and be recovered) halfway through the writes below.
+        g.process.send_signal(signal.SIGSTOP)
         seg, lay = host.segment, host.segment.layout
         r = seg.region
         r.store_u32(lay.g2h_offset(g.peer_id) + L.RING_CAPACITY, 64)

@@ -110,14 +110,15 @@ def event(tag):
         return _events.get(tag)
 
 
-@rpc.inline  # runs on the reader: frames sent before it (cancels) have been handled
-def wait_event(tag, limit):
+async def wait_event(tag, limit):
+    """Async, so it needs no pool thread (the tests fill the pool) and blocks nothing: dispatched
+    in order, after the frames sent before it (cancels) were handled."""
     end = time.monotonic() + limit
     while time.monotonic() < end:
         with _lock:
             if tag in _events:
                 return _events[tag]
-        time.sleep(0.001)
+        await asyncio.sleep(0.001)
     return None
 
 
@@ -179,6 +180,11 @@ class Model:
         return "secret"
 
 
+async def where_async():
+    """Which thread an async handler runs in: the serving loop's (rpc.serve runs it in the main thread)."""
+    return threading.current_thread() is threading.main_thread()
+
+
 HANDLERS = {
     "add": add,
     "null": null,
@@ -203,4 +209,5 @@ HANDLERS = {
     "drop_hoard": drop_hoard,
     "nbytes": nbytes,
     "model": Model(),
+    "where_async": where_async,
 }

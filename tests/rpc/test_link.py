@@ -89,7 +89,7 @@ def test_server_killed_with_32_calls_in_flight_fails_them_all_with_peer_dead():
         try:
             assert c.call("add", 1, 1, timeout=T) == 2
             futs = [c.submit("spin_until_cancelled", f"k{i}", 30.0) for i in range(32)]
-            for i in range(32):  # all 32 are running in the guest (inline handler: answered by the reader)
+            for i in range(32):  # all 32 are running in the guest (wait_event is async: it needs no pool thread)
                 assert c.call("wait_event", f"k{i}:started", T, timeout=T) is True
             t0 = time.monotonic()
             g.kill()
@@ -320,3 +320,79 @@ def test_a_guest_in_rpc_serve_says_goodbye_when_the_host_leaves():
     while not host.events.empty():
         kinds.append(host.events.get_nowait().kind)
     assert kinds == ["spawned", "exited"]
+
+
+def test_an_event_loop_reads_its_own_responses_and_hands_the_role_back():
+    """acall on a pure client: the loop thread holds the read role while its call is out (no reader
+    thread hand-off); cancelling the task, a deadline or a dead peer release it, and threads calling
+    meanwhile are answered."""
+    import threading
+
+    with Host(CFG) as host:
+        g = spawn(host)
+        c = rpc.Client(g.link)
+        conn = c._conn
+        free = conn.limiter.free
+        try:
+
+            async def go():
+                me = threading.current_thread()
+                task = asyncio.ensure_future(c.acall("sleep_echo", "slow", 0.3, timeout=T))
+                await asyncio.sleep(0)  # the task sent its call and holds the role, awaiting the doorbell
+                assert conn.role is me
+                # A thread's call meanwhile is read by the loop too, and answered.
+                fut = asyncio.get_running_loop().run_in_executor(None, lambda: c.call("add", 1, 2, timeout=T))
+                assert await asyncio.wait_for(fut, T) == 3
+                assert await task == "slow"
+                assert conn.role is not me
+                # Cancelled while reading: the call is cancelled at the server, the role released.
+                task = asyncio.ensure_future(c.acall("await_until_cancelled", "loop", 5.0))
+                await asyncio.sleep(0.05)
+                assert conn.role is me
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert conn.role is not me
+                assert await c.acall("wait_event", "loop", T, timeout=T) == "CancelledError"
+                # A deadline passing while the loop reads.
+                t0 = time.monotonic()
+                with pytest.raises(rpc.DeadlineExceeded):
+                    await c.acall("sleep_echo", 1, 5.0, timeout=0.1)
+                assert time.monotonic() - t0 < 2.0
+                assert conn.role is not me
+                return await asyncio.gather(*(c.acall("add", i, 1, timeout=T) for i in range(50)))
+
+            assert asyncio.run(go()) == [i + 1 for i in range(50)]
+            assert c.call("add", 2, 2, timeout=T) == 4  # a sync caller after the loop is gone
+
+            async def killed():
+                task = asyncio.ensure_future(c.acall("sleep_echo", "never", 30.0, timeout=T))
+                await asyncio.sleep(0.05)
+                assert conn.role is threading.current_thread()
+                g.kill()
+                with pytest.raises(PeerDead):
+                    await asyncio.wait_for(task, T)
+
+            asyncio.run(killed())
+            assert conn.limiter.free == free  # every permit back
+        finally:
+            host.close()
+            g.wait(T)
+            c.close()
+
+
+def test_rpc_serve_runs_async_handlers_in_the_loop_that_reads_the_link():
+    """rpc.serve in a guest: its main thread's event loop reads the link and runs async handlers
+    (no reader thread hands them over); sync handlers still run in the pool, alongside."""
+    with Host(CFG) as host:
+        g = spawn(host)
+        c = rpc.Client(g.link)
+        try:
+            assert c.call("where_async", timeout=T) is True
+            slow = c.submit("sleep_echo", "pool", 0.3, timeout=T)  # a pool thread sleeps meanwhile
+            assert [c.call("asleep_echo", i, 0.0, timeout=T) for i in range(20)] == list(range(20))
+            assert slow.result(T) == "pool"
+        finally:
+            host.close()
+            assert g.wait(T) == 0  # serve() returned when the host said goodbye: a clean exit
+            c.close()

@@ -405,3 +405,37 @@ def test_submit_stream_cancel_stops_the_handler(pair):
     n = len(got)
     time.sleep(0.05)
     assert len(got) <= n + 2 * rpc._server.STREAM_WINDOW  # at most what was already granted
+
+
+def test_server_aserve_in_a_running_loop():
+    """Server.aserve over a channel that is not a shared-memory link: the connection's reader thread
+    reads, the async handlers run in the awaiting loop; a timeout and a second loop are refused."""
+    seen = []
+
+    async def where():
+        seen.append(threading.current_thread())
+        return 7
+
+    a, b = channel_pair()
+    server = rpc.Server({**H.HANDLERS, "where": where})
+    client = rpc.Client(a)
+
+    async def main():
+        serving = asyncio.ensure_future(server.aserve(b))
+        await asyncio.sleep(0)
+        assert await client.acall("where", timeout=T) == 7 and seen == [threading.current_thread()]
+        assert await client.acall("add", 1, 2, timeout=T) == 3
+        with pytest.raises(ValueError, match="another event loop"):
+            await asyncio.get_running_loop().run_in_executor(None, lambda: asyncio.run(server.aserve(b)))
+        b.close()  # the link ends: aserve returns
+        await asyncio.wait_for(serving, T)
+
+    try:
+        asyncio.run(main())
+        c, d = channel_pair()
+        with pytest.raises(rpc.DeadlineExceeded):
+            asyncio.run(rpc.aserve(d, H.HANDLERS, timeout=0.05))
+        c.close()
+    finally:
+        client.close()
+        server.close()

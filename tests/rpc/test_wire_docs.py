@@ -103,6 +103,7 @@ def test_public_surface_is_pinned():
         "RpcProtocolError",
         "Server",
         "Stream",
+        "aserve",
         "cancelled",
         "inline",
         "serve",

@@ -141,11 +141,13 @@ class Gateway:
         rest = None
         started = False
         try:
-            # Sent before the pump starts: the worker must know the request before its body chunks.
-            call = w.client.submit("http", rid, meta_in, body, more, deadline_ns, timeout=rem)
-            if more:
+
+            def start_pump() -> None:  # the worker must know the request before its body chunks
+                nonlocal pump
                 pump = asyncio.ensure_future(self._pump(w, rid, receive, rem))
-            first = await asyncio.wrap_future(call)  # cancelling this task cancels the call
+
+            # Cancelling this task cancels the call.
+            first = await w.client._acall("http", (rid, meta_in, body, more, deadline_ns), {}, rem, start_pump if more else None)
             meta_bytes, chunk, more = _item(first, 3)
             meta = decode_response(meta_bytes)
             if more:  # a streamed or large response: the rest follows as a stream of chunks

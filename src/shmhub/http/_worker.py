@@ -470,6 +470,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     handlers: Union[AsgiWorker, WsgiWorker] = AsgiWorker(app) if interface == "asgi" else WsgiWorker(app, args.max_in_flight)
     link = shmhub.connect()
     try:
-        rpc.serve(link, handlers, max_concurrency=args.max_in_flight)
+        # The loop that runs the app reads the link too: a request reaches the app's task with no
+        # thread hand-off (WSGI apps run in the server's thread pool).
+        asyncio.run(rpc.aserve(link, handlers, max_concurrency=args.max_in_flight))
     finally:
         link.close()

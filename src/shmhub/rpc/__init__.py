@@ -12,7 +12,7 @@ from __future__ import annotations
 from ..errors import DeadlineExceeded, MethodNotFound, RemoteError, RpcError, RpcProtocolError
 from ._client import Client, Stream
 from ._codec import BytesCodec, Codec, MsgspecCodec, PickleCodec
-from ._server import Server, cancelled, inline, serve
+from ._server import Server, aserve, cancelled, inline, serve
 
 __all__ = [
     "BytesCodec",
@@ -27,6 +27,7 @@ __all__ = [
     "RpcProtocolError",
     "Server",
     "Stream",
+    "aserve",
     "cancelled",
     "inline",
     "serve",

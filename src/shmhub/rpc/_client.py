@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import time
-from typing import Any, AsyncIterator, Callable, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, Optional, Tuple
 
 from ..errors import DeadlineExceeded
 from ._codec import Codec
@@ -50,12 +50,25 @@ class Client:
 
     async def acall(self, method: str, /, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
         """call() for asyncio; cancelling the awaiting task cancels the call."""
+        return await self._acall(method, args, kwargs, timeout)
+
+    async def _acall(
+        self, method: str, args: Tuple[Any, ...], kwargs: Dict[str, Any], timeout: Optional[float], on_sent: Optional[Callable[[], None]] = None
+    ) -> Any:
+        """acall(); on_sent() runs once the request is sent (shmhub.http orders its body after it)."""
         deadline = monotonic_deadline(timeout)
         conn = self._conn
         conn.check()
         await conn.limiter.aacquire(deadline)
-        call, _ = conn.start_call(method, args, kwargs, deadline)
-        return await asyncio.wrap_future(call.future)
+        # A pure client's loop reads its own response (no thread hand-off); a link this end also
+        # serves keeps the reader thread, which runs @inline handlers the loop must not.
+        call, reading = conn.start_call(method, args, kwargs, deadline, read=conn.loop_reads and conn.server is None)
+        if on_sent is not None and not call.future.done():
+            on_sent()
+        if reading:
+            await conn.aread_until(call)
+        fut = call.future
+        return fut.result() if fut.done() else await asyncio.wrap_future(fut)
 
     def stream(self, method: str, /, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> "Stream":
         """Call a generator handler: iterate the result (for, or async for) as items arrive.

@@ -16,6 +16,7 @@ the reader never runs handler code nor waits for a caller; nothing polls on a ti
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
 import logging
 import threading
@@ -24,14 +25,13 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 from .. import _crash
+from ..link import Link
 from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError, ShmTimeout
 from ._codec import Codec, codec_for
 from ._protocol import CallTable, FrameAssembler, Incoming, ServingTable, decode_error, DEFAULT_MAX_FRAME
 from ._wire import FLAG_STREAM, Kind, encode_frame
 
 if TYPE_CHECKING:
-    import asyncio
-
     from ._server import Server
 
 __all__ = ["CallbackStream", "Connection", "connection_for", "PendingCall", "StreamState", "monotonic_deadline"]
@@ -247,8 +247,10 @@ class Connection:
         self.error: Optional[BaseException] = None  # why the connection ended
         self._ended = False
         self.done = threading.Event()
+        self._on_done: List[Callable[[], None]] = []
         self._timer_cond = threading.Condition(self.lock)
         self._timer: Optional[threading.Thread] = None
+        self.loop_reads = reads_in_loop(link)
         self._can_reserve = callable(getattr(link, "reserve", None)) and callable(getattr(link, "send_reserved", None))
         # Across machines monotonic clocks differ: a link that says so carries a REQUEST's
         # remaining budget in deadline_ns, which the receiver anchors to its own clock.
@@ -293,16 +295,66 @@ class Connection:
                         self.role = None
                         break
 
+    def _left(self, call: PendingCall) -> Optional[float]:
+        """Seconds left until the call's deadline (None: none); 0.0 once passed, and it expired."""
+        rem = _remaining(call.deadline_ns)
+        if rem == 0:
+            self.expire(call)
+        return rem
+
     def read_until(self, call: PendingCall) -> None:
         """Read as the role holder until `call` resolves (or its deadline), then hand the role on."""
         fut = call.future
         try:
             while not fut.done():
-                rem = _remaining(call.deadline_ns)
-                if rem is not None and rem <= 0:
-                    self.expire(call)
+                rem = self._left(call)
+                if rem == 0 or not self.read_one(rem):
                     break
-                if not self.read_one(rem):
+        finally:
+            self._release_role()
+
+    async def aread_until(self, call: Optional[PendingCall]) -> None:
+        """read_until() in an event loop, holding the read role (taken by acall, or by aserve with
+        call None: until the connection ends). The loop thread reads the link itself, so nothing
+        is handed between threads. When the loop has other work ready it runs that first and looks
+        again; otherwise a wait spins (the link's adaptive budget), then sleeps on the doorbell
+        through the loop (aio.arecv)."""
+        from ..aio import arecv
+
+        link = self.link
+        fut = call.future if call is not None else None
+        # asyncio's run queue (private; None under uvloop, which then neither yields nor spins). A
+        # spin holds the loop up to the budget (50 µs), so only while no other task could run.
+        ready = getattr(asyncio.get_running_loop(), "_ready", None)
+        try:
+            while fut is None or not fut.done():
+                rem = None if call is None else self._left(call)
+                if rem == 0:
+                    break
+                try:
+                    msg = link.try_recv()
+                    if msg is None and ready:
+                        await asyncio.sleep(0)
+                        continue
+                    if msg is None and ready is not None:
+                        budget = link.spin_budget()
+                        if budget:
+                            ok = link._rx.spin_readable(budget if rem is None else min(budget, int(rem * 1e9)))
+                            link.spin_result(ok)
+                            if ok:
+                                msg = link.try_recv()
+                    if msg is None:
+                        msg = await arecv(link, rem)
+                except ShmTimeout:
+                    continue
+                except asyncio.CancelledError:
+                    if fut is not None:
+                        fut.cancel()  # arecv took nothing; the done callback sends CANCEL
+                    raise
+                except BaseException as e:
+                    self._read_failed(e)
+                    break
+                if not self._handle(msg):
                     break
         finally:
             self._release_role()
@@ -311,18 +363,25 @@ class Connection:
         """Receive and dispatch one message; False once the connection has ended."""
         try:
             msg = self.link.recv(timeout=timeout)
-        except _GONE as e:
-            self.terminate(e)
-            return False
         except ShmTimeout:
             return True
-        except BaseException as e:  # a broken link object: end the connection, say why
-            if not isinstance(e, Exception):
-                self.terminate(LinkClosed(f"reading interrupted: {e!r}"))
-                raise
-            log.exception("rpc: link.recv failed")
-            self.terminate(e)
+        except BaseException as e:
+            self._read_failed(e)
             return False
+        return self._handle(msg)
+
+    def _read_failed(self, e: BaseException) -> None:
+        if isinstance(e, _GONE):
+            self.terminate(e)
+            return
+        if not isinstance(e, Exception):  # a broken link object: end the connection, say why
+            self.terminate(LinkClosed(f"reading interrupted: {e!r}"))
+            raise e
+        log.exception("rpc: link.recv failed")
+        self.terminate(e)
+
+    def _handle(self, msg: Any) -> bool:
+        """Dispatch one received message; False once the connection has ended."""
         try:
             inc = self.assembler.feed(msg)
             if inc is not None:
@@ -429,6 +488,8 @@ class Connection:
                 log.exception("rpc: closing the link failed")
         _forget(self)
         self.done.set()
+        for fn in self._on_done:
+            fn()
 
     def close(self) -> None:
         """Close the link: the reader ends, calls in flight fail with LinkClosed."""
@@ -439,6 +500,15 @@ class Connection:
             if threading.current_thread() is not self.reader and self.reader.is_alive():
                 # A reader asleep in recv notices the close within the link's close-check time.
                 self.reader.join(1.0)
+
+    def when_done(self, fn: Callable[[], None]) -> None:
+        """Run fn (in the thread that ends the connection, or now if it has ended)."""
+        with self.lock:
+            if not self._ended:
+                self._on_done.append(fn)
+                return
+        self.done.wait()  # _ended is set just before done: fn runs after done, as it would have
+        fn()
 
     def check(self) -> None:
         err = self.error
@@ -634,6 +704,11 @@ class Connection:
         return 0, n, (buf, n)
 
 
+def reads_in_loop(link: Any) -> bool:
+    """Whether an event loop can read this link itself (aread_until needs aio's doorbell waits)."""
+    return isinstance(link, Link)
+
+
 def _reserved_by(raw: memoryview, link: Any) -> Optional[Tuple[Any, int]]:
     """The reserved send buffer of `link` that `raw` (a numpy array's data) lies in, with its offset."""
     obj: Any = raw.obj
@@ -670,22 +745,33 @@ _registry_lock = threading.Lock()
 
 
 def connection_for(
-    link: Any, codec: "Optional[Codec | str]" = None, max_in_flight: int = 64, max_frame: int = DEFAULT_MAX_FRAME, server: Optional["Server"] = None
+    link: Any,
+    codec: "Optional[Codec | str]" = None,
+    max_in_flight: int = 64,
+    max_frame: int = DEFAULT_MAX_FRAME,
+    server: Optional["Server"] = None,
+    role: Optional[threading.Thread] = None,
 ) -> Connection:
     """The connection of a link, created (and its reader started) on first use. Both ends of a
-    link must use the same codec. `server` serves requests from the first frame on."""
+    link must use the same codec. `server` serves requests from the first frame on; `role` takes
+    the read role for that thread if it is free, before the server is set (Server.aserve)."""
     with _registry_lock:
         conn = _registry.get(id(link))
         if conn is not None and conn.link is link and conn.error is None:
             if codec is not None and codec_for(codec).name != conn.codec.name:
                 raise ValueError(f"this link already speaks the {conn.codec.name} codec")
             if server is not None:
-                if conn.server is not None and conn.server is not server:
-                    raise ValueError("another Server already serves this link")
-                conn.server = server
+                with conn.lock:
+                    if conn.server is not None and conn.server is not server:
+                        raise ValueError("another Server already serves this link")
+                    if role is not None and conn.role is None:
+                        conn.role = role
+                    conn.server = server
+                    conn._role_cond.notify()  # a parked reader thread now has something to read
             return conn
         conn = Connection(link, codec_for(codec), max_in_flight, max_frame)
         conn.server = server
+        conn.role = role
         _registry[id(link)] = conn
     conn.start()
     return conn

@@ -14,11 +14,11 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, 
 
 from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError, ShmTimeout
 from ._codec import Codec
-from ._conn import Connection, connection_for
+from ._conn import Connection, connection_for, reads_in_loop
 from ._protocol import ERR_DEADLINE, ERR_EXCEPTION, ERR_NOT_FOUND, DEFAULT_MAX_FRAME, Incoming, encode_error
 from ._wire import FLAG_STREAM, Kind
 
-__all__ = ["Server", "serve", "cancelled", "inline", "STREAM_WINDOW"]
+__all__ = ["Server", "aserve", "serve", "cancelled", "inline", "STREAM_WINDOW"]
 
 log = logging.getLogger("shmhub.rpc")
 
@@ -180,6 +180,38 @@ class Server:
         if isinstance(conn.error, RpcProtocolError):
             raise conn.error
 
+    async def aserve(self, link: Any, timeout: Optional[float] = None) -> None:
+        """serve() in the running event loop, which runs the async handlers and reads the link
+        itself: a request reaches its handler task with no thread hand-off. Sync handlers still
+        run in the pool. Do not block this loop (nor call Client.call from it): it is the reader."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            if self._loop is None:
+                self._loop = loop
+            elif self._loop is not loop:
+                raise ValueError("this Server's async handlers already run in another event loop")
+        me = threading.current_thread()
+        conn = connection_for(link, self.codec, self.max_in_flight, self.max_frame, server=self, role=me if reads_in_loop(link) else None)
+        with self._lock:
+            self._conns.add(conn)
+        try:
+            if conn.role is me:
+                reader: Any = conn.aread_until(None)
+            else:  # not a shared-memory link, or its reader thread was reading already: it goes on
+                reader = loop.create_future()
+                conn.when_done(lambda: _set_done(loop, reader))
+            try:
+                await asyncio.wait_for(reader, timeout)
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"aserve() ran for its timeout of {timeout} s") from None
+        finally:
+            with self._lock:
+                self._conns.discard(conn)
+                if self._loop is loop and self._loop_thread is None:
+                    self._loop = None
+        if isinstance(conn.error, RpcProtocolError):
+            raise conn.error
+
     def close(self) -> None:
         """Stop the pool and the event loop (handlers still running are not waited for)."""
         self._closed = True
@@ -252,7 +284,10 @@ class Server:
             if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
                 loop = self._get_loop()
                 st.loop = loop
-                loop.call_soon_threadsafe(self._start_task, st, fn, args, kwargs)
+                if asyncio._get_running_loop() is loop:  # aserve: read in this very loop
+                    self._start_task(st, fn, args, kwargs)
+                else:
+                    loop.call_soon_threadsafe(self._start_task, st, fn, args, kwargs)
             elif getattr(fn, "__shmhub_rpc_inline__", False):
                 self._run_sync(st, fn, args, kwargs)  # opted in: quick, never blocks (see inline())
             else:
@@ -426,9 +461,35 @@ def no_server(conn: Connection, inc: Incoming) -> None:
         pass
 
 
+def _set_done(loop: asyncio.AbstractEventLoop, fut: "asyncio.Future[None]") -> None:
+    """From any thread: resolve fut in its loop (unless the loop is closed: nobody awaits it)."""
+
+    def resolve() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    try:
+        loop.call_soon_threadsafe(resolve)
+    except RuntimeError:
+        pass
+
+
 def serve(link: Any, handlers: Any, *, max_concurrency: int = 32, codec: "Optional[Codec | str]" = None, timeout: Optional[float] = None) -> None:
     """Serve handlers on a link until it closes or the peer is gone, then close it: a guest says
-    goodbye, so its host reports it exited rather than died."""
+    goodbye, so its host reports it exited rather than died. Runs aserve() in an event loop of
+    its own in this thread (async handlers run there, sync ones in a pool of max_concurrency
+    threads); from a thread whose loop is running, the connection's reader thread serves instead."""
+    if asyncio._get_running_loop() is None:
+        asyncio.run(aserve(link, handlers, max_concurrency=max_concurrency, codec=codec, timeout=timeout))
+        return
     with Server(handlers, max_concurrency=max_concurrency, codec=codec) as server:
         server.serve(link, timeout)
+    link.close()
+
+
+async def aserve(link: Any, handlers: Any, *, max_concurrency: int = 32, codec: "Optional[Codec | str]" = None, timeout: Optional[float] = None) -> None:
+    """serve() in the running event loop (Server.aserve): async handlers get requests with no
+    thread hand-off. Closes the link at the end, as serve() does."""
+    with Server(handlers, max_concurrency=max_concurrency, codec=codec) as server:
+        await server.aserve(link, timeout)
     link.close()

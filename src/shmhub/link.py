@@ -89,6 +89,7 @@ class _Waiter:
         self._closed = False  # the link is torn down: sleeps return at once (the caller re-checks)
         self.cond = threading.Condition(threading.Lock())
         self.polling = False
+        self.poller = 0  # the polling thread's ident (an event loop's thread while asyncio polls)
         self.gen = 0
         self.wakers: Set[Callable[[], None]] = set()  # asyncio sleeps (aio.py): thread-safe callables run by wake_all()
         self.async_poll = False  # an event loop polls the doorbell now; its reader wakes every waiter
@@ -99,11 +100,13 @@ class _Waiter:
             if self.polling:
                 return False
             self.polling = True
+            self.poller = threading.get_ident()
             return True
 
     def end(self) -> None:
         with self.cond:
             self.polling = False
+            self.poller = 0
             self.gen += 1
             self.cond.notify_all()
 
@@ -111,14 +114,19 @@ class _Waiter:
         """Sleep until woken or timeout; the caller re-checks everything afterwards. `token` is
         `gen` as read before the caller's last check: if a poller has drained the doorbell since
         then, the byte may have been the caller's wakeup, so return at once."""
+        me = threading.get_ident()
         with self.cond:
             gen = self.gen if token is None else token
             if self.gen != gen:
                 return
-            if self.polling:
+            beside = self.polling and self.poller == me
+            if self.polling and not beside:
                 self.cond.wait_for(lambda: self.gen != gen, timeout)
                 return
-            self.polling = True
+            if not beside:
+                self.polling, self.poller = True, me
+        # beside: the poller is an event loop of this very thread, suspended under a blocking call
+        # made in one of its coroutines: it cannot wake us, so we poll beside it.
         try:
             if self.doorbell is None:
                 time.sleep(POLL_SLICE if timeout is None else max(0.0, min(timeout, POLL_SLICE)))
@@ -127,7 +135,10 @@ class _Waiter:
             elif self.doorbell.wait(timeout, self._wake_fd()) and self.on_drain is not None:
                 self.on_drain()
         finally:
-            self.end()
+            if beside:
+                self.wake_all(efd=False)  # its waiters re-check: we may have drained their byte
+            else:
+                self.end()
 
     def _wake_fd(self) -> Optional[int]:
         """An eventfd beside the doorbell: the peer is the only one who can make the doorbell readable,
@@ -143,11 +154,11 @@ class _Waiter:
                 self._finalizer = weakref.finalize(self, os.close, self._efd)
             return self._efd
 
-    def wake_all(self) -> None:
+    def wake_all(self, efd: bool = True) -> None:
         with self.cond:
             self.gen += 1
             self.cond.notify_all()
-            if self._efd is not None and self.polling:
+            if efd and self._efd is not None and self.polling:
                 os.eventfd_write(self._efd, 1)
         for wake in tuple(self.wakers):
             wake()

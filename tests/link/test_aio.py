@@ -674,6 +674,34 @@ def test_thread_waits_on_the_condition_while_asyncio_polls_the_doorbell():
     assert counted == n
 
 
+def test_a_blocking_call_in_the_loop_that_polls_the_doorbell_polls_beside_it():
+    """asyncio owns the doorbell (a task awaits arecv), then a coroutine of the same loop makes a
+    blocking send on a full ring: the loop cannot run its doorbell reader, so the send must poll
+    the doorbell itself (found by the RPC serving loop, whose replies are blocking sends)."""
+
+    async def main(g):
+        link = g.link
+        receiver = asyncio.get_running_loop().create_task(link.arecv(timeout=T))
+        await asyncio.sleep(0.05)
+        assert link._waiter.async_poll
+        n = 400  # far more than the 4 KiB ring holds
+        threading.Timer(0.2, go, (g,)).start()  # the guest drains only once the loop is stuck
+        t0 = time.monotonic()
+        for seq in range(n):
+            link.send(proto.sink_msg(seq, 100), timeout=T)  # blocks the loop while the ring is full
+        assert link.stats.ring_full_waits > 0 and time.monotonic() - t0 < T / 2
+        await link.asend(b"END", timeout=T)
+        with await receiver as msg:  # the very first arecv, waiting all along
+            counted = int(msg.tobytes())
+        assert_idle(link)
+        return counted, n
+
+    with Host(SegmentConfig(bipbuf_capacity=4096)) as host:
+        g = spawn_sink(host)
+        counted, n = asyncio.run(main(g))
+    assert counted == n
+
+
 def test_asyncio_rechecks_while_a_thread_polls_the_doorbell():
     """A thread owns the doorbell (blocking recv); asend on a full ring must not compete for the fd
     but still complete when the guest drains the ring."""

@@ -55,6 +55,23 @@ def unpicklable():
     raise Unpicklable("no pickle for you")
 
 
+def blobs(n, size):
+    """n arrays of `size` bytes: each above the out-of-band threshold, so each arrives as a view
+    of its slot (bytes would be copied out on receipt)."""
+    import numpy as np
+
+    for i in range(n):
+        yield np.full(size, i % 256, dtype=np.uint8)
+
+
+async def ablobs(n, size):
+    """blobs() from the serving loop."""
+    import numpy as np
+
+    for i in range(n):
+        yield np.full(size, i % 256, dtype=np.uint8)
+
+
 def count(n):
     for i in range(n):
         yield i
@@ -195,6 +212,8 @@ HANDLERS = {
     "boom": boom,
     "unpicklable": unpicklable,
     "count": count,
+    "blobs": blobs,
+    "ablobs": ablobs,
     "acount": acount,
     "fail_after": fail_after,
     "spin_until_cancelled": spin_until_cancelled,

@@ -396,3 +396,46 @@ def test_rpc_serve_runs_async_handlers_in_the_loop_that_reads_the_link():
             host.close()
             assert g.wait(T) == 0  # serve() returned when the host said goodbye: a clean exit
             c.close()
+
+
+def test_closing_a_stream_frees_the_shared_memory_of_items_not_taken():
+    with Host(CFG) as host:
+        g = spawn(host)
+        c = rpc.Client(g.link)
+        try:
+            s = c.stream("blobs", 8, 100_000, timeout=T)
+            first = next(iter(s))
+            assert len(first) == 100_000
+            wait_for(lambda: len(s._st.items) == 7, "the other 7 items buffered")
+            assert allocated(host)[2] == 8
+            s.close()
+            del first
+            wait_for(lambda: allocated(host) == [0, 0, 0], "every slot free once the stream is closed")
+            assert c.call("add", 1, 1, timeout=T) == 2
+        finally:
+            host.close()
+            g.wait(T)
+            c.close()
+
+
+def test_the_serving_loop_reads_on_while_a_reply_waits_for_a_slot():
+    """Async handlers reply from the loop that reads the link: a reply that must wait for shared
+    memory (here the host holds the guest's whole share of the 256 KiB class, unread) waits in a
+    thread, and the loop goes on answering other calls."""
+    with Host(CFG) as host:
+        g = spawn(host)
+        c = rpc.Client(g.link)
+        try:
+            streams = [c.stream("ablobs", rpc._server.STREAM_WINDOW, 200_000, timeout=T) for _ in range(5)]
+            # 5 x 32 items of 200 kB: more than the guest's share of the 128 slots.
+            wait_for(lambda: sum(len(s._st.items) for s in streams) >= 100, "the guest's share nearly used")
+            time.sleep(0.2)  # the last items wait for slots in the guest
+            assert sum(len(s._st.items) for s in streams) < 5 * rpc._server.STREAM_WINDOW
+            assert c.call("add", 2, 3, timeout=T) == 5
+            got = [sum(1 for _ in s) for s in streams]  # taking the items frees their slots
+            assert got == [rpc._server.STREAM_WINDOW] * 5
+            wait_for(lambda: allocated(host) == [0, 0, 0], "every slot free")
+        finally:
+            host.close()
+            g.wait(T)
+            c.close()

@@ -155,6 +155,7 @@ class Gateway:
             started = True
             await send({"type": "http.response.start", "status": meta.status, "headers": list(meta.headers)})
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            del first, chunk  # its shared memory goes back now, not when the whole response is relayed
             if rest is not None:
                 await self._relay(rest, send, receive if pump is None else None)
             # The client has it all and may send its next request before anything else arrives:

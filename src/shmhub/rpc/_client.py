@@ -199,8 +199,11 @@ class Stream:
                 raise
 
     def close(self) -> None:
-        """Stop the stream (cancels the call if it still runs)."""
+        """Stop the stream (cancels the call if it still runs); items not taken are dropped now,
+        and with them the shared memory they hold."""
         self._call.future.cancel()
+        with self._st.cond:
+            self._st.items.clear()
         self._st.wake()
 
     def __enter__(self) -> "Stream":

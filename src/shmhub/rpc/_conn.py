@@ -34,11 +34,15 @@ from ._wire import FLAG_STREAM, Kind, encode_frame
 if TYPE_CHECKING:
     from ._server import Server
 
-__all__ = ["CallbackStream", "Connection", "connection_for", "PendingCall", "StreamState", "monotonic_deadline"]
+__all__ = ["CallbackStream", "Connection", "WouldBlock", "connection_for", "PendingCall", "StreamState", "monotonic_deadline"]
 
 log = logging.getLogger("shmhub.rpc")
 
 _GONE = (PeerDead, HostGone, LinkClosed, LinkCorrupted)
+
+
+class WouldBlock(Exception):
+    """send_frame(nowait=True) would have waited (ring, slot, mapping or send lock): nothing was sent."""
 
 
 def monotonic_deadline(timeout: Optional[float]) -> int:
@@ -545,29 +549,41 @@ class Connection:
                 self.limiter.release()
                 raise _again(self.error)
             cid = call.cid = self.calls.start(call, deadline_ns)
-            reading = read and self.role is None
-            if reading:
-                self.role = threading.current_thread()
-            elif self.role is None:
+            if not read and self.role is None:
                 self._role_cond.notify()
             if deadline_ns:
                 self._arm_timer()
         fut.add_done_callback(self._settled(cid))
+        flags = FLAG_STREAM if stream else 0
         try:
-            self.send_frame(
-                Kind.REQUEST, cid, payload, oob, flags=FLAG_STREAM if stream else 0, deadline_ns=deadline_ns, method=method, deadline_for_send=deadline_ns
-            )
+            try:
+                # A caller that will read tries to send without waiting first: one that must wait
+                # (a full ring, no slot) leaves the reading to the reader thread meanwhile, since
+                # reading may be what frees the room.
+                if not read:
+                    raise WouldBlock
+                self.send_frame(Kind.REQUEST, cid, payload, oob, flags=flags, deadline_ns=deadline_ns, method=method, nowait=True)
+            except WouldBlock:
+                if read:
+                    with self.lock:
+                        if self.role is None:
+                            self._role_cond.notify()
+                self.send_frame(Kind.REQUEST, cid, payload, oob, flags=flags, deadline_ns=deadline_ns, method=method, deadline_for_send=deadline_ns)
         except BaseException as e:
             with self.lock:
                 self.calls.finish(cid)
             if isinstance(e, ShmTimeout) and not isinstance(e, DeadlineExceeded):
                 e = DeadlineExceeded(f"deadline passed while sending the call to {method!r}")
             settle(fut, exc=e if isinstance(e, Exception) else LinkClosed(f"send interrupted: {e!r}"))
-            if reading:
-                self._release_role()
             if not isinstance(e, Exception):
                 raise
             return call, False
+        reading = False
+        if read:
+            with self.lock:
+                if self.role is None:
+                    self.role = threading.current_thread()
+                    reading = True
         return call, reading
 
     def _settled(self, cid: int) -> Callable[["cf.Future[Any]"], None]:
@@ -632,24 +648,27 @@ class Connection:
         arg: int = 0,
         method: str = "",
         deadline_for_send: int = 0,
+        nowait: bool = False,
     ) -> None:
         """A header frame, then its out-of-band buffers, none interleaved with other frames.
-        Buffers are written to shared memory (reserved) before the send lock is taken."""
+        Buffers are written to shared memory (reserved) before the send lock is taken. nowait:
+        WouldBlock, with nothing sent, where the buffers' reservations, the send lock or the
+        header would wait (the buffers' own ring frames, announced by the header, still may)."""
         link = self.link
         descs: List[Tuple[int, int]] = []
         outs: List[Tuple[Any, int]] = []  # (reserved message, nbytes) or (memoryview, -1)
         try:
             for pb in oob:
-                off, n, out = self._stage(pb, deadline_for_send)
+                off, n, out = self._stage(pb, deadline_for_send, nowait)
                 descs.append((off, n))
                 outs.append(out)
                 _crash.point(b"rpc.staged")
             if deadline_ns and not self._shared_clock:
                 deadline_ns = max(1, deadline_ns - time.monotonic_ns())
             head = encode_frame(kind, cid, payload, flags=flags, deadline_ns=deadline_ns, arg=arg, method=method, buffers=descs)
-            rem = _remaining(deadline_for_send)
+            rem = 0.0 if nowait else _remaining(deadline_for_send)
             if not self.send_lock.acquire(timeout=-1 if rem is None else rem):
-                raise DeadlineExceeded("deadline passed waiting to send")
+                raise WouldBlock if nowait else DeadlineExceeded("deadline passed waiting to send")
         except BaseException:
             for buf, nbytes in outs:
                 if nbytes >= 0 and getattr(buf, "token", None) is not None:
@@ -657,12 +676,14 @@ class Connection:
             raise
         try:
             try:
-                link.send(head, timeout=_remaining(deadline_for_send))
+                link.send(head, timeout=0.0 if nowait else _remaining(deadline_for_send))
                 _crash.point(b"rpc.header_sent")
-            except BaseException:
+            except BaseException as e:
                 for buf, nbytes in outs:
                     if nbytes >= 0 and getattr(buf, "token", None) is not None:
                         buf.release()
+                if nowait and isinstance(e, ShmTimeout):
+                    raise WouldBlock from None
                 raise
             # The header announced these buffers: from here on only the peer's end stops us.
             for i, (buf, nbytes) in enumerate(outs):
@@ -682,7 +703,7 @@ class Connection:
         finally:
             self.send_lock.release()
 
-    def _stage(self, pb: Any, deadline_ns: int) -> Tuple[int, int, Tuple[Any, int]]:
+    def _stage(self, pb: Any, deadline_ns: int, nowait: bool = False) -> Tuple[int, int, Tuple[Any, int]]:
         """(offset, length, what to send) of an out-of-band buffer: a reserved message of this link
         that already holds it (zero-copy, from link.empty()), a freshly reserved copy, or the
         buffer itself for links without reserve()."""
@@ -694,7 +715,12 @@ class Connection:
         if owned is not None:
             buf, off = owned
             return off, n, (buf, off + n)
-        buf = self.link.reserve(n, timeout=_remaining(deadline_ns))
+        try:
+            buf = self.link.reserve(n, timeout=0.0 if nowait else _remaining(deadline_ns))
+        except ShmTimeout:
+            if nowait:
+                raise WouldBlock from None
+            raise
         try:
             with memoryview(buf) as dst:
                 dst[:n] = raw

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, 
 
 from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError, ShmTimeout
 from ._codec import Codec
-from ._conn import Connection, connection_for, reads_in_loop
+from ._conn import Connection, WouldBlock, connection_for, reads_in_loop
 from ._protocol import ERR_DEADLINE, ERR_EXCEPTION, ERR_NOT_FOUND, DEFAULT_MAX_FRAME, Incoming, encode_error
 from ._wire import FLAG_STREAM, Kind
 
@@ -342,16 +342,40 @@ class Server:
         except ShmTimeout:
             pass  # the deadline passed while waiting for ring room, a slot or a mapping: dropped
 
-    def _reply(self, st: _Serving, kind: Kind, value: Any) -> None:
+    async def _asend(self, st: _Serving, kind: Kind, payload: bytes, oob: Any) -> None:
+        """_send() from an event loop: at once if nothing has to wait, else from a thread, so that
+        the loop goes on reading meanwhile (reading may be what frees the room)."""
+        try:
+            st.conn.send_frame(kind, st.cid, payload, oob, nowait=True)
+            return
+        except WouldBlock:
+            pass
+        except (*_GONE, ShmTimeout):
+            return  # as _send: dropped
+        await asyncio.get_running_loop().run_in_executor(None, self._send, st, kind, payload, oob)
+
+    def _encode(self, st: _Serving, kind: Kind, value: Any) -> Optional[Tuple[bytes, Any]]:
+        """The encoded reply, or None if there is nothing to send (it failed, or was cancelled)."""
         try:
             payload, oob = st.conn.codec.encode(value)
         except Exception as e:  # a result that does not encode fails this call alone
             if kind is Kind.ITEM:
                 raise
-            return self._fail(st, e, ERR_EXCEPTION)
+            self._fail(st, e, ERR_EXCEPTION)
+            return None
         if kind is not Kind.ITEM and not self._finish(st):
-            return
-        self._send(st, kind, payload, oob)
+            return None
+        return payload, oob
+
+    def _reply(self, st: _Serving, kind: Kind, value: Any) -> None:
+        enc = self._encode(st, kind, value)
+        if enc is not None:
+            self._send(st, kind, *enc)
+
+    async def _areply(self, st: _Serving, kind: Kind, value: Any) -> None:
+        enc = self._encode(st, kind, value)
+        if enc is not None:
+            await self._asend(st, kind, *enc)
 
     def _run_sync(self, st: _Serving, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         if st.cancelled:  # a queued call that was cancelled is dropped
@@ -417,7 +441,7 @@ class Server:
                 result = await asyncio.wait_for(coro, max(0.0, (st.deadline_ns - time.monotonic_ns()) / 1e9))
             else:
                 result = await coro
-            self._reply(st, Kind.RESULT, result)
+            await self._areply(st, Kind.RESULT, result)
         except asyncio.CancelledError:
             self._finish(st)  # cancelled by the caller: nothing is sent
         except asyncio.TimeoutError:
@@ -438,9 +462,9 @@ class Server:
                             break
                         st.async_credit.clear()
                     await st.async_credit.wait()
-                self._reply(st, Kind.ITEM, item)
+                await self._areply(st, Kind.ITEM, item)
             if self._finish(st):
-                self._send(st, Kind.END, b"", ())
+                await self._asend(st, Kind.END, b"", ())
         finally:
             await agen.aclose()
             self._finish(st)

@@ -379,7 +379,10 @@ def _rpc_table(rows: dict) -> list:
             continue
         null = cell(r, "null_sync", "median_us")
         if "null_inline_sync" in r:
-            null += f" ({cell(r, 'null_inline_sync', 'median_us')} @rpc.inline)"
+            null += f" ({cell(r, 'null_inline_sync', 'median_us')} @rpc.inline"
+            if "null_async_sync" in r:
+                null += f", {cell(r, 'null_async_sync', 'median_us')} async def"
+            null += ")"
         calls = cell(r, "pipelined_32", "calls_per_s", fmt="{:,.0f}")
         if "pipelined_32_inline" in r:
             calls += f" ({cell(r, 'pipelined_32_inline', 'calls_per_s', fmt='{:,.0f}')} @rpc.inline)"

@@ -2,8 +2,8 @@
 pyzmq REQ/REP (DEALER for pipelining) + pickle and grpcio over a Unix socket, one client (this
 process, core 0) and one server process (core 1).
 
-Measured per system: null call round trip (p50, sync; shmhub also acall and an @rpc.inline
-handler), calls/s with 32 in flight, the echo of a 64 MiB numpy array (argument and result; for
+Measured per system: null call round trip (p50, sync; shmhub also acall, an @rpc.inline and an
+async def handler), calls/s with 32 in flight, the echo of a 64 MiB numpy array (argument and result; for
 shmhub also with the argument allocated by link.empty), and the CPU both processes use while a
 call is outstanding but nothing is ready.
 
@@ -46,6 +46,10 @@ def idle(seconds: float) -> float:
     return time.process_time()
 
 
+async def anull() -> None:
+    return None
+
+
 def cpu() -> float:
     return time.process_time()
 
@@ -64,7 +68,7 @@ def serve(system: str, address: Optional[str]) -> None:
 
         link = shmhub.connect()
         try:
-            rpc.serve(link, {**HANDLERS, "null_inline": rpc.inline(null)})
+            rpc.serve(link, {**HANDLERS, "null_inline": rpc.inline(null), "null_async": anull})
         finally:
             link.close()
     elif system == "zmq":
@@ -175,6 +179,7 @@ def bench_shmhub(secs: float, reps: int) -> Dict[str, Any]:
         c.call("null", timeout=30)
         out["null_sync"] = _p50_us(lambda: c.call("null"), secs)
         out["null_inline_sync"] = _p50_us(lambda: c.call("null_inline"), secs)
+        out["null_async_sync"] = _p50_us(lambda: c.call("null_async"), secs)
 
         async def acalls() -> Dict[str, float]:
             for _ in range(200):

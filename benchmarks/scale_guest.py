@@ -167,10 +167,12 @@ def command_loop(send, recv, idx: int, seed: int) -> None:
         send(message(REPORT, idx, out))
 
 
-def main() -> None:
+def main(idx: int | None = None, seed: int | None = None) -> None:
+    """The guest: from the command line (host.spawn) or as a start_process target."""
     import shmhub
 
-    idx, seed = int(sys.argv[1]), int(sys.argv[2])
+    if idx is None or seed is None:
+        idx, seed = int(sys.argv[1]), int(sys.argv[2])
     link = shmhub.connect()
     try:
         command_loop(link.send, link.recv, idx, seed)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import statistics
 import sys
@@ -220,8 +221,12 @@ def run_shmhub(g: int, scenarios, secs: float) -> dict:
         # share the interpreter's memory, so waking one of hundreds costs fewer cache misses
         # (fan-out at 255: 44 k msg/s against 20 k with guests spawned as fresh interpreters).
         ctx = mp.get_context("forkserver")
+        # A forkserver that an earlier scenario started (the executor's) has its own preload and
+        # affinity: start a fresh one (a private but long-standing call), so that every G runs alike.
+        mp.forkserver._forkserver._stop()  # type: ignore[attr-defined]
         ctx.set_forkserver_preload(["benchmarks.scale_guest", "shmhub"])
-        handles = [host.start_process(guest_main, (i, SEED), context=ctx) for i in range(g)]
+        cpus = sorted(os.sched_getaffinity(0))
+        handles = [host.start_process(guest_main, (i, SEED, cpus), context=ctx) for i in range(g)]
         idx = {h.peer_id: i for i, h in enumerate(handles)}
         seen = set()
         while len(seen) < g:

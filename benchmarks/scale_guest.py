@@ -167,12 +167,17 @@ def command_loop(send, recv, idx: int, seed: int) -> None:
         send(message(REPORT, idx, out))
 
 
-def main(idx: int | None = None, seed: int | None = None) -> None:
-    """The guest: from the command line (host.spawn) or as a start_process target."""
+def main(idx: int | None = None, seed: int | None = None, cpus: list | None = None) -> None:
+    """The guest: from the command line (host.spawn) or as a start_process target. cpus: the
+    host's cores (a forkserver child inherits the forkserver's affinity, pinned or not)."""
+    import os
+
     import shmhub
 
     if idx is None or seed is None:
         idx, seed = int(sys.argv[1]), int(sys.argv[2])
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     link = shmhub.connect()
     try:
         command_loop(link.send, link.recv, idx, seed)

@@ -103,6 +103,31 @@ def test_large_response_body(server):
     assert r.content == (bytes(range(256)) * (BIG // 256 + 1))[:BIG]
 
 
+def test_many_concurrent_large_responses_all_complete(star):
+    """32 clients at once, each fetching 1 MiB responses (5 chunks through the pool's 256 KiB class,
+    more than it holds at once): every response completes. The serving loop once replied with
+    blocking sends and stopped reading while one waited for a slot, which hung a run like this."""
+    import asyncio
+
+    n = 1 << 20
+    want = (bytes(range(256)) * (n // 256 + 1))[:n]
+
+    async def client(c: httpx.AsyncClient) -> int:
+        done = 0
+        for _ in range(6):
+            r = await c.get(f"/blob/{n}")
+            assert r.status_code == 200 and r.content == want
+            done += 1
+        return done
+
+    async def main() -> list:
+        limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+        async with httpx.AsyncClient(base_url=star.url, timeout=30, limits=limits) as c:
+            return await asyncio.gather(*(client(c) for _ in range(32)))
+
+    assert asyncio.run(main()) == [6] * 32
+
+
 def test_streaming_response_arrives_in_pieces(server):
     with httpx.Client(base_url=server.url, timeout=10) as c:
         with c.stream("GET", "/count", params={"n": 20}) as r:

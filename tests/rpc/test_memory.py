@@ -12,13 +12,13 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from shmhub.errors import LinkClosed, PeerDead, RpcProtocolError
+from shmhub.errors import LinkClosed, PeerDead, RpcProtocolError, ShmTimeout
 from shmhub import rpc
 from shmhub.rpc import _wire as W
 
 import handlers as H
 from handlers import Boom
-from memchannel import channel_pair
+from memchannel import MemoryChannel, channel_pair
 
 T = 10.0  # a bound on anything that should happen at once; tests normally take milliseconds
 
@@ -438,4 +438,47 @@ def test_server_aserve_in_a_running_loop():
         c.close()
     finally:
         client.close()
+        server.close()
+
+
+class _FullUntilRead(MemoryChannel):
+    """A channel whose sends find no room until this end has read a message (a ring the peer can
+    empty only once we take what it sent us): send(timeout=0) fails, a blocking send waits."""
+
+    def __init__(self, ch: MemoryChannel) -> None:
+        super().__init__(ch._rx, ch._tx)
+        self.read = threading.Event()
+
+    def send(self, data, timeout=None):
+        if not self.read.is_set():
+            if timeout == 0:
+                raise ShmTimeout("no room")
+            if not self.read.wait(timeout):
+                raise ShmTimeout("no room")
+        super().send(data, timeout)
+
+    def recv(self, timeout=None):
+        m = super().recv(timeout)
+        self.read.set()
+        return m
+
+
+def test_a_caller_whose_send_must_wait_leaves_the_reading_to_the_reader_thread():
+    """call() reads its own answer, but a send that has to wait for room must not hold the read
+    role meanwhile: the room may come only from reading what the peer sent (here a call of the
+    peer's), so the reader thread reads while the caller waits."""
+    a, b = channel_pair()
+    a = _FullUntilRead(a)
+    server = rpc.Server(H.HANDLERS)
+    server.attach(b)
+    peer = rpc.Client(b)  # b's calls go to a, where nothing serves
+    client = rpc.Client(a)
+    try:
+        asked = peer.submit("anything", timeout=T)  # waits, unread, on a's side
+        assert client.call("add", 1, 2, timeout=2.0) == 3
+        with pytest.raises(rpc.MethodNotFound):
+            asked.result(T)
+    finally:
+        client.close()
+        peer.close()
         server.close()

@@ -556,18 +556,19 @@ class Connection:
         fut.add_done_callback(self._settled(cid))
         flags = FLAG_STREAM if stream else 0
         try:
-            try:
+            sent = False
+            if read:
                 # A caller that will read tries to send without waiting first: one that must wait
                 # (a full ring, no slot) leaves the reading to the reader thread meanwhile, since
                 # reading may be what frees the room.
-                if not read:
-                    raise WouldBlock
-                self.send_frame(Kind.REQUEST, cid, payload, oob, flags=flags, deadline_ns=deadline_ns, method=method, nowait=True)
-            except WouldBlock:
-                if read:
+                try:
+                    self.send_frame(Kind.REQUEST, cid, payload, oob, flags=flags, deadline_ns=deadline_ns, method=method, nowait=True)
+                    sent = True
+                except WouldBlock:
                     with self.lock:
                         if self.role is None:
                             self._role_cond.notify()
+            if not sent:
                 self.send_frame(Kind.REQUEST, cid, payload, oob, flags=flags, deadline_ns=deadline_ns, method=method, deadline_for_send=deadline_ns)
         except BaseException as e:
             with self.lock:

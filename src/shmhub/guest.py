@@ -139,7 +139,10 @@ def _adopt(peer_id: int, seg_fd: int, bell_fd: int, ctrl_fd: int, spin_ns: int, 
             raise err(f"peer_id {peer_id} out of range 1..{seg.config.max_guests}")
         doorbell = Doorbell.from_fd(bell_fd)
         bell_fd = -1
-        control = socket.socket(fileno=ctrl_fd)
+        try:
+            control = socket.socket(fileno=ctrl_fd)
+        except OSError as e:  # not a socket at all (ENOTSOCK): the fd is still ours to close
+            raise err(f"the mmap control fd is not a socket: {e.strerror}") from None
         ctrl_fd = -1
         if control.family != socket.AF_UNIX or control.type != socket.SOCK_DGRAM:
             raise err("the mmap control fd is not a Unix datagram socket")

@@ -469,6 +469,7 @@ def _fake_host_once(path: str, peer_id: int, fds: list) -> threading.Thread:
         ("doorbell is a pipe", shmhub.PeerDead, "not a socket"),
         ("segment is a socket", shmhub.SegmentError, "not a regular file"),
         ("control is a stream socket", BootstrapError, "not a Unix datagram socket"),
+        ("control is a pipe", BootstrapError, "control fd is not a socket"),  # found by the fuzzer
         ("peer_id beyond max_guests", BootstrapError, "peer_id 30 out of range 1..24"),
         ("peer not reserved", shmhub.PeerStateError, "is Empty, not Reserved"),
     ],
@@ -494,6 +495,8 @@ def test_guest_refuses_wrong_fds_and_closes_them(tmp_path, case, error, needle):
             fds[1] = stream_a.fileno()
         elif case == "control is a stream socket":
             fds[2] = fds[3] = stream_a.fileno()
+        elif case == "control is a pipe":
+            fds[2] = fds[3] = r
         elif case == "peer_id beyond max_guests":
             peer_id = 30
         t = _fake_host_once(path, peer_id, fds)

@@ -631,6 +631,24 @@ def test_async_for_delivers_what_a_dead_guest_left_while_recovery_holds_the_lock
 # -- sharing a doorbell with threads (DECISIONS 12, trap 32) ------------------------------------
 
 
+async def _end_sink(link, receiver) -> int:
+    """Tell the aio_sink guest to report; its count answers `receiver`, the very first arecv, which
+    waited all along. The link is left idle."""
+    await link.asend(b"END", timeout=T)
+    with await receiver as msg:
+        counted = int(msg.tobytes())
+    assert_idle(link)
+    return counted
+
+
+def _run_small_sink(main) -> None:
+    """main(guest) against an aio_sink guest on 4 KiB rings; it returns (counted, sent)."""
+    with Host(SegmentConfig(bipbuf_capacity=4096)) as host:
+        g = spawn_sink(host)
+        counted, n = asyncio.run(main(g))
+    assert counted == n
+
+
 def test_thread_waits_on_the_condition_while_asyncio_polls_the_doorbell():
     """asyncio owns the doorbell (arecv waits); a thread's blocking send on a full ring must be woken
     through the waiter's condition when the guest frees ring space and rings."""
@@ -662,16 +680,9 @@ def test_thread_waits_on_the_condition_while_asyncio_polls_the_doorbell():
             await asyncio.sleep(0.005)
         th.join(T)
         assert not errors and not th.is_alive()
-        await link.asend(b"END", timeout=T)
-        with await receiver as msg:  # the very first arecv, waiting all along
-            counted = int(msg.tobytes())
-        assert_idle(link)
-        return counted, n
+        return await _end_sink(link, receiver), n
 
-    with Host(SegmentConfig(bipbuf_capacity=4096)) as host:
-        g = spawn_sink(host)
-        counted, n = asyncio.run(main(g))
-    assert counted == n
+    _run_small_sink(main)
 
 
 def test_a_blocking_call_in_the_loop_that_polls_the_doorbell_polls_beside_it():
@@ -690,16 +701,9 @@ def test_a_blocking_call_in_the_loop_that_polls_the_doorbell_polls_beside_it():
         for seq in range(n):
             link.send(proto.sink_msg(seq, 100), timeout=T)  # blocks the loop while the ring is full
         assert link.stats.ring_full_waits > 0 and time.monotonic() - t0 < T / 2
-        await link.asend(b"END", timeout=T)
-        with await receiver as msg:  # the very first arecv, waiting all along
-            counted = int(msg.tobytes())
-        assert_idle(link)
-        return counted, n
+        return await _end_sink(link, receiver), n
 
-    with Host(SegmentConfig(bipbuf_capacity=4096)) as host:
-        g = spawn_sink(host)
-        counted, n = asyncio.run(main(g))
-    assert counted == n
+    _run_small_sink(main)
 
 
 def test_asyncio_rechecks_while_a_thread_polls_the_doorbell():

@@ -4,12 +4,14 @@ calls in flight, out-of-band buffers through slots and mappings, and what shared
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import concurrent.futures as cf
 import gc
 import os
 import random
 import sys
 import time
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -28,6 +30,21 @@ def spawn(host: Host, script: str = "rpc_server.py", *args: object) -> shmhub.Gu
     return host.spawn([sys.executable, os.path.join(HERE, "guests", script), *map(str, args)])
 
 
+@contextlib.contextmanager
+def served(*args: object, client: Optional[Dict[str, Any]] = None) -> Iterator[Tuple[Host, shmhub.GuestHandle, rpc.Client]]:
+    """A host, one guest serving the test handlers (tests/rpc/guests/rpc_server.py ARGS) and a
+    Client of it. On leaving, the host says goodbye, the guest exits and the client closes."""
+    with Host(CFG) as host:
+        g = spawn(host, "rpc_server.py", *args)
+        c = rpc.Client(g.link, **(client or {}))
+        try:
+            yield host, g, c
+        finally:
+            host.close()
+            g.wait(T)
+            c.close()
+
+
 def allocated(host: Host) -> list:
     pool = host.segment.pool
     return [pool.counts(c)[1] for c in range(pool.num_classes)]
@@ -42,27 +59,21 @@ def wait_for(pred, what: str, timeout: float = T) -> None:
 
 
 def test_calls_streams_and_asyncio_over_a_link():
-    with Host(CFG) as host:
-        g = spawn(host)
-        c = rpc.Client(g.link)
-        try:
-            assert c.call("add", 2, 3, timeout=T) == 5
-            assert c.call("pid", timeout=T) == g.pid
-            assert list(c.stream("count", 200, timeout=T)) == list(range(200))
+    with served() as (host, g, c):
+        assert c.call("add", 2, 3, timeout=T) == 5
+        assert c.call("pid", timeout=T) == g.pid
+        assert list(c.stream("count", 200, timeout=T)) == list(range(200))
 
-            async def go():
-                vals = await asyncio.gather(*(c.acall("add", i, i, timeout=T) for i in range(100)))
-                items = [x async for x in c.stream("acount", 50, timeout=T)]
-                return vals, items
+        async def go():
+            vals = await asyncio.gather(*(c.acall("add", i, i, timeout=T) for i in range(100)))
+            items = [x async for x in c.stream("acount", 50, timeout=T)]
+            return vals, items
 
-            vals, items = asyncio.run(go())
-            assert vals == [2 * i for i in range(100)] and items == list(range(50))
-            with pytest.raises(rpc.MethodNotFound, match="'nope'"):
-                c.call("nope", timeout=T)
-        finally:
-            host.close()  # the guest's serve() returns when the host says goodbye
-            assert g.wait(T) == 0
-            c.close()
+        vals, items = asyncio.run(go())
+        assert vals == [2 * i for i in range(100)] and items == list(range(50))
+        with pytest.raises(rpc.MethodNotFound, match="'nope'"):
+            c.call("nope", timeout=T)
+    assert g.wait(T) == 0  # serve() returned when the host said goodbye
 
 
 def test_both_ends_serve_and_call_over_one_link():
@@ -111,89 +122,68 @@ def test_server_killed_with_32_calls_in_flight_fails_them_all_with_peer_dead():
 
 def test_out_of_band_buffers_both_ways_leave_every_slot_and_lease_free():
     rng = random.Random(2024)
-    with Host(CFG) as host:
-        g = spawn(host)
-        c = rpc.Client(g.link)
-        try:
-            kept = []
-            sizes = [64 << 10, 100 << 10, 200 << 10, 300 << 10, 1 << 20]  # slot tier, then the mmap tier
-            # Bounded so that the mmap-tier buffers held at once (kept, hoarded, in flight) stay
-            # under the link's 16 mappings a direction: beyond that a sender waits for one.
-            for round_ in range(60):
-                futs = []
-                for i in range(8):
-                    n = rng.choice(sizes) // 8
-                    a = np.full(n, float(round_ * 100 + i))
-                    futs.append((a, c.submit("echo", a, timeout=T)))
-                    if rng.random() < 0.3:  # and arrays made by the guest
-                        futs.append((np.full(n, 7.0), c.submit("make_array", n, 7.0, timeout=T)))
-                    if rng.random() < 0.5:  # the guest keeps some of what it receives, and drops some
-                        drop = [rng.randrange(6) for _ in range(rng.randrange(3))]
-                        c.submit("hoard", np.ones(rng.choice(sizes) // 8), rng.random() < 0.4, drop, timeout=T)
-                for a, f in futs:
-                    r = f.result(T)
-                    assert r.shape == a.shape and r[0] == a[0] and r[-1] == a[-1] and not r.flags.writeable
-                    if rng.random() < 0.2:
-                        kept.append(r)  # a view of shared memory, kept for a while
-                    del r
-                if len(kept) > 6:
-                    for _ in range(len(kept) // 2):
-                        kept.pop(rng.randrange(len(kept)))
-            assert kept and allocated(host) != [0, 0, 0]  # the kept views hold their slots
-            assert c.call("drop_hoard", timeout=T) == 0
-            kept.clear()
-            del futs, a, f  # the last round's futures hold their results
-            gc.collect()
-            assert c.call("add", 0, 0, timeout=T) == 0  # the guest's reader is past every frame
-            wait_for(lambda: allocated(host) == [0, 0, 0], "every slot free")
-            m = g.link.mappings
-            wait_for(lambda: g.link.mappings["tx_leases"] == 0, "every mapping lease returned")
-            assert m["tx_created"] >= 1  # the mmap tier was used
-        finally:
-            host.close()
-            g.wait(T)
-            c.close()
+    with served() as (host, g, c):
+        kept = []
+        sizes = [64 << 10, 100 << 10, 200 << 10, 300 << 10, 1 << 20]  # slot tier, then the mmap tier
+        # Bounded so that the mmap-tier buffers held at once (kept, hoarded, in flight) stay
+        # under the link's 16 mappings a direction: beyond that a sender waits for one.
+        for round_ in range(60):
+            futs = []
+            for i in range(8):
+                n = rng.choice(sizes) // 8
+                a = np.full(n, float(round_ * 100 + i))
+                futs.append((a, c.submit("echo", a, timeout=T)))
+                if rng.random() < 0.3:  # and arrays made by the guest
+                    futs.append((np.full(n, 7.0), c.submit("make_array", n, 7.0, timeout=T)))
+                if rng.random() < 0.5:  # the guest keeps some of what it receives, and drops some
+                    drop = [rng.randrange(6) for _ in range(rng.randrange(3))]
+                    c.submit("hoard", np.ones(rng.choice(sizes) // 8), rng.random() < 0.4, drop, timeout=T)
+            for a, f in futs:
+                r = f.result(T)
+                assert r.shape == a.shape and r[0] == a[0] and r[-1] == a[-1] and not r.flags.writeable
+                if rng.random() < 0.2:
+                    kept.append(r)  # a view of shared memory, kept for a while
+                del r
+            if len(kept) > 6:
+                for _ in range(len(kept) // 2):
+                    kept.pop(rng.randrange(len(kept)))
+        assert kept and allocated(host) != [0, 0, 0]  # the kept views hold their slots
+        assert c.call("drop_hoard", timeout=T) == 0
+        kept.clear()
+        del futs, a, f  # the last round's futures hold their results
+        gc.collect()
+        assert c.call("add", 0, 0, timeout=T) == 0  # the guest's reader is past every frame
+        wait_for(lambda: allocated(host) == [0, 0, 0], "every slot free")
+        m = g.link.mappings
+        wait_for(lambda: g.link.mappings["tx_leases"] == 0, "every mapping lease returned")
+        assert m["tx_created"] >= 1  # the mmap tier was used
 
 
 def test_array_from_link_empty_is_sent_without_a_copy():
     from shmhub.codec import _reserved_owner
 
-    with Host(CFG) as host:
-        g = spawn(host)
-        c = rpc.Client(g.link)
-        try:
-            a = g.link.empty(150_000)  # 1.2 MB: the mmap tier
-            a[:] = 2.0
-            buf = _reserved_owner(a)
-            assert buf is not None and buf.token is not None
-            sent_before = g.link.stats.sent_bytes_mmap
-            shape, total, writeable, is_view = c.call("array_info", a, timeout=T)
-            assert shape == (150_000,) and total == 300_000.0 and not writeable and is_view
-            assert buf.token is None  # the reserved buffer itself went out (send_reserved): no copy
-            assert g.link.stats.sent_bytes_mmap - sent_before >= a.nbytes
-            del a, buf
-        finally:
-            host.close()
-            g.wait(T)
-            c.close()
+    with served() as (host, g, c):
+        a = g.link.empty(150_000)  # 1.2 MB: the mmap tier
+        a[:] = 2.0
+        buf = _reserved_owner(a)
+        assert buf is not None and buf.token is not None
+        sent_before = g.link.stats.sent_bytes_mmap
+        shape, total, writeable, is_view = c.call("array_info", a, timeout=T)
+        assert shape == (150_000,) and total == 300_000.0 and not writeable and is_view
+        assert buf.token is None  # the reserved buffer itself went out (send_reserved): no copy
+        assert g.link.stats.sent_bytes_mmap - sent_before >= a.nbytes
+        del a, buf
 
 
 def test_bytes_codec_over_a_link():
-    with Host(CFG) as host:
-        g = spawn(host, "rpc_server.py", 4, "bytes")
-        c = rpc.Client(g.link, codec="bytes")
-        try:
-            assert c.call("echo", b"abc", timeout=T) == b"abc"
-            big = bytes(range(256)) * 1024
-            r = c.call("echo", big, timeout=T)
-            assert isinstance(r, memoryview) and r == big
-            del r
-            with pytest.raises(rpc.RemoteError, match="bytes-like objects, not int"):
-                c.call("nbytes", big, timeout=T)  # an int result: the bytes codec refuses it, not pickle
-        finally:
-            host.close()
-            g.wait(T)
-            c.close()
+    with served(4, "bytes", client=dict(codec="bytes")) as (host, g, c):
+        assert c.call("echo", b"abc", timeout=T) == b"abc"
+        big = bytes(range(256)) * 1024
+        r = c.call("echo", big, timeout=T)
+        assert isinstance(r, memoryview) and r == big
+        del r
+        with pytest.raises(rpc.RemoteError, match="bytes-like objects, not int"):
+            c.call("nbytes", big, timeout=T)  # an int result: the bytes codec refuses it, not pickle
 
 
 def test_a_caller_killed_mid_call_leaves_the_server_running_and_no_memory_held():
@@ -250,23 +240,16 @@ def test_a_guests_calls_fail_with_host_gone_when_the_host_goes():
 
 
 def test_a_call_past_its_deadline_leaves_no_shared_memory_held():
-    with Host(CFG) as host:
-        g = spawn(host, "rpc_server.py", 1)  # one handler thread: calls run one after another
-        c = rpc.Client(g.link)
-        try:
-            a = np.ones(20_000)  # 160 KB: a slot of the 256 KiB class, each way
-            t0 = time.monotonic()
-            with pytest.raises(rpc.DeadlineExceeded):
-                c.call("sleep_echo", a, 0.3, timeout=0.05)
-            assert time.monotonic() - t0 < 0.25  # raised at the deadline, not when the handler returned
-            # Runs after the late call has finished (one handler thread); the caller's CANCEL made
-            # the server drop its result (or, had it raced ahead, the caller drops the late reply).
-            assert c.call("add", 1, 1, timeout=T) == 2
-            wait_for(lambda: allocated(host) == [0, 0, 0], "no slot held for the expired call")
-        finally:
-            host.close()
-            g.wait(T)
-            c.close()
+    with served(1) as (host, g, c):  # one handler thread: calls run one after another
+        a = np.ones(20_000)  # 160 KB: a slot of the 256 KiB class, each way
+        t0 = time.monotonic()
+        with pytest.raises(rpc.DeadlineExceeded):
+            c.call("sleep_echo", a, 0.3, timeout=0.05)
+        assert time.monotonic() - t0 < 0.25  # raised at the deadline, not when the handler returned
+        # Runs after the late call has finished (one handler thread); the caller's CANCEL made
+        # the server drop its result (or, had it raced ahead, the caller drops the late reply).
+        assert c.call("add", 1, 1, timeout=T) == 2
+        wait_for(lambda: allocated(host) == [0, 0, 0], "no slot held for the expired call")
 
 
 def test_many_threads_calling_at_once_share_the_read_role():
@@ -328,114 +311,87 @@ def test_an_event_loop_reads_its_own_responses_and_hands_the_role_back():
     meanwhile are answered."""
     import threading
 
-    with Host(CFG) as host:
-        g = spawn(host)
-        c = rpc.Client(g.link)
+    with served() as (host, g, c):
         conn = c._conn
         free = conn.limiter.free
-        try:
 
-            async def go():
-                me = threading.current_thread()
-                task = asyncio.ensure_future(c.acall("sleep_echo", "slow", 0.3, timeout=T))
-                await asyncio.sleep(0)  # the task sent its call and holds the role, awaiting the doorbell
-                assert conn.role is me
-                # A thread's call meanwhile is read by the loop too, and answered.
-                fut = asyncio.get_running_loop().run_in_executor(None, lambda: c.call("add", 1, 2, timeout=T))
-                assert await asyncio.wait_for(fut, T) == 3
-                assert await task == "slow"
-                assert conn.role is not me
-                # Cancelled while reading: the call is cancelled at the server, the role released.
-                task = asyncio.ensure_future(c.acall("await_until_cancelled", "loop", 5.0))
-                await asyncio.sleep(0.05)
-                assert conn.role is me
-                task.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await task
-                assert conn.role is not me
-                assert await c.acall("wait_event", "loop", T, timeout=T) == "CancelledError"
-                # A deadline passing while the loop reads.
-                t0 = time.monotonic()
-                with pytest.raises(rpc.DeadlineExceeded):
-                    await c.acall("sleep_echo", 1, 5.0, timeout=0.1)
-                assert time.monotonic() - t0 < 2.0
-                assert conn.role is not me
-                return await asyncio.gather(*(c.acall("add", i, 1, timeout=T) for i in range(50)))
+        async def go():
+            me = threading.current_thread()
+            task = asyncio.ensure_future(c.acall("sleep_echo", "slow", 0.3, timeout=T))
+            await asyncio.sleep(0)  # the task sent its call and holds the role, awaiting the doorbell
+            assert conn.role is me
+            # A thread's call meanwhile is read by the loop too, and answered.
+            fut = asyncio.get_running_loop().run_in_executor(None, lambda: c.call("add", 1, 2, timeout=T))
+            assert await asyncio.wait_for(fut, T) == 3
+            assert await task == "slow"
+            assert conn.role is not me
+            # Cancelled while reading: the call is cancelled at the server, the role released.
+            task = asyncio.ensure_future(c.acall("await_until_cancelled", "loop", 5.0))
+            await asyncio.sleep(0.05)
+            assert conn.role is me
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert conn.role is not me
+            assert await c.acall("wait_event", "loop", T, timeout=T) == "CancelledError"
+            # A deadline passing while the loop reads.
+            t0 = time.monotonic()
+            with pytest.raises(rpc.DeadlineExceeded):
+                await c.acall("sleep_echo", 1, 5.0, timeout=0.1)
+            assert time.monotonic() - t0 < 2.0
+            assert conn.role is not me
+            return await asyncio.gather(*(c.acall("add", i, 1, timeout=T) for i in range(50)))
 
-            assert asyncio.run(go()) == [i + 1 for i in range(50)]
-            assert c.call("add", 2, 2, timeout=T) == 4  # a sync caller after the loop is gone
+        assert asyncio.run(go()) == [i + 1 for i in range(50)]
+        assert c.call("add", 2, 2, timeout=T) == 4  # a sync caller after the loop is gone
 
-            async def killed():
-                task = asyncio.ensure_future(c.acall("sleep_echo", "never", 30.0, timeout=T))
-                await asyncio.sleep(0.05)
-                assert conn.role is threading.current_thread()
-                g.kill()
-                with pytest.raises(PeerDead):
-                    await asyncio.wait_for(task, T)
+        async def killed():
+            task = asyncio.ensure_future(c.acall("sleep_echo", "never", 30.0, timeout=T))
+            await asyncio.sleep(0.05)
+            assert conn.role is threading.current_thread()
+            g.kill()
+            with pytest.raises(PeerDead):
+                await asyncio.wait_for(task, T)
 
-            asyncio.run(killed())
-            assert conn.limiter.free == free  # every permit back
-        finally:
-            host.close()
-            g.wait(T)
-            c.close()
+        asyncio.run(killed())
+        assert conn.limiter.free == free  # every permit back
 
 
 def test_rpc_serve_runs_async_handlers_in_the_loop_that_reads_the_link():
     """rpc.serve in a guest: its main thread's event loop reads the link and runs async handlers
     (no reader thread hands them over); sync handlers still run in the pool, alongside."""
-    with Host(CFG) as host:
-        g = spawn(host)
-        c = rpc.Client(g.link)
-        try:
-            assert c.call("where_async", timeout=T) is True
-            slow = c.submit("sleep_echo", "pool", 0.3, timeout=T)  # a pool thread sleeps meanwhile
-            assert [c.call("asleep_echo", i, 0.0, timeout=T) for i in range(20)] == list(range(20))
-            assert slow.result(T) == "pool"
-        finally:
-            host.close()
-            assert g.wait(T) == 0  # serve() returned when the host said goodbye: a clean exit
-            c.close()
+    with served() as (host, g, c):
+        assert c.call("where_async", timeout=T) is True
+        slow = c.submit("sleep_echo", "pool", 0.3, timeout=T)  # a pool thread sleeps meanwhile
+        assert [c.call("asleep_echo", i, 0.0, timeout=T) for i in range(20)] == list(range(20))
+        assert slow.result(T) == "pool"
+    assert g.wait(T) == 0  # serve() returned when the host said goodbye: a clean exit
 
 
 def test_closing_a_stream_frees_the_shared_memory_of_items_not_taken():
-    with Host(CFG) as host:
-        g = spawn(host)
-        c = rpc.Client(g.link)
-        try:
-            s = c.stream("blobs", 8, 100_000, timeout=T)
-            first = next(iter(s))
-            assert len(first) == 100_000
-            wait_for(lambda: len(s._st.items) == 7, "the other 7 items buffered")
-            assert allocated(host)[2] == 8
-            s.close()
-            del first
-            wait_for(lambda: allocated(host) == [0, 0, 0], "every slot free once the stream is closed")
-            assert c.call("add", 1, 1, timeout=T) == 2
-        finally:
-            host.close()
-            g.wait(T)
-            c.close()
+    with served() as (host, g, c):
+        s = c.stream("blobs", 8, 100_000, timeout=T)
+        first = next(iter(s))
+        assert len(first) == 100_000
+        wait_for(lambda: len(s._st.items) == 7, "the other 7 items buffered")
+        assert allocated(host)[2] == 8
+        s.close()
+        del first
+        wait_for(lambda: allocated(host) == [0, 0, 0], "every slot free once the stream is closed")
+        assert c.call("add", 1, 1, timeout=T) == 2
 
 
 def test_the_serving_loop_reads_on_while_a_reply_waits_for_a_slot():
     """Async handlers reply from the loop that reads the link: a reply that must wait for shared
     memory (here the host holds the guest's whole share of the 256 KiB class, unread) waits in a
     thread, and the loop goes on answering other calls."""
-    with Host(CFG) as host:
-        g = spawn(host)
-        c = rpc.Client(g.link)
-        try:
-            streams = [c.stream("ablobs", rpc._server.STREAM_WINDOW, 200_000, timeout=T) for _ in range(5)]
-            # 5 x 32 items of 200 kB: more than the guest's share of the 128 slots.
-            wait_for(lambda: sum(len(s._st.items) for s in streams) >= 100, "the guest's share nearly used")
-            time.sleep(0.2)  # the last items wait for slots in the guest
-            assert sum(len(s._st.items) for s in streams) < 5 * rpc._server.STREAM_WINDOW
-            assert c.call("add", 2, 3, timeout=T) == 5
-            got = [sum(1 for _ in s) for s in streams]  # taking the items frees their slots
-            assert got == [rpc._server.STREAM_WINDOW] * 5
-            wait_for(lambda: allocated(host) == [0, 0, 0], "every slot free")
-        finally:
-            host.close()
-            g.wait(T)
-            c.close()
+    with served() as (host, g, c):
+        streams = [c.stream("ablobs", rpc._server.STREAM_WINDOW, 200_000, timeout=T) for _ in range(5)]
+        # 5 x 32 items of 200 kB: more than the guest's share of the 128 slots.
+        wait_for(lambda: sum(len(s._st.items) for s in streams) >= 100, "the guest's share nearly used")
+        time.sleep(0.2)  # the last items wait for slots in the guest
+        assert sum(len(s._st.items) for s in streams) < 5 * rpc._server.STREAM_WINDOW
+        assert c.call("add", 2, 3, timeout=T) == 5
+        got = [sum(1 for _ in s) for s in streams]  # taking the items frees their slots
+        assert got == [rpc._server.STREAM_WINDOW] * 5
+        wait_for(lambda: allocated(host) == [0, 0, 0], "every slot free")

@@ -102,6 +102,8 @@ DEF GIL_FREE_COPY = 1 << 20  # copies at least this large run without the GIL
 DEF SPIN_PROBE_EVERY = 16
 DEF SPIN_PROBE_MAX = 1024
 DEF SPIN_MISSES = 3
+DEF SPIN_STRETCH = 4  # a spin may grow to this many times spin_ns (LinkCore.c_slept)
+DEF SPIN_NEAR = 2  # sleeps in a row that ended within that long before it grows
 
 RELAXED = SHM_RELAXED
 ACQUIRE = SHM_ACQUIRE
@@ -2394,11 +2396,15 @@ cdef class LinkCore:
     # SPIN_PROBE_MAX), so a process among many on few cores stops paying for probes (a missed probe
     # costs a whole budget, several wake-ups' worth). One spin that pays restores spinning. A single
     # miss changes nothing: a ping-pong peer preempted once must not cost the next round trips a sleep.
-    cdef int _spin_misses, _spin_skips, _spin_gap
+    # The spin's length adapts too (c_slept): a peer that answers a little later than spin_ns
+    # (a handler of 60 µs) would otherwise be caught by no spin and every round trip would pay two
+    # wake-ups, an equilibrium no probe leaves (seen: 40 µs calls turning into 115 µs for good).
+    cdef int _spin_misses, _spin_skips, _spin_gap, _near
+    cdef int64_t _spin_len  # the spin's length now: spin_ns .. SPIN_STRETCH * spin_ns
 
     cdef inline int64_t c_spin_budget(self) noexcept:
         if self._spin_misses < SPIN_MISSES:
-            return self.spin_ns
+            return self._spin_len if self._spin_len > self.spin_ns and self.spin_ns > 0 else self.spin_ns
         self._spin_skips += 1
         if self._spin_skips >= self._spin_gap:
             self._spin_skips = 0
@@ -2412,8 +2418,29 @@ cdef class LinkCore:
         elif self._spin_misses < SPIN_MISSES:
             self._spin_misses += 1
             self._spin_gap = SPIN_PROBE_EVERY
+            if self._spin_misses == SPIN_MISSES:
+                self._spin_len = self.spin_ns  # the peer is not running: back to the short spin
         elif self._spin_gap < SPIN_PROBE_MAX:
             self._spin_gap *= 2  # a probe missed
+
+    cdef inline void c_slept(self, int64_t waited_ns) noexcept:
+        # A wait that slept ended after waited_ns (wake-up included). SPIN_NEAR such waits in a row
+        # within SPIN_STRETCH * spin_ns: a spin that long would have caught the event, so the spin
+        # grows to it and spinning resumes. Longer waits (an idle peer, many processes taking
+        # turns on few cores) change nothing.
+        if self.spin_ns <= 0:
+            return
+        if waited_ns > SPIN_STRETCH * self.spin_ns:
+            self._near = 0
+            return
+        self._near += 1
+        if self._near < SPIN_NEAR:
+            return
+        self._near = 0
+        waited_ns += waited_ns // 4
+        self._spin_len = min(max(self._spin_len, waited_ns), SPIN_STRETCH * self.spin_ns)
+        self._spin_misses = 0
+        self._spin_gap = SPIN_PROBE_EVERY
 
     def spin_budget(self):
         """How long the next wait of this link may spin (ns), adapted to how recent spins went."""
@@ -2422,6 +2449,10 @@ cdef class LinkCore:
     def spin_result(self, bint ok):
         """Report whether a spin of spin_budget() caught the event."""
         self.c_spin_result(ok)
+
+    def spin_slept(self, int64_t waited_ns):
+        """Report that a wait went to sleep and its event came waited_ns after the wait began."""
+        self.c_slept(waited_ns)
 
     # -- send ----------------------------------------------------------------------------
 
@@ -2629,7 +2660,7 @@ cdef class LinkCore:
         return self.c_try_recv(True)
 
     cdef object c_recv(self, timeout, bint as_bytes):
-        cdef int64_t t0 = 0, budget
+        cdef int64_t t0 = 0, budget, began = 0
         cdef bint spun = False, decided = False
         r = SLOW
         if timeout is not None and timeout < 0:
@@ -2639,6 +2670,7 @@ cdef class LinkCore:
                 r = self.c_poll(as_bytes)
                 if r is None:
                     decided = True  # the spin budget is asked once per wait, not per recv
+                    began = now_ns()
                     budget = self.c_spin_budget()
                     if timeout is not None:
                         budget = min(budget, <int64_t>(timeout * 1e9))
@@ -2655,7 +2687,9 @@ cdef class LinkCore:
         if r is SLOW or r is None:
             if t0 and timeout is not None:
                 timeout = max(0.0, timeout - (now_ns() - t0) / 1e9)
-            return self._recv(timeout, as_bytes, not decided)  # decided: the slow path only sleeps
+            r = self._recv(timeout, as_bytes, not decided)  # decided: the slow path only sleeps
+            if began:
+                self.c_slept(now_ns() - began)
         return r
 
     def recv(self, timeout=None):

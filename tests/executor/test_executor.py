@@ -84,6 +84,26 @@ def test_futures_work_with_wait_as_completed_and_asyncio(ex):
     assert asyncio.run(go()) == (7, 11)
 
 
+def test_a_waiting_caller_reads_its_answer_itself(ex):
+    """result() reads the worker's link in the caller's thread while no other thread does, so
+    the answer settles the future there (no wake-up of the caller by the rpc reader thread). A
+    timeout still holds while it reads, and the read role is handed back."""
+    me = threading.current_thread()
+    settled_by = []
+    for i in range(200):
+        f = ex.submit(tasks.add, i, 1)
+        f.add_done_callback(lambda f: settled_by.append(threading.current_thread()))
+        assert f.result(T) == i + 1
+    assert me in settled_by, "no answer was read by the waiting thread"
+    f = ex.submit(tasks.sleep, 1.0, "late")
+    t0 = time.monotonic()
+    with pytest.raises(cf.TimeoutError):
+        f.result(0.2)
+    assert time.monotonic() - t0 < 0.9
+    assert f.result(T) == "late"
+    assert all(w.client._conn.role is not me for w in ex._workers.values())
+
+
 def test_a_dead_worker_fails_only_the_task_it_ran():
     with Executor(2) as ex:
         pids = {ex.submit(tasks.pid).result(T) for _ in range(4)}

@@ -296,6 +296,47 @@ def test_fileno_becomes_readable_when_a_message_arrives():
     assert g.returncode == 0
 
 
+def test_the_spin_grows_to_catch_a_peer_that_answers_just_after_it():
+    """A peer that answers a little later than spin_ns is caught by no spin: every round trip
+    would pay two wake-ups, and no probe would ever leave that state. SPIN_NEAR sleeps in a row
+    that ended within SPIN_STRETCH * spin_ns stretch the spin to 1.25x the wait and resume
+    spinning; a longer sleep breaks the run; the stretch is capped, and dropped once spins miss."""
+    from shmhub.link import GUEST, HOST, Link
+    from shmhub.segment import Segment
+
+    with Segment.create(SegmentConfig(max_guests=1)) as seg:
+        peer = seg.peers.attach()
+        h, g = Link(seg, peer, None, HOST, spin_ns=1000), Link(seg, peer, None, GUEST, spin_ns=1000)
+        try:
+            for _ in range(3):
+                g.spin_result(False)
+            assert [g.spin_budget() for _ in range(3)] == [0] * 3  # sleeping at once (the 16th probes)
+            g.spin_slept(2000)
+            g.spin_slept(100_000)  # a long wait: the run of near ones starts again
+            g.spin_slept(2000)
+            assert g.spin_budget() == 0
+            g.spin_slept(2400)  # two near sleeps in a row: spin 1.25 x 2400 again
+            assert [g.spin_budget() for _ in range(3)] == [3000] * 3
+            g.spin_slept(3900)
+            g.spin_slept(3900)
+            assert g.spin_budget() == 4000  # at most SPIN_STRETCH x spin_ns
+            g.spin_slept(5000)  # beyond the stretch: nothing changes
+            g.spin_slept(5000)
+            assert g.spin_budget() == 4000
+            for _ in range(3):
+                g.spin_result(False)
+            g.spin_result(True)
+            assert g.spin_budget() == 1000  # misses dropped the stretch
+            z = Link(seg, peer, None, GUEST, spin_ns=0)
+            z.spin_slept(10)
+            z.spin_slept(10)
+            assert z.spin_budget() == 0  # spinning off stays off
+            z.close()
+        finally:
+            g.close()
+            h.close()
+
+
 def test_adaptive_spin_probes_less_often_while_probes_miss():
     """After SPIN_MISSES spins in a row that caught nothing, waits sleep at once and only every
     gap-th wait probes with a full spin; each probe that misses doubles the gap (up to 1024), one

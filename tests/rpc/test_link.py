@@ -357,6 +357,60 @@ def test_an_event_loop_reads_its_own_responses_and_hands_the_role_back():
         assert conn.limiter.free == free  # every permit back
 
 
+def test_concurrent_acalls_of_one_loop_are_all_read_by_that_loop():
+    """Many acalls at once from one loop: the first reads, the others wait for it, and when it is
+    answered a reader task of the loop reads on for them. Every response is read in the loop's
+    thread (none handed over by the reader thread), and the role goes back once all are answered."""
+    import threading
+
+    with served() as (host, g, c):
+        conn = c._conn
+        readers = []
+        dispatch = conn._dispatch
+
+        def recording(inc):
+            readers.append(threading.current_thread())
+            dispatch(inc)
+
+        conn._dispatch = recording
+
+        async def go():
+            rnd = random.Random(7)
+            out = await asyncio.gather(*(c.acall("sleep_echo", i, rnd.random() * 0.002, timeout=T) for i in range(200)))
+            return out, threading.current_thread()
+
+        out, me = asyncio.run(go())
+        assert out == list(range(200))
+        assert len(readers) == 200 and set(readers) == {me}
+        assert conn.role is None and conn._loop_reader is None and conn._loop_waiting == 0
+        assert c.call("add", 1, 2, timeout=T) == 3
+
+
+def test_deadlines_do_not_wake_the_timer_thread_per_call():
+    """Calls with deadlines later than the one the timer sleeps until leave it asleep, and the
+    heap of deadlines of calls already answered stays bounded by the calls pending."""
+    with served() as (host, g, c):
+        conn = c._conn
+        assert c.call("add", 1, 2, timeout=T) == 3  # starts the timer thread
+        wakes = []
+
+        class Counting(type(conn._timer_cond)):  # type: ignore[misc]
+            def notify(self, n=1):
+                wakes.append(n)
+                super().notify(n)
+
+        with conn.lock:
+            old, conn._timer_cond = conn._timer_cond, Counting(conn.lock)
+            old.notify()  # the timer wakes and sleeps on the counting condition from now on
+        for i in range(3000):
+            assert c.call("add", i, 1, timeout=T) == i + 1
+        assert len(wakes) <= 3, f"{len(wakes)} timer wake-ups for 3000 calls"
+        assert len(conn.calls._deadlines) <= 2 * len(conn.calls) + 65
+        f = c.submit("sleep_echo", 1, 5.0, timeout=0.1)
+        with pytest.raises(rpc.DeadlineExceeded):  # an earlier deadline still wakes the timer
+            f.result(T)
+
+
 def test_rpc_serve_runs_async_handlers_in_the_loop_that_reads_the_link():
     """rpc.serve in a guest: its main thread's event loop reads the link and runs async handlers
     (no reader thread hands them over); sync handlers still run in the pool, alongside."""

@@ -334,6 +334,7 @@ class Executor(cf.Executor):
                     continue  # cancelled while pending
                 task.started = True
             task.worker = w
+            task.future._conn = w.client._conn
             task.sent_at = now
             if task.timeout is not None:
                 task.deadline = now + task.timeout

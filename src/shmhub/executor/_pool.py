@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from ..remote import RemoteGuest
     from ._executor import Executor
 
-__all__ = ["Manager", "Task", "Worker", "exit_reason", "make_remote_worker", "make_worker", "settle"]
+__all__ = ["Manager", "Task", "TaskFuture", "Worker", "exit_reason", "make_remote_worker", "make_worker", "settle"]
 
 log = logging.getLogger("shmhub.executor")
 
@@ -57,6 +57,28 @@ def settle(fut: "cf.Future[Any]", value: Any = None, exc: Optional[BaseException
         pass
 
 
+class TaskFuture(cf.Future):  # type: ignore[type-arg]
+    """The Future of a task: a thread waiting on result() or exception() reads its worker's link
+    itself while nobody else does (Connection.read_for), so the answer resolves it with no
+    hand-off from the rpc reader thread (a thread wake-up, tens of µs, on every round trip)."""
+
+    _conn: Any = None  # the connection its task was sent over (set when sent)
+
+    def _read(self, timeout: Optional[float]) -> Optional[float]:
+        conn = self._conn
+        if conn is None or self.done():
+            return timeout
+        t0 = time.monotonic()
+        conn.read_for(self, timeout)
+        return None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        return super().result(self._read(timeout))
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        return super().exception(self._read(timeout))
+
+
 class Task:
     """One submit() call, or one chunk of map()."""
 
@@ -64,7 +86,7 @@ class Task:
 
     def __init__(self, method: str, fn: Callable[..., Any], args: Any, kwargs: Optional[Dict[str, Any]], timeout: Optional[float], retries: int) -> None:
         self.method, self.fn, self.args, self.kwargs = method, fn, args, kwargs
-        self.future: cf.Future[Any] = cf.Future()
+        self.future: TaskFuture = TaskFuture()
         self.timeout = timeout
         self.retries = retries
         self.deadline = math.inf  # set when sent (a timeout counts from the start of the task)

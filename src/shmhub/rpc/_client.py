@@ -60,15 +60,12 @@ class Client:
         conn = self._conn
         conn.check()
         await conn.limiter.aacquire(deadline)
-        # A pure client's loop reads its own response (no thread hand-off); a link this end also
-        # serves keeps the reader thread, which runs @inline handlers the loop must not.
-        call, reading = conn.start_call(method, args, kwargs, deadline, read=conn.loop_reads and conn.server is None)
+        call, holding = conn.start_call(method, args, kwargs, deadline, read=conn.loop_reads and conn.server is None)
         if on_sent is not None and not call.future.done():
             on_sent()
-        if reading:
-            await conn.aread_until(call)
-        fut = call.future
-        return fut.result() if fut.done() else await asyncio.wrap_future(fut)
+        # A pure client's loop reads its responses itself (no thread hand-off); a link this end
+        # also serves keeps the reader thread, which runs @inline handlers the loop must not.
+        return await conn.await_call(call, holding)
 
     def stream(self, method: str, /, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> "Stream":
         """Call a generator handler: iterate the result (for, or async for) as items arrive.

@@ -254,6 +254,7 @@ class Connection:
         self._on_done: List[Callable[[], None]] = []
         self._timer_cond = threading.Condition(self.lock)
         self._timer: Optional[threading.Thread] = None
+        self._timer_at: Optional[int] = 0  # the deadline the timer sleeps until (0: it is not asleep; None: none)
         self.loop_reads = reads_in_loop(link)
         self._can_reserve = callable(getattr(link, "reserve", None)) and callable(getattr(link, "send_reserved", None))
         # Across machines monotonic clocks differ: a link that says so carries a REQUEST's
@@ -261,6 +262,9 @@ class Connection:
         self._shared_clock = bool(getattr(link, "shared_clock", True))
         self.reader = threading.Thread(target=self._run, name="shmhub-rpc-reader", daemon=True)
         self.role: Optional[threading.Thread] = None  # who reads the link now (see _run)
+        self._reader_loop: Optional[asyncio.AbstractEventLoop] = None  # the loop whose thread reads (await_call)
+        self._loop_reader: "Optional[asyncio.Task[None]]" = None  # its reader task, once the first reader is answered
+        self._loop_waiting = 0  # acalls of that loop waiting for the reader
         self._role_cond = threading.Condition(self.lock)
 
     def start(self) -> None:
@@ -317,50 +321,135 @@ class Connection:
         finally:
             self._release_role()
 
-    async def aread_until(self, call: Optional[PendingCall]) -> None:
-        """read_until() in an event loop, holding the read role (taken by acall, or by aserve with
-        call None: until the connection ends). The loop thread reads the link itself, so nothing
-        is handed between threads. When the loop has other work ready it runs that first and looks
-        again; otherwise a wait spins (the link's adaptive budget), then sleeps on the doorbell
-        through the loop (aio.arecv)."""
+    def read_for(self, fut: "cf.Future[Any]", timeout: Optional[float]) -> None:
+        """If no thread reads the link now, read it in this one until fut is done (settled by what
+        is read: shmhub.Executor's futures) or timeout, so that the response wakes no other
+        thread on its way to the waiter; else return at once (the reader resolves fut)."""
+        deadline = monotonic_deadline(timeout)
+        with self.lock:
+            if self.role is not None or self.error is not None:
+                return
+            self.role = threading.current_thread()
+        try:
+            while not fut.done():
+                rem = _remaining(deadline)
+                if rem == 0 or not self.read_one(rem):
+                    break
+        finally:
+            self._release_role()
+
+    async def aread(self, call: Optional[PendingCall] = None) -> None:
+        """Read the link in the running event loop while this thread holds the read role: until
+        `call` resolves or passes its deadline (an acall reading for itself), else until the
+        connection ends or the task is cancelled (aserve, or a loop's reader task). The loop thread reads the link itself, so
+        nothing is handed between threads. When the loop has other work ready it runs that first
+        and looks again; otherwise a wait spins (the link's adaptive budget), then sleeps on the
+        doorbell through the loop (aio.arecv). The caller releases the role."""
         from ..aio import arecv
 
         link = self.link
-        fut = call.future if call is not None else None
         # asyncio's run queue (private; None under uvloop, which then neither yields nor spins). A
         # spin holds the loop up to the budget (50 µs), so only while no other task could run.
         ready = getattr(asyncio.get_running_loop(), "_ready", None)
-        try:
-            while fut is None or not fut.done():
-                rem = None if call is None else self._left(call)
+        fut = None if call is None else call.future
+        rem: Optional[float] = None
+        while fut is None or not fut.done():
+            if call is not None:
+                rem = self._left(call)
                 if rem == 0:
-                    break
-                try:
-                    msg = link.try_recv()
-                    if msg is None and ready:
-                        await asyncio.sleep(0)
-                        continue
-                    if msg is None and ready is not None:
-                        budget = link.spin_budget()
-                        if budget:
-                            ok = link._rx.spin_readable(budget if rem is None else min(budget, int(rem * 1e9)))
-                            link.spin_result(ok)
-                            if ok:
-                                msg = link.try_recv()
-                    if msg is None:
-                        msg = await arecv(link, rem)
-                except ShmTimeout:
+                    return
+            try:
+                msg = link.try_recv()
+                if msg is None and ready:
+                    await asyncio.sleep(0)
                     continue
-                except asyncio.CancelledError:
-                    if fut is not None:
-                        fut.cancel()  # arecv took nothing; the done callback sends CANCEL
-                    raise
-                except BaseException as e:
-                    self._read_failed(e)
-                    break
-                if not self._handle(msg):
-                    break
+                began = time.monotonic_ns()
+                if msg is None and ready is not None:
+                    budget = link.spin_budget()
+                    if budget:
+                        ok = link._rx.spin_readable(budget if rem is None else min(budget, int(rem * 1e9)))
+                        link.spin_result(ok)
+                        if ok:
+                            msg = link.try_recv()
+                if msg is None:
+                    msg = await arecv(link, rem)
+                    link.spin_slept(time.monotonic_ns() - began)
+            except ShmTimeout:
+                continue
+            except asyncio.CancelledError:
+                raise  # arecv took nothing
+            except BaseException as e:
+                self._read_failed(e)
+                return
+            if not self._handle(msg):
+                return
+
+    async def await_call(self, call: PendingCall, holding: bool) -> Any:
+        """The result of a call, awaited in an event loop. holding: start_call(read=True) took the
+        read role for this thread, so this task reads until its response came; acalls of the same
+        loop meanwhile wait for the reader, and if some still wait when it is done, a reader task
+        of the loop reads on for them until the last is answered. A response read in the loop
+        resolves its task with no thread hand-off."""
+        fut = call.future
+        loop = asyncio.get_running_loop()
+        if holding:
+            self._reader_loop = loop
+            try:
+                await self.aread(call)
+            except asyncio.CancelledError:
+                fut.cancel()  # the done callback sends CANCEL
+                raise
+            finally:
+                if self._loop_waiting and self.error is None:
+                    self._loop_reader = loop.create_task(self._read_for_loop())
+                else:
+                    self._reader_loop = None
+                    self._release_role()
+            return fut.result()
+        if not fut.done():
+            counted = self._reader_loop is loop
+            waiter: asyncio.Future[None] = loop.create_future()
+            me = threading.get_ident()
+
+            def done(_: "cf.Future[Any]") -> None:
+                if threading.get_ident() == me:
+                    _wake_async(waiter)
+                else:
+                    try:
+                        loop.call_soon_threadsafe(_wake_async, waiter)
+                    except RuntimeError:  # that loop is closed: nobody awaits
+                        pass
+
+            fut.add_done_callback(done)
+            if counted:
+                self._loop_waiting += 1
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                fut.cancel()
+                raise
+            finally:
+                if counted:
+                    self._loop_waiting -= 1
+                    if not self._loop_waiting and self._loop_reader is not None:
+                        self._stop_loop_reader()
+        return fut.result()
+
+    async def _read_for_loop(self) -> None:
+        """The loop's reader task: reads for the acalls still waiting (the role is held)."""
+        try:
+            await self.aread()
         finally:
+            if self._loop_reader is asyncio.current_task():  # else _stop_loop_reader released it
+                self._stop_loop_reader()
+
+    def _stop_loop_reader(self) -> None:
+        """The loop's last waiting acall is answered (or the reader ended): the role goes back (to
+        the reader thread if calls of other threads are pending), and the reader task ends."""
+        task, self._loop_reader, self._reader_loop = self._loop_reader, None, None
+        if task is not None:
+            if task is not asyncio.current_task():
+                task.cancel()
             self._release_role()
 
     def read_one(self, timeout: Optional[float]) -> bool:
@@ -552,7 +641,7 @@ class Connection:
             if not read and self.role is None:
                 self._role_cond.notify()
             if deadline_ns:
-                self._arm_timer()
+                self._arm_timer(deadline_ns)
         fut.add_done_callback(self._settled(cid))
         flags = FLAG_STREAM if stream else 0
         try:
@@ -608,12 +697,13 @@ class Connection:
     def expire(self, call: PendingCall) -> None:
         settle(call.future, exc=DeadlineExceeded(f"call {call.cid} passed its deadline"))
 
-    def _arm_timer(self) -> None:
-        """Deadlines are enforced by one thread per connection, asleep until the earliest (lock held)."""
+    def _arm_timer(self, deadline_ns: int) -> None:
+        """Deadlines are enforced by one thread per connection, asleep until the earliest (lock
+        held). It is woken only for a deadline earlier than that: not once per call."""
         if self._timer is None:
             self._timer = threading.Thread(target=self._timer_loop, name="shmhub-rpc-deadlines", daemon=True)
             self._timer.start()
-        else:
+        elif self._timer_at is None or deadline_ns < self._timer_at:
             self._timer_cond.notify()
 
     def _timer_loop(self) -> None:
@@ -623,6 +713,7 @@ class Connection:
                 now = time.monotonic_ns()
                 if nxt is not None and nxt <= now:
                     expired = self.calls.expired(now)
+                    self._timer_at = 0  # awake: it looks again before it sleeps
                     self.lock.release()
                     try:
                         for cid, call in expired:
@@ -633,7 +724,9 @@ class Connection:
                     finally:
                         self.lock.acquire()
                     continue
+                self._timer_at = nxt
                 self._timer_cond.wait(None if nxt is None else (nxt - now) / 1e9)
+                self._timer_at = 0
 
     # -- sending ----------------------------------------------------------------------------
 

@@ -147,7 +147,13 @@ class CallTable(Generic[T]):
         self._next += 1
         self.pending[cid] = call
         if deadline_ns:
-            heapq.heappush(self._deadlines, (deadline_ns, cid))
+            dl = self._deadlines
+            if len(dl) > 2 * len(self.pending) + 64:
+                # Settled calls' entries are dropped lazily: rebuilt now and then, the heap stays
+                # O(pending) whatever the deadlines (amortised O(1) per call).
+                dl[:] = [e for e in dl if e[1] in self.pending]
+                heapq.heapify(dl)
+            heapq.heappush(dl, (deadline_ns, cid))
         return cid
 
     def get(self, cid: int) -> Optional[T]:

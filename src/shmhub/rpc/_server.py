@@ -196,7 +196,7 @@ class Server:
             self._conns.add(conn)
         try:
             if conn.role is me:
-                reader: Any = conn.aread_until(None)
+                reader: Any = _reading(conn)
             else:  # not a shared-memory link, or its reader thread was reading already: it goes on
                 reader = loop.create_future()
                 conn.when_done(lambda: _set_done(loop, reader))
@@ -483,6 +483,13 @@ def no_server(conn: Connection, inc: Incoming) -> None:
         )
     except _GONE:
         pass
+
+
+async def _reading(conn: Connection) -> None:
+    try:
+        await conn.aread()
+    finally:
+        conn._release_role()
 
 
 def _set_done(loop: asyncio.AbstractEventLoop, fut: "asyncio.Future[None]") -> None:

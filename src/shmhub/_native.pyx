@@ -2396,9 +2396,13 @@ cdef class LinkCore:
     # SPIN_PROBE_MAX), so a process among many on few cores stops paying for probes (a missed probe
     # costs a whole budget, several wake-ups' worth). One spin that pays restores spinning. A single
     # miss changes nothing: a ping-pong peer preempted once must not cost the next round trips a sleep.
-    # The spin's length adapts too (c_slept): a peer that answers a little later than spin_ns
-    # (a handler of 60 µs) would otherwise be caught by no spin and every round trip would pay two
+    # The spin's length adapts too on links that opt in (spin_stretch: rpc sets it), from the
+    # sleeps their waits report (c_slept): a peer that answers a little later than spin_ns (a
+    # handler of 60 µs) would otherwise be caught by no spin and every round trip would pay two
     # wake-ups, an equilibrium no probe leaves (seen: 40 µs calls turning into 115 µs for good).
+    # Off by default: with many guests taking turns on few cores a longer spin costs the others
+    # CPU (the reqresp scenario at G = 8 lost 15% of its rate with it on every link).
+    cdef public bint spin_stretch
     cdef int _spin_misses, _spin_skips, _spin_gap, _near
     cdef int64_t _spin_len  # the spin's length now: spin_ns .. SPIN_STRETCH * spin_ns
 
@@ -2670,7 +2674,8 @@ cdef class LinkCore:
                 r = self.c_poll(as_bytes)
                 if r is None:
                     decided = True  # the spin budget is asked once per wait, not per recv
-                    began = now_ns()
+                    if self.spin_stretch:
+                        began = now_ns()
                     budget = self.c_spin_budget()
                     if timeout is not None:
                         budget = min(budget, <int64_t>(timeout * 1e9))

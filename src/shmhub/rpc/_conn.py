@@ -256,6 +256,8 @@ class Connection:
         self._timer: Optional[threading.Thread] = None
         self._timer_at: Optional[int] = 0  # the deadline the timer sleeps until (0: it is not asleep; None: none)
         self.loop_reads = reads_in_loop(link)
+        if self.loop_reads:
+            link.spin_stretch = True  # request/response: a peer a little slower than a spin is the rule
         self._can_reserve = callable(getattr(link, "reserve", None)) and callable(getattr(link, "send_reserved", None))
         # Across machines monotonic clocks differ: a link that says so carries a REQUEST's
         # remaining budget in deadline_ns, which the receiver anchors to its own clock.

@@ -150,6 +150,19 @@ def test_deadline_raises_on_time_even_if_the_server_is_stuck(pair):
     assert pair.client.call("add", 1, 2, timeout=T) == 3
 
 
+def test_the_server_stops_an_async_handler_at_its_deadline(pair):
+    """Enforced at the serving end as well: the handler's task is cancelled at the deadline and
+    the caller gets DeadlineExceeded from the server (here the client's own timer is off)."""
+    conn = pair.client._conn
+    conn.expire = lambda call: None  # only the server's answer can resolve the call now
+    t0 = time.monotonic()
+    fut = pair.client.submit("await_until_cancelled", "deadline", 5.0, timeout=0.2)
+    with pytest.raises(rpc.DeadlineExceeded, match="deadline passed while it ran"):
+        fut.result(T)
+    assert time.monotonic() - t0 < 4.0
+    assert pair.client.call("wait_event", "deadline", T, timeout=T) == "CancelledError"
+
+
 def test_server_never_starts_an_expired_call():
     ran = []
     p = Pair(handlers={"mark": lambda: ran.append(1), "echo": lambda x: x})

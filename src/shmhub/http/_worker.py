@@ -105,7 +105,7 @@ def _scope(meta: RequestMeta) -> Scope:
 
 class _AsgiExchange:
     """One request through an ASGI app, in the serving loop: receive() from the first chunk and the
-    body calls, send() into a small queue that the stream drains."""
+    body calls, send() into a small queue of response items that next() takes."""
 
     def __init__(self, app: ASGIApp, meta: RequestMeta, body: Chunk, more: bool) -> None:
         self.app = app
@@ -114,13 +114,16 @@ class _AsgiExchange:
         self.more = more
         self.inbox: "Optional[asyncio.Queue[Tuple[Optional[Chunk], bool]]]" = asyncio.Queue(2) if more else None
         self.out: Deque[Any] = deque()
-        self.ready = asyncio.Event()  # out has something (or the app ended)
-        self.drained = asyncio.Event()  # out has room again
-        self.over = asyncio.Event()  # the response is sent or abandoned: receive() reports a disconnect
+        # One waiter at a time on each side: a bare future is cheaper than an asyncio.Event.
+        self.taker: "Optional[asyncio.Future[None]]" = None  # next() waits for an item (or the end)
+        self.sender: "Optional[asyncio.Future[None]]" = None  # send() waits for room in out
+        self.over: Optional[asyncio.Event] = None  # made by a receive() that must wait for the end
+        self.ended = False  # the response is sent or abandoned: receive() reports a disconnect
         self.start: Optional[ResponseMeta] = None
         self.sent_start = False
         self.done = False
         self.error: Optional[BaseException] = None
+        self.task: "Optional[asyncio.Task[None]]" = None
 
     async def receive(self) -> Message:
         if self.first is not None:
@@ -131,7 +134,10 @@ class _AsgiExchange:
             if chunk is not None:
                 return {"type": "http.request", "body": bytes(chunk), "more_body": self.more}
             self.more = False  # the client went away mid-body
-        await self.over.wait()
+        if not self.ended:
+            if self.over is None:
+                self.over = asyncio.Event()
+            await self.over.wait()
         return {"type": "http.disconnect"}
 
     async def send(self, msg: Message) -> None:
@@ -145,7 +151,7 @@ class _AsgiExchange:
             return  # trailers, pathsend and other extensions are not carried
         if self.start is None:
             raise RuntimeError("http.response.body before http.response.start")
-        if self.over.is_set():
+        if self.ended:
             raise OSError("the response is already complete or abandoned")
         more = bool(msg.get("more_body", False))
         for chunk, last_more in _slices(msg.get("body", b""), more):
@@ -154,12 +160,19 @@ class _AsgiExchange:
                 self.out.append((encode_response(self.start), chunk, last_more))
             else:
                 self.out.append((chunk, last_more))
-            self.ready.set()
+            _wake(self.taker)
             while len(self.out) > WINDOW:
-                self.drained.clear()
-                await self.drained.wait()
+                self.sender = asyncio.get_running_loop().create_future()
+                await self.sender
         if not more:
-            self.over.set()
+            self.end()
+
+    def end(self) -> None:
+        """The response is complete or abandoned: a receive() waiting for the end returns."""
+        if not self.ended:
+            self.ended = True
+            if self.over is not None:
+                self.over.set()
 
     async def run(self) -> None:
         try:
@@ -169,32 +182,57 @@ class _AsgiExchange:
             traceback.print_exception(e)  # the app's error goes to the worker's log, as uvicorn does
         finally:
             self.done = True
-            self.ready.set()
+            _wake(self.taker)
 
-    async def items(self) -> AsyncGenerator[Any, None]:
-        task = asyncio.ensure_future(self.run())
+    def begin(self) -> None:
+        self.task = task = asyncio.ensure_future(self.run())
         _running.add(task)  # a task that outlives its response (background work) keeps a reference
         task.add_done_callback(_running.discard)
+
+    async def next(self) -> Any:
+        """The next response item; StopAsyncIteration after the last."""
+        while not self.out:
+            if self.done:
+                if self.error is not None and not self.sent_start:
+                    self.sent_start = True
+                    return (encode_response(ResponseMeta(500, ((b"content-type", b"text/plain; charset=utf-8"),))), b"Internal Server Error", False)
+                if self.error is not None:
+                    raise self.error
+                if not self.sent_start:
+                    raise RuntimeError("the ASGI app returned without sending a response")
+                raise StopAsyncIteration
+            self.taker = asyncio.get_running_loop().create_future()
+            try:
+                await self.taker
+            finally:
+                self.taker = None
+        item = self.out.popleft()
+        _wake(self.sender)
+        return item
+
+    def abandon(self) -> None:
+        """Given up before the response was complete (deadline, client gone): the app is cancelled."""
+        if not self.ended:
+            self.end()
+            if self.task is not None:
+                self.task.cancel()
+
+    async def rest(self) -> AsyncGenerator[Any, None]:
+        """The items after the first (a stream's `rest` call)."""
         try:
             while True:
-                while self.out:
-                    item = self.out.popleft()
-                    self.drained.set()
-                    yield item
-                if self.done:
-                    break
-                self.ready.clear()
-                await self.ready.wait()
-            if self.error is not None and not self.sent_start:
-                yield (encode_response(ResponseMeta(500, ((b"content-type", b"text/plain; charset=utf-8"),))), b"Internal Server Error", False)
-            elif self.error is not None:
-                raise self.error
-            elif not self.sent_start:
-                raise RuntimeError("the ASGI app returned without sending a response")
+                try:
+                    item = await self.next()
+                except StopAsyncIteration:
+                    return
+                yield item
         finally:
-            if not self.over.is_set():
-                self.over.set()
-                task.cancel()  # abandoned before the response was complete (deadline, client gone)
+            self.abandon()
+
+
+def _wake(f: "Optional[asyncio.Future[None]]") -> None:
+    if f is not None and not f.done():
+        f.set_result(None)
 
 
 class _Handlers:
@@ -254,19 +292,19 @@ class AsgiWorker(_Handlers):
         ex = _AsgiExchange(self.app, decode_request(meta), body, more)
         if more:
             self.inboxes[rid] = ex  # before any await: the body calls follow this call on the link
-        items = ex.items()
+        ex.begin()
         try:
-            first = await items.__anext__()
+            first = await ex.next()
         except BaseException:
             self._forget(rid)
-            await items.aclose()  # cancelled (deadline, front gone): so is the app
+            ex.abandon()  # cancelled (deadline, front gone): so is the app
             raise
         if first[-1]:
-            for stale in self._park(rid, deadline_ns, items):
+            for stale in self._park(rid, deadline_ns, ex.rest()):
                 await stale.aclose()
         else:
             self._forget(rid)
-            await items.aclose()  # the response is complete: the app finishes on its own
+            ex.end()  # the response is complete: the app finishes on its own
         return first
 
     async def rest(self, rid: int) -> AsyncIterator[Any]:

@@ -32,7 +32,7 @@ _GONE = (PeerDead, HostGone, LinkClosed, LinkCorrupted)
 class _Serving:
     """One call being served."""
 
-    __slots__ = ("conn", "cid", "deadline_ns", "stream", "cancelled", "task", "loop", "credit", "cond", "async_credit")
+    __slots__ = ("conn", "cid", "deadline_ns", "stream", "cancelled", "timed_out", "task", "loop", "credit", "cond", "async_credit")
 
     def __init__(self, conn: Connection, cid: int, deadline_ns: int, stream: bool) -> None:
         self.conn = conn
@@ -40,6 +40,7 @@ class _Serving:
         self.deadline_ns = deadline_ns
         self.stream = stream
         self.cancelled = False
+        self.timed_out = False  # its deadline cancelled the task running it
         self.task: Optional["asyncio.Task[Any]"] = None
         self.loop: Optional[asyncio.AbstractEventLoop] = None
         self.credit = STREAM_WINDOW
@@ -438,14 +439,22 @@ class Server:
             coro = fn(*args, **kwargs)
             del args, kwargs
             if st.deadline_ns:
-                result = await asyncio.wait_for(coro, max(0.0, (st.deadline_ns - time.monotonic_ns()) / 1e9))
+                # The deadline cancels this very task (not asyncio.wait_for: a second task and
+                # future per call, 10 µs of an HTTP worker's request).
+                loop = asyncio.get_running_loop()
+                timer = loop.call_at(loop.time() + (st.deadline_ns - time.monotonic_ns()) / 1e9, _expire, st)
+                try:
+                    result = await coro
+                finally:
+                    timer.cancel()
             else:
                 result = await coro
             await self._areply(st, Kind.RESULT, result)
         except asyncio.CancelledError:
-            self._finish(st)  # cancelled by the caller: nothing is sent
-        except asyncio.TimeoutError:
-            self._fail(st, DeadlineExceeded("the call's deadline passed while it ran"), ERR_DEADLINE)
+            if st.timed_out and not st.cancelled:
+                self._fail(st, DeadlineExceeded("the call's deadline passed while it ran"), ERR_DEADLINE)
+            else:
+                self._finish(st)  # cancelled by the caller: nothing is sent
         except BaseException as e:
             self._fail(st, e, ERR_EXCEPTION)
 
@@ -490,6 +499,13 @@ async def _reading(conn: Connection) -> None:
         await conn.aread()
     finally:
         conn._release_role()
+
+
+def _expire(st: _Serving) -> None:
+    """An async handler ran past its deadline: its task is cancelled, the caller told."""
+    st.timed_out = True
+    if st.task is not None:
+        st.task.cancel()
 
 
 def _set_done(loop: asyncio.AbstractEventLoop, fut: "asyncio.Future[None]") -> None:

@@ -90,10 +90,11 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 class _Sleep:
     """One sleep of one task on the doorbells of one or more links."""
 
-    __slots__ = ("loop", "fut", "cap", "waker", "watched", "owned", "pool", "helper")
+    __slots__ = ("loop", "tid", "fut", "cap", "waker", "watched", "owned", "pool", "helper")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self.tid = threading.get_ident()  # the loop's thread (a loop lookup is a getpid() in 3.11)
         self.fut = loop.create_future()
         self.cap: Optional[float] = None
         self.waker = self._wake
@@ -108,7 +109,7 @@ class _Sleep:
     def _wake(self) -> None:
         """Resolve the future from any thread (Future methods are not thread-safe)."""
         try:
-            if asyncio._get_running_loop() is self.loop:
+            if threading.get_ident() == self.tid:
                 _resolve(self.fut)
             else:
                 self.loop.call_soon_threadsafe(_resolve, self.fut)

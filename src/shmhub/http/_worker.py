@@ -109,6 +109,7 @@ class _AsgiExchange:
 
     def __init__(self, app: ASGIApp, meta: RequestMeta, body: Chunk, more: bool) -> None:
         self.app = app
+        self.loop = asyncio.get_running_loop()  # once: each lookup is a getpid() syscall in 3.11
         self.scope = _scope(meta)
         self.first: Optional[Tuple[Chunk, bool]] = (body, more)
         self.more = more
@@ -162,7 +163,7 @@ class _AsgiExchange:
                 self.out.append((chunk, last_more))
             _wake(self.taker)
             while len(self.out) > WINDOW:
-                self.sender = asyncio.get_running_loop().create_future()
+                self.sender = self.loop.create_future()
                 await self.sender
         if not more:
             self.end()
@@ -185,7 +186,7 @@ class _AsgiExchange:
             _wake(self.taker)
 
     def begin(self) -> None:
-        self.task = task = asyncio.ensure_future(self.run())
+        self.task = task = self.loop.create_task(self.run())
         _running.add(task)  # a task that outlives its response (background work) keeps a reference
         task.add_done_callback(_running.discard)
 
@@ -201,7 +202,7 @@ class _AsgiExchange:
                 if not self.sent_start:
                     raise RuntimeError("the ASGI app returned without sending a response")
                 raise StopAsyncIteration
-            self.taker = asyncio.get_running_loop().create_future()
+            self.taker = self.loop.create_future()
             try:
                 await self.taker
             finally:

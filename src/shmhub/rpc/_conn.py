@@ -173,15 +173,14 @@ class _Limiter:
                 self.cond.wait(rem)
 
     async def aacquire(self, deadline_ns: int) -> None:
-        import asyncio
-
-        loop = asyncio.get_running_loop()
         with self.cond:
             if self.error is not None:
                 raise self.error
             if self.free > 0:
                 self.free -= 1
                 return
+            # Looked up only here: each lookup is a getpid() syscall in Python 3.11.
+            loop = asyncio.get_running_loop()
             f: asyncio.Future[None] = loop.create_future()
             self.async_waiters.append((loop, f))
         try:

@@ -155,7 +155,9 @@ class Server:
         self.max_frame = max_frame
         self._pool: Optional[cf.ThreadPoolExecutor] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._loop_ident = 0  # the thread running _loop (compared per call: no loop lookup, a syscall in 3.11)
         self._loop_thread: Optional[threading.Thread] = None
+        self._async_fns: Dict[Any, bool] = {}  # handler -> async? (inspect per call showed in profiles)
         self._lock = threading.Lock()
         self._conns: Set[Connection] = set()
         self._closed = False
@@ -188,7 +190,7 @@ class Server:
         loop = asyncio.get_running_loop()
         with self._lock:
             if self._loop is None:
-                self._loop = loop
+                self._loop, self._loop_ident = loop, threading.get_ident()
             elif self._loop is not loop:
                 raise ValueError("this Server's async handlers already run in another event loop")
         me = threading.current_thread()
@@ -209,7 +211,7 @@ class Server:
             with self._lock:
                 self._conns.discard(conn)
                 if self._loop is loop and self._loop_thread is None:
-                    self._loop = None
+                    self._loop, self._loop_ident = None, 0
         if isinstance(conn.error, RpcProtocolError):
             raise conn.error
 
@@ -253,7 +255,7 @@ class Server:
                 self._loop_thread = threading.Thread(target=run, name="shmhub-rpc-loop", daemon=True)
                 self._loop_thread.start()
                 ready.wait(5.0)
-                self._loop = loop
+                self._loop, self._loop_ident = loop, self._loop_thread.ident or 0
             return self._loop
 
     # -- dispatch (reader thread) -----------------------------------------------------------
@@ -282,10 +284,10 @@ class Server:
                 return self._fail(st, e, ERR_EXCEPTION)
             finally:
                 inc.release()
-            if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            if self._is_async(fn):
                 loop = self._get_loop()
                 st.loop = loop
-                if asyncio._get_running_loop() is loop:  # aserve: read in this very loop
+                if threading.get_ident() == self._loop_ident:  # aserve: read in this very loop
                     self._start_task(st, fn, args, kwargs)
                 else:
                     loop.call_soon_threadsafe(self._start_task, st, fn, args, kwargs)
@@ -295,6 +297,16 @@ class Server:
                 self._get_pool().submit(self._run_sync, st, fn, args, kwargs)
         except RuntimeError as e:  # the pool or loop was shut down
             self._fail(st, e, ERR_EXCEPTION)
+
+    def _is_async(self, fn: Callable[..., Any]) -> bool:
+        try:
+            return self._async_fns[fn]
+        except KeyError:
+            pass
+        except TypeError:  # unhashable
+            return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+        kind = self._async_fns[fn] = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+        return kind
 
     def control(self, st: _Serving, kind: Kind, arg: int) -> None:
         """A CANCEL or CREDIT for a call being served (reader thread, or the connection's end)."""
@@ -424,7 +436,8 @@ class Server:
         if st.cancelled:
             self._finish(st)
             return
-        st.task = asyncio.get_running_loop().create_task(self._run_async(st, fn, args, kwargs))
+        assert st.loop is not None
+        st.task = st.loop.create_task(self._run_async(st, fn, args, kwargs))
 
     async def _run_async(self, st: _Serving, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> None:
         _current.set(st)  # this task's own context
@@ -441,7 +454,8 @@ class Server:
             if st.deadline_ns:
                 # The deadline cancels this very task (not asyncio.wait_for: a second task and
                 # future per call, 10 µs of an HTTP worker's request).
-                loop = asyncio.get_running_loop()
+                loop = st.loop
+                assert loop is not None
                 timer = loop.call_at(loop.time() + (st.deadline_ns - time.monotonic_ns()) / 1e9, _expire, st)
                 try:
                     result = await coro

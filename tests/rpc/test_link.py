@@ -386,6 +386,78 @@ def test_concurrent_acalls_of_one_loop_are_all_read_by_that_loop():
         assert c.call("add", 1, 2, timeout=T) == 3
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_loops_acalls_resolve_once_amid_cancels_deadlines_and_thread_calls(seed):
+    """The loop's reader (a leading acall, then its reader task) under churn: acalls cancelled at
+    random moments (the leader among them), some past their deadline, a thread calling meanwhile.
+    Each call resolves exactly once with its own result or its own error; afterwards the role is
+    free, no reader task is left and every in-flight permit is back."""
+    import threading
+
+    with served() as (host, g, c):
+        conn = c._conn
+        free = conn.limiter.free
+        rnd = random.Random(seed)
+        thread_out = []
+
+        def caller():
+            for i in range(60):
+                thread_out.append(c.call("add", i, 1000, timeout=T))
+
+        async def go():
+            th = threading.Thread(target=caller)
+            th.start()
+            tasks, expect = [], []
+            for i in range(150):
+                delay = rnd.choice([0.0, 0.0005, 0.002, 0.01])
+                if rnd.random() < 0.15:
+                    tasks.append(asyncio.ensure_future(c.acall("asleep_echo", i, 0.5, timeout=0.02)))
+                    expect.append("deadline")
+                else:
+                    tasks.append(asyncio.ensure_future(c.acall("asleep_echo", i, delay, timeout=T)))
+                    expect.append(i)
+                if rnd.random() < 0.3:
+                    await asyncio.sleep(rnd.random() * 0.002)
+                if rnd.random() < 0.1:
+                    victim = rnd.randrange(len(tasks))
+                    if tasks[victim].cancel():
+                        expect[victim] = "cancelled"
+            got = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), T)
+            await asyncio.get_running_loop().run_in_executor(None, th.join, T)
+            return got, expect
+
+        got, expect = asyncio.run(go())
+        for g_, e in zip(got, expect):
+            if e == "cancelled":
+                assert isinstance(g_, asyncio.CancelledError)
+            elif e == "deadline":
+                assert isinstance(g_, rpc.DeadlineExceeded), g_
+            else:
+                assert g_ == e
+        assert thread_out == [i + 1000 for i in range(60)]
+        assert conn.role is None and conn._loop_reader is None and conn._loop_waiting == 0
+        wait_for(lambda: conn.limiter.free == free and len(conn.calls) == 0, "every permit back")
+        assert c.call("add", 1, 1, timeout=T) == 2
+
+
+def test_a_dead_server_fails_every_acall_waiting_on_the_loops_reader():
+    with served() as (host, g, c):
+        conn = c._conn
+
+        async def go():
+            first = asyncio.ensure_future(c.acall("asleep_echo", "quick", 0.0, timeout=T))
+            rest = [asyncio.ensure_future(c.acall("asleep_echo", i, 30.0, timeout=T)) for i in range(20)]
+            assert await first == "quick"  # the leader is answered: a reader task reads for the rest
+            await asyncio.sleep(0.05)
+            assert conn._loop_reader is not None
+            g.kill()
+            return await asyncio.wait_for(asyncio.gather(*rest, return_exceptions=True), T)
+
+        got = asyncio.run(go())
+        assert all(isinstance(e, PeerDead) for e in got), got
+        assert conn.role is None and conn._loop_reader is None and conn._loop_waiting == 0
+
+
 def test_deadlines_do_not_wake_the_timer_thread_per_call():
     """Calls with deadlines later than the one the timer sleeps until leave it asleep, and the
     heap of deadlines of calls already answered stays bounded by the calls pending."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import threading
 import time
 from typing import Any, AsyncIterator, Callable, Dict, Iterator, Optional, Tuple
 
@@ -182,7 +183,7 @@ class Stream:
                     raise StopAsyncIteration from None
                 if item is _EMPTY:
                     f: asyncio.Future[None] = loop.create_future()
-                    st.waiters.append((loop, f))
+                    st.waiters.append((loop, f, threading.get_ident()))
             if item is not _EMPTY:
                 self._grant()
                 return item

@@ -76,14 +76,18 @@ class StreamState:
     def __init__(self) -> None:
         self.items: Deque[Any] = deque()
         self.cond = threading.Condition(threading.Lock())
-        self.waiters: List[Tuple["asyncio.AbstractEventLoop", "asyncio.Future[None]"]] = []
+        self.waiters: List[Tuple["asyncio.AbstractEventLoop", "asyncio.Future[None]", int]] = []  # (loop, future, its thread)
         self.consumed = 0  # since the last CREDIT
 
     def wake(self) -> None:
         with self.cond:
             self.cond.notify_all()
             waiters, self.waiters = self.waiters, []
-        for loop, f in waiters:
+        me = threading.get_ident()
+        for loop, f, tid in waiters:
+            if tid == me:  # read by that loop itself: no self-pipe write
+                _wake_async(f)
+                continue
             try:
                 loop.call_soon_threadsafe(_wake_async, f)
             except RuntimeError:  # that loop is closed
@@ -342,10 +346,11 @@ class Connection:
     async def aread(self, call: Optional[PendingCall] = None) -> None:
         """Read the link in the running event loop while this thread holds the read role: until
         `call` resolves or passes its deadline (an acall reading for itself), else until the
-        connection ends or the task is cancelled (aserve, or a loop's reader task). The loop thread reads the link itself, so
-        nothing is handed between threads. When the loop has other work ready it runs that first
-        and looks again; otherwise a wait spins (the link's adaptive budget), then sleeps on the
-        doorbell through the loop (aio.arecv). The caller releases the role."""
+        connection ends or the task is cancelled (aserve, or a loop's reader task). The loop thread
+        reads the link itself, so nothing is handed between threads. When the loop has other work
+        ready it runs that first and looks again; otherwise a wait spins (the link's adaptive
+        budget), then sleeps on the doorbell through the loop (aio.arecv). The caller releases the
+        role."""
         from ..aio import arecv
 
         link = self.link

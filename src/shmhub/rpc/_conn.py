@@ -83,15 +83,8 @@ class StreamState:
         with self.cond:
             self.cond.notify_all()
             waiters, self.waiters = self.waiters, []
-        me = threading.get_ident()
         for loop, f, tid in waiters:
-            if tid == me:  # read by that loop itself: no self-pipe write
-                _wake_async(f)
-                continue
-            try:
-                loop.call_soon_threadsafe(_wake_async, f)
-            except RuntimeError:  # that loop is closed
-                pass
+            _wake_in(loop, tid, f)
 
     def put(self, item: Any) -> None:
         with self.cond:
@@ -136,6 +129,18 @@ def _fail_async(f: "asyncio.Future[None]", err: BaseException) -> None:
 def _wake_async(f: "asyncio.Future[None]") -> None:
     if not f.done():
         f.set_result(None)
+
+
+def _wake_in(loop: "asyncio.AbstractEventLoop", tid: int, f: "asyncio.Future[None]") -> None:
+    """Resolve f of the loop running in thread tid: directly from that thread (no self-pipe
+    write), else through call_soon_threadsafe."""
+    if threading.get_ident() == tid:
+        _wake_async(f)
+        return
+    try:
+        loop.call_soon_threadsafe(_wake_async, f)
+    except RuntimeError:  # that loop is closed: nobody awaits
+        pass
 
 
 class PendingCall:
@@ -317,28 +322,29 @@ class Connection:
 
     def read_until(self, call: PendingCall) -> None:
         """Read as the role holder until `call` resolves (or its deadline), then hand the role on."""
-        fut = call.future
-        try:
-            while not fut.done():
-                rem = self._left(call)
-                if rem == 0 or not self.read_one(rem):
-                    break
-        finally:
-            self._release_role()
+        self._read_while(call.future, call.deadline_ns, call)
 
     def read_for(self, fut: "cf.Future[Any]", timeout: Optional[float]) -> None:
         """If no thread reads the link now, read it in this one until fut is done (settled by what
         is read: shmhub.Executor's futures) or timeout, so that the response wakes no other
         thread on its way to the waiter; else return at once (the reader resolves fut)."""
-        deadline = monotonic_deadline(timeout)
         with self.lock:
             if self.role is not None or self.error is not None:
                 return
             self.role = threading.current_thread()
+        self._read_while(fut, monotonic_deadline(timeout), None)
+
+    def _read_while(self, fut: "cf.Future[Any]", deadline_ns: int, call: Optional[PendingCall]) -> None:
+        """Holding the role: read until fut is done or the deadline (which expires `call`), then
+        hand the role on."""
         try:
             while not fut.done():
-                rem = _remaining(deadline)
-                if rem == 0 or not self.read_one(rem):
+                rem = _remaining(deadline_ns)
+                if rem == 0:
+                    if call is not None:
+                        self.expire(call)
+                    break
+                if not self.read_one(rem):
                     break
         finally:
             self._release_role()
@@ -371,22 +377,23 @@ class Connection:
                     return
             try:
                 msg = link.try_recv()
-                if msg is None and ready:
-                    await asyncio.sleep(0)
-                    continue
-                began = time.monotonic_ns()
-                alone = sel is not None and len(sel.get_map()) <= 2
-                if msg is None and ready is not None:
-                    budget = link.spin_budget() if alone else min(link.spin_budget(), link.spin_ns)
-                    if budget:
-                        ok = link._rx.spin_readable(budget if rem is None else min(budget, int(rem * 1e9)))
-                        link.spin_result(ok)
-                        if ok:
-                            msg = link.try_recv()
-                if msg is None:
-                    msg = await arecv(link, rem)
-                    if alone:
-                        link.spin_slept(time.monotonic_ns() - began)
+                if msg is None:  # a wait (a message found at once costs nothing below)
+                    if ready:
+                        await asyncio.sleep(0)
+                        continue
+                    began = time.monotonic_ns()
+                    alone = sel is not None and len(sel.get_map()) <= 2
+                    if ready is not None:
+                        budget = link.spin_budget() if alone else min(link.spin_budget(), link.spin_ns)
+                        if budget:
+                            ok = link._rx.spin_readable(budget if rem is None else min(budget, int(rem * 1e9)))
+                            link.spin_result(ok)
+                            if ok:
+                                msg = link.try_recv()
+                    if msg is None:
+                        msg = await arecv(link, rem)
+                        if alone:
+                            link.spin_slept(time.monotonic_ns() - began)
             except ShmTimeout:
                 continue
             except asyncio.CancelledError:
@@ -423,17 +430,7 @@ class Connection:
             counted = self._reader_loop is loop
             waiter: asyncio.Future[None] = loop.create_future()
             me = threading.get_ident()
-
-            def done(_: "cf.Future[Any]") -> None:
-                if threading.get_ident() == me:
-                    _wake_async(waiter)
-                else:
-                    try:
-                        loop.call_soon_threadsafe(_wake_async, waiter)
-                    except RuntimeError:  # that loop is closed: nobody awaits
-                        pass
-
-            fut.add_done_callback(done)
+            fut.add_done_callback(lambda _: _wake_in(loop, me, waiter))
             if counted:
                 self._loop_waiting += 1
             try:

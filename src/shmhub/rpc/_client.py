@@ -6,7 +6,7 @@ import asyncio
 import concurrent.futures as cf
 import threading
 import time
-from typing import Any, AsyncIterator, Callable, Dict, Iterator, Optional, Tuple
+from typing import Any, AsyncIterator, Callable, Dict, Iterator, Optional, Tuple, cast
 
 from ..errors import DeadlineExceeded
 from ._codec import Codec
@@ -35,7 +35,7 @@ class Client:
         conn = self._conn
         conn.check()
         conn.limiter.acquire(deadline)
-        return conn.start_call(method, args, kwargs, deadline)[0].future
+        return cast("cf.Future[Any]", conn.start_call(method, args, kwargs, deadline)[0].future)  # not lean: a real Future
 
     def call(self, method: str, /, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> Any:
         """Call and wait: the result, or the handler's exception raised here; DeadlineExceeded
@@ -44,7 +44,7 @@ class Client:
         conn = self._conn
         conn.check()
         conn.limiter.acquire(deadline)
-        call, reading = conn.start_call(method, args, kwargs, deadline, read=True)
+        call, reading = conn.start_call(method, args, kwargs, deadline, read=True, lean=True)
         if reading:
             conn.read_until(call)
         return _wait(call)
@@ -61,7 +61,7 @@ class Client:
         conn = self._conn
         conn.check()
         await conn.limiter.aacquire(deadline)
-        call, holding = conn.start_call(method, args, kwargs, deadline, read=conn.loop_reads and conn.server is None)
+        call, holding = conn.start_call(method, args, kwargs, deadline, read=conn.loop_reads and conn.server is None, lean=True)
         if on_sent is not None and not call.future.done():
             on_sent()
         # A pure client's loop reads its responses itself (no thread hand-off); a link this end
@@ -85,7 +85,7 @@ class Client:
         conn = self._conn
         conn.check()
         conn.limiter.acquire(deadline)
-        return conn.start_call(method, args, kwargs, deadline, stream=CallbackStream(on_item, STREAM_WINDOW))[0].future
+        return cast("cf.Future[None]", conn.start_call(method, args, kwargs, deadline, stream=CallbackStream(on_item, STREAM_WINDOW))[0].future)
 
     def close(self) -> None:
         """Close the link; calls in flight fail with LinkClosed."""

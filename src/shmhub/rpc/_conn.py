@@ -22,14 +22,14 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from .. import _crash
 from ..link import Link
 from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError, ShmTimeout
 from ._codec import Codec, codec_for
 from ._protocol import CallTable, FrameAssembler, Incoming, ServingTable, decode_error, DEFAULT_MAX_FRAME
-from ._wire import FLAG_STREAM, Kind, encode_frame
+from ._wire import FLAG_STREAM, K_CANCEL, K_CREDIT, K_END, K_ERROR, K_ITEM, K_REQUEST, Kind, encode_frame
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -58,7 +58,7 @@ def _remaining(deadline_ns: int) -> Optional[float]:
     return None if not deadline_ns else max(0.0, (deadline_ns - time.monotonic_ns()) / 1e9)
 
 
-def settle(fut: "cf.Future[Any]", value: Any = None, exc: Optional[BaseException] = None) -> bool:
+def settle(fut: "AnyFuture", value: Any = None, exc: Optional[BaseException] = None) -> bool:
     """Resolve a future unless something else already did (its state decides)."""
     try:
         if exc is not None:
@@ -68,6 +68,109 @@ def settle(fut: "cf.Future[Any]", value: Any = None, exc: Optional[BaseException
         return True
     except cf.InvalidStateError:
         return False
+
+
+_PENDING, _FINISHED, _CANCELLED = 0, 1, 2
+_FUT_LOCK = threading.Lock()  # the state changes of every CallFuture: held for a few bytecodes
+
+
+class CallFuture:
+    """The future of a call() or acall(): the part of concurrent.futures.Future that rpc uses, at
+    a fraction of its cost (no Condition per call: a waiter parks on a lock of its own, created
+    only when it has to wait). Never handed to users: submit() returns a real Future."""
+
+    __slots__ = ("_state", "_value", "_exc", "_callbacks", "_waiters")
+
+    def __init__(self) -> None:
+        self._state = _PENDING
+        self._value: Any = None
+        self._exc: Optional[BaseException] = None
+        self._callbacks: List[Callable[["CallFuture"], None]] = []
+        self._waiters: Optional[List[Any]] = None
+
+    def done(self) -> bool:
+        return self._state != _PENDING
+
+    def cancelled(self) -> bool:
+        return self._state == _CANCELLED
+
+    def _settle(self, state: int, value: Any, exc: Optional[BaseException]) -> bool:
+        with _FUT_LOCK:
+            if self._state != _PENDING:
+                return False
+            self._value, self._exc, self._state = value, exc, state
+            waiters, self._waiters = self._waiters, None
+        if waiters:
+            for w in waiters:
+                w.release()
+        for fn in self._callbacks:
+            try:
+                fn(self)
+            except Exception:
+                log.exception("rpc: a call's done callback failed")
+        return True
+
+    def set_result(self, value: Any) -> None:
+        if not self._settle(_FINISHED, value, None):
+            raise cf.InvalidStateError("the call is already settled")
+
+    def set_exception(self, exc: BaseException) -> None:
+        if not self._settle(_FINISHED, None, exc):
+            raise cf.InvalidStateError("the call is already settled")
+
+    def cancel(self) -> bool:
+        if self._settle(_CANCELLED, None, None):
+            return True
+        return self._state == _CANCELLED
+
+    def set_running_or_notify_cancel(self) -> bool:
+        return self._state == _PENDING
+
+    def add_done_callback(self, fn: Callable[["CallFuture"], None]) -> None:
+        with _FUT_LOCK:
+            if self._state == _PENDING:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def _wait(self, timeout: Optional[float]) -> None:
+        if self._state != _PENDING:
+            return
+        w = threading.Lock()
+        w.acquire()
+        with _FUT_LOCK:
+            if self._state != _PENDING:
+                return
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(w)
+        if w.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            return
+        with _FUT_LOCK:
+            if self._waiters is not None and w in self._waiters:
+                self._waiters.remove(w)
+        if self._state == _PENDING:
+            raise cf.TimeoutError()
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        self._wait(timeout)
+        if self._state == _CANCELLED:
+            raise cf.CancelledError()
+        return self._exc
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        self._wait(timeout)
+        if self._state == _CANCELLED:
+            raise cf.CancelledError()
+        if self._exc is not None:
+            try:
+                raise self._exc
+            finally:
+                self = None  # type: ignore[assignment]  # no cycle through the traceback (as cf.Future)
+        return self._value
+
+
+AnyFuture = Union["cf.Future[Any]", CallFuture]
 
 
 class StreamState:
@@ -113,7 +216,7 @@ class CallbackStream(StreamState):
         if self.consumed >= self.window and call is not None and not call.future.done():
             n, self.consumed = self.consumed, 0
             try:  # from the reader thread: bounded, as a CANCEL from a done callback is
-                call.conn.send_frame(Kind.CREDIT, call.cid, b"", (), arg=n, deadline_for_send=monotonic_deadline(1.0))
+                call.conn.send_frame(K_CREDIT, call.cid, b"", (), arg=n, deadline_for_send=monotonic_deadline(1.0))
             except Exception:
                 pass  # the link is gone or stuck: the call fails from the reader
 
@@ -148,7 +251,7 @@ class PendingCall:
 
     __slots__ = ("cid", "future", "stream", "deadline_ns", "conn")
 
-    def __init__(self, conn: "Connection", future: "cf.Future[Any]", deadline_ns: int, stream: Optional[StreamState]) -> None:
+    def __init__(self, conn: "Connection", future: "AnyFuture", deadline_ns: int, stream: Optional[StreamState]) -> None:
         self.cid = 0
         self.conn = conn
         self.future = future
@@ -158,31 +261,41 @@ class PendingCall:
 
 class _Limiter:
     """At most n calls in flight: sync callers block, async callers await; both give up at their
-    deadline or when the connection ends."""
+    deadline or when the connection ends. A free permit costs one plain lock round (no
+    Condition methods: they are Python code, and this runs twice per call)."""
 
     def __init__(self, n: int) -> None:
         if n < 1:
             raise ValueError("max_in_flight must be at least 1")
         self.free = n
-        self.cond = threading.Condition(threading.Lock())
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
+        self.sync_waiters = 0
         self.async_waiters: Deque[Tuple["asyncio.AbstractEventLoop", "asyncio.Future[None]"]] = deque()
         self.error: Optional[BaseException] = None
 
     def acquire(self, deadline_ns: int) -> None:
-        with self.cond:
-            while True:
-                if self.error is not None:
-                    raise self.error
-                if self.free > 0:
-                    self.free -= 1
-                    return
-                rem = _remaining(deadline_ns)
-                if rem is not None and rem <= 0:
-                    raise DeadlineExceeded("deadline passed while waiting for a free in-flight call slot")
-                self.cond.wait(rem)
+        with self.lock:
+            if self.free > 0 and self.error is None:
+                self.free -= 1
+                return
+            self.sync_waiters += 1
+            try:
+                while True:
+                    if self.error is not None:
+                        raise self.error
+                    if self.free > 0:
+                        self.free -= 1
+                        return
+                    rem = _remaining(deadline_ns)
+                    if rem is not None and rem <= 0:
+                        raise DeadlineExceeded("deadline passed while waiting for a free in-flight call slot")
+                    self.cond.wait(rem)
+            finally:
+                self.sync_waiters -= 1
 
     async def aacquire(self, deadline_ns: int) -> None:
-        with self.cond:
+        with self.lock:
             if self.error is not None:
                 raise self.error
             if self.free > 0:
@@ -203,7 +316,7 @@ class _Limiter:
 
     def _abandon(self, loop: "asyncio.AbstractEventLoop", f: "asyncio.Future[None]") -> None:
         """An async waiter gave up: if a permit was handed to it meanwhile, give it back."""
-        with self.cond:
+        with self.lock:
             try:
                 self.async_waiters.remove((loop, f))
                 return
@@ -213,16 +326,21 @@ class _Limiter:
             self.release()
 
     def release(self) -> None:
-        with self.cond:
-            if self.async_waiters:
-                loop, f = self.async_waiters.popleft()
-                try:
-                    loop.call_soon_threadsafe(self._hand, f)
-                    return
-                except RuntimeError:  # its loop is closed: the permit stays here
-                    pass
+        with self.lock:
+            if not self.async_waiters:
+                self.free += 1
+                if self.sync_waiters:
+                    self.cond.notify()
+                return
+            loop, f = self.async_waiters.popleft()
+            try:
+                loop.call_soon_threadsafe(self._hand, f)
+                return
+            except RuntimeError:  # its loop is closed: the permit stays here
+                pass
             self.free += 1
-            self.cond.notify()
+            if self.sync_waiters:
+                self.cond.notify()
 
     def _hand(self, f: "asyncio.Future[None]") -> None:
         if f.done():  # cancelled meanwhile: the permit is not used
@@ -231,7 +349,7 @@ class _Limiter:
             f.set_result(None)
 
     def fail(self, err: BaseException) -> None:
-        with self.cond:
+        with self.lock:
             self.error = err
             self.cond.notify_all()
             waiters, self.async_waiters = list(self.async_waiters), deque()
@@ -324,7 +442,7 @@ class Connection:
         """Read as the role holder until `call` resolves (or its deadline), then hand the role on."""
         self._read_while(call.future, call.deadline_ns, call)
 
-    def read_for(self, fut: "cf.Future[Any]", timeout: Optional[float]) -> None:
+    def read_for(self, fut: "AnyFuture", timeout: Optional[float]) -> None:
         """If no thread reads the link now, read it in this one until fut is done (settled by what
         is read: shmhub.Executor's futures) or timeout, so that the response wakes no other
         thread on its way to the waiter; else return at once (the reader resolves fut)."""
@@ -334,7 +452,7 @@ class Connection:
             self.role = threading.current_thread()
         self._read_while(fut, monotonic_deadline(timeout), None)
 
-    def _read_while(self, fut: "cf.Future[Any]", deadline_ns: int, call: Optional[PendingCall]) -> None:
+    def _read_while(self, fut: "AnyFuture", deadline_ns: int, call: Optional[PendingCall]) -> None:
         """Holding the role: read until fut is done or the deadline (which expires `call`), then
         hand the role on."""
         try:
@@ -504,7 +622,7 @@ class Connection:
     def _dispatch(self, inc: Incoming) -> None:
         h = inc.frame.header
         kind = h.kind
-        if kind is Kind.REQUEST:
+        if kind is K_REQUEST:
             if h.deadline_ns and not self._shared_clock:
                 h.deadline_ns += time.monotonic_ns()  # the budget left when sent, from now
             server = self.server
@@ -515,14 +633,14 @@ class Connection:
             else:
                 server.dispatch(self, inc)
             return
-        if kind is Kind.CANCEL or kind is Kind.CREDIT:
+        if kind is K_CANCEL or kind is K_CREDIT:
             inc.release()
             with self.lock:
                 st = self.serving.control(kind, h.call_id)
             if st is not None and self.server is not None:
                 self.server.control(st, kind, h.arg)
             return
-        final = kind is not Kind.ITEM
+        final = kind is not K_ITEM
         with self.lock:
             call = self.calls.lookup_response(h.call_id)
             if call is not None and final:
@@ -530,13 +648,13 @@ class Connection:
         if call is None:  # a late response (cancelled / expired): its memory goes back now
             inc.release()
             return
-        if (kind is Kind.ITEM or kind is Kind.END) and call.stream is None:
+        if (kind is K_ITEM or kind is K_END) and call.stream is None:
             inc.release()
             raise RpcProtocolError(f"{kind.name} frame for call {h.call_id}, which is not a stream")
         try:
-            if kind is Kind.ERROR:
+            if kind is K_ERROR:
                 settle(call.future, exc=decode_error(inc.payload(), self.codec))
-            elif kind is Kind.END:
+            elif kind is K_END:
                 settle(call.future, None)
             else:
                 try:
@@ -544,12 +662,12 @@ class Connection:
                 except RpcProtocolError:
                     raise
                 except Exception as e:  # this call alone fails (e.g. a class the caller cannot import)
-                    if kind is Kind.ITEM:
+                    if kind is K_ITEM:
                         with self.lock:
                             self.calls.finish(h.call_id)
                     settle(call.future, exc=e)
                 else:
-                    if kind is Kind.ITEM:
+                    if kind is K_ITEM:
                         call.stream.put(value)  # type: ignore[union-attr]
                     else:
                         settle(call.future, value)
@@ -583,7 +701,7 @@ class Connection:
         server = self.server
         if server is not None:
             for st in serving:
-                server.control(st, Kind.CANCEL, 0)
+                server.control(st, K_CANCEL, 0)
         if close:
             try:
                 self.link.close()
@@ -628,18 +746,21 @@ class Connection:
         deadline_ns: int,
         stream: "bool | StreamState" = False,
         read: bool = False,
+        lean: bool = False,
     ) -> Tuple[PendingCall, bool]:
         """Send a REQUEST (an in-flight permit is held by the caller); the call owns the permit.
         stream: True (or the StreamState to fill) for a streamed call. read: take the read role if
         it is free; the second value says whether it was taken (the caller must then call
-        read_until)."""
+        read_until). lean: the call's future is a CallFuture (call/acall: never seen by users)."""
         try:
             payload, oob = self.codec.encode_call(args, kwargs)
         except BaseException:
             self.limiter.release()  # nothing was sent: the permit goes back
             raise
-        fut: cf.Future[Any] = cf.Future()
-        st = stream if isinstance(stream, StreamState) else StreamState() if stream else None
+        fut: AnyFuture = CallFuture() if lean else cf.Future()
+        st = None
+        if stream is not False:
+            st = stream if isinstance(stream, StreamState) else StreamState()
         call = PendingCall(self, fut, deadline_ns, st)
         if isinstance(st, CallbackStream):
             st.call = call
@@ -652,7 +773,7 @@ class Connection:
                 self._role_cond.notify()
             if deadline_ns:
                 self._arm_timer(deadline_ns)
-        fut.add_done_callback(self._settled(cid))
+        fut.add_done_callback(self._settled(cid))  # a closure: a bound method of call would make a cycle (GC work per call)
         flags = FLAG_STREAM if stream else 0
         try:
             sent = False
@@ -661,14 +782,14 @@ class Connection:
                 # (a full ring, no slot) leaves the reading to the reader thread meanwhile, since
                 # reading may be what frees the room.
                 try:
-                    self.send_frame(Kind.REQUEST, cid, payload, oob, flags=flags, deadline_ns=deadline_ns, method=method, nowait=True)
+                    self.send_frame(K_REQUEST, cid, payload, oob, flags=flags, deadline_ns=deadline_ns, method=method, nowait=True)
                     sent = True
                 except WouldBlock:
                     with self.lock:
                         if self.role is None:
                             self._role_cond.notify()
             if not sent:
-                self.send_frame(Kind.REQUEST, cid, payload, oob, flags=flags, deadline_ns=deadline_ns, method=method, deadline_for_send=deadline_ns)
+                self.send_frame(K_REQUEST, cid, payload, oob, flags=flags, deadline_ns=deadline_ns, method=method, deadline_for_send=deadline_ns)
         except BaseException as e:
             with self.lock:
                 self.calls.finish(cid)
@@ -686,8 +807,8 @@ class Connection:
                     reading = True
         return call, reading
 
-    def _settled(self, cid: int) -> Callable[["cf.Future[Any]"], None]:
-        def done(fut: "cf.Future[Any]") -> None:
+    def _settled(self, cid: int) -> Callable[["AnyFuture"], None]:
+        def done(fut: "AnyFuture") -> None:
             # Runs once per call, in whichever thread settled it.
             if fut.cancelled():
                 # CANCELLED -> CANCELLED_AND_NOTIFIED, as an executor's worker does: until then
@@ -698,7 +819,7 @@ class Connection:
             self.limiter.release()
             if unanswered and self.error is None:  # cancelled or expired here: tell the server
                 try:
-                    self.send_frame(Kind.CANCEL, cid, b"", (), deadline_for_send=monotonic_deadline(1.0))
+                    self.send_frame(K_CANCEL, cid, b"", (), deadline_for_send=monotonic_deadline(1.0))
                 except Exception:
                     pass  # the link is gone or stuck: the server learns from that instead
 
@@ -759,6 +880,28 @@ class Connection:
         WouldBlock, with nothing sent, where the buffers' reservations, the send lock or the
         header would wait (the buffers' own ring frames, announced by the header, still may)."""
         link = self.link
+        if not oob:  # most frames: nothing to stage, nothing to give back on failure
+            if deadline_ns and not self._shared_clock:
+                deadline_ns = max(1, deadline_ns - time.monotonic_ns())
+            head = encode_frame(kind, cid, payload, flags=flags, deadline_ns=deadline_ns, arg=arg, method=method)
+            lock = self.send_lock
+            if nowait:
+                if not lock.acquire(False):
+                    raise WouldBlock
+            else:
+                rem = _remaining(deadline_for_send)
+                if not lock.acquire(timeout=-1 if rem is None else rem):
+                    raise DeadlineExceeded("deadline passed waiting to send")
+            try:
+                link.send(head, timeout=0.0 if nowait else _remaining(deadline_for_send))
+                _crash.point(b"rpc.header_sent")
+            except ShmTimeout:
+                if nowait:
+                    raise WouldBlock from None
+                raise
+            finally:
+                lock.release()
+            return
         descs: List[Tuple[int, int]] = []
         outs: List[Tuple[Any, int]] = []  # (reserved message, nbytes) or (memoryview, -1)
         try:

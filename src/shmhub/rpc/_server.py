@@ -16,7 +16,7 @@ from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, Peer
 from ._codec import Codec
 from ._conn import Connection, WouldBlock, connection_for, reads_in_loop
 from ._protocol import ERR_DEADLINE, ERR_EXCEPTION, ERR_NOT_FOUND, DEFAULT_MAX_FRAME, Incoming, encode_error
-from ._wire import FLAG_STREAM, Kind
+from ._wire import FLAG_STREAM, K_CREDIT, K_END, K_ERROR, K_ITEM, K_RESULT, Kind
 
 __all__ = ["Server", "aserve", "serve", "cancelled", "inline", "STREAM_WINDOW"]
 
@@ -310,7 +310,7 @@ class Server:
 
     def control(self, st: _Serving, kind: Kind, arg: int) -> None:
         """A CANCEL or CREDIT for a call being served (reader thread, or the connection's end)."""
-        if kind is Kind.CREDIT:
+        if kind is K_CREDIT:
             with st.cond:
                 st.credit += arg
                 st.cond.notify_all()
@@ -344,7 +344,7 @@ class Server:
 
     def _fail(self, st: _Serving, exc: BaseException, code: int) -> None:
         if self._finish(st):
-            self._send(st, Kind.ERROR, encode_error(exc, st.conn.codec, code), ())
+            self._send(st, K_ERROR, encode_error(exc, st.conn.codec, code), ())
 
     def _send(self, st: _Serving, kind: Kind, payload: bytes, oob: Any) -> None:
         try:
@@ -372,11 +372,11 @@ class Server:
         try:
             payload, oob = st.conn.codec.encode(value)
         except Exception as e:  # a result that does not encode fails this call alone
-            if kind is Kind.ITEM:
+            if kind is K_ITEM:
                 raise
             self._fail(st, e, ERR_EXCEPTION)
             return None
-        if kind is not Kind.ITEM and not self._finish(st):
+        if kind is not K_ITEM and not self._finish(st):
             return None
         return payload, oob
 
@@ -406,7 +406,7 @@ class Server:
                 result.close()
                 raise TypeError(f"handler {getattr(fn, '__name__', fn)!r} is a generator: call it with client.stream()")
             else:
-                self._reply(st, Kind.RESULT, result)
+                self._reply(st, K_RESULT, result)
         except BaseException as e:
             self._fail(st, e, ERR_EXCEPTION)
         finally:
@@ -418,10 +418,10 @@ class Server:
             for item in it:
                 if not st.wait_credit():
                     break
-                self._reply(st, Kind.ITEM, item)
+                self._reply(st, K_ITEM, item)
             else:
                 if self._finish(st):
-                    self._send(st, Kind.END, b"", ())
+                    self._send(st, K_END, b"", ())
                 return
         finally:
             close = getattr(it, "close", None)
@@ -463,7 +463,7 @@ class Server:
                     timer.cancel()
             else:
                 result = await coro
-            await self._areply(st, Kind.RESULT, result)
+            await self._areply(st, K_RESULT, result)
         except asyncio.CancelledError:
             if st.timed_out and not st.cancelled:
                 self._fail(st, DeadlineExceeded("the call's deadline passed while it ran"), ERR_DEADLINE)
@@ -485,9 +485,9 @@ class Server:
                             break
                         st.async_credit.clear()
                     await st.async_credit.wait()
-                await self._areply(st, Kind.ITEM, item)
+                await self._areply(st, K_ITEM, item)
             if self._finish(st):
-                await self._asend(st, Kind.END, b"", ())
+                await self._asend(st, K_END, b"", ())
         finally:
             await agen.aclose()
             self._finish(st)
@@ -502,7 +502,7 @@ def no_server(conn: Connection, inc: Incoming) -> None:
         conn.serving.done(h.call_id)
     try:
         conn.send_frame(
-            Kind.ERROR, h.call_id, encode_error(LookupError(f"no method {h.method!r}: nothing serves on this end of the link"), conn.codec, ERR_NOT_FOUND), ()
+            K_ERROR, h.call_id, encode_error(LookupError(f"no method {h.method!r}: nothing serves on this end of the link"), conn.codec, ERR_NOT_FOUND), ()
         )
     except _GONE:
         pass

@@ -104,6 +104,36 @@ def test_a_waiting_caller_reads_its_answer_itself(ex):
     assert all(w.client._conn.role is not me for w in ex._workers.values())
 
 
+def test_an_answer_read_before_the_executor_attached_its_callback(monkeypatch):
+    """The reader thread may read a task's answer before the sending thread has attached the
+    executor's callback to the rpc call; the task is then settled from the sending thread. A
+    caller that began waiting in between must not be left asleep on the link (it hung so in
+    nested executors: nothing more ever arrived to wake it)."""
+    from shmhub.rpc import Client
+
+    with Executor(1, queue_depth=1) as ex:
+        first = ex.submit(tasks.sleep, 0.3, "first")  # holds the worker: the next task is sent by the manager thread
+        orig = Client.submit
+        window = threading.Event()
+
+        def submit(self, method, *args, **kwargs):
+            f = orig(self, method, *args, **kwargs)
+            wait_until(lambda: f.done() and self._conn.role is None, "the answer read by the reader thread")
+            window.set()  # answered and read, the executor's callback not attached yet
+            time.sleep(0.3)  # the caller starts waiting meanwhile
+            return f
+
+        monkeypatch.setattr(Client, "submit", submit)
+        second = ex.submit(tasks.add, 2, 3)
+        assert first.result(T) == "first"
+        assert window.wait(T)
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(second.result()))  # no timeout: a lost wake-up hangs
+        waiter.start()
+        waiter.join(T)
+        assert got == [5], "the caller was left asleep on the link"
+
+
 def test_a_dead_worker_fails_only_the_task_it_ran():
     with Executor(2) as ex:
         pids = {ex.submit(tasks.pid).result(T) for _ in range(4)}

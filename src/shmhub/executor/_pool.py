@@ -62,14 +62,18 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
     itself while nobody else does (Connection.read_for), so the answer resolves it with no
     hand-off from the rpc reader thread (a thread wake-up, tens of µs, on every round trip)."""
 
-    _conn: Any = None  # the connection its task was sent over (set when sent)
+    _conn: Any = None  # the connection its task was sent over
+    _rpc: Any = None  # the call carrying it (set once sent; cleared once answered)
 
     def _read(self, timeout: Optional[float]) -> Optional[float]:
-        conn = self._conn
-        if conn is None or self.done():
+        conn, rpc = self._conn, self._rpc
+        if rpc is None or rpc.done() or self.done():
             return timeout
         t0 = time.monotonic()
-        conn.read_for(self, timeout)
+        # Read while the rpc call is pending, not merely while this future is: its answer may be
+        # read (by the reader thread) before the executor's callback is attached, which then
+        # settles this future from another thread, with no message left to wake a reader.
+        conn.read_for((rpc, self), timeout)
         return None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
 
     def result(self, timeout: Optional[float] = None) -> Any:

@@ -65,6 +65,9 @@ class _OOBBytes:
 
 
 _BYTES = (bytes, bytearray)
+# Types that never export a buffer to pickle (small bytes go in-band anyway): encoded without a
+# buffer callback, the common case of small arguments and results.
+_PLAIN = frozenset((type(None), bool, int, float, str))
 
 
 def _as_view(buf: Any) -> memoryview:
@@ -93,6 +96,12 @@ class PickleCodec(Codec):
         return _OOBBytes(obj) if type(obj) in _BYTES and len(obj) >= self.threshold else obj
 
     def encode_call(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Encoded:
+        if not kwargs:
+            for a in args:
+                if type(a) not in _PLAIN:
+                    break
+            else:  # nothing that could leave the stream: no buffer callback to set up
+                return pickle.dumps((args, None), 5), []
         t = self.threshold
         for a in args:
             if type(a) in _BYTES and len(a) >= t:
@@ -107,6 +116,8 @@ class PickleCodec(Codec):
         return args, kwargs or {}
 
     def encode(self, obj: Any) -> Encoded:
+        if type(obj) in _PLAIN:
+            return pickle.dumps(obj, 5), []
         if type(obj) in _BYTES and len(obj) >= self.threshold:
             obj = _OOBBytes(obj)
         oob: List[pickle.PickleBuffer] = []

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple, TypeVar
+from types import GeneratorType
 
 from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError, ShmTimeout
 from ._codec import Codec
@@ -100,6 +101,15 @@ def inline(fn: F) -> F:
     return fn
 
 
+_ASYNC, _INLINE, _POOL = "async", "inline", "pool"
+
+
+def _how(fn: Callable[..., Any]) -> str:
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        return _ASYNC
+    return _INLINE if getattr(fn, "__shmhub_rpc_inline__", False) else _POOL
+
+
 def _resolve(handlers: Any) -> Callable[[str], Optional[Callable[..., Any]]]:
     """Name -> callable: mapping keys (a dotted name reaches into a mapped object's public
     attributes), or an object's public methods."""
@@ -157,7 +167,7 @@ class Server:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._loop_ident = 0  # the thread running _loop (compared per call: no loop lookup, a syscall in 3.11)
         self._loop_thread: Optional[threading.Thread] = None
-        self._async_fns: Dict[Any, bool] = {}  # handler -> async? (inspect per call showed in profiles)
+        self._hows: Dict[Any, str] = {}  # handler -> where it runs (see _how)
         self._lock = threading.Lock()
         self._conns: Set[Connection] = set()
         self._closed = False
@@ -261,7 +271,7 @@ class Server:
     # -- dispatch (reader thread) -----------------------------------------------------------
 
     def dispatch(self, conn: Connection, inc: Incoming) -> None:
-        h = inc.frame.header
+        h = inc.frame
         stream = bool(h.flags & FLAG_STREAM)
         st = _Serving(conn, h.call_id, h.deadline_ns, stream)
         try:
@@ -284,29 +294,32 @@ class Server:
                 return self._fail(st, e, ERR_EXCEPTION)
             finally:
                 inc.release()
-            if self._is_async(fn):
-                loop = self._get_loop()
+            how = self._how(fn)
+            if how is _ASYNC:
+                loop = self._loop or self._get_loop()
                 st.loop = loop
                 if threading.get_ident() == self._loop_ident:  # aserve: read in this very loop
                     self._start_task(st, fn, args, kwargs)
                 else:
                     loop.call_soon_threadsafe(self._start_task, st, fn, args, kwargs)
-            elif getattr(fn, "__shmhub_rpc_inline__", False):
+            elif how is _INLINE:
                 self._run_sync(st, fn, args, kwargs)  # opted in: quick, never blocks (see inline())
             else:
-                self._get_pool().submit(self._run_sync, st, fn, args, kwargs)
+                (self._pool or self._get_pool()).submit(self._run_sync, st, fn, args, kwargs)
         except RuntimeError as e:  # the pool or loop was shut down
             self._fail(st, e, ERR_EXCEPTION)
 
-    def _is_async(self, fn: Callable[..., Any]) -> bool:
+    def _how(self, fn: Callable[..., Any]) -> str:
+        """Where a handler runs: _ASYNC (the loop), _INLINE (the reader) or _POOL. Cached per
+        handler: inspect, and a getattr that misses, showed in profiles."""
         try:
-            return self._async_fns[fn]
+            return self._hows[fn]
         except KeyError:
             pass
         except TypeError:  # unhashable
-            return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
-        kind = self._async_fns[fn] = inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
-        return kind
+            return _how(fn)
+        how = self._hows[fn] = _how(fn)
+        return how
 
     def control(self, st: _Serving, kind: Kind, arg: int) -> None:
         """A CANCEL or CREDIT for a call being served (reader thread, or the connection's end)."""
@@ -383,7 +396,7 @@ class Server:
     def _reply(self, st: _Serving, kind: Kind, value: Any) -> None:
         enc = self._encode(st, kind, value)
         if enc is not None:
-            self._send(st, kind, *enc)
+            self._send(st, kind, enc[0], enc[1])
 
     async def _areply(self, st: _Serving, kind: Kind, value: Any) -> None:
         enc = self._encode(st, kind, value)
@@ -402,7 +415,7 @@ class Server:
             del args, kwargs
             if st.stream:
                 self._stream_sync(st, result)
-            elif inspect.isgenerator(result):
+            elif isinstance(result, GeneratorType):
                 result.close()
                 raise TypeError(f"handler {getattr(fn, '__name__', fn)!r} is a generator: call it with client.stream()")
             else:
@@ -495,7 +508,7 @@ class Server:
 
 def no_server(conn: Connection, inc: Incoming) -> None:
     """A REQUEST on a link nobody serves: answer it with a clear error."""
-    h = inc.frame.header
+    h = inc.frame
     inc.release()
     with conn.lock:
         conn.serving.request(h.call_id, None)

@@ -97,16 +97,38 @@ class Header:
         )
 
 
-class Frame:
-    """A decoded header frame: the header, the descriptors of the buffers that follow, and where
-    the codec payload starts in the message."""
+class Frame(Header):
+    """A decoded header frame: the header's fields, the descriptors of the buffers that follow,
+    and where the codec payload starts in the message. One object per frame: `frame.header` is
+    the frame itself."""
 
-    __slots__ = ("header", "descriptors", "payload_offset")
+    __slots__ = ("descriptors", "payload_offset")
 
-    def __init__(self, header: Header, descriptors: Tuple[Tuple[int, int], ...], payload_offset: int) -> None:
-        self.header = header
+    def __init__(
+        self,
+        kind: Kind,
+        call_id: int,
+        flags: int,
+        deadline_ns: int,
+        arg: int,
+        method: str,
+        n_buffers: int,
+        descriptors: Tuple[Tuple[int, int], ...],
+        payload_offset: int,
+    ) -> None:
+        self.kind = kind
+        self.call_id = call_id
+        self.flags = flags
+        self.deadline_ns = deadline_ns
+        self.arg = arg
+        self.method = method
+        self.n_buffers = n_buffers
         self.descriptors = descriptors
         self.payload_offset = payload_offset
+
+    @property
+    def header(self) -> Header:
+        return self
 
 
 _pack = HEADER.pack
@@ -157,7 +179,7 @@ def decode_frame(data: "Buffer", max_frame: int) -> Frame:
         if k is None:
             raise RpcProtocolError(f"unknown frame kind {kind}")
         if not (flags or nbuf or mlen):  # responses: the common case, kept short
-            return Frame(Header(k, call_id, 0, deadline_ns, arg), (), HEADER_SIZE)
+            return Frame(k, call_id, 0, deadline_ns, arg, "", 0, (), HEADER_SIZE)
         if flags & ~KNOWN_FLAGS:
             raise RpcProtocolError(f"unknown frame flags {flags:#x}")
         if nbuf > MAX_BUFFERS:
@@ -171,5 +193,5 @@ def decode_frame(data: "Buffer", max_frame: int) -> Frame:
             method = str(mv[HEADER_SIZE : HEADER_SIZE + mlen], "utf-8")
         except UnicodeDecodeError:
             raise RpcProtocolError("method name is not UTF-8") from None
-        descs = tuple(DESCRIPTOR.unpack_from(mv, HEADER_SIZE + mlen + i * DESCRIPTOR_SIZE) for i in range(nbuf))
-    return Frame(Header(k, call_id, flags, deadline_ns, arg, method, nbuf), descs, end)
+        descs = tuple(DESCRIPTOR.unpack_from(mv, HEADER_SIZE + mlen + i * DESCRIPTOR_SIZE) for i in range(nbuf)) if nbuf else ()
+    return Frame(k, call_id, flags, deadline_ns, arg, method, nbuf, descs, end)

@@ -131,7 +131,10 @@ class CallFuture:
             if self._state == _PENDING:
                 self._callbacks.append(fn)
                 return
-        fn(self)
+        try:
+            fn(self)
+        except Exception:
+            log.exception("rpc: a call's done callback failed")
 
     def _wait(self, timeout: Optional[float]) -> None:
         if self._state != _PENDING:
@@ -457,7 +460,7 @@ class Connection:
         """Holding the role: read until fut (or one of others) is done or the deadline (which
         expires `call`), then hand the role on."""
         try:
-            while not fut.done() and not any(f.done() for f in others):
+            while not fut.done() and not (others and any(f.done() for f in others)):
                 rem = _remaining(deadline_ns)
                 if rem == 0:
                     if call is not None:
@@ -885,14 +888,7 @@ class Connection:
             if deadline_ns and not self._shared_clock:
                 deadline_ns = max(1, deadline_ns - time.monotonic_ns())
             head = encode_frame(kind, cid, payload, flags=flags, deadline_ns=deadline_ns, arg=arg, method=method)
-            lock = self.send_lock
-            if nowait:
-                if not lock.acquire(False):
-                    raise WouldBlock
-            else:
-                rem = _remaining(deadline_for_send)
-                if not lock.acquire(timeout=-1 if rem is None else rem):
-                    raise DeadlineExceeded("deadline passed waiting to send")
+            self._lock_send(nowait, deadline_for_send)
             try:
                 link.send(head, timeout=0.0 if nowait else _remaining(deadline_for_send))
                 _crash.point(b"rpc.header_sent")
@@ -901,7 +897,7 @@ class Connection:
                     raise WouldBlock from None
                 raise
             finally:
-                lock.release()
+                self.send_lock.release()
             return
         descs: List[Tuple[int, int]] = []
         outs: List[Tuple[Any, int]] = []  # (reserved message, nbytes) or (memoryview, -1)
@@ -914,9 +910,7 @@ class Connection:
             if deadline_ns and not self._shared_clock:
                 deadline_ns = max(1, deadline_ns - time.monotonic_ns())
             head = encode_frame(kind, cid, payload, flags=flags, deadline_ns=deadline_ns, arg=arg, method=method, buffers=descs)
-            rem = 0.0 if nowait else _remaining(deadline_for_send)
-            if not self.send_lock.acquire(timeout=-1 if rem is None else rem):
-                raise WouldBlock if nowait else DeadlineExceeded("deadline passed waiting to send")
+            self._lock_send(nowait, deadline_for_send)
         except BaseException:
             for buf, nbytes in outs:
                 if nbytes >= 0 and getattr(buf, "token", None) is not None:
@@ -950,6 +944,16 @@ class Connection:
                     raise
         finally:
             self.send_lock.release()
+
+    def _lock_send(self, nowait: bool, deadline_ns: int) -> None:
+        """Take the send lock: WouldBlock (nowait) or DeadlineExceeded if it is not had in time."""
+        if nowait:
+            if not self.send_lock.acquire(False):
+                raise WouldBlock
+            return
+        rem = _remaining(deadline_ns)
+        if not self.send_lock.acquire(timeout=-1 if rem is None else rem):
+            raise DeadlineExceeded("deadline passed waiting to send")
 
     def _stage(self, pb: Any, deadline_ns: int, nowait: bool = False) -> Tuple[int, int, Tuple[Any, int]]:
         """(offset, length, what to send) of an out-of-band buffer: a reserved message of this link

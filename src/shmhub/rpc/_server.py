@@ -104,7 +104,7 @@ def inline(fn: F) -> F:
 _ASYNC, _INLINE, _POOL = "async", "inline", "pool"
 
 
-def _how(fn: Callable[..., Any]) -> str:
+def _where(fn: Callable[..., Any]) -> str:
     if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         return _ASYNC
     return _INLINE if getattr(fn, "__shmhub_rpc_inline__", False) else _POOL
@@ -317,8 +317,8 @@ class Server:
         except KeyError:
             pass
         except TypeError:  # unhashable
-            return _how(fn)
-        how = self._hows[fn] = _how(fn)
+            return _where(fn)
+        how = self._hows[fn] = _where(fn)
         return how
 
     def control(self, st: _Serving, kind: Kind, arg: int) -> None:

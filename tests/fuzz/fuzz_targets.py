@@ -543,7 +543,7 @@ def rpc(data: bytes) -> None:
             continue
         views = inc.views()
         payload = inc.payload()
-        h = inc.frame.header
+        h = inc.frame
         # the connection's bookkeeping (_conn.Connection._dispatch) on what the peer sent
         if h.kind == Kind.REQUEST:
             serving.request(h.call_id, 0)

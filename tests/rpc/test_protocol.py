@@ -26,8 +26,7 @@ def test_frame_round_trips_every_field():
         W.Kind.REQUEST, 2**64 - 1, b"payload", flags=W.FLAG_STREAM, deadline_ns=123456789, arg=7, method="model.predict", buffers=[(0, 10), (64, 2**40)]
     )
     d = W.decode_frame(f, 1 << 20)
-    h = d.header
-    assert (h.kind, h.call_id, h.flags, h.deadline_ns, h.arg, h.method, h.n_buffers) == (
+    assert (d.kind, d.call_id, d.flags, d.deadline_ns, d.arg, d.method, d.n_buffers) == (
         W.Kind.REQUEST,
         2**64 - 1,
         W.FLAG_STREAM,
@@ -45,7 +44,7 @@ def test_response_fast_path_matches_the_general_encoding():
     f = W.encode_frame(W.Kind.RESULT, 5, b"xyz")
     assert f == W.HEADER.pack(W.VERSION, W.Kind.RESULT, 0, 0, 5, 0, 0, 0, 0) + b"xyz"
     d = W.decode_frame(f, 100)
-    assert d.header.kind is W.Kind.RESULT and d.header.call_id == 5 and f[d.payload_offset :] == b"xyz"
+    assert d.kind is W.Kind.RESULT and d.call_id == 5 and f[d.payload_offset :] == b"xyz"
 
 
 GOOD = W.encode_frame(W.Kind.REQUEST, 1, b"p", method="add", buffers=[(0, 4)])

@@ -354,7 +354,7 @@ class Executor(cf.Executor):
                     # rpc settles a call whose send failed instead of raising: the worker never got
                     # this task (it cannot also have run it, died and been noticed in between)
                     raise f.exception()  # type: ignore[misc]
-                task.rpc = task.future._rpc = f
+                task.future._rpc = f
             except BaseException as e:
                 if self._unsent(w, [task], e):
                     return
@@ -388,7 +388,7 @@ class Executor(cf.Executor):
                 f = None  # e.g. one task's arguments do not pickle: one by one below, so it alone fails
             else:
                 for t in live:
-                    t.rpc = t.future._rpc = f
+                    t.future._rpc = f
                 with self._lock:
                     self._counts["batched"] += len(live)
         if f is None:
@@ -421,12 +421,12 @@ class Executor(cf.Executor):
             w.gone = True
             self._manager.worker_lost(w)  # the task's fate is decided with the worker's other tasks
             return
-        task.rpc = task.future._rpc = None  # it holds the result: once the caller drops it, its shared memory goes back
+        task.future._rpc = None
         self._done(w, task, exc, None if exc is not None else f.result())
 
     def _item(self, w: Worker, task: Task, item: Any) -> None:
         """One task's answer in a run_batch stream (rpc reader thread)."""
-        task.rpc = task.future._rpc = None
+        task.future._rpc = None
         ok, value = item
         if ok:
             self._done(w, task, None, value)
@@ -443,7 +443,7 @@ class Executor(cf.Executor):
         with self._lock:
             left = [t for t in tasks if t in w.tasks]
         for t in left:  # e.g. the worker's initializer failed: the batch's tasks fail with it
-            t.rpc = t.future._rpc = None
+            t.future._rpc = None
             self._done(w, t, exc if exc is not None else RpcProtocolError("run_batch ended without answering every task"), None)
 
     def _done(self, w: Worker, task: Task, exc: Optional[BaseException], value: Any) -> None:
@@ -561,7 +561,7 @@ class Executor(cf.Executor):
                 self._forget(w)
         # The reader (it reads while calls are pending) first settles what the worker answered
         # before it died; calls it answered are gone from w.tasks then.
-        cf.wait([t.rpc for t in list(w.tasks) if t.rpc is not None], timeout=EXIT_WAIT)
+        cf.wait([f for t in list(w.tasks) if (f := t.future._rpc) is not None], timeout=EXIT_WAIT)
         w.handle.kill()  # a broken link but a live process: it must not run on
         try:
             code: Optional[int] = w.handle.wait(EXIT_WAIT)
@@ -575,7 +575,7 @@ class Executor(cf.Executor):
             tasks = list(w.tasks)
             w.tasks.clear()
             for t in tasks:
-                t.rpc = t.future._rpc = None
+                t.future._rpc = None
             first: Optional[Task] = tasks[0] if tasks else None
             requeue = tasks[1:]
             exc: Optional[BaseException] = None

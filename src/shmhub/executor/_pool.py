@@ -63,7 +63,9 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
     hand-off from the rpc reader thread (a thread wake-up, tens of µs, on every round trip)."""
 
     _conn: Any = None  # the connection its task was sent over
-    _rpc: Any = None  # the call carrying it (set once sent; cleared once answered)
+    # The rpc call carrying it, set once sent and cleared once answered (it holds the result:
+    # once the caller drops that, its shared memory goes back).
+    _rpc: "Optional[cf.Future[Any]]" = None
 
     def _read(self, timeout: Optional[float]) -> Optional[float]:
         conn, rpc = self._conn, self._rpc
@@ -73,7 +75,7 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
         # Read while the rpc call is pending, not merely while this future is: its answer may be
         # read (by the reader thread) before the executor's callback is attached, which then
         # settles this future from another thread, with no message left to wake a reader.
-        conn.read_for((rpc, self), timeout)
+        conn.read_for(rpc, timeout, also=self)
         return None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
 
     def result(self, timeout: Optional[float] = None) -> Any:
@@ -86,7 +88,7 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
 class Task:
     """One submit() call, or one chunk of map()."""
 
-    __slots__ = ("method", "fn", "args", "kwargs", "future", "timeout", "retries", "deadline", "worker", "started", "stop", "timed_out", "rpc", "sent_at")
+    __slots__ = ("method", "fn", "args", "kwargs", "future", "timeout", "retries", "deadline", "worker", "started", "stop", "timed_out", "sent_at")
 
     def __init__(self, method: str, fn: Callable[..., Any], args: Any, kwargs: Optional[Dict[str, Any]], timeout: Optional[float], retries: int) -> None:
         self.method, self.fn, self.args, self.kwargs = method, fn, args, kwargs
@@ -98,7 +100,6 @@ class Task:
         self.started = False  # set_running_or_notify_cancel() was called
         self.stop = False  # Executor.stop(): kill the worker once this task runs
         self.timed_out = False
-        self.rpc: "Optional[cf.Future[Any]]" = None  # the call carrying it to its worker
         self.sent_at = 0.0
 
     def rpc_args(self) -> Tuple[Any, ...]:

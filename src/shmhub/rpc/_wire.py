@@ -17,7 +17,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Kind",
-    "Header",
     "HEADER",
     "HEADER_SIZE",
     "DESCRIPTOR",
@@ -76,33 +75,12 @@ _KINDS = {int(k): k for k in Kind}
 K_REQUEST, K_RESULT, K_ERROR, K_CANCEL, K_ITEM, K_END, K_CREDIT = Kind.REQUEST, Kind.RESULT, Kind.ERROR, Kind.CANCEL, Kind.ITEM, Kind.END, Kind.CREDIT
 
 
-class Header:
-    """The decoded fixed header (a plain slotted class: it is built for every frame)."""
+class Frame:
+    """A decoded header frame: the fixed header's fields, the descriptors of the buffers that
+    follow, and where the codec payload starts in the message (a plain slotted class: one is
+    built for every frame)."""
 
-    __slots__ = ("kind", "call_id", "flags", "deadline_ns", "arg", "method", "n_buffers")
-
-    def __init__(self, kind: Kind, call_id: int, flags: int = 0, deadline_ns: int = 0, arg: int = 0, method: str = "", n_buffers: int = 0) -> None:
-        self.kind = kind
-        self.call_id = call_id
-        self.flags = flags
-        self.deadline_ns = deadline_ns  # absolute CLOCK_MONOTONIC nanoseconds; 0: no deadline
-        self.arg = arg  # CREDIT: items granted
-        self.method = method
-        self.n_buffers = n_buffers
-
-    def __repr__(self) -> str:
-        return (
-            f"Header({self.kind.name}, call_id={self.call_id}, flags={self.flags:#x}, "
-            f"deadline_ns={self.deadline_ns}, arg={self.arg}, method={self.method!r}, n_buffers={self.n_buffers})"
-        )
-
-
-class Frame(Header):
-    """A decoded header frame: the header's fields, the descriptors of the buffers that follow,
-    and where the codec payload starts in the message. One object per frame: `frame.header` is
-    the frame itself."""
-
-    __slots__ = ("descriptors", "payload_offset")
+    __slots__ = ("kind", "call_id", "flags", "deadline_ns", "arg", "method", "n_buffers", "descriptors", "payload_offset")
 
     def __init__(
         self,
@@ -119,16 +97,18 @@ class Frame(Header):
         self.kind = kind
         self.call_id = call_id
         self.flags = flags
-        self.deadline_ns = deadline_ns
-        self.arg = arg
+        self.deadline_ns = deadline_ns  # absolute CLOCK_MONOTONIC nanoseconds; 0: no deadline
+        self.arg = arg  # CREDIT: items granted
         self.method = method
         self.n_buffers = n_buffers
         self.descriptors = descriptors
         self.payload_offset = payload_offset
 
-    @property
-    def header(self) -> Header:
-        return self
+    def __repr__(self) -> str:
+        return (
+            f"Frame({self.kind.name}, call_id={self.call_id}, flags={self.flags:#x}, "
+            f"deadline_ns={self.deadline_ns}, arg={self.arg}, method={self.method!r}, n_buffers={self.n_buffers})"
+        )
 
 
 _pack = HEADER.pack

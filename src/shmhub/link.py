@@ -288,6 +288,13 @@ class Link(LinkCore):
             self._waiter.announce(self._rx, False)  # for good: waiters' withdraw() never clears it
         return self.doorbell.fileno()
 
+    def prepare_wait(self) -> None:
+        """Make now what this process's first blocking wait on the link would make (its wake
+        eventfd): a thread that will sleep here (a reader thread) finds fd exhaustion in the
+        caller that starts it, as ResourceExhausted, not later in the background."""
+        if self.doorbell is not None:
+            self._waiter._wake_fd()
+
     def _mark_dead(self, reason: str) -> None:
         self._ok = False
         first = self._dead is None

@@ -175,6 +175,17 @@ def test_array_from_link_empty_is_sent_without_a_copy():
         del a, buf
 
 
+def test_a_client_makes_its_fds_when_it_is_made():
+    """The reader thread's first sleep on the link needs the link's wake eventfd: made by Client(),
+    so fd exhaustion is the caller's error, and a long-lived client opens no fd later."""
+    with served(4) as (host, g, c):
+        before = set(os.listdir("/proc/self/fd"))
+        futs = [c.submit("sleep_echo", i, 0.05) for i in range(4)]  # the reader thread sleeps meanwhile
+        assert c.call("sleep_echo", "x", 0.05, timeout=T) == "x"
+        assert [f.result(T) for f in futs] == list(range(4))
+        assert set(os.listdir("/proc/self/fd")) == before
+
+
 def test_bytes_codec_over_a_link():
     with served(4, "bytes", client=dict(codec="bytes")) as (host, g, c):
         assert c.call("echo", b"abc", timeout=T) == b"abc"

@@ -399,6 +399,8 @@ class Connection:
         self._role_cond = threading.Condition(self.lock)
 
     def start(self) -> None:
+        if isinstance(self.link, Link):
+            self.link.prepare_wait()  # the reader thread will sleep on it: its fd exists from here on
         self.reader.start()
 
     # -- reading ----------------------------------------------------------------------------

@@ -113,17 +113,17 @@ def test_an_answer_read_before_the_executor_attached_its_callback(monkeypatch):
 
     with Executor(1, queue_depth=1) as ex:
         first = ex.submit(tasks.sleep, 0.3, "first")  # holds the worker: the next task is sent by the manager thread
-        orig = Client.submit
+        orig = Client._start
         window = threading.Event()
 
-        def submit(self, method, *args, **kwargs):
-            f = orig(self, method, *args, **kwargs)
+        def start(self, method, args, on_item=None):
+            f = orig(self, method, args, on_item)
             wait_until(lambda: f.done() and self._conn.role is None, "the answer read by the reader thread")
             window.set()  # answered and read, the executor's callback not attached yet
             time.sleep(0.3)  # the caller starts waiting meanwhile
             return f
 
-        monkeypatch.setattr(Client, "submit", submit)
+        monkeypatch.setattr(Client, "_start", start)
         second = ex.submit(tasks.add, 2, 3)
         assert first.result(T) == "first"
         assert window.wait(T)

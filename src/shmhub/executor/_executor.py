@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator
 from ..errors import ExecutorBroken, PeerTableFull, RpcProtocolError, ShmTimeout, TaskStopped, TaskTimeout, WorkerCrashed
 from ..host import Host, HostEvent
 from ..layout import SegmentConfig
+from ..rpc._conn import CallFuture
 from ..rpc._protocol import decode_error
 from ..rpc._server import STREAM_WINDOW
-from ._pool import _GONE, EXIT_WAIT, Manager, Task, Worker, exit_reason, make_remote_worker, make_worker, settle
+from ._pool import _GONE, EXIT_WAIT, Manager, Task, Worker, exit_reason, make_remote_worker, make_worker, settle, wait_settled
 from ._shared import Regions, send_drop
 
 if TYPE_CHECKING:
@@ -349,7 +350,7 @@ class Executor(cf.Executor):
                 if not self._take(w, [task]):
                     return
             try:
-                f = w.client.submit(task.method, *task.rpc_args())
+                f = w.client._start(task.method, task.rpc_args())
                 if f.done() and isinstance(f.exception(), _GONE):
                     # rpc settles a call whose send failed instead of raising: the worker never got
                     # this task (it cannot also have run it, died and been noticed in between)
@@ -375,7 +376,7 @@ class Executor(cf.Executor):
                 return
             answers = iter(live)
             try:
-                f = w.client.submit_stream("run_batch", [t.batch_entry() for t in live], on_item=lambda item: self._item(w, next(answers), item))
+                f = w.client._start("run_batch", ([t.batch_entry() for t in live],), on_item=lambda item: self._item(w, next(answers), item))
                 if f.done() and isinstance(f.exception(), _GONE):
                     raise f.exception()  # type: ignore[misc]
             except BaseException as e:
@@ -414,7 +415,7 @@ class Executor(cf.Executor):
             self._manager.worker_lost(w)
         return gone
 
-    def _answered(self, w: Worker, task: Task, f: "cf.Future[Any]") -> None:
+    def _answered(self, w: Worker, task: Task, f: CallFuture) -> None:
         """A worker's answer to a lone task (rpc reader thread)."""
         exc = f.exception()
         if isinstance(exc, _GONE):
@@ -433,7 +434,7 @@ class Executor(cf.Executor):
         else:
             self._done(w, task, decode_error(value, w.codec), None)
 
-    def _batch_done(self, w: Worker, tasks: List[Task], f: "cf.Future[Any]") -> None:
+    def _batch_done(self, w: Worker, tasks: List[Task], f: CallFuture) -> None:
         """A run_batch call ended: every task was answered, or the call failed as a whole."""
         exc = f.exception()
         if isinstance(exc, _GONE):
@@ -561,7 +562,7 @@ class Executor(cf.Executor):
                 self._forget(w)
         # The reader (it reads while calls are pending) first settles what the worker answered
         # before it died; calls it answered are gone from w.tasks then.
-        cf.wait([f for t in list(w.tasks) if (f := t.future._rpc) is not None], timeout=EXIT_WAIT)
+        wait_settled([f for t in list(w.tasks) if (f := t.future._rpc) is not None], EXIT_WAIT)
         w.handle.kill()  # a broken link but a live process: it must not run on
         try:
             code: Optional[int] = w.handle.wait(EXIT_WAIT)

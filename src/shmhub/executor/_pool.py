@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tu
 
 from ..errors import HostGone, LinkClosed, LinkCorrupted, PeerDead
 from ..rpc import Client
+from ..rpc._conn import CallFuture
 from ._shared import TaskCodec, fd_socketpair, send_attach
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from ..remote import RemoteGuest
     from ._executor import Executor
 
-__all__ = ["Manager", "Task", "TaskFuture", "Worker", "exit_reason", "make_remote_worker", "make_worker", "settle"]
+__all__ = ["Manager", "Task", "TaskFuture", "Worker", "exit_reason", "make_remote_worker", "make_worker", "settle", "wait_settled"]
 
 log = logging.getLogger("shmhub.executor")
 
@@ -57,15 +58,35 @@ def settle(fut: "cf.Future[Any]", value: Any = None, exc: Optional[BaseException
         pass
 
 
+def wait_settled(futures: List[CallFuture], timeout: float) -> None:
+    """Wait until every one of these rpc calls is settled, or timeout."""
+    end = time.monotonic() + timeout
+    for f in futures:
+        try:
+            f.exception(max(0.0, end - time.monotonic()))
+        except (cf.TimeoutError, cf.CancelledError):
+            pass
+
+
+_DONE = frozenset((cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, cf._base.FINISHED))
+_FINISHED = cf._base.FINISHED
+
+
 class TaskFuture(cf.Future):  # type: ignore[type-arg]
     """The Future of a task: a thread waiting on result() or exception() reads its worker's link
     itself while nobody else does (Connection.read_for), so the answer resolves it with no
-    hand-off from the rpc reader thread (a thread wake-up, tens of µs, on every round trip)."""
+    hand-off from the rpc reader thread (a thread wake-up, tens of µs, on every round trip).
+    done() and the result of a settled task read its state without taking its Condition (one
+    read of a state that only moves forward; the setters still take it, for wait() and
+    as_completed())."""
 
     _conn: Any = None  # the connection its task was sent over
     # The rpc call carrying it, set once sent and cleared once answered (it holds the result:
     # once the caller drops that, its shared memory goes back).
-    _rpc: "Optional[cf.Future[Any]]" = None
+    _rpc: Optional[CallFuture] = None
+
+    def done(self) -> bool:
+        return self._state in _DONE
 
     def _read(self, timeout: Optional[float]) -> Optional[float]:
         conn, rpc = self._conn, self._rpc
@@ -79,7 +100,10 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
         return None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
 
     def result(self, timeout: Optional[float] = None) -> Any:
-        return super().result(self._read(timeout))
+        timeout = self._read(timeout)
+        if self._state == _FINISHED and self._exception is None:
+            return self._result
+        return super().result(timeout)
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
         return super().exception(self._read(timeout))

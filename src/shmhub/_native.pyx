@@ -3,7 +3,7 @@
 atomics, the BipBuffer ring and frame codec, and the VarSlotPool. Nothing else lives here: policy,
 lifecycle and waiting are in the Python modules."""
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset
 from libc.errno cimport errno
 from libc.time cimport timespec
@@ -83,8 +83,8 @@ cdef extern from "_layout.h":
     const unsigned long long SHMHUB_SLOT_REF_FRAME_SIZE, SHMHUB_SR_CLASS, SHMHUB_SR_EXTENT
     const unsigned long long SHMHUB_SR_SLOT, SHMHUB_SR_GENERATION
     const unsigned long long SHMHUB_MMAP_REF_FRAME_SIZE, SHMHUB_MR_MAP_ID, SHMHUB_MR_MAP_GENERATION
-    const unsigned long long SHMHUB_MR_MAP_OFFSET, SHMHUB_MR_PAYLOAD_LEN
-    const unsigned long long SHMHUB_KIND_INLINE, SHMHUB_KIND_SLOT_REF, SHMHUB_KIND_MMAP_REF
+    const unsigned long long SHMHUB_MR_MAP_OFFSET, SHMHUB_MR_PAYLOAD_LEN, SHMHUB_MR_FLAGS, SHMHUB_MR_RETURN
+    const unsigned long long SHMHUB_KIND_INLINE, SHMHUB_KIND_SLOT_REF, SHMHUB_KIND_MMAP_REF, SHMHUB_KIND_MMAP_RETURN
     const unsigned long long SHMHUB_MAX_INLINE_LEN
     const unsigned long long SHMHUB_CLASS_HEADER_SIZE, SHMHUB_CLS_SLOT_SIZE, SHMHUB_CLS_SLOT_COUNT
     const unsigned long long SHMHUB_CLS_FREE_HEAD, SHMHUB_CLS_WAITERS, SHMHUB_POOL_WAITERS_MASK, SHMHUB_POOL_WAKE_STEP
@@ -432,6 +432,21 @@ cdef class Region:
         self.ptr(off, n, 1)
         return memoryview(self)[off:off + n]
 
+    @property
+    def address(self):
+        """Where the mapping starts in this process (0 once unmapped): Link.lend() finds by it the
+        mapping a buffer lies in."""
+        return <uintptr_t>self.base
+
+
+def buffer_address(obj):
+    """The address of the first byte of a contiguous bytes-like object."""
+    cdef Py_buffer b
+    PyObject_GetBuffer(obj, &b, PyBUF_SIMPLE)
+    cdef uintptr_t p = <uintptr_t>b.buf
+    PyBuffer_Release(&b)
+    return p
+
 
 # ---------------------------------------------------------------------------------------------
 # Frames (format-v7 1.5): one encoder and one decoder, used by rings and by standalone helpers
@@ -459,14 +474,14 @@ cdef inline void put_slot_ref(char* p, uint8_t cls, uint8_t extent, uint32_t slo
     shm_put_u32(b + SHMHUB_SR_GENERATION, gen)
 
 
-cdef inline void put_mmap_ref(char* p, uint32_t map_id, uint32_t map_gen, uint64_t offset, uint32_t length) noexcept nogil:
+cdef inline void put_mmap_ref(char* p, uint32_t map_id, uint32_t map_gen, uint64_t offset, uint32_t length, uint32_t flags) noexcept nogil:
     put_header(p, <uint32_t>SHMHUB_MMAP_REF_FRAME_SIZE, <uint8_t>SHMHUB_FLAG_MMAP_REF, 0)
     cdef char* b = p + SHMHUB_FRAME_HEADER_SIZE
     shm_put_u32(b + SHMHUB_MR_MAP_ID, map_id)
     shm_put_u32(b + SHMHUB_MR_MAP_GENERATION, map_gen)
     shm_put_u64(b + SHMHUB_MR_MAP_OFFSET, offset)  # only 4-aligned in a ring: memcpy, never a cast
     shm_put_u32(b + SHMHUB_MR_PAYLOAD_LEN, length)
-    shm_put_u32(b + SHMHUB_MR_PAYLOAD_LEN + 4, 0)
+    shm_put_u32(b + SHMHUB_MR_FLAGS, flags)
 
 
 cdef uint32_t check_frame(const char* p, Py_ssize_t avail) except 0:
@@ -506,7 +521,9 @@ cdef object decode_checked(const char* p, uint32_t total):
         return (SHMHUB_KIND_SLOT_REF, total, <uint8_t>b[SHMHUB_SR_CLASS], <uint8_t>b[SHMHUB_SR_EXTENT],
                 shm_get_u32(b + SHMHUB_SR_SLOT), shm_get_u32(b + SHMHUB_SR_GENERATION))
     if flags & SHMHUB_FLAG_MMAP_REF:
-        return (SHMHUB_KIND_MMAP_REF, total, shm_get_u32(b + SHMHUB_MR_MAP_ID),
+        # MR_FLAGS bit 0 (FEATURE_MMAP_RETURN) makes it a return ref; other bits are reserved, ignored.
+        return (SHMHUB_KIND_MMAP_RETURN if shm_get_u32(b + SHMHUB_MR_FLAGS) & SHMHUB_MR_RETURN else SHMHUB_KIND_MMAP_REF,
+                total, shm_get_u32(b + SHMHUB_MR_MAP_ID),
                 shm_get_u32(b + SHMHUB_MR_MAP_GENERATION), shm_get_u64(b + SHMHUB_MR_MAP_OFFSET),
                 shm_get_u32(b + SHMHUB_MR_PAYLOAD_LEN))
     ilen = shm_get_u16(p + SHMHUB_FRAME_INLINE_LEN)
@@ -519,8 +536,8 @@ def decode_frame(data):
     """Decode the frame at the start of a bytes-like object.
 
     Returns (KIND_INLINE, total_len, payload) | (KIND_SLOT_REF, total_len, class_idx, extent_idx,
-    slot_idx, generation) | (KIND_MMAP_REF, total_len, map_id, map_generation, map_offset,
-    payload_len). Raises LinkCorrupted for a malformed frame.
+    slot_idx, generation) | (KIND_MMAP_REF or KIND_MMAP_RETURN, total_len, map_id, map_generation,
+    map_offset, payload_len). Raises LinkCorrupted for a malformed frame.
     """
     cdef Py_buffer b
     PyObject_GetBuffer(data, &b, PyBUF_SIMPLE)
@@ -557,9 +574,9 @@ def encode_slot_ref(uint8_t class_idx, uint8_t extent_idx, uint32_t slot_idx, ui
     return out
 
 
-def encode_mmap_ref(uint32_t map_id, uint32_t map_generation, uint64_t map_offset, uint32_t payload_len):
+def encode_mmap_ref(uint32_t map_id, uint32_t map_generation, uint64_t map_offset, uint32_t payload_len, uint32_t flags=0):
     out = PyBytes_FromStringAndSize(NULL, SHMHUB_MMAP_REF_FRAME_SIZE)
-    put_mmap_ref(PyBytes_AS_STRING(out), map_id, map_generation, map_offset, payload_len)
+    put_mmap_ref(PyBytes_AS_STRING(out), map_id, map_generation, map_offset, payload_len, flags)
     return out
 
 
@@ -836,12 +853,12 @@ cdef class Ring:
         self.c_commit(SHMHUB_SLOT_REF_FRAME_SIZE)
         return True
 
-    def write_mmap_ref(self, uint32_t map_id, uint32_t map_generation, uint64_t map_offset, uint32_t payload_len):
-        """Append an mmap-ref frame; False if the ring has no room now."""
+    def write_mmap_ref(self, uint32_t map_id, uint32_t map_generation, uint64_t map_offset, uint32_t payload_len, uint32_t flags=0):
+        """Append an mmap-ref frame (flags: MR_FLAGS); False if the ring has no room now."""
         cdef Py_ssize_t off = self.c_grant(SHMHUB_MMAP_REF_FRAME_SIZE)
         if off < 0:
             return False
-        put_mmap_ref(self.data + off, map_id, map_generation, map_offset, payload_len)
+        put_mmap_ref(self.data + off, map_id, map_generation, map_offset, payload_len, flags)
         self.c_commit(SHMHUB_MMAP_REF_FRAME_SIZE)
         return True
 

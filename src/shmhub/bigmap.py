@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 from . import layout as L
 from . import _crash
@@ -158,9 +158,30 @@ class MapSender:
         m.region.close()
         self.retired += 1
 
+    def returned(self, map_id: int, gen: int, offset: int, length: int) -> Mapping:
+        """Our mapping that a return ref names (FEATURE_MMAP_RETURN), bounds-checked. The peer
+        added a lease for it before committing the ref, so it is still ours and not reusable."""
+        for m in self.maps:
+            if m.map_id == map_id and m.generation == gen:
+                if offset < L.MAP_HEADER_SIZE or offset + length > m.size:
+                    raise LinkCorrupted(f"mmap return ref [{offset}, +{length}) outside mapping {map_id} of {m.size} bytes")
+                if m.leases == 0:
+                    raise LinkCorrupted(f"mmap return ref to mapping {map_id} without a lease")
+                return m
+        raise LinkCorrupted(f"mmap return ref names mapping {map_id}/{gen}, which is not ours")
+
     def close(self) -> None:
         for m in list(self.maps):
             self._retire(m)
+
+
+def holding(maps: Iterable[Mapping], addr: int, n: int) -> Optional[Mapping]:
+    """The mapping whose payload area holds [addr, addr + n) in this process, if any."""
+    for m in maps:
+        base = m.region.address
+        if base and base + L.MAP_HEADER_SIZE <= addr and addr + n <= base + m.size:
+            return m
+    return None
 
 
 class MapReceiver:

@@ -47,7 +47,10 @@ FEATURE_EXTENTS = 1 << 2  # growable slot classes: CLS_EXTENT_* fields, extents 
 FEATURE_POOL_JOURNAL = 1 << 3  # guests journal the slot pop/free they are in: PEER_POOL_OP*
 FEATURE_POOL_WAITERS = 1 << 4  # futex waits for free slots (CLS_WAITERS), the host's attention word, slot shares
 FEATURE_RING_COUNTERS = 1 << 5  # RING_SENT_MESSAGES / RING_SENT_BYTES: producers count what they send
-KNOWN_FEATURES = FEATURE_WAITER_FLAGS | FEATURE_MMAP_LEASES | FEATURE_EXTENTS | FEATURE_POOL_JOURNAL | FEATURE_POOL_WAITERS | FEATURE_RING_COUNTERS
+FEATURE_MMAP_RETURN = 1 << 6  # MR_RETURN: a received mmap payload goes back to its sender by reference
+KNOWN_FEATURES = (
+    FEATURE_WAITER_FLAGS | FEATURE_MMAP_LEASES | FEATURE_EXTENTS | FEATURE_POOL_JOURNAL | FEATURE_POOL_WAITERS | FEATURE_RING_COUNTERS | FEATURE_MMAP_RETURN
+)
 
 DEFAULT_INLINE_THRESHOLD = 256  # header value 0 means this
 MAX_INLINE_LEN = 0xFFFF  # inline_payload_len is a u16
@@ -124,11 +127,14 @@ MR_MAP_ID = 0  # u32
 MR_MAP_GENERATION = 4  # u32
 MR_MAP_OFFSET = 8  # u64, only 4-aligned inside a ring
 MR_PAYLOAD_LEN = 16  # u32
+MR_FLAGS = 20  # u32, reserved (0) in v7; FEATURE_MMAP_RETURN gives it bit 0
+MR_RETURN = 0x1  # the mapping is the reader's own, lent back by its peer (docs/extensions.md, bit 6)
 
 # Kinds returned by the frame reader.
 KIND_INLINE = 0
 KIND_SLOT_REF = 1
 KIND_MMAP_REF = 2
+KIND_MMAP_RETURN = 3  # an mmap-ref frame with MR_RETURN
 
 # --- mmap tier (format-v7 1.10, DECISIONS 11) ------------------------------------------------
 MMAP_ATTACH_SIZE = 16  # control datagram body: u32 map_id, u32 map_generation, u64 mapping_length

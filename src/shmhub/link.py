@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator
 from warnings import warn as _warn  # bound now: usable from __del__ at shutdown
 
 from . import layout as L
-from ._native import FastLock, LinkCore, LinkStats, Message, NeedExtent, Ring, SlotShares, recv_next, send_slot
-from .bigmap import MapReceiver, MapSender, Mapping
+from ._native import FastLock, LinkCore, LinkStats, Message, NeedExtent, Ring, SlotShares, buffer_address, recv_next, send_slot
+from .bigmap import MapReceiver, MapSender, Mapping, holding
 from .doorbell import Doorbell
 from .errors import (
     HostGone,
@@ -898,6 +898,8 @@ class Link(LinkCore):
             self.stats.recv_bytes_slot += n
             return Message(region, off, n, "slot", lambda: self._free_slot(c, e, s, gen))
         _, total, map_id, gen, off, n = cast("MmapRefTuple", frame)
+        if kind == L.KIND_MMAP_RETURN:
+            return self._take_returned(total, map_id, gen, off, n)
         if self._maps_rx is None:
             raise self._corrupted(LinkCorrupted("mmap-ref frame received, but this link has no mmap tier"))
         try:
@@ -908,6 +910,96 @@ class Link(LinkCore):
         self.stats.recv_mmap += 1
         self.stats.recv_bytes_mmap += n
         return Message(m.region, off, n, "mmap", lambda: self._drop_lease(m))
+
+    def _take_returned(self, total: int, map_id: int, gen: int, off: int, n: int) -> Message:
+        """A return ref: the peer lends back a payload lying in one of our own mappings."""
+        if self._maps_tx is None or not self.segment.features & L.FEATURE_MMAP_RETURN:
+            raise self._corrupted(LinkCorrupted("mmap return ref received on a link without FEATURE_MMAP_RETURN"))
+        try:
+            m = self._maps_tx.returned(map_id, gen, off, n)
+        except LinkCorrupted as err:
+            raise self._corrupted(err) from None
+        self._rx.release(total)
+        self.stats.recv_mmap += 1
+        self.stats.recv_bytes_mmap += n
+        return Message(m.region, off, n, "mmap", lambda: self._return_lease(m))
+
+    def _return_lease(self, m: Mapping) -> None:
+        """A returned payload was released: the lease the peer took for it goes, and a thread of ours
+        waiting for a free mapping looks again."""
+        try:
+            self._count_lease(m, -1)
+        except ValueError:
+            return  # mapping or segment already closed (link torn down)
+        self._waiter.wake_all()
+
+    def lend(self, data: Buffer, timeout: Optional[float] = None) -> bool:
+        """Send `data` by reference, without a copy, if it lies in a payload of this link's mmap tier
+        still held here: one received from the peer (it gets a view of its own mapping back:
+        FEATURE_MMAP_RETURN) or one of ours that the peer lent back. Each such send takes a lease of
+        its own, so the memory stays put until both ends have released it. False: it does not lie
+        in one (nothing was sent; send() copies it)."""
+        span = self._span(data)
+        if span is None:
+            return False
+        addr, n = span
+        deadline = _deadline(timeout)
+        self._lock(self._tx_lock, deadline)  # the sender's mappings change only under it
+        try:
+            self._check()
+            found = self._lent_from(addr, n)
+            if found is None:
+                return False
+            m, flags = found
+            off = addr - m.region.address
+            if flags:
+                self.segment.region.fetch_add_u32(self._rx_leases, 1)  # the peer's tx counter: it gives it back
+                m.add_lease()
+            else:
+                self._count_lease(m, 1)
+            tx = self._tx
+            try:
+                self._put_ref(lambda: tx.write_mmap_ref(m.map_id, m.generation, off, n, flags), L.MMAP_REF_FRAME_SIZE, deadline)
+            except BaseException:
+                if flags:
+                    m.drop_lease()
+                    self.segment.region.fetch_add_u32(self._rx_leases, 0xFFFFFFFF)
+                else:
+                    self._count_lease(m, -1)
+                raise
+            self._sent("mmap", 1, n)
+            self._notify(False, tx)
+            return True
+        except LinkCorrupted as e:
+            raise self._corrupted(e) from None
+        finally:
+            self._tx_lock.release()
+
+    def lendable(self, data: Buffer) -> bool:
+        """Whether lend() would send `data` by reference now."""
+        span = self._span(data)
+        return span is not None and self._lent_from(*span) is not None
+
+    def _span(self, data: Buffer) -> Optional[Tuple[int, int]]:
+        """(address, length) of data if it could lie in a payload of the mmap tier."""
+        if self._maps_tx is None or self._maps_rx is None or not self.segment.features & L.FEATURE_MMAP_RETURN:
+            return None
+        with memoryview(data) as mv:
+            if not mv.c_contiguous or mv.nbytes <= self._slot_max:
+                return None
+            return buffer_address(mv), mv.nbytes
+
+    def _lent_from(self, addr: int, n: int) -> Optional[Tuple[Mapping, int]]:
+        """The mapping [addr, addr + n) lies in and the MR_FLAGS of a ref to it, if it holds a lease
+        (without one it may be reused meanwhile)."""
+        assert self._maps_tx is not None and self._maps_rx is not None  # checked by _span
+        m = holding(tuple(self._maps_rx.maps.values()), addr, n)
+        flags = L.MR_RETURN
+        if m is None:
+            m, flags = holding(tuple(self._maps_tx.maps), addr, n), 0
+        if m is None or m.leases == 0:
+            return None
+        return m, flags
 
     def _poll_slow(self, as_bytes: bool = False) -> Union[None, Message, bytes]:
         """LinkCore._poll_locked's fallback (rx lock held): backlog, closed links, mmap refs, errors."""

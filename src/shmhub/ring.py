@@ -35,10 +35,22 @@ class MmapRefFrame(NamedTuple):
     map_generation: int
     map_offset: int
     payload_len: int
+    flags: int = 0  # MR_FLAGS: MR_RETURN for a return ref (FEATURE_MMAP_RETURN)
 
 
 Frame = Union[InlineFrame, SlotRefFrame, MmapRefFrame]
-_TYPES: Dict[int, Callable[..., Frame]] = {L.KIND_INLINE: InlineFrame, L.KIND_SLOT_REF: SlotRefFrame, L.KIND_MMAP_REF: MmapRefFrame}
+
+
+def _return_ref(total_len: int, map_id: int, map_generation: int, map_offset: int, payload_len: int) -> MmapRefFrame:
+    return MmapRefFrame(total_len, map_id, map_generation, map_offset, payload_len, L.MR_RETURN)
+
+
+_TYPES: Dict[int, Callable[..., Frame]] = {
+    L.KIND_INLINE: InlineFrame,
+    L.KIND_SLOT_REF: SlotRefFrame,
+    L.KIND_MMAP_REF: MmapRefFrame,
+    L.KIND_MMAP_RETURN: _return_ref,
+}
 
 
 def as_frame(raw: FrameTuple) -> Frame:
@@ -57,4 +69,4 @@ def encode_frame(frame: Frame, *, legacy: bool = False) -> bytes:
         return encode_inline(frame.payload, legacy)
     if isinstance(frame, SlotRefFrame):
         return encode_slot_ref(frame.class_idx, frame.extent_idx, frame.slot_idx, frame.generation)
-    return encode_mmap_ref(frame.map_id, frame.map_generation, frame.map_offset, frame.payload_len)
+    return encode_mmap_ref(frame.map_id, frame.map_generation, frame.map_offset, frame.payload_len, frame.flags)

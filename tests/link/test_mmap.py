@@ -1023,3 +1023,91 @@ def test_sender_blocked_on_leased_mappings_sees_the_guest_die(tmp_path):
         assert (m["tx_mappings"], m["tx_leases"], m["rx_mappings"]) == (0, 0, 0), m
         assert mc.map_inodes() == set()
         assert mc.fd_count() == fds_before
+
+
+# -- return refs: a received payload sent back by reference (FEATURE_MMAP_RETURN) ----------------
+
+
+def _address(buf) -> int:
+    from shmhub._native import buffer_address
+
+    return buffer_address(buf)
+
+
+@pytest.mark.parametrize("direction", ["h2g", "g2h"])
+def test_a_received_payload_goes_back_to_its_sender_by_reference(pair, direction):
+    sender, receiver, _, _ = pair.side(direction)
+    sender.send(mc.content(1, 3 * MiB), timeout=5)
+    got = receiver.recv(timeout=5)
+    (m,) = sender._maps_tx.maps
+    part = memoryview(got)[MiB : 3 * MiB]  # a slice goes back as itself: its offset travels
+    assert receiver.lendable(part) and receiver.lend(part, timeout=5)
+    back = sender.recv(timeout=5)
+    assert back.tier == "mmap" and len(back) == 2 * MiB
+    assert _address(back) == m.region.address + L.MAP_HEADER_SIZE + MiB  # the sender's own memory
+    assert bytes(back) == bytes(part)
+    assert sender.mappings["tx_leases"] == 2  # the receiver's and the returned payload's
+    # Sent on again, it is an ordinary ref into the mapping the receiver already has: no copy.
+    assert sender.lend(back, timeout=5)
+    again = receiver.recv(timeout=5)
+    assert _address(again) == _address(part) and sender.mappings["tx_leases"] == 3
+    for held in (part, got, back, again):
+        held.release()
+    assert sender.mappings["tx_leases"] == 0
+    sender.send(mc.content(2, 3 * MiB), timeout=5)  # no lease left: the mapping is reused
+    assert sender.mappings["tx_created"] == 1 and sender.mappings["tx_reused"] == 1
+    receiver.recv(timeout=5).release()
+    assert sender.stats.mapping_waits == receiver.stats.mapping_waits == 0
+
+
+def test_lend_refuses_memory_outside_the_links_held_mappings(pair):
+    sender, receiver, _, _ = pair.side("h2g")
+    private = bytes(3 * MiB)
+    assert not receiver.lendable(private) and not receiver.lend(private, timeout=5)
+    sender.send(mc.content(1, 3 * MiB), timeout=5)
+    with receiver.recv(timeout=5) as got:
+        assert not receiver.lendable(memoryview(got)[:SLOT_MAX])  # small enough to copy: not lent
+    assert not sender.lendable(bytes(3 * MiB))
+    other = Pair()
+    try:
+        other.host.send(mc.content(2, 3 * MiB), timeout=5)
+        with other.guest.recv(timeout=5) as foreign:
+            assert not receiver.lendable(foreign)  # a payload of another link
+    finally:
+        other.close()
+    assert sender.mappings["tx_leases"] == 0
+
+
+def test_a_segment_without_the_feature_neither_lends_nor_accepts_return_refs():
+    p = Pair(features=L.KNOWN_FEATURES & ~L.FEATURE_MMAP_RETURN)
+    try:
+        p.host.send(mc.content(1, 2 * MiB), timeout=5)
+        with p.guest.recv(timeout=5) as got:
+            assert not p.guest.lendable(got) and not p.guest.lend(got, timeout=5)
+        (m,) = p.host._maps_tx.maps
+        assert p.seg.g2h(p.peer).write_mmap_ref(m.map_id, m.generation, L.MAP_HEADER_SIZE, 100, L.MR_RETURN)
+        with pytest.raises(LinkCorrupted, match="FEATURE_MMAP_RETURN"):
+            p.host.recv(timeout=5)
+    finally:
+        p.close()
+
+
+@pytest.mark.parametrize("case", ["unknown", "no lease", "outside"])
+def test_a_bad_return_ref_is_terminal(pair, case):
+    sender, receiver, _, _ = pair.side("g2h")  # the guest sends, the host gets refs back
+    sender.send(mc.content(1, 2 * MiB), timeout=5)
+    got = receiver.recv(timeout=5)
+    (m,) = sender._maps_tx.maps
+    map_id, off, n = m.map_id, L.MAP_HEADER_SIZE, 100
+    if case == "unknown":
+        map_id += 7
+    elif case == "no lease":
+        got.release()  # the mapping's only lease goes: a return ref to it names memory we may reuse
+    else:
+        off, n = m.size - 8, 16
+    assert pair.seg.h2g(pair.peer).write_mmap_ref(map_id, m.generation, off, n, L.MR_RETURN)
+    with pytest.raises(LinkCorrupted, match="return ref"):
+        sender.recv(timeout=5)
+    assert not sender.alive
+    if case != "no lease":
+        got.release()

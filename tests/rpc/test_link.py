@@ -186,6 +186,28 @@ def test_a_client_makes_its_fds_when_it_is_made():
         assert set(os.listdir("/proc/self/fd")) == before
 
 
+def test_a_returned_argument_comes_back_by_reference():
+    """A handler that returns (part of) its argument sends it back by reference (FEATURE_MMAP_RETURN,
+    Link.lend): the caller gets a view of its own memory, no copy either way for link.empty()."""
+    with served(4) as (host, g, c):
+        n = 1 << 17  # 1 MiB of float64: the mmap tier
+        a = g.link.empty(n)
+        a[:] = np.arange(n)
+        r = c.call("echo", a, timeout=T)
+        assert r.__array_interface__["data"][0] == a.__array_interface__["data"][0]
+        assert np.array_equal(r, np.arange(n))
+        del a, r
+        private = np.arange(n, dtype=np.float64)
+        sent = g.link.stats.sent_bytes_mmap
+        r = c.call("echo", private, timeout=T)  # copied into a mapping on the way there, lent back
+        assert g.link.stats.sent_bytes_mmap - sent == private.nbytes
+        at = r.__array_interface__["data"][0]
+        assert any(m.region.address <= at < m.region.address + m.size for m in g.link._maps_tx.maps)
+        assert np.array_equal(r, private) and g.link.mappings["tx_leases"] >= 1
+        del r
+        wait_for(lambda: g.link.mappings["tx_leases"] == 0, "every lease given back")
+
+
 def test_bytes_codec_over_a_link():
     with served(4, "bytes", client=dict(codec="bytes")) as (host, g, c):
         assert c.call("echo", b"abc", timeout=T) == b"abc"

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DOC = os.path.join(ROOT, "docs", "format.md")
 
 # Upper-case constants of layout.py that are not part of the binary format.
-NOT_FORMAT = {"ACCEPTED_MAGICS", "KIND_INLINE", "KIND_SLOT_REF", "KIND_MMAP_REF", "U32_MAX", "U64_MAX"}
+NOT_FORMAT = {"ACCEPTED_MAGICS", "KIND_INLINE", "KIND_SLOT_REF", "KIND_MMAP_REF", "KIND_MMAP_RETURN", "U32_MAX", "U64_MAX"}
 
 STRUCT_RE = re.compile(r"<!--\s*struct:\s*([\w-]+)\s+size=(\w+)(\s+packed)?\s*-->")
 PIPE_RE = re.compile(r"(?<!\\)\|")

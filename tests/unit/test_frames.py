@@ -64,8 +64,8 @@ def ref_decode(data: bytes):
     if flags & 2:
         if total < 32:
             raise Bad("mmap-ref short")
-        map_id, gen, off, plen = struct.unpack_from("<IIQI", data, 8)
-        return (MMAP, total, map_id, gen, off, plen)
+        map_id, gen, off, plen, mr_flags = struct.unpack_from("<IIQII", data, 8)
+        return (L.KIND_MMAP_RETURN if mr_flags & L.MR_RETURN else MMAP, total, map_id, gen, off, plen)
     if ilen > total - 8:
         raise Bad("inline_payload_len")
     return (INLINE, total, bytes(data[8 : 8 + ilen] if ilen else data[8:total]))
@@ -137,6 +137,17 @@ def test_mmap_ref_roundtrip(map_id, gen, off, plen):
     assert _native.decode_frame(raw) == (MMAP, 32, map_id, gen, off, plen)
     assert decode_frame(raw) == MmapRefFrame(32, map_id, gen, off, plen)
     assert encode_frame(MmapRefFrame(32, map_id, gen, off, plen)) == raw
+
+
+def test_mmap_return_ref_roundtrip():
+    # FEATURE_MMAP_RETURN: MR_FLAGS (the v7 reserved word) bit 0 marks a return ref; other bits are ignored.
+    raw = _native.encode_mmap_ref(7, 1, 4096, 100, L.MR_RETURN)
+    assert raw == header(32, L.FLAG_MMAP_REF, 0) + struct.pack("<IIQII", 7, 1, 4096, 100, L.MR_RETURN)
+    assert _native.decode_frame(raw) == (L.KIND_MMAP_RETURN, 32, 7, 1, 4096, 100)
+    assert decode_frame(raw) == MmapRefFrame(32, 7, 1, 4096, 100, L.MR_RETURN)
+    assert encode_frame(decode_frame(raw)) == raw
+    other = raw[:28] + struct.pack("<I", 0x80000000)
+    assert _native.decode_frame(other) == (MMAP, 32, 7, 1, 4096, 100)
 
 
 def test_ref_frames_longer_than_their_body_are_accepted():
@@ -373,7 +384,7 @@ def _fuzz_inputs(seed: int, count: int):
 
 
 def test_fuzz_decode_frame():
-    outcomes = {INLINE: 0, SLOT: 0, MMAP: 0, "bad": 0}
+    outcomes = {INLINE: 0, SLOT: 0, MMAP: 0, "bad": 0}  # MMAP: ordinary and return refs
     for data in _fuzz_inputs(seed=20260401, count=4000):
         try:
             expect = ref_decode(data)
@@ -385,12 +396,12 @@ def test_fuzz_decode_frame():
             got = None
         # Any other exception propagates and fails the test.
         if got is not None:
-            assert got[0] in (INLINE, SLOT, MMAP)
+            assert got[0] in (INLINE, SLOT, MMAP, L.KIND_MMAP_RETURN)
             assert 8 <= got[1] <= len(data) and got[1] % 4 == 0
             if got[0] == INLINE:
                 assert len(got[2]) <= got[1] - 8
         assert got == expect, data.hex()
-        outcomes[got[0] if got is not None else "bad"] += 1
+        outcomes[(MMAP if got[0] == L.KIND_MMAP_RETURN else got[0]) if got is not None else "bad"] += 1
     # The generator must exercise both outcomes substantially.
     assert min(outcomes.values()) >= 100 and outcomes["bad"] > 1000, outcomes
 

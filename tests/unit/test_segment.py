@@ -83,10 +83,18 @@ SMALL_GROW = SegmentConfig(max_guests=2, bipbuf_capacity=64, size_classes=((64, 
 def test_known_feature_bits():
     assert (
         L.KNOWN_FEATURES
-        == (L.FEATURE_WAITER_FLAGS | L.FEATURE_MMAP_LEASES | L.FEATURE_EXTENTS | L.FEATURE_POOL_JOURNAL | L.FEATURE_POOL_WAITERS | L.FEATURE_RING_COUNTERS)
-        == 0x3F
+        == (
+            L.FEATURE_WAITER_FLAGS
+            | L.FEATURE_MMAP_LEASES
+            | L.FEATURE_EXTENTS
+            | L.FEATURE_POOL_JOURNAL
+            | L.FEATURE_POOL_WAITERS
+            | L.FEATURE_RING_COUNTERS
+            | L.FEATURE_MMAP_RETURN
+        )
+        == 0x7F
     )
-    assert not (1 << 6) & L.KNOWN_FEATURES  # what the "unknown feature bit" cases below rely on
+    assert not (1 << 7) & L.KNOWN_FEATURES  # what the "unknown feature bit" cases below rely on
 
 
 def test_create_features_zero_is_plain_v7(shm_path):
@@ -116,7 +124,7 @@ def test_create_with_extents_writes_class_fields():
         assert seg.region.read(h1 + L.CLS_EXTENT_OFFSETS, L.CLASS_HEADER_SIZE - L.CLS_EXTENT_OFFSETS) == bytes(40)
 
 
-@pytest.mark.parametrize("features", [1 << 6, 1 << 31, L.KNOWN_FEATURES | 1 << 6])
+@pytest.mark.parametrize("features", [1 << 7, 1 << 31, L.KNOWN_FEATURES | 1 << 7])
 def test_create_rejects_unknown_feature_bits(shm_path, features):
     with pytest.raises(ConfigError):
         Segment.create(SMALL, path=shm_path, features=features)
@@ -585,8 +593,8 @@ CORRUPTIONS = {
     "header_size 256": (_u32(L.HDR_HEADER_SIZE, 256), UnsupportedVersion),
     "header_size 0": (_u32(L.HDR_HEADER_SIZE, 0), UnsupportedVersion),
     # bits 0-2 are our documented extensions (docs/extensions.md); bit 3 is the first unknown one
-    "feature bit 6": (_u32(L.HDR_FEATURES, 1 << 6), UnsupportedVersion),
-    "feature bit 6 with the known ones": (_u32(L.HDR_FEATURES, L.KNOWN_FEATURES | 1 << 6), UnsupportedVersion),
+    "feature bit 7": (_u32(L.HDR_FEATURES, 1 << 7), UnsupportedVersion),
+    "feature bit 7 with the known ones": (_u32(L.HDR_FEATURES, L.KNOWN_FEATURES | 1 << 7), UnsupportedVersion),
     "feature bit 31": (_u32(L.HDR_FEATURES, 1 << 31), UnsupportedVersion),
     # offsets and sizes
     "var_pool_offset = total_size": (_u64(L.HDR_VAR_POOL_OFFSET, CLAY.total_size), SegmentCorrupted),
@@ -677,7 +685,7 @@ OTHER_WAYS = [
     "cut in pool data",
     "magic garbage",
     "version 8",
-    "feature bit 6",
+    "feature bit 7",
     "var_pool_offset near 2^64",
     "total_size > file",
     "zero classes",

@@ -388,6 +388,7 @@ class Connection:
         if self.loop_reads:
             link.spin_stretch = True  # request/response: a peer a little slower than a spin is the rule
         self._can_reserve = callable(getattr(link, "reserve", None)) and callable(getattr(link, "send_reserved", None))
+        self._can_lend = callable(getattr(link, "lend", None)) and callable(getattr(link, "lendable", None))
         # Across machines monotonic clocks differ: a link that says so carries a REQUEST's
         # remaining budget in deadline_ns, which the receiver anchors to its own clock.
         self._shared_clock = bool(getattr(link, "shared_clock", True))
@@ -902,7 +903,7 @@ class Connection:
                 self.send_lock.release()
             return
         descs: List[Tuple[int, int]] = []
-        outs: List[Tuple[Any, int]] = []  # (reserved message, nbytes) or (memoryview, -1)
+        outs: List[Tuple[Any, int]] = []  # (reserved message, nbytes), (memoryview, -1) or (memoryview, _LEND)
         try:
             for pb in oob:
                 off, n, out = self._stage(pb, deadline_for_send, nowait)
@@ -934,7 +935,7 @@ class Connection:
                 try:
                     if nbytes >= 0:
                         link.send_reserved(buf, nbytes, timeout=None)
-                    else:
+                    elif nbytes != _LEND or not link.lend(buf, timeout=None):
                         link.send(buf, timeout=None)
                     _crash.point(b"rpc.buffer_sent")
                 except BaseException as e:
@@ -969,6 +970,8 @@ class Connection:
         if owned is not None:
             buf, off = owned
             return off, n, (buf, off + n)
+        if self._can_lend and self.link.lendable(raw):  # a payload received here (an echo, a forward)
+            return 0, n, (raw, _LEND)
         try:
             buf = self.link.reserve(n, timeout=0.0 if nowait else _remaining(deadline_ns))
         except ShmTimeout:
@@ -982,6 +985,9 @@ class Connection:
             buf.release()
             raise
         return 0, n, (buf, n)
+
+
+_LEND = -2  # _stage: a buffer received on the link, sent back by reference (Link.lend)
 
 
 def reads_in_loop(link: Any) -> bool:

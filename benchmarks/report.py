@@ -418,6 +418,9 @@ def _rpc_targets(rpc: dict) -> list:
     add(">= 300k calls/s with 32 in flight", g("pipelined_32", "calls_per_s"), 300e3, "calls/s", le=False)
     add("64 MiB echo, private array <= 10 ms", g("echo_64MiB_private", "median_ms"), 10, "ms")
     add("64 MiB echo, link.empty <= 0.5 ms", g("echo_64MiB_link_empty", "median_ms"), 0.5, "ms")
+    woke = g("null_after_busy_10ms", "median_ms")
+    if woke is not None:  # no copy is left in that echo: an idle server's wake-up sets its time
+        rows.append(f"| (for reference: a null call after the same 10 ms fill, same run) | {woke:,.2f} ms | |")
     idle, floor, srv = g("idle", "client_cpu_pct"), g("idle", "client_cpu_pct_no_call"), g("idle", "server_cpu_pct")
     if idle is not None and floor is not None and srv is not None:
         # the client's floor (no call outstanding: the Host's own monitor thread) is not the call's doing

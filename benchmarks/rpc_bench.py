@@ -214,11 +214,26 @@ def bench_shmhub(secs: float, reps: int) -> Dict[str, Any]:
         out["pipelined_32_inline"] = pipelined("null_inline")
         out["echo_64MiB_private"] = _echo_ms(lambda a: c.call("echo", a, timeout=30), lambda: np.ones(ECHO_BYTES // 8), reps)
         out["echo_64MiB_link_empty"] = _echo_ms(lambda a: c.call("echo", a, timeout=30), lambda: _filled(g.link.empty(ECHO_BYTES // 8)), reps)
+        out["null_after_busy_10ms"] = _after_busy_ms(lambda: c.call("null", timeout=30), 4 * reps)
         out["idle"] = _idle_cpu(lambda s: c.call("idle", s, timeout=30), lambda: c.call("cpu", timeout=30))
         host.close()
         g.wait(30)
         c.close()
     return out
+
+
+def _after_busy_ms(call: Callable[[], Any], reps: int) -> Dict[str, float]:
+    """A call made after the caller was busy 10 ms (as the echo's 64 MiB fill keeps it) while the
+    server idled: the floor under the echo, set by how fast an idle server process wakes up."""
+    ts = []
+    for _ in range(reps):
+        end = time.perf_counter() + 0.01
+        while time.perf_counter() < end:
+            pass
+        t = time.perf_counter_ns()
+        call()
+        ts.append(time.perf_counter_ns() - t)
+    return {"median_ms": statistics.median(ts) / 1e6}
 
 
 def _filled(a: Any) -> Any:

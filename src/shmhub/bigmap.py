@@ -161,7 +161,7 @@ class MapSender:
     def returned(self, map_id: int, gen: int, offset: int, length: int) -> Mapping:
         """Our mapping that a return ref names (FEATURE_MMAP_RETURN), bounds-checked. The peer
         added a lease for it before committing the ref, so it is still ours and not reusable."""
-        for m in self.maps:
+        for m in tuple(self.maps):  # the receiving thread: the sending one may change the list meanwhile
             if m.map_id == map_id and m.generation == gen:
                 if offset < L.MAP_HEADER_SIZE or offset + length > m.size:
                     raise LinkCorrupted(f"mmap return ref [{offset}, +{length}) outside mapping {map_id} of {m.size} bytes")

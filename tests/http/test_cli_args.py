@@ -8,7 +8,7 @@ import pytest
 
 from shmhub import cli
 from shmhub.http import WorkerPool
-from shmhub.http._serve import parse_bind
+from shmhub.http._serve import listen, parse_bind
 from shmhub.http._worker import detect_interface, load_app
 
 
@@ -24,6 +24,31 @@ def test_bind_forms():
     assert parse_bind("127.0.0.1:0") == ("127.0.0.1", 0)
     assert parse_bind("[::1]:8080") == ("::1", 8080)
     assert parse_bind(":80") == ("0.0.0.0", 80)
+
+
+def test_the_front_socket_gets_tcp_nodelay_from_asyncio_itself():
+    # Without uvloop uvicorn runs on asyncio's loop, which sets TCP_NODELAY only on IPPROTO_TCP
+    # sockets: without it each response waited for the client's delayed ACK (40 ms).
+    import asyncio
+    import socket
+
+    async def main() -> int:
+        got: "asyncio.Future[int]" = asyncio.get_running_loop().create_future()
+
+        async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+            got.set_result(w.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            w.close()
+
+        sock = listen("127.0.0.1", 0)
+        server = await asyncio.start_server(handle, sock=sock)
+        async with server:
+            r, w = await asyncio.open_connection(*sock.getsockname())
+            try:
+                return await asyncio.wait_for(got, 10)
+            finally:
+                w.close()
+
+    assert asyncio.run(main()) != 0
 
 
 def test_pool_arguments_are_checked():

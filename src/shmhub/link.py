@@ -952,20 +952,17 @@ class Link(LinkCore):
                 return False
             m, flags = found
             off = addr - m.region.address
-            if flags:
-                self.segment.region.fetch_add_u32(self._rx_leases, 1)  # the peer's tx counter: it gives it back
-                m.add_lease()
-            else:
-                self._count_lease(m, 1)
+            # The lease, and the inspect counter of the direction the mapping belongs to (a
+            # return ref's: the peer's, which it decrements when it releases the payload).
+            counter, region = (self._rx_leases if flags else self._tx_counters[2]), self.segment.region
+            region.fetch_add_u32(counter, 1)
+            m.add_lease()
             tx = self._tx
             try:
                 self._put_ref(lambda: tx.write_mmap_ref(m.map_id, m.generation, off, n, flags), L.MMAP_REF_FRAME_SIZE, deadline)
             except BaseException:
-                if flags:
-                    m.drop_lease()
-                    self.segment.region.fetch_add_u32(self._rx_leases, 0xFFFFFFFF)
-                else:
-                    self._count_lease(m, -1)
+                m.drop_lease()
+                region.fetch_add_u32(counter, 0xFFFFFFFF)
                 raise
             self._sent("mmap", 1, n)
             self._notify(False, tx)

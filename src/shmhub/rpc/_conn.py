@@ -330,17 +330,13 @@ class _Limiter:
 
     def release(self) -> None:
         with self.lock:
-            if not self.async_waiters:
-                self.free += 1
-                if self.sync_waiters:
-                    self.cond.notify()
-                return
-            loop, f = self.async_waiters.popleft()
-            try:
-                loop.call_soon_threadsafe(self._hand, f)
-                return
-            except RuntimeError:  # its loop is closed: the permit stays here
-                pass
+            if self.async_waiters:
+                loop, f = self.async_waiters.popleft()
+                try:
+                    loop.call_soon_threadsafe(self._hand, f)
+                    return
+                except RuntimeError:  # its loop is closed: the permit stays here
+                    pass
             self.free += 1
             if self.sync_waiters:
                 self.cond.notify()

@@ -3,8 +3,8 @@
 each, driven by a bounded Python load generator (asyncio, raw HTTP/1.1 keep-alive connections) on
 the same machine. Part of `make bench`; docs/http.md has the results.
 
-Scenarios: trivial JSON GET (req/s); CPU-bound GET, ~5 ms of Python (req/s); mixed load, 90%
-trivial + 10% ~50 ms of CPU (p99 of the trivial ones), the CPU in Starlette's thread pool (a sync
+Scenarios: trivial JSON GET (req/s); CPU-bound GET, 5 ms of Python (req/s); mixed load, 90%
+trivial + 10% 50 ms of CPU (p99 of the trivial ones), the CPU in Starlette's thread pool (a sync
 endpoint) or on the event loop (an async endpoint that blocks); a 1 MiB response (req/s); and the dispatch
 itself: the gateway called in-process (front -> worker -> front, no HTTP) against the app called
 in-process, p50 of each."""
@@ -31,11 +31,36 @@ APP = "apps.star:app"
 
 SCENARIOS: Dict[str, List[Tuple[str, float]]] = {
     "trivial": [("/", 1.0)],
-    "cpu5": [("/cpu?ms=5", 1.0)],
-    "mixed": [("/", 0.9), ("/cpu?ms=50", 0.1)],
-    "mixed_blocking": [("/", 0.9), ("/cpu_block?ms=50", 0.1)],
+    "cpu5": [("/cpu?n={5}", 1.0)],
+    "mixed": [("/", 0.9), ("/cpu?n={50}", 0.1)],
+    "mixed_blocking": [("/", 0.9), ("/cpu_block?n={50}", 0.1)],
     "blob1m": [("/blob/1048576", 1.0)],
 }
+
+
+def turns_per_ms() -> float:
+    """Turns of the app's work() loop per ms of one core, measured here before any server runs:
+    the CPU endpoints get a fixed amount of work (a wall-clock spin would overlap in a thread pool
+    and flatter a server that runs many at once)."""
+    sys.path.insert(0, APP_DIR)
+    try:
+        from apps.star import work
+    finally:
+        sys.path.remove(APP_DIR)
+    n = 200_000
+    best = min(_timed(work, n) for _ in range(9))
+    return n / (best * 1e3)
+
+
+def _timed(fn: Callable[[int], Any], n: int) -> float:
+    t0 = time.perf_counter()
+    fn(n)
+    return time.perf_counter() - t0
+
+
+def _scenarios(per_ms: float) -> Dict[str, List[Tuple[str, float]]]:
+    """SCENARIOS with {ms} made into that many ms of work() turns."""
+    return {k: [(p.replace("{5}", str(int(5 * per_ms))).replace("{50}", str(int(50 * per_ms))), w) for p, w in mix] for k, mix in SCENARIOS.items()}
 
 
 def _collector(sent: List[Any]) -> Any:
@@ -54,6 +79,10 @@ def _free_port() -> int:
 def _servers() -> Dict[str, Callable[[int], List[str]]]:
     out: Dict[str, Callable[[int], List[str]]] = {
         "shmhub": lambda p: [sys.executable, "-m", "shmhub", "serve", APP, "--workers", "2", "--bind", f"127.0.0.1:{p}", "--log-level", "warning"],
+        "shmhub --switch-interval 0.0005": lambda p: [
+            *[sys.executable, "-m", "shmhub", "serve", APP, "--workers", "2", "--bind", f"127.0.0.1:{p}", "--log-level", "warning"],
+            *["--switch-interval", "0.0005"],
+        ],
         "uvicorn": lambda p: [sys.executable, "-m", "uvicorn", APP, "--workers", "2", "--port", str(p), "--no-access-log", "--log-level", "warning"],
     }
     granian = shutil.which("granian") or os.path.join(os.path.dirname(sys.executable), "granian")
@@ -221,7 +250,9 @@ def run(quick: bool, only: Optional[List[str]] = None) -> Dict[str, Any]:
         uvloop.install()
     except ImportError:
         pass
-    results: Dict[str, Any] = {"quick": quick, "seconds": seconds, "connections": conns, "load": os.getloadavg(), "servers": {}}
+    per_ms = turns_per_ms()
+    scenarios = _scenarios(per_ms)
+    results: Dict[str, Any] = {"quick": quick, "seconds": seconds, "connections": conns, "load": os.getloadavg(), "work_turns_per_ms": per_ms, "servers": {}}
     for name, argv in _servers().items():
         if only and name not in only:
             continue
@@ -229,7 +260,7 @@ def run(quick: bool, only: Optional[List[str]] = None) -> Dict[str, Any]:
         server = Server(argv(port), port)
         try:
             asyncio.run(_load(port, SCENARIOS["trivial"], conns, 0.5))  # warm-up
-            results["servers"][name] = {sc: asyncio.run(_load(port, mix, conns, seconds)) for sc, mix in SCENARIOS.items()}
+            results["servers"][name] = {sc: asyncio.run(_load(port, mix, conns, seconds)) for sc, mix in scenarios.items()}
         finally:
             server.stop()
         print(f"{name}: {json.dumps(results['servers'][name])}", file=sys.stderr)
@@ -260,14 +291,17 @@ def table(res: Dict[str, Any]) -> str:
         f"worker {d['gateway_p50_us']:.1f} µs: overhead {d['overhead_p50_us']:.1f} µs"
         + (f" (the worker's call alone {d['worker_call_p50_us']:.1f} µs)" if "worker_call_p50_us" in d else "")
     )
-    rows.append(f"load average at start {res['load'][0]:.2f}; {res['connections']} connections, {res['seconds']} s per scenario")
+    rows.append(
+        f"load average at start {res['load'][0]:.2f}; {res['connections']} connections, {res['seconds']} s per scenario; "
+        f"CPU work: {res['work_turns_per_ms']:,.0f} loop turns per ms"
+    )
     return "\n".join(rows)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.http_bench")
     p.add_argument("--quick", action="store_true", help="2 s per scenario, 16 connections")
-    p.add_argument("--only", nargs="*", help="servers to run (shmhub uvicorn granian)")
+    p.add_argument("--only", nargs="*", help="servers to run (shmhub, 'shmhub --switch-interval 0.0005', uvicorn, granian)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     res = run(args.quick, args.only)

@@ -300,6 +300,12 @@ def add_serve_parser(sub: Any) -> None:
         "--http", choices=("auto", "h11", "httptools"), default="auto", help="uvicorn's HTTP parser (h11 accepts any method token, httptools is faster)"
     )
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"), help="warning and above: no access log")
+    p.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="the workers' GIL switch interval, seconds (Python's: 0.005; shorter: quick requests wait less behind CPU-bound sync ones)",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from .http import serve
@@ -315,6 +321,7 @@ def add_serve_parser(sub: Any) -> None:
                 interface=args.interface,
                 http=args.http,
                 log_level=args.log_level,
+                switch_interval=args.switch_interval,
             )
         except (ValueError, OSError, ShmhubError) as e:
             print(f"shmhub serve: {type(e).__name__}: {e}", file=sys.stderr)

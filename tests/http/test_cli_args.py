@@ -20,6 +20,12 @@ def test_a_malformed_bind_is_refused(bind, capsys):
     assert "HOST:PORT" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "2"])
+def test_a_switch_interval_out_of_range_is_refused(value, capsys):
+    assert cli.main(["serve", "apps.star:app", "--switch-interval", value]) == 2
+    assert "switch_interval" in capsys.readouterr().err
+
+
 def test_bind_forms():
     assert parse_bind("127.0.0.1:0") == ("127.0.0.1", 0)
     assert parse_bind("[::1]:8080") == ("::1", 8080)

@@ -46,6 +46,14 @@ def test_an_unknown_method_travels_by_name_not_as_get():
             assert echo(c.request("BREW", "/echo"))["body_len"] == 0
 
 
+def test_workers_take_the_switch_interval_given(star):
+    with httpx.Client(base_url=star.url, timeout=10) as c:
+        assert float(c.get("/switch").text) == 0.005  # Python's own
+    with Server.cli("apps.star:app", "--workers", "1", "--switch-interval", "0.0005") as s:
+        with httpx.Client(base_url=s.url, timeout=10) as c:
+            assert float(c.get("/switch").text) == 0.0005
+
+
 def test_head_has_headers_and_no_body(star):
     with httpx.Client(base_url=star.url, timeout=10) as c:
         r = c.head("/blob/1000")

@@ -32,9 +32,12 @@ class QueueFull(HttpError):
     """Every worker is at max_in_flight and the front's queue is full (the gateway answers 503)."""
 
 
-def worker_command(app: str, interface: str, max_in_flight: int) -> List[str]:
+def worker_command(app: str, interface: str, max_in_flight: int, switch_interval: Optional[float] = None) -> List[str]:
     """The argv that starts one worker guest running `app`."""
-    return [sys.executable, "-m", "shmhub.http", app, "--interface", interface, "--max-in-flight", str(max_in_flight)]
+    argv = [sys.executable, "-m", "shmhub.http", app, "--interface", interface, "--max-in-flight", str(max_in_flight)]
+    if switch_interval is not None:
+        argv += ["--switch-interval", repr(switch_interval)]
+    return argv
 
 
 @dataclass(eq=False)

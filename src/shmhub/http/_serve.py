@@ -84,17 +84,22 @@ def serve(
     http: str = "auto",
     worker_argv: Optional[Sequence[str]] = None,
     log_level: str = "info",
+    switch_interval: Optional[float] = None,
 ) -> None:
     """Serve the ASGI or WSGI app `app` ('module:attribute') with `workers` worker guests behind
     uvicorn on `bind`, until SIGTERM or SIGINT. http: uvicorn's parser ("auto" is httptools when
     installed: fastest, but it rejects methods llhttp does not know; "h11" accepts any token).
-    worker_argv replaces the worker command (tests)."""
+    switch_interval: the workers' sys.setswitchinterval() (None: Python's 5 ms); shorter lets
+    a worker's event loop take the GIL sooner from sync handlers running CPU-bound code in threads
+    (docs/http.md measures the trade). worker_argv replaces the worker command (tests)."""
     import uvicorn
 
+    if switch_interval is not None and not 0 < switch_interval <= 1:
+        raise ValueError(f"switch_interval {switch_interval!r} must be in (0, 1] seconds")
     if interface not in ("auto", "asgi", "wsgi"):
         raise ValueError(f"interface {interface!r} must be auto, asgi or wsgi")
     host, port = parse_bind(bind)
-    command = list(worker_argv) if worker_argv is not None else worker_command(app, interface, max_in_flight)
+    command = list(worker_argv) if worker_argv is not None else worker_command(app, interface, max_in_flight, switch_interval)
     pool = WorkerPool(command, workers, max_in_flight=max_in_flight, queue=queue)
     sock = listen(host, port)
     try:

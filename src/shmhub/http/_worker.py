@@ -502,7 +502,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("app")
     p.add_argument("--interface", choices=("auto", "asgi", "wsgi"), default="auto")
     p.add_argument("--max-in-flight", type=int, default=32)
+    p.add_argument("--switch-interval", type=float, default=None)
     args = p.parse_args(argv)
+    if args.switch_interval is not None:
+        # The loop (every request's I/O) waits up to this long for the GIL from a handler thread.
+        sys.setswitchinterval(args.switch_interval)
     sys.path.insert(0, os.getcwd())  # MODULE:APP is found as `python -m` would find it
     app = load_app(args.app)
     interface = detect_interface(app) if args.interface == "auto" else args.interface

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import sys
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -74,8 +75,19 @@ async def sleep(request: Request) -> Response:
     return PlainTextResponse(str(os.getpid()))
 
 
-def _spin(ms: float) -> int:
-    end = time.perf_counter() + ms / 1000
+def work(n: int) -> int:
+    """n turns of a Python loop: a fixed amount of CPU, however the threads share the GIL."""
+    x = 0
+    for i in range(n):
+        x += i & 7
+    return x
+
+
+def _spin(q: Any) -> int:
+    """?n=N: N turns of work(); else ?ms=M: M ms of wall-clock time (of the GIL shared with other threads)."""
+    if "n" in q:
+        return work(int(q["n"]))
+    end = time.perf_counter() + float(q.get("ms", "5")) / 1000
     x = 0
     while time.perf_counter() < end:
         x += 1
@@ -83,13 +95,13 @@ def _spin(ms: float) -> int:
 
 
 def cpu(request: Request) -> Response:
-    """ms of Python in Starlette's thread pool (a sync endpoint)."""
-    return JSONResponse({"spins": _spin(float(request.query_params.get("ms", "5")))})
+    """CPU in Starlette's thread pool (a sync endpoint)."""
+    return JSONResponse({"spins": _spin(request.query_params)})
 
 
 async def cpu_block(request: Request) -> Response:
-    """ms of Python on the event loop itself: every request of this process waits meanwhile."""
-    return JSONResponse({"spins": _spin(float(request.query_params.get("ms", "5")))})
+    """CPU on the event loop itself: every request of this process waits meanwhile."""
+    return JSONResponse({"spins": _spin(request.query_params)})
 
 
 async def boom(request: Request) -> Response:
@@ -98,6 +110,10 @@ async def boom(request: Request) -> Response:
 
 async def pid(request: Request) -> Response:
     return PlainTextResponse(str(os.getpid()))
+
+
+async def switch(request: Request) -> Response:
+    return PlainTextResponse(repr(sys.getswitchinterval()))
 
 
 app = Starlette(
@@ -111,6 +127,7 @@ app = Starlette(
         Route("/cpu", cpu),
         Route("/cpu_block", cpu_block),
         Route("/pid", pid),
+        Route("/switch", switch),
         Route("/boom", boom),
     ]
 )

@@ -11,6 +11,7 @@ import socket
 import struct
 import tempfile
 import uuid
+import time
 
 MAX_MSG = 16 << 20
 
@@ -212,9 +213,9 @@ class Iceoryx2(Transport):
         def event(direction):
             return self.node.service_builder(iox2.ServiceName.new(f"{self.tag}/{direction}/event")).event().open_or_create()
 
+        out_service = pubsub(mine)
         self.pub = (
-            pubsub(mine)
-            .publisher_builder()
+            out_service.publisher_builder()
             .initial_max_slice_len(64)
             .allocation_strategy(iox2.AllocationStrategy.PowerOfTwo)
             .backpressure_strategy(iox2.BackpressureStrategy.RetryUntilDelivered)
@@ -224,6 +225,14 @@ class Iceoryx2(Transport):
         self.notifier = event(mine).notifier_builder().create()
         self.listener = event(theirs).listener_builder().create()
         self.wait = iox2.Duration.from_millis(100)
+        # history_size(0): a sample published before the peer's subscriber exists is lost, and the
+        # handshake's first message would leave both sides waiting. Start once the peer is there.
+        deadline = time.monotonic() + 60
+        while out_service.dynamic_config.number_of_subscribers < 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError("iceoryx2: the peer's subscriber did not appear within 60 s")
+            time.sleep(0.001)
+        self.pub.update_connections()
 
     def send(self, data):
         n = len(data)
@@ -246,10 +255,13 @@ class Iceoryx2(Transport):
         return out
 
     def recv(self):
+        deadline = time.monotonic() + 60
         while True:
             m = self.poll()
             if m is not None:
                 return m
+            if time.monotonic() > deadline:  # the peer is gone: end instead of waiting forever
+                raise TimeoutError("iceoryx2: nothing received for 60 s")
             self.listener.timed_wait(self.wait)
 
     def close(self):

@@ -53,6 +53,33 @@ def decode_frame(data: Buffer) -> FrameTuple: ...
 def encode_inline(payload: Buffer, legacy: bool = False) -> bytes: ...
 def encode_slot_ref(class_idx: int, extent_idx: int, slot_idx: int, generation: int) -> bytes: ...
 def encode_mmap_ref(map_id: int, map_generation: int, map_offset: int, payload_len: int, flags: int = 0) -> bytes: ...
+def rpc_wire_setup(kinds: Tuple[Any, ...], version: int, known_flags: int, max_buffers: int, max_method_len: int) -> None: ...
+
+class RpcFrame:
+    kind: Any  # shmhub.rpc._wire.Kind
+    call_id: int
+    flags: int
+    deadline_ns: int
+    arg: int
+    method: str
+    n_buffers: int
+    descriptors: Tuple[Tuple[int, int], ...]
+    payload_offset: int
+    def __init__(
+        self,
+        kind: Any,
+        call_id: int,
+        flags: int,
+        deadline_ns: int,
+        arg: int,
+        method: str,
+        n_buffers: int,
+        descriptors: Tuple[Tuple[int, int], ...],
+        payload_offset: int,
+    ) -> None: ...
+
+def rpc_decode(data: Buffer, max_frame: int) -> RpcFrame: ...
+def rpc_encode(kind: int, call_id: int, payload: Buffer, flags: int, deadline_ns: int, arg: int, method: str, buffers: Sequence[Tuple[int, int]]) -> bytes: ...
 
 class Ring:
     region: Region

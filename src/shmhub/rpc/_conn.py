@@ -29,7 +29,7 @@ from ..link import Link
 from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError, ShmTimeout
 from ._codec import Codec, codec_for
 from ._protocol import CallTable, FrameAssembler, Incoming, ServingTable, decode_error, DEFAULT_MAX_FRAME
-from ._wire import FLAG_STREAM, K_CANCEL, K_CREDIT, K_END, K_ERROR, K_ITEM, K_REQUEST, Kind, encode_frame
+from ._wire import FLAG_STREAM, K_CANCEL, K_CREDIT, K_END, K_ERROR, K_ITEM, K_REQUEST, Kind, encode_header
 
 if TYPE_CHECKING:
     from ._server import Server
@@ -886,7 +886,7 @@ class Connection:
         if not oob:  # most frames: nothing to stage, nothing to give back on failure
             if deadline_ns and not self._shared_clock:
                 deadline_ns = max(1, deadline_ns - time.monotonic_ns())
-            head = encode_frame(kind, cid, payload, flags=flags, deadline_ns=deadline_ns, arg=arg, method=method)
+            head = encode_header(kind, cid, payload, flags, deadline_ns, arg, method, ())
             self._lock_send(nowait, deadline_for_send)
             try:
                 link.send(head, timeout=0.0 if nowait else _remaining(deadline_for_send))
@@ -908,7 +908,7 @@ class Connection:
                 _crash.point(b"rpc.staged")
             if deadline_ns and not self._shared_clock:
                 deadline_ns = max(1, deadline_ns - time.monotonic_ns())
-            head = encode_frame(kind, cid, payload, flags=flags, deadline_ns=deadline_ns, arg=arg, method=method, buffers=descs)
+            head = encode_header(kind, cid, payload, flags, deadline_ns, arg, method, descs)
             self._lock_send(nowait, deadline_for_send)
         except BaseException:
             for buf, nbytes in outs:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import enum
 import struct
-from typing import TYPE_CHECKING, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Sequence, Tuple
 
-from ..errors import RpcProtocolError
+from .. import _native
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12
@@ -75,44 +75,22 @@ _KINDS = {int(k): k for k in Kind}
 K_REQUEST, K_RESULT, K_ERROR, K_CANCEL, K_ITEM, K_END, K_CREDIT = Kind.REQUEST, Kind.RESULT, Kind.ERROR, Kind.CANCEL, Kind.ITEM, Kind.END, Kind.CREDIT
 
 
-class Frame:
-    """A decoded header frame: the fixed header's fields, the descriptors of the buffers that
-    follow, and where the codec payload starts in the message (a plain slotted class: one is
-    built for every frame)."""
+# The header is parsed and built in the compiled core (one allocation, no struct round trips):
+# Python's version of both was a quarter of a null call. The layout above is its specification
+# (tests/rpc/test_protocol.py checks the two against each other).
+_native.rpc_wire_setup(tuple(_KINDS.get(i) for i in range(256)), VERSION, KNOWN_FLAGS, MAX_BUFFERS, MAX_METHOD_LEN)
 
-    __slots__ = ("kind", "call_id", "flags", "deadline_ns", "arg", "method", "n_buffers", "descriptors", "payload_offset")
+Frame = _native.RpcFrame
+"""A decoded header frame: kind, call_id, flags, deadline_ns, arg, method, n_buffers, descriptors
+((offset, length) of each buffer that follows) and payload_offset (where the codec payload starts)."""
 
-    def __init__(
-        self,
-        kind: Kind,
-        call_id: int,
-        flags: int,
-        deadline_ns: int,
-        arg: int,
-        method: str,
-        n_buffers: int,
-        descriptors: Tuple[Tuple[int, int], ...],
-        payload_offset: int,
-    ) -> None:
-        self.kind = kind
-        self.call_id = call_id
-        self.flags = flags
-        self.deadline_ns = deadline_ns  # absolute CLOCK_MONOTONIC nanoseconds; 0: no deadline
-        self.arg = arg  # CREDIT: items granted
-        self.method = method
-        self.n_buffers = n_buffers
-        self.descriptors = descriptors
-        self.payload_offset = payload_offset
+encode_header = _native.rpc_encode
+"""encode_header(kind, call_id, payload, flags, deadline_ns, arg, method, buffers): encode_frame()
+with every argument positional (the hot paths)."""
 
-    def __repr__(self) -> str:
-        return (
-            f"Frame({self.kind.name}, call_id={self.call_id}, flags={self.flags:#x}, "
-            f"deadline_ns={self.deadline_ns}, arg={self.arg}, method={self.method!r}, n_buffers={self.n_buffers})"
-        )
-
-
-_pack = HEADER.pack
-_unpack = HEADER.unpack_from
+decode_frame = _native.rpc_decode
+"""decode_frame(data, max_frame) -> Frame: parse a header message (any buffer); RpcProtocolError
+if it is malformed or larger than max_frame."""
 
 
 def encode_frame(
@@ -127,51 +105,4 @@ def encode_frame(
     buffers: Sequence[Tuple[int, int]] = (),
 ) -> bytes:
     """One header message. `buffers`: (offset, length) of each out-of-band buffer, sent after it."""
-    if not isinstance(payload, bytes):
-        payload = bytes(payload)
-    if not buffers and not method:  # responses: the common case, kept short
-        return _pack(VERSION, kind, flags, 0, call_id, deadline_ns, arg, 0, 0) + payload
-    m = method.encode()
-    if len(m) > MAX_METHOD_LEN:
-        raise ValueError(f"method name of {len(m)} bytes exceeds {MAX_METHOD_LEN}")
-    if not buffers:  # a request without buffers
-        return _pack(VERSION, kind, flags, 0, call_id, deadline_ns, arg, len(m), 0) + m + payload
-    if len(buffers) > MAX_BUFFERS:
-        raise ValueError(f"{len(buffers)} out-of-band buffers exceed {MAX_BUFFERS} per frame")
-    parts: List[bytes] = [HEADER.pack(VERSION, kind, flags, len(buffers), call_id, deadline_ns, arg, len(m), 0), m]
-    parts.extend(DESCRIPTOR.pack(o, n) for o, n in buffers)
-    parts.append(payload)
-    return b"".join(parts)
-
-
-def decode_frame(data: "Buffer", max_frame: int) -> Frame:
-    """Parse a header message; RpcProtocolError if it is malformed or larger than max_frame."""
-    with memoryview(data) as mv:
-        n = mv.nbytes
-        if n > max_frame:
-            raise RpcProtocolError(f"oversize frame: {n} bytes exceed max_frame {max_frame}")
-        if n < HEADER_SIZE:
-            raise RpcProtocolError(f"truncated frame: {n} bytes, the header alone is {HEADER_SIZE}")
-        version, kind, flags, nbuf, call_id, deadline_ns, arg, mlen, _ = _unpack(mv)
-        if version != VERSION:
-            raise RpcProtocolError(f"frame of protocol version {version}, this end speaks {VERSION}")
-        k = _KINDS.get(kind)
-        if k is None:
-            raise RpcProtocolError(f"unknown frame kind {kind}")
-        if not (flags or nbuf or mlen):  # responses: the common case, kept short
-            return Frame(k, call_id, 0, deadline_ns, arg, "", 0, (), HEADER_SIZE)
-        if flags & ~KNOWN_FLAGS:
-            raise RpcProtocolError(f"unknown frame flags {flags:#x}")
-        if nbuf > MAX_BUFFERS:
-            raise RpcProtocolError(f"oversize frame: {nbuf} out-of-band buffers, at most {MAX_BUFFERS}")
-        if mlen > MAX_METHOD_LEN:
-            raise RpcProtocolError(f"oversize frame: method name of {mlen} bytes, at most {MAX_METHOD_LEN}")
-        end = HEADER_SIZE + mlen + nbuf * DESCRIPTOR_SIZE
-        if end > n:
-            raise RpcProtocolError(f"truncated frame: {n} bytes, its header announces {end}")
-        try:
-            method = str(mv[HEADER_SIZE : HEADER_SIZE + mlen], "utf-8")
-        except UnicodeDecodeError:
-            raise RpcProtocolError("method name is not UTF-8") from None
-        descs = tuple(DESCRIPTOR.unpack_from(mv, HEADER_SIZE + mlen + i * DESCRIPTOR_SIZE) for i in range(nbuf)) if nbuf else ()
-    return Frame(k, call_id, flags, deadline_ns, arg, method, nbuf, descs, end)
+    return encode_header(kind, call_id, payload, flags, deadline_ns, arg, method, buffers)

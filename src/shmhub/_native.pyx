@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """shmhub's compiled core: a bounds-checked memory region over a shared mapping with explicit
-atomics, the BipBuffer ring and frame codec, and the VarSlotPool. Nothing else lives here: policy,
-lifecycle and waiting are in the Python modules."""
+atomics, the BipBuffer ring and frame codec, the VarSlotPool, and the RPC frame header codec.
+Nothing else lives here: policy, lifecycle and waiting are in the Python modules."""
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcpy, memset

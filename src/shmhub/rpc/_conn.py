@@ -817,8 +817,10 @@ class Connection:
                 # CANCELLED -> CANCELLED_AND_NOTIFIED, as an executor's worker does: until then
                 # concurrent.futures.wait() and as_completed() do not count the future as done.
                 fut.set_running_or_notify_cancel()
-            with self.lock:
-                unanswered = self.calls.finish(cid) is not None
+            unanswered = False
+            if cid in self.calls.pending:  # else answered (the common case): no lock round
+                with self.lock:
+                    unanswered = self.calls.finish(cid) is not None
             self.limiter.release()
             if unanswered and self.error is None:  # cancelled or expired here: tell the server
                 try:
@@ -887,7 +889,10 @@ class Connection:
             if deadline_ns and not self._shared_clock:
                 deadline_ns = max(1, deadline_ns - time.monotonic_ns())
             head = encode_header(kind, cid, payload, flags, deadline_ns, arg, method, ())
-            self._lock_send(nowait, deadline_for_send)
+            if deadline_for_send or nowait:
+                self._lock_send(nowait, deadline_for_send)
+            else:
+                self.send_lock.acquire()
             try:
                 link.send(head, timeout=0.0 if nowait else _remaining(deadline_for_send))
                 _crash.point(b"rpc.header_sent")

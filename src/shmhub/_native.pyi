@@ -99,6 +99,7 @@ class Ring:
     def release(self, n: int) -> None: ...
     def read_frame(self) -> Optional[FrameTuple]: ...
     producer_waiting: bool
+    wake_batch: int
     batch_bytes: int
     waiting: Tuple[int, int]
     counting: bool

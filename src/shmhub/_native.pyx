@@ -775,6 +775,8 @@ cdef class Ring:
     cdef bint seen_read_ok
     cdef uint32_t run_end  # consumer: end of the contiguous readable run last found (0: none)
     cdef public bint counting  # FEATURE_RING_COUNTERS: the producer keeps RING_SENT_* (set by Segment)
+    cdef public int wake_batch  # consumer: frees or consumes per wake-up of a waiting producer (c_wake_due)
+    cdef int unrung  # consumer: frees or consumes since the producer's announcement was last seen or claimed
 
     def __init__(self, Region region, Py_ssize_t offset):
         cdef char* h = region.ptr(offset, SHMHUB_RING_HEADER_SIZE, SHMHUB_RING_ALIGN)
@@ -788,6 +790,7 @@ cdef class Ring:
         self.capacity = cap
         self.hdr = h
         self.data = h + SHMHUB_RING_HEADER_SIZE
+        self.wake_batch = 16
 
     cdef inline int live(self) except -1:
         if self.region.closed:
@@ -909,6 +912,23 @@ cdef class Ring:
         memset(p + SHMHUB_FRAME_HEADER_SIZE + n, 0, total - SHMHUB_FRAME_HEADER_SIZE - n)
         self.c_commit(total)
         return 0
+
+    cdef inline bint c_wake_due(self, int events) noexcept:
+        """The consumer side, after `events` consumes or slot frees: True, with the producer's
+        sleep announcement claimed (ring its doorbell), once wake_batch of them have passed since
+        it announced, or at once when nothing is left to read. A producer blocked on ring room or
+        on its slot share is woken once per few messages instead of once per message: with
+        hundreds of guests on two cores each wake-up is a context switch (issue 12). It cannot be
+        left asleep: what is left to read is read by this consumer, and the last read rings."""
+        shm_fence(SHM_SEQ_CST)
+        if shm_load32(self.hdr + SHMHUB_RING_PRODUCER_WAITING, SHM_ACQUIRE) == 0:
+            self.unrung = 0
+            return False
+        self.unrung += events
+        if self.unrung < self.wake_batch and hdr_has_data(self.hdr):
+            return False
+        self.unrung = 0
+        return self.c_waiting(True)
 
     cdef inline bint c_waiting(self, bint producer) noexcept:
         """After publishing: claim the peer's sleep announcement (CAS 1 -> 0) so the caller rings
@@ -1131,7 +1151,7 @@ cdef class Ring:
         reference frame as a tuple (not released). With check_waiter, `producer_waiting` tells
         afterwards whether the producer announced it sleeps (ring its doorbell)."""
         out = self.c_take_inline()
-        self.producer_waiting = check_waiter and type(out) is bytes and self.c_waiting(True)
+        self.producer_waiting = check_waiter and type(out) is bytes and self.c_wake_due(1)
         return out
 
     def recv_inline_many(self, Py_ssize_t max_count, bint check_waiter=False):
@@ -1152,7 +1172,7 @@ cdef class Ring:
             item = self.c_take_inline()
             self.batch_bytes += len(<bytes>item)
             out.append(item)
-        self.producer_waiting = check_waiter and len(out) > 0 and self.c_waiting(True)
+        self.producer_waiting = check_waiter and len(out) > 0 and self.c_wake_due(len(out))
         return out
 
     # -- sleeping and waking (FEATURE_WAITER_FLAGS) -----------------------------------------
@@ -2149,7 +2169,7 @@ cdef class Message:
             if pool is not None and not (<SlotPool>pool).region.closed:
                 (<SlotPool>pool).c_free(self.sc, self.se, self.ss, self.sgen, False, self.sby)
                 # The producer may sleep waiting for a slot (trap 27): claim its flag, then ring.
-                if wake is not None and (wake.region.closed or not wake.region.writable or not wake.c_waiting(True)):
+                if wake is not None and (wake.region.closed or not wake.region.writable or not wake.c_wake_due(1)):
                     cb = None
             if cb is not None:
                 cb()
@@ -2384,7 +2404,7 @@ cdef object c_recv_next(Ring ring, SlotPool pool, uint32_t owner, bint check_wai
         return decode_checked(p, total)
     if not flags & SHMHUB_FLAG_SLOT_REF:
         out = ring.c_take_inline()
-        ring.producer_waiting = check_waiter and ring.c_waiting(True)
+        ring.producer_waiting = check_waiter and ring.c_wake_due(1)
         return out
     body = p + SHMHUB_FRAME_HEADER_SIZE
     c = <uint8_t>body[SHMHUB_SR_CLASS]
@@ -2404,7 +2424,7 @@ cdef object c_recv_next(Ring ring, SlotPool pool, uint32_t owner, bint check_wai
     msg.slot_pool = pool
     msg.sc, msg.se, msg.ss, msg.sgen, msg.sby = c, e, s, gen, owner
     ring.c_release(total)
-    ring.producer_waiting = check_waiter and ring.c_waiting(True)
+    ring.producer_waiting = check_waiter and ring.c_wake_due(1)
     return msg
 
 

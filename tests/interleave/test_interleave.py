@@ -32,6 +32,7 @@ QUICK: List[Tuple[str, Tuple[str, ...]]] = [
     ("pool.pml", ()),
     ("pool.pml", ("DOUBLE",)),
     ("waiters.pml", ()),
+    ("waiters.pml", ("K=2", "N=4")),
     ("pool_waiters.pml", ()),
     ("pool_waiters.pml", ("RETURN", "FREES=1")),
 ]
@@ -44,6 +45,7 @@ FULL: List[Tuple[str, Tuple[str, ...]]] = QUICK + [
     ("pool.pml", ("NSLOTS=2", "ROUNDS1=2", "ROUNDS2=2")),
     ("waiters.pml", ("K=2", "N=6")),
     ("waiters.pml", ("K=3", "N=10")),
+    ("waiters.pml", ("K=3", "N=10", "B=3")),
     ("pool_waiters.pml", ("FREES=3",)),
     ("pool_waiters.pml", ("RETURN", "FREES=2")),
 ]
@@ -64,6 +66,7 @@ BUGS: List[Tuple[str, Tuple[str, ...]]] = [
     ("waiters.pml", ("BUG_LOOK_FIRST",)),
     ("waiters.pml", ("BUG_ANNOUNCE_ONCE",)),
     ("waiters.pml", ("BUG_DRAIN_FIRST",)),
+    ("waiters.pml", ("K=2", "N=4", "B=3", "BUG_BATCH_ONLY")),
     ("pool_waiters.pml", ("BUG_NO_RETRY",)),
     ("pool_waiters.pml", ("BUG_NO_REARM",)),
     ("pool_waiters.pml", ("BUG_NO_BATON",)),

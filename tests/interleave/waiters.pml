@@ -14,6 +14,9 @@
  * it waits for. Both sides block without a timeout here, so a lost wakeup ends the run with a
  * process blocked: SPIN's invalid end state. Also asserted: every frame delivered once.
  *
+ * The consumer wakes a waiting producer in batches (Ring.c_wake_due): after a release it rings only
+ * once B releases have passed since the producer announced, or when the ring is left empty.
+ *
  * Injected bugs (each must make SPIN report an error):
  *   BUG_NO_RECHECK     the sleeper sleeps right after announcing, without trying again
  *   BUG_LOOK_FIRST     the publisher loads the flag before it publishes
@@ -21,6 +24,7 @@
  *                      claim clears the flag: a second sleep would go unannounced)
  *   BUG_DRAIN_FIRST    the doorbell drains before it polls (a byte rung between the re-check
  *                      and the sleep is thrown away: not sticky)
+ *   BUG_BATCH_ONLY     the consumer rings every B releases only, not when the ring is left empty
  */
 
 #ifndef K
@@ -29,12 +33,16 @@
 #ifndef N
 #define N 3            /* frames sent */
 #endif
+#ifndef B
+#define B 2            /* Ring.wake_batch: releases per wake-up of a waiting producer */
+#endif
 
 byte count;            /* frames committed, not released */
 byte sent, received;
 bool pdone;
 bit cw, pw;            /* RING_CONSUMER_WAITING, RING_PRODUCER_WAITING */
 bit bell_c, bell_p;    /* a byte pending at the consumer's / producer's doorbell end */
+byte unrung;           /* the consumer's releases since the producer's flag was seen (Ring.unrung) */
 
 /* Ring.c_waiting + Link._ring: claim the peer's flag, ring its doorbell if we won */
 inline notify(flag, bell) {
@@ -55,6 +63,25 @@ inline notify(flag, bell) {
         fi
     :: else -> break
     od
+}
+
+/* Ring.c_wake_due, after a release: ring a waiting producer once B releases have passed, or when
+ * the ring is left empty */
+inline wake_producer() {
+    v = pw;                                  /* fence(SeqCst); load (Acquire) */
+    if
+    :: v == 0 -> unrung = 0
+    :: else ->
+        unrung++;
+        if
+#ifdef BUG_BATCH_ONLY
+        :: unrung >= B -> unrung = 0; notify(pw, bell_p)
+#else
+        :: unrung >= B || count == 0 -> unrung = 0; notify(pw, bell_p)
+#endif
+        :: else
+        fi
+    fi
 }
 
 /* the doorbell's wait: poll for a byte, then drain it */
@@ -139,7 +166,7 @@ active proctype consumer() {
             cw = 0
         od;
         received++;
-        notify(pw, bell_p)                   /* recv_inline(check_waiter): producer_waiting -> ring */
+        wake_producer()                      /* recv_inline(check_waiter): producer_waiting -> ring */
     od;
     pdone;
     assert(count == 0 && sent == N)          /* every frame delivered once */

@@ -700,3 +700,27 @@ def test_trap10_entries_above_half_capacity_can_stall_an_empty_ring(cap):
     assert stuck, "expected the geometry caveat to show"
     assert all(cap - x < n and x <= n for x in stuck)
     assert cap // 2 in stuck
+
+
+def test_a_waiting_producer_is_woken_every_wake_batch_releases_or_when_the_ring_empties():
+    """The consumer rings a producer that announced it sleeps once per wake_batch releases, or at
+    once when it leaves the ring empty (docs/extensions.md, bit 0); a flag seen clear starts the
+    count again."""
+    with ring_of(4096) as (_, ring):
+        assert ring.wake_batch == 16  # the default
+        ring.wake_batch = 4
+        for i in range(8):
+            ring.send_inline(payload(8, i), False)
+        ring.recv_inline(True)
+        assert not ring.producer_waiting  # nobody waits: nothing to ring, no count kept
+        ring.set_waiting(True, 1)  # the producer announced it sleeps
+        rang = []
+        for i in range(1, 8):
+            assert ring.recv_inline(True) == payload(8, i)
+            rang.append(ring.producer_waiting)
+            if ring.producer_waiting:
+                assert ring.waiting[0] == 0  # claimed: one ring per sleep
+                ring.set_waiting(True, 1)  # it woke, and sleeps again
+        assert rang == [False, False, False, True, False, False, True]  # the 4th; the 3rd after, which empties it
+        ring.send_inline(payload(8), False)
+        assert ring.recv_inline(True) == payload(8) and ring.producer_waiting  # empty again: at once

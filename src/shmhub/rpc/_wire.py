@@ -26,6 +26,7 @@ __all__ = [
     "MAX_BUFFERS",
     "MAX_METHOD_LEN",
     "encode_frame",
+    "encode_header",
     "decode_frame",
     "Frame",
 ]

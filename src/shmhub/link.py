@@ -1051,9 +1051,11 @@ class Link(LinkCore):
     def _rearm_locked(self, as_bytes: bool) -> Union[None, Message, bytes]: ...
 
     def _rearm_locked(self, as_bytes: bool = False) -> Union[None, Message, bytes]:
-        """fileno() users with nothing left to receive: announce we wait (so the peer rings), drain
-        the doorbell so the fd stays quiet until then, and re-check (rx lock held)."""
-        self._rx.set_waiting(False, 1)
+        """fileno() users with nothing left to receive: drain the doorbell so the fd stays quiet,
+        announce we wait (so the peer rings), and re-check (rx lock held). Drain before announcing:
+        a peer's late notify of a frame already read may claim the new announcement and ring; a
+        drain after the announcement would eat that byte, and the peer, finding the flag claimed,
+        would not ring for its next frame (a lost wakeup, seen with 64 guests on 2 cores)."""
         if self._waiter.try_begin():  # one poller per doorbell (trap 32); else that poller drains
             assert self.doorbell is not None  # _watched: fileno() found a doorbell
             try:
@@ -1062,6 +1064,7 @@ class Link(LinkCore):
                 self._mark_dead(str(e))
             finally:
                 self._waiter.end()
+        self._rx.set_waiting(False, 1)
         return self._poll_locked(as_bytes)
 
     async def arecv(self, timeout: Optional[float] = None) -> Message:

@@ -33,6 +33,8 @@ QUICK: List[Tuple[str, Tuple[str, ...]]] = [
     ("pool.pml", ("DOUBLE",)),
     ("waiters.pml", ()),
     ("waiters.pml", ("K=2", "N=4")),
+    ("waiters.pml", ("FILENO",)),
+    ("waiters.pml", ("FILENO", "K=2", "N=4")),
     ("pool_waiters.pml", ()),
     ("pool_waiters.pml", ("RETURN", "FREES=1")),
 ]
@@ -46,6 +48,7 @@ FULL: List[Tuple[str, Tuple[str, ...]]] = QUICK + [
     ("waiters.pml", ("K=2", "N=6")),
     ("waiters.pml", ("K=3", "N=10")),
     ("waiters.pml", ("K=3", "N=10", "B=3")),
+    ("waiters.pml", ("FILENO", "K=3", "N=10")),
     ("pool_waiters.pml", ("FREES=3",)),
     ("pool_waiters.pml", ("RETURN", "FREES=2")),
 ]
@@ -67,6 +70,7 @@ BUGS: List[Tuple[str, Tuple[str, ...]]] = [
     ("waiters.pml", ("BUG_ANNOUNCE_ONCE",)),
     ("waiters.pml", ("BUG_DRAIN_FIRST",)),
     ("waiters.pml", ("K=2", "N=4", "B=3", "BUG_BATCH_ONLY")),
+    ("waiters.pml", ("FILENO", "BUG_REARM_LATE_DRAIN")),
     ("pool_waiters.pml", ("BUG_NO_RETRY",)),
     ("pool_waiters.pml", ("BUG_NO_REARM",)),
     ("pool_waiters.pml", ("BUG_NO_BATON",)),

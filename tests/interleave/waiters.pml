@@ -25,6 +25,14 @@
  *   BUG_DRAIN_FIRST    the doorbell drains before it polls (a byte rung between the re-check
  *                      and the sleep is thrown away: not sticky)
  *   BUG_BATCH_ONLY     the consumer rings every B releases only, not when the ring is left empty
+ *
+ * FILENO: the consumer is a Link.fileno() user (Host.recv_any, selectors): its flag is announced
+ * for good; it polls, and on an empty ring re-arms (Link._rearm_locked: drain the doorbell,
+ * announce, poll again) and waits for the fd to be readable, which does not drain it (epoll is
+ * level-triggered). Injected bug:
+ *   BUG_REARM_LATE_DRAIN  the re-arm announces, then drains: a late notify (of a frame already
+ *                      read) claims the new announcement and its byte is drained, so the next
+ *                      frame's notify finds the flag claimed and does not ring
  */
 
 #ifndef K
@@ -138,6 +146,29 @@ active proctype consumer() {
     do
     :: received == N -> break
     :: else ->
+#ifdef FILENO
+        do
+        :: true ->
+            atomic { ok = count > 0; if :: ok -> count-- :: else fi };    /* try_recv */
+            if
+            :: ok -> break
+            :: else
+            fi;
+#ifdef BUG_REARM_LATE_DRAIN
+            cw = 1;
+            bell_c = 0;
+#else
+            bell_c = 0;                      /* drain */
+            cw = 1;                          /* announce */
+#endif
+            atomic { ok = count > 0; if :: ok -> count-- :: else fi };    /* poll again */
+            if
+            :: ok -> break
+            :: else
+            fi;
+            (bell_c == 1)                    /* the fd is readable (epoll: not drained) */
+        od;
+#else
         /* Link._wait(attempt = try to receive) */
 #ifdef BUG_ANNOUNCE_ONCE
         cw = 1;
@@ -165,6 +196,7 @@ active proctype consumer() {
             sleep(bell_c);
             cw = 0
         od;
+#endif
         received++;
         wake_producer()                      /* recv_inline(check_waiter): producer_waiting -> ring */
     od;

@@ -270,6 +270,54 @@ def test_no_lost_wakeup_when_the_poller_drains_a_byte_meant_for_another_thread()
     assert g.returncode == 0
 
 
+def test_a_late_notify_eaten_by_the_rearm_does_not_silence_the_next_message(monkeypatch):
+    """A guest commits a frame, is descheduled before its notify, and the host reads the frame and
+    re-arms (try_recv() returned None). The late notify claims the host's waiting flag and rings
+    while the host drains its doorbell. The guest's next frame must still make fileno() readable:
+    the flag the late notify claimed must be announced again after the drain (an announcement
+    made before the drain left the flag claimed and the fd quiet; the guest then elided its
+    doorbell and recv_any slept with a message waiting: 2 in 30 runs of the 64-guest pool test)."""
+    import select
+
+    from shmhub.doorbell import Doorbell
+    from shmhub.link import GUEST, HOST, Link
+    from shmhub.segment import Segment
+
+    with Segment.create(SMALL) as seg:
+        peer = seg.peers.attach()
+        bell, guest_sock = Doorbell.pair()
+        host, guest = Link(seg, peer, bell, HOST), Link(seg, peer, Doorbell(guest_sock), GUEST)
+        try:
+            fd = host.fileno()
+            assert host.try_recv() is None  # armed: the host's flag is announced, its fd quiet
+            assert guest._tx.write_inline(b"first")  # committed; the notify comes late (below)
+            with host.try_recv() as msg:
+                assert bytes(msg) == b"first"
+            real_drain, late = Doorbell.drain, []
+
+            def drain(self):
+                if self is bell and not late:  # the late notify lands while the host re-arms
+                    late.append(guest._tx.claim_peer_waiting(False))
+                    if late[0]:
+                        guest.doorbell.ring()
+                return real_drain(self)
+
+            monkeypatch.setattr(Doorbell, "drain", drain)
+            assert host.try_recv() is None  # re-arms (the late notify lands in it)
+            assert late == [True], "the late notify did not find the flag announced: the interleaving was not forced"
+            monkeypatch.setattr(Doorbell, "drain", real_drain)
+            guest.send(b"second")
+            r, _, _ = select.select([fd], [], [], 2)
+            assert r, "fileno() stayed quiet with a message waiting (lost wakeup)"
+            with host.try_recv() as msg:
+                assert bytes(msg) == b"second"
+        finally:
+            guest.close()
+            host.close()
+            bell.close()
+            guest.doorbell.close()
+
+
 def test_fileno_becomes_readable_when_a_message_arrives():
     """Link.fileno() for selectors: readable when the peer sends (even with doorbell elision),
     and quiet again once try_recv() has returned None (no busy loop)."""

@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 import time
 
+from .scale_guest import drop
+
 STOP = b"!"  # a 1-byte message ends a phase (payloads are never 1 byte)
 REPORT = struct.Struct("<QQ")  # messages seen, errors
 
@@ -130,8 +132,10 @@ def stream_b(t, p):
                 want = np.arange(seen, seen + len(batch), dtype=np.uint64)
                 errors += int(np.count_nonzero(seq != want)) + int(np.count_nonzero(arr[:, -1] != (want & 0xFF)))
                 seen += len(batch)
-            # Slot payloads in a batch are Messages holding their slots: drop them before waiting
-            # for the next batch, or the sender may wait for slots this side still holds.
+            # Slot payloads in a batch are Messages holding their slots: give them back before
+            # waiting for the next batch, or the sender may wait for slots this side still holds.
+            for m in batch:
+                drop(m)
             batch = None
             if stop:
                 break
@@ -145,7 +149,7 @@ def stream_b(t, p):
             if n != size or seq(m)[0] != seen or last(m, n - 1)[0] != seen & 0xFF:
                 errors += 1
             seen += 1
-            m = None  # a zero-copy message goes back before the next wait
+            drop(m)  # a zero-copy message goes back before the next wait (released, not left to the collector)
     t.send(REPORT.pack(seen, errors))
 
 
@@ -218,7 +222,7 @@ def ndarray_b(t, p):
         t.send(ACK.pack(ok, held))
         full = ok and np.array_equal(a, expect)
         del a
-        m = None
+        drop(m)
         t.send(b"ok" if full else b"bad")
 
 

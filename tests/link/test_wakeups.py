@@ -276,7 +276,8 @@ def test_a_late_notify_eaten_by_the_rearm_does_not_silence_the_next_message(monk
     while the host drains its doorbell. The guest's next frame must still make fileno() readable:
     the flag the late notify claimed must be announced again after the drain (an announcement
     made before the drain left the flag claimed and the fd quiet; the guest then elided its
-    doorbell and recv_any slept with a message waiting: 2 in 30 runs of the 64-guest pool test)."""
+    doorbell and recv_any slept with a message waiting: about 1 in 20 runs of the 64-guest pool
+    test)."""
     import select
 
     from shmhub.doorbell import Doorbell

@@ -2423,7 +2423,13 @@ cdef object c_recv_next(Ring ring, SlotPool pool, uint32_t owner, bint check_wai
     msg.wake_ring = ring if check_waiter else None
     msg.slot_pool = pool
     msg.sc, msg.se, msg.ss, msg.sgen, msg.sby = c, e, s, gen, owner
-    ring.c_release(total)
+    try:
+        ring.c_release(total)
+    except BaseException:
+        # A read index changed under us (a hostile peer): the slot is ours, and nobody will see
+        # this Message. Free it here, not in the collector (which would warn of a leak).
+        msg.release()
+        raise
     ring.producer_waiting = check_waiter and ring.c_wake_due(1)
     return msg
 

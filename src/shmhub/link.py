@@ -893,7 +893,11 @@ class Link(LinkCore):
                 region, off = self._pool.payload_span(c, s, e)
             except (SlotError, SegmentCorrupted) as err:
                 raise self._corrupted(err) from None
-            rx.release(total)
+            try:
+                rx.release(total)
+            except LinkCorrupted:
+                self._free_slot(c, e, s, gen)  # ours since the take: not left allocated for good
+                raise
             self.stats.recv_slot += 1
             self.stats.recv_bytes_slot += n
             return Message(region, off, n, "slot", lambda: self._free_slot(c, e, s, gen))

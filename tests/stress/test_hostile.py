@@ -414,6 +414,29 @@ def test_recovery_restores_what_only_the_host_writes():
         g.wait(10)
 
 
+def test_a_read_index_scribbled_while_a_slot_frame_is_taken_frees_the_slot():
+    """The host takes a slot frame's slot (it becomes the owner, DECISIONS 9) before it releases
+    the frame's ring bytes. A guest that scribbles the ring's read index in between makes that
+    release raise LinkCorrupted; the slot, the host's by then, was left allocated for good (no
+    recovery reclaims a slot the host owns). It is freed now."""
+    from shmhub.link import GUEST, HOST, Link
+
+    with Segment.create(CONFIG) as seg:
+        peer = seg.peers.attach()
+        host, guest = Link(seg, peer, None, HOST), Link(seg, peer, None, GUEST)
+        try:
+            guest.send(b"s" * 400)  # above the inline threshold: the 512-byte class
+            frame = host._rx.read_frame()
+            assert frame is not None and frame[0] == L.KIND_SLOT_REF and seg.pool.counts(0) == (31, 1)
+            seg.region.store_u32(seg.layout.g2h_offset(peer) + L.RING_READ, 0xFFFF0000)  # the scribble
+            with pytest.raises(LinkCorrupted):
+                host._take_frame(frame)
+            assert seg.pool.counts(0) == (32, 0), "the slot the host took is still allocated"
+        finally:
+            guest.close()
+            host.close()
+
+
 def test_corrupt_frame_isolates_the_guest(caplog):
     """A malformed frame in a guest's G2H ring: the host's receive raises LinkCorrupted, and the
     host isolates the guest (kills it, recovers it, an "isolated" event and a WARNING)."""

@@ -129,7 +129,7 @@ def fanout_guest(recv, idx: int, seed: int) -> dict:
         if not check(m, idx, seen, sizes):
             errors += 1
         seen += 1
-        drop(m)  # a zero-copy message goes back before the next wait (released, not left to the collector)
+        drop(m)  # a zero-copy message goes back before the next wait
 
 
 def reqresp_guest(send, recv, idx: int, seed: int, start: float, until: float) -> dict:

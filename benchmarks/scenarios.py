@@ -149,7 +149,7 @@ def stream_b(t, p):
             if n != size or seq(m)[0] != seen or last(m, n - 1)[0] != seen & 0xFF:
                 errors += 1
             seen += 1
-            drop(m)  # a zero-copy message goes back before the next wait (released, not left to the collector)
+            drop(m)  # a zero-copy message goes back before the next wait
     t.send(REPORT.pack(seen, errors))
 
 

@@ -104,6 +104,73 @@ def test_a_waiting_caller_reads_its_answer_itself(ex):
     assert all(w.client._conn.role is not me for w in ex._workers.values())
 
 
+def test_a_round_trip_does_not_call_the_reader_thread():
+    """A task is sent quiet: its caller reads the answer in result(), and the rpc reader thread is
+    not woken for it (a thread hand-off on every round trip, the larger part of its latency)."""
+    with Executor(1) as ex:
+        for _ in range(10):
+            ex.submit(tasks.add, 1, 1).result(T)
+        conn = ex._workers[next(iter(ex._workers))].client._conn
+        wait_until(lambda: conn.role is None, "the read role free after the warm-up")
+        calls = []
+        notify = conn._role_cond.notify
+        conn._role_cond.notify = lambda n=1: (calls.append(n), notify(n))
+        try:
+            for i in range(100):
+                assert ex.submit(tasks.add, i, 1).result(T) == i + 1
+        finally:
+            del conn._role_cond.notify
+        assert calls == []
+
+
+@pytest.mark.parametrize("observe", ["done", "callback", "wait", "as_completed", "asyncio", "result_elsewhere"])
+def test_a_task_nobody_reads_for_still_completes(observe):
+    """Whatever waits for a quiet task without reading its worker's link (polling done(), a done
+    callback, wait(), as_completed(), asyncio, result() while another thread reads) has the
+    reader thread read for it: no hang."""
+    with Executor(1) as ex:
+        ex.submit(tasks.add, 0, 0).result(T)
+        f = ex.submit(tasks.add, 2, 3)
+        if observe == "done":
+            wait_until(f.done, "done() became true")
+        elif observe == "callback":
+            ev = threading.Event()
+            f.add_done_callback(lambda _: ev.set())
+            assert ev.wait(T)
+        elif observe == "wait":
+            assert cf.wait([f], T).done == {f}
+        elif observe == "as_completed":
+            assert list(cf.as_completed([f], T)) == [f]
+        elif observe == "asyncio":
+
+            async def go():
+                return await asyncio.wait_for(asyncio.wrap_future(f), T)
+
+            assert asyncio.run(go()) == 5
+        else:
+            slow = ex.submit(tasks.sleep, 0.5, "slow")  # behind f: read by the thread below
+            reader = threading.Thread(target=slow.result, args=(T,))
+            reader.start()
+            wait_until(lambda: ex._workers[next(iter(ex._workers))].client._conn.role is reader, "the other thread reads")
+            assert f.result(T) == 5
+            reader.join(T)
+        assert f.result(0) == 5
+
+
+def test_unread_answers_are_bounded_and_queued_tasks_still_flow():
+    """At most QUIET_MAX calls per worker go unread; tasks queued behind full workers have the
+    reader take the answers that make room (nobody calls result() until the end)."""
+    from shmhub.rpc._conn import QUIET_MAX
+
+    with Executor(2, queue_depth=2) as ex:
+        ex.submit(tasks.add, 0, 0).result(T)
+        fs = [ex.submit(tasks.add, i, 1) for i in range(200)]
+        assert all(len(w.client._conn.calls.quiet) <= QUIET_MAX for w in ex._workers.values())
+        wait_until(lambda: sum(f._state != "FINISHED" for f in fs) <= 2 * QUIET_MAX, "the tasks answered, nobody asking")
+        wait_until(lambda: all(f.done() for f in fs), "done() has the rest read")
+        assert [f.result(0) for f in fs] == [i + 1 for i in range(200)]
+
+
 def test_an_answer_read_before_the_executor_attached_its_callback(monkeypatch):
     """The reader thread may read a task's answer before the sending thread has attached the
     executor's callback to the rpc call; the task is then settled from the sending thread. A
@@ -116,12 +183,12 @@ def test_an_answer_read_before_the_executor_attached_its_callback(monkeypatch):
         orig = Client._start
         window = threading.Event()
 
-        def start(self, method, args, on_item=None):
-            f = orig(self, method, args, on_item)
-            wait_until(lambda: f.done() and self._conn.role is None, "the answer read by the reader thread")
+        def start(self, method, args, on_item=None, quiet=False):
+            call = orig(self, method, args, on_item)  # not quiet: the reader thread reads the answer
+            wait_until(lambda: call.future.done() and self._conn.role is None, "the answer read by the reader thread")
             window.set()  # answered and read, the executor's callback not attached yet
             time.sleep(0.3)  # the caller starts waiting meanwhile
-            return f
+            return call
 
         monkeypatch.setattr(Client, "_start", start)
         second = ex.submit(tasks.add, 2, 3)

@@ -150,6 +150,22 @@ def test_call_ids_grow_and_responses_are_checked_against_them():
     assert t.drain() == [(1, "a")] and len(t) == 0
 
 
+def test_quiet_calls_do_not_want_the_reader_and_leave_with_their_call():
+    t: CallTable[str] = CallTable()
+    a, b = t.start("a", quiet=True), t.start("b", deadline_ns=10, quiet=True)
+    assert not t.wants_reader()
+    c = t.start("c")
+    assert t.wants_reader()
+    t.finish(c)
+    assert not t.wants_reader()
+    assert t.want(a) and not t.want(a) and t.wants_reader()
+    t.finish(a)
+    assert t.expired(10) == [(b, "b")] and t.quiet == set() and not t.wants_reader()
+    t.start("d", quiet=True)
+    t.drain()
+    assert t.quiet == set() and not t.want(4)
+
+
 def test_serving_table_refuses_controls_for_calls_never_requested():
     s: ServingTable[str] = ServingTable()
     s.request(4, "x")

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterable, Iterator
 from ..errors import ExecutorBroken, PeerTableFull, RpcProtocolError, ShmTimeout, TaskStopped, TaskTimeout, WorkerCrashed
 from ..host import Host, HostEvent
 from ..layout import SegmentConfig
-from ..rpc._conn import CallFuture
+from ..rpc._conn import CallFuture, PendingCall
 from ..rpc._protocol import decode_error
 from ..rpc._server import STREAM_WINDOW
 from ._pool import _GONE, EXIT_WAIT, Manager, Task, Worker, exit_reason, make_remote_worker, make_worker, settle, wait_settled
@@ -222,6 +222,9 @@ class Executor(cf.Executor):
                     if not task.future.cancel():  # requeued after a lost worker: already RUNNING
                         settle(task.future, exc=cf.CancelledError())
             self._cond.notify_all()
+            workers = list(self._workers.values())
+        for w in workers:  # the manager waits for every answer
+            w.client._conn.want_all()
         if wait and self._manager.thread.is_alive() and threading.current_thread() is not self._manager.thread:
             self._manager.thread.join()
 
@@ -302,7 +305,8 @@ class Executor(cf.Executor):
                     return
                 w = self._pick(self._pending[0])
                 if w is None:
-                    return
+                    busy = list(self._workers.values())
+                    break
                 n = min(self._limit(w) - len(w.tasks) - w.reserved, MAX_BATCH)
                 if self._max_tasks is not None:
                     n = min(n, self._max_tasks - w.sent)
@@ -318,6 +322,8 @@ class Executor(cf.Executor):
                 self._send(w, batch[0])
             else:
                 self._send_batch(w, batch)
+        for w in busy:  # their answers make the room: read them (Connection.want_all)
+            w.client._conn.want_all()
 
     def _take(self, w: Worker, tasks: List[Task]) -> List[Task]:
         """Under the lock: tasks reserved for w become its tasks (those not cancelled meanwhile);
@@ -344,18 +350,35 @@ class Executor(cf.Executor):
         w.tasks.extend(live)
         return live
 
+    def _quiet(self, w: Worker, task: Task) -> bool:
+        """Under the lock: whether the call carrying a lone task may leave the reading to whoever
+        waits for it (Connection.want): not while tasks wait for room (answers make room), nor
+        for a task with a deadline or the last task of a worker that retires (the manager waits
+        for their answers), nor for a future something already waits for. (A batch, sent under
+        load, is never quiet: many answers would go unread.)"""
+        return not (self._pending or task.timeout is not None or task.future._wanted or (self._max_tasks is not None and w.sent >= self._max_tasks))
+
+    @staticmethod
+    def _sent(tasks: List[Task], call: PendingCall) -> None:
+        for t in tasks:
+            t.future._rpc, t.future._cid = cast(CallFuture, call.future), call.cid
+            if t.future._wanted:  # wanted meanwhile (see TaskFuture._want)
+                call.conn.want(call.cid)
+
     def _send(self, w: Worker, task: Task) -> None:
         with w.send_lock:
             with self._lock:
                 if not self._take(w, [task]):
                     return
+                quiet = self._quiet(w, task)
             try:
-                f = w.client._start(task.method, task.rpc_args())
+                call = w.client._start(task.method, task.rpc_args(), quiet=quiet)
+                f = cast(CallFuture, call.future)
                 if f.done() and isinstance(f.exception(), _GONE):
                     # rpc settles a call whose send failed instead of raising: the worker never got
                     # this task (it cannot also have run it, died and been noticed in between)
                     raise f.exception()  # type: ignore[misc]
-                task.future._rpc = f
+                self._sent([task], call)
             except BaseException as e:
                 if self._unsent(w, [task], e):
                     return
@@ -376,7 +399,8 @@ class Executor(cf.Executor):
                 return
             answers = iter(live)
             try:
-                f = w.client._start("run_batch", ([t.batch_entry() for t in live],), on_item=lambda item: self._item(w, next(answers), item))
+                call = w.client._start("run_batch", ([t.batch_entry() for t in live],), on_item=lambda item: self._item(w, next(answers), item))
+                f = cast(CallFuture, call.future)
                 if f.done() and isinstance(f.exception(), _GONE):
                     raise f.exception()  # type: ignore[misc]
             except BaseException as e:
@@ -388,8 +412,7 @@ class Executor(cf.Executor):
                     raise
                 f = None  # e.g. one task's arguments do not pickle: one by one below, so it alone fails
             else:
-                for t in live:
-                    t.future._rpc = f
+                self._sent(live, call)
                 with self._lock:
                     self._counts["batched"] += len(live)
         if f is None:
@@ -562,6 +585,7 @@ class Executor(cf.Executor):
                 self._forget(w)
         # The reader (it reads while calls are pending) first settles what the worker answered
         # before it died; calls it answered are gone from w.tasks then.
+        w.client._conn.want_all()
         wait_settled([f for t in list(w.tasks) if (f := t.future._rpc) is not None], EXIT_WAIT)
         w.handle.kill()  # a broken link but a live process: it must not run on
         try:

@@ -70,33 +70,85 @@ def wait_settled(futures: List[CallFuture], timeout: float) -> None:
 
 _DONE = frozenset((cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, cf._base.FINISHED))
 _FINISHED = cf._base.FINISHED
+_RUNNING = cf._base.RUNNING
+
+
+class _Waiters(list):  # type: ignore[type-arg]
+    """A TaskFuture's waiter list: concurrent.futures.wait() and as_completed() append to it
+    directly, and such a waiter does not read the link: the future wants the reader then."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: "TaskFuture") -> None:
+        super().__init__()
+        self.future = weakref.ref(future)  # no cycle: a dropped future frees its result at once
+
+    def append(self, waiter: Any) -> None:
+        super().append(waiter)
+        fut = self.future()
+        if fut is not None:
+            fut._want()
 
 
 class TaskFuture(cf.Future):  # type: ignore[type-arg]
     """The Future of a task: a thread waiting on result() or exception() reads its worker's link
     itself while nobody else does (Connection.read_for), so the answer resolves it with no
     hand-off from the rpc reader thread (a thread wake-up, tens of µs, on every round trip).
-    done() and the result of a settled task read its state without taking its Condition (one
-    read of a state that only moves forward; the setters still take it, for wait() and
-    as_completed())."""
+    Its call is sent quiet (the reader thread is not called for it) until something waits for
+    it without reading: done() while pending, a callback, a waiter of wait() or as_completed(),
+    result() while another thread reads. done() and the result of a settled task read its state
+    without taking its Condition (one read of a state that only moves forward; the setters
+    still take it, for wait() and as_completed())."""
 
     _conn: Any = None  # the connection its task was sent over
     # The rpc call carrying it, set once sent and cleared once answered (it holds the result:
     # once the caller drops that, its shared memory goes back).
     _rpc: Optional[CallFuture] = None
+    _cid = 0  # that call's id
+    _wanted = False  # something waits for it without reading (see _want)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._waiters = _Waiters(self)
+
+    def _want(self) -> None:
+        """Have the reader thread read for it (Connection.want). Executor._send checks _wanted
+        after setting _cid, this sets _wanted before reading _cid: one of them sees the other."""
+        if not self._wanted:
+            self._wanted = True
+            cid = self._cid
+            if cid:
+                self._conn.want(cid)
 
     def done(self) -> bool:
-        return self._state in _DONE
+        if self._state in _DONE:
+            return True
+        self._want()
+        return False
+
+    def running(self) -> bool:
+        if self._state == _RUNNING:
+            self._want()
+            return True
+        return False
+
+    def add_done_callback(self, fn: Callable[["cf.Future[Any]"], object]) -> None:
+        self._want()
+        super().add_done_callback(fn)
 
     def _read(self, timeout: Optional[float]) -> Optional[float]:
         conn, rpc = self._conn, self._rpc
-        if rpc is None or rpc.done() or self.done():
+        if rpc is None or rpc.done() or self._state in _DONE:
+            if self._state not in _DONE:
+                self._want()  # not sent yet (or answered, its callback not run yet)
             return timeout
         t0 = time.monotonic()
         # Read while the rpc call is pending, not merely while this future is: its answer may be
         # read (by the reader thread) before the executor's callback is attached, which then
         # settles this future from another thread, with no message left to wake a reader.
         conn.read_for(rpc, timeout, also=self)
+        if self._state not in _DONE:
+            self._want()  # another thread reads (or the time ran out): the reader must take over
         return None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
 
     def result(self, timeout: Optional[float] = None) -> Any:

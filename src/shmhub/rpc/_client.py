@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator, Callable, Dict, Iterator, Optional, Tuple
 
 from ..errors import DeadlineExceeded
 from ._codec import Codec
-from ._conn import CallbackStream, CallFuture, Connection, PendingCall, connection_for, monotonic_deadline
+from ._conn import CallbackStream, Connection, PendingCall, connection_for, monotonic_deadline
 from ._protocol import DEFAULT_MAX_FRAME
 from ._server import STREAM_WINDOW
 from ._wire import Kind
@@ -87,14 +87,15 @@ class Client:
         conn.limiter.acquire(deadline)
         return cast("cf.Future[None]", conn.start_call(method, args, kwargs, deadline, stream=CallbackStream(on_item, STREAM_WINDOW))[0].future)
 
-    def _start(self, method: str, args: Tuple[Any, ...], on_item: Optional[Callable[[Any], None]] = None) -> CallFuture:
+    def _start(self, method: str, args: Tuple[Any, ...], on_item: Optional[Callable[[Any], None]] = None, quiet: bool = False) -> PendingCall:
         """submit() (submit_stream() given on_item), no deadline, settling a lean CallFuture: for
-        a layer whose own futures are what users see (shmhub.executor), no Condition per call."""
+        a layer whose own futures are what users see (shmhub.executor), no Condition per call.
+        quiet: see Connection.want()."""
         conn = self._conn
         conn.check()
         conn.limiter.acquire(0)
         stream: "bool | CallbackStream" = False if on_item is None else CallbackStream(on_item, STREAM_WINDOW)
-        return cast(CallFuture, conn.start_call(method, args, {}, 0, stream=stream, lean=True)[0].future)
+        return conn.start_call(method, args, {}, 0, stream=stream, lean=True, quiet=quiet)[0]
 
     def close(self) -> None:
         """Close the link; calls in flight fail with LinkClosed."""

@@ -39,6 +39,7 @@ __all__ = ["CallbackStream", "Connection", "WouldBlock", "connection_for", "Pend
 log = logging.getLogger("shmhub.rpc")
 
 _GONE = (PeerDead, HostGone, LinkClosed, LinkCorrupted)
+QUIET_MAX = 2  # quiet calls per connection at a time (start_call)
 
 
 class WouldBlock(Exception):
@@ -407,9 +408,29 @@ class Connection:
     # reader thread takes it whenever it is free and something may arrive that nobody else waits
     # for (a Server is attached, or calls are pending), and gives it up when neither holds. It
     # parks on a condition meanwhile: nothing polls.
+    #
+    # A quiet call (start_call(quiet=True): shmhub.executor's tasks) does not call the reader
+    # thread: its caller will most likely read the response itself (submit(...).result()), and
+    # waking the reader for it would put a thread hand-off on every round trip. Whatever waits
+    # for it without reading calls want() first; at most QUIET_MAX are quiet at a time, since
+    # an unread response holds shared memory.
 
     def _needs_reader(self) -> bool:
-        return self.server is not None or len(self.calls) > 0
+        return self.server is not None or self.calls.wants_reader()
+
+    def want(self, cid: int) -> None:
+        """A quiet call's response is awaited by a thread that does not read: the reader must."""
+        with self.lock:
+            if self.calls.want(cid) and self.role is None:
+                self._role_cond.notify()
+
+    def want_all(self) -> None:
+        """Every quiet call is quiet no more (their responses are needed now)."""
+        with self.lock:
+            if self.calls.quiet:
+                self.calls.quiet.clear()
+                if self.role is None:
+                    self._role_cond.notify()
 
     def _release_role(self) -> None:
         with self.lock:
@@ -750,11 +771,13 @@ class Connection:
         stream: "bool | StreamState" = False,
         read: bool = False,
         lean: bool = False,
+        quiet: bool = False,
     ) -> Tuple[PendingCall, bool]:
         """Send a REQUEST (an in-flight permit is held by the caller); the call owns the permit.
         stream: True (or the StreamState to fill) for a streamed call. read: take the read role if
         it is free; the second value says whether it was taken (the caller must then call
-        read_until). lean: the call's future is a CallFuture (call/acall: never seen by users)."""
+        read_until). lean: the call's future is a CallFuture (call/acall: never seen by users).
+        quiet: do not call the reader thread for it (see want())."""
         try:
             payload, oob = self.codec.encode_call(args, kwargs)
         except BaseException:
@@ -771,8 +794,11 @@ class Connection:
             if self.error is not None:
                 self.limiter.release()
                 raise _again(self.error)
-            cid = call.cid = self.calls.start(call, deadline_ns)
-            if not read and self.role is None:
+            if quiet and len(self.calls.quiet) >= QUIET_MAX:
+                self.calls.quiet.clear()
+                quiet = False
+            cid = call.cid = self.calls.start(call, deadline_ns, quiet)
+            if not read and not quiet and self.role is None:
                 self._role_cond.notify()
             if deadline_ns:
                 self._arm_timer(deadline_ns)

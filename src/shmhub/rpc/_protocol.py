@@ -14,7 +14,7 @@ import heapq
 import pickle
 import struct
 import traceback
-from typing import TYPE_CHECKING, Any, Dict, Generic, List, Optional, Sequence, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Dict, Generic, List, Optional, Sequence, Set, Tuple, TypeVar
 
 from ..errors import DeadlineExceeded, MethodNotFound, RemoteError, RpcProtocolError
 from ._codec import Codec
@@ -138,14 +138,19 @@ class CallTable(Generic[T]):
         self._next = 1
         self.pending: Dict[int, T] = {}
         self._deadlines: List[Tuple[int, int]] = []  # heap of (deadline_ns, call_id)
+        # Pending calls whose caller will read their response itself (see wants_reader); a subset
+        # of pending, kept so by every removal below.
+        self.quiet: Set[int] = set()
 
     def __len__(self) -> int:
         return len(self.pending)
 
-    def start(self, call: T, deadline_ns: int = 0) -> int:
+    def start(self, call: T, deadline_ns: int = 0, quiet: bool = False) -> int:
         cid = self._next
         self._next += 1
         self.pending[cid] = call
+        if quiet:
+            self.quiet.add(cid)
         if deadline_ns:
             dl = self._deadlines
             if len(dl) > 2 * len(self.pending) + 64:
@@ -161,7 +166,20 @@ class CallTable(Generic[T]):
 
     def finish(self, cid: int) -> Optional[T]:
         """Forget a call (settled); returns it, or None if it was already gone."""
+        self.quiet.discard(cid)
         return self.pending.pop(cid, None)
+
+    def wants_reader(self) -> bool:
+        """Whether a pending call's response may arrive with nobody reading for it: some call
+        is not quiet."""
+        return len(self.pending) > len(self.quiet)
+
+    def want(self, cid: int) -> bool:
+        """The call is quiet no more; True if it was."""
+        if cid in self.quiet:
+            self.quiet.discard(cid)
+            return True
+        return False
 
     def lookup_response(self, cid: int) -> Optional[T]:
         """The call a response names; None for a late response; RpcProtocolError for an id never issued."""
@@ -182,6 +200,7 @@ class CallTable(Generic[T]):
         dl = self._deadlines
         while dl and dl[0][0] <= now_ns:
             _, cid = heapq.heappop(dl)
+            self.quiet.discard(cid)
             call = self.pending.pop(cid, None)
             if call is not None:
                 out.append((cid, call))
@@ -191,6 +210,7 @@ class CallTable(Generic[T]):
         """Remove and return every pending call (the connection ended)."""
         out = list(self.pending.items())
         self.pending.clear()
+        self.quiet.clear()
         self._deadlines.clear()
         return out
 

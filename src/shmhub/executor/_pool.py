@@ -69,8 +69,8 @@ def wait_settled(futures: List[CallFuture], timeout: float) -> None:
 
 
 _DONE = frozenset((cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, cf._base.FINISHED))
-_FINISHED = cf._base.FINISHED
-_RUNNING = cf._base.RUNNING
+_PENDING, _RUNNING, _FINISHED = cf._base.PENDING, cf._base.RUNNING, cf._base.FINISHED
+_CANCELLED, _CANCELLED_AND_NOTIFIED = cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED
 
 
 class _Waiters(list):  # type: ignore[type-arg]
@@ -90,15 +90,22 @@ class _Waiters(list):  # type: ignore[type-arg]
             fut._want()
 
 
+_MAKE_LOCK = threading.Lock()  # a TaskFuture's Condition is made, or its state set without one
+
+
 class TaskFuture(cf.Future):  # type: ignore[type-arg]
     """The Future of a task: a thread waiting on result() or exception() reads its worker's link
     itself while nobody else does (Connection.read_for), so the answer resolves it with no
     hand-off from the rpc reader thread (a thread wake-up, tens of µs, on every round trip).
     Its call is sent quiet (the reader thread is not called for it) until something waits for
     it without reading: done() while pending, a callback, a waiter of wait() or as_completed(),
-    result() while another thread reads. done() and the result of a settled task read its state
-    without taking its Condition (one read of a state that only moves forward; the setters
-    still take it, for wait() and as_completed())."""
+    result() while another thread reads.
+
+    Its Condition (and waiter list) is made when something first uses it: a task whose caller
+    reads its own answer never needs one, and making it was 40% of submit(). Until then the
+    state moves under _MAKE_LOCK, which making it also takes: a waiter that makes it finds the
+    state as it was set. done() and the result of a settled task read the state without a lock
+    (it only moves forward)."""
 
     _conn: Any = None  # the connection its task was sent over
     # The rpc call carrying it, set once sent and cleared once answered (it holds the result:
@@ -107,9 +114,60 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
     _cid = 0  # that call's id
     _wanted = False  # something waits for it without reading (see _want)
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._waiters = _Waiters(self)
+    def __init__(self) -> None:  # cf.Future.__init__'s fields (tests check), but the Condition
+        self._cond: Optional[threading.Condition] = None
+        self._state = _PENDING
+        self._result = None
+        self._exception = None
+        self._done_callbacks: List[Callable[["cf.Future[Any]"], object]] = []
+
+    @property
+    def _condition(self) -> threading.Condition:  # type: ignore[override]
+        cond = self._cond
+        if cond is None:
+            with _MAKE_LOCK:
+                cond = self._cond
+                if cond is None:
+                    self._waiters = _Waiters(self)
+                    cond = self._cond = threading.Condition()
+        return cond
+
+    def _set_bare(self, state: str, result: Any, exc: Optional[BaseException]) -> Optional[bool]:
+        """Settle it while it has no Condition (so no waiter and no callback): True if done so,
+        None if it has one now (the caller takes the Condition path)."""
+        with _MAKE_LOCK:
+            if self._cond is not None:
+                return None
+            if self._state in _DONE:
+                raise cf.InvalidStateError(f"{self._state}: {self!r}")
+            self._result, self._exception, self._state = result, exc, state
+            return True
+
+    def set_result(self, result: Any) -> None:
+        if self._cond is None and self._set_bare(_FINISHED, result, None):
+            return
+        super().set_result(result)
+
+    def set_exception(self, exception: Optional[BaseException]) -> None:
+        if self._cond is None and self._set_bare(_FINISHED, None, exception):
+            return
+        super().set_exception(exception)
+
+    def set_running_or_notify_cancel(self) -> bool:
+        if self._cond is None:
+            with _MAKE_LOCK:
+                if self._cond is None:
+                    if self._state == _PENDING:
+                        self._state = _RUNNING
+                        return True
+                    if self._state == _CANCELLED:
+                        self._state = _CANCELLED_AND_NOTIFIED
+                        return False
+                    raise RuntimeError(f"Future in unexpected state: {self._state}")
+        return super().set_running_or_notify_cancel()
+
+    def cancelled(self) -> bool:
+        return self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED)
 
     def _want(self) -> None:
         """Have the reader thread read for it (Connection.want). Executor._send checks _wanted

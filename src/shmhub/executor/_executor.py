@@ -236,13 +236,23 @@ class Executor(cf.Executor):
                 raise ExecutorBroken(str(self._broken))
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
-            self._pending.append(task)
             self._counts["submitted"] += 1
-            first = len(self._pending) == 1
-        # From the caller's thread: the lowest latency when a worker has room. Behind other pending
-        # tasks it would find none: a worker with room again wakes the manager, which sends them.
-        if first:
-            self._pump()
+            if self._pending:
+                # Behind other pending tasks: a worker with room again wakes the manager, which
+                # sends them in order.
+                self._pending.append(task)
+                return task.future
+            w = self._pick(task)
+            if w is None:
+                self._pending.append(task)
+                busy = list(self._workers.values())
+            else:
+                self._reserve(w, 1)
+        # From the caller's thread: the lowest latency when a worker has room.
+        if w is None:
+            self._want_answers(busy)
+        else:
+            self._send(w, task)
         return task.future
 
     def _map(
@@ -279,11 +289,13 @@ class Executor(cf.Executor):
         return max(self._depth, min(MAX_QUEUE, int(BATCH_BUDGET / max(w.service, 1e-6))))
 
     def _room(self, w: Worker, task: Task) -> bool:
-        if w.lost or w.gone or w.exclusive:
+        tasks = w.tasks
+        # A worker running a task with a deadline takes nothing more: a kill must hit that task alone.
+        if w.lost or w.gone or (tasks and tasks[0].timeout is not None):
             return False
-        if self._spent(w):
+        if self._max_tasks is not None and w.sent >= self._max_tasks:
             return False
-        load = len(w.tasks) + w.reserved
+        load = len(tasks) + w.reserved
         if task.timeout is not None:
             return load == 0
         # Below the depth, or down to half a deep queue: refilled by batches, not task by task.
@@ -314,15 +326,24 @@ class Executor(cf.Executor):
                 if batch[0].timeout is None:  # one with a deadline runs alone (a kill must hit it alone)
                     while len(batch) < n and self._pending and self._pending[0].timeout is None:
                         batch.append(self._pending.popleft())
-                w.reserved += len(batch)
-                w.sent += len(batch)
-                if self._max_tasks is not None and w.sent >= self._max_tasks:
-                    self._cond.notify_all()  # its replacement starts now, ahead of its retirement
+                self._reserve(w, len(batch))
             if len(batch) == 1:
                 self._send(w, batch[0])
             else:
                 self._send_batch(w, batch)
-        for w in busy:  # their answers make the room: read them (Connection.want_all)
+        self._want_answers(busy)
+
+    def _reserve(self, w: Worker, n: int) -> None:
+        """Under the lock: n tasks picked for w, to be sent."""
+        w.reserved += n
+        w.sent += n
+        if self._max_tasks is not None and w.sent >= self._max_tasks:
+            self._cond.notify_all()  # its replacement starts now, ahead of its retirement
+
+    @staticmethod
+    def _want_answers(workers: List[Worker]) -> None:
+        """Tasks wait for room, which answers make: have them read (Connection.want_all)."""
+        for w in workers:
             w.client._conn.want_all()
 
     def _take(self, w: Worker, tasks: List[Task]) -> List[Task]:

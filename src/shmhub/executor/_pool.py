@@ -178,6 +178,10 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
             if cid:
                 self._conn.want(cid)
 
+    def _settled(self) -> bool:
+        """done() for the executor's own checks: not a wait (see _want)."""
+        return self._state in _DONE
+
     def done(self) -> bool:
         if self._state in _DONE:
             return True
@@ -204,7 +208,7 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
         # Read while the rpc call is pending, not merely while this future is: its answer may be
         # read (by the reader thread) before the executor's callback is attached, which then
         # settles this future from another thread, with no message left to wake a reader.
-        conn.read_for(rpc, timeout, also=self)
+        conn.read_for(rpc, timeout, also=self._settled)
         if self._state not in _DONE:
             self._want()  # another thread reads (or the time ran out): the reader must take over
         return None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
@@ -296,11 +300,6 @@ class Worker:
         sample = now - max(task.sent_at, self.last_answer)
         self.last_answer = now
         self.service = sample if self.service is None else 0.8 * self.service + 0.2 * sample
-
-    @property
-    def exclusive(self) -> bool:
-        """Runs a task with a deadline: nothing is queued behind it (a kill must hit it alone)."""
-        return bool(self.tasks) and self.tasks[0].timeout is not None
 
 
 def exit_reason(code: Optional[int]) -> str:

@@ -465,22 +465,22 @@ class Connection:
         """Read as the role holder until `call` resolves (or its deadline), then hand the role on."""
         self._read_while(call.future, call.deadline_ns, call)
 
-    def read_for(self, fut: "AnyFuture", timeout: Optional[float], also: Optional["AnyFuture"] = None) -> None:
+    def read_for(self, fut: "AnyFuture", timeout: Optional[float], also: Optional[Callable[[], bool]] = None) -> None:
         """If no thread reads the link now, read it in this one until fut (a call of this
-        connection: settled by what is read, as a thread asleep in recv sees nothing else) or
-        `also` is done, or timeout, so that the response wakes no other thread on its way to the
-        waiter; else return at once (the reader resolves them)."""
+        connection: settled by what is read, as a thread asleep in recv sees nothing else) is
+        done or `also()` is true, or timeout, so that the response wakes no other thread on its
+        way to the waiter; else return at once (the reader resolves them)."""
         with self.lock:
             if self.role is not None or self.error is not None:
                 return
             self.role = threading.current_thread()
         self._read_while(fut, monotonic_deadline(timeout), None, also)
 
-    def _read_while(self, fut: "AnyFuture", deadline_ns: int, call: Optional[PendingCall], also: Optional["AnyFuture"] = None) -> None:
-        """Holding the role: read until fut (or also) is done or the deadline (which expires
-        `call`), then hand the role on."""
+    def _read_while(self, fut: "AnyFuture", deadline_ns: int, call: Optional[PendingCall], also: Optional[Callable[[], bool]] = None) -> None:
+        """Holding the role: read until fut is done (or also() is true) or the deadline (which
+        expires `call`), then hand the role on."""
         try:
-            while not fut.done() and (also is None or not also.done()):
+            while not fut.done() and (also is None or not also()):
                 rem = _remaining(deadline_ns)
                 if rem == 0:
                     if call is not None:

@@ -223,6 +223,38 @@ def test_task_futures_settled_while_waiters_arrive():
         t.join(T)
 
 
+MAIN_SCRIPT = """
+import os
+with open(os.environ["RUNS"], "a") as f:
+    f.write("main\\n")
+import helper_beside  # a module next to the script, preloaded too
+def pid():
+    return os.getpid()
+if __name__ == "__main__":
+    import shmhub
+    with shmhub.Executor(2, max_tasks_per_child=1, preload=("helper_beside",)) as ex:
+        print(len({ex.submit(pid).result(60) for _ in range(6)}))
+"""
+
+
+def test_a_script_main_runs_once_in_the_template_not_in_every_worker(tmp_path):
+    """multiprocessing's forkserver never gets the main path or sys.path it is meant to: every new
+    worker ran the script again (runpy), and a preloaded module beside the script was silently
+    not preloaded. The executor's template now imports both once; workers find them in place."""
+    import subprocess
+    import sys
+
+    (tmp_path / "main.py").write_text(MAIN_SCRIPT)
+    (tmp_path / "helper_beside.py").write_text("import os\nwith open(os.environ['RUNS'], 'a') as f:\n    f.write('helper\\n')\n")
+    runs = tmp_path / "runs"
+    env = {**os.environ, "RUNS": str(runs)}
+    out = subprocess.run([sys.executable, str(tmp_path / "main.py")], env=env, cwd="/", capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == 6  # a fresh worker per task (max_tasks_per_child=1)
+    # once in the program, once in the template: not in each of the 8 or more workers
+    assert sorted(runs.read_text().split()) == ["helper", "helper", "main", "main"]
+
+
 def test_an_answer_read_before_the_executor_attached_its_callback(monkeypatch):
     """The reader thread may read a task's answer before the sending thread has attached the
     executor's callback to the rpc call; the task is then settled from the sending thread. A

@@ -28,6 +28,7 @@ from ..rpc._protocol import decode_error
 from ..rpc._server import STREAM_WINDOW
 from ._pool import _GONE, EXIT_WAIT, Manager, Task, Worker, exit_reason, make_remote_worker, make_worker, settle, wait_settled
 from ._shared import Regions, send_drop
+from ._template import start_template
 
 if TYPE_CHECKING:
     from ..remote import RemoteGuest
@@ -48,6 +49,7 @@ MAX_QUEUE = 4 * MAX_BATCH
 AUTO_CHUNKS_PER_WORKER = 8
 MAX_STARTUP_FAILURES = 3  # consecutive workers lost before answering init: the executor is broken
 _WORKER_MODULE = "shmhub.executor._worker"
+_TEMPLATE_MODULE = "shmhub.executor._template"
 
 
 def _context(mp_context: Any) -> multiprocessing.context.BaseContext:
@@ -101,7 +103,8 @@ class Executor(cf.Executor):
         self._context = _context(mp_context)
         self._preload = tuple(preload)
         if self._context.get_start_method() == "forkserver":
-            self._context.set_forkserver_preload([_WORKER_MODULE, *self._preload])
+            self._context.set_forkserver_preload([_TEMPLATE_MODULE, _WORKER_MODULE, *self._preload])
+            start_template()
         self._max_workers = max_workers
         self._initializer, self._initargs = initializer, tuple(initargs)
         self._max_tasks = max_tasks_per_child

@@ -171,58 +171,6 @@ def test_unread_answers_are_bounded_and_queued_tasks_still_flow():
         assert [f.result(0) for f in fs] == [i + 1 for i in range(200)]
 
 
-def test_a_task_future_has_the_fields_of_a_future():
-    """TaskFuture does not call cf.Future.__init__ (its Condition is made on first use): it must
-    still set every field the running Python's Future has."""
-    from shmhub.executor._pool import TaskFuture
-
-    assert set(vars(cf.Future())) - {"_condition", "_waiters"} <= set(vars(TaskFuture()))
-    f = TaskFuture()
-    assert f.set_running_or_notify_cancel() and f.running()
-    f.set_exception(ValueError("x"))
-    assert isinstance(f.exception(0), ValueError) and not f.cancelled()
-    with pytest.raises(cf.InvalidStateError):
-        f.set_result(1)
-    g = TaskFuture()
-    assert g.cancel() and g.cancelled() and not g.set_running_or_notify_cancel()
-
-
-def test_task_futures_settled_while_waiters_arrive():
-    """The Condition made by a waiter while another thread settles the future without one: no
-    waiter misses the result (seeded random timing)."""
-    import random
-
-    from shmhub.executor._pool import TaskFuture
-
-    rng = random.Random(7)
-    for trial in range(200):
-        fs = [TaskFuture() for _ in range(8)]
-        delays = [rng.random() * 1e-4 for _ in fs]
-        how = trial % 4
-
-        def settle_all():
-            for f, d in zip(fs, delays):
-                time.sleep(d)
-                f.set_running_or_notify_cancel()
-                f.set_result(d)
-
-        t = threading.Thread(target=settle_all)
-        t.start()
-        if how == 0:
-            assert len(cf.wait(fs, T).done) == len(fs)
-        elif how == 1:
-            assert len(list(cf.as_completed(fs, T))) == len(fs)
-        elif how == 2:
-            got = []
-            for f in fs:
-                f.add_done_callback(got.append)
-            t.join(T)
-            assert sorted(map(id, got)) == sorted(map(id, fs))
-        else:
-            assert [f.result(T) for f in fs] == delays
-        t.join(T)
-
-
 MAIN_SCRIPT = """
 import os
 with open(os.environ["RUNS"], "a") as f:

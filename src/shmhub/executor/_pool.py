@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Optional, Tu
 from ..errors import HostGone, LinkClosed, LinkCorrupted, PeerDead
 from ..rpc import Client
 from ..rpc._conn import CallFuture
+from ..rpc._future import DONE, LazyFuture
 from ._shared import TaskCodec, fd_socketpair, send_attach
 
 if TYPE_CHECKING:
@@ -68,11 +69,6 @@ def wait_settled(futures: List[CallFuture], timeout: float) -> None:
             pass
 
 
-_DONE = frozenset((cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED, cf._base.FINISHED))
-_PENDING, _RUNNING, _FINISHED = cf._base.PENDING, cf._base.RUNNING, cf._base.FINISHED
-_CANCELLED, _CANCELLED_AND_NOTIFIED = cf._base.CANCELLED, cf._base.CANCELLED_AND_NOTIFIED
-
-
 class _Waiters(list):  # type: ignore[type-arg]
     """A TaskFuture's waiter list: concurrent.futures.wait() and as_completed() append to it
     directly, and such a waiter does not read the link: the future wants the reader then."""
@@ -90,22 +86,13 @@ class _Waiters(list):  # type: ignore[type-arg]
             fut._want()
 
 
-_MAKE_LOCK = threading.Lock()  # a TaskFuture's Condition is made, or its state set without one
-
-
-class TaskFuture(cf.Future):  # type: ignore[type-arg]
+class TaskFuture(LazyFuture):
     """The Future of a task: a thread waiting on result() or exception() reads its worker's link
     itself while nobody else does (Connection.read_for), so the answer resolves it with no
     hand-off from the rpc reader thread (a thread wake-up, tens of µs, on every round trip).
     Its call is sent quiet (the reader thread is not called for it) until something waits for
-    it without reading: done() while pending, a callback, a waiter of wait() or as_completed(),
-    result() while another thread reads.
-
-    Its Condition (and waiter list) is made when something first uses it: a task whose caller
-    reads its own answer never needs one, and making it was 40% of submit(). Until then the
-    state moves under _MAKE_LOCK, which making it also takes: a waiter that makes it finds the
-    state as it was set. done() and the result of a settled task read the state without a lock
-    (it only moves forward)."""
+    it without reading: done() or running() while pending, a callback, a waiter of wait() or
+    as_completed(), result() while another thread reads."""
 
     _conn: Any = None  # the connection its task was sent over
     # The rpc call carrying it, set once sent and cleared once answered (it holds the result:
@@ -114,60 +101,8 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
     _cid = 0  # that call's id
     _wanted = False  # something waits for it without reading (see _want)
 
-    def __init__(self) -> None:  # cf.Future.__init__'s fields (tests check), but the Condition
-        self._cond: Optional[threading.Condition] = None
-        self._state = _PENDING
-        self._result = None
-        self._exception = None
-        self._done_callbacks: List[Callable[["cf.Future[Any]"], object]] = []
-
-    @property
-    def _condition(self) -> threading.Condition:  # type: ignore[override]
-        cond = self._cond
-        if cond is None:
-            with _MAKE_LOCK:
-                cond = self._cond
-                if cond is None:
-                    self._waiters = _Waiters(self)
-                    cond = self._cond = threading.Condition()
-        return cond
-
-    def _set_bare(self, state: str, result: Any, exc: Optional[BaseException]) -> Optional[bool]:
-        """Settle it while it has no Condition (so no waiter and no callback): True if done so,
-        None if it has one now (the caller takes the Condition path)."""
-        with _MAKE_LOCK:
-            if self._cond is not None:
-                return None
-            if self._state in _DONE:
-                raise cf.InvalidStateError(f"{self._state}: {self!r}")
-            self._result, self._exception, self._state = result, exc, state
-            return True
-
-    def set_result(self, result: Any) -> None:
-        if self._cond is None and self._set_bare(_FINISHED, result, None):
-            return
-        super().set_result(result)
-
-    def set_exception(self, exception: Optional[BaseException]) -> None:
-        if self._cond is None and self._set_bare(_FINISHED, None, exception):
-            return
-        super().set_exception(exception)
-
-    def set_running_or_notify_cancel(self) -> bool:
-        if self._cond is None:
-            with _MAKE_LOCK:
-                if self._cond is None:
-                    if self._state == _PENDING:
-                        self._state = _RUNNING
-                        return True
-                    if self._state == _CANCELLED:
-                        self._state = _CANCELLED_AND_NOTIFIED
-                        return False
-                    raise RuntimeError(f"Future in unexpected state: {self._state}")
-        return super().set_running_or_notify_cancel()
-
-    def cancelled(self) -> bool:
-        return self._state in (_CANCELLED, _CANCELLED_AND_NOTIFIED)
+    def _make_waiters(self) -> List[Any]:
+        return _Waiters(self)
 
     def _want(self) -> None:
         """Have the reader thread read for it (Connection.want). Executor._send checks _wanted
@@ -180,16 +115,16 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
 
     def _settled(self) -> bool:
         """done() for the executor's own checks: not a wait (see _want)."""
-        return self._state in _DONE
+        return self._state in DONE
 
     def done(self) -> bool:
-        if self._state in _DONE:
+        if self._state in DONE:
             return True
         self._want()
         return False
 
     def running(self) -> bool:
-        if self._state == _RUNNING:
+        if super().running():
             self._want()
             return True
         return False
@@ -200,8 +135,8 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
 
     def _read(self, timeout: Optional[float]) -> Optional[float]:
         conn, rpc = self._conn, self._rpc
-        if rpc is None or rpc.done() or self._state in _DONE:
-            if self._state not in _DONE:
+        if rpc is None or rpc.done() or self._state in DONE:
+            if self._state not in DONE:
                 self._want()  # not sent yet (or answered, its callback not run yet)
             return timeout
         t0 = time.monotonic()
@@ -209,15 +144,12 @@ class TaskFuture(cf.Future):  # type: ignore[type-arg]
         # read (by the reader thread) before the executor's callback is attached, which then
         # settles this future from another thread, with no message left to wake a reader.
         conn.read_for(rpc, timeout, also=self._settled)
-        if self._state not in _DONE:
+        if self._state not in DONE:
             self._want()  # another thread reads (or the time ran out): the reader must take over
         return None if timeout is None else max(0.0, timeout - (time.monotonic() - t0))
 
     def result(self, timeout: Optional[float] = None) -> Any:
-        timeout = self._read(timeout)
-        if self._state == _FINISHED and self._exception is None:
-            return self._result
-        return super().result(timeout)
+        return super().result(self._read(timeout))
 
     def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
         return super().exception(self._read(timeout))

@@ -28,6 +28,7 @@ from .. import _crash
 from ..link import Link
 from ..errors import DeadlineExceeded, HostGone, LinkClosed, LinkCorrupted, PeerDead, RpcProtocolError, ShmTimeout
 from ._codec import Codec, codec_for
+from ._future import LazyFuture
 from ._protocol import CallTable, FrameAssembler, Incoming, ServingTable, decode_error, DEFAULT_MAX_FRAME
 from ._wire import FLAG_STREAM, K_CANCEL, K_CREDIT, K_END, K_ERROR, K_ITEM, K_REQUEST, Kind, encode_header
 
@@ -783,7 +784,7 @@ class Connection:
         except BaseException:
             self.limiter.release()  # nothing was sent: the permit goes back
             raise
-        fut: AnyFuture = CallFuture() if lean else cf.Future()
+        fut: AnyFuture = CallFuture() if lean else LazyFuture()
         st = None
         if stream is not False:
             st = stream if isinstance(stream, StreamState) else StreamState()

@@ -234,6 +234,8 @@ class Executor(cf.Executor):
     # -- submitting -------------------------------------------------------------------------
 
     def _submit(self, task: Task) -> "cf.Future[Any]":
+        if self._pending:  # one of many (read unlocked: a hint): its Condition now, outside the lock
+            task.future.make_condition()
         with self._lock:
             if self._broken is not None:
                 raise ExecutorBroken(str(self._broken))

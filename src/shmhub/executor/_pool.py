@@ -110,7 +110,7 @@ class TaskFuture(LazyFuture):
         if not self._wanted:
             self._wanted = True
             cid = self._cid
-            if cid:
+            if cid and cid in self._conn.calls.quiet:  # most calls are not quiet: no lock round then
                 self._conn.want(cid)
 
     def _settled(self) -> bool:

@@ -87,7 +87,10 @@ class _Waiter:
         self.on_drain: Optional[Callable[[], None]] = None  # Host.recv_any: we may have eaten its wake byte
         self._finalizer: Optional[weakref.finalize[[int], _Waiter]] = None
         self._closed = False  # the link is torn down: sleeps return at once (the caller re-checks)
-        self.cond = threading.Condition(threading.Lock())
+        # `with self.mutex` is `with self.cond` minus a Python-level call each way (per wake-up)
+        self.mutex = threading.Lock()
+        self.cond = threading.Condition(self.mutex)
+        self.sleepers = 0  # threads in cond.wait_for: notify_all() only if one is there
         self.polling = False
         self.poller = 0  # the polling thread's ident (an event loop's thread while asyncio polls)
         self.gen = 0
@@ -96,7 +99,7 @@ class _Waiter:
         self._announced: Dict[Tuple[int, bool], int] = {}  # (ring, producer side) -> waiters of this process that set the flag
 
     def try_begin(self) -> bool:
-        with self.cond:
+        with self.mutex:
             if self.polling:
                 return False
             self.polling = True
@@ -104,24 +107,29 @@ class _Waiter:
             return True
 
     def end(self) -> None:
-        with self.cond:
+        with self.mutex:
             self.polling = False
             self.poller = 0
             self.gen += 1
-            self.cond.notify_all()
+            if self.sleepers:
+                self.cond.notify_all()
 
     def sleep(self, timeout: Optional[float], token: Optional[int] = None) -> None:
         """Sleep until woken or timeout; the caller re-checks everything afterwards. `token` is
         `gen` as read before the caller's last check: if a poller has drained the doorbell since
         then, the byte may have been the caller's wakeup, so return at once."""
         me = threading.get_ident()
-        with self.cond:
+        with self.mutex:
             gen = self.gen if token is None else token
             if self.gen != gen:
                 return
             beside = self.polling and self.poller == me
             if self.polling and not beside:
-                self.cond.wait_for(lambda: self.gen != gen, timeout)
+                self.sleepers += 1
+                try:
+                    self.cond.wait_for(lambda: self.gen != gen, timeout)
+                finally:
+                    self.sleepers -= 1
                 return
             if not beside:
                 self.polling, self.poller = True, me
@@ -145,7 +153,7 @@ class _Waiter:
         so close() and death in this process wake the poller through this fd instead (no timer)."""
         if self._efd is not None:
             return self._efd
-        with self.cond:
+        with self.mutex:
             if self._efd is None and not self._closed:
                 try:
                     self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -155,9 +163,10 @@ class _Waiter:
             return self._efd
 
     def wake_all(self, efd: bool = True) -> None:
-        with self.cond:
+        with self.mutex:
             self.gen += 1
-            self.cond.notify_all()
+            if self.sleepers:
+                self.cond.notify_all()
             if efd and self._efd is not None and self.polling:
                 os.eventfd_write(self._efd, 1)
         for wake in tuple(self.wakers):
@@ -165,7 +174,7 @@ class _Waiter:
 
     def close(self) -> None:
         """Close the wake fd (no thread sleeps on this doorbell any more)."""
-        with self.cond:
+        with self.mutex:
             self._closed = True
             if self._finalizer is not None:
                 self._finalizer()
@@ -176,14 +185,14 @@ class _Waiter:
         thread and an asyncio task may wait on one flag, which drops only when the last one withdraws.
         Returns `gen`, the token for sleep()."""
         key = (id(ring), producer)
-        with self.cond:
+        with self.mutex:
             ring.set_waiting(producer, 1)
             self._announced[key] = self._announced.get(key, 0) + 1
             return self.gen
 
     def withdraw(self, ring: Ring, producer: bool) -> None:
         key = (id(ring), producer)
-        with self.cond:
+        with self.mutex:
             n = self._announced.pop(key, 1) - 1
             if n > 0:
                 self._announced[key] = n
@@ -1098,16 +1107,14 @@ class Link(LinkCore):
             self._lock(lock, deadline)
         try:
             msg = self._poll_locked(as_bytes)
-            if msg is None:
-                if deadline is None:
-                    deadline = _deadline(timeout)
-                self.stats.recv_waits += 1
-                # cast: mypy joins Message and bytes into object when it solves _wait's type variable
-                msg = cast(
-                    "Union[Message, bytes]",
-                    self._wait(lambda: self._poll_locked(as_bytes), self._rx, False, deadline, self._rx.spin_readable if spin else None),
-                )
-            return msg
+            if msg is not None:
+                return msg
+            if deadline is None:
+                deadline = _deadline(timeout)
+            self.stats.recv_waits += 1
+            # mypy joins Message and bytes into object when it solves _wait's type variable (no
+            # typing.cast: a call on every wake-up)
+            return self._wait(lambda: self._poll_locked(as_bytes), self._rx, False, deadline, self._rx.spin_readable if spin else None)  # type: ignore[return-value]
         finally:
             lock.release()
 

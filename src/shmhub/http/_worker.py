@@ -92,7 +92,7 @@ def _scope(meta: RequestMeta) -> Scope:
         "raw_path": meta.raw_path or None,
         "query_string": meta.query,
         "root_path": meta.root_path,
-        "headers": [list(h) for h in meta.headers],
+        "headers": list(meta.headers),  # (name, value) tuples, as uvicorn gives them
         "client": list(meta.client) if meta.client else None,
         "server": list(meta.server) if meta.server else None,
     }

@@ -113,9 +113,7 @@ class TaskFuture(LazyFuture):
             if cid and cid in self._conn.calls.quiet:  # most calls are not quiet: no lock round then
                 self._conn.want(cid)
 
-    def _settled(self) -> bool:
-        """done() for the executor's own checks: not a wait (see _want)."""
-        return self._state in DONE
+    _settled = LazyFuture.done  # done() for the executor's own checks: not a wait (see _want)
 
     def done(self) -> bool:
         if self._state in DONE:

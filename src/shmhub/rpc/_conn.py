@@ -428,10 +428,8 @@ class Connection:
     def want_all(self) -> None:
         """Every quiet call is quiet no more (their responses are needed now)."""
         with self.lock:
-            if self.calls.quiet:
-                self.calls.quiet.clear()
-                if self.role is None:
-                    self._role_cond.notify()
+            if self.calls.want_all() and self.role is None:
+                self._role_cond.notify()
 
     def _release_role(self) -> None:
         with self.lock:
@@ -796,7 +794,7 @@ class Connection:
                 self.limiter.release()
                 raise _again(self.error)
             if quiet and len(self.calls.quiet) >= QUIET_MAX:
-                self.calls.quiet.clear()
+                self.calls.want_all()  # and this one is read by the reader thread with them
                 quiet = False
             cid = call.cid = self.calls.start(call, deadline_ns, quiet)
             if not read and not quiet and self.role is None:

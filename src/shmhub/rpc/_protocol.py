@@ -181,6 +181,12 @@ class CallTable(Generic[T]):
             return True
         return False
 
+    def want_all(self) -> bool:
+        """No call is quiet any more; True if one was."""
+        was = bool(self.quiet)
+        self.quiet.clear()
+        return was
+
     def lookup_response(self, cid: int) -> Optional[T]:
         """The call a response names; None for a late response; RpcProtocolError for an id never issued."""
         if not 0 < cid < self._next:
